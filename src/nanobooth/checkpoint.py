@@ -1,0 +1,165 @@
+"""Resumable checkpoints and final outputs, written so that a crash never loses a good state.
+
+A checkpoint is a folder `checkpoints/checkpoint-NNNNNN` holding safetensors (trainable weights,
+optimizer tensors, RNG states) and JSON (step, optimizer hyper-parameters, LR scheduler, data order).
+It is written under a temporary name and renamed into place, so a kill during the save leaves the
+previous checkpoint untouched; pruning (checkpoints_total_limit) happens only after that rename.
+Nothing is pickled: loading a checkpoint cannot execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("nanobooth")
+CKPT = re.compile(r"checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
+
+
+def resolve_resume(run_dir: Path, spec: str | None) -> Path | None:
+    if not spec:
+        return None
+    if spec == "latest":
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from step 0", run_dir)
+            return None
+        return ckpts[-1]
+    path = Path(spec)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"resume_from_checkpoint '{spec}': not a nanobooth checkpoint folder (no state.json); pass latest or a checkpoints/checkpoint-N folder")
+    return path
+
+
+def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Only the parameters being trained: the whole UNet for full, just adapter tensors for LoRA."""
+    return {f"{name}.{k}": p.detach().contiguous().cpu() for name, m in modules.items()
+            for k, p in m.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    for name, m in modules.items():
+        prefix = name + "."
+        params = dict(m.named_parameters())
+        for key, value in state.items():
+            if key.startswith(prefix):
+                with torch.no_grad():
+                    params[key[len(prefix):]].copy_(value)
+        expected = {k for k, p in params.items() if p.requires_grad}
+        missing = expected - {k[len(prefix):] for k in state if k.startswith(prefix)}
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} trained tensors of {name} (e.g. {sorted(missing)[0]}): it is from a different config")
+
+
+def _optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, pstate in sd["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_scheduler, rng: dict[str, torch.Tensor],
+                    extra: dict, total_limit: int | None = None) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{step:06d}"
+    tmp = root / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
+    tmp.mkdir()
+    save_file(trainable_state(modules), tmp / "model.safetensors")
+    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
+    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
+    (tmp / "state.json").write_text(json.dumps(state))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step after a resume: swap atomically-enough
+        old = root / f".old-checkpoint-{step:06d}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    if total_limit:
+        for old in list_checkpoints(run_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, modules: dict, optimizer, lr_scheduler) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore weights, optimizer and scheduler in place; return (state.json, rng tensors)."""
+    state = json.loads((path / "state.json").read_text())
+    load_trainable_state(modules, load_file(path / "model.safetensors"))
+    _optimizer_from_flat(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    return state, load_file(path / "rng.safetensors")
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            continue  # lambdas of LambdaLR: rebuilt from the config, not stored
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Move every entry of the finished `tmp` folder into `dest`, replacing older outputs of the same name."""
+    for entry in tmp.iterdir():
+        target = dest / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()

@@ -1,0 +1,180 @@
+"""Subject and class images: loading that survives real-world files, and the pixel transform.
+
+Real photo folders contain CMYK JPEGs, 16-bit PNGs, palette GIFs, RGBA screenshots, phone photos that
+are only upright after their EXIF orientation, `.DS_Store` and `Thumbs.db`. Each is either fixed up
+(converted, rotated; with a warning where the user should know) or refused with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger("nanobooth")
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names the file or folder and what to do."""
+
+
+def resolve_data_dir(path: str | None, key: str = "instance_data_dir") -> Path:
+    if not path:
+        raise DataError(f"config key '{key}' is required: pass {key}=PATH (a folder of 3-5 photos of your subject)")
+    if path.startswith("example:"):
+        name = path.split(":", 1)[1]
+        res = resources.files("nanobooth") / "assets" / "examples" / name
+        if not res.is_dir():
+            raise DataError(f"{key}={path}: no shipped example named '{name}' (try example:dog)")
+        return Path(str(res))
+    return Path(path).expanduser()
+
+
+def read_subject_meta(folder: Path) -> dict:
+    """`subject.json` beside the photos names the prompts, so a toy subject needs no prompt keys."""
+    meta = folder / "subject.json"
+    if not meta.is_file():
+        return {}
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{meta}: not valid JSON ({e}); fix or delete it") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB, upright. Transparency is composited on white, as viewers show it."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale the used range to 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()  # forces the full decode, so truncated files fail here and not mid-training
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read this image ({e}); replace or remove the file") from None
+
+
+def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{key}: folder '{folder}' does not exist")
+    files, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        (files if p.suffix.lower() in IMAGE_EXTS else skipped).append(p)
+    for p in skipped:
+        if p.name != "subject.json":
+            log.warning("%s: not an image file, skipped", p)
+    if not files:
+        raise DataError(f"{key}: no images in '{folder}' (expected .jpg/.png/.webp files)")
+    return files
+
+
+def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir") -> list[Image.Image]:
+    images = []
+    for p in list_images(folder, key):
+        img = load_image(p)
+        if min(img.size) < resolution:
+            log.warning("%s: %dx%d is smaller than resolution %d; it will be upscaled (blurry)", p, *img.size, resolution)
+        images.append(img)
+    return images
+
+
+def resize_short_side(img: Image.Image, resolution: int) -> Image.Image:
+    w, h = img.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return arr / 127.5 - 1.0
+
+
+def crop(img: Image.Image, resolution: int, generator: torch.Generator | None) -> Image.Image:
+    """Center crop when generator is None, else a random crop drawn from generator."""
+    w, h = img.size
+    if generator is None:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+@dataclass
+class ImageSet:
+    """Pre-resized images of one role (instance or class) with their prompt."""
+
+    images: list[Image.Image]
+    prompt: str
+
+    @classmethod
+    def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str) -> "ImageSet":
+        return cls([resize_short_side(im, resolution) for im in load_folder(folder, resolution, key)], prompt)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def pixels(self, idx: list[int], resolution: int, flips: list[bool], generator: torch.Generator | None) -> torch.Tensor:
+        out = []
+        for i, flip in zip(idx, flips):
+            img = crop(self.images[i], resolution, generator)
+            if flip:
+                img = ImageOps.mirror(img)
+            out.append(to_tensor(img))
+        return torch.stack(out)
+
+
+class Sampler:
+    """Epoch-wise shuffled indices from its own generator; its state is part of every checkpoint.
+
+    Every process draws the same global batch and takes its own slice, so N processes see exactly the
+    examples one process sees at N times the per-process batch.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self.order):
+                self.order = torch.randperm(self.n, generator=self.generator).tolist()
+                self.pos = 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "pos": self.pos, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,94 @@
+"""Render images from a base model plus a nanobooth run (full pipeline folder or LoRA weights)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .models import ModelError, apply_tome, load_pipeline
+
+log = logging.getLogger("nanobooth")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def load_run(model: str, weights: str | None = None, allow_pickle: bool = False, single_file_config: str | None = None,
+             torch_dtype: torch.dtype | None = None):
+    """Base model plus the run's result: a full run is a pipeline folder itself; a LoRA run is loaded onto the base."""
+    if weights is None:
+        return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    run = Path(weights)
+    if (run / LORA_FILE).is_file():
+        pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+        pipe.load_lora_weights(str(run), weight_name=LORA_FILE)
+        return pipe
+    if (run / "model_index.json").is_file():
+        return load_pipeline(str(run), torch_dtype=torch_dtype)
+    raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")
+
+
+def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25, guidance: float = 7.5,
+           resolution: int | None = None, batch_size: int = 8) -> list[list[Image.Image]]:
+    """images[i][j]: prompt i, image j, from its own generator seeded `seed + 1000*i + j`.
+
+    Own generators mean the result depends only on (prompt index, image index, seed), never on batch
+    size or on whatever else used the global RNG, and rendering never advances the global RNG.
+    """
+    jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
+    out: list[list[Image.Image]] = [[None] * num_images for _ in prompts]
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        gens = [torch.Generator(pipe.device).manual_seed(seed + 1000 * i + j) for i, j in chunk]
+        with torch.no_grad():
+            images = pipe([prompts[i] for i, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=gens, height=size, width=size).images
+        for (i, j), img in zip(chunk, images):
+            out[i][j] = img
+    return out
+
+
+def grid(rows: list[list[Image.Image]], labels: list[str], title: str | None = None) -> Image.Image:
+    """One row per prompt, its label above the row; readable even for 64x64 images."""
+    cell = max(rows[0][0].size[0], 128)
+    font = ImageFont.load_default()
+    label_h, title_h = 14, (16 if title else 0)
+    ncol = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (max(ncol * cell, 256), title_h + len(rows) * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        y = title_h + r * (cell + label_h)
+        draw.text((4, y + 1), label[:80], fill="black", font=font)
+        for c, img in enumerate(row):
+            canvas.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
+    return canvas
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def generate_cli(args) -> Path:
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = load_run(args.model, args.weights, allow_pickle=args.allow_pickle, single_file_config=args.single_file_config,
+                    torch_dtype=dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(device)
+    if args.tome_ratio:
+        apply_tome(pipe.unet, args.tome_ratio)
+    rows = render(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
+    out = Path(args.out)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            save_png(img, out / f"prompt{i:02d}-{j:02d}.png")
+    save_png(grid(rows, args.prompt), out / "grid.png")
+    print(f"wrote {sum(map(len, rows))} images and grid.png to {out}")
+    return out

@@ -1,0 +1,68 @@
+"""Autogenous class images for prior preservation: generated once by the base model, reused forever.
+
+Image i is `class-{i:05d}.png`, drawn from its own generator seeded with seed + i. So a run killed
+midway resumes by generating exactly the missing indices: nothing is regenerated or duplicated, and
+the set does not depend on the batch size. Files appear atomically (written to a temp name, renamed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTS
+
+log = logging.getLogger("nanobooth")
+CLASS_NAME = re.compile(r"class-(\d{5})\.png$")
+
+
+def existing_class_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def missing_indices(folder: Path, num_class_images: int) -> list[int]:
+    """Indices still to generate. User-supplied images (any name) count towards the total too."""
+    files = existing_class_images(folder)
+    have = {int(m.group(1)) for p in files if (m := CLASS_NAME.match(p.name))}
+    need = num_class_images - len(files)
+    if need <= 0:
+        return []
+    out, i = [], 0
+    while len(out) < need:
+        if i not in have:
+            out.append(i)
+        i += 1
+    return out
+
+
+def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int, seed: int, batch_size: int,
+                          steps: int, resolution: int, guidance_scale: float = 7.5) -> int:
+    """Top `folder` up to num_class_images; returns how many were generated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = missing_indices(folder, num_class_images)
+    if not todo:
+        return 0
+    log.info("generating %d class images of '%s' into %s", len(todo), prompt, folder)
+    pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch
+    bar = tqdm(total=len(todo), desc="class images", unit="img")
+    for start in range(0, len(todo), batch_size):
+        idx = todo[start : start + batch_size]
+        generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in idx]
+        with torch.no_grad():
+            images = pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance_scale,
+                          generator=generators, height=resolution, width=resolution).images
+        for i, img in zip(idx, images):
+            final = folder / f"class-{i:05d}.png"
+            tmp = folder / f".class-{i:05d}.png.tmp"
+            img.save(tmp, format="PNG")
+            os.replace(tmp, final)
+        bar.update(len(idx))
+    bar.close()
+    return len(todo)

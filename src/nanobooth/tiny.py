@@ -1,0 +1,64 @@
+"""A tiny, seeded, random Stable Diffusion pipeline, built in code like diffusers' get_dummy_components.
+
+It exercises every real code path (diffusers folder on disk, real CLIP tokenizer, VAE latents,
+cross-attention) in milliseconds, for tests and smoke runs. Its pictures are noise: use `model=toy`
+for meaningful ones.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+
+def tokenizer_dir() -> Path:
+    return Path(str(resources.files("nanobooth") / "assets" / "clip_tokenizer"))
+
+
+def tiny_components(seed: int = 0, sample_size: int = 16, cross_attention_dim: int = 32):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        sample_size=sample_size * 2,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=cross_attention_dim,
+        intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=49408, max_position_embeddings=77,
+    ))
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def build_tiny_pipeline(path: Path, seed: int = 0, **kwargs) -> Path:
+    """Write the tiny pipeline to `path` atomically (a concurrent or killed build never leaves half a folder)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionPipeline(**tiny_components(seed, **kwargs), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    pipe.save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # someone else finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,355 @@
+"""The DreamBooth training loop: one loop, three switches (method, train_text_encoder, prior).
+
+Read top to bottom: run folder -> models -> class images -> data caches -> optimizer -> loop ->
+outputs. Randomness comes from explicit generators (data order, augmentation, noise/timesteps, ToMe),
+each checkpointed, so resume is bit-exact and validation renders cannot perturb training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, save_config
+from .data import ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .generate import LORA_FILE, grid, render, save_png
+from .losses import dreambooth_loss, prediction_target
+from .models import apply_tome, load_components, lora_config, make_pipeline
+from .prior import generate_class_images
+
+log = logging.getLogger("nanobooth")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
+    """Fill prompts from subject.json; refuse to clobber another run. Returns (run_dir, instance_dir)."""
+    instance_dir = resolve_data_dir(cfg.instance_data_dir)
+    meta = read_subject_meta(instance_dir)
+    for key in ("instance_prompt", "class_prompt"):
+        if not getattr(cfg, key):
+            if key not in meta:
+                raise ConfigError(f"config key '{key}' is empty and {instance_dir}/subject.json does not set it; pass {key}=\"...\"")
+            setattr(cfg, key, meta[key])
+    if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
+        log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
+    extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
+    if not extra:
+        log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
+    run_dir = Path(cfg.output_dir)
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
+        if not cfg.resume_from_checkpoint:
+            raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, overwrite=true to reuse it, or another output_dir")
+        saved = run_dir / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            old = yaml.safe_load(saved.read_text()) or {}
+            volatile = {"output_dir", "resume_from_checkpoint", "max_train_steps", "overwrite", "validation_prompts", "validation_steps",
+                        "checkpointing_steps", "checkpoints_total_limit", "log_every"}
+            diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
+            if diff:
+                raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
+    return run_dir, instance_dir
+
+
+def encode_dist(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) for pixels in [-1, 1]; sampling happens per step from our generator."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch):
+            dist = vae.encode(pixels[i : i + batch].to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentSource:
+    """Latent posteriors of one image set: cached once (both flips if random_flip) or encoded per step."""
+
+    def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool):
+        self.images, self.vae, self.cfg, self.cached = images, vae, cfg, cached
+        if cached:
+            idx = list(range(len(images)))
+            flips = [False, True] if cfg.random_flip else [False]
+            dists = [encode_dist(vae, images.pixels(idx, cfg.resolution, [f] * len(idx), None)) for f in flips]
+            self.mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
+            self.std = torch.stack([d[1] for d in dists], 1)
+
+    def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None):
+        if self.cached:
+            f = torch.tensor([int(x) for x in flips]) if self.cfg.random_flip else torch.zeros(len(idx), dtype=torch.long)
+            i = torch.tensor(idx)
+            return self.mean[i, f], self.std[i, f]
+        return encode_dist(self.vae, self.images.pixels(idx, self.cfg.resolution, flips, crop_gen))
+
+
+def train(cfg: TrainConfig) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    # --- run folder ------------------------------------------------------------------------------------
+    run_dir, instance_dir = prepare_run(cfg)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision)
+    main = accelerator.is_main_process
+    resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    if main:
+        if cfg.overwrite and not resume and run_dir.is_dir():
+            for stale in ("train_log.jsonl", "samples", "checkpoints"):
+                p = run_dir / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    set_seed(cfg.seed)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+    # --- models -------------------------------------------------------------------------------------------
+    c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
+    vae, text_encoder, unet, noise_scheduler = c.vae, c.text_encoder, c.unet, c.noise_scheduler
+    apply_tome(unet, cfg.tome_ratio)
+    for m in (vae, text_encoder, unet):
+        m.requires_grad_(False)
+        m.to(device)
+
+    # --- class images (before any adapter exists: they must come from the base model) -------------------
+    prior = cfg.with_prior_preservation
+    class_dir = Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
+    if prior:
+        if main:
+            pipe = make_pipeline(c)
+            with accelerator.autocast():
+                generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
+                                      cfg.class_generation_steps, cfg.resolution)
+        accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
+
+    lora = cfg.method == "lora"
+    te_trained = cfg.train_text_encoder
+    if lora:
+        unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
+        if te_trained:
+            text_encoder.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout))
+    else:
+        unet.requires_grad_(True)
+        text_encoder.requires_grad_(te_trained)
+    # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer
+    vae.to(dtype=weight_dtype)
+    for m in (unet, text_encoder):
+        for p in m.parameters():
+            p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if te_trained:
+            text_encoder.gradient_checkpointing_enable()
+
+    # --- data and caches ------------------------------------------------------------------------------------
+    sets = {"instance": ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")}
+    if prior:
+        sets["class"] = ImageSet.from_folder(class_dir, cfg.class_prompt, cfg.resolution, "class_data_dir")
+    cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
+    sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
+    ids = {k: c.tokenizer(s.prompt, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(device) for k, s in sets.items()}
+    text_cache = None
+    if not te_trained:  # frozen text encoder: two prompts, encoded once
+        with torch.no_grad():
+            text_cache = {k: text_encoder(v)[0].to(weight_dtype) for k, v in ids.items()}
+    if cache and not te_trained:
+        vae.to("cpu")  # nothing needs it until validation: free accelerator memory
+
+    # --- optimizer and schedule -------------------------------------------------------------------------------
+    scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale}]
+    if te_trained:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+                       "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale})
+    opt_kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only)") from None
+        optimizer = bnb.optim.AdamW8bit(groups, **opt_kwargs)
+    else:
+        optimizer = torch.optim.AdamW(groups, **opt_kwargs, foreach=True)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    trained = {"unet": unet, **({"text_encoder": text_encoder} if te_trained else {})}
+    prepared = accelerator.prepare(*trained.values(), optimizer)
+    wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    unet_fwd = wrapped["unet"]
+    te_fwd = wrapped.get("text_encoder", text_encoder)
+
+    # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
+    samplers = {k: Sampler(len(s), cfg.seed + 17 * (i + 1)) for i, (k, s) in enumerate(sets.items())}
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    tome_gen = torch.Generator(device).manual_seed(cfg.seed + 3)  # tomesd wants it on the UNet's device
+
+    def rng_state() -> dict[str, torch.Tensor]:
+        out = {"noise": noise_gen.get_state(), "aug": aug_gen.get_state(), "tome": tome_gen.get_state(),
+               "torch": torch.get_rng_state()}
+        out.update({f"sampler.{k}": s.generator.get_state() for k, s in samplers.items()})
+        return out
+
+    start_step = 0
+    if resume:
+        state, rng = ckpt.load_checkpoint(resume, trained, optimizer, lr_scheduler)
+        start_step = state["step"]
+        for k, s in samplers.items():
+            s.load_state_dict({**state["samplers"][k], "generator": rng[f"sampler.{k}"]})
+        noise_gen.set_state(rng["noise"]), aug_gen.set_state(rng["aug"]), tome_gen.set_state(rng["tome"])
+        torch.set_rng_state(rng["torch"])
+        log.info("resumed from %s at step %d", resume, start_step)
+    log_path = run_dir / "train_log.jsonl"
+    if main and log_path.exists():  # drop log lines of steps that the resumed run will redo
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def validate(step: int) -> None:
+        if not (main and cfg.validation_prompts):
+            return
+        base_unet, base_te = accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd)
+        info = getattr(base_unet, "_tome_info", None)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), accelerator.autocast():
+            if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
+                info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
+            base_unet.eval(), base_te.eval(), vae.to(device)
+            pipe = make_pipeline(c, unet=base_unet, text_encoder=base_te)
+            pipe.set_progress_bar_config(disable=True)
+            rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
+                          cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution)
+            base_unet.train(), base_te.train(te_trained)
+            if info:
+                info["args"]["generator"] = tome_gen
+        save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
+
+    def draw(kind: str, n_global: int):
+        """The global batch's latents (sampled from the posteriors) for one image set; every rank draws it all."""
+        idx = samplers[kind].take(n_global)
+        flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
+        mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
+        mean, std = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
+        eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
+        return (mean.to(device) + std.to(device) * eps[mine].to(device)) * vae.config.scaling_factor
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
+        accelerator.unwrap_model(unet_fwd)._tome_info["args"]["generator"] = tome_gen
+    unet_fwd.train()
+    te_fwd.train(te_trained)
+    if start_step == 0:
+        validate(0)  # the "before" grid
+    n_global = cfg.train_batch_size * world
+    kinds = list(sets)
+    bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps, desc="train",
+               disable=not main, unit="step")
+    t0 = time.time()
+    for step in bar:
+        sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
+        for _ in range(cfg.gradient_accumulation_steps):
+            with accelerator.accumulate(*wrapped.values()):
+                latents = torch.cat([draw(k, n_global) for k in kinds])
+                b = latents.shape[0]
+                noise_all = torch.randn((n_global * len(kinds), *latents.shape[1:]), generator=noise_gen)
+                if cfg.noise_offset:
+                    noise_all += cfg.noise_offset * torch.randn((n_global * len(kinds), latents.shape[1], 1, 1), generator=noise_gen)
+                t_all = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n_global * len(kinds),), generator=noise_gen)
+                rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
+                                  for j in range(len(kinds))])
+                noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                if text_cache is not None:
+                    cond = torch.cat([text_cache[k].expand(cfg.train_batch_size, -1, -1) for k in kinds])
+                else:
+                    cond = te_fwd(torch.cat([ids[k].expand(cfg.train_batch_size, -1) for k in kinds]))[0]
+                with accelerator.autocast():
+                    pred = unet_fwd(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+                target = prediction_target(noise_scheduler, latents, noise, timesteps)
+                loss, inst, prior_l = dreambooth_loss(pred, target, timesteps, cfg.train_batch_size, cfg.prior_loss_weight,
+                                                      noise_scheduler, cfg.snr_gamma)
+                if not bool(accelerator.reduce(torch.isfinite(loss).float().to(device), "min")):
+                    last = ckpt.list_checkpoints(run_dir)
+                    raise TrainingError(f"loss is {loss.item()} at step {step + 1}: training diverged; lower learning_rate "
+                                        f"or use mixed_precision=bf16; last good checkpoint: {last[-1] if last else 'none'}")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            sums["loss"] += loss.item() / cfg.gradient_accumulation_steps
+            sums["instance_loss"] += inst.item() / cfg.gradient_accumulation_steps
+            sums["prior_loss"] += (prior_l.item() if prior_l is not None else math.nan) / cfg.gradient_accumulation_steps
+        lr_scheduler.step()
+        done = step + 1
+        if world > 1:
+            sums = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
+        if main:
+            record = {"step": done, **{k: (None if math.isnan(v) else round(v, 6)) for k, v in sums.items()},
+                      "lr": lr_scheduler.get_last_lr()[0], "time": round(time.time() - t0, 3)}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            if done % cfg.log_every == 0:
+                log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
+                         "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+            if main:
+                extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}}
+                ckpt.save_checkpoint(run_dir, done, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()}, optimizer,
+                                     lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
+            accelerator.wait_for_everyone()
+        if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps:
+            validate(done)
+    bar.close()
+
+    # --- outputs --------------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    validate(cfg.max_train_steps)
+    if main:
+        save_outputs(cfg, run_dir, c, accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd))
+        log.info("done: %s", run_dir)
+    accelerator.end_training()
+    return run_dir
+
+
+def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoder) -> None:
+    """Write the result under a temp folder, then move it into run_dir: no half-written outputs."""
+    tmp = run_dir / ".tmp-output"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    apply_tome(unet, 0.0)  # save plain modules
+    if cfg.method == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        te = cfg.train_text_encoder
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, weight_name=LORA_FILE,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if te else None,
+            # the adapter config (rank, alpha, targets) rides in the safetensors metadata, so diffusers
+            # reloads a rank != alpha LoRA at the trained scale
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if te else None,
+        )
+    else:
+        pipe = make_pipeline(c, unet=unet, text_encoder=text_encoder)
+        for m in (pipe.unet, pipe.text_encoder, pipe.vae):
+            m.to("cpu", torch.float32)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    ckpt.publish(tmp, run_dir)

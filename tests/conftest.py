@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny seeded SD pipeline saved to disk once per session, tiny subject photos."""
+
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["NANOBOOTH_CACHE"] = str(tmp_path_factory.mktemp("nanobooth-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from nanobooth.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model with an SD2-style v-prediction scheduler."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd-v"
+    shutil.copytree(tiny_model, path)
+    cfg = path / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace('"prediction_type": "epsilon"', '"prediction_type": "v_prediction"'))
+    return path
+
+
+@pytest.fixture(scope="session")
+def subject_dir(tmp_path_factory) -> Path:
+    """Three of the shipped dog photos at 48 px: real photos, CPU-cheap."""
+    src = Path(str(resources.files("nanobooth") / "assets" / "examples" / "dog"))
+    out = tmp_path_factory.mktemp("dog")
+    for p in sorted(src.glob("*.jpg"))[:3]:
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((48, 48))
+        img.save(out / (p.stem + ".png"))
+    return out
+
+
+def train_args(model: Path, subject: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides that make any packaged variant a seconds-long CPU run on the tiny model."""
+    return [f"model={model}", f"instance_data_dir={subject}", f"output_dir={out}", "resolution=32",
+            "max_train_steps=3", "num_class_images=2", "class_generation_steps=2", "sample_batch_size=2",
+            "validation_prompts=[]", "validation_inference_steps=2", "mixed_precision=no", "checkpointing_steps=0",
+            "train_batch_size=1", *extra]

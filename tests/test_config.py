@@ -1,0 +1,94 @@
+import pytest
+
+from nanobooth.cli import main
+from nanobooth.config import ConfigError, describe, field_docs, field_names, load_config, variant_names
+
+SEED_VALIDATION = ["a sks dog in basket", "a sks dog on the mountain", "a sks dog beside a swimming pool",
+                   "a sks dog on the desk", "a sleeping sks dog", "a screaming sks dog", "a man in the garden"]
+
+
+def test_packaged_variants_reproduce_the_seed_recipe():
+    names = set(variant_names())
+    seed = {"dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-pre", "dreambooth-lora", "dreambooth-lora-prior-pre"}
+    assert seed <= names and {f"toy/{n}" for n in seed} <= names
+    full = load_config("dreambooth")
+    assert full.model == "stable-diffusion-v1-5/stable-diffusion-v1-5" and full.resolution == 512
+    assert full.instance_prompt == "a photo of sks dog" and full.class_prompt == "a photo of dog"
+    assert full.validation_prompts == SEED_VALIDATION
+    assert full.learning_rate == 5e-6 and full.train_batch_size * full.gradient_accumulation_steps == 4
+    assert (full.method, full.train_text_encoder, full.with_prior_preservation) == ("full", False, False)
+    te = load_config("dreambooth-finetune-text-encoder")
+    assert te.train_text_encoder and te.method == "full"
+    prior = load_config("dreambooth-prior-pre")
+    assert prior.with_prior_preservation and prior.prior_loss_weight == 1.0 and prior.num_class_images == 200
+    lora = load_config("dreambooth-lora")
+    assert lora.method == "lora" and lora.lora_rank == 4 and 1e-4 <= lora.learning_rate <= 5e-4
+    assert lora.lora_target_modules == ["to_q", "to_k", "to_v", "to_out.0"] and not lora.with_prior_preservation
+    lp = load_config("dreambooth-lora-prior-pre")
+    assert lp.method == "lora" and lp.with_prior_preservation
+    for n in seed:
+        assert load_config(f"toy/{n}").model == "toy"
+
+
+def test_overrides_parse_as_yaml():
+    cfg = load_config("dreambooth", ['validation_prompts=["a sks dog", "a dog"]', "lora_rank=8", "mixed_precision=no",
+                                     "snr_gamma=5", "learning_rate=1e-4", "class_data_dir=", "instance_prompt=a photo of sks dog: cute"])
+    assert cfg.validation_prompts == ["a sks dog", "a dog"] and cfg.lora_rank == 8
+    assert cfg.mixed_precision == "no"  # YAML 1.1 would make it False
+    assert cfg.snr_gamma == 5.0 and isinstance(cfg.snr_gamma, float) and cfg.learning_rate == 1e-4
+    assert cfg.class_data_dir is None and cfg.instance_prompt == "a photo of sks dog: cute"
+    assert load_config("dreambooth", ["validation_prompts=[]"]).validation_prompts == []
+    assert load_config("dreambooth", ["validation_prompts=a sks dog"]).validation_prompts == ["a sks dog"]
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError, match="unknown config key 'lora_rnak'.*did you mean 'lora_rank'"):
+        load_config("dreambooth", ["lora_rnak=8"])
+
+
+def test_unknown_key_in_yaml_file_names_the_file(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: dreambooth-lora\nlearning_rat: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml.*did you mean 'learning_rate'"):
+        load_config(str(f))
+
+
+def test_yaml_file_inherits_from_variant(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: dreambooth-lora\nlora_rank: 16\n")
+    cfg = load_config(str(f))
+    assert cfg.method == "lora" and cfg.lora_rank == 16 and cfg.learning_rate == load_config("dreambooth-lora").learning_rate
+
+
+@pytest.mark.parametrize("override, key", [("lora_rank=abc", "lora_rank"), ("method=dora", "method"),
+                                           ("with_prior_preservation=3", "with_prior_preservation"),
+                                           ("validation_prompts=5", "validation_prompts"), ("tome_ratio=1.5", "tome_ratio")])
+def test_wrong_value_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("dreambooth", [override])
+
+
+def test_every_key_is_documented():
+    docs = field_docs()
+    assert set(docs) == set(field_names())
+    assert all(len(d) > 10 for d in docs.values())
+    text = describe()
+    for name in field_names():
+        assert f"  {name} = " in text
+
+
+def test_cli_help_and_config_show_list_every_key(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("instance_data_dir", "snr_gamma", "tome_ratio", "checkpoints_total_limit", "lora_alpha"):
+        assert name in out
+    assert main(["config", "show", "dreambooth-lora", "lora_rank=8"]) == 0
+    out = capsys.readouterr().out
+    assert "lora_rank: 8" in out and "method: lora" in out
+
+
+def test_cli_bad_key_is_one_line_exit_2(capsys):
+    assert main(["train", "dreambooth", "lerning_rate=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'learning_rate'" in err[0]

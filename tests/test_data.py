@@ -1,0 +1,80 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nanobooth.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb
+
+
+def test_modes_convert_to_rgb(tmp_path):
+    cmyk = Image.new("CMYK", (40, 40), (0, 255, 255, 0))  # pure red in CMYK
+    assert to_rgb(cmyk).mode == "RGB" and to_rgb(cmyk).getpixel((0, 0))[0] > 200
+    sixteen = Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16))
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)  # not clipped to a random byte
+    pal = Image.new("RGB", (40, 40), (0, 0, 255)).convert("P")
+    assert to_rgb(pal).getpixel((0, 0)) == (0, 0, 255)
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)  # composited on white, not black or red
+
+
+def test_exif_rotated_photo_is_upright(tmp_path):
+    img = Image.new("RGB", (60, 30), "red")  # landscape pixels ...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ... displayed rotated 90 degrees: portrait
+    img.save(tmp_path / "p.jpg", exif=exif)
+    assert load_image(tmp_path / "p.jpg").size == (30, 60)
+
+
+def test_truncated_and_corrupt_jpeg_name_the_file(tmp_path):
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "ok.jpg", quality=95)
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg at all")
+    for name in ("trunc.jpg", "junk.jpg"):
+        with pytest.raises(DataError, match=f"{name}.*replace or remove"):
+            load_image(tmp_path / name)
+
+
+def test_folder_skips_non_images_and_warns_on_small(tmp_path, caplog):
+    Image.new("RGB", (20, 20), "green").save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / ".DS_Store").write_bytes(b"\0")
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        images = load_folder(tmp_path, resolution=32)
+    assert len(images) == 1
+    assert "notes.txt: not an image" in caplog.text and "smaller than resolution 32" in caplog.text
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_folder(tmp_path / "nope", 32)
+    (tmp_path / "readme.md").write_text("x")
+    with pytest.raises(DataError, match="no images in"):
+        load_folder(tmp_path, 32)
+    with pytest.raises(DataError, match="instance_data_dir' is required"):
+        resolve_data_dir(None)
+    assert (resolve_data_dir("example:dog") / "00.jpg").is_file()
+
+
+def test_center_crop_and_flip_pixels():
+    img = Image.new("RGB", (64, 32), "black")
+    img.paste(Image.new("RGB", (16, 32), "white"), (0, 0))  # white band on the left
+    s = ImageSet([img], "p")
+    x = s.pixels([0], 32, [False], None)
+    assert x.shape == (1, 3, 32, 32) and x.min() == -1.0 and x.max() == -1.0  # center crop misses the band
+    flipped = ImageSet([img.crop((0, 0, 32, 32))], "p").pixels([0], 32, [True], None)
+    assert flipped[0, :, :, -1].min() == 1.0 and flipped[0, :, :, 0].max() == -1.0
+
+
+def test_sampler_epochs_and_state():
+    s = Sampler(5, seed=3)
+    first = s.take(5)
+    assert sorted(first) == list(range(5))
+    state = s.state_dict()
+    cont = s.take(7)
+    s2 = Sampler(5, seed=99)
+    s2.load_state_dict(state)
+    assert s2.take(7) == cont
+    assert torch.equal(Sampler(5, 3).generator.get_state(), Sampler(5, 3).generator.get_state())

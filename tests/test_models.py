@@ -1,0 +1,65 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanobooth.models import ModelError, apply_tome, load_components, load_pipeline, tome_active
+
+
+def test_loads_a_diffusers_folder_with_77_token_tokenizer(tiny_model):
+    c = load_components(str(tiny_model))
+    assert c.tokenizer.model_max_length == 77
+    assert c.tokenizer.tokenize("a photo of sks dog") == ["a</w>", "photo</w>", "of</w>", "sks</w>", "dog</w>"]
+    assert c.tokenizer("sks").input_ids == [49406, 48136, 49407]  # the real CLIP vocabulary
+    assert type(c.noise_scheduler).__name__ == "DDPMScheduler"
+
+
+def test_tiny_builtin_model_builds_and_loads():
+    pipe = load_pipeline("tiny")
+    assert pipe.unet.config.sample_size == 16
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    f = tmp_path / "model.ckpt"
+    f.write_bytes(b"\x80\x04not really")
+    with pytest.raises(ModelError, match="pickle.*allow_pickle=true"):
+        load_pipeline(str(f))
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="pickle"):
+        load_pipeline(str(tmp_path / "model.bin"))
+
+
+def test_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(ModelError, match="not a diffusers pipeline"):
+        load_pipeline(str(tmp_path))
+
+
+def test_missing_path_and_offline_hub_id_are_one_line(tmp_path):
+    with pytest.raises(ModelError, match="no such file"):
+        load_pipeline(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ModelError) as e:
+        load_pipeline("nobody-at-all/no-such-model-xyz")
+    assert "\n" not in str(e.value) and "nobody-at-all/no-such-model-xyz" in str(e.value)
+
+
+def test_single_file_without_config_offline_explains(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file({"x": torch.zeros(1)}, f)
+    with pytest.raises(ModelError, match="m.safetensors"):
+        load_pipeline(str(f))
+
+
+def test_tome_patch_and_unpatch(tiny_model):
+    c = load_components(str(tiny_model))
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 10])
+    cond = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = c.unet(x, t, cond).sample
+        apply_tome(c.unet, 0.5)
+        assert tome_active(c.unet)
+        merged = c.unet(x, t, cond).sample
+        apply_tome(c.unet, 0.0)
+        assert not tome_active(c.unet)
+        back = c.unet(x, t, cond).sample
+    assert not torch.allclose(ref, merged) and torch.equal(ref, back)

@@ -1,0 +1,36 @@
+import numpy as np
+from PIL import Image
+
+from nanobooth.models import load_pipeline
+from nanobooth.prior import generate_class_images, missing_indices
+
+
+def test_missing_indices_counts_user_images(tmp_path):
+    assert missing_indices(tmp_path / "none", 3) == [0, 1, 2]
+    Image.new("RGB", (8, 8)).save(tmp_path / "class-00001.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "my_own_dog.jpg")
+    assert missing_indices(tmp_path, 4) == [0, 2]
+    assert missing_indices(tmp_path, 2) == []
+
+
+def test_class_images_resume_without_regenerating(tiny_model, tmp_path):
+    pipe = load_pipeline(str(tiny_model))
+    args = dict(prompt="a photo of dog", seed=7, steps=2, resolution=32)
+    assert generate_class_images(pipe, tmp_path, num_class_images=2, batch_size=2, **args) == 2
+    first = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    # a run killed midway: top up to 5 with another batch size; old files untouched, no duplicates
+    assert generate_class_images(pipe, tmp_path, num_class_images=5, batch_size=3, **args) == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"class-{i:05d}.png" for i in range(5)]
+    for name, (data, mtime) in first.items():
+        assert (tmp_path / name).read_bytes() == data and (tmp_path / name).stat().st_mtime_ns == mtime
+    assert generate_class_images(pipe, tmp_path, num_class_images=5, batch_size=3, **args) == 0
+    arrays = [np.asarray(Image.open(tmp_path / n), dtype=float) for n in names]
+    assert all(np.abs(arrays[0] - a).max() > 0 for a in arrays[1:])  # distinct seeds, distinct images
+    # image i depends on its index only, not on the batch it was drawn in
+    other = tmp_path.parent / "other"
+    generate_class_images(pipe, other, num_class_images=5, batch_size=1, **args)
+    for n in names:
+        a = np.asarray(Image.open(tmp_path / n), dtype=float)
+        b = np.asarray(Image.open(other / n), dtype=float)
+        assert np.abs(a - b).max() <= 2

@@ -1,0 +1,190 @@
+"""Every variant trains through the CLI on the tiny model; the issue's correctness claims are asserted."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import train_args
+from safetensors.torch import load_file
+
+from nanobooth.cli import main
+from nanobooth.config import load_config
+from nanobooth.train import train
+
+VARIANTS = ["dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-pre", "dreambooth-lora", "dreambooth-lora-prior-pre"]
+
+
+def weights(folder, sub):
+    return load_file(next((folder / sub).glob("*.safetensors")))
+
+
+def run(variant, tiny_model, subject_dir, out, *extra):
+    assert main(["train", variant, *train_args(tiny_model, subject_dir, out, *extra)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_trains_reloads_and_generates(variant, tiny_model, subject_dir, tmp_path):
+    out = run(variant, tiny_model, subject_dir, tmp_path / "run", "validation_prompts=[a sks dog, a dog]", "validation_steps=2")
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all({"loss", "instance_loss", "prior_loss", "lr"} <= set(r) for r in log)
+    prior = "prior" in variant
+    assert all((r["prior_loss"] is not None) == prior for r in log)
+    if prior:
+        assert len(list((out / "class_images").glob("class-*.png"))) == 2
+        assert all(abs(r["loss"] - (r["instance_loss"] + r["prior_loss"])) < 1e-5 for r in log)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png", "step-000003.png"]
+    assert (out / "config.yaml").is_file()
+    if "lora" in variant:
+        assert (out / "pytorch_lora_weights.safetensors").is_file() and not (out / "unet").exists()
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.from_pretrained(out)  # a real diffusers folder
+    gen = tmp_path / "gen"
+    assert main(["generate", "--model", str(tiny_model), "--weights", str(out), "--prompt", "a sks dog", "--prompt",
+                 "a dog", "--num-images", "2", "--steps", "2", "--out", str(gen)]) == 0
+    assert len(list(gen.glob("prompt*.png"))) == 4 and (gen / "grid.png").is_file()
+
+
+def test_full_finetune_changes_unet_and_leaves_frozen_text_encoder_bit_identical(tiny_model, subject_dir, tmp_path):
+    out = run("dreambooth", tiny_model, subject_dir, tmp_path / "r", "learning_rate=1e-3")
+    base_u, new_u = weights(tiny_model, "unet"), weights(out, "unet")
+    assert any(not torch.equal(base_u[k], new_u[k]) for k in base_u)
+    base_t, new_t = weights(tiny_model, "text_encoder"), weights(out, "text_encoder")
+    assert base_t.keys() == new_t.keys() and all(torch.equal(base_t[k], new_t[k]) for k in base_t)
+    base_v, new_v = weights(tiny_model, "vae"), weights(out, "vae")
+    assert all(torch.equal(base_v[k], new_v[k]) for k in base_v)
+
+
+def test_train_text_encoder_really_trains_it_with_its_own_lr(tiny_model, subject_dir, tmp_path):
+    base_t = weights(tiny_model, "text_encoder")
+    out = run("dreambooth-finetune-text-encoder", tiny_model, subject_dir, tmp_path / "a", "text_encoder_lr=1e-3")
+    changed = weights(out, "text_encoder")
+    assert any(not torch.equal(base_t[k], changed[k]) for k in base_t)
+    # its own learning rate: at text_encoder_lr=0 it stays put while the UNet (lr 5e-6) still moves
+    out0 = run("dreambooth-finetune-text-encoder", tiny_model, subject_dir, tmp_path / "b", "text_encoder_lr=0",
+               "adam_weight_decay=0")
+    same = weights(out0, "text_encoder")
+    assert all(torch.equal(base_t[k], same[k]) for k in base_t)
+    base_u, new_u = weights(tiny_model, "unet"), weights(out0, "unet")
+    assert any(not torch.equal(base_u[k], new_u[k]) for k in base_u)
+
+
+def test_lora_saves_only_adapters_and_base_stays_bit_identical(tiny_model, subject_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "r", "train_text_encoder=true", "lora_rank=4",
+              "lora_alpha=8", "checkpointing_steps=2", "max_train_steps=3")
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    assert sd and all("lora" in k for k in sd)
+    assert any(k.startswith("unet.") for k in sd) and any(k.startswith("text_encoder.") for k in sd)
+    ck = load_file(out / "checkpoints" / "checkpoint-000002" / "model.safetensors")
+    assert ck and all("lora" in k for k in ck)  # nothing but adapters was trainable
+    assert any(not torch.all(v == 0) for k, v in sd.items() if "lora_B" in k or "lora.up" in k)  # B moved off zero
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base_state = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
+    for k, v in pipe.unet.state_dict().items():
+        if "lora" not in k:
+            assert torch.equal(v, base_state[k.replace(".base_layer", "")])
+    # alpha != rank survives the reload: diffusers rebuilds the adapter with our alpha (scale 2, not 1)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    assert layer.scaling["default_0"] == pytest.approx(2.0)
+
+
+def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
+    common = ["learning_rate=1e-3", "tome_ratio=0.5", "max_train_steps=4", "lora_dropout=0.1"]
+    a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a", *common)
+    b = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "b", *common,
+            "validation_prompts=[a sks dog, a dog]", "validation_steps=1", "num_validation_images=2")
+    assert len(list((b / "samples").glob("*.png"))) == 5
+    wa, wb = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_same_seed_same_run_other_seed_other_run(tiny_model, subject_dir, tmp_path):
+    a = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "a", "learning_rate=1e-3")
+    b = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "b", "learning_rate=1e-3")
+    c = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "c", "learning_rate=1e-3", "seed=1")
+    la, lb, lc = (json.loads((x / "train_log.jsonl").read_text().splitlines()[-1])["loss"] for x in (a, b, c))
+    assert la == lb and la != lc
+
+
+def test_latents_and_text_embeddings_are_cached(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
+    calls = {"vae": 0, "te": 0}
+    enc, fwd = AutoencoderKL.encode, CLIPTextModel.forward
+
+    def count_vae(self, *a, **k):
+        calls["vae"] += 1
+        return enc(self, *a, **k)
+
+    def count_te(self, *a, **k):
+        calls["te"] += 1
+        return fwd(self, *a, **k)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", count_vae)
+    monkeypatch.setattr(CLIPTextModel, "forward", count_te)
+    cfg = load_config("dreambooth-prior-pre", train_args(tiny_model, subject_dir, tmp_path / "a", "max_train_steps=6"))
+    calls.update(vae=0, te=0)
+    shutil.rmtree(tmp_path / "a", ignore_errors=True)
+    train(cfg)
+    # class image generation encodes prompts through the pipeline; training itself: 1 VAE pass per
+    # image set (3 photos, 2 class images) and 1 text pass per prompt, for all 6 steps
+    gen_te = 2  # the two class-image batches (cond + uncond in one call each)
+    assert calls["vae"] == 2 and calls["te"] - gen_te * 2 <= 2
+    calls.update(vae=0, te=0)
+    train(load_config("dreambooth", train_args(tiny_model, subject_dir, tmp_path / "b", "max_train_steps=6",
+                                                "center_crop=false", "train_text_encoder=true")))
+    assert calls["vae"] == 6 and calls["te"] == 6  # random crops and a trained encoder: per step, by necessity
+
+
+def test_tome_patches_training_and_class_generation(tiny_model, subject_dir, tmp_path):
+    a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a")
+    b = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "b", "tome_ratio=0.5")
+    la = [json.loads(x)["instance_loss"] for x in (a / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["instance_loss"] for x in (b / "train_log.jsonl").read_text().splitlines()]
+    assert la != lb  # merged tokens change the UNet forward in training
+    from PIL import Image
+    import numpy as np
+
+    ia = np.asarray(Image.open(a / "class_images" / "class-00000.png"), dtype=float)
+    ib = np.asarray(Image.open(b / "class_images" / "class-00000.png"), dtype=float)
+    assert np.abs(ia - ib).max() > 0  # and class-image generation
+
+
+def test_v_prediction_and_min_snr_train(tiny_vpred_model, subject_dir, tmp_path):
+    out = run("dreambooth-prior-pre", tiny_vpred_model, subject_dir, tmp_path / "r", "snr_gamma=5.0")
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in log)
+
+
+def test_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
+    extra = ["learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2", "random_flip=true", "tome_ratio=0.3"]
+    full = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "full", *extra)
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    shutil.copytree(full / "class_images", part / "class_images")
+    run("dreambooth-lora-prior-pre", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
+    wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    lb = (part / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
+def test_refuses_to_overwrite_a_run(tiny_model, subject_dir, tmp_path, capsys):
+    out = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "r")
+    before = (out / "pytorch_lora_weights.safetensors").read_bytes()
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out)]) == 2
+    assert "output_dir" in capsys.readouterr().err and (out / "pytorch_lora_weights.safetensors").read_bytes() == before
+    run("dreambooth-lora", tiny_model, subject_dir, out, "overwrite=true", "seed=5")
+    assert (out / "pytorch_lora_weights.safetensors").read_bytes() != before
