@@ -9,11 +9,13 @@ Nothing is pickled: loading a checkpoint cannot execute code.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,13 +105,14 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_sched
     tmp = root / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
     tmp.mkdir()
-    save_file(trainable_state(modules), tmp / "model.safetensors")
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
-    state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
-    (tmp / "state.json").write_text(json.dumps(state))
-    _fsync_dir(tmp)
+    with cleanup_on_error(tmp, f"checkpoint-{step:06d}"):
+        save_file(trainable_state(modules), tmp / "model.safetensors")
+        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
+        state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
+        (tmp / "state.json").write_text(json.dumps(state))
+        _fsync_dir(tmp)
     if final.exists():  # re-saving the same step after a resume: swap atomically-enough
         old = root / f".old-checkpoint-{step:06d}"
         os.replace(final, old)
@@ -131,6 +134,19 @@ def load_checkpoint(path: Path, modules: dict, optimizer, lr_scheduler) -> tuple
     _optimizer_from_flat(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state, load_file(path / "rng.safetensors")
+
+
+@contextmanager
+def cleanup_on_error(tmp: Path, what: str):
+    """Remove a half-written temp folder on any failure; a full disk becomes one actionable line."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"disk full while writing {what} in {tmp.parent}: free some space, then continue with "
+                                  f"resume_from_checkpoint=latest (earlier checkpoints are intact)") from None
+        raise
 
 
 def _jsonable(d: dict) -> dict:

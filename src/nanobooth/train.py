@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -33,8 +34,9 @@ class TrainingError(RuntimeError):
     pass
 
 
-def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
-    """Fill prompts from subject.json; refuse to clobber another run. Returns (run_dir, instance_dir)."""
+def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
+    """Check everything a user can get wrong before anything is written or any model is loaded:
+    prompts (filled from subject.json), the subject photos, and the output folder."""
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
     meta = read_subject_meta(instance_dir)
     for key in ("instance_prompt", "class_prompt"):
@@ -61,7 +63,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
             diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
             if diff:
                 raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
-    return run_dir, instance_dir
+    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
+    return run_dir, instance
 
 
 def encode_dist(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,10 +104,20 @@ def train(cfg: TrainConfig) -> Path:
     from diffusers.optimization import get_scheduler
 
     # --- run folder ------------------------------------------------------------------------------------
-    run_dir, instance_dir = prepare_run(cfg)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision)
+    run_dir, instance_set = prepare_run(cfg)
+    # A distributed launch on a machine without CUDA means CPU processes over gloo; accelerate only
+    # picks that when asked for the CPU explicitly.
+    cpu_world = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
+                              cpu=cpu_world)
     main = accelerator.is_main_process
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    set_seed(cfg.seed)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+    # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
+    c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
             for stale in ("train_log.jsonl", "samples", "checkpoints"):
@@ -112,12 +125,6 @@ def train(cfg: TrainConfig) -> Path:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    set_seed(cfg.seed)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
-
-    # --- models -------------------------------------------------------------------------------------------
-    c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
     vae, text_encoder, unet, noise_scheduler = c.vae, c.text_encoder, c.unet, c.noise_scheduler
     apply_tome(unet, cfg.tome_ratio)
     for m in (vae, text_encoder, unet):
@@ -155,7 +162,7 @@ def train(cfg: TrainConfig) -> Path:
             text_encoder.gradient_checkpointing_enable()
 
     # --- data and caches ------------------------------------------------------------------------------------
-    sets = {"instance": ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")}
+    sets = {"instance": instance_set}
     if prior:
         sets["class"] = ImageSet.from_folder(class_dir, cfg.class_prompt, cfg.resolution, "class_data_dir")
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
@@ -332,6 +339,12 @@ def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoder) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     apply_tome(unet, 0.0)  # save plain modules
+    with ckpt.cleanup_on_error(tmp, "the trained weights"):
+        _write_outputs(cfg, tmp, c, unet, text_encoder)
+    ckpt.publish(tmp, run_dir)
+
+
+def _write_outputs(cfg: TrainConfig, tmp: Path, c, unet, text_encoder) -> None:
     if cfg.method == "lora":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -352,4 +365,3 @@ def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoder) -> None
         for m in (pipe.unet, pipe.text_encoder, pipe.vae):
             m.to("cpu", torch.float32)
         pipe.save_pretrained(tmp, safe_serialization=True)
-    ckpt.publish(tmp, run_dir)
