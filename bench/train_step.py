@@ -26,8 +26,14 @@ VARIANTS = ["dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-
 ROOT = Path(__file__).resolve().parent
 
 
-def build_mid_model(path: Path) -> Path:
-    """UNet 64/128/256 with cross-attention (~SD1.5's layout at a fraction of the width), f=8 VAE, 4-layer CLIP."""
+def mid_model_path(layers_per_block: int = 2) -> Path:
+    cache = Path(os.environ.get("NANOBOOTH_CACHE", Path.home() / ".cache/nanobooth"))
+    return build_mid_model(cache / f"bench-mid-v1-lpb{layers_per_block}", layers_per_block)
+
+
+def build_mid_model(path: Path, layers_per_block: int = 2) -> Path:
+    """UNet 64/128/256 with cross-attention (~SD1.5's layout at a fraction of the width), f=8 VAE, 4-layer CLIP.
+    layers_per_block=2 is 18.2M UNet params; 1 is 12.8M (the size of the issue's reference measurements)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -38,7 +44,7 @@ def build_mid_model(path: Path) -> Path:
         return path
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(64, 128, 256), layers_per_block=2, sample_size=32, cross_attention_dim=256,
+        block_out_channels=(64, 128, 256), layers_per_block=layers_per_block, sample_size=32, cross_attention_dim=256,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
     )
@@ -68,7 +74,7 @@ def run_one(args) -> dict:
     out = Path(tempfile.mkdtemp(prefix="nb-bench-"))
     overrides = [f"model={args.model}", f"output_dir={out}", f"resolution={args.resolution}", f"max_train_steps={args.steps}",
                  "validation_prompts=[]", "checkpointing_steps=0", f"train_batch_size={args.batch}", "gradient_accumulation_steps=1",
-                 f"num_class_images={args.class_images}", "class_generation_steps=10", f"sample_batch_size={args.class_images}",
+                 f"num_class_images={args.class_images}", f"sample_batch_size={args.class_images}",
                  f"mixed_precision={args.mixed_precision}", "log_every=1000", *args.option]
     cfg = load_config(args.one, overrides)
     t0 = time.time()
@@ -97,6 +103,7 @@ def main() -> None:
     p.add_argument("--class-images", type=int, default=4)
     p.add_argument("--mixed-precision", default="no")
     p.add_argument("--model", default=None, help="default: the mid-size model, built on first use")
+    p.add_argument("--layers-per-block", type=int, default=2, help="mid-size UNet depth: 2 (18.2M) or 1 (12.8M)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--option", action="append", default=[], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -107,7 +114,7 @@ def main() -> None:
         logging.disable(logging.WARNING)
         print(json.dumps(run_one(args)))
         return
-    model = args.model or str(build_mid_model(Path(os.environ.get("NANOBOOTH_CACHE", Path.home() / ".cache/nanobooth")) / "bench-mid-v1"))
+    model = args.model or str(mid_model_path(args.layers_per_block))
     rows = []
     for variant in args.variants:
         for opt in args.options:

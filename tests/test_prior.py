@@ -34,3 +34,26 @@ def test_class_images_resume_without_regenerating(tiny_model, tmp_path):
         a = np.asarray(Image.open(tmp_path / n), dtype=float)
         b = np.asarray(Image.open(other / n), dtype=float)
         assert np.abs(a - b).max() <= 2
+
+
+def test_dpm_sampler_is_used_for_class_images_and_leaves_the_pipeline_alone(tiny_model, tmp_path, monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = load_pipeline(str(tiny_model))
+    own = pipe.scheduler
+    calls = [0]
+    real = DPMSolverMultistepScheduler.step
+
+    def counting(self, *a, **k):
+        calls[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "step", counting)
+    args = dict(prompt="a photo of dog", num_class_images=1, seed=0, batch_size=1, steps=3, resolution=32)
+    generate_class_images(pipe, tmp_path / "dpm", sampler="dpm++", **args)
+    assert calls[0] == 3 and pipe.scheduler is own
+    generate_class_images(pipe, tmp_path / "own", sampler="model", **args)
+    assert calls[0] == 3  # the model's own sampler (DDIM here) did the second set
+    a = np.asarray(Image.open(tmp_path / "dpm" / "class-00000.png"), dtype=float)
+    b = np.asarray(Image.open(tmp_path / "own" / "class-00000.png"), dtype=float)
+    assert np.abs(a - b).max() > 0

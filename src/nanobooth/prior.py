@@ -43,14 +43,22 @@ def missing_indices(folder: Path, num_class_images: int) -> list[int]:
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int, seed: int, batch_size: int,
-                          steps: int, resolution: int, guidance_scale: float = 7.5) -> int:
+                          steps: int, resolution: int, guidance_scale: float = 7.5, sampler: str = "model") -> int:
     """Top `folder` up to num_class_images; returns how many were generated."""
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing_indices(folder, num_class_images)
     if not todo:
         return 0
+    if sampler == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler
+
+        # a copy: the caller's pipeline keeps its own sampler for validation renders
+        pipe = type(pipe)(**{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)})
     log.info("generating %d class images of '%s' into %s", len(todo), prompt, folder)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch
+    # batching pays in the UNet; decoding one image at a time keeps the VAE's full-resolution
+    # activations (the run's memory peak) to a single image, with identical pixels
+    pipe.vae.enable_slicing()
     bar = tqdm(total=len(todo), desc="class images", unit="img")
     for start in range(0, len(todo), batch_size):
         idx = todo[start : start + batch_size]
@@ -65,4 +73,5 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
             os.replace(tmp, final)
         bar.update(len(idx))
     bar.close()
+    pipe.vae.disable_slicing()
     return len(todo)

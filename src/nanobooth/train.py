@@ -67,8 +67,9 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     return run_dir, instance
 
 
-def encode_dist(vae, pixels: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std) for pixels in [-1, 1]; sampling happens per step from our generator."""
+def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) for pixels in [-1, 1]; sampling happens per step from our generator.
+    Small batches: this runs once per image set, so a bigger batch only raises the memory peak."""
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(pixels), batch):
@@ -139,7 +140,7 @@ def train(cfg: TrainConfig) -> Path:
             pipe = make_pipeline(c)
             with accelerator.autocast():
                 generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
-                                      cfg.class_generation_steps, cfg.resolution)
+                                      cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler)
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     lora = cfg.method == "lora"
@@ -160,6 +161,8 @@ def train(cfg: TrainConfig) -> Path:
         unet.enable_gradient_checkpointing()
         if te_trained:
             text_encoder.gradient_checkpointing_enable()
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
 
     # --- data and caches ------------------------------------------------------------------------------------
     sets = {"instance": instance_set}
@@ -190,13 +193,15 @@ def train(cfg: TrainConfig) -> Path:
             raise ConfigError("use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only)") from None
         optimizer = bnb.optim.AdamW8bit(groups, **opt_kwargs)
     else:
-        optimizer = torch.optim.AdamW(groups, **opt_kwargs, foreach=True)
+        # one fused kernel per step on CUDA; multi-tensor (foreach) updates elsewhere
+        fused = device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
     trained = {"unet": unet, **({"text_encoder": text_encoder} if te_trained else {})}
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
-    unet_fwd = wrapped["unet"]
+    unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
     te_fwd = wrapped.get("text_encoder", text_encoder)
 
     # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
@@ -228,7 +233,7 @@ def train(cfg: TrainConfig) -> Path:
     def validate(step: int) -> None:
         if not (main and cfg.validation_prompts):
             return
-        base_unet, base_te = accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd)
+        base_unet, base_te = unet, text_encoder  # the modules DDP/compile wrap: same parameters
         info = getattr(base_unet, "_tome_info", None)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
@@ -255,7 +260,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
-        accelerator.unwrap_model(unet_fwd)._tome_info["args"]["generator"] = tome_gen
+        unet._tome_info["args"]["generator"] = tome_gen
     unet_fwd.train()
     te_fwd.train(te_trained)
     if start_step == 0:
@@ -316,7 +321,7 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
             if main:
                 extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}}
-                ckpt.save_checkpoint(run_dir, done, {k: accelerator.unwrap_model(m) for k, m in wrapped.items()}, optimizer,
+                ckpt.save_checkpoint(run_dir, done, trained, optimizer,
                                      lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
             accelerator.wait_for_everyone()
         if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps:
@@ -327,7 +332,7 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     validate(cfg.max_train_steps)
     if main:
-        save_outputs(cfg, run_dir, c, accelerator.unwrap_model(unet_fwd), accelerator.unwrap_model(te_fwd))
+        save_outputs(cfg, run_dir, c, unet, text_encoder)
         log.info("done: %s", run_dir)
     accelerator.end_training()
     return run_dir
