@@ -28,6 +28,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory) -> Path:
+    from nanobooth.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory, tiny_model) -> Path:
     """The tiny model with an SD2-style v-prediction scheduler."""
     path = tmp_path_factory.mktemp("models") / "tiny-sd-v"

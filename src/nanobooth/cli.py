@@ -109,12 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
     d.set_defaults(func=cmd_demo)
 
-    try:
-        from .toy import cli as toy_cli  # the synthetic world's commands, when present
+    from .export import add_parser as add_export
+    from .toy import cli as toy_cli
 
-        toy_cli.add_parser(sub)
-    except ImportError:
-        pass
+    add_export(sub)
+    toy_cli.add_parser(sub)
     return p
 
 

@@ -32,6 +32,8 @@ class TrainConfig:
     """Hub revision (branch, tag or commit) of `model`."""
     single_file_config: Optional[str] = None
     """For a single-file `model`: a diffusers folder or hub id whose configs describe it (needed offline)."""
+    pretrained_vae_model_name_or_path: Optional[str] = None
+    """A VAE to use instead of the model's (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16)."""
     allow_pickle: bool = False
     """Allow loading .ckpt/.bin pickle checkpoints. Pickles can run code: only for files you trust."""
 
@@ -266,7 +268,8 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def variant_names() -> list[str]:
     root = resources.files("nanobooth") / "configs"
     names = [p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")]
-    names += ["toy/" + p.name[:-5] for p in (root / "toy").iterdir() if p.name.endswith(".yaml")]
+    for sub in ("toy", "sdxl"):
+        names += [f"{sub}/" + p.name[:-5] for p in (root / sub).iterdir() if p.name.endswith(".yaml")]
     return sorted(names)
 
 

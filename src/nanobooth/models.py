@@ -26,13 +26,23 @@ class ModelError(ValueError):
 
 @dataclass
 class Components:
-    tokenizer: object
-    text_encoder: torch.nn.Module
+    family: object  # nanobooth.family.SD / SDXL: how to tokenize, encode, build pipelines, save LoRA
+    components: dict  # the pipeline's modules by name, for rebuilding pipelines around trained ones
+    tokenizers: list
+    text_encoders: list
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object  # DDPM: what training adds noise with
     scheduler: object  # the model's own inference sampler
     source: str
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
 
 
 def cache_dir() -> Path:
@@ -79,20 +89,49 @@ def _one_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def pipeline_class_name(model: str, kind: str, revision: str | None, single_file_config: str | None) -> str:
+    """Which pipeline a model is, without loading its weights."""
+    import json
+
+    if kind == "folder":
+        index = Path(model).expanduser() / "model_index.json"
+        return json.loads(index.read_text())["_class_name"] if index.is_file() else "StableDiffusionPipeline"
+    if kind == "hub":
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
+    if single_file_config:
+        return pipeline_class_name(single_file_config, _check_path(single_file_config, False), None, None)
+    from safetensors import safe_open
+
+    if Path(model).suffix.lower() == ".safetensors":
+        with safe_open(model, "pt") as f:
+            if any(k.startswith("conditioner.embedders.1") for k in f.keys()):
+                return "StableDiffusionXLPipeline"
+    return "StableDiffusionPipeline"
+
+
 def load_pipeline(model: str, revision: str | None = None, single_file_config: str | None = None,
                   allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
-    """A StableDiffusionPipeline without safety checker, from any way a user names a model."""
-    from diffusers import StableDiffusionPipeline
+    """An SD or SDXL pipeline without safety checker, from any way a user names a model."""
+    from .family import family_for
 
     model = resolve_model(model)
     kind = _check_path(model, allow_pickle)
-    common = dict(safety_checker=None, requires_safety_checker=False, **({"dtype": torch_dtype} if torch_dtype else {}))
     try:
+        name = pipeline_class_name(model, kind, revision, single_file_config)
+        try:
+            fam = family_for(name)
+        except ValueError:
+            raise ModelError(f"model '{model}' is a {name}; nanobooth trains StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)") from None
+        cls = fam.pipeline_class_obj()
+        common = {k: v for k, v in fam.pipeline_kwargs.items() if k != "feature_extractor"}
+        common.update({"dtype": torch_dtype} if torch_dtype else {})
         if kind == "file":
             kwargs = dict(config=single_file_config) if single_file_config else {}
-            pipe = StableDiffusionPipeline.from_single_file(model, **kwargs, **common)
+            pipe = cls.from_single_file(model, **kwargs, **common)
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(model, revision=revision, **common)
+            pipe = cls.from_pretrained(model, revision=revision, **common)
     except ModelError:
         raise
     except Exception as e:  # diffusers/hub raise many types; the user needs one line, not a traceback
@@ -100,9 +139,12 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
                 else "check the id, or run once online to cache it (HF_HUB_OFFLINE=1 only reads the cache)" if kind == "hub"
                 else "check the folder is a complete diffusers pipeline")
         raise ModelError(f"model '{model}': could not load ({_one_line(e)}); {hint}") from e
-    if getattr(pipe.tokenizer, "model_max_length", 77) > 10_000:
-        # tokenizers saved without model_max_length make pipelines pad to 1e30 tokens
-        pipe.tokenizer.model_max_length = pipe.text_encoder.config.max_position_embeddings
+    for tok_name, te_name in zip(fam.tokenizer_names, fam.text_encoder_names):
+        tok, te = getattr(pipe, tok_name), getattr(pipe, te_name)
+        if getattr(tok, "model_max_length", 77) > 10_000:
+            # tokenizers saved without model_max_length make pipelines pad to 1e30 tokens
+            tok.model_max_length = te.config.max_position_embeddings
+    pipe.nanobooth_family = fam
     return pipe
 
 
@@ -111,9 +153,12 @@ def load_components(model: str, revision: str | None = None, single_file_config:
     from diffusers import DDPMScheduler
 
     pipe = load_pipeline(model, revision, single_file_config, allow_pickle)
+    fam = pipe.nanobooth_family
     return Components(
-        tokenizer=pipe.tokenizer,
-        text_encoder=pipe.text_encoder,
+        family=fam,
+        components=dict(pipe.components),
+        tokenizers=[getattr(pipe, n) for n in fam.tokenizer_names],
+        text_encoders=[getattr(pipe, n) for n in fam.text_encoder_names],
         vae=pipe.vae,
         unet=pipe.unet,
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
@@ -122,14 +167,9 @@ def load_components(model: str, revision: str | None = None, single_file_config:
     )
 
 
-def make_pipeline(c: Components, unet=None, text_encoder=None):
+def make_pipeline(c: Components, unet=None, text_encoders=None):
     """A pipeline that shares the given (possibly training) modules: no copies, no reload."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(
-        vae=c.vae, text_encoder=text_encoder or c.text_encoder, tokenizer=c.tokenizer, unet=unet or c.unet,
-        scheduler=c.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return c.family.make_pipeline(c.components, unet or c.unet, text_encoders or c.text_encoders)
 
 
 def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
@@ -138,15 +178,17 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(targets))
 
 
-def apply_tome(unet, ratio: float) -> None:
-    """Token merging on the UNet's transformer blocks (tomesd); ratio 0 removes it."""
+def apply_tome(unet, ratio: float, max_downsample: int = 1) -> None:
+    """Token merging on the UNet's transformer blocks (tomesd); ratio 0 removes it.
+
+    max_downsample: the deepest level that merges. 1 (SD) merges only at the highest resolution, where
+    the attention cost is; deeper levels have few tokens and merging there costs quality for no speed.
+    SDXL has no attention at its first level, so its family asks for 2."""
     import tomesd
 
     tomesd.remove_patch(unet)
     if ratio > 0:
-        # max_downsample=1 merges only at the highest resolution, where attention cost is; deeper
-        # levels have few tokens and merging there costs quality for no speed (tomesd's default).
-        tomesd.apply_patch(unet, ratio=ratio, max_downsample=1)
+        tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample)
 
 
 def tome_active(unet) -> bool:

@@ -24,6 +24,7 @@ from .config import ConfigError, TrainConfig, save_config
 from .data import ImageSet, Sampler, read_subject_meta, resolve_data_dir
 from .generate import LORA_FILE, grid, render, save_png
 from .losses import dreambooth_loss, prediction_target
+from .family import cond_batch, cond_to
 from .models import apply_tome, load_components, lora_config, make_pipeline
 from .prior import generate_class_images
 
@@ -126,9 +127,13 @@ def train(cfg: TrainConfig) -> Path:
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    vae, text_encoder, unet, noise_scheduler = c.vae, c.text_encoder, c.unet, c.noise_scheduler
-    apply_tome(unet, cfg.tome_ratio)
-    for m in (vae, text_encoder, unet):
+    fam, vae, text_encoders, unet, noise_scheduler = c.family, c.vae, c.text_encoders, c.unet, c.noise_scheduler
+    if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
+        from diffusers import AutoencoderKL
+
+        vae = c.vae = c.components["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path)
+    apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
+    for m in (vae, *text_encoders, unet):
         m.requires_grad_(False)
         m.to(device)
 
@@ -147,20 +152,22 @@ def train(cfg: TrainConfig) -> Path:
     te_trained = cfg.train_text_encoder
     if lora:
         unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
-        if te_trained:
-            text_encoder.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout))
+        for te in text_encoders if te_trained else []:
+            te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout))
     else:
         unet.requires_grad_(True)
-        text_encoder.requires_grad_(te_trained)
-    # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer
-    vae.to(dtype=weight_dtype)
-    for m in (unet, text_encoder):
+        for te in text_encoders:
+            te.requires_grad_(te_trained)
+    # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer.
+    # VAEs flagged force_upcast (SDXL's) overflow in fp16, and with cached latents fp32 costs nothing.
+    vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
+    for m in (unet, *text_encoders):
         for p in m.parameters():
             p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if te_trained:
-            text_encoder.gradient_checkpointing_enable()
+        for te in text_encoders if te_trained else []:
+            te.gradient_checkpointing_enable()
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
 
@@ -170,12 +177,11 @@ def train(cfg: TrainConfig) -> Path:
         sets["class"] = ImageSet.from_folder(class_dir, cfg.class_prompt, cfg.resolution, "class_data_dir")
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
-    ids = {k: c.tokenizer(s.prompt, padding="max_length", max_length=c.tokenizer.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device) for k, s in sets.items()}
+    ids = {k: fam.tokenize(c.tokenizers, s.prompt, device) for k, s in sets.items()}
     text_cache = None
-    if not te_trained:  # frozen text encoder: two prompts, encoded once
+    if not te_trained:  # frozen text encoders: two prompts, encoded once
         with torch.no_grad():
-            text_cache = {k: text_encoder(v)[0].to(weight_dtype) for k, v in ids.items()}
+            text_cache = {k: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for k, v in ids.items()}
     if cache and not te_trained:
         vae.to("cpu")  # nothing needs it until validation: free accelerator memory
 
@@ -183,7 +189,7 @@ def train(cfg: TrainConfig) -> Path:
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
     groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale}]
     if te_trained:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
+        groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
                        "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale})
     opt_kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
@@ -198,11 +204,11 @@ def train(cfg: TrainConfig) -> Path:
         optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
-    trained = {"unet": unet, **({"text_encoder": text_encoder} if te_trained else {})}
+    trained = {"unet": unet, **(dict(zip(fam.text_encoder_names, text_encoders)) if te_trained else {})}
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
-    te_fwd = wrapped.get("text_encoder", text_encoder)
+    te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
     # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
     samplers = {k: Sampler(len(s), cfg.seed + 17 * (i + 1)) for i, (k, s) in enumerate(sets.items())}
@@ -233,18 +239,18 @@ def train(cfg: TrainConfig) -> Path:
     def validate(step: int) -> None:
         if not (main and cfg.validation_prompts):
             return
-        base_unet, base_te = unet, text_encoder  # the modules DDP/compile wrap: same parameters
+        base_unet = unet  # the module DDP/compile wrap: same parameters
         info = getattr(base_unet, "_tome_info", None)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
             if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
                 info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
-            base_unet.eval(), base_te.eval(), vae.to(device)
-            pipe = make_pipeline(c, unet=base_unet, text_encoder=base_te)
+            base_unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
+            pipe = make_pipeline(c, unet=base_unet, text_encoders=text_encoders)
             pipe.set_progress_bar_config(disable=True)
             rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
                           cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution)
-            base_unet.train(), base_te.train(te_trained)
+            base_unet.train(), [te.train(te_trained) for te in text_encoders]
             if info:
                 info["args"]["generator"] = tome_gen
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
@@ -262,7 +268,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
         unet._tome_info["args"]["generator"] = tome_gen
     unet_fwd.train()
-    te_fwd.train(te_trained)
+    for te in te_fwd:
+        te.train(te_trained)
     if start_step == 0:
         validate(0)  # the "before" grid
     n_global = cfg.train_batch_size * world
@@ -284,12 +291,11 @@ def train(cfg: TrainConfig) -> Path:
                                   for j in range(len(kinds))])
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                if text_cache is not None:
-                    cond = torch.cat([text_cache[k].expand(cfg.train_batch_size, -1, -1) for k in kinds])
-                else:
-                    cond = te_fwd(torch.cat([ids[k].expand(cfg.train_batch_size, -1) for k in kinds]))[0]
+                # one encoding per prompt (cached when frozen), repeated over its rows of the batch
+                per_kind = [text_cache[k] if text_cache else fam.encode(te_fwd, ids[k], cfg.resolution) for k in kinds]
+                cond = cond_to(cond_batch(per_kind, [cfg.train_batch_size] * len(kinds)), weight_dtype)
                 with accelerator.autocast():
-                    pred = unet_fwd(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+                    pred = unet_fwd(noisy.to(weight_dtype), timesteps, **cond).sample
                 target = prediction_target(noise_scheduler, latents, noise, timesteps)
                 loss, inst, prior_l = dreambooth_loss(pred, target, timesteps, cfg.train_batch_size, cfg.prior_loss_weight,
                                                       noise_scheduler, cfg.snr_gamma)
@@ -332,41 +338,24 @@ def train(cfg: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     validate(cfg.max_train_steps)
     if main:
-        save_outputs(cfg, run_dir, c, unet, text_encoder)
+        save_outputs(cfg, run_dir, c, unet, text_encoders)
         log.info("done: %s", run_dir)
     accelerator.end_training()
     return run_dir
 
 
-def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoder) -> None:
+def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoders: list) -> None:
     """Write the result under a temp folder, then move it into run_dir: no half-written outputs."""
     tmp = run_dir / ".tmp-output"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     apply_tome(unet, 0.0)  # save plain modules
     with ckpt.cleanup_on_error(tmp, "the trained weights"):
-        _write_outputs(cfg, tmp, c, unet, text_encoder)
+        if cfg.method == "lora":
+            c.family.save_lora(tmp, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
+        else:
+            pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
+            for m in (unet, *text_encoders, c.vae):
+                m.to("cpu", torch.float32)
+            pipe.save_pretrained(tmp, safe_serialization=True)
     ckpt.publish(tmp, run_dir)
-
-
-def _write_outputs(cfg: TrainConfig, tmp: Path, c, unet, text_encoder) -> None:
-    if cfg.method == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        te = cfg.train_text_encoder
-        StableDiffusionPipeline.save_lora_weights(
-            tmp, weight_name=LORA_FILE,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if te else None,
-            # the adapter config (rank, alpha, targets) rides in the safetensors metadata, so diffusers
-            # reloads a rank != alpha LoRA at the trained scale
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=text_encoder.peft_config["default"].to_dict() if te else None,
-        )
-    else:
-        pipe = make_pipeline(c, unet=unet, text_encoder=text_encoder)
-        for m in (pipe.unet, pipe.text_encoder, pipe.vae):
-            m.to("cpu", torch.float32)
-        pipe.save_pretrained(tmp, safe_serialization=True)

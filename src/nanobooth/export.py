@@ -1,0 +1,492 @@
+"""`nanobooth export RUN_DIR --format kohya|diffusers|single-file --out PATH`: hand a run to other tools.
+
+- kohya: a LoRA file that AUTOMATIC1111, ComfyUI, kohya's sd-scripts and diffusers all load. Keys are
+  kohya's: `lora_unet_<diffusers module path, dots as underscores>` (kohya trains SD 1.x/2.x on a
+  UNet with diffusers' module names; A1111 and ComfyUI translate those names themselves), `lora_te_`
+  for the text encoder (`lora_te1_`/`lora_te2_` for SDXL's two; SDXL UNet modules keep diffusers names
+  too, as diffusers' own converter writes them: kohya itself would write SGM names, which all three
+  loaders also map), each with `.lora_down.weight`,
+  `.lora_up.weight` and `.alpha`. The alpha is the trained one, read from the adapter config saved in
+  the run's metadata; diffusers' own `convert_state_dict_to_kohya` writes alpha = rank, which silently
+  rescales every rank != alpha LoRA.
+- diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
+- single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
+  `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
+  `from_single_file` read it. A LoRA run is fused into its base model first.
+
+Everything is safetensors; every output is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .generate import LORA_FILE
+from .models import ModelError
+
+FORMATS = ("kohya", "diffusers", "single-file")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ExportError(ModelError):
+    """The run cannot be exported as asked; the message names it and what to do."""
+
+
+# --- reading a run ---------------------------------------------------------------------------------------
+
+def read_run(run_dir) -> tuple[str, dict]:
+    """('lora' | 'full', resolved config) of a finished run; any diffusers SD/SDXL folder counts as full."""
+    import yaml
+
+    run = Path(run_dir)
+    if (run / LORA_FILE).is_file():
+        kind = "lora"
+    elif (run / "model_index.json").is_file():
+        kind = "full"
+    else:
+        raise ExportError(f"RUN_DIR '{run_dir}' is not a finished nanobooth run (no {LORA_FILE} or model_index.json); "
+                          "pass the output_dir of a completed `nanobooth train`")
+    cfg_path = run / "config.yaml"
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    return kind, cfg
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _folder_state(folder: Path) -> dict[str, torch.Tensor]:
+    """One component's weights, sharded or not (SDXL's fp32 UNet is saved in shards)."""
+    from safetensors.torch import load_file
+
+    index = next(folder.glob("*.safetensors.index.json"), None)
+    files = sorted({folder / f for f in _json(index)["weight_map"].values()}) if index else sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"'{folder}' holds no .safetensors weights (pickled .bin weights are not read); re-save it with safe_serialization=True")
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -> dict:
+    """What family a run belongs to (sd_v1 / sd_v2 / sdxl) and how it predicts, for the metadata other
+    tools read and the text-encoder layout. From the run's or the base model's configs where they can be
+    read offline, else from the adapter shapes (cross-attention width 768 / 1024 / 2048)."""
+    model = str(cfg.get("model") or "")
+    folder = run if kind == "full" else Path(model).expanduser()
+    if folder.is_file() and cfg.get("single_file_config"):
+        folder = Path(cfg["single_file_config"]).expanduser()
+    names = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
+    index, unet, sched, te = (_json(folder / n) for n in names)
+    if not index and kind == "lora" and model.count("/") == 1 and not folder.exists():
+        from huggingface_hub import try_to_load_from_cache
+
+        found = [try_to_load_from_cache(model, n, revision=cfg.get("revision")) for n in names]
+        index, unet, sched, te = (_json(Path(p)) if isinstance(p, str) else {} for p in found)
+    width = unet.get("cross_attention_dim") or next((s[1] for k, s in shapes.items() if "attn2.to_k" in k and len(s) == 2), 768)
+    sdxl = (index.get("_class_name") == "StableDiffusionXLPipeline" or "text_encoder_2" in index or width == 2048
+            or any(k.startswith("text_encoder_2.") for k in shapes))
+    # OpenCLIP (SD 2) uses gelu where OpenAI's CLIP (SD 1) uses quick_gelu
+    v2 = not sdxl and (te["hidden_act"] == "gelu" if "hidden_act" in te else width == 1024)
+    vpred = sched.get("prediction_type") == "v_prediction"
+    res = int(cfg.get("resolution") or (unet.get("sample_size") or (128 if sdxl else 96 if v2 else 64)) * 8)
+    arch = ("stable-diffusion-xl-v1-base" if sdxl else
+            ("stable-diffusion-v2-768-v" if vpred else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1")
+    # kohya's ss_base_model_version strings (library/model_util.py, sdxl_train_util.py)
+    version = "sdxl_base_v1-0" if sdxl else ("sd_v2" if v2 else "sd_v1") + ("_v" if vpred else "")
+    return dict(sdxl=sdxl, v2=v2, vpred=vpred, resolution=res, arch=arch, version=version)
+
+
+# --- LoRA -> kohya ------------------------------------------------------------------------------------------
+
+# diffusers writes peft adapters as lora_A/lora_B, or in its older spellings (lora.down for the UNet,
+# lora_linear_layer.down for text encoders); all mean the same down/up pair.
+_LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
+                       r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def _pattern_value(pattern: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern lookup: a key matches a module path or its dotted suffix."""
+    return next((v for k, v in (pattern or {}).items() if re.fullmatch(rf"(.*\.)?{k}", module)), default)
+
+
+def adapter_configs(meta: dict, cfg: dict) -> dict[str, dict]:
+    """The peft adapter config per component ('unet', 'text_encoder', ...), from the LoRA file's metadata
+    (diffusers saves it under `lora_adapter_metadata`), else rebuilt from the run's config.yaml."""
+    flat = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        comp, _, field = key.partition(".")
+        out.setdefault(comp, {})[field] = value
+    if not out and cfg.get("lora_rank"):
+        rank = int(cfg["lora_rank"])
+        alpha = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else rank)
+        out = {c: {"r": rank, "lora_alpha": alpha} for c in ("unet", "text_encoder", "text_encoder_2")}
+    return out
+
+
+def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl: bool = False) -> dict[str, torch.Tensor]:
+    """diffusers/peft LoRA tensors -> kohya's names, with each module's true alpha."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise ExportError(f"LoRA key '{key}' is not a plain LoRA down/up weight (DoRA and other adapters cannot be "
+                              "expressed in kohya's format)")
+        comp, module, part = m.groups()
+        conf = configs.get(comp)
+        if conf is None:
+            raise ExportError(f"the LoRA file has no adapter config for '{comp}' (rank and alpha unknown); re-save it with nanobooth")
+        if conf.get("use_dora"):
+            raise ExportError("the LoRA was trained with DoRA, which kohya's LoRA format cannot express")
+        named = module
+        if comp != "unet" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+            # transformers 5 dropped CLIP's `text_model` wrapper; every other tool still names it
+            named = "text_model." + module
+        prefix = "lora_te1_" if comp == "text_encoder" and sdxl else _KOHYA_PREFIX[comp]
+        name = prefix + named.replace(".", "_")
+        down = part in ("lora_A", "lora.down", "lora_linear_layer.down")
+        out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
+        if down:
+            rank = int(_pattern_value(conf.get("rank_pattern"), module, conf.get("r", tensor.shape[0])))
+            if rank != tensor.shape[0]:
+                raise ExportError(f"'{key}' has rank {tensor.shape[0]} but its adapter config says {rank}")
+            alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
+            # kohya scales by alpha/rank; rsLoRA by alpha/sqrt(rank): this alpha gives rsLoRA's scale
+            out[f"{name}.alpha"] = torch.tensor(alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha)
+    return dict(sorted(out.items()))
+
+
+def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the tensor bytes after the safetensors header: `sshs_model_hash`, which A1111 shows and
+    matches LoRAs by. The byte layout does not depend on metadata, so it can be computed before it."""
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    return hashlib.sha256(blob[8 + int.from_bytes(blob[:8], "little"):]).hexdigest()
+
+
+def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: str) -> dict[str, str]:
+    unet_conf = configs.get("unet", {})
+    rank = unet_conf.get("r", cfg.get("lora_rank"))
+    alpha = unet_conf.get("lora_alpha", cfg.get("lora_alpha") or rank)
+    res = info["resolution"]
+    model = str(cfg.get("model", ""))
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank, "ss_network_alpha": alpha, "ss_network_dropout": cfg.get("lora_dropout"),
+        "ss_network_train_unet_only": not any(k.startswith("lora_te") for k in tensors),
+        "ss_base_model_version": info["version"], "ss_v2": info["v2"],
+        "ss_sd_model_name": Path(model).name if Path(model).expanduser().exists() else model,
+        "ss_output_name": title, "ss_resolution": f"({res}, {res})",
+        "ss_max_train_steps": cfg.get("max_train_steps"), "ss_learning_rate": cfg.get("learning_rate"),
+        "ss_unet_lr": cfg.get("learning_rate"),
+        "ss_text_encoder_lr": (cfg.get("text_encoder_lr") or cfg.get("learning_rate")) if cfg.get("train_text_encoder") else None,
+        "ss_lr_scheduler": cfg.get("lr_scheduler"), "ss_lr_warmup_steps": cfg.get("lr_warmup_steps"),
+        "ss_seed": cfg.get("seed"), "ss_mixed_precision": cfg.get("mixed_precision"),
+        "ss_prior_loss_weight": cfg.get("prior_loss_weight") if cfg.get("with_prior_preservation") else None,
+        "ss_num_reg_images": cfg.get("num_class_images") if cfg.get("with_prior_preservation") else 0,
+        "ss_instance_prompt": cfg.get("instance_prompt"), "ss_class_prompt": cfg.get("class_prompt"),
+        "ss_training_comment": f"nanobooth DreamBooth LoRA; instance prompt: {cfg.get('instance_prompt')}",
+        "sshs_model_hash": addnet_hash(tensors),
+    }
+    return {k: str(v) for k, v in meta.items() if v is not None} | modelspec(info, title, lora=True)
+
+
+def modelspec(info: dict, title: str, lora: bool) -> dict[str, str]:
+    """Stability AI's model-spec keys (kohya's library/sai_model_spec.py): what SwarmUI and others sort
+    models by. Our LoRAs name modules the diffusers way; checkpoints use the LDM/SGM layout."""
+    res = info["resolution"]
+    impl = "diffusers" if lora else "https://github.com/Stability-AI/generative-models"
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": info["arch"] + ("/lora" if lora else ""),
+            "modelspec.implementation": impl, "modelspec.title": title, "modelspec.resolution": f"{res}x{res}",
+            "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+            "modelspec.prediction_type": "v" if info["vpred"] else "epsilon"}
+
+
+# --- diffusers pipeline -> LDM / SGM single file ------------------------------------------------------------
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _indices(keys, prefix: str) -> list[int]:
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pat.match(k))})
+
+
+def unet_prefixes(keys) -> list[tuple[str, str]]:
+    """diffusers module prefix -> LDM prefix, from the UNet's own keys (any depth, layers per block, with
+    or without attention per level). LDM numbers every layer of a level in one flat list:
+    input_blocks.N.0 a resnet, .N.1 its attention, then a separate N for the downsampler; output_blocks
+    put the upsampler after the last layer's attention (.2), or after its resnet (.1) where there is none."""
+    keys = list(keys)
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    n = 1
+    for i in _indices(keys, "down_blocks."):
+        for j in _indices(keys, f"down_blocks.{i}.resnets."):
+            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0."), (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{n}.1.")]
+            n += 1
+        if any(k.startswith(f"down_blocks.{i}.downsamplers.0.") for k in keys):
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{n}.0.op."))
+            n += 1
+    n = 0
+    for i in _indices(keys, "up_blocks."):
+        attn = any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys)
+        for j in _indices(keys, f"up_blocks.{i}.resnets."):
+            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{n}.0."), (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{n}.1.")]
+            n += 1
+        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{n - 1}.{2 if attn else 1}."))
+    return pairs
+
+
+def vae_prefixes(keys) -> list[tuple[str, str]]:
+    """The LDM decoder numbers its levels from the bottom (up.0 is the lowest resolution), diffusers from the top."""
+    pairs = []
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.conv_norm_out.", f"{part}.norm_out."), (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+                  (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."), (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.")]
+    for i in _indices(keys, "encoder.down_blocks."):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block."),
+                  (f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")]
+    ups = _indices(keys, "decoder.up_blocks.")
+    for i in ups:
+        pairs += [(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{len(ups) - 1 - i}.block."),
+                  (f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{len(ups) - 1 - i}.upsample.")]
+    return pairs
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> tuple[str, str, str] | None:
+    """(diffusers prefix, LDM prefix, rest) for the longest matching prefix."""
+    best = max((p for p in pairs if key.startswith(p[0])), key=lambda p: len(p[0]), default=None)
+    return (best[0], best[1], key[len(best[0]):]) if best else None
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pairs, out = unet_prefixes(state), {}
+    for key, value in state.items():
+        hit = _rename(key, pairs)
+        if hit is None:
+            raise ExportError(f"UNet weight '{key}' has no place in the LDM layout; only SD 1.x/2.x/SDXL UNets can be exported")
+        src, dst, rest = hit
+        if ".resnets." in src:
+            head, _, tail = rest.partition(".")
+            rest = f"{_RESNET.get(head, head)}.{tail}"
+        out[dst + rest] = value
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    pairs, out = vae_prefixes(state), {}
+    for key, value in state.items():
+        hit = _rename(key, pairs)
+        src, dst, rest = hit if hit else ("", "", key)  # conv_in/out and (post_)quant_conv keep their names
+        if ".attentions." in src:
+            layer, _, param = rest.rpartition(".")
+            if layer not in _VAE_ATTN:
+                raise ExportError(f"VAE weight '{key}' has no place in the LDM layout (re-save the VAE with a current diffusers)")
+            rest = f"{_VAE_ATTN[layer]}.{param}"
+            if value.ndim == 2:  # the LDM VAE computes attention with 1x1 convolutions
+                value = value[:, :, None, None]
+        elif ".resnets." in src:
+            rest = rest.replace("conv_shortcut", "nin_shortcut")
+        out[dst + rest] = value
+    return out
+
+
+def _clip_keys(state: dict) -> dict[str, torch.Tensor]:
+    """HF CLIP keys without the `text_model.` wrapper (transformers 5 drops it, older versions keep it)."""
+    return {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+
+
+def clip_to_hf_ldm(state: dict) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP (SD 1.x, SDXL's first encoder): LDM keeps transformers' own names, under text_model."""
+    return {(k if k.startswith("text_projection") else "text_model." + k): v for k, v in _clip_keys(state).items()}
+
+
+def clip_to_openclip(state: dict) -> dict[str, torch.Tensor]:
+    """OpenCLIP (SD 2.x, SDXL's second encoder): resblocks with fused q/k/v in_proj and a transposed projection."""
+    out, qkv = {}, {}
+    for k, v in _clip_keys(state).items():
+        if m := re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = v
+            continue
+        k = (k.replace("embeddings.token_embedding.", "token_embedding.")
+             .replace("embeddings.position_embedding.weight", "positional_embedding")
+             .replace("final_layer_norm.", "ln_final.").replace("encoder.layers.", "transformer.resblocks.")
+             .replace(".layer_norm1.", ".ln_1.").replace(".layer_norm2.", ".ln_2.").replace(".self_attn.", ".attn.")
+             .replace(".mlp.fc1.", ".mlp.c_fc.").replace(".mlp.fc2.", ".mlp.c_proj."))
+        if k == "text_projection.weight":
+            k, v = "text_projection", v.T.contiguous()
+        out[k] = v
+    for (layer, param), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def pipeline_to_checkpoint(unet: dict, vae: dict, text_encoders: list[dict], sdxl: bool, openclip: bool) -> dict[str, torch.Tensor]:
+    """One LDM (SD 1.x/2.x) or SGM (SDXL) state dict from a pipeline's component state dicts."""
+    out = {"model.diffusion_model." + k: v for k, v in unet_to_ldm(unet).items()}
+    out.update({"first_stage_model." + k: v for k, v in vae_to_ldm(vae).items()})
+    if sdxl:
+        out.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_to_hf_ldm(text_encoders[0]).items()})
+        out.update({"conditioner.embedders.1.model." + k: v for k, v in clip_to_openclip(text_encoders[1]).items()})
+    elif openclip:
+        te = clip_to_openclip(text_encoders[0])
+        if "transformer.resblocks.22.ln_1.weight" in te and "transformer.resblocks.23.ln_1.weight" not in te:
+            # diffusers drops OpenCLIP-H's last block (SD 2 reads the penultimate layer); strict loaders
+            # still expect it, so, as kohya does, stand a copy of block 22 in for it: it is never run
+            te.update({k.replace(".22.", ".23.", 1): v.clone() for k, v in te.items() if k.startswith("transformer.resblocks.22.")})
+        out.update({"cond_stage_model.model." + k: v for k, v in te.items()})
+    else:
+        out.update({"cond_stage_model.transformer." + k: v for k, v in clip_to_hf_ldm(text_encoders[0]).items()})
+    return out
+
+
+def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
+    """A LoRA run merged into its base model (W + alpha/r * B A): the whole model a checkpoint must hold."""
+    from .generate import load_run
+
+    if not cfg.get("model"):
+        raise ExportError(f"RUN_DIR '{run}' has no config.yaml naming its base model; a LoRA run needs it to export a checkpoint")
+    pipe = load_run(str(cfg["model"]), str(run), allow_pickle=bool(cfg.get("allow_pickle")),
+                    single_file_config=cfg.get("single_file_config"))
+    names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
+    pipe.fuse_lora(components=["unet", *names], lora_scale=1.0)
+    pipe.unload_lora_weights()  # after fuse_lora this keeps the merged weights and drops the adapters
+    return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
+
+
+# --- writing --------------------------------------------------------------------------------------------------
+
+def _check_out(out: Path, overwrite: bool, folder: bool) -> None:
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out '{out}' already exists; pass --overwrite to replace it")
+    if out.exists() and out.is_dir() != folder:
+        raise ExportError(f"--out '{out}' is a {'folder' if out.is_dir() else 'file'}; this export writes a {'folder' if folder else 'file'}")
+    if not folder and out.suffix != ".safetensors":
+        raise ExportError(f"--out '{out}': exports are .safetensors files (never pickles); name it ....safetensors")
+
+
+def _load(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (floats cast to dtype; 0-d tensors such as alphas kept exact) and metadata of one file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _cast(tensors, dtype), meta
+
+
+def _cast(tensors: dict, dtype: torch.dtype | None) -> dict:
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and v.ndim > 0 else v).contiguous()
+            for k, v in tensors.items()}
+
+
+def save_atomic(tensors: dict | None, out: Path, metadata: dict | None = None, copy_from: Path | None = None) -> None:
+    """Temp file beside the target, then os.replace: a crash never leaves a half-written file at --out."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(copy_from, tmp) if copy_from else save_file(tensors, tmp, metadata=metadata or None)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """The pipeline folder alone (no logs, samples or checkpoints), built aside and renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        parts = [k for k, v in _json(run / "model_index.json").items() if isinstance(v, list) and (run / k).is_dir()]
+        shutil.copy2(run / "model_index.json", tmp / "model_index.json")
+        for part in parts:
+            shutil.copytree(run / part, tmp / part)
+        for f in tmp.rglob("*.safetensors") if dtype is not None else []:
+            tensors, meta = _load(f, dtype)
+            save_atomic(tensors, f, meta)
+        old = None
+        if out.exists():  # only with --overwrite: move the old folder aside, put the new one in, then delete
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Export a finished run; returns the written path. Everything is checked before anything is written."""
+    run, out = Path(run_dir), Path(out)
+    if fmt not in FORMATS:
+        raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
+    kind, cfg = read_run(run)
+    if fmt == "kohya" and kind != "lora":
+        raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
+                          "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
+    _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full")
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if fmt == "diffusers":
+        if kind == "full":
+            _copy_pipeline(run, out, torch_dtype)
+        elif torch_dtype is None:
+            save_atomic(None, out, copy_from=run / LORA_FILE)  # byte for byte
+        else:
+            tensors, meta = _load(run / LORA_FILE, torch_dtype)  # metadata kept: it carries the adapter config
+            save_atomic(tensors, out, meta)
+    elif fmt == "kohya":
+        state, meta = _load(run / LORA_FILE)
+        configs = adapter_configs(meta, cfg)
+        info = _base_info(kind, run, cfg, {k: v.shape for k, v in state.items()})
+        tensors = _cast(lora_to_kohya(state, configs, sdxl=info["sdxl"]), torch_dtype)
+        save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
+    else:
+        info = _base_info(kind, run, cfg, {})
+        if kind == "full":
+            names = [n for n in ("text_encoder", "text_encoder_2") if n in _json(run / "model_index.json")]
+            unet, vae, tes = _folder_state(run / "unet"), _folder_state(run / "vae"), [_folder_state(run / n) for n in names]
+        else:
+            unet, vae, tes = _fused_components(run, cfg)
+        ckpt = pipeline_to_checkpoint(unet, vae, tes, sdxl=len(tes) == 2, openclip=info["v2"])
+        save_atomic(_cast(ckpt, torch_dtype), out, modelspec(info, out.stem, lora=False))
+    return out
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+def cmd_export(args) -> None:
+    path = export(args.run_dir, args.format, args.out, args.dtype, args.overwrite)
+    print(f"exported {args.run_dir} as {args.format}: {path}")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file",
+        description="kohya: a LoRA file for A1111, ComfyUI, kohya and diffusers (true alpha kept). diffusers: the run's "
+                    "own LoRA file or pipeline folder. single-file: an LDM/SGM .safetensors checkpoint (LoRA runs are "
+                    "fused into their base model).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished nanobooth run (output_dir)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="the .safetensors file to write (a folder for a full run as diffusers)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast weights (default: as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)

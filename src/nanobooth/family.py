@@ -1,0 +1,105 @@
+"""Model families: what differs between SD 1.x/2.x and SDXL, behind one small interface.
+
+The training loop asks its family to tokenize prompts, turn token ids into UNet conditioning, build a
+pipeline around (possibly training) modules and save LoRA weights; it never names an architecture.
+A new family (SD3, FLUX: a transformer instead of a UNet, flow matching) adds a class here and a
+line in FAMILIES, without touching the loop's structure.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+class SD:
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, its last hidden state as cross-attention context."""
+
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    tome_max_downsample = 1  # attention at the highest-resolution level: merge there
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
+        return [tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device) for tok in tokenizers]
+
+    def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
+        return {"encoder_hidden_states": text_encoders[0](ids[0])[0]}
+
+    def pipeline_class_obj(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def make_pipeline(self, components: dict, unet, text_encoders):
+        parts = {**components, "unet": unet, **dict(zip(self.text_encoder_names, text_encoders))}
+        cls = self.pipeline_class_obj()
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in {**parts, **self.pipeline_kwargs}.items() if k in accepted}
+        return cls(**kwargs)
+
+    def save_lora(self, folder, weight_name: str, unet, text_encoders: list | None) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                  # rank, alpha and targets ride in the safetensors metadata, so diffusers reloads a
+                  # rank != alpha LoRA at the trained scale
+                  "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+        for name, te in zip(self.text_encoder_names, text_encoders or []):
+            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+            kwargs[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
+        self.pipeline_class_obj().save_lora_weights(folder, weight_name=weight_name, **kwargs)
+
+
+class SDXL(SD):
+    """SDXL: two text encoders (penultimate hidden states concatenated), the second's pooled projection,
+    and size/crop micro-conditioning ("time ids")."""
+
+    name = "sdxl"
+    pipeline_class = "StableDiffusionXLPipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    tome_max_downsample = 2  # SDXL's first level has no attention: merging must reach level 2 to pay
+    pipeline_kwargs = {}
+
+    def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
+        hidden, pooled = [], None
+        for te, tok_ids in zip(text_encoders, ids):
+            out = te(tok_ids, output_hidden_states=True)
+            pooled = out[0]  # the projection model's text_embeds; the last encoder's wins, as in diffusers
+            hidden.append(out.hidden_states[-2])
+        # Training images are resized then cropped to a square of `resolution`: original size = target
+        # size, crop at the origin (the micro-conditioning of an uncropped, full-size image).
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=hidden[0].dtype,
+                                device=hidden[0].device)
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}}
+
+
+FAMILIES = {cls.pipeline_class: cls() for cls in (SD, SDXL)}
+
+
+def family_for(pipeline_class_name: str):
+    if pipeline_class_name not in FAMILIES:
+        raise ValueError(pipeline_class_name)
+    return FAMILIES[pipeline_class_name]
+
+
+def cond_batch(conds: list[dict], sizes: list[int]) -> dict:
+    """Stack per-prompt conditioning (batch 1 each, possibly nested) into one batch: conds[i] repeated sizes[i] times."""
+    out = {}
+    for key in conds[0]:
+        if isinstance(conds[0][key], dict):
+            out[key] = cond_batch([c[key] for c in conds], sizes)
+        else:
+            out[key] = torch.cat([c[key].expand(n, *c[key].shape[1:]) for c, n in zip(conds, sizes)])
+    return out
+
+
+def cond_to(cond: dict, dtype) -> dict:
+    return {k: cond_to(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}

@@ -1,0 +1,345 @@
+"""`nanobooth export`: kohya LoRA files keep the trained alpha and reload identically; single-file
+checkpoints have the LDM/SGM layout and load back through diffusers bit for bit; bad input is one line."""
+
+import argparse
+import hashlib
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from conftest import train_args
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nanobooth import export as ex
+from nanobooth.cli import main
+
+
+def export_cli(*argv: str) -> int:
+    """`nanobooth export ...` through the real CLI entry point, whether or not cli.py registers it yet."""
+    from nanobooth import cli
+
+    build = cli.build_parser
+
+    def with_export():
+        parser = build()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if "export" not in sub.choices:
+            ex.add_parser(sub)
+        return parser
+
+    with mock.patch.object(cli, "build_parser", with_export):
+        return main(["export", *argv])
+
+
+def read(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def sd_pipe(model, lora=None):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    if lora:
+        pipe.load_lora_weights(str(lora))
+    return pipe
+
+
+@torch.no_grad()
+def forward(pipe, added=None):
+    """Text-encoder states for a prompt and the UNet's prediction on fixed noise: every trained path."""
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    hidden = pipe.text_encoder(ids)[0]
+    return hidden, pipe.unet(x, torch.tensor([400]), hidden).sample
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, subject_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "lora"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "train_text_encoder=true", "lora_rank=4",
+                                                          "lora_alpha=8", "learning_rate=1e-2", "max_train_steps=2")]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_model, subject_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "full"
+    assert main(["train", "dreambooth-finetune-text-encoder", *train_args(tiny_model, subject_dir, out, "learning_rate=1e-3",
+                                                                          "text_encoder_lr=1e-3", "max_train_steps=2")]) == 0
+    return out
+
+
+# --- kohya ------------------------------------------------------------------------------------------------------
+
+def test_kohya_export_keeps_the_trained_alpha_and_reloads_identically(lora_run, tiny_model, tmp_path):
+    out = tmp_path / "sks_dog.safetensors"
+    assert export_cli(str(lora_run), "--format", "kohya", "--out", str(out)) == 0
+    tensors, meta = read(out)
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    assert alphas and all(v.item() == 8.0 for v in alphas.values())  # the trained alpha, not the rank (4)
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    assert len(downs) == len(alphas) and all(tensors[k].shape[0] == 4 for k in downs)
+    # kohya's names for SD 1.x: diffusers module paths with underscores; the text encoder under lora_te_text_model_
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight" in tensors
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+    assert all(k.split(".")[0].startswith(("lora_unet_", "lora_te_")) for k in tensors)
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert float(meta["ss_network_alpha"]) == 8.0 and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_output_name"] == "sks_dog" and meta["ss_instance_prompt"] == "a photo of sks dog"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    body = out.read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(body[8 + int.from_bytes(body[:8], "little"):]).hexdigest()
+
+    original = forward(sd_pipe(tiny_model, lora_run / "pytorch_lora_weights.safetensors"))
+    exported = forward(sd_pipe(tiny_model, out))
+    base = forward(sd_pipe(tiny_model))
+    for a, b, c in zip(original, exported, base):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        assert (a - c).abs().max() > 1e-3  # the LoRA does move both outputs, so the match above means something
+    # the comparison sees the alpha: the same file with alpha = rank (diffusers' converter) loads at half strength
+    wrong = tmp_path / "alpha_is_rank.safetensors"
+    save_file({k: torch.tensor(4.0) if k.endswith(".alpha") else v for k, v in tensors.items()}, wrong)
+    for a, b in zip(original, forward(sd_pipe(tiny_model, wrong))):
+        assert (a - b).abs().max() > 1e-4
+
+
+def test_kohya_fp16_and_unet_only(tiny_model, subject_dir, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "lora_rank=2", "max_train_steps=1")]) == 0
+    out = tmp_path / "k.safetensors"
+    ex.export(run, "kohya", out, dtype="fp16")
+    tensors, meta = read(out)
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    assert {v.dtype for k, v in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {4.0}  # the variant's alpha 4, at rank 2
+    assert {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_down.weight")} == {2}
+    assert meta["ss_network_train_unet_only"] == "True"
+
+
+def test_kohya_alpha_follows_peft_patterns_and_rslora():
+    state = {"unet.a.to_q.lora_A.weight": torch.zeros(4, 8), "unet.a.to_q.lora_B.weight": torch.zeros(8, 4),
+             "unet.a.to_k.lora_A.weight": torch.zeros(2, 8), "unet.a.to_k.lora_B.weight": torch.zeros(8, 2)}
+    conf = {"unet": {"r": 4, "lora_alpha": 8, "rank_pattern": {"to_k": 2}, "alpha_pattern": {"to_k": 1}}}
+    out = ex.lora_to_kohya(state, conf)
+    assert out["lora_unet_a_to_q.alpha"].item() == 8 and out["lora_unet_a_to_k.alpha"].item() == 1
+    rs = ex.lora_to_kohya(state, {"unet": {**conf["unet"], "use_rslora": True}})
+    assert rs["lora_unet_a_to_q.alpha"].item() == pytest.approx(8 * 2)  # kohya alpha/r == rsLoRA alpha/sqrt(r)
+    with pytest.raises(ex.ExportError, match="DoRA"):
+        ex.lora_to_kohya({"unet.a.to_q.lora_magnitude_vector": torch.zeros(8)}, conf)
+
+
+# --- single file ---------------------------------------------------------------------------------------------------
+
+def test_single_file_of_a_full_run_has_ldm_keys_and_loads_back_exactly(full_run, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "dog.safetensors"
+    assert export_cli(str(full_run), "--format", "single-file", "--out", str(out)) == 0
+    tensors, meta = read(out)
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")) for k in tensors)
+    for key in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.input_blocks.1.1.proj_in.weight",
+                "model.diffusion_model.input_blocks.2.0.op.weight", "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                "model.diffusion_model.output_blocks.3.0.skip_connection.weight", "model.diffusion_model.out.2.weight",
+                "first_stage_model.decoder.up.1.upsample.conv.weight", "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"):
+        assert key in tensors, key
+    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4  # 1x1 conv, as the LDM VAE has it
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.prediction_type"] == "epsilon"
+
+    trained = sd_pipe(full_run)
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_model), safety_checker=None,
+                                                      requires_safety_checker=False)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(trained, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for a, b in zip(forward(trained), forward(loaded)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(forward(trained), forward(sd_pipe(tiny_model))))
+
+    half = tmp_path / "dog-fp16.safetensors"
+    ex.export(full_run, "single-file", half, dtype="fp16")
+    assert {v.dtype for v in read(half)[0].values() if v.is_floating_point()} == {torch.float16}
+    loaded16 = StableDiffusionPipeline.from_single_file(str(half), config=str(tiny_model), safety_checker=None,
+                                                        requires_safety_checker=False, dtype=torch.float32)
+    for a, b in zip(forward(trained), forward(loaded16)):
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-3)
+
+
+def test_single_file_of_a_lora_run_is_the_fused_model(lora_run, tiny_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = ex.export(lora_run, "single-file", tmp_path / "fused.safetensors")
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(tiny_model), safety_checker=None,
+                                                      requires_safety_checker=False)
+    assert not any("lora" in k for k in read(out)[0])
+    for a, b in zip(forward(sd_pipe(tiny_model, lora_run / "pytorch_lora_weights.safetensors")), forward(loaded)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+
+def test_sd2_text_encoder_is_written_in_openclip_layout(tiny_model, tmp_path):
+    """OpenCLIP (gelu) text encoders go under cond_stage_model.model with fused q/k/v, as SD 2 checkpoints have them."""
+    from diffusers import StableDiffusionPipeline
+
+    sd2 = tmp_path / "tiny-sd2"
+    shutil.copytree(tiny_model, sd2)
+    for f, old, new in ((sd2 / "text_encoder" / "config.json", '"quick_gelu"', '"gelu"'),
+                        (sd2 / "scheduler" / "scheduler_config.json", '"epsilon"', '"v_prediction"')):
+        f.write_text(f.read_text().replace(old, new))
+    out = ex.export(sd2, "single-file", tmp_path / "sd2.safetensors")  # any diffusers SD folder exports
+    tensors, meta = read(out)
+    te = {k for k in tensors if k.startswith("cond_stage_model.")}
+    assert te and all(k.startswith("cond_stage_model.model.") for k in te)
+    assert tensors["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"].shape == (96, 32)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v" and meta["modelspec.prediction_type"] == "v"
+    loaded = StableDiffusionPipeline.from_single_file(str(out), config=str(sd2), safety_checker=None, requires_safety_checker=False)
+    original = StableDiffusionPipeline.from_pretrained(sd2).text_encoder.state_dict()
+    assert all(torch.equal(v, loaded.text_encoder.state_dict()[k]) for k, v in original.items())
+
+
+def _sd15_shaped_unet_and_vae():
+    """SD 1.5's topology (4 levels, 2 layers each, no attention at the bottom, widths x1 x2 x4 x4) at toy width."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16, 32, 32), layers_per_block=2, norm_num_groups=4, cross_attention_dim=8,
+                                attention_head_dim=2, sample_size=8)
+    vae = AutoencoderKL(block_out_channels=(4, 8, 16, 16), layers_per_block=2, norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    return unet, vae
+
+
+def test_ldm_layout_matches_real_sd15_and_sdxl_key_names_and_diffusers_reads_it_back():
+    """At SD 1.5 / SDXL topology the keys are the ones real checkpoints carry, and diffusers' own
+    LDM->diffusers converters invert the mapping exactly."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    unet, vae = _sd15_shaped_unet_and_vae()
+    ldm = {"model.diffusion_model." + k: v for k, v in ex.unet_to_ldm(unet.state_dict()).items()}
+    for key in ("input_blocks.3.0.op.weight", "input_blocks.9.0.op.weight", "input_blocks.11.0.in_layers.2.weight",
+                "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", "middle_block.2.emb_layers.1.weight",
+                "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
+                "output_blocks.11.0.skip_connection.weight", "output_blocks.11.1.proj_out.weight", "time_embed.2.bias"):
+        assert "model.diffusion_model." + key in ldm, key
+    assert convert_ldm_unet_checkpoint(ldm, dict(unet.config)).keys() == unet.state_dict().keys()
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
+
+    vldm = {"first_stage_model." + k: v for k, v in ex.vae_to_ldm(vae.state_dict()).items()}
+    for key in ("encoder.down.3.block.1.conv2.weight", "encoder.down.2.downsample.conv.weight", "decoder.up.3.upsample.conv.weight",
+                "decoder.up.0.block.2.conv1.weight", "decoder.up.0.block.0.nin_shortcut.weight",
+                "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.attn_1.proj_out.weight",
+                "decoder.norm_out.weight", "post_quant_conv.weight"):
+        assert "first_stage_model." + key in vldm, key
+    vback = convert_ldm_vae_checkpoint(vldm, dict(vae.config))
+    assert vback.keys() == vae.state_dict().keys() and all(torch.equal(vback[k], v) for k, v in vae.state_dict().items())
+
+    torch.manual_seed(0)
+    xl = UNet2DConditionModel(block_out_channels=(8, 16, 16), layers_per_block=2, norm_num_groups=4, cross_attention_dim=8,
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                              transformer_layers_per_block=(1, 2, 2), attention_head_dim=2, use_linear_projection=True,
+                              addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32)
+    xldm = {"model.diffusion_model." + k: v for k, v in ex.unet_to_ldm(xl.state_dict()).items()}
+    for key in ("input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight", "input_blocks.7.1.proj_in.weight", "label_emb.0.2.weight",
+                "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.0.skip_connection.weight"):
+        assert "model.diffusion_model." + key in xldm, key
+    xback = convert_ldm_unet_checkpoint(xldm, dict(xl.config))
+    assert xback.keys() == xl.state_dict().keys() and all(torch.equal(xback[k], v) for k, v in xl.state_dict().items())
+
+
+def test_sdxl_lora_and_checkpoint_exports(subject_dir, tmp_path):
+    tiny = pytest.importorskip("nanobooth.tiny")
+    if not hasattr(tiny, "build_tiny_sdxl_pipeline"):
+        pytest.skip("no tiny SDXL model in this build")
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    model = tiny.build_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl")
+    run = tmp_path / "xl-lora"
+    assert main(["train", "dreambooth-lora", *train_args(model, subject_dir, run, "train_text_encoder=true", "lora_rank=4",
+                                                          "lora_alpha=8", "learning_rate=1e-2", "max_train_steps=1")]) == 0
+    tensors, meta = read(ex.export(run, "kohya", tmp_path / "xl.safetensors"))
+    assert {k.split("_text_model")[0] for k in tensors if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and {v.item() for k, v in tensors.items() if k.endswith("alpha")} == {8.0}
+
+    @torch.no_grad()
+    def xl_forward(pipe):
+        ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        two = pipe.text_encoder_2(ids, output_hidden_states=True)
+        hidden = torch.cat([pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2], two.hidden_states[-2]], -1)
+        x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+        cond = {"text_embeds": two[0], "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+        return hidden, pipe.unet(x, torch.tensor([400]), hidden, added_cond_kwargs=cond).sample
+
+    original, exported = StableDiffusionXLPipeline.from_pretrained(model), StableDiffusionXLPipeline.from_pretrained(model)
+    original.load_lora_weights(str(run / "pytorch_lora_weights.safetensors"))
+    exported.load_lora_weights(str(tmp_path / "xl.safetensors"))
+    for a, b in zip(xl_forward(original), xl_forward(exported)):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+    # checkpoint: SGM prefixes; diffusers' converters read each part back exactly. (from_single_file itself
+    # cannot tell the tiny model's two equally wide encoders apart, so the parts are checked one by one.)
+    ckpt, cmeta = read(ex.export(model, "single-file", tmp_path / "xl-ckpt.safetensors"))
+    assert cmeta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.0.transformer.",
+                             "conditioner.embedders.1.model.")) for k in ckpt)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    te1 = convert_ldm_clip_checkpoint(ckpt, "conditioner.embedders.0.transformer.")
+    assert all(torch.equal(te1["text_model." + k], v) for k, v in pipe.text_encoder.state_dict().items())
+    te2 = convert_open_clip_checkpoint(pipe.text_encoder_2, ckpt, prefix="conditioner.embedders.1.model.")
+    assert te2.keys() == pipe.text_encoder_2.state_dict().keys()
+    assert all(torch.equal(te2[k], v) for k, v in pipe.text_encoder_2.state_dict().items())
+
+
+# --- diffusers format, bad input, atomic writes -----------------------------------------------------------------
+
+def test_diffusers_format_copies_the_lora_file_and_the_pipeline_folder(lora_run, full_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    f = ex.export(lora_run, "diffusers", tmp_path / "lora.safetensors")
+    assert f.read_bytes() == (lora_run / "pytorch_lora_weights.safetensors").read_bytes()
+    folder = ex.export(full_run, "diffusers", tmp_path / "pipe", dtype="fp16")
+    assert not (folder / "train_log.jsonl").exists() and (folder / "model_index.json").is_file()
+    assert {v.dtype for v in load_file(next((folder / "unet").glob("*.safetensors"))).values()} == {torch.float16}
+    StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16)
+    with pytest.raises(ex.ExportError, match="already exists"):
+        ex.export(full_run, "diffusers", folder)
+    ex.export(full_run, "diffusers", folder, overwrite=True)
+    assert {v.dtype for v in load_file(next((folder / "unet").glob("*.safetensors"))).values()} == {torch.float32}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_bad_input_is_one_line_naming_it(lora_run, full_run, tmp_path, capsys):
+    nothing = tmp_path / "not-a-run"
+    nothing.mkdir()
+    assert export_cli(str(nothing), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(nothing) in err and "not a finished nanobooth run" in err
+    assert export_cli(str(full_run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")) == 2
+    assert "full fine-tune" in capsys.readouterr().err
+    assert export_cli(str(lora_run), "--format", "kohya", "--out", str(tmp_path / "x.ckpt")) == 2
+    assert "safetensors" in capsys.readouterr().err
+    assert not any(tmp_path.glob("x.*"))
+
+
+def test_existing_out_is_kept_unless_overwrite_and_writes_are_atomic(lora_run, tmp_path, capsys):
+    out = tmp_path / "k.safetensors"
+    out.write_bytes(b"precious")
+    assert export_cli(str(lora_run), "--format", "kohya", "--out", str(out)) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"precious"
+
+    def crash(tensors, path, metadata=None):  # dies halfway through writing
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with mock.patch("safetensors.torch.save_file", crash), pytest.raises(OSError):
+        ex.export(lora_run, "kohya", out, overwrite=True)
+    assert out.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors"]
+    assert export_cli(str(lora_run), "--format", "kohya", "--out", str(out), "--overwrite") == 0
+    assert read(out)[0]  # a real file replaced it
