@@ -1,0 +1,59 @@
+"""`nanobooth toy ...`: the synthetic world's commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_subject(args) -> None:
+    from . import world
+
+    out = world.write_subject(args.seed, args.out, args.num_images)
+    meta = (out / "subject.json").read_text()
+    print(f"wrote {args.num_images} images of subject {args.seed} to {out}\n{meta}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import toy_eval
+
+    toy_eval(args.run_dir, args.images_per_prompt, args.seed, args.steps, args.guidance, with_base=not args.no_base)
+
+
+def cmd_pretrain(args) -> None:
+    from . import pretrain
+
+    pretrain.main(args.rest)
+
+
+def cmd_probe(args) -> None:
+    from . import probe
+
+    probe.main(args.rest)
+
+
+def add_parser(sub) -> None:
+    toy = sub.add_parser("toy", help="the toy world: subjects, evaluation, pretraining recipe")
+    tsub = toy.add_subparsers(dest="toy_command", required=True)
+
+    s = tsub.add_parser("subject", help="write a fresh toy subject's instance images and subject.json")
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--num-images", type=int, default=5)
+    s.set_defaults(func=cmd_subject)
+
+    e = tsub.add_parser("eval", help="subject/prompt fidelity, prior drift and diversity of a toy run -> RUN_DIR/toy_eval.json")
+    e.add_argument("run_dir")
+    e.add_argument("--images-per-prompt", type=int, default=4)
+    e.add_argument("--seed", type=int, default=1234)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
+    e.add_argument("--no-base", action="store_true", help="skip scoring the base model")
+    e.set_defaults(func=cmd_eval)
+
+    p = tsub.add_parser("pretrain", help="the toy model's training recipe (see --help)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_pretrain)
+
+    pr = tsub.add_parser("probe", help="train/evaluate the toy world's probe classifier", add_help=False)
+    pr.add_argument("rest", nargs=argparse.REMAINDER)
+    pr.set_defaults(func=cmd_probe)

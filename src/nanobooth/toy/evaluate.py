@@ -1,0 +1,93 @@
+"""`nanobooth toy eval RUN_DIR`: the DreamBooth paper's claims, measured on the toy world.
+
+For the base model and for the run, over fixed seeds:
+- subject_fidelity: "a photo of a sks <class> [in scene]" generations vs the instance images (DINO-like),
+- prompt_fidelity: fraction of "a photo of a sks <class> <scene>" generations showing that scene,
+- prior_drift: plain "a photo of a <class>" generations vs the instance images (PRES; lower is better),
+- diversity: mean pairwise feature distance among "a photo of a sks <class>" generations (DIV).
+All features come from the toy world's probe (`toy/probe.py`), trained on the world's ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..data import load_folder, read_subject_meta, resolve_data_dir
+from ..generate import grid, load_run, render, save_png
+from ..models import load_pipeline
+from . import metrics, world
+from .probe import load_probe
+
+
+def prompts_for(noun: str, identifier: str = "sks") -> dict[str, list[str]]:
+    return {
+        "subject": [f"a photo of a {identifier} {noun}"],
+        "scenes": [f"a photo of a {identifier} {noun} {scene}" for scene in world.SCENES],
+        "class": [f"a photo of a {noun}"],
+    }
+
+
+def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, steps: int, guidance: float) -> tuple[dict, dict]:
+    p = prompts_for(noun, identifier)
+    subj = render(pipe, p["subject"], n, seed, steps, guidance)[0]
+    scenes = render(pipe, p["scenes"], n, seed, steps, guidance)
+    cls = render(pipe, p["class"], n, seed, steps, guidance)[0]
+    scene_imgs = [img for row in scenes for img in row]
+    requested = [{"scene": s} for s in world.SCENES for _ in range(n)]
+    result = {
+        "subject_fidelity": metrics.subject_fidelity(subj + scene_imgs, instance, probe),
+        "prompt_fidelity": metrics.prompt_fidelity(scene_imgs, requested, probe),
+        "prior_drift": metrics.prior_drift(cls, instance, probe),
+        "diversity": metrics.diversity(subj, probe),
+    }
+    rows = {p["subject"][0]: subj, **dict(zip(p["scenes"], scenes)), p["class"][0]: cls}
+    return {k: round(float(v), 4) for k, v in result.items()}, rows
+
+
+def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, steps: int = 25,
+             guidance: float | None = None, with_base: bool = True) -> dict:
+    run = Path(run_dir)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    instance_dir = resolve_data_dir(cfg["instance_data_dir"])
+    meta = read_subject_meta(instance_dir)
+    noun = meta.get("class_noun") or cfg["class_prompt"].split()[-1]
+    identifier = meta.get("identifier", "sks")
+    instance = load_folder(instance_dir, 0)
+    probe = load_probe()
+    guidance = guidance if guidance is not None else cfg.get("validation_guidance_scale", 5.0)
+    args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance)
+    out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
+                        "class_noun": noun, "model": cfg["model"]}}
+    # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
+    tuned_pipe = load_run(cfg["model"], str(run), torch_dtype=torch.float32)
+    tuned_pipe.set_progress_bar_config(disable=True)
+    out["tuned"], tuned_rows = score(tuned_pipe, *args)
+    sheet_rows, labels = [], []
+    if with_base:
+        base = load_pipeline(cfg["model"], torch_dtype=torch.float32)
+        base.set_progress_bar_config(disable=True)
+        out["base"], base_rows = score(base, *args)
+        for prompt in list(tuned_rows)[:3] + [list(tuned_rows)[-1]]:
+            sheet_rows += [base_rows[prompt], tuned_rows[prompt]]
+            labels += [f"base: {prompt}", f"tuned: {prompt}"]
+    else:
+        sheet_rows, labels = list(tuned_rows.values()), list(tuned_rows)
+    sheet_rows.append(instance[: images_per_prompt])
+    labels.append("instance images")
+    save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / "toy_eval.png")
+    (run / "toy_eval.json").write_text(json.dumps(out, indent=2))
+    print(format_table(out))
+    return out
+
+
+def format_table(res: dict) -> str:
+    keys = ["subject_fidelity", "prompt_fidelity", "prior_drift", "diversity"]
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for who in ("base", "tuned"):
+        if who in res:
+            lines.append(f"| {who} | " + " | ".join(f"{res[who][k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
