@@ -63,3 +63,24 @@ def test_tome_patch_and_unpatch(tiny_model):
         assert not tome_active(c.unet)
         back = c.unet(x, t, cond).sample
     assert not torch.allclose(ref, merged) and torch.equal(ref, back)
+
+
+def test_trains_from_a_single_file_checkpoint(tiny_model, subject_dir, tmp_path):
+    """model= takes an original-layout .safetensors (what A1111/civitai users have); offline it needs the
+    diffusers configs that describe it (single_file_config)."""
+    from conftest import train_args
+    from safetensors.torch import load_file
+
+    from nanobooth.cli import main
+    from nanobooth.export import export
+
+    full = tmp_path / "full"
+    assert main(["train", "dreambooth", *train_args(tiny_model, subject_dir, full, "learning_rate=1e-3")]) == 0
+    ckpt = export(full, "single-file", tmp_path / "model.safetensors")
+    assert any(k.startswith("model.diffusion_model.") for k in load_file(ckpt))
+    pipe = load_pipeline(str(ckpt), single_file_config=str(tiny_model))
+    run_unet = load_pipeline(str(full)).unet.state_dict()
+    assert all(torch.equal(v, run_unet[k]) for k, v in pipe.unet.state_dict().items())
+    lora = tmp_path / "lora"
+    assert main(["train", "dreambooth-lora", *train_args(str(ckpt), subject_dir, lora), f"single_file_config={tiny_model}"]) == 0
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()

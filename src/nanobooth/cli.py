@@ -109,10 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
     d.set_defaults(func=cmd_demo)
 
+    from .evaluate import add_parser as add_eval
     from .export import add_parser as add_export
     from .toy import cli as toy_cli
 
     add_export(sub)
+    add_eval(sub)
     toy_cli.add_parser(sub)
     return p
 

@@ -1,0 +1,345 @@
+"""`nanobooth eval` and `nanobooth eval-dataset`: the DreamBooth paper's evaluation protocol.
+
+For one subject: render every prompt of the paper's object or live list (4 images each, fixed seeds),
+render the plain class prompt with the same seeds (for PRES), and score them against the real photos
+with DINO, CLIP-I, CLIP-T, PRES and DIV (definitions in `eval_metrics`). Writes `eval.json` and
+`contact_sheet.png` and prints the numbers next to the paper's. `eval-dataset` does that for every
+subject folder of the 30-subject DreamBooth dataset and writes one summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import eval_metrics as M
+from .data import DataError, load_folder, read_subject_meta
+from .generate import grid, load_run, render, save_png
+
+log = logging.getLogger("nanobooth")
+LIVE_CLASSES = ("dog", "cat")  # the paper gives its live-subject prompts to dogs and cats only
+SHEET_CELL = 160
+COLUMNS = [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("pres", "PRES (lower=better)"),
+           ("div", "DIV"), ("prompt_acc", "prompt acc")]
+
+
+def protocol_file() -> Path:
+    return Path(str(resources.files("nanobooth") / "assets" / "examples" / "prompts_and_classes.txt"))
+
+
+def read_protocol(path: str | Path | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The dataset's own prompts_and_classes.txt: the subject -> class table, and the object and live prompt
+    lists as `{0}`/`{1}` templates. Parsed rather than copied so the file stays the single source."""
+    path = Path(path or protocol_file())
+    try:
+        text = path.read_text()
+        table = re.search(r"subject_name,class\n(.*?)(?:\n\s*\n|$)", text, re.S).group(1)
+        classes = dict(tuple(x.strip() for x in line.split(",", 1)) for line in table.splitlines() if "," in line)
+        sets = {}
+        for key, header in (("object", "Object Prompts"), ("live", "Live Subject Prompts")):
+            start = text.index(header)
+            sets[key] = re.findall(r"'([^']*)'\.format", text[start:text.index("]", start)])
+    except (OSError, AttributeError, ValueError) as e:
+        raise DataError(f"{path}: not a DreamBooth prompts_and_classes.txt ({e})") from None
+    return classes, sets
+
+
+def fill(template: str, identifier: str, noun: str) -> str:
+    # replace, not str.format: a user's prompt may contain other braces
+    for k, v in (("{0}", identifier), ("{identifier}", identifier), ("{1}", noun), ("{class}", noun)):
+        template = template.replace(k, v)
+    return template
+
+
+def choose_prompts(spec: str | None, class_noun: str, backend: M.FeatureBackend) -> tuple[str, list[str]]:
+    if spec in (None, "auto"):
+        if backend.prompt_templates:
+            return "toy", backend.prompt_templates
+        spec = "live" if class_noun in LIVE_CLASSES else "object"
+    if spec in ("object", "live"):
+        return spec, read_protocol()[1][spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"--prompts '{spec}': expected object, live or a file of prompts (one per line, {{0}}=identifier, {{1}}=class)")
+    text = path.read_text()
+    templates = (re.findall(r"'([^']*)'\.format", text) if ".format(" in text
+                 else [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")])
+    if not templates:
+        raise DataError(f"--prompts '{spec}': no prompts in the file")
+    return str(path), templates
+
+
+@dataclass
+class Protocol:
+    images_per_prompt: int = 4
+    seed: int = 0
+    steps: int = 50
+    guidance: float = 7.5
+    resolution: int | None = None
+    batch_size: int = 8
+    pres_prompts: int | None = None  # class-prompt rows, one per prompt's seeds; None: all, 0: no PRES
+    class_prompt: str | None = None  # template; default: the backend's ("a {1}" as in the paper)
+
+
+def generate(pipe, prompts: list[str], class_prompt: str, p: Protocol):
+    """Prompt i's image j is seeded seed + 1000*i + j (render's scheme), so any prompt can be re-rendered
+    alone; class row i reuses prompt i's seeds, so PRES compares like with like."""
+    kw = dict(steps=p.steps, guidance=p.guidance, resolution=p.resolution, batch_size=p.batch_size)
+    gen = []
+    for i, prompt in enumerate(prompts):
+        log.info("eval: [%d/%d] %s", i + 1, len(prompts), prompt)
+        gen.append(render(pipe, [prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0])
+    k = len(prompts) if p.pres_prompts is None else min(p.pres_prompts, len(prompts))
+    if k:
+        log.info("eval: %d x %d images of '%s' for PRES", k, p.images_per_prompt, class_prompt)
+    cls = [render(pipe, [class_prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0] for i in range(k)]
+    return gen, cls
+
+
+def score(gen: list[list[Image.Image]], prompts: list[str], real: list[Image.Image], class_rows: list[list[Image.Image]],
+          backends: dict, identifier: str) -> dict:
+    """Every metric per prompt, their means over prompts, PRES, and the real photos' own similarity."""
+    dino, clip = backends["dino"], backends.get("clip")
+    real_d = dino.image_features(real)
+    real_c = clip.image_features(real) if clip else None
+    rows = []
+    for prompt, imgs in zip(prompts, gen):
+        row = {"prompt": prompt, "text": M.strip_identifier(prompt, identifier), "n": len(imgs)}
+        row["dino"] = M.cross_similarity(dino.image_features(imgs), real_d)
+        row["clip_i"] = row["clip_t"] = None
+        if clip:
+            fc = clip.image_features(imgs)
+            row["clip_i"] = M.cross_similarity(fc, real_c)
+            tf = clip.text_features([row["text"]])
+            row["clip_t"] = None if tf is None else M.cross_similarity(fc, tf)
+        row["div"] = M.diversity(dino, imgs)
+        match = dino.prompt_match(imgs, [prompt] * len(imgs))
+        row["prompt_acc"] = None if match is None else float(match.float().mean())
+        rows.append(row)
+    class_imgs = [im for r in class_rows for im in r]
+    mean = {k: M.mean(r[k] for r in rows) for k, _ in COLUMNS if k != "pres"}
+    mean["pres"] = M.cross_similarity(dino.image_features(class_imgs), real_d) if class_imgs else None
+    real_sim = {"dino": M.self_similarity(real_d), "clip_i": M.self_similarity(real_c), "n": len(real)}
+    return {"per_prompt": rows, "mean": mean, "real": real_sim, "class_images": len(class_imgs)}
+
+
+def _square(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def contact_sheet(gen, prompts, class_rows, class_prompt, real, title) -> Image.Image:
+    cell = min(SHEET_CELL, gen[0][0].size[0])  # thumbnails keep a 25-prompt sheet of 512px images small
+    rows = [[_square(im, cell) for im in row] for row in gen]
+    labels = list(prompts)
+    if class_rows:
+        rows.append([_square(im, cell) for im in class_rows[0]])
+        labels.append(f"class prompt (PRES): {class_prompt}")
+    rows.append([_square(im, cell) for im in real])
+    labels.append("real images")
+    return grid(rows, labels, title=title)
+
+
+def _write_json(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def evaluate_subject(load_pipe, backends: dict, subject_dir, class_noun: str, identifier: str, prompts_spec: str | None,
+                     proto: Protocol, out, settings: dict | None = None, resume: bool = False, save_images: bool = False) -> dict:
+    """`load_pipe` is called only when images must be rendered, so a resumed dataset run loads nothing."""
+    subject_dir, out = Path(subject_dir), Path(out)
+    name, templates = choose_prompts(prompts_spec, class_noun, backends["dino"])
+    prompts = [fill(t, identifier, class_noun) for t in templates]
+    class_prompt = fill(proto.class_prompt or backends["dino"].class_template, identifier, class_noun)
+    settings = {**(settings or {}), **asdict(proto), "subject_dir": str(subject_dir), "class_noun": class_noun,
+                "identifier": identifier, "prompt_set": name, "class_prompt": class_prompt, "div_features": _div_doc(backends),
+                "metric_models": {role: b.source for role, b in backends.items() if b is not None}}
+    settings.pop("batch_size")  # images do not depend on it (own generators), so a rerun with another may reuse
+    if resume and (out / "eval.json").is_file():
+        old = json.loads((out / "eval.json").read_text())
+        if old.get("settings") == settings and [r["prompt"] for r in old.get("per_prompt", [])] == prompts:
+            log.info("eval: %s already scored with these settings; reusing it", out / "eval.json")
+            return old
+    real = load_folder(subject_dir, 0, key="--subject-dir")
+    gen, class_rows = generate(load_pipe(), prompts, class_prompt, proto)
+    res = {"settings": settings, **score(gen, prompts, real, class_rows, backends, identifier), "paper": M.PAPER}
+    _write_json(res, out / "eval.json")
+    save_png(contact_sheet(gen, prompts, class_rows, class_prompt, real, f"{subject_dir.name}: {class_noun}"),
+             out / "contact_sheet.png")
+    if save_images:
+        for tag, rows in (("p", gen), ("class", class_rows)):
+            for i, row in enumerate(rows):
+                for j, img in enumerate(row):
+                    save_png(img, out / "images" / f"{tag}{i:02d}-{j:02d}.png")
+    return res
+
+
+def _div_doc(backends) -> str:
+    d = backends["dino"]
+    if isinstance(d, M.DinoBackend):
+        return f"1 - per-position cosine of DINO patch tokens (blocks {d.layers}), unit-normalised per position, layers averaged"
+    return f"1 - cosine of {d.name} image features"
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if k != "prompt_acc" or any(r.get(k) is not None for _, r in rows)]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for name, r in rows]
+    return "\n".join(lines)
+
+
+def _paper_rows() -> list[tuple[str, dict]]:
+    return [(f"paper: {k}", v) for k, v in M.PAPER.items()]
+
+
+# ------------------------------------------------------------------ command line
+def _device(args) -> str:
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _backends(args):
+    return M.load_backends(args.backend, args.dino, args.clip, _device(args), args.dino_revision, args.clip_revision,
+                           args.toy_probe)
+
+
+def _pipe_loader(args, weights):
+    def load():
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        pipe = load_run(args.model, weights, torch_dtype=dtype).to(_device(args))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    return load
+
+
+def _protocol(args) -> Protocol:
+    return Protocol(args.images_per_prompt, args.seed, args.steps, args.guidance, args.resolution, args.batch_size,
+                    args.pres_prompts, args.class_prompt)
+
+
+def _settings(args, weights) -> dict:
+    metric = {"backend": "toy", "toy_probe": args.toy_probe} if args.backend == "toy" else \
+        {"backend": "real", "dino": args.dino, "clip": args.clip, "dino_revision": args.dino_revision, "clip_revision": args.clip_revision}
+    return {"model": args.model, "weights": str(Path(weights).resolve()) if weights else None, "dtype": args.dtype, **metric}
+
+
+def eval_cli(args) -> dict:
+    subject = Path(args.subject_dir)
+    meta = read_subject_meta(subject) if subject.is_dir() else {}
+    noun = args.class_noun or meta.get("class_noun")
+    if not noun:
+        raise DataError("--class-noun is required (e.g. dog), unless the subject folder has a subject.json naming it")
+    identifier = args.identifier or meta.get("identifier", "sks")
+    res = evaluate_subject(_pipe_loader(args, args.weights), _backends(args), subject, noun, identifier, args.prompts,
+                           _protocol(args), args.out, _settings(args, args.weights), save_images=args.save_images)
+    n = sum(r["n"] for r in res["per_prompt"])
+    print(format_table([(f"this run ({subject.name}, {n} images)", res["mean"]),
+                        (f"real images of {subject.name}, pairwise", res["real"])] + _paper_rows()))
+    print(f"wrote {Path(args.out) / 'eval.json'} and contact_sheet.png")
+    return res
+
+
+def eval_dataset_cli(args) -> dict:
+    classes, _ = read_protocol(args.classes_file)
+    root, runs, out = Path(args.dataset_root), Path(args.runs_root), Path(args.out)
+    if not root.is_dir():
+        raise DataError(f"--dataset-root '{root}' is not a folder (expected one folder of photos per subject)")
+    subjects = args.subjects or sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    unknown = [s for s in subjects if s not in classes]
+    if unknown:
+        raise DataError(f"subjects {unknown} are not in the class table of {args.classes_file or protocol_file()}; pass --classes-file or --subjects")
+    backends, results, missing = _backends(args), {}, []
+    for s in subjects:
+        if not (runs / s).is_dir():
+            log.warning("eval-dataset: no run folder %s; %s is left out", runs / s, s)
+            missing.append(s)
+            continue
+        results[s] = evaluate_subject(_pipe_loader(args, runs / s), backends, root / s, classes[s], args.identifier or "sks",
+                                      args.prompts, _protocol(args), out / s, _settings(args, runs / s),
+                                      resume=not args.overwrite, save_images=args.save_images)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if not results:
+        raise DataError(f"--runs-root '{runs}': no run folder named after any subject of {root}")
+    keys = [k for k, _ in COLUMNS]
+    summary = {
+        "subjects": {s: {"class": classes[s], "mean": r["mean"], "real": r["real"]} for s, r in results.items()},
+        "mean": {k: M.mean(r["mean"][k] for r in results.values()) for k in keys},
+        "real": {k: M.mean(r["real"][k] for r in results.values()) for k in ("dino", "clip_i")},
+        "missing": missing, "paper": M.PAPER,
+        "settings": {k: v for k, v in next(iter(results.values()))["settings"].items()
+                     if k not in ("subject_dir", "class_noun", "prompt_set", "class_prompt", "weights")},
+    }
+    table = format_table([(f"{s} ({classes[s]})", r["mean"]) for s, r in results.items()]
+                         + [(f"**mean over {len(results)} subjects**", summary["mean"]),
+                            ("real images, pairwise (mean)", summary["real"])] + _paper_rows())
+    _write_json(summary, out / "summary.json")
+    note = f"\n\nMissing runs (left out): {', '.join(missing)}\n" if missing else "\n"
+    (out / "summary.md").write_text(f"# DreamBooth evaluation: {len(results)} subjects\n\n{table}{note}")
+    print(table + note, end="")
+    return summary
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, toy, tiny)")
+    p.add_argument("--identifier", default=None, help="the rare token the run was trained with (default: sks)")
+    p.add_argument("--prompts", default=None,
+                   help="object, live, or a file (one prompt per line, {0}=identifier {1}=class); default: live for "
+                        "dog/cat, else object (the paper's choice); the toy world's scene prompts with --backend toy")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--class-prompt", default=None, help='PRES prompt template (default "a {1}"; toy: "a photo of a {1}")')
+    p.add_argument("--pres-prompts", type=int, default=None,
+                   help="render the class prompt with the seeds of the first K prompts (default: all; 0 skips PRES)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="for the diffusion model")
+    p.add_argument("--save-images", action="store_true", help="also write every generated image")
+    m = p.add_argument_group("metric models")
+    m.add_argument("--backend", choices=["real", "toy"], default="real",
+                   help="real: DINO + CLIP; toy: the toy world's probe (offline, no CLIP-I/CLIP-T, adds prompt acc)")
+    m.add_argument("--dino", default="facebook/dino-vits16", help="ViTModel hub id or local folder (safetensors)")
+    m.add_argument("--dino-revision", default=None)
+    m.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIPModel hub id or local folder; none skips CLIP")
+    m.add_argument("--clip-revision", default=None)
+    m.add_argument("--toy-probe", default=None, help="probe folder for --backend toy (default: the shipped one)")
+
+
+def add_parser(subparsers) -> None:
+    e = subparsers.add_parser("eval", help="the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(e)
+    e.add_argument("--weights", default=None, help="the nanobooth run folder (omit to score the base model)")
+    e.add_argument("--subject-dir", required=True, help="the real photos of the subject")
+    e.add_argument("--class-noun", default=None, help="e.g. dog (default: from the folder's subject.json)")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=eval_cli)
+
+    d = subparsers.add_parser("eval-dataset", help="eval over the 30-subject DreamBooth dataset: one summary table",
+                              description="RUNS_ROOT/<subject> is the run for DATASET_ROOT/<subject>; classes come "
+                                          "from prompts_and_classes.txt. Finished subjects are reused on a rerun.")
+    _add_common(d)
+    d.add_argument("--runs-root", required=True)
+    d.add_argument("--dataset-root", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--subjects", nargs="+", default=None, help="default: every folder in --dataset-root")
+    d.add_argument("--classes-file", default=None, help="default: the shipped prompts_and_classes.txt")
+    d.add_argument("--overwrite", action="store_true", help="re-score subjects that already have an eval.json")
+    d.set_defaults(func=eval_dataset_cli)
