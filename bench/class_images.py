@@ -11,7 +11,6 @@ Cost grows linearly in the number of class images and roughly with resolution² 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from train_step import ROOT, mid_model_path
+from train_step import mid_model_path, print_table
 
 
 def main() -> None:
@@ -47,13 +46,9 @@ def main() -> None:
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
         print(f"{name:55s} {dt:7.1f} s  ({dt / args.num:.2f} s/image)", flush=True)
     base = rows[0]["total_s"]
-    print("\n| setting | images | resolution | total s | s/image | speedup |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setting']} | {r['num']} | {r['resolution']}² | {r['total_s']:.1f} | {r['s_per_image']:.2f} | {base / r['total_s']:.2f}x |")
-    out = ROOT / "results" / f"class_images-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"\nwrote {out}")
+    print_table(["setting", "images", "resolution", "total s", "s/image", "speedup"],
+                [[r["setting"], r["num"], f"{r['resolution']}²", f"{r['total_s']:.1f}", f"{r['s_per_image']:.2f}",
+                  f"{base / r['total_s']:.2f}x"] for r in rows], "class_images", rows)
 
 
 if __name__ == "__main__":

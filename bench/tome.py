@@ -11,14 +11,12 @@ ratio 0 as the relative L2 error of the noise prediction on the same input. Prin
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
-from pathlib import Path
 
 import torch
 
-from train_step import ROOT, mid_model_path
+from train_step import mid_model_path, print_table
 
 
 def timed(fn, repeats: int) -> float:
@@ -70,15 +68,12 @@ def main() -> None:
                          "rel_l2_vs_ratio0": err, "max_downsample": args.max_downsample, "device": device,
                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
             print(f"latent {size}² ratio {ratio:.1f}: infer {infer:.3f} s  train {train:.3f} s  rel L2 {err:.4f}", flush=True)
-    print("\n| latent (image) | ratio | UNet fwd b2 s | speedup | train step s | speedup | rel. L2 vs 0 |\n|---|---|---|---|---|---|---|")
+    lines = []
     for r in rows:
         base = next(b for b in rows if b["latent"] == r["latent"] and b["ratio"] == 0)
-        print(f"| {r['latent']}² ({r['image_equiv']}²) | {r['ratio']} | {r['infer_s']:.3f} | {base['infer_s'] / r['infer_s']:.2f}x | "
-              f"{r['train_s']:.3f} | {base['train_s'] / r['train_s']:.2f}x | {r['rel_l2_vs_ratio0']:.4f} |")
-    out = ROOT / "results" / f"tome-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"\nwrote {out}")
+        lines.append([f"{r['latent']}² ({r['image_equiv']}²)", r["ratio"], f"{r['infer_s']:.3f}", f"{base['infer_s'] / r['infer_s']:.2f}x",
+                      f"{r['train_s']:.3f}", f"{base['train_s'] / r['train_s']:.2f}x", f"{r['rel_l2_vs_ratio0']:.4f}"])
+    print_table(["latent (image)", "ratio", "UNet fwd b2 s", "speedup", "train step s", "speedup", "rel. L2 vs 0"], lines, "tome", rows)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ VARIANTS = ["dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-
 ROOT = Path(__file__).resolve().parent
 
 
+def print_table(header: list[str], lines: list[list], name: str, rows: list[dict]) -> Path:
+    """The markdown table every bench prints, and its raw rows as bench/results/NAME-TIMESTAMP.json."""
+    print("\n| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for cells in lines:
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    out = ROOT / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+    print(f"\nwrote {out}")
+    return out
+
+
 def mid_model_path(layers_per_block: int = 2) -> Path:
     cache = Path(os.environ.get("NANOBOOTH_CACHE", Path.home() / ".cache/nanobooth"))
     return build_mid_model(cache / f"bench-mid-v1-lpb{layers_per_block}", layers_per_block)
@@ -130,13 +142,9 @@ def main() -> None:
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(f"{variant:34s} {opt or 'defaults':28s} {r['s_per_step']:7.3f} s/step  peak RSS {r['peak_rss_mb']:6d} MB", flush=True)
-    print(f"\n| variant | options | s/step | peak RSS MB | peak CUDA MB | device |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['options'] or '-'} | {r['s_per_step']:.3f} | {r['peak_rss_mb']} | {r['peak_cuda_mb'] or '-'} | {r['device']} |")
-    out = ROOT / "results" / f"train_step-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"\nwrote {out}")
+    print_table(["variant", "options", "s/step", "peak RSS MB", "peak CUDA MB", "device"],
+                [[r["variant"], r["options"] or "-", f"{r['s_per_step']:.3f}", r["peak_rss_mb"], r["peak_cuda_mb"] or "-", r["device"]]
+                 for r in rows], "train_step", rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -282,7 +281,6 @@ def train(cfg: TrainConfig) -> Path:
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
                 latents = torch.cat([draw(k, n_global) for k in kinds])
-                b = latents.shape[0]
                 noise_all = torch.randn((n_global * len(kinds), *latents.shape[1:]), generator=noise_gen)
                 if cfg.noise_offset:
                     noise_all += cfg.noise_offset * torch.randn((n_global * len(kinds), latents.shape[1], 1, 1), generator=noise_gen)
