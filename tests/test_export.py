@@ -267,6 +267,10 @@ def test_sdxl_lora_and_checkpoint_exports(subject_dir, tmp_path):
     tensors, meta = read(ex.export(run, "kohya", tmp_path / "xl.safetensors"))
     assert {k.split("_text_model")[0] for k in tensors if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and {v.item() for k, v in tensors.items() if k.endswith("alpha")} == {8.0}
+    # SDXL UNet modules carry SGM block names, as kohya's and civitai's SDXL LoRAs do
+    unet_keys = [k for k in tensors if k.startswith("lora_unet_")]
+    assert unet_keys and all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+                             for k in unet_keys)
 
     @torch.no_grad()
     def xl_forward(pipe):

@@ -3,9 +3,9 @@
 - kohya: a LoRA file that AUTOMATIC1111, ComfyUI, kohya's sd-scripts and diffusers all load. Keys are
   kohya's: `lora_unet_<diffusers module path, dots as underscores>` (kohya trains SD 1.x/2.x on a
   UNet with diffusers' module names; A1111 and ComfyUI translate those names themselves), `lora_te_`
-  for the text encoder (`lora_te1_`/`lora_te2_` for SDXL's two; SDXL UNet modules keep diffusers names
-  too, as diffusers' own converter writes them: kohya itself would write SGM names, which all three
-  loaders also map), each with `.lora_down.weight`,
+  for the text encoder (`lora_te1_`/`lora_te2_` for SDXL's two). SDXL UNet modules get SGM block names
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), as kohya trains SDXL on its SGM UNet
+  and as civitai's SDXL LoRAs are named; each with `.lora_down.weight`,
   `.lora_up.weight` and `.alpha`. The alpha is the trained one, read from the adapter config saved in
   the run's metadata; diffusers' own `convert_state_dict_to_kohya` writes alpha = rank, which silently
   rescales every rank != alpha LoRA.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -34,6 +35,7 @@ import torch
 from .generate import LORA_FILE
 from .models import ModelError
 
+log = logging.getLogger("nanobooth")
 FORMATS = ("kohya", "diffusers", "single-file")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -134,8 +136,26 @@ def adapter_configs(meta: dict, cfg: dict) -> dict[str, dict]:
     return out
 
 
-def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl: bool = False) -> dict[str, torch.Tensor]:
-    """diffusers/peft LoRA tensors -> kohya's names, with each module's true alpha."""
+def sgm_unet_pairs(model: str) -> list[tuple[str, str]] | None:
+    """diffusers -> SGM block prefixes of the base model's UNet, from its config alone (built on the meta
+    device: no weights read). None when the config cannot be had (offline, not cached)."""
+    from diffusers import UNet2DConditionModel
+
+    from .models import resolve_model
+
+    try:
+        conf = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(conf)
+    except Exception:  # hub/cache/format errors all mean the same here: no layout to map to
+        return None
+    return unet_prefixes(unet.state_dict().keys())
+
+
+def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl: bool = False,
+                  unet_pairs: list[tuple[str, str]] | None = None) -> dict[str, torch.Tensor]:
+    """diffusers/peft LoRA tensors -> kohya's names, with each module's true alpha. With unet_pairs
+    (SDXL), UNet modules are named by their SGM blocks."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         m = _LORA_KEY.match(key)
@@ -149,6 +169,12 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
         if conf.get("use_dora"):
             raise ExportError("the LoRA was trained with DoRA, which kohya's LoRA format cannot express")
         named = module
+        if comp == "unet" and unet_pairs and (hit := _rename(module + ".", unet_pairs)):
+            src, dst, rest = hit
+            if ".resnets." in src:
+                head, _, tail = rest.partition(".")
+                rest = f"{_RESNET.get(head, head)}.{tail}"
+            named = (dst + rest).rstrip(".")
         if comp != "unet" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
             # transformers 5 dropped CLIP's `text_model` wrapper; every other tool still names it
             named = "text_model." + module
@@ -457,7 +483,10 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         state, meta = _load(run / LORA_FILE)
         configs = adapter_configs(meta, cfg)
         info = _base_info(kind, run, cfg, {k: v.shape for k, v in state.items()})
-        tensors = _cast(lora_to_kohya(state, configs, sdxl=info["sdxl"]), torch_dtype)
+        pairs = sgm_unet_pairs(cfg["model"]) if info["sdxl"] else None
+        if info["sdxl"] and pairs is None:
+            log.warning("base model %s's UNet config is not available offline: SDXL UNet LoRA keys keep diffusers names", cfg["model"])
+        tensors = _cast(lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs), torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
     else:
         info = _base_info(kind, run, cfg, {})
