@@ -2,7 +2,7 @@ import numpy as np
 from PIL import Image
 
 from nanobooth.models import load_pipeline
-from nanobooth.prior import generate_class_images, missing_indices
+from nanobooth.prior import PROVENANCE, generate_class_images, missing_indices
 
 
 def test_missing_indices_counts_user_images(tmp_path):
@@ -17,10 +17,10 @@ def test_class_images_resume_without_regenerating(tiny_model, tmp_path):
     pipe = load_pipeline(str(tiny_model))
     args = dict(prompt="a photo of dog", seed=7, steps=2, resolution=32)
     assert generate_class_images(pipe, tmp_path, num_class_images=2, batch_size=2, **args) == 2
-    first = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    first = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.glob("class-*.png")}
     # a run killed midway: top up to 5 with another batch size; old files untouched, no duplicates
     assert generate_class_images(pipe, tmp_path, num_class_images=5, batch_size=3, **args) == 3
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != PROVENANCE)
     assert names == [f"class-{i:05d}.png" for i in range(5)]
     for name, (data, mtime) in first.items():
         assert (tmp_path / name).read_bytes() == data and (tmp_path / name).stat().st_mtime_ns == mtime
@@ -57,3 +57,24 @@ def test_dpm_sampler_is_used_for_class_images_and_leaves_the_pipeline_alone(tiny
     a = np.asarray(Image.open(tmp_path / "dpm" / "class-00000.png"), dtype=float)
     b = np.asarray(Image.open(tmp_path / "own" / "class-00000.png"), dtype=float)
     assert np.abs(a - b).max() > 0
+
+
+def test_class_images_of_another_prompt_or_model_are_refused(tiny_model, subject_dir, tmp_path, capsys):
+    from conftest import train_args
+
+    from nanobooth.cli import main
+
+    shared = tmp_path / "dogs"
+    args = train_args(tiny_model, subject_dir, tmp_path / "a", f"class_data_dir={shared}")
+    assert main(["train", "dreambooth-prior-pre", *args]) == 0
+    before = sorted(p.name for p in shared.iterdir())
+    # the same folder reused for another class: refused before anything is written or regenerated
+    other = train_args(tiny_model, subject_dir, tmp_path / "b", f"class_data_dir={shared}", "class_prompt=a photo of cat",
+                       "instance_prompt=a photo of sks cat")
+    assert main(["train", "dreambooth-prior-pre", *other]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and "class_prompt='a photo of dog'" in err[0] and str(shared) in err[0]
+    assert not (tmp_path / "b").exists() and sorted(p.name for p in shared.iterdir()) == before
+    # the same class and model reuse them
+    assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, tmp_path / "c", f"class_data_dir={shared}")]) == 0
+    assert sorted(p.name for p in shared.iterdir()) == before

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from nanobooth.checkpoint import list_checkpoints
+from nanobooth.prior import PROVENANCE
 from nanobooth.cli import main
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -116,7 +117,7 @@ def test_class_generation_killed_midway_resumes_without_duplicates(tiny_model, s
     before = {p.name: p.stat().st_mtime_ns for p in classes.glob("class-*.png")}
     assert 4 <= len(before) < 12, "kill did not land mid-generation"
     assert main(["train", "dreambooth-lora-prior-pre", *args, "resume_from_checkpoint=latest"]) == 0
-    after = sorted(p.name for p in classes.iterdir())
+    after = sorted(p.name for p in classes.iterdir() if p.name != PROVENANCE)
     assert after == [f"class-{i:05d}.png" for i in range(12)]  # no temp files, no duplicates
     assert all((classes / n).stat().st_mtime_ns == m for n, m in before.items())  # nothing regenerated
 

@@ -7,6 +7,7 @@ the set does not depend on the batch size. Files appear atomically (written to a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +20,24 @@ from .data import IMAGE_EXTS
 
 log = logging.getLogger("nanobooth")
 CLASS_NAME = re.compile(r"class-(\d{5})\.png$")
+PROVENANCE = ".nanobooth-class-images.json"
+
+
+class ClassImagesMismatch(ValueError):
+    pass
+
+
+def check_provenance(folder: Path, provenance: dict) -> None:
+    """Images generated for another class prompt or base model would silently preserve the wrong prior."""
+    meta = folder / PROVENANCE
+    if not meta.is_file():
+        return  # none generated here yet, or the user's own class photos: used as they are
+    old = json.loads(meta.read_text())
+    diff = [k for k in ("class_prompt", "model", "resolution") if old.get(k) != provenance.get(k)]
+    if diff:
+        k = diff[0]
+        raise ClassImagesMismatch(f"class_data_dir '{folder}' holds class images made with {k}={old.get(k)!r}, not "
+                                  f"{provenance.get(k)!r}: point class_data_dir elsewhere or empty that folder")
 
 
 def existing_class_images(folder: Path) -> list[Path]:
@@ -43,12 +62,17 @@ def missing_indices(folder: Path, num_class_images: int) -> list[int]:
 
 
 def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int, seed: int, batch_size: int,
-                          steps: int, resolution: int, guidance_scale: float = 7.5, sampler: str = "model") -> int:
-    """Top `folder` up to num_class_images; returns how many were generated."""
+                          steps: int, resolution: int, guidance_scale: float = 7.5, sampler: str = "model",
+                          provenance: dict | None = None) -> int:
+    """Top `folder` up to num_class_images; returns how many were generated. `provenance` (class prompt,
+    model, resolution) is checked against and recorded beside the images this function makes."""
+    provenance = {"class_prompt": prompt, "resolution": resolution, **(provenance or {})}
+    check_provenance(folder, provenance)
     folder.mkdir(parents=True, exist_ok=True)
     todo = missing_indices(folder, num_class_images)
     if not todo:
         return 0
+    (folder / PROVENANCE).write_text(json.dumps(provenance))
     if sampler == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 

@@ -25,7 +25,7 @@ from .generate import LORA_FILE, grid, render, save_png
 from .losses import dreambooth_loss, prediction_target
 from .family import cond_batch, cond_to
 from .models import apply_tome, load_components, lora_config, make_pipeline
-from .prior import generate_class_images
+from .prior import ClassImagesMismatch, check_provenance, generate_class_images
 
 log = logging.getLogger("nanobooth")
 
@@ -64,6 +64,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
             if diff:
                 raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
+    if cfg.with_prior_preservation:
+        class_dir = Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
+        try:
+            check_provenance(class_dir, {"class_prompt": cfg.class_prompt, "model": cfg.model, "resolution": cfg.resolution})
+        except ClassImagesMismatch as e:
+            raise ConfigError(str(e)) from None
     return run_dir, instance
 
 
@@ -144,7 +150,8 @@ def train(cfg: TrainConfig) -> Path:
             pipe = make_pipeline(c)
             with accelerator.autocast():
                 generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
-                                      cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler)
+                                      cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
+                                      provenance={"model": cfg.model})
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     lora = cfg.method == "lora"
