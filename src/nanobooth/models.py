@@ -126,7 +126,9 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
             raise ModelError(f"model '{model}' is a {name}; nanobooth trains StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)") from None
         cls = fam.pipeline_class_obj()
         common = {k: v for k, v in fam.pipeline_kwargs.items() if k != "feature_extractor"}
-        common.update({"dtype": torch_dtype} if torch_dtype else {})
+        # fp32 unless asked: weights saved in fp16 (the toy model, many hub "fp16" folders) would otherwise
+        # load as fp16, which CPUs run slowly or not at all and training must not use as master weights
+        common["dtype"] = torch_dtype or torch.float32
         if kind == "file":
             kwargs = dict(config=single_file_config) if single_file_config else {}
             pipe = cls.from_single_file(model, **kwargs, **common)

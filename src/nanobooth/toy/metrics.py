@@ -1,0 +1,121 @@
+"""Toy-world evaluation maths, after the DreamBooth paper's metrics.
+
+All similarities are cosines between the probe's L2-normalised penultimate
+features (`Probe.features`), the toy stand-in for the paper's DINO / CLIP-I
+embeddings. Everything here is a pure function of image lists and a probe.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanobooth.toy import world
+
+
+def _cross_cosine(a, b, probe) -> torch.Tensor:
+    fa, fb = probe.features(list(a)), probe.features(list(b))
+    return fa @ fb.T
+
+
+def subject_fidelity(generated, instance_images, probe) -> float:
+    """Mean cosine similarity over all (generated, instance) pairs: the paper's
+    DINO score. 1.0 iff every generation embeds exactly like every instance
+    image, so with varied instance poses the attainable maximum is the
+    instances' own mean pairwise similarity (see `self_similarity`)."""
+    if not generated or not instance_images:
+        raise ValueError("need at least one generated and one instance image")
+    return float(_cross_cosine(generated, instance_images, probe).mean())
+
+
+def self_similarity(images, probe) -> float:
+    """Mean cosine over distinct pairs of one set: the ceiling for subject_fidelity
+    against that set (e.g. the instance images among themselves)."""
+    return 1.0 - diversity(images, probe)
+
+
+def prior_drift(class_images, instance_images, probe) -> float:
+    """How much plain "a photo of a <class>" generations look like the subject
+    (the paper's PRES): mean cosine of class generations to instance images.
+    Lower is better; compare against the same number for the base model, since
+    a class image is never dissimilar to a subject of that class."""
+    return subject_fidelity(class_images, instance_images, probe)
+
+
+def diversity(images, probe) -> float:
+    """Mean pairwise (1 - cosine) over distinct pairs (the paper's DIV). 0 for
+    identical images; needs at least two images."""
+    images = list(images)
+    if len(images) < 2:
+        raise ValueError("diversity needs at least two images")
+    f = probe.features(images)
+    sim = f @ f.T
+    n = len(images)
+    off = sim[~torch.eye(n, dtype=torch.bool)]
+    return float((1.0 - off).mean().clamp_min(0.0))
+
+
+def prompt_fidelity(images, requested: list[dict], probe) -> float:
+    """Fraction of images whose probe predictions match every requested
+    attribute. Each dict may hold "scene", "colour" and "cls"; absent or None
+    keys are not judged (a sks subject has no single colour)."""
+    images = list(images)
+    if len(images) != len(requested):
+        raise ValueError("one request per image")
+    pred = probe.predict(images)
+    keys = {"scene": "scene", "colour": "colour", "cls": "class"}
+    ok = []
+    for i, req in enumerate(requested):
+        hit = True
+        for rk, pk in keys.items():
+            if req.get(rk) is not None and pred[pk][i] != req[rk]:
+                hit = False
+        ok.append(hit)
+    return float(np.mean(ok))
+
+
+def attribute_accuracy(images, truth: list[tuple[str, str, str]], probe) -> dict[str, float]:
+    """Per-attribute accuracy of the probe's reading against (cls, colour, scene)
+    triples, plus "all" (every attribute right at once)."""
+    pred = probe.predict(list(images))
+    c = np.array([pred["class"][i] == t[0] for i, t in enumerate(truth)])
+    k = np.array([pred["colour"][i] == t[1] for i, t in enumerate(truth)])
+    s = np.array([pred["scene"][i] == t[2] for i, t in enumerate(truth)])
+    return {"class": float(c.mean()), "colour": float(k.mean()), "scene": float(s.mean()), "all": float((c & k & s).mean())}
+
+
+def base_model_accuracy(pipeline_dir=None, n_captions: int = 40, seed: int = 0, probe=None,
+                        steps: int = 25, guidance_scale: float = 5.0, batch: int = 20,
+                        return_images: bool = False) -> dict:
+    """Generate one image per held-out caption (cycling through them) and
+    report probe accuracy per attribute. These (class, colour, scene) triples
+    were excluded from pretraining, so this measures composition.
+    `pipeline_dir` may also be a loaded StableDiffusionPipeline.
+    `guidance_scale` 5 was chosen on held-out captions; see toy_model.json."""
+    from diffusers import StableDiffusionPipeline
+
+    from nanobooth.toy.probe import load_probe
+
+    probe = probe or load_probe()
+    if isinstance(pipeline_dir, StableDiffusionPipeline):  # an in-memory pipeline, e.g. mid-pretraining
+        pipe = pipeline_dir
+    else:
+        path = Path(pipeline_dir) if pipeline_dir else Path(__file__).resolve().parents[1] / "assets" / "toy_model"
+        # fp16 kernels are slow or missing on CPU; the shipped weights are upcast
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    triples = sorted(world.HELD_OUT)
+    caps = world.held_out_captions()
+    idx = [i % len(caps) for i in range(n_captions)]
+    images = []
+    for b in range(0, n_captions, batch):
+        chunk = idx[b:b + batch]
+        g = torch.Generator().manual_seed(seed * 100_003 + b)
+        images += pipe([caps[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=g).images
+    acc = attribute_accuracy(images, [triples[i] for i in idx], probe)
+    acc.update(n=n_captions, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    if return_images:
+        acc["images"] = images
+    return acc

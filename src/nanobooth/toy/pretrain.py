@@ -1,0 +1,485 @@
+"""Pretrain the tiny Stable-Diffusion-format model of the toy world.
+
+    python -m nanobooth.toy.pretrain --out toy_pretrain --seed 0 --vae-steps 1400 --unet-steps 3000
+    python -m nanobooth.toy.pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
+
+Stage 1 trains an AutoencoderKL (downsampling 4: 64x64x3 -> 16x16x4); stage 2
+trains UNet2DConditionModel + CLIPTextModel jointly on cached latents.
+Re-running the same command resumes from the last checkpoint: every batch,
+noise draw and timestep is a function of (seed, step), so a resumed run sees
+exactly what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from nanobooth.toy import world
+
+log = logging.getLogger("nanobooth.toy.pretrain")
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+# ---------------------------------------------------------------- the models
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
+    )
+
+
+def make_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=128,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    return CLIPTextModel(cfg)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128, 192), layers_per_block=1, cross_attention_dim=128,
+        attention_head_dim=8, norm_num_groups=32,
+    )
+
+
+def make_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+
+# ------------------------------------------------------------------- the data
+def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
+    """Partial captions are part of the recipe: DreamBooth prompts such as
+    "a photo of a star" or "a photo of a sks star on the beach" omit
+    attributes, and empty captions (10%) give classifier-free guidance its
+    unconditional branch."""
+    u = rng.random()
+    if u < 0.10:
+        return ""
+    if u < 0.16:
+        return world.caption(spec, colour=False, scene=False)
+    if u < 0.28:
+        return world.caption(spec, colour=False)
+    if u < 0.40:
+        return world.caption(spec, scene=False)
+    return world.caption(spec)
+
+
+def load_or_render_data(out: Path, n: int, seed: int):
+    path = out / f"data_seed{seed}_n{n}.npy"
+    spec_path = path.with_suffix(".json")
+    if path.exists() and spec_path.exists():
+        specs = [world.Spec(**d) for d in json.loads(spec_path.read_text())]
+        return np.load(path, allow_pickle=False), specs
+    log.info("rendering %d training scenes", n)
+    t = time.time()
+    rng = np.random.default_rng([seed, 5])
+    specs = [world.sample_spec(rng) for _ in range(n)]
+    imgs = np.stack([np.asarray(world.render(s)) for s in tqdm(specs, desc="render", mininterval=10)])
+    np.save(path, imgs, allow_pickle=False)
+    spec_path.write_text(json.dumps([s.__dict__ for s in specs]))
+    log.info("rendered in %.0fs", time.time() - t)
+    return imgs, specs
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+# ------------------------------------------------------------- checkpointing
+def save_optimizer(opt: torch.optim.Optimizer, path: Path):
+    """Adam state as safetensors (tensors) + json (hyper-parameters), because
+    torch.save would pickle."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path):
+    tensors = load_file(str(path))
+    state: dict = {}
+    for k, v in tensors.items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(path.with_suffix(".json").read_text())})
+
+
+class EMA:
+    """Exponential moving average of parameters, kept as a flat name->tensor
+    dict so it saves with safetensors. (diffusers' EMAModel saves through
+    `model_cls.from_config`, which CLIPTextModel does not provide.)"""
+
+    def __init__(self, named: dict[str, torch.Tensor]):
+        self.shadow = {k: v.detach().clone() for k, v in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor], step: int, decay: float = 0.999):
+        d = min(decay, (1 + step) / (10 + step))  # warm-up so early steps are not frozen in
+        for k, v in named.items():
+            self.shadow[k].lerp_(v.detach(), 1 - d)
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # stages may run in parallel processes
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def _timings(out: Path) -> dict:
+    p = out / "timings.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _add_time(out: Path, key: str, seconds: float, extra: dict | None = None):
+    t = _timings(out)
+    t[key] = t.get(key, 0.0) + seconds
+    if extra:
+        t.update(extra)
+    _write_json(out / "timings.json", t)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+# ------------------------------------------------------------------ stage 1
+def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
+    from diffusers import AutoencoderKL
+
+    ck = out / "vae_ckpt"
+    final = out / "vae"
+    if (final / "config.json").exists():
+        log.info("stage 1 (VAE) already done")
+        return AutoencoderKL.from_pretrained(str(final))
+    torch.manual_seed(seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    step = 0
+    if (ck / "state.json").exists():
+        vae.load_state_dict(load_file(str(ck / "model.safetensors")))
+        load_optimizer(opt, ck / "optim.safetensors")
+        step = json.loads((ck / "state.json").read_text())["step"]
+        log.info("resuming VAE from step %d", step)
+    n = len(imgs)
+    t0 = last = time.time()
+    ema_loss = None
+    bar = tqdm(total=steps, initial=step, desc="vae", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 1, step])
+        x = to_tensor(imgs[rng.choice(n, batch, replace=False)])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, 1e-3)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
+        kl = post.kl().mean() / (16 * 16 * 4)
+        loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
+        if step % 50 == 0:
+            log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(), opt.param_groups[0]["lr"])
+        if time.time() - last > ckpt_s or step == steps:
+            ck.mkdir(parents=True, exist_ok=True)
+            save_file(vae.state_dict(), str(ck / "model.safetensors"))
+            save_optimizer(opt, ck / "optim.safetensors")
+            _write_json(ck / "state.json", {"step": step, "mse_ema": ema_loss})
+            _add_time(out, "vae_seconds", time.time() - t0)
+            t0 = last = time.time()
+    bar.close()
+    vae.eval()
+    # scaling_factor = 1/std of latents, measured on held-apart data
+    with torch.no_grad():
+        x = to_tensor(imgs[-512:])
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x).item()
+        sf = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=sf)
+    vae.save_pretrained(str(final))
+    _add_time(out, "vae_seconds", time.time() - t0, {"vae_recon_mse": mse, "vae_scaling_factor": sf, "vae_steps": steps})
+    log.info("VAE done: recon mse %.5f (images in [-1,1]), scaling_factor %.4f", mse, sf)
+    return vae
+
+
+def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
+    """Stage 1b: fine-tune the VAE decoder alone (SD's "ft-MSE" trick). The
+    encoder is frozen, so the latents stage 2 trains on are unchanged and this
+    stage may run before, during or after stage 2; it buys sharper subjects."""
+    from diffusers import AutoencoderKL
+
+    final, ck = out / "vae_dec", out / "vae_dec_ckpt"
+    if (final / "config.json").exists():
+        log.info("stage 1b (decoder) already done")
+        return
+    vae = AutoencoderKL.from_pretrained(str(out / "vae"))
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    step = 0
+    if (ck / "state.json").exists():
+        vae.load_state_dict(load_file(str(ck / "model.safetensors")))
+        load_optimizer(opt, ck / "optim.safetensors")
+        step = json.loads((ck / "state.json").read_text())["step"]
+        log.info("resuming decoder from step %d", step)
+    t0 = last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 3, step])
+        x = to_tensor(imgs[rng.choice(len(imgs) - 512, batch, replace=False)])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 3 + step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, 3e-4, warmup=20)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            log.info("decoder step %d/%d mse %.5f", step, steps, mse.item())
+        if time.time() - last > ckpt_s or step == steps:
+            ck.mkdir(parents=True, exist_ok=True)
+            save_file(vae.state_dict(), str(ck / "model.safetensors"))
+            save_optimizer(opt, ck / "optim.safetensors")
+            _write_json(ck / "state.json", {"step": step})
+            _add_time(out, "decoder_seconds", time.time() - t0)
+            t0 = last = time.time()
+    bar.close()
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(imgs[-512:])
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
+        mse = F.mse_loss(vae.decode(z).sample, x).item()
+    vae.save_pretrained(str(final))
+    _add_time(out, "decoder_seconds", time.time() - t0, {"decoder_recon_mse": mse, "decoder_steps": steps})
+    log.info("decoder done: recon mse %.5f", mse)
+
+
+# ------------------------------------------------------------------ stage 2
+def encode_latents(out: Path, vae, imgs: np.ndarray, n: int):
+    path = out / "latents.safetensors"
+    if path.exists():
+        d = load_file(str(path))
+        return d["mean"], d["std"]
+    log.info("encoding %d images to latents", n)
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, n, 256), desc="encode", mininterval=15):
+            post = vae.encode(to_tensor(imgs[i:i + 256])).latent_dist
+            means.append(post.mean.half())
+            stds.append(post.std.half())
+    mean, std = torch.cat(means), torch.cat(stds)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(path))
+    return mean, std
+
+
+def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    ck = out / "unet_ckpt"
+    mean, std = encode_latents(out, vae, imgs, len(imgs))
+    sf = vae.config.scaling_factor
+    tok = make_tokenizer()
+    torch.manual_seed(seed + 1)
+    unet, te = make_unet(), make_text_encoder()
+    noise_sched = DDPMScheduler(**SD_BETAS, prediction_type="epsilon")
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    step = 0
+    ema = None
+    if (ck / "state.json").exists():
+        unet.load_state_dict(load_file(str(ck / "unet.safetensors")))
+        te.load_state_dict(load_file(str(ck / "text_encoder.safetensors")))
+        load_optimizer(opt, ck / "optim.safetensors")
+        ema = EMA(load_file(str(ck / "ema.safetensors")))
+        step = json.loads((ck / "state.json").read_text())["step"]
+        log.info("resuming UNet/TE from step %d", step)
+    if step >= steps:
+        log.info("stage 2 already done (%d steps)", step)
+        return
+    def named():
+        d = {f"unet.{k}": v for k, v in unet.named_parameters()}
+        d.update({f"te.{k}": v for k, v in te.named_parameters()})
+        return d
+    if ema is None:
+        ema = EMA(named())
+    n = len(mean)
+    unet.train()
+    te.train()
+    t0 = last = time.time()
+    ema_loss = None
+    bar = tqdm(total=steps, initial=step, desc="unet", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 2, step])
+        idx = rng.choice(n, batch, replace=False)
+        caps = [training_caption(specs[i], rng) for i in idx]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + step)
+        it = torch.from_numpy(idx)
+        z = (mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g)) * sf
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, lr)
+        hid = te(ids)[0]
+        pred = unet(noise_sched.add_noise(z, noise, t), t, hid).sample
+        # min-SNR-5 weighting: same optimum, markedly faster convergence in short runs
+        snr = compute_snr(noise_sched, t)
+        w = torch.clamp(snr, max=5.0) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(named(), step)
+        step += 1
+        bar.update(1)
+        raw = F.mse_loss(pred.detach(), noise).item()
+        ema_loss = raw if ema_loss is None else 0.98 * ema_loss + 0.02 * raw
+        if step % 25 == 0:
+            log.info("unet step %d/%d eps-mse %.4f (ema %.4f) lr %.2e", step, steps, raw, ema_loss, opt.param_groups[0]["lr"])
+        if time.time() - last > ckpt_s or step == steps:
+            ck.mkdir(parents=True, exist_ok=True)
+            save_file(unet.state_dict(), str(ck / "unet.safetensors"))
+            save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(ck / "text_encoder.safetensors"))
+            save_file(ema.shadow, str(ck / "ema.safetensors"))
+            save_optimizer(opt, ck / "optim.safetensors")
+            _write_json(ck / "state.json", {"step": step, "loss_ema": ema_loss})
+            _add_time(out, "unet_seconds", time.time() - t0, {"unet_steps_done": step, "unet_loss_ema": ema_loss})
+            t0 = last = time.time()
+            log.info("checkpoint at step %d", step)
+    bar.close()
+
+
+# -------------------------------------------------------------------- export
+def build_pipeline(out: Path, use_ema: bool = True):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    vae_dir = out / "vae_dec" if (out / "vae_dec" / "config.json").exists() else out / "vae"
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    unet, te = make_unet(), make_text_encoder()
+    ck = out / "unet_ckpt"
+    if use_ema:
+        sh = load_file(str(ck / "ema.safetensors"))
+        ustate = {k[5:]: v for k, v in sh.items() if k.startswith("unet.")}
+        tstate = {k[3:]: v for k, v in sh.items() if k.startswith("te.")}
+        unet.load_state_dict(ustate, strict=False)  # EMA holds parameters only; buffers keep init
+        te.load_state_dict(tstate, strict=False)
+    else:
+        unet.load_state_dict(load_file(str(ck / "unet.safetensors")))
+        te.load_state_dict(load_file(str(ck / "text_encoder.safetensors")))
+    sched = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=te.eval(), tokenizer=make_tokenizer(), unet=unet.eval(), scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def export(out: Path, dest: Path, use_ema: bool = True):
+    pipe = build_pipeline(out, use_ema)
+    pipe.to(torch.float16)
+    if dest.exists():
+        shutil.rmtree(dest)
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+    # ship the tokenizer files verbatim (no re-serialised 3.6 MB tokenizer.json):
+    # CLIPTokenizer builds itself from vocab.json + merges.txt
+    shutil.rmtree(dest / "tokenizer")
+    shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
+    state = json.loads((out / "unet_ckpt" / "state.json").read_text())
+    (dest / "toy_model.json").write_text(json.dumps({
+        "unet_steps": state["step"], "ema": use_ema, "timings": _timings(out),
+        "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES},
+        "note": "fp16 weights; on CPU load with torch_dtype=torch.float32",
+    }, indent=2))
+    log.info("exported pipeline (unet step %d) to %s", state["step"], dest)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanobooth toy pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="toy_pretrain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-images", type=int, default=40000)
+    p.add_argument("--vae-steps", type=int, default=1400)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--export", default=None, help="write the pipeline (fp16 safetensors) here and exit")
+    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--decoder-steps", type=int, default=0, help="stage 1b: decoder-only fine-tuning steps")
+    p.add_argument("--stage", choices=["all", "decoder"], default="all",
+                   help="'decoder' runs only stage 1b (it can run alongside stage 2)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.export:
+        export(out, Path(a.export), use_ema=not a.no_ema)
+        return 0
+    _write_json(out / f"args_{a.stage}.json", vars(a))
+    t = time.time()
+    imgs, specs = load_or_render_data(out, a.n_images, a.seed)
+    _add_time(out, "render_seconds", time.time() - t) if not (out / "vae" / "config.json").exists() else None
+    vae = train_vae(out, imgs, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
+    vae.eval().requires_grad_(False)
+    if a.decoder_steps:
+        train_decoder(out, imgs, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
+    if a.stage == "decoder":
+        return 0
+    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr)
+    log.info("pretraining done: %s", json.dumps(_timings(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

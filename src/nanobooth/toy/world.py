@@ -1,0 +1,380 @@
+"""The toy world: procedural, seeded 64x64 scenes with exact captions.
+
+Everything is a pure function of a `Spec` (or a `Subject` plus a pose), so the
+ground truth of every image is known. That is what lets a tiny probe classifier
+judge generations, and what makes DreamBooth measurable offline.
+
+Objects are drawn analytically at 3x resolution in object-local coordinates
+and box-filtered down, which gives anti-aliased edges without any drawing
+library; backgrounds are drawn directly at 64x64 because they are smooth.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 64
+_SS = 3  # supersampling factor for object edges
+
+CLASSES = ["ball", "cube", "star", "ring", "cup"]
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white"]
+SCENES = ["on grass", "in the snow", "on the beach", "at night", "on a red rug"]
+
+# Saturated object colours; scene palettes below are deliberately muted or
+# darker so that e.g. a green ball stays separable from grass at 64x64.
+RGB = {
+    "red": (225, 30, 30),
+    "blue": (30, 75, 235),
+    "green": (40, 210, 60),
+    "yellow": (250, 225, 20),
+    "purple": (150, 45, 210),
+    "orange": (255, 140, 15),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "pink": (255, 120, 190),
+    "cyan": (30, 220, 230),
+}
+OUTLINE = np.array((20, 20, 20), np.float32)
+IDENTIFIER = "sks"
+
+
+@dataclass
+class Spec:
+    cls: str
+    colour: str
+    scene: str
+    size: float  # object radius in pixels
+    x: float  # centre, pixels
+    y: float
+    angle: float = 0.0  # radians
+    bg_seed: int = 0  # texture of the background
+
+
+def _held_out() -> frozenset:
+    """20 of the 175 (class, colour, scene) triples, never seen in pretraining.
+
+    Chosen so that every pair of attributes of a held-out triple still occurs
+    in training: generating them needs composition, not memorisation.
+    """
+    triples = [(c, k, s) for c in CLASSES for k in COLOURS for s in SCENES]
+    order = np.random.default_rng(1234).permutation(len(triples))
+    chosen: list = []
+    for i in order:
+        t = triples[i]
+        trial = set(chosen) | {t}
+        ok = all(
+            any(u not in trial and u[a] == t[a] and u[b] == t[b] for u in triples)
+            for a, b in ((0, 1), (0, 2), (1, 2))
+        )
+        if ok:
+            chosen.append(t)
+        if len(chosen) == 20:
+            break
+    return frozenset(chosen)
+
+
+HELD_OUT = _held_out()
+
+
+def is_held_out(spec: Spec) -> bool:
+    return (spec.cls, spec.colour, spec.scene) in HELD_OUT
+
+
+def held_out_captions() -> list[str]:
+    return [f"a photo of a {k} {c} {s}" for c, k, s in sorted(HELD_OUT)]
+
+
+def caption(spec: Spec, colour: bool = True, scene: bool = True, identifier: str | None = None) -> str:
+    words = ["a photo of a"]
+    if identifier:
+        words.append(identifier)
+    if colour:
+        words.append(spec.colour)
+    words.append(spec.cls)
+    if scene:
+        words.append(spec.scene)
+    return " ".join(words)
+
+
+def sample_spec(rng: np.random.Generator, allow_held_out: bool = False) -> Spec:
+    while True:
+        cls = CLASSES[rng.integers(len(CLASSES))]
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        scene = SCENES[rng.integers(len(SCENES))]
+        if allow_held_out or (cls, colour, scene) not in HELD_OUT:
+            break
+    size = float(rng.uniform(10, 18))
+    m = size + 2
+    return Spec(
+        cls, colour, scene, size,
+        float(rng.uniform(m, SIZE - m)), float(rng.uniform(m, SIZE - m)),
+        float(rng.uniform(0, 2 * np.pi)), int(rng.integers(2**31)),
+    )
+
+
+# ----------------------------------------------------------------- backgrounds
+def background(scene: str | None, seed: int = 0) -> np.ndarray:
+    """HxWx3 float32 in [0, 255]. scene=None is a plain light studio backdrop."""
+    rng = np.random.default_rng(seed)
+    H = SIZE
+    yy = np.arange(H, dtype=np.float32)[:, None, None] * np.ones((1, H, 1), np.float32)
+    img = np.zeros((H, H, 3), np.float32)
+
+    def noise(amp):
+        return rng.normal(0, amp, (H, H, 1)).astype(np.float32)
+
+    if scene is None:
+        shade = rng.uniform(190, 225)
+        tint = rng.uniform(-8, 8, 3)
+        img[:] = shade + tint - 0.4 * (yy - H / 2)
+    elif scene == "on grass":
+        h = int(rng.integers(14, 24))
+        img[:] = (150, 200, 240)
+        ground = np.array((60, 135, 45), np.float32) + noise(10)
+        # dark vertical blades give grass a texture no object colour has
+        blades = (rng.random((H, H)) < 0.12)[..., None] * np.array((-25, -35, -15), np.float32)
+        ground = ground + blades
+        img[h:] = ground[h:]
+    elif scene == "in the snow":
+        h = int(rng.integers(14, 24))
+        img[:] = np.array((165, 175, 195), np.float32) + 0.6 * yy
+        ground = np.array((232, 238, 248), np.float32) + noise(4)
+        for _ in range(4):  # soft blue shadows of drifts
+            cx, cy, r = rng.uniform(0, H), rng.uniform(h, H), rng.uniform(5, 12)
+            d = (np.arange(H)[None, :] - cx) ** 2 + (np.arange(H)[:, None] - cy) ** 2
+            ground -= (d < r * r)[..., None] * np.array((25, 18, 5), np.float32)
+        img[h:] = ground[h:]
+    elif scene == "on the beach":
+        h1 = int(rng.integers(10, 18))
+        h2 = h1 + int(rng.integers(6, 11))
+        img[:] = (140, 205, 250)
+        img[h1:h2] = np.array((25, 95, 170), np.float32) + noise(6)[h1:h2]
+        img[h2:] = np.array((222, 198, 145), np.float32) + noise(7)[h2:]
+    elif scene == "at night":
+        img[:] = np.array((10, 12, 38), np.float32) + 0.3 * yy
+        stars = rng.random((H, H)) < 0.02
+        img[stars] = (235, 235, 205)
+    elif scene == "on a red rug":
+        img[:] = np.array((125, 20, 35), np.float32) + noise(5)
+        p = int(rng.integers(9, 14))
+        u = np.arange(H)[None, :] + rng.integers(p)
+        v = np.arange(H)[:, None] + rng.integers(p)
+        lattice = ((u + v) % p < 1.5) | ((u - v) % p < 1.5)  # gold diamond weave
+        img[lattice] = (200, 160, 60)
+        border = np.zeros((H, H), bool)
+        border[:3] = border[-3:] = True
+        border[:, :3] = border[:, -3:] = True
+        img[border] = (60, 10, 20)
+    else:
+        raise ValueError(f"unknown scene {scene!r}")
+    return np.clip(img, 0, 255)
+
+
+# --------------------------------------------------------------------- objects
+def _local(cx, cy, r, angle):
+    n = SIZE * _SS
+    g = (np.arange(n, dtype=np.float32) + 0.5) / _SS
+    u, v = np.meshgrid(g - cx, g - cy)
+    c, s = np.cos(angle), np.sin(angle)
+    return (c * u + s * v) / r, (-s * u + c * v) / r
+
+
+def _shape(cls: str, lx, ly):
+    """Returns (mask, shade): shade is a multiplicative lighting term that gives
+    3D cues (cube faces, cup rim) so classes differ by more than silhouette."""
+    shade = np.ones_like(lx)
+    d2 = lx * lx + ly * ly
+    if cls == "ball":
+        mask = d2 < 1
+        shade = 1.08 - 0.25 * np.clip(np.sqrt((lx + 0.35) ** 2 + (ly + 0.35) ** 2), 0, 1.4)
+    elif cls == "ring":
+        mask = (d2 < 1) & (d2 > 0.5**2)
+    elif cls == "star":
+        th = np.arctan2(ly, lx) + np.pi / 2
+        phi = np.abs(np.mod(th, 2 * np.pi / 5) - np.pi / 5)  # fold onto one spike
+        d = np.sqrt(d2)
+        px, py = d * np.cos(np.pi / 5 - phi), d * np.sin(np.pi / 5 - phi)
+        ix, iy = 0.45 * np.cos(np.pi / 5), 0.45 * np.sin(np.pi / 5)
+        # inside iff on the origin's side of the edge (1,0)-(ix,iy)
+        mask = (px - 1) * (iy - 0) - (py - 0) * (ix - 1) <= 0
+        mask |= d < 0.45
+    elif cls == "cube":
+        front = (lx > -0.8) & (lx < 0.45) & (ly > -0.45) & (ly < 0.8)
+        top = (ly <= -0.45) & (ly > -0.8) & (lx > -0.8 + (-0.45 - ly)) & (lx < 0.45 + (-0.45 - ly))
+        side = (lx >= 0.45) & (lx < 0.8) & (ly < 0.8 - (lx - 0.45)) & (ly > -0.45 - (lx - 0.45))
+        mask = front | top | side
+        shade = np.where(top, 1.25, np.where(side, 0.65, 1.0))
+    elif cls == "cup":
+        bx = lx + 0.2
+        half = 0.5 + 0.2 * (0.8 - ly) / 1.5  # widens towards the rim
+        body = (ly > -0.7) & (ly < 0.8) & (np.abs(bx) < half)
+        hd2 = (lx - 0.45) ** 2 + ly**2
+        handle = (hd2 < 0.42**2) & (hd2 > 0.22**2) & (lx > 0.4)
+        rim = (bx / 0.7) ** 2 + ((ly + 0.7) / 0.16) ** 2 < 1
+        mask = body | handle | rim
+        shade = np.where(rim & ~body, 1.2, np.where(rim, 0.45, 1.0))
+    else:
+        raise ValueError(f"unknown class {cls!r}")
+    return mask, shade
+
+
+def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
+    out = mask.copy()
+    for dy in range(-k, k + 1):
+        for dx in range(-k, k + 1):
+            if dx * dx + dy * dy <= k * k:
+                out |= np.roll(np.roll(mask, dy, 0), dx, 1)
+    return out
+
+
+def _down(a: np.ndarray) -> np.ndarray:
+    n = SIZE
+    return a.reshape(n, _SS, n, _SS, *a.shape[2:]).mean(axis=(1, 3))
+
+
+def _composite(bg: np.ndarray, cls, cx, cy, r, angle, paint) -> Image.Image:
+    """paint(lx, ly) -> HxWx3 float colours in object-local coordinates."""
+    lx, ly = _local(cx, cy, r, angle)
+    mask, shade = _shape(cls, lx, ly)
+    outline = _dilate(mask, _SS) & ~mask
+    col = paint(lx, ly) * shade[..., None]
+    layer = np.where(mask[..., None], col, OUTLINE)
+    alpha = (mask | outline).astype(np.float32)
+    a = _down(alpha)[..., None]
+    c = _down(layer * alpha[..., None])
+    out = c + (1 - a) * bg
+    return Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8))
+
+
+def render(spec: Spec) -> Image.Image:
+    rgb = np.array(RGB[spec.colour], np.float32)
+    return _composite(
+        background(spec.scene, spec.bg_seed), spec.cls, spec.x, spec.y, spec.size, spec.angle,
+        lambda lx, ly: np.broadcast_to(rgb, lx.shape + (3,)),
+    )
+
+
+# -------------------------------------------------------------------- subjects
+PATTERNS = ["checker", "stripes", "dots", "halves"]
+MARKS = ["eye", "cross", "spot"]
+
+
+@dataclass
+class Subject:
+    """A specific instance: no caption of the base world describes it, since
+    base objects are always a single flat colour with no mark."""
+
+    seed: int
+    cls: str
+    colour1: str
+    colour2: str
+    pattern: str
+    scale: float  # pattern cells per object radius
+    mark: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def class_noun(self) -> str:
+        return self.cls
+
+
+def make_subject(seed: int) -> Subject:
+    rng = np.random.default_rng([seed, 77])
+    cls = CLASSES[rng.integers(len(CLASSES))]
+    c1, c2 = rng.choice(len(RGB) - 1, 2, replace=False)  # any colour but the last
+    names = [k for k in RGB if k != "black"]
+    return Subject(
+        seed, cls, names[c1], names[c2], PATTERNS[rng.integers(len(PATTERNS))],
+        float(rng.uniform(1.5, 3.0)), MARKS[rng.integers(len(MARKS))],
+    )
+
+
+def _mark_centre(cls: str):
+    return {"ring": (0.0, -0.75), "cup": (-0.2, 0.1), "cube": (-0.18, 0.18)}.get(cls, (0.0, 0.0))
+
+
+def _subject_paint(s: Subject):
+    c1 = np.array(RGB[s.colour1], np.float32)
+    c2 = np.array(RGB[s.colour2], np.float32)
+    mx, my = _mark_centre(s.cls)
+    mr = 0.2 if s.cls == "ring" else 0.3
+
+    def paint(lx, ly):
+        k = s.scale
+        if s.pattern == "checker":
+            sel = (np.floor(lx * k) + np.floor(ly * k)) % 2 == 0
+        elif s.pattern == "stripes":
+            sel = np.floor(ly * k) % 2 == 0
+        elif s.pattern == "dots":
+            sel = ((np.mod(lx * k, 1) - 0.5) ** 2 + (np.mod(ly * k, 1) - 0.5) ** 2) > 0.09
+        else:
+            sel = lx < 0
+        col = np.where(sel[..., None], c1, c2)
+        dx, dy = lx - mx, ly - my
+        d2 = dx * dx + dy * dy
+        black, white = np.array(RGB["black"], np.float32), np.array(RGB["white"], np.float32)
+        if s.mark == "eye":
+            col = np.where((d2 < mr**2)[..., None], white, col)
+            col = np.where((d2 < (0.45 * mr) ** 2)[..., None], black, col)
+        elif s.mark == "cross":
+            bar = ((np.abs(dx - dy) < 0.1) | (np.abs(dx + dy) < 0.1)) & (d2 < mr**2)
+            col = np.where(bar[..., None], black, col)
+        else:
+            col = np.where((d2 < (0.8 * mr) ** 2)[..., None], black, col)
+        return col
+
+    return paint
+
+
+def subject_pose(rng: np.random.Generator, scene: str | None = None) -> dict:
+    size = float(rng.uniform(15, 21))
+    m = size + 2
+    return {
+        "size": size, "x": float(rng.uniform(m, SIZE - m)), "y": float(rng.uniform(m, SIZE - m)),
+        "angle": float(rng.uniform(-0.6, 0.6)), "bg_seed": int(rng.integers(2**31)),
+    }
+
+
+def render_subject(subject: Subject, pose: int | np.random.Generator = 0, scene: str | None = None) -> Image.Image:
+    """pose: an index (deterministic for this subject) or an rng. Rotation is
+    kept within +-35 degrees so the mark stays recognisably placed."""
+    rng = pose if isinstance(pose, np.random.Generator) else np.random.default_rng([subject.seed, 91, int(pose)])
+    p = subject_pose(rng, scene)
+    return _composite(
+        background(scene, p["bg_seed"]), subject.cls, p["x"], p["y"], p["size"], p["angle"],
+        _subject_paint(subject),
+    )
+
+
+def subject_caption(subject: Subject, scene: str | None = None, identifier: str = IDENTIFIER) -> str:
+    return f"a photo of a {identifier} {subject.cls}" + (f" {scene}" if scene else "")
+
+
+def write_subject(seed: int, out_dir, n_images: int = 5) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = make_subject(seed)
+    for i in range(n_images):
+        render_subject(s, i).save(out / f"{i:02d}.png")
+    meta = {
+        "seed": seed,
+        "class_noun": s.cls,
+        "identifier": IDENTIFIER,
+        "instance_prompt": subject_caption(s),
+        "class_prompt": f"a photo of a {s.cls}",
+        "subject": asdict(s),
+        "n_images": n_images,
+    }
+    (out / "subject.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def render_batch(n: int, seed: int) -> tuple[np.ndarray, list[Spec]]:
+    """n training scenes (held-out triples excluded) as uint8 NxHxWx3."""
+    rng = np.random.default_rng([seed, 5])
+    specs = [sample_spec(rng) for _ in range(n)]
+    return np.stack([np.asarray(render(s)) for s in specs]), specs

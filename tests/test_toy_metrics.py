@@ -1,0 +1,114 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nanobooth.toy import metrics, world
+
+ASSETS = Path(world.__file__).resolve().parents[1] / "assets"
+
+
+class ColourProbe:
+    """Features = L2-normalised mean (r, g, b) of the image, so cosines are known
+    in closed form; predictions are looked up by image identity."""
+
+    def __init__(self, preds=None):
+        self.preds = preds or {}
+
+    def features(self, images):
+        f = torch.tensor(np.stack([np.asarray(im, np.float32).reshape(-1, 3).mean(0) for im in images]))
+        return F.normalize(f, dim=1)
+
+    def predict(self, images):
+        keys = ("class", "colour", "scene")
+        return {k: [self.preds[id(im)][k] for im in images] for k in keys}
+
+
+def solid(rgb):
+    return Image.new("RGB", (64, 64), rgb)
+
+
+def test_identical_images_give_full_fidelity_and_no_diversity():
+    p = ColourProbe()
+    imgs = [solid((200, 10, 10))] * 4
+    assert metrics.subject_fidelity(imgs, imgs, p) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.diversity(imgs, p) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.self_similarity(imgs, p) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_orthogonal_features():
+    p = ColourProbe()
+    red, green, blue = solid((255, 0, 0)), solid((0, 255, 0)), solid((0, 0, 255))
+    assert metrics.subject_fidelity([red], [green, blue], p) == pytest.approx(0.0, abs=1e-6)
+    # three mutually orthogonal images: every pair contributes 1 - 0
+    assert metrics.diversity([red, green, blue], p) == pytest.approx(1.0, abs=1e-6)
+    # half the generations match the subject exactly, half are orthogonal
+    assert metrics.subject_fidelity([red, green], [red], p) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_known_angle_and_prior_drift():
+    p = ColourProbe()
+    a, b = solid((255, 0, 0)), solid((255, 255, 0))  # 45 degrees apart
+    assert metrics.subject_fidelity([a], [b], p) == pytest.approx(math.cos(math.pi / 4), abs=1e-5)
+    assert metrics.diversity([a, b], p) == pytest.approx(1 - math.cos(math.pi / 4), abs=1e-5)
+    # drift is the same similarity read on class-prompt images: a copy of the subject drifts more
+    subject = [a]
+    assert metrics.prior_drift([a], subject, p) > metrics.prior_drift([b], subject, p)
+
+
+def test_input_validation():
+    p = ColourProbe()
+    with pytest.raises(ValueError):
+        metrics.diversity([solid((1, 2, 3))], p)
+    with pytest.raises(ValueError):
+        metrics.subject_fidelity([], [solid((1, 2, 3))], p)
+    with pytest.raises(ValueError):
+        metrics.prompt_fidelity([solid((1, 2, 3))], [], p)
+
+
+def test_prompt_fidelity_and_attribute_accuracy():
+    imgs = [solid((i, i, i)) for i in range(4)]
+    truth = [("ball", "red", "on grass"), ("cube", "blue", "at night"), ("star", "green", "in the snow"),
+             ("cup", "white", "on the beach")]
+    pred = [("ball", "red", "on grass"), ("cube", "red", "at night"), ("star", "green", "on grass"),
+            ("ring", "white", "on the beach")]
+    p = ColourProbe({id(im): dict(zip(("class", "colour", "scene"), t)) for im, t in zip(imgs, pred)})
+    req = [dict(colour=c, scene=s) for _, c, s in truth]
+    # image 1 has the wrong colour, image 2 the wrong scene
+    assert metrics.prompt_fidelity(imgs, req, p) == 0.5
+    # scene only: just image 2 fails
+    assert metrics.prompt_fidelity(imgs, [dict(scene=s) for _, _, s in truth], p) == 0.75
+    assert metrics.prompt_fidelity(imgs, [dict(scene=s, colour=None) for _, _, s in truth], p) == 0.75
+    # class requested as well: image 3 now fails too
+    assert metrics.prompt_fidelity(imgs, [dict(cls=c, colour=k, scene=s) for c, k, s in truth], p) == 0.25
+    acc = metrics.attribute_accuracy(imgs, truth, p)
+    assert acc == {"class": 0.75, "colour": 0.75, "scene": 0.75, "all": 0.25}
+
+
+@pytest.mark.skipif(not (ASSETS / "toy_probe" / "config.json").exists(), reason="probe not shipped yet")
+def test_shipped_probe_tells_subjects_apart():
+    from nanobooth.toy.probe import load_probe
+
+    probe = load_probe()
+    s0 = world.make_subject(0)
+    s1 = next(s for s in map(world.make_subject, range(1, 50)) if s.cls == s0.cls)
+    inst = [world.render_subject(s0, i) for i in range(5)]
+    same = [world.render_subject(s0, i) for i in range(10, 16)]
+    other = [world.render_subject(s1, i) for i in range(10, 16)]
+    plain = [world.render(world.Spec(s0.cls, c, "on grass", 16, 32, 32, bg_seed=i)) for i, c in enumerate(world.COLOURS)]
+    f_same = metrics.subject_fidelity(same, inst, probe)
+    assert f_same > metrics.subject_fidelity(other, inst, probe) + 0.05
+    assert f_same > metrics.prior_drift(plain, inst, probe) + 0.05
+    assert metrics.diversity(plain, probe) > metrics.diversity(same, probe)
+
+
+@pytest.mark.skipif(not (ASSETS / "toy_model" / "model_index.json").exists(), reason="model not shipped yet")
+def test_base_model_accuracy_runs_on_shipped_model():
+    res = metrics.base_model_accuracy(n_captions=2, seed=0, steps=2, return_images=True)
+    assert set(res) >= {"class", "colour", "scene", "all", "images"}
+    assert len(res["images"]) == 2 and res["images"][0].size == (64, 64)
+    assert all(0.0 <= res[k] <= 1.0 for k in ("class", "colour", "scene"))

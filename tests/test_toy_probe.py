@@ -1,0 +1,63 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanobooth.toy import probe as probe_mod
+from nanobooth.toy import world
+from nanobooth.toy.probe import DEFAULT_PATH, ProbeNet, label_space, load_probe
+
+shipped = pytest.mark.skipif(not (DEFAULT_PATH / "config.json").exists(), reason="probe not shipped yet")
+
+
+def test_dataset_labels_match_the_world():
+    imgs, tg = probe_mod.make_dataset(40, seed=3, held_out_only=True, degrade=False)
+    L = label_space()
+    triples = sorted(world.HELD_OUT)
+    for i in range(40):
+        c, k, s = triples[i % len(triples)]
+        assert (L["class"][tg["class"][i]], L["colour"][tg["colour"][i]], L["scene"][tg["scene"][i]]) == (c, k, s)
+    assert tg["palette"].sum(1).eq(1).all()  # plain objects have exactly one colour
+    _, mixed = probe_mod.make_dataset(60, seed=4, subject_frac=1.0)
+    assert mixed["colour"].eq(-1).all() and mixed["palette"].sum(1).eq(2).all()
+    assert mixed["pattern"].gt(0).all() and mixed["mark"].gt(0).all()
+
+
+def test_save_load_roundtrip(tmp_path):
+    L = label_space()
+    net = ProbeNet(L, width=8, dim=16).eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"labels": L, "width": 8, "dim": 16}))
+    p = load_probe(tmp_path)
+    imgs = [world.render(world.sample_spec(np.random.default_rng(i))) for i in range(3)]
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(net.embed(probe_mod.to_batch(imgs)), dim=1)
+    f = p.features(imgs)
+    assert f.shape == (3, 16) and torch.allclose(f, ref, atol=1e-5)
+    assert torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
+    pred = p.predict(imgs)
+    assert set(pred) == set(L) and all(len(v) == 3 for v in pred.values())
+    assert all(x in L["scene"] for x in pred["scene"])
+
+
+@shipped
+def test_shipped_probe_reads_held_out_renders():
+    p = load_probe()
+    imgs, tg = probe_mod.make_dataset(60, seed=11, held_out_only=True, degrade=False)
+    acc = probe_mod.accuracy(p, imgs, tg)
+    for k in ("class", "colour", "scene"):
+        assert acc[k] >= 0.95, acc
+
+
+@shipped
+def test_shipped_probe_reads_subjects():
+    p = load_probe()
+    # ring marks sit on the thin band and are ~3 px wide: too small to read reliably at 64x64
+    s = next(s for s in map(world.make_subject, range(123, 200)) if s.cls != "ring")
+    imgs = [world.render_subject(s, i, sc) for i, sc in enumerate([None, None, "on the beach", "at night"])]
+    pred = p.predict(imgs)
+    assert pred["class"].count(s.cls) >= 3
+    assert pred["scene"][0] == probe_mod.PLAIN and pred["scene"][2] == "on the beach" and pred["scene"][3] == "at night"
+    assert pred["mark"].count(s.mark) >= 3

@@ -1,0 +1,99 @@
+import json
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from nanobooth.toy import world
+from nanobooth.toy.world import CLASSES, COLOURS, HELD_OUT, SCENES, Spec
+
+
+def test_sample_and_render_are_deterministic():
+    a = world.sample_spec(np.random.default_rng(3))
+    b = world.sample_spec(np.random.default_rng(3))
+    assert a == b
+    ia, ib = np.asarray(world.render(a)), np.asarray(world.render(b))
+    assert ia.shape == (64, 64, 3) and ia.dtype == np.uint8
+    assert np.array_equal(ia, ib)
+    c = world.sample_spec(np.random.default_rng(4))
+    assert not np.array_equal(ia, np.asarray(world.render(c)))
+
+
+def test_caption_style():
+    s = Spec("star", "blue", "on the beach", 12, 32, 32)
+    assert world.caption(s) == "a photo of a blue star on the beach"
+    assert world.caption(s, colour=False, scene=False) == "a photo of a star"
+    assert world.caption(s, colour=False, identifier="sks") == "a photo of a sks star on the beach"
+
+
+def test_held_out_is_excluded_but_composable():
+    assert len(HELD_OUT) == 20
+    rng = np.random.default_rng(0)
+    seen = {(s.cls, s.colour, s.scene) for s in (world.sample_spec(rng) for _ in range(3000))}
+    assert not seen & HELD_OUT
+    assert world.is_held_out(Spec(*sorted(HELD_OUT)[0], 12, 32, 32))
+    # every attribute pair of a held-out triple still occurs in training
+    train = {(c, k, s) for c in CLASSES for k in COLOURS for s in SCENES} - HELD_OUT
+    for t in HELD_OUT:
+        for a, b in combinations(range(3), 2):
+            assert any(u[a] == t[a] and u[b] == t[b] for u in train)
+    caps = world.held_out_captions()
+    assert caps == world.held_out_captions() and len(caps) == 20
+    assert all(c.startswith("a photo of a ") for c in caps)
+
+
+def test_scene_backgrounds_are_distinct():
+    means = {s: world.background(s, 0).reshape(-1, 3).mean(0) for s in SCENES}
+    for a, b in combinations(SCENES, 2):
+        assert np.abs(means[a] - means[b]).sum() > 40, (a, b)
+    with pytest.raises(ValueError):
+        world.background("on the moon")
+
+
+@pytest.mark.parametrize("colour", COLOURS)
+def test_object_shows_its_colour(colour):
+    img = np.asarray(world.render(Spec("star", colour, "at night", 16, 32, 32))).astype(int)
+    assert np.abs(img[32, 32] - np.array(world.RGB[colour])).max() <= 2
+    # a ring has a hole: the background shows through at its centre
+    ring = np.asarray(world.render(Spec("ring", colour, "at night", 16, 32, 32))).astype(int)
+    assert np.abs(ring[32, 32] - np.array(world.RGB[colour])).max() > 60
+
+
+def test_classes_have_different_silhouettes():
+    masks = []
+    for c in CLASSES:
+        img = np.asarray(world.render(Spec(c, "white", "at night", 16, 32, 32, angle=0.3, bg_seed=1)))
+        masks.append(img.mean(2) > 120)
+    for a, b in combinations(range(len(CLASSES)), 2):
+        assert (masks[a] ^ masks[b]).sum() > 40, (CLASSES[a], CLASSES[b])
+
+
+def test_subjects_are_seeded_and_distinct():
+    s = world.make_subject(5)
+    assert s == world.make_subject(5)
+    assert s.colour1 != s.colour2 and s.cls in CLASSES
+    subs = {(t.cls, t.colour1, t.colour2, t.pattern, t.mark) for t in map(world.make_subject, range(20))}
+    assert len(subs) >= 15
+    a0, a0b, a1 = (np.asarray(world.render_subject(s, i)) for i in (0, 0, 1))
+    assert np.array_equal(a0, a0b) and not np.array_equal(a0, a1)
+    in_snow = np.asarray(world.render_subject(s, 0, "in the snow"))
+    assert not np.array_equal(a0, in_snow)
+
+
+def test_subject_is_not_a_plain_world_object():
+    # two colours: a base-world object of the same class is one flat colour
+    s = world.make_subject(0)
+    img = np.asarray(world.render_subject(s, 0)).reshape(-1, 3).astype(int)
+    near = lambda c: (np.abs(img - np.array(world.RGB[c])).max(1) < 25).sum()  # noqa: E731
+    assert near(s.colour1) > 20 and near(s.colour2) > 20
+
+
+def test_write_subject(tmp_path):
+    out = world.write_subject(7, tmp_path / "subj", n_images=5)
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:02d}.png" for i in range(5)]
+    meta = json.loads((out / "subject.json").read_text())
+    cls = world.make_subject(7).cls
+    assert meta["seed"] == 7 and meta["class_noun"] == cls and meta["identifier"] == "sks"
+    assert meta["instance_prompt"] == f"a photo of a sks {cls}"
+    assert meta["class_prompt"] == f"a photo of a {cls}"
+    assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
