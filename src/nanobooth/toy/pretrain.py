@@ -168,6 +168,21 @@ def _add_time(out: Path, key: str, seconds: float, extra: dict | None = None):
     _write_json(out / "timings.json", t)
 
 
+def _save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:
+    ck.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), str(ck / "model.safetensors"))
+    save_optimizer(opt, ck / "optim.safetensors")
+    _write_json(ck / "state.json", state)
+
+
+def _held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
+    """Latents of the last 512 images (never sampled for training batches) and their reconstruction MSE."""
+    with torch.no_grad():
+        x = to_tensor(imgs[-512:])
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
+        return z, F.mse_loss(vae.decode(z).sample, x).item()
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -219,21 +234,14 @@ def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ck
         if step % 50 == 0:
             log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(), opt.param_groups[0]["lr"])
         if time.time() - last > ckpt_s or step == steps:
-            ck.mkdir(parents=True, exist_ok=True)
-            save_file(vae.state_dict(), str(ck / "model.safetensors"))
-            save_optimizer(opt, ck / "optim.safetensors")
-            _write_json(ck / "state.json", {"step": step, "mse_ema": ema_loss})
+            _save_vae_ckpt(ck, vae, opt, {"step": step, "mse_ema": ema_loss})
             _add_time(out, "vae_seconds", time.time() - t0)
             t0 = last = time.time()
     bar.close()
     vae.eval()
     # scaling_factor = 1/std of latents, measured on held-apart data
-    with torch.no_grad():
-        x = to_tensor(imgs[-512:])
-        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x).item()
-        sf = float(1.0 / z.std())
+    z, mse = _held_apart_recon(vae, imgs, seed)
+    sf = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=sf)
     vae.save_pretrained(str(final))
     _add_time(out, "vae_seconds", time.time() - t0, {"vae_recon_mse": mse, "vae_scaling_factor": sf, "vae_steps": steps})
@@ -284,18 +292,12 @@ def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int
         if step % 50 == 0:
             log.info("decoder step %d/%d mse %.5f", step, steps, mse.item())
         if time.time() - last > ckpt_s or step == steps:
-            ck.mkdir(parents=True, exist_ok=True)
-            save_file(vae.state_dict(), str(ck / "model.safetensors"))
-            save_optimizer(opt, ck / "optim.safetensors")
-            _write_json(ck / "state.json", {"step": step})
+            _save_vae_ckpt(ck, vae, opt, {"step": step})
             _add_time(out, "decoder_seconds", time.time() - t0)
             t0 = last = time.time()
     bar.close()
     vae.eval()
-    with torch.no_grad():
-        x = to_tensor(imgs[-512:])
-        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
-        mse = F.mse_loss(vae.decode(z).sample, x).item()
+    _, mse = _held_apart_recon(vae, imgs, seed)
     vae.save_pretrained(str(final))
     _add_time(out, "decoder_seconds", time.time() - t0, {"decoder_recon_mse": mse, "decoder_steps": steps})
     log.info("decoder done: recon mse %.5f", mse)
