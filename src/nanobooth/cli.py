@@ -64,6 +64,8 @@ def cmd_config(args) -> None:
 
 
 def cmd_demo(args) -> None:
+    # everything the demo touches ships in the package: never wait on a hub behind a firewall
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import demo
 
     demo(args.out, args.steps)
