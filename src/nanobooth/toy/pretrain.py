@@ -175,6 +175,17 @@ def _save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:
     _write_json(ck / "state.json", state)
 
 
+def _load_vae_ckpt(ck: Path, vae, opt, what: str) -> int:
+    """Restore a stage's checkpoint written by _save_vae_ckpt; returns the step to continue from (0: none)."""
+    if not (ck / "state.json").exists():
+        return 0
+    vae.load_state_dict(load_file(str(ck / "model.safetensors")))
+    load_optimizer(opt, ck / "optim.safetensors")
+    step = json.loads((ck / "state.json").read_text())["step"]
+    log.info("resuming %s from step %d", what, step)
+    return step
+
+
 def _held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
     """Latents of the last 512 images (never sampled for training batches) and their reconstruction MSE."""
     with torch.no_grad():
@@ -202,12 +213,7 @@ def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ck
     torch.manual_seed(seed)
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    step = 0
-    if (ck / "state.json").exists():
-        vae.load_state_dict(load_file(str(ck / "model.safetensors")))
-        load_optimizer(opt, ck / "optim.safetensors")
-        step = json.loads((ck / "state.json").read_text())["step"]
-        log.info("resuming VAE from step %d", step)
+    step = _load_vae_ckpt(ck, vae, opt, "VAE")
     n = len(imgs)
     t0 = last = time.time()
     ema_loss = None
@@ -264,12 +270,7 @@ def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int
     vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=3e-4)
-    step = 0
-    if (ck / "state.json").exists():
-        vae.load_state_dict(load_file(str(ck / "model.safetensors")))
-        load_optimizer(opt, ck / "optim.safetensors")
-        step = json.loads((ck / "state.json").read_text())["step"]
-        log.info("resuming decoder from step %d", step)
+    step = _load_vae_ckpt(ck, vae, opt, "decoder")
     t0 = last = time.time()
     bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=15)
     while step < steps:
