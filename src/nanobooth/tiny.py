@@ -48,12 +48,17 @@ def tiny_components(seed: int = 0, sample_size: int = 16, cross_attention_dim: i
 
 
 def build_tiny_pipeline(path: Path, seed: int = 0, **kwargs) -> Path:
-    """Write the tiny pipeline to `path` atomically (a concurrent or killed build never leaves half a folder)."""
+    """Write the tiny pipeline to `path` atomically."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     pipe = StableDiffusionPipeline(**tiny_components(seed, **kwargs), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    return _save_atomic(pipe, path)
+
+
+def _save_atomic(pipe, path: Path) -> Path:
+    """Save into a temp folder beside `path`, then rename: a concurrent or killed build never leaves half a folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     pipe.save_pretrained(tmp)
@@ -101,12 +106,4 @@ def build_tiny_sdxl_pipeline(path: Path, seed: int = 0) -> Path:
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(path)
-    pipe = StableDiffusionXLPipeline(**tiny_sdxl_components(seed))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
-    pipe.save_pretrained(tmp)
-    try:
-        tmp.rename(path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return _save_atomic(StableDiffusionXLPipeline(**tiny_sdxl_components(seed)), path)

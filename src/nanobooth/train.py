@@ -34,6 +34,15 @@ class TrainingError(RuntimeError):
     pass
 
 
+def class_images_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    return Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
+
+
+def class_provenance(cfg: TrainConfig) -> dict:
+    """What class images depend on: reusing images made with other values would preserve the wrong prior."""
+    return {"class_prompt": cfg.class_prompt, "model": cfg.model, "resolution": cfg.resolution}
+
+
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     """Check everything a user can get wrong before anything is written or any model is loaded:
     prompts (filled from subject.json), the subject photos, and the output folder."""
@@ -65,9 +74,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
                 raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
     if cfg.with_prior_preservation:
-        class_dir = Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
         try:
-            check_provenance(class_dir, {"class_prompt": cfg.class_prompt, "model": cfg.model, "resolution": cfg.resolution})
+            check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
         except ClassImagesMismatch as e:
             raise ConfigError(str(e)) from None
     return run_dir, instance
@@ -144,14 +152,14 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- class images (before any adapter exists: they must come from the base model) -------------------
     prior = cfg.with_prior_preservation
-    class_dir = Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
+    class_dir = class_images_dir(cfg, run_dir)
     if prior:
         if main:
             pipe = make_pipeline(c)
             with accelerator.autocast():
                 generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
                                       cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
-                                      provenance={"model": cfg.model})
+                                      provenance=class_provenance(cfg))
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     lora = cfg.method == "lora"
@@ -245,18 +253,18 @@ def train(cfg: TrainConfig) -> Path:
     def validate(step: int) -> None:
         if not (main and cfg.validation_prompts):
             return
-        base_unet = unet  # the module DDP/compile wrap: same parameters
-        info = getattr(base_unet, "_tome_info", None)
+        # the raw modules: DDP/compile wrap these very parameters
+        info = getattr(unet, "_tome_info", None)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
             if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
                 info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
-            base_unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
-            pipe = make_pipeline(c, unet=base_unet, text_encoders=text_encoders)
+            unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
+            pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
             pipe.set_progress_bar_config(disable=True)
             rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
                           cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution)
-            base_unet.train(), [te.train(te_trained) for te in text_encoders]
+            unet.train(), [te.train(te_trained) for te in text_encoders]
             if info:
                 info["args"]["generator"] = tome_gen
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
