@@ -112,3 +112,23 @@ def test_base_model_accuracy_runs_on_shipped_model():
     assert set(res) >= {"class", "colour", "scene", "all", "images"}
     assert len(res["images"]) == 2 and res["images"][0].size == (64, 64)
     assert all(0.0 <= res[k] <= 1.0 for k in ("class", "colour", "scene"))
+
+
+@pytest.mark.skipif(not (ASSETS / "toy_probe" / "config.json").exists(), reason="probe not shipped yet")
+def test_subject_match_identifies_the_subject_only():
+    from dataclasses import asdict
+
+    from nanobooth.toy.probe import load_probe
+
+    probe = load_probe()
+    s0 = world.make_subject(0)
+    other = next(s for s in map(world.make_subject, range(1, 200))
+                 if s.cls == s0.cls and s.pattern != s0.pattern and s.mark != s0.mark)
+    truth = asdict(s0)
+    same = [world.render_subject(s0, i, sc) for i, sc in enumerate([None, *world.SCENES] * 2)]
+    assert metrics.subject_match(same, truth, probe) >= 0.7  # 0.75: the probe reads "halves" as checker now and then
+    assert metrics.subject_match([world.render_subject(other, i) for i in range(8)], truth, probe) <= 0.1
+    plain = [world.render(world.Spec(s0.cls, c, "on grass", 16, 32, 32, bg_seed=i)) for i, c in enumerate(world.COLOURS)]
+    assert metrics.subject_match(plain, truth, probe) == 0.0
+    with pytest.raises(ValueError):
+        metrics.subject_match([], truth, probe)

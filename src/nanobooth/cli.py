@@ -121,7 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Recipes with their own argparse: everything after the two words is theirs
+# (argparse.REMAINDER cannot take a leading "--out", so they bypass our parser).
+PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.pretrain", ("toy", "probe"): "nanobooth.toy.probe"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if tuple(argv[:2]) in PASSTHROUGH:
+        import importlib
+
+        return importlib.import_module(PASSTHROUGH[tuple(argv[:2])]).main(argv[2:]) or 0
     _setup_logging()
     args = build_parser().parse_args(argv)
     try:

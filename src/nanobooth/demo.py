@@ -1,7 +1,7 @@
 """`nanobooth demo`: the README's main job. The whole DreamBooth loop on the embedded default model, on a CPU.
 
-Trains `toy/dreambooth-lora-prior-pre` and writes before/after sample grids. When the pretrained toy
-model and its world are shipped, the subject is a toy-world subject and `toy_eval.json` is written too.
+Writes a fresh toy-world subject, trains `toy/dreambooth-lora-prior-pre` on it with the embedded toy
+model, writes before/after sample grids and scores the run and the base model (`toy_eval.json`).
 """
 
 from __future__ import annotations
@@ -16,32 +16,22 @@ log = logging.getLogger("nanobooth")
 
 
 def demo(out: str, steps: int | None = None, subject_seed: int = 0) -> Path:
+    from .toy import world
+    from .toy.evaluate import toy_eval
     from .train import train
 
     out_dir = Path(out)
     t0 = time.time()
-    try:
-        from .toy import world  # noqa: F401  (present once the toy world ships)
-
-        subject = world.write_subject(subject_seed, out_dir / "subject")
-        overrides = {"instance_data_dir": str(subject)}
-        noun = world.make_subject(subject_seed).class_noun
-        prompts = [f"a photo of a sks {noun}", f"a photo of a sks {noun} on the beach", f"a photo of a sks {noun} in the snow",
-                   f"a photo of a {noun}"]
-    except (ImportError, AttributeError):
-        overrides = {"instance_data_dir": "example:dog", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
-        prompts = ["a photo of sks dog", "a sks dog on the beach", "a photo of dog"]
-    overrides.update(output_dir=str(out_dir / "run"), validation_prompts=prompts, overwrite=True)
+    subject = world.write_subject(subject_seed, out_dir / "subject")
+    noun = world.make_subject(subject_seed).class_noun
+    prompts = [f"a photo of a sks {noun}", f"a photo of a sks {noun} on the beach", f"a photo of a sks {noun} in the snow",
+               f"a photo of a {noun}"]
+    overrides = {"instance_data_dir": str(subject), "output_dir": str(out_dir / "run"), "validation_prompts": prompts,
+                 "overwrite": True}
     if steps:
         overrides["max_train_steps"] = steps
-    cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
-    run_dir = train(cfg)
-    try:
-        from .toy.evaluate import toy_eval
-
-        toy_eval(run_dir)
-    except ImportError:
-        pass
+    run_dir = train(load_config("toy/dreambooth-lora-prior-pre", overrides))
+    toy_eval(run_dir)
     samples = sorted((run_dir / "samples").glob("step-*.png"))
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     if samples:

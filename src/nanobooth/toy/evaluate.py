@@ -1,11 +1,18 @@
 """`nanobooth toy eval RUN_DIR`: the DreamBooth paper's claims, measured on the toy world.
 
 For the base model and for the run, over fixed seeds:
-- subject_fidelity: "a photo of a sks <class> [in scene]" generations vs the instance images (DINO-like),
-- prompt_fidelity: fraction of "a photo of a sks <class> <scene>" generations showing that scene,
-- prior_drift: plain "a photo of a <class>" generations vs the instance images (PRES; lower is better),
+- subject_fidelity: "a photo of a sks <class> [in scene]" generations vs the instance images, mean
+  probe-feature cosine (the paper's DINO score),
+- subject_identity: fraction of those generations the probe identifies as the subject (class, pattern
+  and mark all read right; the base model scores 0; strict, since small marks blur at 64x64),
+- prompt_fidelity: fraction of "a photo of a sks <class> <scene>" generations showing that scene (the
+  context the prompt adds; the subject itself is subject_fidelity's business),
+- prior_drift: plain "a photo of a <class>" generations vs the instance images, mean feature cosine
+  (the paper's PRES: does the class now look like the subject? lower is better),
+- prior_identity: fraction of those class generations the probe identifies as the subject,
 - diversity: mean pairwise feature distance among "a photo of a sks <class>" generations (DIV).
-All features come from the toy world's probe (`toy/probe.py`), trained on the world's ground truth.
+The identity rates need a toy-world subject (subject.json from `nanobooth toy subject`). Everything
+is read by the toy world's probe (`toy/probe.py`), trained on the world's ground truth.
 """
 
 from __future__ import annotations
@@ -31,19 +38,22 @@ def prompts_for(noun: str, identifier: str = "sks") -> dict[str, list[str]]:
     }
 
 
-def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, steps: int, guidance: float) -> tuple[dict, dict]:
+def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, steps: int, guidance: float,
+          subject: dict | None = None) -> tuple[dict, dict]:
     p = prompts_for(noun, identifier)
     subj = render(pipe, p["subject"], n, seed, steps, guidance)[0]
     scenes = render(pipe, p["scenes"], n, seed, steps, guidance)
     cls = render(pipe, p["class"], n, seed, steps, guidance)[0]
     scene_imgs = [img for row in scenes for img in row]
     requested = [{"scene": s} for s in world.SCENES for _ in range(n)]
-    result = {
-        "subject_fidelity": metrics.subject_fidelity(subj + scene_imgs, instance, probe),
-        "prompt_fidelity": metrics.prompt_fidelity(scene_imgs, requested, probe),
-        "prior_drift": metrics.prior_drift(cls, instance, probe),
-        "diversity": metrics.diversity(subj, probe),
-    }
+    result = {"subject_fidelity": metrics.subject_fidelity(subj + scene_imgs, instance, probe)}
+    if subject:
+        result["subject_identity"] = metrics.subject_match(subj + scene_imgs, subject, probe)
+    result["prompt_fidelity"] = metrics.prompt_fidelity(scene_imgs, requested, probe)
+    result["prior_drift"] = metrics.prior_drift(cls, instance, probe)
+    if subject:
+        result["prior_identity"] = metrics.subject_match(cls, subject, probe)
+    result["diversity"] = metrics.diversity(subj, probe)
     rows = {p["subject"][0]: subj, **dict(zip(p["scenes"], scenes)), p["class"][0]: cls}
     return {k: round(float(v), 4) for k, v in result.items()}, rows
 
@@ -59,7 +69,7 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     instance = load_folder(instance_dir, 0)
     probe = load_probe()
     guidance = guidance if guidance is not None else cfg.get("validation_guidance_scale", 5.0)
-    args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance)
+    args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"))
     out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
                         "class_noun": noun, "model": cfg["model"]}}
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
@@ -85,7 +95,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
 
 
 def format_table(res: dict) -> str:
-    keys = ["subject_fidelity", "prompt_fidelity", "prior_drift", "diversity"]
+    keys = [k for k in ("subject_fidelity", "subject_identity", "prompt_fidelity", "prior_drift", "prior_identity",
+                        "diversity") if k in res.get("tuned", {})]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for who in ("base", "tuned"):
         if who in res:

@@ -35,6 +35,20 @@ def self_similarity(images, probe) -> float:
     return 1.0 - diversity(images, probe)
 
 
+def subject_match(images, subject: dict, probe) -> float:
+    """Fraction of images the probe identifies as this subject: its class,
+    pattern and mark all read right. Plain world objects have pattern and mark
+    "none", so the base model scores ~0 and the ceiling is 1 (the probe's own
+    accuracy on renders of the subject). `subject` is subject.json's "subject"."""
+    images = list(images)
+    if not images:
+        raise ValueError("need at least one image")
+    pred = probe.predict(images)
+    ok = [pred["class"][i] == subject["cls"] and pred["pattern"][i] == subject["pattern"]
+          and pred["mark"][i] == subject["mark"] for i in range(len(images))]
+    return float(np.mean(ok))
+
+
 def prior_drift(class_images, instance_images, probe) -> float:
     """How much plain "a photo of a <class>" generations look like the subject
     (the paper's PRES): mean cosine of class generations to instance images.

@@ -1,10 +1,10 @@
 """Pretrain the tiny Stable-Diffusion-format model of the toy world.
 
-    python -m nanobooth.toy.pretrain --out toy_pretrain --seed 0 --vae-steps 1400 --unet-steps 3000
-    python -m nanobooth.toy.pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
+    nanobooth toy pretrain --out toy_pretrain --seed 0        # the defaults are the shipped recipe
+    nanobooth toy pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
 
-Stage 1 trains an AutoencoderKL (downsampling 4: 64x64x3 -> 16x16x4); stage 2
-trains UNet2DConditionModel + CLIPTextModel jointly on cached latents.
+Stages 1/1b/1c/1d train the AutoencoderKL (`toy/autoencoder.py`); stage 2 trains
+UNet2DConditionModel + CLIPTextModel jointly on latents cached from it.
 Re-running the same command resumes from the last checkpoint: every batch,
 noise draw and timestep is a function of (seed, step), so a resumed run sees
 exactly what an uninterrupted one would have.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
+from nanobooth.toy.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
+from nanobooth.toy.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, to_tensor, write_json
 
 log = logging.getLogger("nanobooth.toy.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
@@ -34,16 +34,6 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 # ---------------------------------------------------------------- the models
-def make_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
-    )
-
-
 def make_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -108,205 +98,10 @@ def load_or_render_data(out: Path, n: int, seed: int):
     return imgs, specs
 
 
-def to_tensor(imgs: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
-# ------------------------------------------------------------- checkpointing
-def save_optimizer(opt: torch.optim.Optimizer, path: Path):
-    """Adam state as safetensors (tensors) + json (hyper-parameters), because
-    torch.save would pickle."""
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]))
-
-
-def load_optimizer(opt: torch.optim.Optimizer, path: Path):
-    tensors = load_file(str(path))
-    state: dict = {}
-    for k, v in tensors.items():
-        pid, name = k.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(path.with_suffix(".json").read_text())})
-
-
-class EMA:
-    """Exponential moving average of parameters, kept as a flat name->tensor
-    dict so it saves with safetensors. (diffusers' EMAModel saves through
-    `model_cls.from_config`, which CLIPTextModel does not provide.)"""
-
-    def __init__(self, named: dict[str, torch.Tensor]):
-        self.shadow = {k: v.detach().clone() for k, v in named.items()}
-
-    @torch.no_grad()
-    def update(self, named: dict[str, torch.Tensor], step: int, decay: float = 0.999):
-        d = min(decay, (1 + step) / (10 + step))  # warm-up so early steps are not frozen in
-        for k, v in named.items():
-            self.shadow[k].lerp_(v.detach(), 1 - d)
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # stages may run in parallel processes
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
-
-
-def _timings(out: Path) -> dict:
-    p = out / "timings.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
-def _add_time(out: Path, key: str, seconds: float, extra: dict | None = None):
-    t = _timings(out)
-    t[key] = t.get(key, 0.0) + seconds
-    if extra:
-        t.update(extra)
-    _write_json(out / "timings.json", t)
-
-
-def _save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:
-    ck.mkdir(parents=True, exist_ok=True)
-    save_file(vae.state_dict(), str(ck / "model.safetensors"))
-    save_optimizer(opt, ck / "optim.safetensors")
-    _write_json(ck / "state.json", state)
-
-
-def _load_vae_ckpt(ck: Path, vae, opt, what: str) -> int:
-    """Restore a stage's checkpoint written by _save_vae_ckpt; returns the step to continue from (0: none)."""
-    if not (ck / "state.json").exists():
-        return 0
-    vae.load_state_dict(load_file(str(ck / "model.safetensors")))
-    load_optimizer(opt, ck / "optim.safetensors")
-    step = json.loads((ck / "state.json").read_text())["step"]
-    log.info("resuming %s from step %d", what, step)
-    return step
-
-
-def _held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
-    """Latents of the last 512 images (never sampled for training batches) and their reconstruction MSE."""
-    with torch.no_grad():
-        x = to_tensor(imgs[-512:])
-        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
-        return z, F.mse_loss(vae.decode(z).sample, x).item()
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-# ------------------------------------------------------------------ stage 1
-def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
-    from diffusers import AutoencoderKL
-
-    ck = out / "vae_ckpt"
-    final = out / "vae"
-    if (final / "config.json").exists():
-        log.info("stage 1 (VAE) already done")
-        return AutoencoderKL.from_pretrained(str(final))
-    torch.manual_seed(seed)
-    vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    step = _load_vae_ckpt(ck, vae, opt, "VAE")
-    n = len(imgs)
-    t0 = last = time.time()
-    ema_loss = None
-    bar = tqdm(total=steps, initial=step, desc="vae", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 1, step])
-        x = to_tensor(imgs[rng.choice(n, batch, replace=False)])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 1e-3)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
-        kl = post.kl().mean() / (16 * 16 * 4)
-        loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
-        if step % 50 == 0:
-            log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(), opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            _save_vae_ckpt(ck, vae, opt, {"step": step, "mse_ema": ema_loss})
-            _add_time(out, "vae_seconds", time.time() - t0)
-            t0 = last = time.time()
-    bar.close()
-    vae.eval()
-    # scaling_factor = 1/std of latents, measured on held-apart data
-    z, mse = _held_apart_recon(vae, imgs, seed)
-    sf = float(1.0 / z.std())
-    vae.register_to_config(scaling_factor=sf)
-    vae.save_pretrained(str(final))
-    _add_time(out, "vae_seconds", time.time() - t0, {"vae_recon_mse": mse, "vae_scaling_factor": sf, "vae_steps": steps})
-    log.info("VAE done: recon mse %.5f (images in [-1,1]), scaling_factor %.4f", mse, sf)
-    return vae
-
-
-def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
-    """Stage 1b: fine-tune the VAE decoder alone (SD's "ft-MSE" trick). The
-    encoder is frozen, so the latents stage 2 trains on are unchanged and this
-    stage may run before, during or after stage 2; it buys sharper subjects."""
-    from diffusers import AutoencoderKL
-
-    final, ck = out / "vae_dec", out / "vae_dec_ckpt"
-    if (final / "config.json").exists():
-        log.info("stage 1b (decoder) already done")
-        return
-    vae = AutoencoderKL.from_pretrained(str(out / "vae"))
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4)
-    step = _load_vae_ckpt(ck, vae, opt, "decoder")
-    t0 = last = time.time()
-    bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 3, step])
-        x = to_tensor(imgs[rng.choice(len(imgs) - 512, batch, replace=False)])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 3 + step)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 3e-4, warmup=20)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            log.info("decoder step %d/%d mse %.5f", step, steps, mse.item())
-        if time.time() - last > ckpt_s or step == steps:
-            _save_vae_ckpt(ck, vae, opt, {"step": step})
-            _add_time(out, "decoder_seconds", time.time() - t0)
-            t0 = last = time.time()
-    bar.close()
-    vae.eval()
-    _, mse = _held_apart_recon(vae, imgs, seed)
-    vae.save_pretrained(str(final))
-    _add_time(out, "decoder_seconds", time.time() - t0, {"decoder_recon_mse": mse, "decoder_steps": steps})
-    log.info("decoder done: recon mse %.5f", mse)
-
-
 # ------------------------------------------------------------------ stage 2
 def encode_latents(out: Path, vae, imgs: np.ndarray, n: int):
-    path = out / "latents.safetensors"
+    # one cache per autoencoder: stage 1c moves the latent space
+    path = out / ("latents_refined.safetensors" if (out / "vae_refined" / "config.json").exists() else "latents.safetensors")
     if path.exists():
         d = load_file(str(path))
         return d["mean"], d["std"]
@@ -394,8 +189,8 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
             save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(ck / "text_encoder.safetensors"))
             save_file(ema.shadow, str(ck / "ema.safetensors"))
             save_optimizer(opt, ck / "optim.safetensors")
-            _write_json(ck / "state.json", {"step": step, "loss_ema": ema_loss})
-            _add_time(out, "unet_seconds", time.time() - t0, {"unet_steps_done": step, "unet_loss_ema": ema_loss})
+            write_json(ck / "state.json", {"step": step, "loss_ema": ema_loss})
+            add_time(out, "unet_seconds", time.time() - t0, {"unet_steps_done": step, "unet_loss_ema": ema_loss})
             t0 = last = time.time()
             log.info("checkpoint at step %d", step)
     bar.close()
@@ -405,7 +200,8 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
 def build_pipeline(out: Path, use_ema: bool = True):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    vae_dir = out / "vae_dec" if (out / "vae_dec" / "config.json").exists() else out / "vae"
+    vae_dir = next(out / d for d in ("vae_refined_dec", "vae_refined", "vae_dec", "vae")
+                   if (out / d / "config.json").exists())
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
     unet, te = make_unet(), make_text_encoder()
     ck = out / "unet_ckpt"
@@ -437,9 +233,11 @@ def export(out: Path, dest: Path, use_ema: bool = True):
     shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
     state = json.loads((out / "unet_ckpt" / "state.json").read_text())
     (dest / "toy_model.json").write_text(json.dumps({
-        "unet_steps": state["step"], "ema": use_ema, "timings": _timings(out),
+        "unet_steps": state["step"], "ema": use_ema, "timings": timings(out),
         "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES},
         "note": "fp16 weights; on CPU load with torch_dtype=torch.float32",
+        # how the shipped weights were actually reached, where that differs from one run of the defaults
+        **({"history": json.loads((out / "history.json").read_text())} if (out / "history.json").exists() else {}),
     }, indent=2))
     log.info("exported pipeline (unet step %d) to %s", state["step"], dest)
 
@@ -448,19 +246,24 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="nanobooth toy pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="toy_pretrain")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-images", type=int, default=40000)
-    p.add_argument("--vae-steps", type=int, default=1400)
+    p.add_argument("--n-images", type=int, default=30000)
+    p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--export", default=None, help="write the pipeline (fp16 safetensors) here and exit")
     p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--decoder-steps", type=int, default=0, help="stage 1b: decoder-only fine-tuning steps")
-    p.add_argument("--stage", choices=["all", "decoder"], default="all",
-                   help="'decoder' runs only stage 1b (it can run alongside stage 2)")
+    p.add_argument("--decoder-steps", type=int, default=600, help="stage 1b: decoder-only fine-tuning steps")
+    p.add_argument("--vae-refine-steps", type=int, default=1200,
+                   help="stage 1c: whole-VAE refinement with object-weighted loss and subject instances")
+    p.add_argument("--vae-refine-subjects", type=int, default=800, help="stages 1c/1d: subjects (x5 poses) in the mix")
+    p.add_argument("--decoder-refine-steps", type=int, default=600,
+                   help="stage 1d: stage 1c's decoder alone, object weighted harder (latents unchanged)")
+    p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
+                   help="'decoder' runs only stage 1b, 'decoder-refine' only 1c+1d (1b/1d can run alongside stage 2)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
@@ -469,18 +272,27 @@ def main(argv=None):
     if a.export:
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
-    _write_json(out / f"args_{a.stage}.json", vars(a))
+    write_json(out / f"args_{a.stage}.json", vars(a))
     t = time.time()
     imgs, specs = load_or_render_data(out, a.n_images, a.seed)
-    _add_time(out, "render_seconds", time.time() - t) if not (out / "vae" / "config.json").exists() else None
+    add_time(out, "render_seconds", time.time() - t) if not (out / "vae" / "config.json").exists() else None
     vae = train_vae(out, imgs, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
     vae.eval().requires_grad_(False)
     if a.decoder_steps:
         train_decoder(out, imgs, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
     if a.stage == "decoder":
         return 0
+    if a.vae_refine_steps:
+        vae = refine_vae(out, imgs, specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                         a.vae_refine_subjects)
+        vae.eval().requires_grad_(False)
+    if a.decoder_refine_steps:
+        refine_decoder(out, imgs, specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                       a.vae_refine_subjects)
+    if a.stage == "decoder-refine":
+        return 0
     train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr)
-    log.info("pretraining done: %s", json.dumps(_timings(out)))
+    log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 
 

@@ -1,0 +1,276 @@
+"""The toy model's autoencoder: stages 1, 1b, 1c and 1d of toy pretraining.
+
+Stage 1 trains an AutoencoderKL (downsampling 4: 64x64x3 -> 16x16x4) on plain
+MSE/L1 over the whole frame. Stage 1b fine-tunes its decoder alone (SD's
+"ft-MSE" trick; latents unchanged). Stage 1c refines encoder and decoder where
+it matters: the background is most of the pixels, so after stage 1 object
+outlines blur enough that a star comes back as a blob (the probe reads the
+class of only ~72% of reconstructions of held-out scenes, which caps the base
+model below the 80% bar however long the UNet trains). 1c up-weights the loss
+on the object (its position and size are known exactly from the world) and
+mixes DreamBooth-style subject instances (patterned, marked objects from seeds
+disjoint from any test seed) into the batches: the autoencoder is the part of
+a latent diffusion model that must be able to *represent* a new subject before
+DreamBooth can teach the UNet to draw it. Stage 1d fine-tunes 1c's decoder alone
+with the object weighted harder; latents are unchanged, so it can follow stage 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from nanobooth.toy import world
+from nanobooth.toy.ckpt import add_time, load_optimizer, lr_at, save_optimizer, to_tensor, write_json
+
+log = logging.getLogger("nanobooth.toy.pretrain")
+SUBJECT_SEED0 = 1_000_000  # subjects used for the VAE only; test/demo subjects use small seeds
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+        layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
+    )
+
+
+
+def save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:
+    ck.mkdir(parents=True, exist_ok=True)
+    save_file(vae.state_dict(), str(ck / "model.safetensors"))
+    save_optimizer(opt, ck / "optim.safetensors")
+    write_json(ck / "state.json", state)
+
+
+def load_vae_ckpt(ck: Path, vae, opt, what: str) -> int:
+    """Restore a stage's checkpoint written by save_vae_ckpt; returns the step to continue from (0: none)."""
+    if not (ck / "state.json").exists():
+        return 0
+    vae.load_state_dict(load_file(str(ck / "model.safetensors")))
+    load_optimizer(opt, ck / "optim.safetensors")
+    step = json.loads((ck / "state.json").read_text())["step"]
+    log.info("resuming %s from step %d", what, step)
+    return step
+
+
+def held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
+    """Latents of the last 512 images (never sampled for training batches) and their reconstruction MSE."""
+    with torch.no_grad():
+        x = to_tensor(imgs[-512:])
+        z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
+        return z, F.mse_loss(vae.decode(z).sample, x).item()
+
+
+
+def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
+    from diffusers import AutoencoderKL
+
+    ck = out / "vae_ckpt"
+    final = out / "vae"
+    if (final / "config.json").exists():
+        log.info("stage 1 (VAE) already done")
+        return AutoencoderKL.from_pretrained(str(final))
+    torch.manual_seed(seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    step = load_vae_ckpt(ck, vae, opt, "VAE")
+    n = len(imgs)
+    t0 = last = time.time()
+    ema_loss = None
+    bar = tqdm(total=steps, initial=step, desc="vae", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 1, step])
+        x = to_tensor(imgs[rng.choice(n, batch, replace=False)])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, 1e-3)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
+        kl = post.kl().mean() / (16 * 16 * 4)
+        loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
+        if step % 50 == 0:
+            log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(), opt.param_groups[0]["lr"])
+        if time.time() - last > ckpt_s or step == steps:
+            save_vae_ckpt(ck, vae, opt, {"step": step, "mse_ema": ema_loss})
+            add_time(out, "vae_seconds", time.time() - t0)
+            t0 = last = time.time()
+    bar.close()
+    vae.eval()
+    # scaling_factor = 1/std of latents, measured on held-apart data
+    z, mse = held_apart_recon(vae, imgs, seed)
+    sf = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=sf)
+    vae.save_pretrained(str(final))
+    add_time(out, "vae_seconds", time.time() - t0, {"vae_recon_mse": mse, "vae_scaling_factor": sf, "vae_steps": steps})
+    log.info("VAE done: recon mse %.5f (images in [-1,1]), scaling_factor %.4f", mse, sf)
+    return vae
+
+
+def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
+    """Stage 1b: fine-tune the VAE decoder alone (SD's "ft-MSE" trick). The
+    encoder is frozen, so the latents stage 2 trains on are unchanged and this
+    stage may run before, during or after stage 2; it buys sharper subjects."""
+    from diffusers import AutoencoderKL
+
+    final, ck = out / "vae_dec", out / "vae_dec_ckpt"
+    if (final / "config.json").exists():
+        log.info("stage 1b (decoder) already done")
+        return
+    vae = AutoencoderKL.from_pretrained(str(out / "vae"))
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    step = load_vae_ckpt(ck, vae, opt, "decoder")
+    t0 = last = time.time()
+    bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 3, step])
+        x = to_tensor(imgs[rng.choice(len(imgs) - 512, batch, replace=False)])
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 3 + step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, 3e-4, warmup=20)
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        mse = F.mse_loss(rec, x)
+        loss = mse + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            log.info("decoder step %d/%d mse %.5f", step, steps, mse.item())
+        if time.time() - last > ckpt_s or step == steps:
+            save_vae_ckpt(ck, vae, opt, {"step": step})
+            add_time(out, "decoder_seconds", time.time() - t0)
+            t0 = last = time.time()
+    bar.close()
+    vae.eval()
+    _, mse = held_apart_recon(vae, imgs, seed)
+    vae.save_pretrained(str(final))
+    add_time(out, "decoder_seconds", time.time() - t0, {"decoder_recon_mse": mse, "decoder_steps": steps})
+    log.info("decoder done: recon mse %.5f", mse)
+
+
+
+def object_weight(xy_size: np.ndarray, fg: float = 4.0) -> torch.Tensor:
+    """Per-pixel loss weight 1 + fg inside a disc of 1.25x the object's radius.
+    xy_size: Nx3 (x, y, radius) in pixels."""
+    yy, xx = np.mgrid[0:world.SIZE, 0:world.SIZE].astype(np.float32) + 0.5
+    x, y, r = (xy_size[:, i, None, None] for i in range(3))
+    disc = (xx - x) ** 2 + (yy - y) ** 2 < (1.25 * r) ** 2
+    return torch.from_numpy(1.0 + fg * disc.astype(np.float32))[:, None]
+
+
+def subject_pool(n_subjects: int, poses: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Instance renders of n_subjects fresh subjects (random scenes, or none) and their (x, y, radius)."""
+    imgs, geo = [], []
+    for i in range(n_subjects):
+        s = world.make_subject(SUBJECT_SEED0 + i)
+        for k in range(poses):
+            scene = [None, *world.SCENES][(i + k) % (len(world.SCENES) + 1)]
+            p = world.subject_pose(np.random.default_rng([s.seed, 91, k]), scene)
+            imgs.append(np.asarray(world.render_subject(s, k, scene)))
+            geo.append((p["x"], p["y"], p["size"]))
+    return np.stack(imgs), np.asarray(geo, np.float32)
+
+
+def refine_vae(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch: int, ckpt_s: float,
+               n_subjects: int = 800):
+    """Stage 1c: encoder and decoder, object-weighted, subjects in the mix (moves the latent space)."""
+    start = "vae_dec" if (out / "vae_dec" / "config.json").exists() else "vae"
+    return _refine(out, start, "vae_refined", "vae-refine", 4, imgs, specs, seed, steps, batch, ckpt_s, n_subjects,
+                   decoder_only=False, fg=4.0)
+
+
+def refine_decoder(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch: int, ckpt_s: float,
+                   n_subjects: int = 800):
+    """Stage 1d: stage 1c's decoder alone, with the object weighted harder. The encoder is frozen, so
+    stage 2's latents are unchanged and this may run alongside or after stage 2."""
+    return _refine(out, "vae_refined", "vae_refined_dec", "decoder-refine", 6, imgs, specs, seed, steps, batch,
+                   ckpt_s, n_subjects, decoder_only=True, fg=8.0)
+
+
+def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndarray, specs, seed: int, steps: int,
+            batch: int, ckpt_s: float, n_subjects: int, decoder_only: bool, fg: float):
+    from diffusers import AutoencoderKL
+
+    final, ck = out / dst, out / f"{dst}_ckpt"
+    if (final / "config.json").exists():
+        log.info("%s already done", what)
+        return AutoencoderKL.from_pretrained(str(final))
+    vae = AutoencoderKL.from_pretrained(str(out / src))
+    vae.train().requires_grad_(True)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    step = load_vae_ckpt(ck, vae, opt, what)
+    sub_imgs, sub_geo = subject_pool(n_subjects)
+    geo = np.asarray([(s.x, s.y, s.size) for s in specs], np.float32)
+    n_sub = batch // 4
+    n = len(imgs) - 512  # the last 512 stay held apart for the recon figure
+    key = what.replace("-", "_")
+    t0 = last = time.time()
+    bar = tqdm(total=steps, initial=step, desc=what, mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, stream, step])
+        i = rng.choice(n, batch - n_sub, replace=False)
+        j = rng.choice(len(sub_imgs), n_sub, replace=False)
+        x = to_tensor(np.concatenate([imgs[i], sub_imgs[j]]))
+        w = object_weight(np.concatenate([geo[i], sub_geo[j]]), fg)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + stream + step)
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, 3e-4, warmup=50)
+        with torch.set_grad_enabled(not decoder_only):
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
+        loss = (err * w).sum() / (w.sum() * 3)
+        if not decoder_only:
+            loss = loss + 1e-4 * post.kl().mean() / (16 * 16 * 4)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            log.info("%s step %d/%d weighted loss %.5f mse %.5f lr %.2e", what, step, steps, loss.item(),
+                     F.mse_loss(rec.detach(), x).item(), opt.param_groups[0]["lr"])
+        if time.time() - last > ckpt_s or step == steps:
+            save_vae_ckpt(ck, vae, opt, {"step": step})
+            add_time(out, f"{key}_seconds", time.time() - t0)
+            t0 = last = time.time()
+    bar.close()
+    vae.eval()
+    z, mse = held_apart_recon(vae, imgs, seed)
+    if not decoder_only:
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))  # the latent scale moved with the encoder
+    vae.save_pretrained(str(final))
+    add_time(out, f"{key}_seconds", time.time() - t0, {f"{key}_recon_mse": mse, f"{key}_steps": steps})
+    log.info("%s done: recon mse %.5f, scaling_factor %.4f", what, mse, vae.config.scaling_factor)
+    return vae

@@ -1,0 +1,80 @@
+"""Bookkeeping for the resumable toy pretraining recipe: optimizer state and EMA
+as safetensors (torch.save would pickle), per-stage wall time, the lr schedule."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+
+def save_optimizer(opt: torch.optim.Optimizer, path: Path):
+    """Adam state as safetensors (tensors) + json (hyper-parameters), because
+    torch.save would pickle."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]))
+
+
+def load_optimizer(opt: torch.optim.Optimizer, path: Path):
+    tensors = load_file(str(path))
+    state: dict = {}
+    for k, v in tensors.items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(path.with_suffix(".json").read_text())})
+
+
+class EMA:
+    """Exponential moving average of parameters, kept as a flat name->tensor
+    dict so it saves with safetensors. (diffusers' EMAModel saves through
+    `model_cls.from_config`, which CLIPTextModel does not provide.)"""
+
+    def __init__(self, named: dict[str, torch.Tensor]):
+        self.shadow = {k: v.detach().clone() for k, v in named.items()}
+
+    @torch.no_grad()
+    def update(self, named: dict[str, torch.Tensor], step: int, decay: float = 0.999):
+        d = min(decay, (1 + step) / (10 + step))  # warm-up so early steps are not frozen in
+        for k, v in named.items():
+            self.shadow[k].lerp_(v.detach(), 1 - d)
+
+
+def write_json(path: Path, obj):
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # stages may run in parallel processes
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def timings(out: Path) -> dict:
+    p = out / "timings.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def add_time(out: Path, key: str, seconds: float, extra: dict | None = None):
+    t = timings(out)
+    t[key] = t.get(key, 0.0) + seconds
+    if extra:
+        t.update(extra)
+    write_json(out / "timings.json", t)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+

@@ -1,0 +1,24 @@
+"""The README's main command, shortened: `nanobooth demo` end to end on the shipped toy model."""
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from nanobooth.cli import main
+
+SHIPPED = (Path(str(resources.files("nanobooth"))) / "assets" / "toy_model" / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHIPPED, reason="the pretrained toy model is not in this build")
+def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4"]) == 0
+    run = tmp_path / "demo" / "run"
+    samples = sorted((run / "samples").glob("step-*.png"))
+    assert [p.name for p in samples] == ["step-000000.png", "step-000004.png"]  # before and after
+    res = json.loads((run / "toy_eval.json").read_text())
+    assert {"base", "tuned"} <= set(res) and "subject_fidelity" in res["tuned"]
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert str(samples[0]) in out and str(samples[-1]) in out and str(run / "toy_eval.json") in out
