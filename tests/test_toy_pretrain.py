@@ -49,9 +49,10 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
 
     out = tmp_path / "pre"
     tiny = ["--out", str(out), "--n-images", "560", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
-            "--vae-refine-steps", "2", "--vae-refine-subjects", "2", "--unet-batch", "2", "--threads", "1"]
+            "--vae-refine-steps", "2", "--vae-refine-subjects", "2", "--decoder-refine-steps", "2", "--unet-batch", "2",
+            "--threads", "1"]
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0
-    for d in ("vae", "vae_dec", "vae_refined"):
+    for d in ("vae", "vae_dec", "vae_refined", "vae_refined_dec"):
         assert (out / d / "config.json").is_file()
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
     refined = json.loads((out / "vae_refined" / "config.json").read_text())["scaling_factor"]
@@ -61,9 +62,17 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 3
     assert (out / "unet_ckpt" / "unet.safetensors").read_bytes() != before
     t = json.loads((out / "timings.json").read_text())
-    assert {"vae_seconds", "decoder_seconds", "vae_refine_seconds", "unet_seconds"} <= set(t)
+    assert {"vae_seconds", "decoder_seconds", "vae_refine_seconds", "decoder_refine_seconds", "unet_seconds"} <= set(t)
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae.config.scaling_factor == pytest.approx(refined, rel=1e-3)  # the refined VAE is what ships
+    shipped = pipe.vae.decoder.conv_out.weight.detach()
+    from diffusers import AutoencoderKL
+
+    dec = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decoder.conv_out.weight.detach()
+    assert torch.allclose(shipped, dec.half().float())  # ... with stage 1d's decoder
+    enc = lambda d: AutoencoderKL.from_pretrained(str(out / d)).encoder.state_dict()  # noqa: E731
+    a, b = enc("vae_refined"), enc("vae_refined_dec")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # 1d leaves the encoder, hence stage 2's latents, alone
     img = pipe("a photo of a red ball on grass", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (64, 64)

@@ -129,50 +129,8 @@ def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int
     """Stage 1b: fine-tune the VAE decoder alone (SD's "ft-MSE" trick). The
     encoder is frozen, so the latents stage 2 trains on are unchanged and this
     stage may run before, during or after stage 2; it buys sharper subjects."""
-    from diffusers import AutoencoderKL
-
-    final, ck = out / "vae_dec", out / "vae_dec_ckpt"
-    if (final / "config.json").exists():
-        log.info("stage 1b (decoder) already done")
-        return
-    vae = AutoencoderKL.from_pretrained(str(out / "vae"))
-    vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4)
-    step = load_vae_ckpt(ck, vae, opt, "decoder")
-    t0 = last = time.time()
-    bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 3, step])
-        x = to_tensor(imgs[rng.choice(len(imgs) - 512, batch, replace=False)])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 3 + step)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 3e-4, warmup=20)
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        loss = mse + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            log.info("decoder step %d/%d mse %.5f", step, steps, mse.item())
-        if time.time() - last > ckpt_s or step == steps:
-            save_vae_ckpt(ck, vae, opt, {"step": step})
-            add_time(out, "decoder_seconds", time.time() - t0)
-            t0 = last = time.time()
-    bar.close()
-    vae.eval()
-    _, mse = held_apart_recon(vae, imgs, seed)
-    vae.save_pretrained(str(final))
-    add_time(out, "decoder_seconds", time.time() - t0, {"decoder_recon_mse": mse, "decoder_steps": steps})
-    log.info("decoder done: recon mse %.5f", mse)
-
+    _refine(out, "vae", "vae_dec", "decoder", 3, imgs, None, seed, steps, batch, ckpt_s, 0,
+            decoder_only=True, fg=0.0, warmup=20, weight_decay=0.01)
 
 
 def object_weight(xy_size: np.ndarray, fg: float = 4.0) -> torch.Tensor:
@@ -202,7 +160,7 @@ def refine_vae(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch:
     """Stage 1c: encoder and decoder, object-weighted, subjects in the mix (moves the latent space)."""
     start = "vae_dec" if (out / "vae_dec" / "config.json").exists() else "vae"
     return _refine(out, start, "vae_refined", "vae-refine", 4, imgs, specs, seed, steps, batch, ckpt_s, n_subjects,
-                   decoder_only=False, fg=4.0)
+                   decoder_only=False, fg=4.0, warmup=50, weight_decay=0.0)
 
 
 def refine_decoder(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch: int, ckpt_s: float,
@@ -210,11 +168,13 @@ def refine_decoder(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, ba
     """Stage 1d: stage 1c's decoder alone, with the object weighted harder. The encoder is frozen, so
     stage 2's latents are unchanged and this may run alongside or after stage 2."""
     return _refine(out, "vae_refined", "vae_refined_dec", "decoder-refine", 6, imgs, specs, seed, steps, batch,
-                   ckpt_s, n_subjects, decoder_only=True, fg=8.0)
+                   ckpt_s, n_subjects, decoder_only=True, fg=8.0, warmup=50, weight_decay=0.0)
 
 
 def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndarray, specs, seed: int, steps: int,
-            batch: int, ckpt_s: float, n_subjects: int, decoder_only: bool, fg: float):
+            batch: int, ckpt_s: float, n_subjects: int, decoder_only: bool, fg: float, warmup: int,
+            weight_decay: float):
+    """One loop for stages 1b/1c/1d. n_subjects=0: scenes only; fg=0: plain (unweighted) MSE + L1/2."""
     from diffusers import AutoencoderKL
 
     final, ck = out / dst, out / f"{dst}_ckpt"
@@ -227,11 +187,12 @@ def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndar
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=weight_decay)
     step = load_vae_ckpt(ck, vae, opt, what)
-    sub_imgs, sub_geo = subject_pool(n_subjects)
-    geo = np.asarray([(s.x, s.y, s.size) for s in specs], np.float32)
-    n_sub = batch // 4
+    n_sub = batch // 4 if n_subjects else 0
+    if n_sub:
+        sub_imgs, sub_geo = subject_pool(n_subjects)
+    geo = np.zeros((len(imgs), 3), np.float32) if specs is None else np.asarray([(s.x, s.y, s.size) for s in specs], np.float32)
     n = len(imgs) - 512  # the last 512 stay held apart for the recon figure
     key = what.replace("-", "_")
     t0 = last = time.time()
@@ -239,12 +200,14 @@ def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndar
     while step < steps:
         rng = np.random.default_rng([seed, stream, step])
         i = rng.choice(n, batch - n_sub, replace=False)
-        j = rng.choice(len(sub_imgs), n_sub, replace=False)
-        x = to_tensor(np.concatenate([imgs[i], sub_imgs[j]]))
-        w = object_weight(np.concatenate([geo[i], sub_geo[j]]), fg)
+        x, xg = imgs[i], geo[i]
+        if n_sub:
+            j = rng.choice(len(sub_imgs), n_sub, replace=False)
+            x, xg = np.concatenate([x, sub_imgs[j]]), np.concatenate([xg, sub_geo[j]])
+        x, w = to_tensor(x), object_weight(xg, fg)
         g = torch.Generator().manual_seed(seed * 1_000_003 + stream + step)
         for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 3e-4, warmup=50)
+            pg["lr"] = lr_at(step, steps, 3e-4, warmup=warmup)
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
