@@ -71,8 +71,7 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
 
     dec = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decoder.conv_out.weight.detach()
     assert torch.allclose(shipped, dec.half().float())  # ... with stage 1d's decoder
-    enc = lambda d: AutoencoderKL.from_pretrained(str(out / d)).encoder.state_dict()  # noqa: E731
-    a, b = enc("vae_refined"), enc("vae_refined_dec")
+    a, b = (AutoencoderKL.from_pretrained(str(out / d)).encoder.state_dict() for d in ("vae_refined", "vae_refined_dec"))
     assert all(torch.equal(a[k], b[k]) for k in a)  # 1d leaves the encoder, hence stage 2's latents, alone
     img = pipe("a photo of a red ball on grass", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (64, 64)

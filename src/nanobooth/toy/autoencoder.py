@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,6 @@ def make_vae():
         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
     )
-
 
 
 def save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:
@@ -69,7 +69,6 @@ def held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, fl
         x = to_tensor(imgs[-512:])
         z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
         return z, F.mse_loss(vae.decode(z).sample, x).item()
-
 
 
 def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
@@ -129,8 +128,7 @@ def train_decoder(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int
     """Stage 1b: fine-tune the VAE decoder alone (SD's "ft-MSE" trick). The
     encoder is frozen, so the latents stage 2 trains on are unchanged and this
     stage may run before, during or after stage 2; it buys sharper subjects."""
-    _refine(out, "vae", "vae_dec", "decoder", 3, imgs, None, seed, steps, batch, ckpt_s, 0,
-            decoder_only=True, fg=0.0, warmup=20, weight_decay=0.01)
+    _refine(out, DECODER, "vae", imgs, None, seed, steps, batch, ckpt_s, 0)
 
 
 def object_weight(xy_size: np.ndarray, fg: float = 4.0) -> torch.Tensor:
@@ -159,25 +157,41 @@ def refine_vae(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch:
                n_subjects: int = 800):
     """Stage 1c: encoder and decoder, object-weighted, subjects in the mix (moves the latent space)."""
     start = "vae_dec" if (out / "vae_dec" / "config.json").exists() else "vae"
-    return _refine(out, start, "vae_refined", "vae-refine", 4, imgs, specs, seed, steps, batch, ckpt_s, n_subjects,
-                   decoder_only=False, fg=4.0, warmup=50, weight_decay=0.0)
+    return _refine(out, VAE_REFINE, start, imgs, specs, seed, steps, batch, ckpt_s, n_subjects)
 
 
 def refine_decoder(out: Path, imgs: np.ndarray, specs, seed: int, steps: int, batch: int, ckpt_s: float,
                    n_subjects: int = 800):
     """Stage 1d: stage 1c's decoder alone, with the object weighted harder. The encoder is frozen, so
     stage 2's latents are unchanged and this may run alongside or after stage 2."""
-    return _refine(out, "vae_refined", "vae_refined_dec", "decoder-refine", 6, imgs, specs, seed, steps, batch,
-                   ckpt_s, n_subjects, decoder_only=True, fg=8.0, warmup=50, weight_decay=0.0)
+    return _refine(out, DECODER_REFINE, "vae_refined", imgs, specs, seed, steps, batch, ckpt_s, n_subjects)
 
 
-def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndarray, specs, seed: int, steps: int,
-            batch: int, ckpt_s: float, n_subjects: int, decoder_only: bool, fg: float, warmup: int,
-            weight_decay: float):
-    """One loop for stages 1b/1c/1d. n_subjects=0: scenes only; fg=0: plain (unweighted) MSE + L1/2."""
+@dataclass(frozen=True)
+class Stage:
+    """What tells stages 1b/1c/1d apart; their loop is one (`_refine`)."""
+
+    what: str  # log/timings name
+    dst: str  # output folder under the pretraining dir (checkpoints in dst + "_ckpt")
+    stream: int  # the stage's own random stream: batches and noise are functions of (seed, stream, step)
+    decoder_only: bool  # freeze the encoder, so the latents stay as they are
+    fg: float  # extra loss weight on the object (0: plain MSE + L1/2)
+    warmup: int
+    weight_decay: float
+
+
+DECODER = Stage("decoder", "vae_dec", 3, decoder_only=True, fg=0.0, warmup=20, weight_decay=0.01)
+VAE_REFINE = Stage("vae-refine", "vae_refined", 4, decoder_only=False, fg=4.0, warmup=50, weight_decay=0.0)
+DECODER_REFINE = Stage("decoder-refine", "vae_refined_dec", 6, decoder_only=True, fg=8.0, warmup=50, weight_decay=0.0)
+
+
+def _refine(out: Path, stage: Stage, src: str, imgs: np.ndarray, specs, seed: int, steps: int, batch: int,
+            ckpt_s: float, n_subjects: int):
+    """One loop for stages 1b/1c/1d, starting from the VAE in `src`. n_subjects=0: scenes only."""
     from diffusers import AutoencoderKL
 
-    final, ck = out / dst, out / f"{dst}_ckpt"
+    what, decoder_only = stage.what, stage.decoder_only
+    final, ck = out / stage.dst, out / f"{stage.dst}_ckpt"
     if (final / "config.json").exists():
         log.info("%s already done", what)
         return AutoencoderKL.from_pretrained(str(final))
@@ -187,7 +201,7 @@ def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndar
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=stage.weight_decay)
     step = load_vae_ckpt(ck, vae, opt, what)
     n_sub = batch // 4 if n_subjects else 0
     if n_sub:
@@ -198,16 +212,16 @@ def _refine(out: Path, src: str, dst: str, what: str, stream: int, imgs: np.ndar
     t0 = last = time.time()
     bar = tqdm(total=steps, initial=step, desc=what, mininterval=15)
     while step < steps:
-        rng = np.random.default_rng([seed, stream, step])
+        rng = np.random.default_rng([seed, stage.stream, step])
         i = rng.choice(n, batch - n_sub, replace=False)
         x, xg = imgs[i], geo[i]
         if n_sub:
             j = rng.choice(len(sub_imgs), n_sub, replace=False)
             x, xg = np.concatenate([x, sub_imgs[j]]), np.concatenate([xg, sub_geo[j]])
-        x, w = to_tensor(x), object_weight(xg, fg)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + stream + step)
+        x, w = to_tensor(x), object_weight(xg, stage.fg)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + stage.stream + step)
         for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 3e-4, warmup=warmup)
+            pg["lr"] = lr_at(step, steps, 3e-4, warmup=stage.warmup)
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)

@@ -16,7 +16,6 @@ def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
-
 def save_optimizer(opt: torch.optim.Optimizer, path: Path):
     """Adam state as safetensors (tensors) + json (hyper-parameters), because
     torch.save would pickle."""

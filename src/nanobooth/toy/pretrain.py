@@ -99,16 +99,16 @@ def load_or_render_data(out: Path, n: int, seed: int):
 
 
 # ------------------------------------------------------------------ stage 2
-def encode_latents(out: Path, vae, imgs: np.ndarray, n: int):
+def encode_latents(out: Path, vae, imgs: np.ndarray):
     # one cache per autoencoder: stage 1c moves the latent space
     path = out / ("latents_refined.safetensors" if (out / "vae_refined" / "config.json").exists() else "latents.safetensors")
     if path.exists():
         d = load_file(str(path))
         return d["mean"], d["std"]
-    log.info("encoding %d images to latents", n)
+    log.info("encoding %d images to latents", len(imgs))
     means, stds = [], []
     with torch.no_grad():
-        for i in tqdm(range(0, n, 256), desc="encode", mininterval=15):
+        for i in tqdm(range(0, len(imgs), 256), desc="encode", mininterval=15):
             post = vae.encode(to_tensor(imgs[i:i + 256])).latent_dist
             means.append(post.mean.half())
             stds.append(post.std.half())
@@ -122,7 +122,7 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     from diffusers.training_utils import compute_snr
 
     ck = out / "unet_ckpt"
-    mean, std = encode_latents(out, vae, imgs, len(imgs))
+    mean, std = encode_latents(out, vae, imgs)
     sf = vae.config.scaling_factor
     tok = make_tokenizer()
     torch.manual_seed(seed + 1)
@@ -263,7 +263,8 @@ def main(argv=None):
     p.add_argument("--decoder-refine-steps", type=int, default=600,
                    help="stage 1d: stage 1c's decoder alone, object weighted harder (latents unchanged)")
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
-                   help="'decoder' runs only stage 1b, 'decoder-refine' only 1c+1d (1b/1d can run alongside stage 2)")
+                   help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
+                        "alongside stage 2, since they leave the latents alone")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
