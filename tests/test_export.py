@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanobooth import export as ex
+from nanobooth import ldm
 from nanobooth.cli import main
 
 
@@ -220,17 +221,17 @@ def test_ldm_layout_matches_real_sd15_and_sdxl_key_names_and_diffusers_reads_it_
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     unet, vae = _sd15_shaped_unet_and_vae()
-    ldm = {"model.diffusion_model." + k: v for k, v in ex.unet_to_ldm(unet.state_dict()).items()}
+    uldm = {"model.diffusion_model." + k: v for k, v in ldm.unet_to_ldm(unet.state_dict()).items()}
     for key in ("input_blocks.3.0.op.weight", "input_blocks.9.0.op.weight", "input_blocks.11.0.in_layers.2.weight",
                 "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight", "middle_block.2.emb_layers.1.weight",
                 "output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight",
                 "output_blocks.11.0.skip_connection.weight", "output_blocks.11.1.proj_out.weight", "time_embed.2.bias"):
-        assert "model.diffusion_model." + key in ldm, key
-    assert convert_ldm_unet_checkpoint(ldm, dict(unet.config)).keys() == unet.state_dict().keys()
-    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+        assert "model.diffusion_model." + key in uldm, key
+    assert convert_ldm_unet_checkpoint(uldm, dict(unet.config)).keys() == unet.state_dict().keys()
+    back = convert_ldm_unet_checkpoint(uldm, dict(unet.config))
     assert all(torch.equal(back[k], v) for k, v in unet.state_dict().items())
 
-    vldm = {"first_stage_model." + k: v for k, v in ex.vae_to_ldm(vae.state_dict()).items()}
+    vldm = {"first_stage_model." + k: v for k, v in ldm.vae_to_ldm(vae.state_dict()).items()}
     for key in ("encoder.down.3.block.1.conv2.weight", "encoder.down.2.downsample.conv.weight", "decoder.up.3.upsample.conv.weight",
                 "decoder.up.0.block.2.conv1.weight", "decoder.up.0.block.0.nin_shortcut.weight",
                 "encoder.down.1.block.0.nin_shortcut.weight", "encoder.mid.attn_1.proj_out.weight",
@@ -245,7 +246,7 @@ def test_ldm_layout_matches_real_sd15_and_sdxl_key_names_and_diffusers_reads_it_
                               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                               transformer_layers_per_block=(1, 2, 2), attention_head_dim=2, use_linear_projection=True,
                               addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=32)
-    xldm = {"model.diffusion_model." + k: v for k, v in ex.unet_to_ldm(xl.state_dict()).items()}
+    xldm = {"model.diffusion_model." + k: v for k, v in ldm.unet_to_ldm(xl.state_dict()).items()}
     for key in ("input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight", "input_blocks.7.1.proj_in.weight", "label_emb.0.2.weight",
                 "output_blocks.2.2.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.0.skip_connection.weight"):
         assert "model.diffusion_model." + key in xldm, key

@@ -132,3 +132,24 @@ def test_subject_match_identifies_the_subject_only():
     assert metrics.subject_match(plain, truth, probe) == 0.0
     with pytest.raises(ValueError):
         metrics.subject_match([], truth, probe)
+
+
+@pytest.mark.skipif(not (ASSETS / "toy_probe" / "config.json").exists(), reason="probe not shipped yet")
+def test_subject_in_context_needs_subject_and_scene():
+    from dataclasses import asdict
+
+    from nanobooth.toy.probe import load_probe
+
+    probe = load_probe()
+    s = world.make_subject(3)
+    truth = asdict(s)
+    scenes = list(world.SCENES) * 2
+    in_scene = [world.render_subject(s, i, sc) for i, sc in enumerate(scenes)]
+    assert metrics.subject_in_context(in_scene, scenes, truth, probe) >= 0.7
+    on_backdrop = [world.render_subject(s, i, None) for i in range(len(scenes))]  # subject, no scene
+    assert metrics.subject_match(on_backdrop, truth, probe) >= 0.7
+    assert metrics.subject_in_context(on_backdrop, scenes, truth, probe) == 0.0
+    plain = [world.render(world.Spec(s.cls, "red", sc, 16, 32, 32, bg_seed=i)) for i, sc in enumerate(scenes)]
+    assert metrics.subject_in_context(plain, scenes, truth, probe) == 0.0  # scene, no subject
+    with pytest.raises(ValueError):
+        metrics.subject_in_context(in_scene, scenes[:-1], truth, probe)

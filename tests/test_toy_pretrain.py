@@ -44,17 +44,30 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
     import json
 
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
 
     from nanobooth.toy import pretrain
 
     out = tmp_path / "pre"
-    tiny = ["--out", str(out), "--n-images", "560", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
+    tiny = ["--out", str(out), "--n-images", "560", "--n-plain", "40", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
             "--vae-refine-steps", "2", "--vae-refine-subjects", "2", "--decoder-refine-steps", "2", "--unet-batch", "2",
             "--threads", "1"]
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0
     for d in ("vae", "vae_dec", "vae_refined", "vae_refined_dec"):
         assert (out / d / "config.json").is_file()
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
+    lat = load_file(str(out / "latents_refined.safetensors"))
+    assert lat["mean"].shape[0] == 600  # the scenes, then the plain-backdrop images
+    imgs, specs = pretrain.load_or_render_data(out, 560, 0, 40)
+    assert specs[559].scene is not None and all(s.scene is None for s in specs[560:])
+    # images added to the data later are encoded on top of the cached prefix, not from scratch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(out / "vae_refined"))
+    save_file({k: v[:590].contiguous() for k, v in lat.items()}, str(out / "latents_refined.safetensors"))
+    mean, _ = pretrain.encode_latents(out, vae, imgs)
+    assert mean.shape[0] == 600 and torch.equal(mean[:590], lat["mean"][:590])
+    assert torch.allclose(mean[590:].float(), lat["mean"][590:].float(), atol=1e-2)
     refined = json.loads((out / "vae_refined" / "config.json").read_text())["scaling_factor"]
     assert refined != json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]  # re-measured
     before = (out / "unet_ckpt" / "unet.safetensors").read_bytes()
@@ -67,8 +80,6 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae.config.scaling_factor == pytest.approx(refined, rel=1e-3)  # the refined VAE is what ships
     shipped = pipe.vae.decoder.conv_out.weight.detach()
-    from diffusers import AutoencoderKL
-
     dec = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decoder.conv_out.weight.detach()
     assert torch.allclose(shipped, dec.half().float())  # ... with stage 1d's decoder
     a, b = (AutoencoderKL.from_pretrained(str(out / d)).encoder.state_dict() for d in ("vae_refined", "vae_refined_dec"))

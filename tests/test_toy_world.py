@@ -24,6 +24,18 @@ def test_caption_style():
     assert world.caption(s) == "a photo of a blue star on the beach"
     assert world.caption(s, colour=False, scene=False) == "a photo of a star"
     assert world.caption(s, colour=False, identifier="sks") == "a photo of a sks star on the beach"
+    plain = Spec("star", "blue", None, 12, 32, 32)  # the plain backdrop goes unnamed
+    assert world.caption(plain) == "a photo of a blue star"
+
+
+def test_plain_specs_render_on_the_subjects_backdrop():
+    rng = np.random.default_rng(5)
+    specs = [world.sample_spec(rng, plain=True) for _ in range(20)]
+    assert all(s.scene is None for s in specs) and len({s.cls for s in specs}) > 2
+    img = np.asarray(world.render(specs[0])).astype(np.float32)
+    bg = world.background(None, specs[0].bg_seed)
+    corner = (slice(0, 6), slice(0, 6)) if specs[0].x > 20 or specs[0].y > 20 else (slice(58, 64), slice(58, 64))
+    assert np.abs(img[corner] - np.clip(bg[corner], 0, 255)).max() <= 1.0
 
 
 def test_held_out_is_excluded_but_composable():

@@ -6,7 +6,10 @@ For the base model and for the run, over fixed seeds:
 - subject_identity: fraction of those generations the probe identifies as the subject (class, pattern
   and mark all read right; the base model scores 0; strict, since small marks blur at 64x64),
 - prompt_fidelity: fraction of "a photo of a sks <class> <scene>" generations showing that scene (the
-  context the prompt adds; the subject itself is subject_fidelity's business),
+  context the prompt adds; the subject itself is subject_fidelity's business). The base model scores
+  high here, since it ignores "sks": the claim is that fine-tuning keeps it,
+- subject_in_context: fraction of those scene generations showing the subject *and* the scene, the
+  task as a whole (base ~0; a run that binds the subject to its instance backdrop also ~0),
 - prior_drift: plain "a photo of a <class>" generations vs the instance images, mean feature cosine
   (the paper's PRES: does the class now look like the subject? lower is better),
 - prior_identity: fraction of those class generations the probe identifies as the subject,
@@ -50,6 +53,8 @@ def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, 
     if subject:
         result["subject_identity"] = metrics.subject_match(subj + scene_imgs, subject, probe)
     result["prompt_fidelity"] = metrics.prompt_fidelity(scene_imgs, requested, probe)
+    if subject:
+        result["subject_in_context"] = metrics.subject_in_context(scene_imgs, [r["scene"] for r in requested], subject, probe)
     result["prior_drift"] = metrics.prior_drift(cls, instance, probe)
     if subject:
         result["prior_identity"] = metrics.subject_match(cls, subject, probe)
@@ -95,8 +100,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
 
 
 def format_table(res: dict) -> str:
-    keys = [k for k in ("subject_fidelity", "subject_identity", "prompt_fidelity", "prior_drift", "prior_identity",
-                        "diversity") if k in res.get("tuned", {})]
+    keys = [k for k in ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift",
+                        "prior_identity", "diversity") if k in res.get("tuned", {})]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for who in ("base", "tuned"):
         if who in res:

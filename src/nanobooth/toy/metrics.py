@@ -6,8 +6,6 @@ embeddings. Everything here is a pure function of image lists and a probe.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -35,6 +33,11 @@ def self_similarity(images, probe) -> float:
     return 1.0 - diversity(images, probe)
 
 
+def _is_subject(pred: dict, subject: dict) -> np.ndarray:
+    return np.array([pred["class"][i] == subject["cls"] and pred["pattern"][i] == subject["pattern"]
+                     and pred["mark"][i] == subject["mark"] for i in range(len(pred["class"]))])
+
+
 def subject_match(images, subject: dict, probe) -> float:
     """Fraction of images the probe identifies as this subject: its class,
     pattern and mark all read right. Plain world objects have pattern and mark
@@ -43,10 +46,20 @@ def subject_match(images, subject: dict, probe) -> float:
     images = list(images)
     if not images:
         raise ValueError("need at least one image")
+    return float(_is_subject(probe.predict(images), subject).mean())
+
+
+def subject_in_context(images, scenes: list[str], subject: dict, probe) -> float:
+    """Fraction of images showing the subject (as `subject_match`) *and* the
+    requested scene: DreamBooth's task as a whole ("a sks star on the beach").
+    The base model scores ~0 (no subject); a fine-tune that binds the subject
+    to its instance backdrop scores ~0 too (no scene)."""
+    images = list(images)
+    if not images or len(images) != len(scenes):
+        raise ValueError("need one requested scene per image, and at least one image")
     pred = probe.predict(images)
-    ok = [pred["class"][i] == subject["cls"] and pred["pattern"][i] == subject["pattern"]
-          and pred["mark"][i] == subject["mark"] for i in range(len(images))]
-    return float(np.mean(ok))
+    in_scene = np.array([pred["scene"][i] == s for i, s in enumerate(scenes)])
+    return float((_is_subject(pred, subject) & in_scene).mean())
 
 
 def prior_drift(class_images, instance_images, probe) -> float:
@@ -105,19 +118,19 @@ def base_model_accuracy(pipeline_dir=None, n_captions: int = 40, seed: int = 0, 
     """Generate one image per held-out caption (cycling through them) and
     report probe accuracy per attribute. These (class, colour, scene) triples
     were excluded from pretraining, so this measures composition.
-    `pipeline_dir` may also be a loaded StableDiffusionPipeline.
-    guidance 7.5 scored best of 3, 5, 7.5 on 40 held-out captions (DDIM, 25 steps)."""
+    `pipeline_dir` may be any model name `load_pipeline` takes (default: the shipped toy model) or a
+    loaded StableDiffusionPipeline. guidance 7.5 scored best of 3, 5, 7.5 on 40 held-out captions
+    (DDIM, 25 steps)."""
     from diffusers import StableDiffusionPipeline
 
+    from nanobooth.models import load_pipeline
     from nanobooth.toy.probe import load_probe
 
     probe = probe or load_probe()
     if isinstance(pipeline_dir, StableDiffusionPipeline):  # an in-memory pipeline, e.g. mid-pretraining
         pipe = pipeline_dir
-    else:
-        path = Path(pipeline_dir) if pipeline_dir else Path(__file__).resolve().parents[1] / "assets" / "toy_model"
-        # fp16 kernels are slow or missing on CPU; the shipped weights are upcast
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32)
+    else:  # fp32: fp16 kernels are slow or missing on CPU
+        pipe = load_pipeline(str(pipeline_dir) if pipeline_dir else "toy", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     triples = sorted(world.HELD_OUT)
     caps = world.held_out_captions()

@@ -81,34 +81,53 @@ def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
     return world.caption(spec)
 
 
-def load_or_render_data(out: Path, n: int, seed: int):
-    path = out / f"data_seed{seed}_n{n}.npy"
+def _render_set(path: Path, n: int, rng: np.random.Generator, plain: bool, desc: str):
     spec_path = path.with_suffix(".json")
     if path.exists() and spec_path.exists():
         specs = [world.Spec(**d) for d in json.loads(spec_path.read_text())]
         return np.load(path, allow_pickle=False), specs
-    log.info("rendering %d training scenes", n)
+    log.info("rendering %d %s", n, desc)
     t = time.time()
-    rng = np.random.default_rng([seed, 5])
-    specs = [world.sample_spec(rng) for _ in range(n)]
+    specs = [world.sample_spec(rng, plain=plain) for _ in range(n)]
     imgs = np.stack([np.asarray(world.render(s)) for s in tqdm(specs, desc="render", mininterval=10)])
     np.save(path, imgs, allow_pickle=False)
     spec_path.write_text(json.dumps([s.__dict__ for s in specs]))
     log.info("rendered in %.0fs", time.time() - t)
+    add_time(path.parent, "render_seconds", time.time() - t)
+    return imgs, specs
+
+
+def load_or_render_data(out: Path, n: int, seed: int, n_plain: int = 0):
+    """n scenes, then n_plain objects on the plain backdrop. The plain ones matter for DreamBooth:
+    subjects' instance images are shot on that backdrop, and a base model that has never seen it
+    makes the fine-tune learn the backdrop along with the subject, binding it to the identifier
+    ("a sks star on the beach" then comes out on the backdrop). Real base models have seen
+    countless product shots; captions leave the backdrop unnamed, as people do."""
+    imgs, specs = _render_set(out / f"data_seed{seed}_n{n}.npy", n, np.random.default_rng([seed, 5]), False,
+                              "training scenes")
+    if n_plain:
+        p_imgs, p_specs = _render_set(out / f"data_seed{seed}_plain{n_plain}.npy", n_plain,
+                                      np.random.default_rng([seed, 6]), True, "plain-backdrop images")
+        imgs, specs = np.concatenate([imgs, p_imgs]), specs + p_specs
     return imgs, specs
 
 
 # ------------------------------------------------------------------ stage 2
 def encode_latents(out: Path, vae, imgs: np.ndarray):
+    """Posterior mean/std of every image, cached. The cache may hold a prefix of imgs (images added to
+    the data later, e.g. the plain-backdrop set): only the rest is encoded."""
     # one cache per autoencoder: stage 1c moves the latent space
     path = out / ("latents_refined.safetensors" if (out / "vae_refined" / "config.json").exists() else "latents.safetensors")
+    means, stds = [], []
     if path.exists():
         d = load_file(str(path))
-        return d["mean"], d["std"]
-    log.info("encoding %d images to latents", len(imgs))
-    means, stds = [], []
+        means, stds = [d["mean"][: len(imgs)]], [d["std"][: len(imgs)]]
+    done = len(means[0]) if means else 0
+    if done == len(imgs):
+        return means[0], stds[0]
+    log.info("encoding %d images to latents", len(imgs) - done)
     with torch.no_grad():
-        for i in tqdm(range(0, len(imgs), 256), desc="encode", mininterval=15):
+        for i in tqdm(range(done, len(imgs), 256), desc="encode", mininterval=15):
             post = vae.encode(to_tensor(imgs[i:i + 256])).latent_dist
             means.append(post.mean.half())
             stds.append(post.std.half())
@@ -247,9 +266,10 @@ def main(argv=None):
     p.add_argument("--out", default="toy_pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=30000)
+    p.add_argument("--n-plain", type=int, default=6000, help="extra images of objects on the plain backdrop")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-steps", type=int, default=7200)
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
@@ -274,9 +294,7 @@ def main(argv=None):
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     write_json(out / f"args_{a.stage}.json", vars(a))
-    t = time.time()
-    imgs, specs = load_or_render_data(out, a.n_images, a.seed)
-    add_time(out, "render_seconds", time.time() - t) if not (out / "vae" / "config.json").exists() else None
+    imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain)
     vae = train_vae(out, imgs, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
     vae.eval().requires_grad_(False)
     if a.decoder_steps:

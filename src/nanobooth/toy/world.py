@@ -46,7 +46,7 @@ IDENTIFIER = "sks"
 class Spec:
     cls: str
     colour: str
-    scene: str
+    scene: str | None  # None: the plain studio backdrop, which captions leave unnamed
     size: float  # object radius in pixels
     x: float  # centre, pixels
     y: float
@@ -95,16 +95,18 @@ def caption(spec: Spec, colour: bool = True, scene: bool = True, identifier: str
     if colour:
         words.append(spec.colour)
     words.append(spec.cls)
-    if scene:
+    if scene and spec.scene:
         words.append(spec.scene)
     return " ".join(words)
 
 
-def sample_spec(rng: np.random.Generator, allow_held_out: bool = False) -> Spec:
+def sample_spec(rng: np.random.Generator, allow_held_out: bool = False, plain: bool = False) -> Spec:
+    """plain=True: an object on the plain backdrop (product-shot style), the backdrop subjects'
+    instance images are shot on."""
     while True:
         cls = CLASSES[rng.integers(len(CLASSES))]
         colour = COLOURS[rng.integers(len(COLOURS))]
-        scene = SCENES[rng.integers(len(SCENES))]
+        scene = None if plain else SCENES[rng.integers(len(SCENES))]
         if allow_held_out or (cls, colour, scene) not in HELD_OUT:
             break
     size = float(rng.uniform(10, 18))
