@@ -54,11 +54,11 @@ def test_prompt_fidelity_is_kept(scores):
 
 def test_subject_appears_in_the_requested_scenes(scores):
     # the task as a whole: subject (class, pattern and mark all read right) and scene in one image. The base
-    # model never draws the subject. Measured without prior preservation: 7 of 40 scene images (0.175); with
-    # it this subject's small cross mark rarely survives (1 of 40), so that run is not asserted on.
+    # model hardly ever draws the subject (0 of 40 scene images here). Measured without prior preservation:
+    # 7 of 40 (0.175); with it this subject's small cross mark rarely survives (1 of 40), so that run is
+    # not asserted on.
     res = scores["toy/dreambooth-lora"]
-    assert res["base"]["subject_in_context"] == 0.0
-    assert res["tuned"]["subject_in_context"] >= 0.1
+    assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.1
 
 
 def test_prior_preservation_limits_language_drift(scores):

@@ -64,7 +64,7 @@ def load_vae_ckpt(ck: Path, vae, opt, what: str) -> int:
 
 
 def held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
-    """Latents of the last 512 images (never sampled for training batches) and their reconstruction MSE."""
+    """Latents of the last 512 images (never in stages 1b-1d's training batches) and their reconstruction MSE."""
     with torch.no_grad():
         x = to_tensor(imgs[-512:])
         z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))

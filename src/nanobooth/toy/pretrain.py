@@ -295,18 +295,21 @@ def main(argv=None):
         return 0
     write_json(out / f"args_{a.stage}.json", vars(a))
     imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain)
-    vae = train_vae(out, imgs, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
+    # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
+    # backdrop), which also keeps their held-apart recon images (the last 512) scenes
+    scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
+    vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
     vae.eval().requires_grad_(False)
     if a.decoder_steps:
-        train_decoder(out, imgs, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
+        train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
     if a.stage == "decoder":
         return 0
     if a.vae_refine_steps:
-        vae = refine_vae(out, imgs, specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+        vae = refine_vae(out, scenes, scene_specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
                          a.vae_refine_subjects)
         vae.eval().requires_grad_(False)
     if a.decoder_refine_steps:
-        refine_decoder(out, imgs, specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+        refine_decoder(out, scenes, scene_specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
                        a.vae_refine_subjects)
     if a.stage == "decoder-refine":
         return 0
