@@ -72,7 +72,7 @@ def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, t
             raise CheckpointError(f"checkpoint lacks {len(missing)} trained tensors of {name} (e.g. {sorted(missing)[0]}): it is from a different config")
 
 
-def _optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, pstate in sd["state"].items():
@@ -85,7 +85,7 @@ def _optimizer_to_flat(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _optimizer_from_flat(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_from_flat(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         pid, k = key.split(".", 1)
@@ -107,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_sched
     tmp.mkdir()
     with cleanup_on_error(tmp, f"checkpoint-{step:06d}"):
         save_file(trainable_state(modules), tmp / "model.safetensors")
-        opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
+        opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
         state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
@@ -131,7 +131,7 @@ def load_checkpoint(path: Path, modules: dict, optimizer, lr_scheduler) -> tuple
     """Restore weights, optimizer and scheduler in place; return (state.json, rng tensors)."""
     state = json.loads((path / "state.json").read_text())
     load_trainable_state(modules, load_file(path / "model.safetensors"))
-    _optimizer_from_flat(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    optimizer_from_flat(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     return state, load_file(path / "rng.safetensors")
 

@@ -147,7 +147,7 @@ def subject_pool(n_subjects: int, poses: int = 5) -> tuple[np.ndarray, np.ndarra
         s = world.make_subject(SUBJECT_SEED0 + i)
         for k in range(poses):
             scene = [None, *world.SCENES][(i + k) % (len(world.SCENES) + 1)]
-            p = world.subject_pose(np.random.default_rng([s.seed, 91, k]), scene)
+            p = world.subject_pose(s, k)
             imgs.append(np.asarray(world.render_subject(s, k, scene)))
             geo.append((p["x"], p["y"], p["size"]))
     return np.stack(imgs), np.asarray(geo, np.float32)

@@ -11,30 +11,26 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanobooth.checkpoint import optimizer_from_flat, optimizer_to_flat
+
 
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def save_optimizer(opt: torch.optim.Optimizer, path: Path):
-    """Adam state as safetensors (tensors) + json (hyper-parameters), because
-    torch.save would pickle."""
-    sd = opt.state_dict()
-    tensors = {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(sd["param_groups"]))
+    """Adam state as safetensors (tensors) + json (hyper-parameters), in the trainer's checkpoint
+    layout, because torch.save would pickle."""
+    tensors, meta = optimizer_to_flat(opt)
+    save_file(tensors, str(path))
+    path.with_suffix(".json").write_text(json.dumps(meta))
 
 
 def load_optimizer(opt: torch.optim.Optimizer, path: Path):
-    tensors = load_file(str(path))
-    state: dict = {}
-    for k, v in tensors.items():
-        pid, name = k.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(path.with_suffix(".json").read_text())})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if isinstance(meta, list):  # checkpoints written before this layout held the param groups alone
+        meta = {"param_groups": meta, "scalars": {}}
+    optimizer_from_flat(opt, load_file(str(path)), meta)
 
 
 class EMA:

@@ -49,16 +49,18 @@ def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, 
     cls = render(pipe, p["class"], n, seed, steps, guidance)[0]
     scene_imgs = [img for row in scenes for img in row]
     requested = [{"scene": s} for s in world.SCENES for _ in range(n)]
-    result = {"subject_fidelity": metrics.subject_fidelity(subj + scene_imgs, instance, probe)}
-    if subject:
-        result["subject_identity"] = metrics.subject_match(subj + scene_imgs, subject, probe)
-    result["prompt_fidelity"] = metrics.prompt_fidelity(scene_imgs, requested, probe)
-    if subject:
-        result["subject_in_context"] = metrics.subject_in_context(scene_imgs, [r["scene"] for r in requested], subject, probe)
-    result["prior_drift"] = metrics.prior_drift(cls, instance, probe)
-    if subject:
-        result["prior_identity"] = metrics.subject_match(cls, subject, probe)
-    result["diversity"] = metrics.diversity(subj, probe)
+    result = {
+        "subject_fidelity": metrics.subject_fidelity(subj + scene_imgs, instance, probe),
+        "prompt_fidelity": metrics.prompt_fidelity(scene_imgs, requested, probe),
+        "prior_drift": metrics.prior_drift(cls, instance, probe),
+        "diversity": metrics.diversity(subj, probe),
+    }
+    if subject:  # identity needs the subject's ground truth; format_table orders the keys
+        result.update(
+            subject_identity=metrics.subject_match(subj + scene_imgs, subject, probe),
+            subject_in_context=metrics.subject_in_context(scene_imgs, [r["scene"] for r in requested], subject, probe),
+            prior_identity=metrics.subject_match(cls, subject, probe),
+        )
     rows = {p["subject"][0]: subj, **dict(zip(p["scenes"], scenes)), p["class"][0]: cls}
     return {k: round(float(v), 4) for k, v in result.items()}, rows
 

@@ -332,7 +332,10 @@ def _subject_paint(s: Subject):
     return paint
 
 
-def subject_pose(rng: np.random.Generator, scene: str | None = None) -> dict:
+def subject_pose(subject: Subject, pose: int | np.random.Generator = 0) -> dict:
+    """Placement of one instance image: pose is an index (deterministic for this subject) or an rng.
+    Rotation is kept within +-35 degrees so the mark stays recognisably placed."""
+    rng = pose if isinstance(pose, np.random.Generator) else np.random.default_rng([subject.seed, 91, int(pose)])
     size = float(rng.uniform(15, 21))
     m = size + 2
     return {
@@ -342,10 +345,8 @@ def subject_pose(rng: np.random.Generator, scene: str | None = None) -> dict:
 
 
 def render_subject(subject: Subject, pose: int | np.random.Generator = 0, scene: str | None = None) -> Image.Image:
-    """pose: an index (deterministic for this subject) or an rng. Rotation is
-    kept within +-35 degrees so the mark stays recognisably placed."""
-    rng = pose if isinstance(pose, np.random.Generator) else np.random.default_rng([subject.seed, 91, int(pose)])
-    p = subject_pose(rng, scene)
+    """The subject at `subject_pose(subject, pose)`, on `scene` (None: the plain backdrop)."""
+    p = subject_pose(subject, pose)
     return _composite(
         background(scene, p["bg_seed"]), subject.cls, p["x"], p["y"], p["size"], p["angle"],
         _subject_paint(subject),
