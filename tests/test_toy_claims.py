@@ -15,7 +15,7 @@ from nanobooth.cli import main
 
 SHIPPED = (Path(str(resources.files("nanobooth"))) / "assets" / "toy_model" / "model_index.json").is_file()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHIPPED, reason="the pretrained toy model is not in this build")]
-SUBJECT_SEED = 4242  # recipes were tuned on subjects 0-9
+SUBJECT_SEED = 4242  # a green/cyan "halves" star with a black spot; recipes were tuned on subjects 0-9
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,15 @@ def scores(subject, tmp_path_factory):
 
 
 def test_subject_fidelity_rises_above_the_base_model(scores):
-    # measured on the shipped model v4: 0.813 vs 0.749 for this subject (tuning subjects 1-3: 0.83/0.78/0.91
-    # vs 0.64/0.73/0.64); without prior preservation 0.830
+    # measured on the shipped model v4: 0.830 vs base 0.757 with prior preservation, 0.858 without; the
+    # subject's own renders through the model's VAE (toy eval's reference row) score 0.923
     for variant in ("toy/dreambooth-lora-prior-pre", "toy/dreambooth-lora"):
         res = scores[variant]
-        assert res["tuned"]["subject_fidelity"] > res["base"]["subject_fidelity"] + 0.04, variant
+        assert res["tuned"]["subject_fidelity"] > res["base"]["subject_fidelity"] + 0.05, variant
+    # read against what the decoder can show: the prior run closes 44% of the gap from base to reference
+    res = scores["toy/dreambooth-lora-prior-pre"]
+    gap = res["reference"]["subject_fidelity"] - res["base"]["subject_fidelity"]
+    assert res["tuned"]["subject_fidelity"] - res["base"]["subject_fidelity"] > 0.3 * gap
 
 
 def test_prompt_fidelity_is_kept(scores):
@@ -54,17 +58,17 @@ def test_prompt_fidelity_is_kept(scores):
 
 def test_subject_appears_in_the_requested_scenes(scores):
     # the task as a whole: subject (class, pattern and mark all read right) and scene in one image. The base
-    # model hardly ever draws the subject (0 of 40 scene images here). Measured without prior preservation:
-    # 7 of 40 (0.175); with it this subject's small cross mark rarely survives (1 of 40), so that run is
-    # not asserted on.
+    # model hardly ever draws the subject (2 of 40 scene images here). Measured without prior preservation:
+    # 12 of 40 (0.300); with it the subject is bound less tightly and is read as itself only 2 of 40
+    # times, so that run is not asserted on.
     res = scores["toy/dreambooth-lora"]
-    assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.1
+    assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.15
 
 
 def test_prior_preservation_limits_language_drift(scores):
     with_prior = scores["toy/dreambooth-lora-prior-pre"]["tuned"]
     without = scores["toy/dreambooth-lora"]["tuned"]
-    # measured: prior_drift 0.833 with vs 0.901 without (base 0.774); plain "a photo of a star" is read as
-    # the subject itself 0% of the time with prior preservation, 12.5% without
-    assert without["prior_drift"] > with_prior["prior_drift"] + 0.03
-    assert with_prior["prior_identity"] <= without["prior_identity"]
+    # measured: prior_drift 0.823 with vs 0.947 without (base 0.752); plain "a photo of a star" is read as
+    # the subject itself 0% of the time with prior preservation, 62.5% without
+    assert without["prior_drift"] > with_prior["prior_drift"] + 0.05
+    assert with_prior["prior_identity"] + 0.25 <= without["prior_identity"]

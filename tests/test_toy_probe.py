@@ -25,6 +25,22 @@ def test_dataset_labels_match_the_world():
     assert mixed["pattern"].gt(0).all() and mixed["mark"].gt(0).all()
 
 
+
+def test_dataset_sends_a_share_through_the_vae(tiny_model):
+    """The probe learns to read past the decoder: with a VAE, about vae_frac of the images are its
+    round trips (labels untouched), the rest are the plain renders; without one, nothing changes."""
+    from nanobooth.toy.probe import load_vae
+
+    vae = load_vae(str(tiny_model))
+    plain, tg0 = probe_mod.make_dataset(40, seed=5, degrade=False)
+    mixed, tg1 = probe_mod.make_dataset(40, seed=5, degrade=False, vae=vae, vae_frac=0.5)
+    assert all(torch.equal(tg0[k], tg1[k]) for k in tg0)
+    same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, mixed)]
+    assert 8 <= same.count(False) <= 32 and same.count(True) >= 8
+    changed = next(i for i, s in enumerate(same) if not s)
+    assert np.array_equal(np.asarray(mixed[changed]), np.asarray(probe_mod.vae_roundtrip([plain[changed]], vae)[0]))
+    assert load_vae("none") is None
+
 def test_save_load_roundtrip(tmp_path):
     L = label_space()
     net = ProbeNet(L, width=8, dim=16).eval()

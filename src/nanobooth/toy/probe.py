@@ -2,7 +2,9 @@
 
 It judges generations (class / colour / scene accuracy) and embeds images for
 subject similarity. It is trained on renders only, never on generations, so it
-is an independent judge of the diffusion model.
+is an independent judge of the diffusion model; half of those renders go through
+the toy model's VAE first, since every generation does (measured on subjects after
+a round trip: class 0.89 -> 0.94, pattern 0.74 -> 0.79 vs a probe trained without).
 
     python -m nanobooth.toy.probe --out src/nanobooth/assets/toy_probe
 
@@ -113,8 +115,8 @@ def load_probe(path=None) -> Probe:
 
 # ------------------------------------------------------------------ training
 def _degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Mimic what a 4x VAE and an under-trained UNet do to images (blur, noise,
-    small colour shifts) so the judge stays calibrated on generations."""
+    """Blur, noise and small colour shifts: the rest of what a small UNet does to images, so the
+    judge stays calibrated on generations (`vae_roundtrip` supplies the decoder's own smearing)."""
     if rng.random() < 0.5:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 1.2))))
     a = np.asarray(img).astype(np.float32)
@@ -124,11 +126,27 @@ def _degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
-def make_dataset(n: int, seed: int, held_out_only: bool = False, subject_frac: float = 0.3, degrade: bool = True):
-    """Returns images and per-head integer targets (-1 = no label for that head)."""
+def vae_roundtrip(images, vae, batch: int = 200) -> list[Image.Image]:
+    """Encode and decode through an AutoencoderKL (latent mean): what every generation has been
+    through, and what the probe must read past (a 4x VAE smears small marks and fine patterns)."""
+    out, w = [], next(vae.parameters())
+    for i in range(0, len(images), batch):
+        x = to_batch(images[i:i + batch]).to(w.device, w.dtype)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
+        arr = y.add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        out += [Image.fromarray(a) for a in arr]
+    return out
+
+
+def make_dataset(n: int, seed: int, held_out_only: bool = False, subject_frac: float = 0.3, degrade: bool = True,
+                 vae=None, vae_frac: float = 0.5):
+    """Returns images and per-head integer targets (-1 = no label for that head). With `vae`, a
+    `vae_frac` share of the renders goes through `vae_roundtrip` first (before `degrade`)."""
     L = label_space()
     rng = np.random.default_rng([seed, 31])
     imgs, tg = [], {k: [] for k in list(L) + ["palette"]}
+    through_vae, degrade_seeds = [], []
     ho = sorted(world.HELD_OUT)
     for i in range(n):
         if not held_out_only and rng.random() < subject_frac:
@@ -150,12 +168,17 @@ def make_dataset(n: int, seed: int, held_out_only: bool = False, subject_frac: f
             t = {"class": L["class"].index(spec.cls), "colour": L["colour"].index(spec.colour),
                  "scene": L["scene"].index(spec.scene), "pattern": 0, "mark": 0}
             pal = [spec.colour]
-        if degrade:
-            img = _degrade(img, rng)
         imgs.append(img)
+        through_vae.append(rng.random() < vae_frac and vae is not None)  # always draw: same renders either way
+        degrade_seeds.append(int(rng.integers(2**31)))
         for k, v in t.items():
             tg[k].append(v)
         tg["palette"].append([float(c in pal) for c in PALETTE])
+    chosen = [i for i, v in enumerate(through_vae) if v]
+    for i, img in zip(chosen, vae_roundtrip([imgs[i] for i in chosen], vae) if chosen else []):
+        imgs[i] = img
+    if degrade:
+        imgs = [_degrade(img, np.random.default_rng(s)) for img, s in zip(imgs, degrade_seeds)]
     return imgs, {k: torch.tensor(v) for k, v in tg.items()}
 
 
@@ -176,13 +199,13 @@ def accuracy(probe: Probe, imgs, tg) -> dict[str, float]:
     return acc
 
 
-def _cached_dataset(n: int, seed: int, cache: Path | None):
+def _cached_dataset(n: int, seed: int, cache: Path | None, vae=None, vae_tag: str = "none"):
     """Rendering dominates a short probe run, so renders can be kept (uint8 + safetensors)."""
-    f = cache / f"probe_data_all_seed{seed}_n{n}.safetensors" if cache else None
+    f = cache / f"probe_data_all_seed{seed}_n{n}_vae-{vae_tag}.safetensors" if cache else None
     if f is not None and f.exists():
         d = load_file(str(f))
         return d.pop("x"), d
-    imgs, tg = make_dataset(n, seed)
+    imgs, tg = make_dataset(n, seed, vae=vae)
     x = torch.from_numpy(np.stack([np.asarray(im) for im in imgs]))
     if f is not None:
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +213,23 @@ def _cached_dataset(n: int, seed: int, cache: Path | None):
     return x, tg
 
 
-def train(out: Path, n: int = 24000, epochs: int = 4, seed: int = 0, width: int = 32, dim: int = 256, threads: int = 1,
-          cache: Path | None = None, lr: float = 3e-3):
+def load_vae(model: str | None):
+    """The autoencoder whose decoder the probe learns to read past: any model name `load_pipeline`
+    takes (default recipe: the shipped toy model), or None."""
+    if model in (None, "none"):
+        return None
+    from nanobooth.models import load_pipeline
+
+    return load_pipeline(model, torch_dtype=torch.float32).vae.eval()
+
+
+def train(out: Path, n: int = 16000, epochs: int = 10, seed: int = 0, width: int = 32, dim: int = 256, threads: int = 1,
+          cache: Path | None = None, lr: float = 3e-3, vae_model: str | None = "toy"):
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    x8, tg = _cached_dataset(n, seed, cache)
+    vae = load_vae(vae_model)
+    x8, tg = _cached_dataset(n, seed, cache, vae, Path(vae_model).name if vae is not None else "none")
     x = x8.permute(0, 3, 1, 2).float().div(127.5).sub(1)
     log.info("probe data ready (%d images) in %.0fs", n, time.time() - t0)
     L = label_space()
@@ -223,37 +257,45 @@ def train(out: Path, n: int = 24000, epochs: int = 4, seed: int = 0, width: int 
             if step % 50 == 0:
                 log.info("probe epoch %d step %d/%d loss %.4f", ep, step, steps, loss.item())
     probe = Probe(net, L)
-    ev = evaluate(probe, seed=seed + 1)
+    ev = evaluate(probe, seed=seed + 1, vae=vae)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in net.state_dict().items()},
               str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps({
         "labels": L, "width": width, "dim": dim, "palette": PALETTE, "train_images": n, "epochs": epochs,
-        "seed": seed, "train_seconds": time.time() - t0, "eval": ev,
+        "seed": seed, "vae": vae_model if vae is not None else None, "train_seconds": time.time() - t0, "eval": ev,
     }, indent=2))
     log.info("probe saved to %s: %s", out, json.dumps(ev))
     return probe, ev
 
 
-def evaluate(probe: Probe, seed: int = 1, n: int = 1000) -> dict:
+def evaluate(probe: Probe, seed: int = 1, n: int = 1000, vae=None) -> dict:
     """Accuracy on fresh renders (seeds the probe never saw): the held-out triples
-    (withheld from the diffusion model), and a degraded mix including subjects."""
+    (withheld from the diffusion model), and a degraded mix including subjects. With `vae`, also
+    subjects after a VAE round trip: the most a judge can read off any generation."""
     ho_imgs, ho_tg = make_dataset(n, seed, held_out_only=True, degrade=False)
     mix_imgs, mix_tg = make_dataset(n, seed + 100, degrade=True)
-    return {"held_out_renders": accuracy(probe, ho_imgs, ho_tg), "mixed_degraded": accuracy(probe, mix_imgs, mix_tg)}
+    ev = {"held_out_renders": accuracy(probe, ho_imgs, ho_tg), "mixed_degraded": accuracy(probe, mix_imgs, mix_tg)}
+    if vae is not None:
+        sub_imgs, sub_tg = make_dataset(n, seed + 200, subject_frac=1.0, degrade=False, vae=vae, vae_frac=1.0)
+        ev["subjects_vae_roundtrip"] = accuracy(probe, sub_imgs, sub_tg)
+    return ev
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="nanobooth toy probe")
     p.add_argument("--out", default=str(DEFAULT_PATH))
-    p.add_argument("--n", type=int, default=24000)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--n", type=int, default=16000)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=None, help="directory to keep rendered training data in")
+    p.add_argument("--vae", default="toy", help="model whose autoencoder half the training renders go through "
+                   "(what generations go through); 'none' for renders only")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    train(Path(a.out), a.n, a.epochs, a.seed, threads=a.threads, cache=Path(a.cache) if a.cache else None)
+    train(Path(a.out), a.n, a.epochs, a.seed, threads=a.threads, cache=Path(a.cache) if a.cache else None,
+          vae_model=a.vae)
     return 0
 
 

@@ -262,7 +262,10 @@ def render(spec: Spec) -> Image.Image:
 
 # -------------------------------------------------------------------- subjects
 PATTERNS = ["checker", "stripes", "dots", "halves"]
-MARKS = ["eye", "cross", "spot"]
+# A subject's identity must survive the toy VAE (f=4), or no model built on it could learn it. A small
+# black cross did not: its round trips were read as a cross 59%, as a spot 37% of the time (the probe on
+# 150 subjects), so it was dropped. Eye and spot survive: read right after a round trip 99% / 99%.
+MARKS = ["eye", "spot"]
 
 
 @dataclass
@@ -322,9 +325,6 @@ def _subject_paint(s: Subject):
         if s.mark == "eye":
             col = np.where((d2 < mr**2)[..., None], white, col)
             col = np.where((d2 < (0.45 * mr) ** 2)[..., None], black, col)
-        elif s.mark == "cross":
-            bar = ((np.abs(dx - dy) < 0.1) | (np.abs(dx + dy) < 0.1)) & (d2 < mr**2)
-            col = np.where(bar[..., None], black, col)
         else:
             col = np.where((d2 < (0.8 * mr) ** 2)[..., None], black, col)
         return col
