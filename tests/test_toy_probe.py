@@ -38,7 +38,8 @@ def test_dataset_sends_a_share_through_the_vae(tiny_model):
     same = [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, mixed)]
     assert 8 <= same.count(False) <= 32 and same.count(True) >= 8
     changed = next(i for i, s in enumerate(same) if not s)
-    assert np.array_equal(np.asarray(mixed[changed]), np.asarray(probe_mod.vae_roundtrip([plain[changed]], vae)[0]))
+    alone = np.asarray(probe_mod.vae_roundtrip([plain[changed]], vae)[0]).astype(int)
+    assert np.abs(np.asarray(mixed[changed]).astype(int) - alone).max() <= 1  # batch size may move float rounding
     assert load_vae("none") is None
 
 def test_save_load_roundtrip(tmp_path):
