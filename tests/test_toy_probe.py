@@ -25,7 +25,6 @@ def test_dataset_labels_match_the_world():
     assert mixed["pattern"].gt(0).all() and mixed["mark"].gt(0).all()
 
 
-
 def test_dataset_sends_a_share_through_the_vae(tiny_model):
     """The probe learns to read past the decoder: with a VAE, about vae_frac of the images are its
     round trips (labels untouched), the rest are the plain renders; without one, nothing changes."""
@@ -41,6 +40,7 @@ def test_dataset_sends_a_share_through_the_vae(tiny_model):
     alone = np.asarray(probe_mod.vae_roundtrip([plain[changed]], vae)[0]).astype(int)
     assert np.abs(np.asarray(mixed[changed]).astype(int) - alone).max() <= 1  # batch size may move float rounding
     assert load_vae("none") is None
+
 
 def test_save_load_roundtrip(tmp_path):
     L = label_space()
