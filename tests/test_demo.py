@@ -22,5 +22,9 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     # 4 steps barely move the LoRA: the subject's own renders (through the VAE) are far more like it
     assert res["reference"]["subject_fidelity"] > res["tuned"]["subject_fidelity"] + 0.05
     assert (run / "pytorch_lora_weights.safetensors").is_file()
+    # the LoRA twins guide the first half of the sampling steps only, and toy eval scores with the run's setting
+    assert res["settings"]["guidance_cutoff"] == 0.5
     out = capsys.readouterr().out
     assert str(samples[0]) in out and str(samples[-1]) in out and str(run / "toy_eval.json") in out
+    assert main(["toy", "eval", str(run), "--images-per-prompt", "1", "--no-base", "--guidance-cutoff", "1"]) == 0
+    assert json.loads((run / "toy_eval.json").read_text())["settings"]["guidance_cutoff"] == 1.0

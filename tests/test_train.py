@@ -45,7 +45,7 @@ def test_variant_trains_reloads_and_generates(variant, tiny_model, subject_dir, 
         StableDiffusionPipeline.from_pretrained(out)  # a real diffusers folder
     gen = tmp_path / "gen"
     assert main(["generate", "--model", str(tiny_model), "--weights", str(out), "--prompt", "a sks dog", "--prompt",
-                 "a dog", "--num-images", "2", "--steps", "2", "--out", str(gen)]) == 0
+                 "a dog", "--num-images", "2", "--steps", "2", "--guidance-cutoff", "0.5", "--out", str(gen)]) == 0
     assert len(list(gen.glob("prompt*.png"))) == 4 and (gen / "grid.png").is_file()
 
 

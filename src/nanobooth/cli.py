@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--guidance-cutoff", type=float, default=1.0,
+                   help="fraction of the steps that use guidance; the rest sample without it (default 1.0: all)")
     g.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     g.add_argument("--out", required=True)
     g.add_argument("--device", default=None)

@@ -138,6 +138,9 @@ class TrainConfig:
     """Sampler steps for validation images."""
     validation_guidance_scale: float = 7.5
     """Classifier-free guidance scale for validation images."""
+    validation_guidance_cutoff: float = 1.0
+    """Fraction of the validation sampler's steps that use guidance; the rest use the conditional prediction
+    alone (diffusers' cutoff_step_ratio). 1.0 = every step."""
     validation_seed: Optional[int] = None
     """Seed of validation images (prompt i image j uses validation_seed + 1000*i + j). Default: seed."""
     checkpointing_steps: int = 500
@@ -169,6 +172,9 @@ class TrainConfig:
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.validation_guidance_cutoff <= 1.0:
+            raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
+                              f"(0, 1], got {self.validation_guidance_cutoff}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.with_prior_preservation and self.num_class_images < 1:

@@ -30,13 +30,46 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")
 
 
+# Classifier-free guidance doubles these along the batch (unconditional half first); after the cutoff only
+# the conditional half is kept. SDXL adds the pooled text embeddings and the size/crop ids.
+_CFG_DOUBLED = ("prompt_embeds", "add_text_embeds", "add_time_ids")
+
+
+def _cfg_cutoff(steps: int, fraction: float):
+    """A callback_on_step_end that turns guidance off after `fraction` of the sampler's steps.
+
+    diffusers' SDCFGCutoffCallback keeps `prompt_embeds[-1:]`, one image's embeddings, so a batch of more
+    than one image fails in the UNet with a shape error (diffusers 0.42); this keeps the whole conditional half.
+    """
+    cut = max(1, round(fraction * steps))
+
+    def callback(pipe, step_index, timestep, kwargs):
+        if step_index + 1 == cut:
+            pipe._guidance_scale = 1.0  # > 1 is what switches guidance on in the SD/SDXL pipelines
+            for name in _CFG_DOUBLED:
+                if name in kwargs:
+                    kwargs[name] = kwargs[name].chunk(2)[1]
+        return kwargs
+
+    return callback
+
+
 def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25, guidance: float = 7.5,
-           resolution: int | None = None, batch_size: int = 8) -> list[list[Image.Image]]:
+           resolution: int | None = None, batch_size: int = 8, guidance_cutoff: float = 1.0) -> list[list[Image.Image]]:
     """images[i][j]: prompt i, image j, from its own generator seeded `seed + 1000*i + j`.
 
     Own generators mean the result depends only on (prompt index, image index, seed), never on batch
     size or on whatever else used the global RNG, and rendering never advances the global RNG.
+    `guidance_cutoff` < 1 guides only that fraction of the steps (layout and scene are settled early) and
+    samples the rest from the conditional prediction alone, so late steps do not extrapolate fine
+    detail such as colours (see docs/evaluation.md, toy model limits).
     """
+    if not 0.0 < guidance_cutoff <= 1.0:
+        raise ValueError(f"guidance_cutoff={guidance_cutoff}: pass a fraction of the sampling steps in (0, 1]")
+    extra = {}
+    if guidance_cutoff < 1.0 and guidance > 1.0:
+        names = [n for n in _CFG_DOUBLED if n in getattr(pipe, "_callback_tensor_inputs", ())]
+        extra = dict(callback_on_step_end=_cfg_cutoff(steps, guidance_cutoff), callback_on_step_end_tensor_inputs=names)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: list[list[Image.Image]] = [[None] * num_images for _ in prompts]
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -45,7 +78,7 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
         gens = [torch.Generator(pipe.device).manual_seed(seed + 1000 * i + j) for i, j in chunk]
         with torch.no_grad():
             images = pipe([prompts[i] for i, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=gens, height=size, width=size).images
+                          generator=gens, height=size, width=size, **extra).images
         for (i, j), img in zip(chunk, images):
             out[i][j] = img
     return out
@@ -84,7 +117,8 @@ def generate_cli(args) -> Path:
     pipe.to(device)
     if args.tome_ratio:
         apply_tome(pipe.unet, args.tome_ratio)
-    rows = render(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution)
+    rows = render(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution,
+                  guidance_cutoff=args.guidance_cutoff)
     out = Path(args.out)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):

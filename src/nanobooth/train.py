@@ -263,7 +263,8 @@ def train(cfg: TrainConfig) -> Path:
             pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
             pipe.set_progress_bar_config(disable=True)
             rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
-                          cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution)
+                          cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
+                          guidance_cutoff=cfg.validation_guidance_cutoff)
             unet.train(), [te.train(te_trained) for te in text_encoders]
             if info:
                 info["args"]["generator"] = tome_gen

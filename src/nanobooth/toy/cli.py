@@ -14,7 +14,8 @@ def cmd_subject(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import toy_eval
 
-    toy_eval(args.run_dir, args.images_per_prompt, args.seed, args.steps, args.guidance, with_base=not args.no_base)
+    toy_eval(args.run_dir, args.images_per_prompt, args.seed, args.steps, args.guidance, with_base=not args.no_base,
+             guidance_cutoff=args.guidance_cutoff)
 
 
 def add_parser(sub) -> None:
@@ -33,6 +34,8 @@ def add_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
+    e.add_argument("--guidance-cutoff", type=float, default=None,
+                   help="fraction of the steps that use guidance; default: the run's validation_guidance_cutoff")
     e.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     e.set_defaults(func=cmd_eval)
 

@@ -48,11 +48,12 @@ def prompts_for(noun: str, identifier: str = "sks") -> dict[str, list[str]]:
 
 
 def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, steps: int, guidance: float,
-          subject: dict | None = None) -> tuple[dict, dict]:
+          subject: dict | None = None, guidance_cutoff: float = 1.0) -> tuple[dict, dict]:
     p = prompts_for(noun, identifier)
-    subj = render(pipe, p["subject"], n, seed, steps, guidance)[0]
-    scenes = render(pipe, p["scenes"], n, seed, steps, guidance)
-    cls = render(pipe, p["class"], n, seed, steps, guidance)[0]
+    kw = dict(guidance_cutoff=guidance_cutoff)
+    subj = render(pipe, p["subject"], n, seed, steps, guidance, **kw)[0]
+    scenes = render(pipe, p["scenes"], n, seed, steps, guidance, **kw)
+    cls = render(pipe, p["class"], n, seed, steps, guidance, **kw)[0]
     scene_imgs = [img for row in scenes for img in row]
     requested = [{"scene": s} for s in world.SCENES for _ in range(n)]
     result = {
@@ -87,7 +88,7 @@ def reference(vae, subject: dict, instance, probe, n: int, seed: int) -> tuple[d
 
 
 def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, steps: int = 25,
-             guidance: float | None = None, with_base: bool = True) -> dict:
+             guidance: float | None = None, with_base: bool = True, guidance_cutoff: float | None = None) -> dict:
     run = Path(run_dir)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     instance_dir = resolve_data_dir(cfg["instance_data_dir"])
@@ -97,9 +98,10 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     instance = load_folder(instance_dir, 0)
     probe = load_probe()
     guidance = guidance if guidance is not None else cfg.get("validation_guidance_scale", 5.0)
-    args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"))
+    cutoff = guidance_cutoff if guidance_cutoff is not None else cfg.get("validation_guidance_cutoff", 1.0)
+    args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"), cutoff)
     out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
-                        "class_noun": noun, "model": cfg["model"]}}
+                        "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg["model"]}}
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
     tuned_pipe = load_run(cfg["model"], str(run), torch_dtype=torch.float32)
     tuned_pipe.set_progress_bar_config(disable=True)
