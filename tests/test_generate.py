@@ -58,3 +58,15 @@ def test_guidance_cutoff_on_sdxl_drops_the_extra_conditioning_too(tiny_sdxl_mode
     rows = render(pipe, ["a sks dog", "a dog"], num_images=1, seed=0, steps=3, guidance=5.0, batch_size=2,
                   guidance_cutoff=0.34)
     assert sizes == [4, 2, 2] and all(len(r) == 1 for r in rows)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--model", "toy", "--prompt", "a dog", "--out", "unused"],
+                                  ["toy", "eval", "unused"]])
+def test_cli_rejects_a_guidance_cutoff_outside_0_1_before_loading_anything(argv, capsys):
+    from nanobooth.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--guidance-cutoff", "1.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--guidance-cutoff" in err and "(0, 1]" in err

@@ -34,6 +34,17 @@ def _setup_logging() -> None:
         pass
 
 
+def guidance_fraction(text: str) -> float:
+    """argparse type of --guidance-cutoff: a fraction of the sampling steps in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
+    return value
+
+
 def cmd_train(args) -> None:
     from .train import train
 
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=30)
     g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--guidance-cutoff", type=float, default=1.0,
+    g.add_argument("--guidance-cutoff", type=guidance_fraction, default=1.0,
                    help="fraction of the steps that use guidance; the rest sample without it (default 1.0: all)")
     g.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
     g.add_argument("--out", required=True)

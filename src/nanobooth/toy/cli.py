@@ -19,6 +19,8 @@ def cmd_eval(args) -> None:
 
 
 def add_parser(sub) -> None:
+    from ..cli import guidance_fraction
+
     toy = sub.add_parser("toy", help="the toy world: subjects, evaluation, pretraining recipe")
     tsub = toy.add_subparsers(dest="toy_command", required=True)
 
@@ -34,7 +36,7 @@ def add_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
-    e.add_argument("--guidance-cutoff", type=float, default=None,
+    e.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance; default: the run's validation_guidance_cutoff")
     e.add_argument("--no-base", action="store_true", help="skip scoring the base model")
     e.set_defaults(func=cmd_eval)
