@@ -59,12 +59,16 @@ def test_prompt_fidelity_is_kept(scores):
 
 
 def test_subject_appears_in_the_requested_scenes(scores):
-    # the task as a whole: subject (class, pattern and mark all read right) and scene in one image. The base
-    # model never draws the subject here (0 of 40 scene images). Measured without prior preservation: 10 of
-    # 40 (0.250). With it, 9 of 40 (0.225) on this subject, but on the other seven held-out subjects only
-    # 0-4 of 40 except one (10 of 40; docs/evaluation.md), so that run is not asserted on.
+    # the task as a whole, i.e. fidelity to everything "a photo of a sks star on the beach" asks for: the
+    # subject (class, pattern and mark all read right) and the scene in one image. The base model scores
+    # 1.0 on the scene alone (test above) but never draws the subject (0 of 40 scene images). Measured on
+    # this subject: 10 of 40 (0.250) without prior preservation, 9 of 40 (0.225) with it. With prior
+    # preservation the other seven held-out subjects get 0-4 of 40, one 10 (docs/evaluation.md): the
+    # binding is loose, and the margin asserted for that run is the smaller one.
     res = scores["toy/dreambooth-lora"]
     assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.15
+    res = scores["toy/dreambooth-lora-prior-pre"]
+    assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.1
 
 
 def test_prior_preservation_limits_language_drift(scores):
