@@ -93,3 +93,52 @@ def test_cli_bad_key_is_one_line_exit_2(capsys):
     assert main(["train", "dreambooth", "lerning_rate=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did you mean 'learning_rate'" in err[0]
+
+
+# --- settings mean what their help says ------------------------------------------------------------------------
+
+def test_check_resolution_names_the_key_and_the_nearest_valid_values():
+    from types import SimpleNamespace as NS
+
+    from nanobooth.config import check_resolution
+
+    sd15_vae, sd15_unet = NS(block_out_channels=[128, 256, 512, 512]), NS(block_out_channels=[320, 640, 1280, 1280])
+    check_resolution(512, sd15_vae, sd15_unet)
+    check_resolution(768, sd15_vae, sd15_unet)
+    with pytest.raises(ConfigError) as e:
+        check_resolution(520, sd15_vae, sd15_unet)  # 8 x 8: a multiple of 64
+    assert "'resolution'" in str(e.value) and "512 or 576" in str(e.value)
+    sdxl_unet = NS(block_out_channels=[320, 640, 1280])
+    check_resolution(1024, sd15_vae, sdxl_unet)
+    with pytest.raises(ConfigError, match="use 32$"):
+        check_resolution(20, sd15_vae, sdxl_unet)  # nothing valid below it
+
+
+def _error_lines(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+
+
+def test_resolution_the_model_cannot_render_is_refused_before_anything_is_written(tiny_model, subject_dir, tmp_path, capsys):
+    from conftest import train_args
+
+    # the tiny model: VAE x2, UNet x2, and diffusers' pipelines want multiples of 8; today this dies in
+    # the validation render at step 0 with a ValueError traceback, after config.yaml is written
+    out = tmp_path / "r36"
+    args = train_args(tiny_model, subject_dir, out, "resolution=36", 'validation_prompts=["a dog"]')
+    assert main(["train", "dreambooth-lora", *args]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "'resolution'" in err[0] and "32 or 40" in err[0]
+    assert not out.exists()
+
+
+def test_fp16_without_cuda_is_refused_before_anything_is_written(tiny_model, subject_dir, tmp_path, capsys):
+    import torch
+    from conftest import train_args
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 trains where CUDA is available")
+    out = tmp_path / "fp16"
+    assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, out, "mixed_precision=fp16")]) == 2
+    err = _error_lines(capsys)
+    assert len(err) == 1 and "'mixed_precision'" in err[0] and "bf16" in err[0]
+    assert not out.exists()

@@ -348,3 +348,22 @@ def test_existing_out_is_kept_unless_overwrite_and_writes_are_atomic(lora_run, t
     assert out.read_bytes() == b"precious" and sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors"]
     assert export_cli(str(lora_run), "--format", "kohya", "--out", str(out), "--overwrite") == 0
     assert read(out)[0]  # a real file replaced it
+
+
+def test_every_export_is_readable_like_any_other_file(lora_run, full_run, tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    assert fmode & 0o044  # others may read under the usual umask: what the test is about
+    files = [ex.export(lora_run, "kohya", tmp_path / "k.safetensors"),
+             ex.export(lora_run, "diffusers", tmp_path / "d.safetensors"),
+             ex.export(lora_run, "diffusers", tmp_path / "d16.safetensors", dtype="fp16"),
+             ex.export(full_run, "single-file", tmp_path / "s.safetensors", dtype="fp16")]
+    folder = ex.export(full_run, "diffusers", tmp_path / "pipe", dtype="fp16")
+    assert all(f.stat().st_mode & 0o777 == fmode for f in files)
+    assert folder.stat().st_mode & 0o777 == dmode
+    inside = list(folder.rglob("*"))
+    assert any(p.suffix == ".safetensors" for p in inside)
+    assert all(p.stat().st_mode & 0o777 == (dmode if p.is_dir() else fmode) for p in inside)

@@ -70,3 +70,89 @@ def test_cli_rejects_a_guidance_cutoff_outside_0_1_before_loading_anything(argv,
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--guidance-cutoff" in err and "(0, 1]" in err
+
+
+# --- generate --weights RUN samples like the run's own grids --------------------------------------------------
+
+def _generate_with(monkeypatch, tmp_path, run, *flags):
+    """`nanobooth generate` through the CLI, with loading and rendering replaced by recorders."""
+    from PIL import Image
+
+    from nanobooth import generate as G
+    from nanobooth.cli import main
+
+    calls = {}
+
+    class Pipe:
+        def to(self, device):
+            return self
+
+    def fake_render(pipe, prompts, num_images=1, seed=0, steps=25, guidance=7.5, resolution=None, batch_size=8,
+                    guidance_cutoff=1.0):
+        calls.update(steps=steps, guidance=guidance, resolution=resolution, guidance_cutoff=guidance_cutoff)
+        return [[Image.new("RGB", (8, 8))] * num_images for _ in prompts]
+
+    monkeypatch.setattr(G, "load_run", lambda *a, **k: Pipe())
+    monkeypatch.setattr(G, "render", fake_render)
+    weights = ["--weights", str(run)] if run else []
+    assert main(["generate", "--model", "tiny", *weights, "--prompt", "a sks dog", "--num-images", "1",
+                 "--out", str(tmp_path / "out"), *flags]) == 0
+    return calls
+
+
+def test_generate_defaults_to_the_runs_sampling_settings_and_flags_override(monkeypatch, tmp_path):
+    from nanobooth.config import load_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config("toy/dreambooth-lora-prior-pre", ["validation_inference_steps=17", "validation_guidance_scale=3.5",
+                                                               "validation_guidance_cutoff=0.5", "resolution=48"]),
+                run / "config.yaml")
+    assert _generate_with(monkeypatch, tmp_path, run) == dict(steps=17, guidance=3.5, resolution=48, guidance_cutoff=0.5)
+    assert _generate_with(monkeypatch, tmp_path, run, "--steps", "9", "--guidance", "2", "--guidance-cutoff", "1",
+                          "--resolution", "64") == dict(steps=9, guidance=2.0, resolution=64, guidance_cutoff=1.0)
+    assert _generate_with(monkeypatch, tmp_path, run, "--guidance", "6") == dict(steps=17, guidance=6.0, resolution=48,
+                                                                                  guidance_cutoff=0.5)
+    # a base model without a run: generate's own defaults
+    assert _generate_with(monkeypatch, tmp_path, None) == dict(steps=30, guidance=7.5, resolution=None, guidance_cutoff=1.0)
+
+
+# --- grid labels ------------------------------------------------------------------------------------------------
+
+def _gaps(strip) -> list[int]:
+    """Widths of the blank column runs between the first and last inked column of a label strip."""
+    ink = (np.asarray(strip.convert("L")) < 128).any(0)
+    cols = np.flatnonzero(ink)
+    runs, n = [], 0
+    for x in range(cols[0], cols[-1] + 1):
+        if ink[x]:
+            if n:
+                runs.append(n)
+            n = 0
+        else:
+            n += 1
+    return runs
+
+
+def test_grid_labels_keep_their_spaces():
+    from PIL import Image
+
+    label = "a photo of a sks star"
+    g = grid([[Image.new("RGB", (64, 64), "white")]], [label])
+    strip = g.crop((0, 0, g.size[0], 13))
+    # every space is a visible gap, wider than any gap between two letters of a word
+    assert sum(w >= 4 for w in _gaps(strip)) == label.count(" ")
+    squeezed = grid([[Image.new("RGB", (64, 64), "white")]], ["a photo of a sksstar"]).crop((0, 0, g.size[0], 13))
+    assert sum(w >= 4 for w in _gaps(squeezed)) == label.count(" ") - 1
+
+
+def test_long_labels_wrap_at_spaces_and_keep_every_word():
+    from nanobooth.generate import label_font, wrap_label
+
+    font = label_font()
+    text = "a photo of a sks dog on the beach, at night, with a red ball in its mouth and a lighthouse behind it"
+    lines = wrap_label(text, font, 256)
+    assert len(lines) > 1 and " ".join(lines) == text
+    assert all(font.getlength(ln) <= 256 for ln in lines)
+    assert wrap_label("a   sks\tdog", font, 256) == ["a sks dog"]
+    assert wrap_label("", font, 256) == [""]

@@ -78,3 +78,40 @@ def test_class_images_of_another_prompt_or_model_are_refused(tiny_model, subject
     # the same class and model reuse them
     assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, tmp_path / "c", f"class_data_dir={shared}")]) == 0
     assert sorted(p.name for p in shared.iterdir()) == before
+
+
+def test_class_image_set_uses_exactly_num_class_images_first_by_name(tmp_path, caplog):
+    from nanobooth.prior import class_image_set
+
+    for i, name in enumerate(["e.png", "b.png", "d.png", "a.png", "c.png"]):
+        Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / name)
+    with caplog.at_level("INFO", logger="nanobooth"):
+        s = class_image_set(tmp_path, 2, "a photo of dog", 32)
+    assert len(s) == 2 and s.prompt == "a photo of dog"
+    assert [im.getpixel((0, 0))[0] for im in s.images] == [150, 50]  # a.png, b.png
+    assert f"found 5 class images in {tmp_path}, using 2" in caplog.text
+
+
+def test_training_uses_num_class_images_of_a_bigger_shared_folder(tiny_model, subject_dir, tmp_path, caplog, monkeypatch):
+    from conftest import train_args
+
+    from nanobooth import train as T
+    from nanobooth.cli import main
+
+    shared = tmp_path / "dogs"
+    shared.mkdir()
+    for i in range(5):
+        Image.new("RGB", (40, 40), (i * 50, 100, 0)).save(shared / f"photo{i}.png")
+    seen = []
+    real = T.LatentSource.__init__
+
+    def spy(self, images, *a, **k):
+        seen.append(len(images))
+        real(self, images, *a, **k)
+
+    monkeypatch.setattr(T.LatentSource, "__init__", spy)
+    with caplog.at_level("INFO", logger="nanobooth"):
+        assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, tmp_path / "run",
+                                                                   f"class_data_dir={shared}")]) == 0
+    assert seen == [3, 2]  # instance images, then exactly num_class_images=2 of the 5 class images
+    assert f"found 5 class images in {shared}, using 2" in caplog.text

@@ -100,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--num-images", type=int, default=4, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--guidance-cutoff", type=guidance_fraction, default=1.0,
-                   help="fraction of the steps that use guidance; the rest sample without it (default 1.0: all)")
-    g.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    # unset flags take the --weights run's own validation settings (generate.sampling_settings)
+    g.add_argument("--steps", type=int, default=None, help="default: the run's validation_inference_steps, else 30")
+    g.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale, else 7.5")
+    g.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
+                   help="fraction of the steps that use guidance; the rest sample without it (default: the run's "
+                        "validation_guidance_cutoff, else 1.0: all)")
+    g.add_argument("--resolution", type=int, default=None, help="default: the run's resolution, else the model's native size")
     g.add_argument("--out", required=True)
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")

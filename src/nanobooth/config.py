@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -340,6 +341,34 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
         if isinstance(extra.get(key), str):
             extra[key] = [extra[key]]
     return TrainConfig(**{**data, **extra})
+
+
+def check_resolution(resolution: int, vae_config, unet_config) -> None:
+    """Refuse a resolution the model cannot render, naming the nearest ones it can. The VAE divides the
+    image by 2**(levels-1), the UNet the latent by 2**(levels-1) again (its skip connections must line up),
+    and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
+    model loads (the factors are the model's), before the run folder is written."""
+    vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
+    unet_f = 2 ** (len(unet_config.block_out_channels) - 1)
+    step = math.lcm(8, vae_f * unet_f)
+    if resolution % step:
+        lower, upper = resolution // step * step, (resolution // step + 1) * step
+        near = f"{lower} or {upper}" if lower else str(upper)
+        raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
+                          f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {near}")
+
+
+def check_mixed_precision(mixed_precision: str, cpu: bool = False) -> None:
+    """fp16 is a GPU format: on a CPU the frozen fp16 weights meet fp32 activations and the run dies with a
+    dtype error after the run folder is written. bf16 is the CPU's half precision and trains there.
+    `cpu`: the run is forced onto the CPU (CPU processes over gloo) even if a GPU is visible."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+    if mixed_precision == "fp16" and (cpu or not gpu):
+        raise ConfigError("config key 'mixed_precision': fp16 needs a GPU and this run would train on the CPU; "
+                          "use mixed_precision=bf16 (works on CPUs) or mixed_precision=no")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 from . import eval_metrics as M
 from .data import DataError, load_folder, read_subject_meta
 from .generate import grid, load_run, render, save_png
+from .run_folder import result_kind
 
 log = logging.getLogger("nanobooth")
 LIVE_CLASSES = ("dog", "cat")  # the paper gives its live-subject prompts to dogs and cats only
@@ -244,6 +245,8 @@ def eval_cli(args) -> dict:
     if not noun:
         raise DataError("--class-noun is required (e.g. dog), unless the subject folder has a subject.json naming it")
     identifier = args.identifier or meta.get("identifier", "sks")
+    if args.weights:
+        result_kind(args.weights)  # a folder mixing two runs is refused before any metric model loads
     res = evaluate_subject(_pipe_loader(args, args.weights), _backends(args), subject, noun, identifier, args.prompts,
                            _protocol(args), args.out, _settings(args, args.weights), save_images=args.save_images)
     n = sum(r["n"] for r in res["per_prompt"])
@@ -268,6 +271,7 @@ def eval_dataset_cli(args) -> dict:
             log.warning("eval-dataset: no run folder %s; %s is left out", runs / s, s)
             missing.append(s)
             continue
+        result_kind(runs / s)  # refuses a folder mixing two runs, even when its scores would be reused
         results[s] = evaluate_subject(_pipe_loader(args, runs / s), backends, root / s, classes[s], args.identifier or "sks",
                                       args.prompts, _protocol(args), out / s, _settings(args, runs / s),
                                       resume=not args.overwrite, save_images=args.save_images)

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from .generate import LORA_FILE
 from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefixes
+from .run_folder import LORA_FILE, atomic_file, load_run_config, make_readable, result_kind
 
 log = logging.getLogger("nanobooth")
 FORMATS = ("kohya", "diffusers", "single-file")
@@ -43,20 +43,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --- reading a run ---------------------------------------------------------------------------------------
 
 def read_run(run_dir) -> tuple[str, dict]:
-    """('lora' | 'full', resolved config) of a finished run; any diffusers SD/SDXL folder counts as full."""
-    import yaml
-
+    """('lora' | 'full', resolved config as a dict) of a finished run; any diffusers SD/SDXL folder counts as
+    full ({} when it has no config.yaml). A folder holding both a LoRA and a pipeline is refused."""
     run = Path(run_dir)
-    if (run / LORA_FILE).is_file():
-        kind = "lora"
-    elif (run / "model_index.json").is_file():
-        kind = "full"
-    else:
+    kind = result_kind(run)
+    if kind is None:
         raise ExportError(f"RUN_DIR '{run_dir}' is not a finished nanobooth run (no {LORA_FILE} or model_index.json); "
                           "pass the output_dir of a completed `nanobooth train`")
-    cfg_path = run / "config.yaml"
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
-    return kind, cfg
+    cfg = load_run_config(run)
+    return kind, ({} if cfg is None else cfg.to_dict())
 
 
 def _json(path: Path) -> dict:
@@ -276,17 +271,12 @@ def _cast(tensors: dict, dtype: torch.dtype | None) -> dict:
 
 
 def save_atomic(tensors: dict | None, out: Path, metadata: dict | None = None, copy_from: Path | None = None) -> None:
-    """Temp file beside the target, then os.replace: a crash never leaves a half-written file at --out."""
+    """Temp file beside the target, then os.replace: a crash never leaves a half-written file at --out; the
+    file gets the modes a plain open() gives (run_folder.atomic_file)."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out) as tmp:
         shutil.copyfile(copy_from, tmp) if copy_from else save_file(tensors, tmp, metadata=metadata or None)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
@@ -301,6 +291,7 @@ def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
         for f in tmp.rglob("*.safetensors") if dtype is not None else []:
             tensors, meta = _load(f, dtype)
             save_atomic(tensors, f, meta)
+        make_readable(tmp)  # mkdtemp made it 0700, and copies keep the run's file modes
         old = None
         if out.exists():  # only with --overwrite: move the old folder aside, put the new one in, then delete
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))

@@ -10,9 +10,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .models import ModelError, apply_tome, load_pipeline
+from .run_folder import LORA_FILE, load_run_config, result_kind
 
 log = logging.getLogger("nanobooth")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def load_run(model: str, weights: str | None = None, allow_pickle: bool = False, single_file_config: str | None = None,
@@ -21,11 +21,12 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     if weights is None:
         return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     run = Path(weights)
-    if (run / LORA_FILE).is_file():
+    kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
+    if kind == "lora":
         pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
         pipe.load_lora_weights(str(run), weight_name=LORA_FILE)
         return pipe
-    if (run / "model_index.json").is_file():
+    if kind == "full":
         return load_pipeline(str(run), torch_dtype=torch_dtype)
     raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")
 
@@ -84,21 +85,47 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
     return out
 
 
+def label_font():
+    """Pillow >= 10.1's load_default() is a 10 px FreeType font whose space is 2 px wide, so a label such as
+    "a photo of a sks star" reads as one word; its bitmap font (the default before) has 6 px spaces."""
+    return getattr(ImageFont, "load_default_imagefont", ImageFont.load_default)()
+
+
+def wrap_label(text: str, font, width: int) -> list[str]:
+    """`text` as lines no wider than `width` pixels in `font`, broken at spaces (a longer word gets a line of
+    its own); words stay separated by single spaces."""
+    lines, line = [], ""
+    for word in text.split():
+        joined = f"{line} {word}" if line else word
+        if line and font.getlength(joined) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = joined
+    return lines + [line] if line or not lines else lines
+
+
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str | None = None) -> Image.Image:
-    """One row per prompt, its label above the row; readable even for 64x64 images."""
+    """One row per prompt, its label (wrapped to the grid's width) above the row; readable even for 64x64 images."""
     cell = max(rows[0][0].size[0], 128)
-    font = ImageFont.load_default()
-    label_h, title_h = 14, (16 if title else 0)
+    font = label_font()
+    line_h, title_h = 12, (16 if title else 0)
     ncol = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (max(ncol * cell, 256), title_h + len(rows) * (cell + label_h)), "white")
+    width = max(ncol * cell, 256)
+    wrapped = [wrap_label(label, font, width - 8) for label in labels]
+    height = title_h + sum(cell + 2 + line_h * len(lines) for lines in wrapped)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((4, 2), title, fill="black", font=font)
-    for r, (row, label) in enumerate(zip(rows, labels)):
-        y = title_h + r * (cell + label_h)
-        draw.text((4, y + 1), label[:80], fill="black", font=font)
+    y = title_h
+    for row, lines in zip(rows, wrapped):
+        for k, line in enumerate(lines):
+            draw.text((4, y + 1 + k * line_h), line, fill="black", font=font)
+        y += 2 + line_h * len(lines)
         for c, img in enumerate(row):
-            canvas.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y + label_h))
+            canvas.paste(img.resize((cell, cell), Image.Resampling.NEAREST), (c * cell, y))
+        y += cell
     return canvas
 
 
@@ -109,16 +136,38 @@ def save_png(img: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+# generate's own sampling defaults, for flags left unset and a base model without a run
+SAMPLING_DEFAULTS = {"steps": 30, "guidance": 7.5, "guidance_cutoff": 1.0, "resolution": None}
+
+
+def sampling_settings(args) -> dict[str, object]:
+    """steps, guidance, guidance_cutoff, resolution: a flag given on the command line wins; else the run's
+    own settings (its config.yaml's validation_inference_steps, validation_guidance_scale,
+    validation_guidance_cutoff and resolution: what its sample grids used); else SAMPLING_DEFAULTS."""
+    cfg = load_run_config(args.weights) if getattr(args, "weights", None) else None
+    run = {} if cfg is None else {"steps": cfg.validation_inference_steps, "guidance": cfg.validation_guidance_scale,
+                                  "guidance_cutoff": cfg.validation_guidance_cutoff, "resolution": cfg.resolution}
+    out = {}
+    for key, default in SAMPLING_DEFAULTS.items():
+        flag = getattr(args, key, None)
+        out[key] = flag if flag is not None else run.get(key, default)
+    if run:
+        log.info("sampling with steps=%s guidance=%s guidance_cutoff=%s resolution=%s (the run's settings unless a flag "
+                 "set them)", *out.values())
+    return out
+
+
 def generate_cli(args) -> Path:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    sampling = sampling_settings(args)
     pipe = load_run(args.model, args.weights, allow_pickle=args.allow_pickle, single_file_config=args.single_file_config,
                     torch_dtype=dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe.to(device)
     if args.tome_ratio:
         apply_tome(pipe.unet, args.tome_ratio)
-    rows = render(pipe, args.prompt, args.num_images, args.seed, args.steps, args.guidance, args.resolution,
-                  guidance_cutoff=args.guidance_cutoff)
+    rows = render(pipe, args.prompt, args.num_images, args.seed, sampling["steps"], sampling["guidance"],
+                  sampling["resolution"], guidance_cutoff=sampling["guidance_cutoff"])
     out = Path(args.out)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):

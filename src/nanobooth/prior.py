@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTS
+from .data import IMAGE_EXTS, ImageSet, list_images, load_image, resize_short_side
 
 log = logging.getLogger("nanobooth")
 CLASS_NAME = re.compile(r"class-(\d{5})\.png$")
@@ -44,6 +44,23 @@ def existing_class_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+
+
+def class_image_set(folder: Path, num_class_images: int, prompt: str, resolution: int) -> ImageSet:
+    """Exactly num_class_images class images: the first ones by file name (deterministic), so a shared
+    folder of 1,000 photos trains on the number asked for, not on all of them. DataError (naming the
+    folder) when it holds none."""
+    files = list_images(Path(folder), "class_data_dir")
+    log.info("found %d class images in %s, using %d", len(files), folder, min(len(files), num_class_images))
+    if len(files) < num_class_images:
+        log.warning("class_data_dir '%s' holds %d images, fewer than num_class_images=%d", folder, len(files), num_class_images)
+    images = []
+    for p in files[:num_class_images]:
+        img = load_image(p)
+        if min(img.size) < resolution:
+            log.warning("%s: %dx%d is smaller than resolution %d; it will be upscaled (blurry)", p, *img.size, resolution)
+        images.append(resize_short_side(img, resolution))
+    return ImageSet(images, prompt)
 
 
 def missing_indices(folder: Path, num_class_images: int) -> list[int]:

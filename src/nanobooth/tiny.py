@@ -62,6 +62,9 @@ def _save_atomic(pipe, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     pipe.save_pretrained(tmp)
+    from .run_folder import make_readable
+
+    make_readable(tmp)  # mkdtemp made it 0700 and safetensors writes 0600 files
     try:
         tmp.rename(path)
     except OSError:  # someone else finished first

@@ -19,13 +19,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, save_config
+from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import ImageSet, Sampler, read_subject_meta, resolve_data_dir
 from .generate import LORA_FILE, grid, render, save_png
 from .losses import dreambooth_loss, prediction_target
 from .family import cond_batch, cond_to
 from .models import apply_tome, load_components, lora_config, make_pipeline
-from .prior import ClassImagesMismatch, check_provenance, generate_class_images
+from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
+from .run_folder import clear_outputs, load_run_config, make_readable
 
 log = logging.getLogger("nanobooth")
 
@@ -62,11 +63,9 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
         if not cfg.resume_from_checkpoint:
             raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, overwrite=true to reuse it, or another output_dir")
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            import yaml
-
-            old = yaml.safe_load(saved.read_text()) or {}
+        saved = load_run_config(run_dir)
+        if saved is not None:
+            old = saved.to_dict()
             volatile = {"output_dir", "resume_from_checkpoint", "max_train_steps", "overwrite", "validation_prompts", "validation_steps",
                         "checkpointing_steps", "checkpoints_total_limit", "log_every"}
             diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
@@ -123,6 +122,7 @@ def train(cfg: TrainConfig) -> Path:
     # A distributed launch on a machine without CUDA means CPU processes over gloo; accelerate only
     # picks that when asked for the CPU explicitly.
     cpu_world = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    check_mixed_precision(cfg.mixed_precision, cpu=cpu_world)  # before the Accelerator: its state is per process
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
                               cpu=cpu_world)
     main = accelerator.is_main_process
@@ -133,11 +133,10 @@ def train(cfg: TrainConfig) -> Path:
 
     # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
+    check_resolution(cfg.resolution, c.vae.config, c.unet.config)
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
-            for stale in ("train_log.jsonl", "samples", "checkpoints"):
-                p = run_dir / stale
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     fam, vae, text_encoders, unet, noise_scheduler = c.family, c.vae, c.text_encoders, c.unet, c.noise_scheduler
@@ -188,7 +187,7 @@ def train(cfg: TrainConfig) -> Path:
     # --- data and caches ------------------------------------------------------------------------------------
     sets = {"instance": instance_set}
     if prior:
-        sets["class"] = ImageSet.from_folder(class_dir, cfg.class_prompt, cfg.resolution, "class_data_dir")
+        sets["class"] = class_image_set(class_dir, cfg.num_class_images, cfg.class_prompt, cfg.resolution)
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
     ids = {k: fam.tokenize(c.tokenizers, s.prompt, device) for k, s in sets.items()}
@@ -372,4 +371,5 @@ def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoders: list) 
             for m in (unet, *text_encoders, c.vae):
                 m.to("cpu", torch.float32)
             pipe.save_pretrained(tmp, safe_serialization=True)
+    make_readable(tmp)  # safetensors writes 0600 files
     ckpt.publish(tmp, run_dir)

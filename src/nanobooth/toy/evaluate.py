@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from ..data import load_folder, read_subject_meta, resolve_data_dir
 from ..generate import grid, load_run, render, save_png
-from ..models import load_pipeline
+from ..models import ModelError, load_pipeline
+from ..run_folder import CONFIG, TOY_EVAL, load_run_config, result_kind
 from . import metrics, world
 from .probe import load_probe, vae_roundtrip
 
@@ -90,25 +90,28 @@ def reference(vae, subject: dict, instance, probe, n: int, seed: int) -> tuple[d
 def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, steps: int = 25,
              guidance: float | None = None, with_base: bool = True, guidance_cutoff: float | None = None) -> dict:
     run = Path(run_dir)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    instance_dir = resolve_data_dir(cfg["instance_data_dir"])
+    cfg = load_run_config(run)
+    if cfg is None or result_kind(run) is None:  # result_kind also refuses a folder mixing two runs
+        raise ModelError(f"RUN_DIR '{run}' is not a finished nanobooth run (no {CONFIG}, or no trained weights); "
+                         "pass the output_dir of a completed `nanobooth train`")
+    instance_dir = resolve_data_dir(cfg.instance_data_dir)
     meta = read_subject_meta(instance_dir)
-    noun = meta.get("class_noun") or cfg["class_prompt"].split()[-1]
+    noun = meta.get("class_noun") or cfg.class_prompt.split()[-1]
     identifier = meta.get("identifier", "sks")
     instance = load_folder(instance_dir, 0)
     probe = load_probe()
-    guidance = guidance if guidance is not None else cfg.get("validation_guidance_scale", 5.0)
-    cutoff = guidance_cutoff if guidance_cutoff is not None else cfg.get("validation_guidance_cutoff", 1.0)
+    guidance = guidance if guidance is not None else cfg.validation_guidance_scale
+    cutoff = guidance_cutoff if guidance_cutoff is not None else cfg.validation_guidance_cutoff
     args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"), cutoff)
     out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
-                        "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg["model"]}}
+                        "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg.model}}
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
-    tuned_pipe = load_run(cfg["model"], str(run), torch_dtype=torch.float32)
+    tuned_pipe = load_run(cfg.model, str(run), torch_dtype=torch.float32)
     tuned_pipe.set_progress_bar_config(disable=True)
     out["tuned"], tuned_rows = score(tuned_pipe, *args)
     sheet_rows, labels = [], []
     if with_base:
-        base = load_pipeline(cfg["model"], torch_dtype=torch.float32)
+        base = load_pipeline(cfg.model, torch_dtype=torch.float32)
         base.set_progress_bar_config(disable=True)
         out["base"], base_rows = score(base, *args)
         for prompt in list(tuned_rows)[:3] + [list(tuned_rows)[-1]]:
@@ -122,8 +125,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
         out["reference"], through_vae = reference(tuned_pipe.vae, meta["subject"], instance, probe, images_per_prompt, seed)
         sheet_rows.append(through_vae)
         labels.append("reference: the subject itself, through the model's VAE")
-    save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / "toy_eval.png")
-    (run / "toy_eval.json").write_text(json.dumps(out, indent=2))
+    save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / TOY_EVAL[1])
+    (run / TOY_EVAL[0]).write_text(json.dumps(out, indent=2))
     print(format_table(out))
     return out
 

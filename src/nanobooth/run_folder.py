@@ -1,0 +1,170 @@
+"""The run folder (`output_dir`): the names of everything a run leaves there, which result it holds, and
+its config read back.
+
+A finished run holds exactly one result: a LoRA (`pytorch_lora_weights.safetensors`) or a full
+diffusers pipeline (`model_index.json` + component folders). Every reader (generate, export, eval,
+toy eval) asks `result_kind`, which refuses a folder holding both: that folder mixes two runs, and
+reading either half would silently render something nobody trained.
+
+Also here: writing outputs so that they are readable like any other file. safetensors (0.8) and
+`tempfile` create files 0600 and folders 0700; a LoRA handed to a shared ComfyUI box or a web server
+must not need a chmod first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig, field_names
+from .models import ModelError
+
+log = logging.getLogger("nanobooth")
+
+# --- names ------------------------------------------------------------------------------------------------
+CONFIG = "config.yaml"
+TRAIN_LOG = "train_log.jsonl"
+SAMPLES = "samples"
+CHECKPOINTS = "checkpoints"
+CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
+LORA_FILE = "pytorch_lora_weights.safetensors"
+MODEL_INDEX = "model_index.json"
+TMP_OUTPUT = ".tmp-output"  # the result while it is written; published into the run folder when complete
+TOY_EVAL = ("toy_eval.json", "toy_eval.png")  # `nanobooth toy eval` scores a run into its own folder
+# diffusers pipeline components a full run can save (model_index.json names the ones it did)
+PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
+                       "feature_extractor", "safety_checker", "image_encoder")
+
+
+class RunFolderError(ModelError):
+    """A run folder that cannot be read as one run's result; the message names the folder and what to do."""
+
+
+# --- which result ----------------------------------------------------------------------------------------
+def result_kind(folder) -> str | None:
+    """'lora', 'full' or None (no finished result). Raises RunFolderError when the folder holds both: a
+    LoRA and a pipeline in one folder are two runs' outputs, and neither can be trusted to be the last."""
+    folder = Path(folder)
+    lora, full = (folder / LORA_FILE).is_file(), (folder / MODEL_INDEX).is_file()
+    if lora and full:
+        raise RunFolderError(f"'{folder}' holds two results, a LoRA ({LORA_FILE}) and a full pipeline ({MODEL_INDEX}): "
+                             "it mixes two runs; retrain into an empty output_dir, or delete the result you do not want")
+    return "lora" if lora else "full" if full else None
+
+
+def pipeline_parts(folder) -> list[Path]:
+    """The full-pipeline entries in `folder`: model_index.json and its component folders (those it names,
+    plus the usual names, so a half-published pipeline is found too)."""
+    import json
+
+    folder = Path(folder)
+    names = set(PIPELINE_COMPONENTS)
+    index = folder / MODEL_INDEX
+    if index.is_file():
+        try:
+            names |= {k for k, v in json.loads(index.read_text()).items() if isinstance(v, list)}
+        except ValueError:
+            pass  # unreadable index: the usual names still cover what nanobooth writes
+    return [folder / MODEL_INDEX] + [folder / n for n in sorted(names) if (folder / n).is_dir()]
+
+
+def output_paths(folder) -> list[Path]:
+    """Everything a run leaves in `folder` that belongs to that run alone: config, log, samples,
+    checkpoints, the result of either kind (and a half-written one), toy-eval scores. Not the class
+    images: they depend only on class prompt, model and resolution (recorded and checked beside them),
+    so the next run reuses them instead of generating them again."""
+    folder = Path(folder)
+    # the results first (model_index.json before its components): a folder cleared halfway holds no result
+    rest = [CONFIG, TRAIN_LOG, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    return [folder / LORA_FILE] + pipeline_parts(folder) + [folder / n for n in rest]
+
+
+def clear_outputs(folder) -> list[Path]:
+    """Remove every output of an earlier run from `folder` (overwrite=true), keeping class_images/ and any
+    file nanobooth did not write. Returns what was removed."""
+    removed = []
+    for p in output_paths(folder):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
+# --- the run's config ------------------------------------------------------------------------------------
+def load_run_config(folder) -> TrainConfig | None:
+    """The run's config.yaml as a TrainConfig (None when there is none, e.g. a plain diffusers folder).
+    Keys this version does not know (a run from another version) are skipped with a warning; a bad value
+    is a ConfigError naming the file and the key."""
+    import yaml
+
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); restore or delete it") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys; restore or delete it")
+    known = set(field_names())
+    unknown = sorted(k for k in data if k not in known)
+    if unknown:
+        log.warning("%s: keys %s are not config keys of this nanobooth version; ignored", path, ", ".join(unknown))
+    try:
+        return TrainConfig(**{k: v for k, v in data.items() if k in known})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --- readable outputs ------------------------------------------------------------------------------------
+def _umask() -> int:
+    try:  # Linux >= 4.7 reports it without changing it (os.umask would, for every thread, for a moment)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path) -> None:
+    """Give `path` (a file, or a folder and everything in it) the modes a plain open()/mkdir() gives:
+    0o666 / 0o777 less the umask (0644 / 0755 with the usual 022)."""
+    path = Path(path)
+    mask = _umask()
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    if path.is_file():
+        os.chmod(path, fmode)
+        return
+    os.chmod(path, dmode)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            os.chmod(os.path.join(root, f), fmode)
+
+
+@contextmanager
+def atomic_file(out):
+    """Yields a temp path beside `out` to write; when the block succeeds the file gets plain-file modes and
+    replaces `out` (os.replace), when it fails the temp file is removed and `out` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        make_readable(tmp)
+        os.replace(tmp, out)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,158 @@
+"""The run folder: one result per folder, overwrite removes every earlier output (class images kept),
+every reader refuses a folder mixing two runs, the config reads back typed, outputs are world-readable."""
+
+import os
+import shutil
+
+import pytest
+import yaml
+from conftest import train_args
+
+from nanobooth import run_folder as rf
+from nanobooth.cli import main
+from nanobooth.config import ConfigError, TrainConfig, load_config, save_config
+
+
+def plain_file_mode() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, subject_dir, tmp_path_factory):
+    """A LoRA run and a full run of the tiny model, and a folder holding both results (two runs mixed)."""
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, root / "lora", "max_train_steps=1")]) == 0
+    assert main(["train", "dreambooth", *train_args(tiny_model, subject_dir, root / "full", "max_train_steps=1")]) == 0
+    mixed = root / "mixed"
+    shutil.copytree(root / "full", mixed)
+    shutil.copy(root / "lora" / rf.LORA_FILE, mixed / rf.LORA_FILE)
+    return {"lora": root / "lora", "full": root / "full", "mixed": mixed}
+
+
+# --- A: one module owns the run folder -----------------------------------------------------------------------
+
+def test_result_kind_names_the_result_and_refuses_two(tmp_path):
+    assert rf.result_kind(tmp_path) is None
+    (tmp_path / rf.LORA_FILE).write_bytes(b"x")
+    assert rf.result_kind(tmp_path) == "lora"
+    (tmp_path / rf.MODEL_INDEX).write_text("{}")
+    with pytest.raises(rf.RunFolderError) as e:
+        rf.result_kind(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and rf.LORA_FILE in msg and rf.MODEL_INDEX in msg and str(tmp_path) in msg
+    (tmp_path / rf.LORA_FILE).unlink()
+    assert rf.result_kind(tmp_path) == "full"
+
+
+def test_lora_file_name_has_one_home():
+    from nanobooth import export, generate
+
+    assert generate.LORA_FILE is rf.LORA_FILE and export.LORA_FILE is rf.LORA_FILE
+
+
+def test_run_config_reads_back_typed(tmp_path, caplog):
+    cfg = load_config("toy/dreambooth-lora-prior-pre", ["learning_rate=1e-4", "validation_guidance_cutoff=0.5"])
+    save_config(cfg, tmp_path / rf.CONFIG)
+    back = rf.load_run_config(tmp_path)
+    assert isinstance(back, TrainConfig) and back == cfg and isinstance(back.learning_rate, float)
+    assert rf.load_run_config(tmp_path / "nothing") is None
+    # a run of another version: unknown keys are skipped with a warning, missing ones take their defaults
+    data = yaml.safe_load((tmp_path / rf.CONFIG).read_text())
+    data["retired_key"] = 1
+    del data["log_every"]
+    (tmp_path / rf.CONFIG).write_text(yaml.safe_dump(data))
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        back = rf.load_run_config(tmp_path)
+    assert "retired_key" in caplog.text and back.log_every == TrainConfig().log_every
+    data["lora_rank"] = "four"
+    (tmp_path / rf.CONFIG).write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="lora_rank") as e:
+        rf.load_run_config(tmp_path)
+    assert str(tmp_path / rf.CONFIG) in str(e.value)
+
+
+# --- B: a run folder never mixes two runs ---------------------------------------------------------------------
+
+def test_overwrite_removes_every_output_of_the_earlier_run_but_keeps_class_images(tiny_model, subject_dir, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_model, subject_dir, out, "max_train_steps=2", "checkpointing_steps=1", 'validation_prompts=["a dog"]',
+                      "validation_steps=1")
+    assert main(["train", "dreambooth-lora-prior-pre", *args]) == 0
+    assert (out / rf.LORA_FILE).is_file() and (out / rf.CHECKPOINTS).is_dir()
+    (out / "toy_eval.json").write_text("{}")  # scores of the earlier run
+    (out / "notes.txt").write_text("mine")  # not nanobooth's: stays
+    class_images = {p.name: p.stat().st_mtime_ns for p in (out / rf.CLASS_IMAGES).iterdir()}
+    assert class_images
+    # a full fine-tune into the same folder
+    assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, out, "overwrite=true")]) == 0
+    assert rf.result_kind(out) == "full" and not (out / rf.LORA_FILE).exists()
+    assert not (out / rf.SAMPLES).exists() and not (out / rf.CHECKPOINTS).exists() and not (out / "toy_eval.json").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / rf.CLASS_IMAGES).iterdir()} == class_images  # reused, not regenerated
+    assert (out / "notes.txt").read_text() == "mine"
+    # and back to a LoRA: the pipeline's components go too
+    assert main(["train", "dreambooth-lora-prior-pre", *train_args(tiny_model, subject_dir, out, "overwrite=true")]) == 0
+    assert rf.result_kind(out) == "lora"
+    assert not any((out / n).exists() for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", rf.MODEL_INDEX))
+
+
+def _one_error_line(capsys) -> str:
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_every_reader_refuses_a_folder_mixing_two_runs(runs, tiny_model, subject_dir, tmp_path, capsys):
+    mixed = str(runs["mixed"])
+    assert main(["generate", "--model", str(tiny_model), "--weights", mixed, "--prompt", "a sks dog", "--num-images", "1",
+                 "--steps", "1", "--out", str(tmp_path / "g")]) == 2
+    line = _one_error_line(capsys)
+    assert mixed in line and rf.LORA_FILE in line and rf.MODEL_INDEX in line
+    assert not (tmp_path / "g").exists()
+
+    from nanobooth import export as ex
+
+    with pytest.raises(rf.RunFolderError, match="two results"):
+        ex.export(mixed, "diffusers", tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+    assert main(["eval", "--model", str(tiny_model), "--weights", mixed, "--subject-dir", str(subject_dir), "--class-noun", "dog",
+                 "--backend", "toy", "--out", str(tmp_path / "ev")]) == 2
+    line = _one_error_line(capsys)
+    assert mixed in line and rf.LORA_FILE in line and rf.MODEL_INDEX in line
+    assert not (tmp_path / "ev").exists()
+
+    from nanobooth.toy.evaluate import toy_eval
+
+    with pytest.raises(rf.RunFolderError, match="two results"):
+        toy_eval(mixed)
+    assert not (runs["mixed"] / "toy_eval.json").exists()
+
+
+def test_readers_still_read_a_single_result(runs):
+    from nanobooth import export as ex
+
+    assert ex.read_run(runs["lora"])[0] == "lora" and ex.read_run(runs["full"])[0] == "full"
+    assert ex.read_run(runs["lora"])[1]["method"] == "lora"
+
+
+# --- E: outputs readable like every other file ------------------------------------------------------------------
+
+def test_trained_weights_have_plain_file_modes(runs):
+    want = plain_file_mode()
+    assert want & 0o044  # readable by others under the usual umask: the point of the test
+    assert (runs["lora"] / rf.LORA_FILE).stat().st_mode & 0o777 == want
+    weights = list((runs["full"] / "unet").glob("*.safetensors"))
+    assert weights and all(p.stat().st_mode & 0o777 == want for p in weights)
+
+
+def test_atomic_file_gives_plain_modes_and_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "x.bin"
+    with rf.atomic_file(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and out.stat().st_mode & 0o777 == plain_file_mode()
+    with pytest.raises(RuntimeError), rf.atomic_file(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash")
+    assert out.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
