@@ -60,7 +60,7 @@ class TrainConfig:
     class_sampler: Literal["dpm++", "model"] = "dpm++"
     """Sampler for class images: `dpm++` (DPM-Solver++ 2M, as good at 25 steps as the default PNDM at 50) or the model's own."""
     resolution: int = 512
-    """Training resolution (square): images are resized on the short side, then cropped."""
+    """Training resolution (square): images are resized on the short side, then cropped. Must be a multiple of what the model renders (64 for SD 1.x/2.x, 32 for SDXL, 16 for toy)."""
     center_crop: bool = True
     """Center crop (true) or random crop (false). Random crops disable latent caching."""
     random_flip: bool = False
@@ -128,7 +128,7 @@ class TrainConfig:
     output_dir: str = "runs/dreambooth"
     """Run folder: config.yaml, train_log.jsonl, samples/, checkpoints/ and the trained weights."""
     overwrite: bool = False
-    """Allow training into a non-empty output_dir that is not a resumable run of this config."""
+    """Allow training into a non-empty output_dir that is not a resumable run of this config: every output of the earlier run (weights of either kind, logs, samples, checkpoints) is removed first; class_images/ are kept for reuse (their class prompt, model and resolution are checked)."""
     validation_prompts: list[str] = field(default_factory=list)
     """Prompts rendered as a labelled grid at every validation_steps and at the end ([] = none)."""
     validation_steps: int = 100
