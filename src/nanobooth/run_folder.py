@@ -6,8 +6,9 @@ diffusers pipeline (`model_index.json` + component folders). Every reader (gener
 toy eval) asks `result_kind`, which refuses a folder holding both: that folder mixes two runs, and
 reading either half would silently render something nobody trained.
 
-Also here: writing outputs so that they are readable like any other file. safetensors (0.8) and
-`tempfile` create files 0600 and folders 0700; a LoRA handed to a shared ComfyUI box or a web server
+Also here: writing outputs so that they are readable like any other file. safetensors 0.8 writes
+through a temp file created 0600 whatever the umask (safetensors/safetensors#782, since #764), and
+`tempfile` makes files 0600 and folders 0700; a LoRA handed to a shared ComfyUI box or a web server
 must not need a chmod first.
 """
 
