@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanobooth.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb
+from nanobooth.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb, to_tensor
 
 
 def test_modes_convert_to_rgb(tmp_path):
@@ -78,3 +78,24 @@ def test_sampler_epochs_and_state():
     s2.load_state_dict(state)
     assert s2.take(7) == cont
     assert torch.equal(Sampler(5, 3).generator.get_state(), Sampler(5, 3).generator.get_state())
+
+
+def test_sample_reports_original_size_and_crop_of_each_image(tmp_path):
+    Image.new("RGB", (49, 40), "red").save(tmp_path / "a.png")  # -> 39x32: centre crop at left 3
+    img = Image.new("RGB", (60, 40), "blue")  # stored landscape, shown portrait (40x60) -> 32x48: crop at top 8
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "b.jpg", exif=exif)
+    s = ImageSet.from_folder(tmp_path, "p", 32, "instance_data_dir")
+    assert s.original_sizes == [(40, 49), (60, 40)]  # (h, w) of the upright photo, before resizing
+    pixels, coords = s.sample([0, 1, 0], 32, [False, False, True], None)
+    assert pixels.shape == (3, 3, 32, 32)
+    # a mirrored crop at left 3 of the 39 px wide image is the crop at left 39 - 32 - 3 = 4 of the mirrored image
+    assert coords.tolist() == [[40, 49, 0, 3], [60, 40, 8, 0], [40, 49, 0, 4]]
+    g = torch.Generator().manual_seed(0)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8))
+    for flip in (False, True):
+        px, c = ImageSet([noise], "p").sample([0], 32, [flip], g)  # random crop; sizes of the image itself
+        h, w, top, left = c[0].tolist()
+        seen = noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else noise
+        assert (h, w, top) == (32, 40, 0) and torch.equal(px[0], to_tensor(seen.crop((left, 0, left + 32, 32))))

@@ -114,39 +114,66 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
+def crop_origin(size: tuple[int, int], resolution: int, generator: torch.Generator | None) -> tuple[int, int]:
+    """(left, top) of the resolution-square crop of an image of size (w, h): centred when generator is
+    None, else drawn from generator (left first, then top)."""
+    w, h = size
+    if generator is None:
+        return (w - resolution) // 2, (h - resolution) // 2
+    left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+    top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    return left, top
+
+
 def crop(img: Image.Image, resolution: int, generator: torch.Generator | None) -> Image.Image:
     """Center crop when generator is None, else a random crop drawn from generator."""
-    w, h = img.size
-    if generator is None:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    else:
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    left, top = crop_origin(img.size, resolution, generator)
     return img.crop((left, top, left + resolution, top + resolution))
 
 
 @dataclass
 class ImageSet:
-    """Pre-resized images of one role (instance or class) with their prompt."""
+    """Pre-resized images of one role (instance or class) with their prompt, and each photo's size
+    before resizing (SDXL is conditioned on it)."""
 
     images: list[Image.Image]
     prompt: str
+    original_sizes: list[tuple[int, int]] | None = None  # (h, w) before resizing; None: the images' own sizes
 
     @classmethod
     def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str) -> "ImageSet":
-        return cls([resize_short_side(im, resolution) for im in load_folder(folder, resolution, key)], prompt)
+        photos = load_folder(folder, resolution, key)
+        return cls([resize_short_side(im, resolution) for im in photos], prompt, [(im.height, im.width) for im in photos])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def pixels(self, idx: list[int], resolution: int, flips: list[bool], generator: torch.Generator | None) -> torch.Tensor:
-        out = []
+        return self.sample(idx, resolution, flips, generator)[0]
+
+    def sample(self, idx: list[int], resolution: int, flips: list[bool],
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cropped (and mirrored where flips[i]) images and what SDXL's micro-conditioning says of them.
+
+        Returns pixels (N, 3, resolution, resolution) in [-1, 1] and coords (N, 4) int64: the photo's
+        original (height, width) and the crop's (top, left) in the resized photo. A mirrored crop at
+        `left` is the crop at `w - resolution - left` of the mirrored photo, and that is the left it
+        reports: diffusers' SDXL DreamBooth script (examples/dreambooth/train_dreambooth_lora_sdxl.py,
+        DreamBoothDataset) flips the resized photo before cropping it and records the crop's top-left
+        in the flipped photo, so a mirrored example is described as the image the UNet actually sees.
+        """
+        out, coords = [], []
         for i, flip in zip(idx, flips):
-            img = crop(self.images[i], resolution, generator)
+            img = self.images[i]
+            left, top = crop_origin(img.size, resolution, generator)
+            img = img.crop((left, top, left + resolution, top + resolution))
             if flip:
                 img = ImageOps.mirror(img)
+                left = self.images[i].width - resolution - left
+            h, w = self.original_sizes[i] if self.original_sizes else (self.images[i].height, self.images[i].width)
             out.append(to_tensor(img))
-        return torch.stack(out)
+            coords.append((h, w, top, left))
+        return torch.stack(out), torch.tensor(coords, dtype=torch.long)
 
 
 class Sampler:

@@ -30,6 +30,16 @@ class SD:
     def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
         return {"encoder_hidden_states": text_encoders[0](ids[0])[0]}
 
+    def layers_read(self, index: int, num_layers: int) -> list[int]:
+        """The encoder layers of text encoder `index` whose output reaches the UNet's conditioning.
+        SD reads the final hidden state (there is no clip_skip key), so every layer; an adapter on any
+        other layer would get no gradient and be saved untrained."""
+        return list(range(num_layers))
+
+    def micro_conditioning(self, cond: dict, coords: torch.Tensor, resolution: int) -> dict:
+        """Per-example image conditioning from ImageSet.sample's coords (B, 4); SD has none."""
+        return cond
+
     def pipeline_class_obj(self):
         import diffusers
 
@@ -73,12 +83,26 @@ class SDXL(SD):
             out = te(tok_ids, output_hidden_states=True)
             pooled = out[0]  # the projection model's text_embeds; the last encoder's wins, as in diffusers
             hidden.append(out.hidden_states[-2])
-        # Training images are resized then cropped to a square of `resolution`: original size = target
-        # size, crop at the origin (the micro-conditioning of an uncropped, full-size image).
+        # An uncropped, full-size image (the pipeline's default at this resolution); training replaces
+        # it per example through micro_conditioning.
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=hidden[0].dtype,
                                 device=hidden[0].device)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1),
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], -1)}}
+
+
+    def layers_read(self, index: int, num_layers: int) -> list[int]:
+        # the first encoder feeds only its penultimate hidden state (its pooled output is not used), so its
+        # last layer never reaches the UNet; the second's pooled projection reads its last layer
+        return list(range(num_layers - 1 if index == 0 else num_layers))
+
+    def micro_conditioning(self, cond: dict, coords: torch.Tensor, resolution: int) -> dict:
+        """time_ids (B, 6) = original (h, w), crop (top, left), target (resolution, resolution) per example,
+        as diffusers' SDXL DreamBooth script builds them (compute_time_ids). float32: fp16 would round
+        photo sizes above 2048 px, and the UNet embeds time ids in float32 anyway."""
+        target = torch.tensor([resolution, resolution]).expand(len(coords), 2)
+        time_ids = torch.cat([coords.cpu(), target], 1).float().to(cond["encoder_hidden_states"].device)
+        return {**cond, "added_cond_kwargs": {**cond["added_cond_kwargs"], "time_ids": time_ids}}
 
 
 FAMILIES = {cls.pipeline_class: cls() for cls in (SD, SDXL)}

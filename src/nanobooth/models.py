@@ -174,10 +174,13 @@ def make_pipeline(c: Components, unet=None, text_encoders=None):
     return c.family.make_pipeline(c.components, unet or c.unet, text_encoders or c.text_encoders)
 
 
-def lora_config(rank: int, alpha: float, targets: list[str], dropout: float):
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, layers: list[int] | None = None):
+    """layers: only these indices of the model's `layers` stack get adapters (None: every match of targets)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(targets))
+    where = dict(layers_to_transform=list(layers), layers_pattern="layers") if layers is not None else {}
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(targets),
+                      **where)
 
 
 def apply_tome(unet, ratio: float, max_downsample: int = 1) -> None:

@@ -93,23 +93,28 @@ def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor
 
 
 class LatentSource:
-    """Latent posteriors of one image set: cached once (both flips if random_flip) or encoded per step."""
+    """Latent posteriors of one image set, with each example's (original size, crop) coords: cached once
+    (both flips if random_flip) or encoded per step."""
 
     def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool):
         self.images, self.vae, self.cfg, self.cached = images, vae, cfg, cached
         if cached:
             idx = list(range(len(images)))
             flips = [False, True] if cfg.random_flip else [False]
-            dists = [encode_dist(vae, images.pixels(idx, cfg.resolution, [f] * len(idx), None)) for f in flips]
+            samples = [images.sample(idx, cfg.resolution, [f] * len(idx), None) for f in flips]
+            dists = [encode_dist(vae, pixels) for pixels, _ in samples]
             self.mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
             self.std = torch.stack([d[1] for d in dists], 1)
+            self.coords = torch.stack([c for _, c in samples], 1)  # (N, flips, 4): a flip moves the crop's left
 
     def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None):
+        """Posterior (mean, std) of the examples idx (mirrored where flips) and their coords (N, 4)."""
         if self.cached:
             f = torch.tensor([int(x) for x in flips]) if self.cfg.random_flip else torch.zeros(len(idx), dtype=torch.long)
             i = torch.tensor(idx)
-            return self.mean[i, f], self.std[i, f]
-        return encode_dist(self.vae, self.images.pixels(idx, self.cfg.resolution, flips, crop_gen))
+            return self.mean[i, f], self.std[i, f], self.coords[i, f]
+        pixels, coords = self.images.sample(idx, self.cfg.resolution, flips, crop_gen)
+        return (*encode_dist(self.vae, pixels), coords)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -165,8 +170,12 @@ def train(cfg: TrainConfig) -> Path:
     te_trained = cfg.train_text_encoder
     if lora:
         unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
-        for te in text_encoders if te_trained else []:
-            te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout))
+        for i, te in enumerate(text_encoders if te_trained else []):
+            # only on the layers whose output reaches the UNet: others would be saved untrained
+            n = te.config.num_hidden_layers
+            read = fam.layers_read(i, n)
+            te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
+                                       layers=read if len(read) < n else None))
     else:
         unet.requires_grad_(True)
         for te in text_encoders:
@@ -270,13 +279,14 @@ def train(cfg: TrainConfig) -> Path:
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
 
     def draw(kind: str, n_global: int):
-        """The global batch's latents (sampled from the posteriors) for one image set; every rank draws it all."""
+        """This rank's latents (sampled from the posteriors) of one image set's global batch, and their coords
+        (original size, crop); every rank draws it all."""
         idx = samplers[kind].take(n_global)
         flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
-        mean, std = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
+        mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
-        return (mean.to(device) + std.to(device) * eps[mine].to(device)) * vae.config.scaling_factor
+        return (mean.to(device) + std.to(device) * eps[mine].to(device)) * vae.config.scaling_factor, coords
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
@@ -295,7 +305,8 @@ def train(cfg: TrainConfig) -> Path:
         sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
-                latents = torch.cat([draw(k, n_global) for k in kinds])
+                drawn = [draw(k, n_global) for k in kinds]
+                latents = torch.cat([lat for lat, _ in drawn])
                 noise_all = torch.randn((n_global * len(kinds), *latents.shape[1:]), generator=noise_gen)
                 if cfg.noise_offset:
                     noise_all += cfg.noise_offset * torch.randn((n_global * len(kinds), latents.shape[1], 1, 1), generator=noise_gen)
@@ -307,6 +318,8 @@ def train(cfg: TrainConfig) -> Path:
                 # one encoding per prompt (cached when frozen), repeated over its rows of the batch
                 per_kind = [text_cache[k] if text_cache else fam.encode(te_fwd, ids[k], cfg.resolution) for k in kinds]
                 cond = cond_to(cond_batch(per_kind, [cfg.train_batch_size] * len(kinds)), weight_dtype)
+                # what each drawn image is (size, crop): rows in the order of latents
+                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords in drawn]), cfg.resolution)
                 with accelerator.autocast():
                     pred = unet_fwd(noisy.to(weight_dtype), timesteps, **cond).sample
                 target = prediction_target(noise_scheduler, latents, noise, timesteps)
