@@ -91,9 +91,10 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     return files
 
 
-def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir") -> list[Image.Image]:
+def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir", limit: int | None = None) -> list[Image.Image]:
+    """The folder's images (the first `limit` by file name when given), upright and RGB."""
     images = []
-    for p in list_images(folder, key):
+    for p in list_images(folder, key)[:limit]:
         img = load_image(p)
         if min(img.size) < resolution:
             log.warning("%s: %dx%d is smaller than resolution %d; it will be upscaled (blurry)", p, *img.size, resolution)
@@ -141,8 +142,8 @@ class ImageSet:
     original_sizes: list[tuple[int, int]] | None = None  # (h, w) before resizing; None: the images' own sizes
 
     @classmethod
-    def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str) -> "ImageSet":
-        photos = load_folder(folder, resolution, key)
+    def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None) -> "ImageSet":
+        photos = load_folder(folder, resolution, key, limit)
         return cls([resize_short_side(im, resolution) for im in photos], prompt, [(im.height, im.width) for im in photos])
 
     def __len__(self) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTS, ImageSet, list_images, load_image, resize_short_side
+from .data import IMAGE_EXTS, ImageSet, list_images
 
 log = logging.getLogger("nanobooth")
 CLASS_NAME = re.compile(r"class-(\d{5})\.png$")
@@ -54,13 +54,7 @@ def class_image_set(folder: Path, num_class_images: int, prompt: str, resolution
     log.info("found %d class images in %s, using %d", len(files), folder, min(len(files), num_class_images))
     if len(files) < num_class_images:
         log.warning("class_data_dir '%s' holds %d images, fewer than num_class_images=%d", folder, len(files), num_class_images)
-    images = []
-    for p in files[:num_class_images]:
-        img = load_image(p)
-        if min(img.size) < resolution:
-            log.warning("%s: %dx%d is smaller than resolution %d; it will be upscaled (blurry)", p, *img.size, resolution)
-        images.append(resize_short_side(img, resolution))
-    return ImageSet(images, prompt)
+    return ImageSet.from_folder(Path(folder), prompt, resolution, "class_data_dir", limit=num_class_images)
 
 
 def missing_indices(folder: Path, num_class_images: int) -> list[int]:
