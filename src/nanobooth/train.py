@@ -161,10 +161,10 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     main = accelerator.is_main_process
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
     if resume:  # refused here, before anything is written
-        check_finished(run_dir, cfg.max_train_steps)
         ckpt.check_resume(resume, cfg.max_train_steps, {
             "instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir))),
             **({"class_data_dir": ckpt.input_record(image_files(class_images_dir(cfg, run_dir)))} if cfg.with_prior_preservation else {})})
+        check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
