@@ -164,6 +164,33 @@ def test_sigterm_checkpoints_and_exits_143(tiny_model, subject_dir, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == [f"checkpoint-{steps:06d}"]
 
 
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_stops_every_process_at_one_checkpoint(tiny_model, subject_dir, tmp_path):
+    """A terminal's Ctrl-C reaches every process (and the launcher forwards it again): all stop at the same
+    step, rank 0 writes that step's checkpoint, nobody hangs in a collective, and the run resumes."""
+    run = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora",
+              *train_args(tiny_model, subject_dir, run, "max_train_steps=60", "learning_rate=1e-3")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with (tmp_path / "err").open("w") as err:
+        proc = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    log = run / "train_log.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal does: the whole foreground process group
+    t0 = time.time()
+    proc.wait(timeout=120)
+    assert time.time() - t0 < 25, "the processes did not stop together (the launcher's 30 s kill ended them)"
+    assert proc.returncode != 0 and not (run / LORA).exists()
+    steps = len(log.read_text().splitlines())
+    assert [p.name for p in list_checkpoints(run)] == [f"checkpoint-{steps:06d}"]
+    resume = [a if not a.startswith("max_train_steps=") else f"max_train_steps={steps + 2}" for a in launch]
+    subprocess.run([*resume, "resume_from_checkpoint=latest"], env=env, check=True, capture_output=True, timeout=300)
+    assert (run / LORA).exists() and len(log.read_text().splitlines()) == steps + 2
+
+
 def test_a_library_caller_can_ask_for_a_stop(tiny_model, subject_dir, tmp_path, caplog):
     cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, tmp_path / "run", "max_train_steps=6"))
     polls = []
@@ -204,6 +231,18 @@ def test_resume_latest_without_a_checkpoint_is_refused_when_steps_would_be_lost(
     assert main(["train", "dreambooth-lora", *args, "max_train_steps=4", "resume_from_checkpoint=latest"]) == 2
     err = error_lines(capsys)
     assert len(err) == 1 and "no checkpoint" in err[0] and "overwrite=true" in err[0]
+    assert snapshot(run) == before
+
+
+def test_resume_with_another_config_is_refused(tiny_model, subject_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = train_args(tiny_model, subject_dir, run, "max_train_steps=4", "checkpointing_steps=2")
+    assert main(["train", "dreambooth-lora", *args]) == 0
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", "dreambooth-lora", *args, "max_train_steps=6", "learning_rate=3e-4", "resume_from_checkpoint=latest"]) == 2
+    err = error_lines(capsys)
+    assert len(err) == 1 and "different config" in err[0] and "learning_rate" in err[0]
     assert snapshot(run) == before
 
 

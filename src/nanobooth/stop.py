@@ -5,11 +5,15 @@ A signal only sets a flag; the training loop reads it at the step boundary, wher
 writes a checkpoint there. Raising from the handler instead would land mid-step, where no consistent
 checkpoint exists. Two phases do want an immediate stop: setup (models loading, class images; nothing
 trained yet, nothing to save) and a validation render (minutes on a big model; its grid is optional).
-A second Ctrl-C always stops at once, without a checkpoint.
+A second Ctrl-C stops at once, without a checkpoint, in a single process. Under `accelerate launch`
+the launcher forwards the terminal's Ctrl-C to workers that already got it from the terminal, so there
+a repeated signal is no escalation: the workers keep heading for the checkpoint (the launcher kills
+them 30 s later at the latest, which checkpoints of DreamBooth-sized models fit in).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from typing import Callable
@@ -41,6 +45,7 @@ class StopRequest:
         self.raising = True
         self.setup = True  # before the first training step: an interrupt has nothing to save
         self._old: dict = {}
+        self.escalate = int(os.environ.get("WORLD_SIZE", "1")) <= 1  # see the module docstring
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -54,11 +59,11 @@ class StopRequest:
         self._old.clear()
 
     def _handle(self, signum, frame) -> None:
-        again = self.signum is not None and signum == signal.SIGINT
-        if self.signum is None:
-            self.signum, self.source = signum, NAMES[signum]
-        if again:
-            raise TrainingInterrupted(f"{NAMES[signum]} again: stopped at once, without saving a checkpoint", signum)
+        if self.signum is not None:  # already stopping
+            if signum == signal.SIGINT and self.escalate:
+                raise TrainingInterrupted(f"{NAMES[signum]} again: stopped at once, without saving a checkpoint", signum)
+            return
+        self.signum, self.source = signum, NAMES[signum]
         if self.setup:
             raise TrainingInterrupted(f"{NAMES[signum]} before the first training step: nothing trained, nothing to save "
                                       "(class images made so far are kept)", signum)
