@@ -130,14 +130,14 @@ def _signal_after(proc, run: Path, steps: int, sig) -> None:
 @pytest.mark.slow
 def test_ctrl_c_writes_a_checkpoint_without_checkpointing_steps_and_resumes_bit_exactly(tiny_model, subject_dir, tmp_path):
     variant = "dreambooth-lora-prior-pre"
-    common = ["max_train_steps=30", "checkpointing_steps=0", "learning_rate=1e-3", "random_flip=true",
-              "validation_prompts=[a sks dog]", "validation_steps=7"]
+    common = ["max_train_steps=20", "checkpointing_steps=0", "learning_rate=1e-3", "random_flip=true",
+              "validation_prompts=[a sks dog]", "validation_steps=6"]
     ref = tmp_path / "ref"
     assert _start([variant, *train_args(tiny_model, subject_dir, ref, *common)], tmp_path / "ref.err").wait() == 0
     run = tmp_path / "run"
     args = [variant, *train_args(tiny_model, subject_dir, run, *common)]
     proc = _start(args, tmp_path / "run.err")
-    _signal_after(proc, run, 9, signal.SIGINT)
+    _signal_after(proc, run, 7, signal.SIGINT)
     assert not (run / LORA).exists(), "the run finished before the signal; the test proves nothing"
     assert proc.returncode == 130
     err = (tmp_path / "run.err").read_text()

@@ -1,7 +1,8 @@
 """Resumable checkpoints and final outputs, written so that a crash never loses a good state.
 
 A checkpoint is a folder `checkpoints/checkpoint-NNNNNN` holding safetensors (trainable weights,
-optimizer tensors, RNG states) and JSON (step, optimizer hyper-parameters, LR scheduler, data order).
+optimizer tensors, RNG states) and JSON (step, optimizer hyper-parameters, LR scheduler, data order, and
+the image files that order indexes: name + sha256, checked before a resume).
 It is written under a temporary name and renamed into place, so a kill during the save leaves the
 previous checkpoint untouched; pruning (checkpoints_total_limit) happens only after that rename.
 Nothing is pickled: loading a checkpoint cannot execute code.

@@ -66,7 +66,8 @@ class StopRequest:
         self.signum, self.source = signum, NAMES[signum]
         if self.setup:
             raise TrainingInterrupted(f"{NAMES[signum]} before the first training step: nothing trained, nothing to save "
-                                      "(class images made so far are kept)", signum)
+                                      "(class images made so far are kept); continue with the same command plus "
+                                      "resume_from_checkpoint=latest", signum)
         if self.raising:
             raise KeyboardInterrupt
 

@@ -348,16 +348,15 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         inputs = {"instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir)))}
         if prior:
             inputs["class_data_dir"] = ckpt.input_record(image_files(class_dir))
-    saved_step = start_step  # the newest checkpoint on disk (the resumed one), 0: none
+    saved_step, saved_path = start_step, resume  # the newest checkpoint of this run (the resumed one; 0: none)
 
     def save_checkpoint(done: int) -> None:
-        nonlocal saved_step
+        nonlocal saved_step, saved_path
+        saved_step, saved_path = done, run_dir / "checkpoints" / f"checkpoint-{done:06d}"
         if main:
             extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
-            path = ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra,
-                                        cfg.checkpoints_total_limit)
-            log.info("%s saved", path.name)
-        saved_step = done
+            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
+            log.info("%s saved", saved_path.name)
         accelerator.wait_for_everyone()
 
     def stop_here(done: int) -> None:
@@ -370,13 +369,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         bar.close()
         if done > saved_step:
             save_checkpoint(done)
-        if done == 0:
-            what = "nothing trained yet, nothing saved; run the same command again"
-        else:
-            what = (f"{run_dir / 'checkpoints' / f'checkpoint-{done:06d}'} holds step {done}; continue with the same "
-                    f"command plus resume_from_checkpoint=latest")
+        what = f"{saved_path} holds step {done}" if done else "nothing trained yet, nothing to save"
         raise TrainingInterrupted(f"{stop.source or 'stop request on another process'} at step {done}/{cfg.max_train_steps}: "
-                                  f"{what}", stop.signum or 2)
+                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
