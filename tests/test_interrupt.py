@@ -78,6 +78,16 @@ def test_failed_renders_are_warnings_and_the_weights_are_written(tiny_model, sub
     assert len(warned) == 2 and "step 0" in warned[0] and "CUDA out of memory" in warned[0] and "step 4" in warned[1]
 
 
+def test_full_finetune_writes_the_pipeline_then_renders_the_final_grid(tiny_model, subject_dir, tmp_path, caplog):
+    """Saving a full pipeline moves its modules to the CPU in fp32; the final render after it must still work."""
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        assert main(["train", "dreambooth", *train_args(tiny_model, subject_dir, run, "validation_prompts=[a sks dog]",
+                                                         "tome_ratio=0.5")]) == 0
+    assert (run / "model_index.json").is_file() and (run / "samples" / "step-000003.png").is_file()
+    assert "validation render" not in caplog.text
+
+
 def test_ctrl_c_during_the_final_render_keeps_the_weights(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
     import nanobooth.train as tr
 
