@@ -1,7 +1,8 @@
 """Resumable checkpoints and final outputs, written so that a crash never loses a good state.
 
 A checkpoint is a folder `checkpoints/checkpoint-NNNNNN` holding safetensors (trainable weights,
-optimizer tensors, RNG states) and JSON (step, optimizer hyper-parameters, LR scheduler, data order).
+optimizer tensors, RNG states) and JSON (step, optimizer hyper-parameters, LR scheduler, data order, and
+the image files that order indexes: name + sha256, checked before a resume).
 It is written under a temporary name and renamed into place, so a kill during the save leaves the
 previous checkpoint untouched; pruning (checkpoints_total_limit) happens only after that rename.
 Nothing is pickled: loading a checkpoint cannot execute code.
@@ -10,6 +11,7 @@ Nothing is pickled: loading a checkpoint cannot execute code.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -37,12 +39,28 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
 
 
+def logged_steps(run_dir: Path) -> int:
+    """The last step train_log.jsonl records (0 when none)."""
+    p = Path(run_dir) / "train_log.jsonl"
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
 def resolve_resume(run_dir: Path, spec: str | None) -> Path | None:
     if not spec:
         return None
     if spec == "latest":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
+            trained = logged_steps(run_dir)
+            if trained:  # starting over would silently throw those steps away
+                raise CheckpointError(f"resume_from_checkpoint=latest: {run_dir} has no checkpoint to resume from (its log "
+                                      f"reaches step {trained}); to train it again from step 0 drop resume_from_checkpoint "
+                                      f"and pass overwrite=true")
+            # nothing trained yet (e.g. stopped while making class images): step 0 loses nothing
             log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from step 0", run_dir)
             return None
         return ckpts[-1]
@@ -50,6 +68,45 @@ def resolve_resume(run_dir: Path, spec: str | None) -> Path | None:
     if not (path / "state.json").is_file():
         raise CheckpointError(f"resume_from_checkpoint '{spec}': not a nanobooth checkpoint folder (no state.json); pass latest or a checkpoints/checkpoint-N folder")
     return path
+
+
+def input_record(files: list[Path]) -> list[list[str]]:
+    """[[file name, sha256 of its bytes], ...] in data order: a checkpoint's data order is positions in
+    this list, so a resume over other files would train on other images (or index past the end)."""
+    return [[p.name, hashlib.sha256(p.read_bytes()).hexdigest()] for p in files]
+
+
+def input_changes(old: list[list[str]], new: list[list[str]]) -> str:
+    """'' when the two records match, else what changed ('removed a.png, b.png; modified c.png')."""
+    if old == new:
+        return ""
+    o, n = dict(map(tuple, old)), dict(map(tuple, new))
+    parts = [(what, sorted(names)) for what, names in (("removed", o.keys() - n.keys()), ("added", n.keys() - o.keys()),
+             ("modified", {k for k in o.keys() & n.keys() if o[k] != n[k]}))]
+    text = "; ".join(f"{what} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" for what, names in parts if names)
+    return text or "the file order changed"
+
+
+def check_resume(path: Path, max_train_steps: int, inputs: dict[str, list[list[str]]]) -> int:
+    """Refuse, before anything is written, a resume that would train nothing or train on other images.
+    `inputs`: {"instance_data_dir": record, "class_data_dir": record} of the files there now.
+    Returns the checkpoint's step."""
+    state = json.loads((path / "state.json").read_text())
+    step = int(state["step"])
+    if step >= max_train_steps:
+        raise CheckpointError(f"{path.name} is at step {step} and max_train_steps={max_train_steps}: nothing left to train; "
+                              f"pass max_train_steps above {step} to train on (the run folder is left as it is)")
+    saved = state.get("inputs")
+    if saved is None:
+        log.warning("%s does not record its input images (saved by an older nanobooth): cannot check that they are unchanged",
+                    path.name)
+        return step
+    for key, record in inputs.items():
+        changes = input_changes(saved.get(key, []), record)
+        if changes:
+            raise CheckpointError(f"{key} changed since {path.name} ({changes}): its data order would point at other images; "
+                                  f"restore the files, or start a new run (overwrite=true or another output_dir)")
+    return step
 
 
 def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:

@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"nanobooth: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # train's TrainingInterrupted says what was saved; exit code 130/143
+        print(f"nanobooth: stopped: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -14,19 +14,21 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
-from .data import ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
 from .generate import LORA_FILE, grid, render, save_png
 from .losses import dreambooth_loss, prediction_target
 from .family import cond_batch, cond_to
 from .models import apply_tome, load_components, lora_config, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
-from .run_folder import clear_outputs, load_run_config, make_readable
+from .run_folder import clear_outputs, load_run_config, make_readable, result_kind
+from .stop import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("nanobooth")
 
@@ -80,12 +82,40 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     return run_dir, instance
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The files ImageSet.from_folder reads, in its order; [] for a folder not made yet."""
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+
+
+def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
+    over other files is refused (ckpt.check_resume)."""
+    record = {"instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir)))}
+    if cfg.with_prior_preservation:
+        record["class_data_dir"] = ckpt.input_record(image_files(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
+    return record
+
+
+def check_finished(run_dir: Path, max_train_steps: int) -> None:
+    """A finished run's weights are never replaced by a resume that ends at or before their step."""
+    done = ckpt.logged_steps(run_dir)
+    if done >= max_train_steps and result_kind(run_dir):
+        raise ckpt.CheckpointError(f"output_dir '{run_dir}' holds a run finished at step {done}: resuming to max_train_steps="
+                                   f"{max_train_steps} would replace its weights with less-trained ones; pass max_train_steps "
+                                   f"above {done} to train on, or another output_dir")
+
+
 def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE posterior (mean, std) for pixels in [-1, 1]; sampling happens per step from our generator.
     Small batches: this runs once per image set, so a bigger batch only raises the memory peak."""
     means, stds = [], []
+    from accelerate import PartialState
+
+    quiet = len(pixels) <= batch or not PartialState().is_main_process  # per-step encodes stay quiet
     with torch.no_grad():
-        for i in range(0, len(pixels), batch):
+        for i in tqdm(range(0, len(pixels), batch), desc="encode latents", unit="batch", leave=False, disable=quiet):
             dist = vae.encode(pixels[i : i + batch].to(vae.device, vae.dtype)).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
@@ -117,7 +147,19 @@ class LatentSource:
         return (*encode_dist(self.vae, pixels), coords)
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+    """Train cfg into cfg.output_dir and return it.
+
+    Ctrl-C, SIGTERM or `should_stop()` returning True (checked once per step) stop at the next step
+    boundary: a checkpoint of that step is written (rank 0) and TrainingInterrupted is raised, saying
+    how to continue (resume_from_checkpoint=latest). A validation render that fails is skipped with a
+    warning; the weights are written before the final one.
+    """
+    with StopRequest(should_stop) as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -132,6 +174,9 @@ def train(cfg: TrainConfig) -> Path:
                               cpu=cpu_world)
     main = accelerator.is_main_process
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    if resume:  # refused here, before anything is written
+        ckpt.check_resume(resume, cfg.max_train_steps, input_record(cfg, run_dir))
+        check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
@@ -258,24 +303,50 @@ def train(cfg: TrainConfig) -> Path:
         kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
         log_path.write_text("".join(ln + "\n" for ln in kept))
 
-    def validate(step: int) -> None:
+    def validate(step: int, final: bool = False) -> None:
+        """Render the validation grid; optional, so a failure is a warning and Ctrl-C stops the run
+        (mid-run: checkpoint at this step; final: the weights are already saved)."""
         if not (main and cfg.validation_prompts):
             return
+        try:
+            stop.raising = True  # a render can take minutes: Ctrl-C should not wait for it
+            if final and stop.requested():
+                raise KeyboardInterrupt  # asked during the last step: the weights are saved, skip the grid
+            _render_grid(step)
+        except TrainingInterrupted:  # a second Ctrl-C: at once
+            raise
+        except KeyboardInterrupt:
+            if final:
+                raise TrainingInterrupted(f"{stop.source or 'Ctrl-C'} during the final validation render: the trained weights "
+                                          f"are saved in {run_dir} (no step-{step:06d} grid)", stop.signum or 2) from None
+            stop.request()
+            log.warning("validation render at step %d interrupted; stopping", step)
+        except Exception as e:  # noqa: BLE001 - GPU OOM, a size the sampler refuses...: the grid is optional
+            log.warning("validation render at step %d failed and was skipped (%s: %s)%s", step, type(e).__name__,
+                        str(e).splitlines()[0] if str(e) else "", "" if final else "; training goes on")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        finally:
+            stop.raising = False
+
+    def _render_grid(step: int) -> None:
         # the raw modules: DDP/compile wrap these very parameters
         info = getattr(unet, "_tome_info", None)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), accelerator.autocast():
             if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
                 info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
-            unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
-            pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
-            pipe.set_progress_bar_config(disable=True)
-            rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
-                          cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
-                          guidance_cutoff=cfg.validation_guidance_cutoff)
-            unet.train(), [te.train(te_trained) for te in text_encoders]
-            if info:
-                info["args"]["generator"] = tome_gen
+            try:
+                unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
+                pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
+                pipe.set_progress_bar_config(desc=f"validation step {step}", leave=False)  # runs on rank 0 only
+                rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
+                              cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
+                              guidance_cutoff=cfg.validation_guidance_cutoff)
+            finally:  # also after a failed or interrupted render: training goes on from here
+                unet.train(), [te.train(te_trained) for te in text_encoders]
+                if info:
+                    info["args"]["generator"] = tome_gen
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
 
     def draw(kind: str, n_global: int):
@@ -288,18 +359,47 @@ def train(cfg: TrainConfig) -> Path:
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
         return (mean.to(device) + std.to(device) * eps[mine].to(device)) * vae.config.scaling_factor, coords
 
+    # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
+    inputs = input_record(cfg, run_dir) if main else {}
+    saved_step, saved_path = start_step, resume  # the newest checkpoint of this run (the resumed one; 0: none)
+
+    def save_checkpoint(done: int) -> None:
+        nonlocal saved_step, saved_path
+        saved_step, saved_path = done, run_dir / "checkpoints" / f"checkpoint-{done:06d}"
+        if main:
+            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
+            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
+            log.info("%s saved", saved_path.name)
+        accelerator.wait_for_everyone()
+
+    def stop_here(done: int) -> None:
+        """Checkpoint `done` and raise TrainingInterrupted if any process was asked to stop."""
+        wanted = stop.requested()
+        if world > 1:  # every rank stops at the same step, or the others wait in a collective forever
+            wanted = accelerator.reduce(torch.tensor(float(wanted), device=device), "max").item() > 0
+        if not wanted:
+            return
+        bar.close()
+        if done > saved_step:
+            save_checkpoint(done)
+        what = f"{saved_path} holds step {done}" if done else "nothing trained yet, nothing to save"
+        raise TrainingInterrupted(f"{stop.source or 'stop request on another process'} at step {done}/{cfg.max_train_steps}: "
+                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2)
+
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
         unet._tome_info["args"]["generator"] = tome_gen
     unet_fwd.train()
     for te in te_fwd:
         te.train(te_trained)
+    stop.setup = stop.raising = False  # from here on a signal stops at the next step boundary
     if start_step == 0:
         validate(0)  # the "before" grid
     n_global = cfg.train_batch_size * world
     kinds = list(sets)
     bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps, desc="train",
                disable=not main, unit="step")
+    stop_here(start_step)  # asked during the "before" grid
     t0 = time.time()
     for step in bar:
         sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
@@ -325,7 +425,8 @@ def train(cfg: TrainConfig) -> Path:
                 target = prediction_target(noise_scheduler, latents, noise, timesteps)
                 loss, inst, prior_l = dreambooth_loss(pred, target, timesteps, cfg.train_batch_size, cfg.prior_loss_weight,
                                                       noise_scheduler, cfg.snr_gamma)
-                if not bool(accelerator.reduce(torch.isfinite(loss).float().to(device), "min")):
+                # "max" of the non-finite flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
+                if accelerator.reduce((~torch.isfinite(loss)).float().to(device), "max").item() > 0:
                     last = ckpt.list_checkpoints(run_dir)
                     raise TrainingError(f"loss is {loss.item()} at step {step + 1}: training diverged; lower learning_rate "
                                         f"or use mixed_precision=bf16; last good checkpoint: {last[-1] if last else 'none'}")
@@ -351,20 +452,22 @@ def train(cfg: TrainConfig) -> Path:
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
                          "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-            if main:
-                extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}}
-                ckpt.save_checkpoint(run_dir, done, trained, optimizer,
-                                     lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
+            save_checkpoint(done)
         if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps:
             validate(done)
+        if done < cfg.max_train_steps:
+            stop_here(done)
     bar.close()
 
-    # --- outputs --------------------------------------------------------------------------------------------------
+    # --- outputs: the weights first, then the optional final grid -------------------------------------------------
     accelerator.wait_for_everyone()
-    validate(cfg.max_train_steps)
     if main:
         save_outputs(cfg, run_dir, c, unet, text_encoders)
+        log.info("weights saved in %s", run_dir)
+        if cfg.validation_prompts and cfg.tome_ratio:  # save_outputs removed ToMe; render as every other grid did
+            apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
+    validate(cfg.max_train_steps, final=True)
+    if main:
         log.info("done: %s", run_dir)
     accelerator.end_training()
     return run_dir
@@ -381,8 +484,13 @@ def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoders: list) 
             c.family.save_lora(tmp, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
         else:
             pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
-            for m in (unet, *text_encoders, c.vae):
+            modules = (unet, *text_encoders, c.vae)
+            placed = [next(m.parameters()) for m in modules]
+            placed = [(p.device, p.dtype) for p in placed]  # each is uniform here (no adapters in a full fine-tune)
+            for m in modules:
                 m.to("cpu", torch.float32)
             pipe.save_pretrained(tmp, safe_serialization=True)
+            for m, (dev, dtype) in zip(modules, placed):  # back where they were, for the final validation render
+                m.to(dev, dtype)
     make_readable(tmp)  # safetensors writes 0600 files
     ckpt.publish(tmp, run_dir)

@@ -1,0 +1,81 @@
+"""Stopping a run on request: Ctrl-C, SIGTERM (schedulers, `kill`), or a library caller's flag.
+
+A signal only sets a flag; the training loop reads it at the step boundary, where every piece of state
+(weights, optimizer, LR schedule, generators, data order, log) describes the same finished step, and
+writes a checkpoint there. Raising from the handler instead would land mid-step, where no consistent
+checkpoint exists. Two phases do want an immediate stop: setup (models loading, class images; nothing
+trained yet, nothing to save) and a validation render (minutes on a big model; its grid is optional).
+A second Ctrl-C stops at once, without a checkpoint, in a single process. Under `accelerate launch`
+the launcher forwards the terminal's Ctrl-C to workers that already got it from the terminal, so there
+a repeated signal is no escalation: the workers keep heading for the checkpoint (the launcher kills
+them 30 s later at the latest, which checkpoints of DreamBooth-sized models fit in).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable
+
+NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """The run stopped before max_train_steps on request. The message says what was saved and how to
+    continue; `exit_code` is the shell's convention for the signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+class StopRequest:
+    """Signal handlers for SIGINT/SIGTERM (main thread only) plus an optional `should_stop()` callable.
+
+    `raising`: True while an immediate stop is wanted (setup, rendering): the handler raises
+    KeyboardInterrupt (TrainingInterrupted during setup). False during training steps: flag only.
+    Use as a context manager; the previous handlers come back on exit.
+    """
+
+    def __init__(self, should_stop: Callable[[], bool] | None = None):
+        self.should_stop = should_stop
+        self.signum: int | None = None
+        self.source = ""  # what asked: "Ctrl-C", "SIGTERM" or "stop request"
+        self.raising = True
+        self.setup = True  # before the first training step: an interrupt has nothing to save
+        self._old: dict = {}
+        self.escalate = int(os.environ.get("WORLD_SIZE", "1")) <= 1  # see the module docstring
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for s in NAMES:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # already stopping
+            if signum == signal.SIGINT and self.escalate:
+                raise TrainingInterrupted(f"{NAMES[signum]} again: stopped at once, without saving a checkpoint", signum)
+            return
+        self.signum, self.source = signum, NAMES[signum]
+        if self.setup:
+            raise TrainingInterrupted(f"{NAMES[signum]} before the first training step: nothing trained, nothing to save "
+                                      "(class images made so far are kept); continue with the same command plus "
+                                      "resume_from_checkpoint=latest", signum)
+        if self.raising:
+            raise KeyboardInterrupt
+
+    def request(self, signum: int = signal.SIGINT) -> None:
+        if self.signum is None:
+            self.signum, self.source = signum, NAMES[signum]
+
+    def requested(self) -> bool:
+        if self.signum is None and self.should_stop is not None and self.should_stop():
+            self.signum, self.source = signal.SIGINT, "stop request"
+        return self.signum is not None
