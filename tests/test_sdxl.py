@@ -180,3 +180,21 @@ def test_text_encoder_adapters_sit_only_on_layers_the_unet_reads_and_all_train(t
     # lora_B starts at zero and moves only by gradient: every saved up-matrix is nonzero, so every adapter trained
     ups = [v for k, v in {**te1, **te2}.items() if "lora_B" in k or ".up." in k]  # peft's / diffusers' name for B
     assert len(ups) == len(te1 | te2) / 2 and all(v.abs().max() > 0 for v in ups)
+
+
+def test_full_text_encoder_training_trains_exactly_the_parameters_that_get_gradients(tiny_sdxl_model):
+    from nanobooth.family import cond_to
+    from nanobooth.models import load_components, train_layers_read
+
+    c = load_components(str(tiny_sdxl_model))
+    fam = c.family
+    for i, te in enumerate(c.text_encoders):
+        train_layers_read(te, fam.layers_read(i, te.config.num_hidden_layers))
+    cond = cond_to(fam.encode(c.text_encoders, fam.tokenize(c.tokenizers, "a sks dog", "cpu"), 32), torch.float32)
+    (cond["encoder_hidden_states"].sum() + cond["added_cond_kwargs"]["text_embeds"].sum()).backward()
+    for i, te in enumerate(c.text_encoders):
+        trainable = {n for n, p in te.named_parameters() if p.requires_grad}
+        with_grad = {n for n, p in te.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert trainable == with_grad, f"text encoder {i}: trainable but never reached: {sorted(trainable - with_grad)[:3]}"
+    last = c.text_encoders[0].config.num_hidden_layers - 1
+    assert not any(p.requires_grad for p in c.text_encoders[0].encoder.layers[last].parameters())

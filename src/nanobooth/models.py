@@ -183,6 +183,20 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, lay
                       **where)
 
 
+def train_layers_read(text_encoder, layers: list[int]) -> None:
+    """A fully trained CLIP text encoder: only the encoder layers in `layers` (and the embeddings) train.
+    Layers past the last one read, and the final layer norm behind them, get no gradient: as trainable
+    parameters they would only cost optimizer memory and break DDP's check that every parameter is used."""
+    text_encoder.requires_grad_(True)
+    body = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 dropped the text_model level
+    stack = body.encoder.layers
+    unread = [i for i in range(len(stack)) if i not in set(layers)]
+    for i in unread:
+        stack[i].requires_grad_(False)
+    if unread:
+        body.final_layer_norm.requires_grad_(False)
+
+
 def apply_tome(unet, ratio: float, max_downsample: int = 1) -> None:
     """Token merging on the UNet's transformer blocks (tomesd); ratio 0 removes it.
 

@@ -25,7 +25,7 @@ from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data
 from .generate import LORA_FILE, grid, render, save_png
 from .losses import dreambooth_loss, prediction_target
 from .family import cond_batch, cond_to
-from .models import apply_tome, load_components, lora_config, make_pipeline
+from .models import apply_tome, load_components, lora_config, make_pipeline, train_layers_read
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .run_folder import clear_outputs, load_run_config, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted
@@ -223,8 +223,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
                                        layers=read if len(read) < n else None))
     else:
         unet.requires_grad_(True)
-        for te in text_encoders:
-            te.requires_grad_(te_trained)
+        for i, te in enumerate(text_encoders):
+            if te_trained:
+                train_layers_read(te, fam.layers_read(i, te.config.num_hidden_layers))
     # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer.
     # VAEs flagged force_upcast (SDXL's) overflow in fp16, and with cached latents fp32 costs nothing.
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
