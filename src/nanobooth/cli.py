@@ -168,7 +168,7 @@ def _run(args) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm(loggers=[logging.getLogger("nanobooth"), logging.getLogger()]):
-        if args.command not in ("config", "train"):  # train sets them from its config key (num_threads)
+        if args.command not in ("config", "train", "demo"):  # train (and demo's) from the config key num_threads
             from .threads import apply_threads
 
             apply_threads(getattr(args, "threads", None))

@@ -75,10 +75,12 @@ def _minutes(seconds: float) -> str:
 
 
 def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
+    from .threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
     from .train import train
 
+    threads = apply_threads(threads)  # measured once: training and the estimate below use the same count
     out_dir = Path(out)
     t0 = time.time()
     noun = world.make_subject(subject_seed).class_noun

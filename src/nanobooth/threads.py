@@ -118,7 +118,6 @@ def apply_threads(requested: int | None = None) -> int:
     import torch
 
     torch.set_num_threads(n)
-    if not requested and not env and n < cpus:
-        log.info("using %d of %d CPU threads: the others are busy (%.1f CPUs in use); num_threads=N to override",
-                 n, cpus, busy)
+    if busy is not None:  # auto: say what it saw, since a busy machine gets fewer threads
+        log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N to choose)", n, cpus, busy)
     return n
