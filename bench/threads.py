@@ -2,6 +2,7 @@
 
     python bench/threads.py                          # toy/dreambooth-lora, 40 steps, threads 1 / 2 / auto
     python bench/threads.py --steps 25 --first 10 --threads 1 auto
+    python bench/threads.py --variant toy/dreambooth-lora-prior-pre --set num_class_images=4 class_generation_steps=5
 
 Each cell is one `nanobooth train toy/dreambooth-lora ... num_threads=T` run in a fresh process (auto =
 num_threads unset: nanobooth's choice from the free cores; torch's own default is one thread per core,
@@ -41,14 +42,14 @@ def threads_used(stderr: str) -> str:
     return ""
 
 
-def run(variant: str, subject: Path, steps: int, threads: str, first: int, competitors: int) -> dict:
+def run(variant: str, subject: Path, steps: int, threads: str, first: int, competitors: int, extra: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(competitors)]
     try:
         with tempfile.TemporaryDirectory(prefix="nb-threads-") as tmp:
             cmd = [sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subject}", f"output_dir={tmp}/run",
-                   f"max_train_steps={steps}", "validation_prompts=[]", "checkpointing_steps=0", "log_every=1000"]
+                   f"max_train_steps={steps}", "validation_prompts=[]", "checkpointing_steps=0", "log_every=1000", *extra]
             if threads != "auto":
                 cmd.append(f"num_threads={threads}")
             res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--first", type=int, default=10, help="time the steps after this one")
     p.add_argument("--threads", nargs="+", default=["1", "2", "auto"])
     p.add_argument("--competitors", type=int, default=1, help="busy-loop processes in the 'beside' runs")
+    p.add_argument("--set", nargs="*", default=[], metavar="key=value", help="extra config overrides, e.g. num_class_images=4")
     args = p.parse_args()
     from nanobooth.toy import world
 
@@ -78,7 +80,7 @@ def main() -> None:
         subject = world.write_subject(7, Path(tmp) / "subject")
         for competitors in (0, args.competitors):
             for threads in args.threads:
-                row = run(args.variant, subject, args.steps, threads, args.first, competitors)
+                row = run(args.variant, subject, args.steps, threads, args.first, competitors, args.set)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     lines = [[("alone" if r["competitors"] == 0 else f"beside {r['competitors']} busy job(s)"),

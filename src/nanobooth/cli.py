@@ -168,7 +168,8 @@ def _run(args) -> None:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm(loggers=[logging.getLogger("nanobooth"), logging.getLogger()]):
-        if args.command not in ("config", "train", "demo"):  # train (and demo's) from the config key num_threads
+        # the commands that run models; train and demo set threads from the config key num_threads
+        if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
             from .threads import apply_threads
 
             apply_threads(getattr(args, "threads", None))
@@ -182,12 +183,10 @@ PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.pretrain", ("toy", "probe"): 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if tuple(argv[:2]) in PASSTHROUGH:
-        import importlib
-
-        return importlib.import_module(PASSTHROUGH[tuple(argv[:2])]).main(argv[2:]) or 0
-    _setup_logging()
     try:
+        if tuple(argv[:2]) in PASSTHROUGH:
+            return importlib.import_module(PASSTHROUGH[tuple(argv[:2])]).main(argv[2:]) or 0
+        _setup_logging()
         args = parse_args(argv)
         _run(args)
     except KeyboardInterrupt as e:
