@@ -242,3 +242,11 @@ def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsy
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 130
     out = capsys.readouterr().out
     assert "demo: a new toy subject" in out and "demo: about 3 min on this machine" in out
+
+
+def test_output_piped_into_head_ends_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "nanobooth", "config", "show", "toy/dreambooth"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written (`| head` after it has its lines)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: cli's old home)
+from .config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
 USER_ERRORS = (("nanobooth.config", "ConfigError"), ("nanobooth.data", "DataError"), ("nanobooth.models", "ModelError"),
@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         # one line, no traceback; a training run that saved a checkpoint says so in its message
         print(f"\nnanobooth: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `nanobooth config show X | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 0
     except Exception as e:
         if isinstance(e, _user_errors(load=False)):
             print(f"nanobooth: error: {e}", file=sys.stderr)
