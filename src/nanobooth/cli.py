@@ -167,7 +167,7 @@ def _run(args) -> None:
     """Run the chosen command with log lines kept off the progress bars, and the CPU threads set."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm(loggers=[logging.getLogger("nanobooth"), logging.getLogger()]):
+    with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
         # the commands that run models; train and demo set threads from the config key num_threads
         if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
             from .threads import apply_threads
