@@ -13,6 +13,9 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# A fixed thread count for every run a test starts, in-process or not: nanobooth otherwise picks one from
+# the cores free at that moment (threads.py), and bit-exact comparisons need one reduction order.
+os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -26,5 +26,7 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert res["settings"]["guidance_cutoff"] == 0.5
     out = capsys.readouterr().out
     assert str(samples[0]) in out and str(samples[-1]) in out and str(run / "toy_eval.json") in out
+    assert (run / "toy_eval.png").is_file() and str(run / "toy_eval.png") in out  # base vs tuned, side by side
+    assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
     assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1"]) == 0
     assert json.loads((run / "toy_eval.json").read_text())["settings"]["guidance_cutoff"] == 1.0

@@ -1,54 +1,57 @@
-"""`nanobooth` command line: train, generate, config."""
+"""`nanobooth` command line: train, generate, config.
+
+Building the parser and checking a command's input import no torch/diffusers/transformers (5-30 s on
+a busy CPU): help, `config` and every input error answer at once; each command imports its stack
+when it runs. Commands whose parsers live in heavy modules (eval, export) or in the toy package are
+registered as placeholders (see LAZY) and parsed by their real parser only when chosen.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 
-from .config import ConfigError, describe, load_config, variant_names
+from .config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
+
+# (module, class) of the errors whose message is the whole story for a user (no traceback)
+USER_ERRORS = (("nanobooth.config", "ConfigError"), ("nanobooth.data", "DataError"), ("nanobooth.models", "ModelError"),
+               ("nanobooth.checkpoint", "CheckpointError"), ("nanobooth.train", "TrainingError"))
 
 
-def _user_errors() -> tuple:
-    """Errors whose message is the whole story for a user (no traceback)."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .models import ModelError
-    from .train import TrainingError
-
-    return ConfigError, DataError, ModelError, CheckpointError, TrainingError
+def _user_errors(load: bool = True) -> tuple:
+    """The user-error classes. With load=False, only those of modules already imported: an error can
+    only come from a module that is loaded, so main() need not import the training stack to catch it."""
+    out = []
+    for module, name in USER_ERRORS:
+        if load or module in sys.modules:
+            out.append(getattr(importlib.import_module(module), name))
+    return tuple(out)
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[nanobooth] %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()  # hides the torchvision-missing chatter
-        import diffusers
-
-        diffusers.utils.logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def guidance_fraction(text: str) -> float:
-    """argparse type of --guidance-cutoff: a fraction of the sampling steps in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
-    return value
+    # hides the torchvision-missing chatter; set by environment so neither library is imported here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for lib in ("transformers", "diffusers"):
+        if lib in sys.modules:  # already imported (a caller's own import): the variable came too late
+            sys.modules[lib].utils.logging.set_verbosity_error()
 
 
 def cmd_train(args) -> None:
+    cfg = load_config(args.config, args.overrides)
+    from .data import resolve_data_dir
+
+    # the folders a user can mistype, checked before the training stack loads (train checks them again)
+    resolve_data_dir(cfg.instance_data_dir)
+    if cfg.with_prior_preservation and cfg.class_data_dir:
+        resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     from .train import train
 
-    cfg = load_config(args.config, args.overrides)
     run_dir = train(cfg)
     samples = run_dir / "samples"
     print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
@@ -79,7 +82,7 @@ def cmd_demo(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import demo
 
-    demo(args.out, args.steps)
+    demo(args.out, args.steps, threads=args.threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tome-ratio", type=float, default=0.0)
     g.add_argument("--allow-pickle", action="store_true")
     g.add_argument("--single-file-config", default=None)
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("config", help="list variants or show a resolved config")
@@ -124,16 +128,54 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: DreamBooth on the embedded toy model, before/after grids")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
+    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
 
-    from .evaluate import add_parser as add_eval
-    from .export import add_parser as add_export
-    from .toy import cli as toy_cli
-
-    add_export(sub)
-    add_eval(sub)
-    toy_cli.add_parser(sub)
+    for name, (module, help_text) in LAZY.items():
+        # add_help=False: `nanobooth eval --help` is answered by the real parser
+        sub.add_parser(name, help=help_text, add_help=False).set_defaults(lazy=module)
     return p
+
+
+# Commands whose parsers are defined by their modules; importing those loads torch (eval, export) or
+# the toy package, so `nanobooth --help` lists them from here and only a chosen one is imported.
+LAZY = {
+    "export": ("nanobooth.export", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
+    "eval": ("nanobooth.evaluate", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),
+    "eval-dataset": ("nanobooth.evaluate", "eval over the 30-subject DreamBooth dataset: one summary table"),
+    "toy": ("nanobooth.toy.cli", "the toy world: subjects, evaluation, pretraining recipe"),
+}
+
+
+def _real_parser(module: str) -> argparse.ArgumentParser:
+    """The parser of one LAZY command, from its own module's add_parser."""
+    p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for Stable Diffusion.")
+    sub = p.add_subparsers(dest="command", required=True)
+    importlib.import_module(module).add_parser(sub)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "lazy", None) and getattr(args, "func", None) is None:
+        return _real_parser(args.lazy).parse_args(argv)
+    if extra:
+        parser.parse_args(argv)  # argparse's own "unrecognized arguments" error
+    return args
+
+
+def _run(args) -> None:
+    """Run the chosen command with log lines kept off the progress bars, and the CPU threads set."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
+        # the commands that run models; train and demo set threads from the config key num_threads
+        if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
+            from .threads import apply_threads
+
+            apply_threads(getattr(args, "threads", None))
+        args.func(args)
 
 
 # Recipes with their own argparse: everything after the two words is theirs
@@ -143,20 +185,25 @@ PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.pretrain", ("toy", "probe"): 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if tuple(argv[:2]) in PASSTHROUGH:
-        import importlib
-
-        return importlib.import_module(PASSTHROUGH[tuple(argv[:2])]).main(argv[2:]) or 0
-    _setup_logging()
-    args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except _user_errors() as e:
-        print(f"nanobooth: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as e:  # train's TrainingInterrupted says what was saved; exit code 130/143
-        print(f"nanobooth: stopped: {e or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        if tuple(argv[:2]) in PASSTHROUGH:
+            return importlib.import_module(PASSTHROUGH[tuple(argv[:2])]).main(argv[2:]) or 0
+        _setup_logging()
+        args = parse_args(argv)
+        _run(args)
+    except KeyboardInterrupt as e:
+        # one line, no traceback; a training run that saved a checkpoint says so in its message (and its
+        # exit code: 130 for Ctrl-C, 143 for SIGTERM)
+        print(f"\nnanobooth: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:  # `nanobooth config show X | head`: the reader is gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
+        return 0
+    except Exception as e:
+        if isinstance(e, _user_errors(load=False)):
+            print(f"nanobooth: error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -6,6 +6,7 @@ carry their command line over. Every attribute's docstring is the help text (`na
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import difflib
@@ -156,6 +157,8 @@ class TrainConfig:
     """Encode images with the VAE once (and prompts with a frozen text encoder once) instead of every step."""
     log_every: int = 10
     """Print a log line every N steps (every step is written to train_log.jsonl)."""
+    num_threads: Optional[int] = None
+    """CPU threads for torch (0 or null = the cores not busy with other work, measured at start; OMP_NUM_THREADS, if set, is used instead)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -173,9 +176,11 @@ class TrainConfig:
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
-        if not 0.0 < self.validation_guidance_cutoff <= 1.0:
+        if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")
+        if self.num_threads is not None and self.num_threads < 0:
+            raise ConfigError(f"config key 'num_threads': must be >= 0 (0 = auto), got {self.num_threads}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.with_prior_preservation and self.num_class_images < 1:
@@ -187,6 +192,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _is_guidance_fraction(value: float) -> bool:
+    """The one range check of a guidance cutoff (config key and --guidance-cutoff): (0, 1]."""
+    return 0.0 < value <= 1.0
+
+
+def guidance_fraction(text: str) -> float:
+    """argparse type of --guidance-cutoff: a fraction of the sampling steps in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not _is_guidance_fraction(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
+    return value
 
 
 def _type_name(tp) -> str:

@@ -7,15 +7,19 @@ are only upright after their EXIF orientation, `.DS_Store` and `Thumbs.db`. Each
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # torch loads where tensors are made: the folder checks run before any heavy import
+    import torch
 
 log = logging.getLogger("nanobooth")
 
@@ -26,7 +30,9 @@ class DataError(ValueError):
     """Unusable input data; the message names the file or folder and what to do."""
 
 
-def resolve_data_dir(path: str | None, key: str = "instance_data_dir") -> Path:
+def resolve_data_dir(path: str | None, key: str = "instance_data_dir", must_exist: bool = True) -> Path:
+    """The folder a data key names; DataError (naming `key`) if it is missing, a file, or a mistyped
+    example. must_exist=False (class_data_dir, which training creates) lets a missing folder pass."""
     if not path:
         raise DataError(f"config key '{key}' is required: pass {key}=PATH (a folder of 3-5 photos of your subject)")
     if path.startswith("example:"):
@@ -35,7 +41,28 @@ def resolve_data_dir(path: str | None, key: str = "instance_data_dir") -> Path:
         if not res.is_dir():
             raise DataError(f"{key}={path}: no shipped example named '{name}' (try example:dog)")
         return Path(str(res))
-    return Path(path).expanduser()
+    folder = Path(path).expanduser()
+    if folder.is_dir() or (not must_exist and not folder.exists()):
+        return folder
+    if folder.exists():
+        what = "the folder that holds the photos" if must_exist else "a folder (created and filled with class images if missing)"
+        raise DataError(f"{key}={path}: this is a file, not a folder; pass {what}")
+    raise DataError(f"{key}={path}: this folder does not exist{_did_you_mean(folder)}")
+
+
+def _did_you_mean(folder: Path) -> str:
+    """'; did you mean `sibling`?' for the closest existing folder next to a mistyped one."""
+    parent = folder.parent
+    if not parent.is_dir():
+        return f" (nor is there a folder '{parent}')"
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(folder.name, names, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean `{parent / close[0] if str(parent) != '.' else close[0]}`?"
 
 
 def read_subject_meta(folder: Path) -> dict:
@@ -111,6 +138,8 @@ def resize_short_side(img: Image.Image, resolution: int) -> Image.Image:
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    import torch
+
     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return arr / 127.5 - 1.0
 
@@ -121,6 +150,8 @@ def crop_origin(size: tuple[int, int], resolution: int, generator: torch.Generat
     w, h = size
     if generator is None:
         return (w - resolution) // 2, (h - resolution) // 2
+    import torch
+
     left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
     top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
     return left, top
@@ -163,6 +194,8 @@ class ImageSet:
         DreamBoothDataset) flips the resized photo before cropping it and records the crop's top-left
         in the flipped photo, so a mirrored example is described as the image the UNet actually sees.
         """
+        import torch
+
         out, coords = [], []
         for i, flip in zip(idx, flips):
             img = self.images[i]
@@ -185,12 +218,16 @@ class Sampler:
     """
 
     def __init__(self, n: int, seed: int):
+        import torch
+
         self.n = n
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
         self.pos = 0
 
     def take(self, k: int) -> list[int]:
+        import torch
+
         out = []
         while len(out) < k:
             if self.pos >= len(self.order):

@@ -1,7 +1,8 @@
 """`nanobooth demo`: the README's main job. The whole DreamBooth loop on the embedded default model, on a CPU.
 
 Writes a fresh toy-world subject, trains `toy/dreambooth-lora-prior-pre` on it with the embedded toy
-model, writes before/after sample grids and scores the run and the base model (`toy_eval.json`).
+model, writes before/after sample grids and scores the run and the base model (`toy_eval.json`, and
+`toy_eval.png`: base vs tuned side by side, prompt by prompt).
 """
 
 from __future__ import annotations
@@ -10,30 +11,95 @@ import logging
 import time
 from pathlib import Path
 
-from .config import load_config
+from .config import TrainConfig, load_config
 
 log = logging.getLogger("nanobooth")
 
+# toy eval's defaults (toy/evaluate.py): images per prompt, sampler steps
+EVAL_IMAGES, EVAL_STEPS = 4, 25
 
-def demo(out: str, steps: int | None = None, subject_seed: int = 0) -> Path:
+
+def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
+    """Each phase's work in single-image UNet forward passes (a backward pass counts as two forwards).
+    Guided sampling steps cost two forwards, unguided ones one (validation_guidance_cutoff)."""
+    guided = 1.0 + cfg.validation_guidance_cutoff
+    batch = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    out = {"training": cfg.max_train_steps * batch * 3.0}
+    if cfg.with_prior_preservation:
+        out["class images"] = cfg.num_class_images * cfg.class_generation_steps * 2.0
+    if cfg.validation_prompts:
+        renders = 2 + (cfg.max_train_steps - 1) // cfg.validation_steps if cfg.validation_steps else 2
+        out["sample grids"] = (renders * len(cfg.validation_prompts) * cfg.num_validation_images
+                               * cfg.validation_inference_steps * guided)
+    # toy eval: base and tuned model, each "sks <noun>", one prompt per scene and the plain class prompt
+    out["toy eval"] = 2 * (2 + n_scenes) * EVAL_IMAGES * EVAL_STEPS * guided
+    return out
+
+
+def seconds_per_forward(batch: int = 8, repeats: int = 2) -> float:
+    """Measured seconds of one single-image forward pass of the toy UNet with the current threads."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from importlib import resources
+
+    path = str(resources.files("nanobooth") / "assets" / "toy_model")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    gen = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(batch, 4, size, size, generator=gen), torch.randn(batch, 77, width, generator=gen)
+    t = torch.full((batch,), 500)
+    with torch.no_grad():
+        unet(x, t, ctx)  # warm-up: first calls allocate
+        start = time.perf_counter()
+        for _ in range(repeats):
+            unet(x, t, ctx)
+    return (time.perf_counter() - start) / (repeats * batch)
+
+
+def plan(cfg: TrainConfig, n_scenes: int, per_forward: float) -> str:
+    """What the demo will do and roughly how long each part takes at `per_forward` s per UNet forward."""
+    phases = {k: v * per_forward for k, v in unet_evaluations(cfg, n_scenes).items()}
+    total = sum(phases.values()) + 20  # model loads, VAE decodes, probe scoring
+    prior = f"{cfg.num_class_images} class images, " if cfg.with_prior_preservation else ""
+    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps (toy/dreambooth-lora-prior-pre), "
+             "before/after grids, then toy eval (base vs tuned).",
+             f"demo: about {_minutes(total)} on this machine now ("
+             + ", ".join(f"{k} ~{_minutes(v)}" for k, v in phases.items())
+             + "); more if other jobs take the CPU."]
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
+    from .threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
     from .train import train
 
+    threads = apply_threads(threads)  # measured once: training and the estimate below use the same count
     out_dir = Path(out)
     t0 = time.time()
-    subject = world.write_subject(subject_seed, out_dir / "subject")
     noun = world.make_subject(subject_seed).class_noun
     prompts = [f"a photo of a sks {noun}", f"a photo of a sks {noun} on the beach", f"a photo of a sks {noun} in the snow",
                f"a photo of a {noun}"]
+    subject = out_dir / "subject"
     overrides = {"instance_data_dir": str(subject), "output_dir": str(out_dir / "run"), "validation_prompts": prompts,
-                 "overwrite": True}
+                 "overwrite": True, "num_threads": threads}
     if steps:
         overrides["max_train_steps"] = steps
-    run_dir = train(load_config("toy/dreambooth-lora-prior-pre", overrides))
+    cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
+    print(plan(cfg, len(world.SCENES), seconds_per_forward()), flush=True)
+    world.write_subject(subject_seed, subject)
+    run_dir = train(cfg)
     toy_eval(run_dir)
     samples = sorted((run_dir / "samples").glob("step-*.png"))
-    print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"\ndemo finished in {_minutes(time.time() - t0)}")
+    if (run_dir / "toy_eval.png").is_file():
+        print(f"base vs tuned, prompt by prompt: {run_dir / 'toy_eval.png'}")
     if samples:
         print(f"before: {samples[0]}\nafter:  {samples[-1]}")
     if (run_dir / "toy_eval.json").is_file():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from . import eval_metrics as M
 from .data import DataError, load_folder, read_subject_meta
@@ -95,14 +96,17 @@ def generate(pipe, prompts: list[str], class_prompt: str, p: Protocol):
     """Prompt i's image j is seeded seed + 1000*i + j (render's scheme), so any prompt can be re-rendered
     alone; class row i reuses prompt i's seeds, so PRES compares like with like."""
     kw = dict(steps=p.steps, guidance=p.guidance, resolution=p.resolution, batch_size=p.batch_size)
-    gen = []
-    for i, prompt in enumerate(prompts):
-        log.info("eval: [%d/%d] %s", i + 1, len(prompts), prompt)
-        gen.append(render(pipe, [prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0])
     k = len(prompts) if p.pres_prompts is None else min(p.pres_prompts, len(prompts))
-    if k:
-        log.info("eval: %d x %d images of '%s' for PRES", k, p.images_per_prompt, class_prompt)
-    cls = [render(pipe, [class_prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0] for i in range(k)]
+    gen, cls = [], []
+    with tqdm(total=(len(prompts) + k) * p.images_per_prompt, desc="eval: rendering", unit="img") as bar:
+        for i, prompt in enumerate(prompts):
+            bar.set_postfix_str(prompt[:40])
+            gen.append(render(pipe, [prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0])
+            bar.update(p.images_per_prompt)
+        for i in range(k):  # PRES: the class prompt at each prompt's seeds
+            bar.set_postfix_str(class_prompt[:40])
+            cls.append(render(pipe, [class_prompt], p.images_per_prompt, p.seed + 1000 * i, **kw)[0])
+            bar.update(p.images_per_prompt)
     return gen, cls
 
 

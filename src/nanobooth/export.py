@@ -332,14 +332,24 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         tensors = _cast(lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs), torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
     else:
+        from tqdm.auto import tqdm
+
         info = _base_info(kind, run, cfg, {})
+        # the three phases of a multi-GB checkpoint (a minute or more for SD-sized models)
+        bar = tqdm(total=3, desc="export: load" + (" and fuse" if kind == "lora" else ""), unit="phase")
         if kind == "full":
             names = [n for n in ("text_encoder", "text_encoder_2") if n in _json(run / "model_index.json")]
             unet, vae, tes = _folder_state(run / "unet"), _folder_state(run / "vae"), [_folder_state(run / n) for n in names]
         else:
             unet, vae, tes = _fused_components(run, cfg)
+        bar.set_description("export: convert")
+        bar.update()
         ckpt = pipeline_to_checkpoint(unet, vae, tes, sdxl=len(tes) == 2, openclip=info["v2"])
+        bar.set_description(f"export: write {out.name}")
+        bar.update()
         save_atomic(_cast(ckpt, torch_dtype), out, modelspec(info, out.stem, lora=False))
+        bar.update()
+        bar.close()
     return out
 
 

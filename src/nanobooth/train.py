@@ -69,7 +69,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
         if saved is not None:
             old = saved.to_dict()
             volatile = {"output_dir", "resume_from_checkpoint", "max_train_steps", "overwrite", "validation_prompts", "validation_steps",
-                        "checkpointing_steps", "checkpoints_total_limit", "log_every"}
+                        "checkpointing_steps", "checkpoints_total_limit", "log_every", "num_threads"}
             diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
             if diff:
                 raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
@@ -163,7 +163,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
+    from .threads import apply_threads
 
+    apply_threads(cfg.num_threads)  # as many CPU threads as there are free cores (num_threads=N to set)
     # --- run folder ------------------------------------------------------------------------------------
     run_dir, instance_set = prepare_run(cfg)
     # A distributed launch on a machine without CUDA means CPU processes over gloo; accelerate only

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data import load_folder, read_subject_meta, resolve_data_dir
 from ..generate import grid, load_run, render, save_png
@@ -48,12 +49,17 @@ def prompts_for(noun: str, identifier: str = "sks") -> dict[str, list[str]]:
 
 
 def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, steps: int, guidance: float,
-          subject: dict | None = None, guidance_cutoff: float = 1.0) -> tuple[dict, dict]:
+          subject: dict | None = None, guidance_cutoff: float = 1.0, bar=None) -> tuple[dict, dict]:
+    """`bar`: a progress bar advanced by the number of images rendered."""
     p = prompts_for(noun, identifier)
     kw = dict(guidance_cutoff=guidance_cutoff)
+    bar = bar if bar is not None else tqdm(disable=True)
     subj = render(pipe, p["subject"], n, seed, steps, guidance, **kw)[0]
+    bar.update(len(subj))
     scenes = render(pipe, p["scenes"], n, seed, steps, guidance, **kw)
+    bar.update(sum(map(len, scenes)))
     cls = render(pipe, p["class"], n, seed, steps, guidance, **kw)[0]
+    bar.update(len(cls))
     scene_imgs = [img for row in scenes for img in row]
     requested = [{"scene": s} for s in world.SCENES for _ in range(n)]
     result = {
@@ -108,17 +114,20 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
     tuned_pipe = load_run(cfg.model, str(run), torch_dtype=torch.float32)
     tuned_pipe.set_progress_bar_config(disable=True)
-    out["tuned"], tuned_rows = score(tuned_pipe, *args)
+    per_model = sum(len(v) for v in prompts_for(noun, identifier).values()) * images_per_prompt
+    bar = tqdm(total=per_model * (2 if with_base else 1), desc="toy eval", unit="img")
+    out["tuned"], tuned_rows = score(tuned_pipe, *args, bar=bar)
     sheet_rows, labels = [], []
     if with_base:
         base = load_pipeline(cfg.model, torch_dtype=torch.float32)
         base.set_progress_bar_config(disable=True)
-        out["base"], base_rows = score(base, *args)
+        out["base"], base_rows = score(base, *args, bar=bar)
         for prompt in list(tuned_rows)[:3] + [list(tuned_rows)[-1]]:
             sheet_rows += [base_rows[prompt], tuned_rows[prompt]]
             labels += [f"base: {prompt}", f"tuned: {prompt}"]
     else:
         sheet_rows, labels = list(tuned_rows.values()), list(tuned_rows)
+    bar.close()
     sheet_rows.append(instance[: images_per_prompt])
     labels.append("instance images")
     if meta.get("subject"):

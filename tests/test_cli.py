@@ -1,0 +1,254 @@
+"""The CLI a newcomer meets: fast help and input errors, one-line Ctrl-C, log lines kept off the bars,
+a thread count that fits the free cores, and a demo that says up front what it will do."""
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from nanobooth import cli
+from nanobooth.data import DataError, resolve_data_dir
+from nanobooth.threads import busy_cpus_from_stat, choose_threads
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+# Runs each argv through main() in ONE fresh interpreter and reports, after each, which heavy modules
+# (and which nanobooth.toy modules) were loaded, the exit code and stderr's last line.
+PROBE = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from nanobooth.cli import main
+    out = []
+    for argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+        out.append({"argv": argv, "rc": rc, "err": err.getvalue().strip().splitlines()[-1:],
+                    "heavy": [m for m in %r if m in sys.modules],
+                    "toy": sorted(m for m in sys.modules if m.startswith("nanobooth.toy"))})
+    print(json.dumps(out))
+""" % (HEAVY,))
+
+
+def run_probe(argvs, cwd):
+    res = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argvs)], capture_output=True, text=True, cwd=cwd,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_help_config_and_input_errors_load_no_heavy_module(tmp_path):
+    (tmp_path / "my_subject123").mkdir()
+    (tmp_path / "afile").write_text("x")
+    argvs = [["--help"], ["train", "--help"], ["config", "list"], ["config", "show", "toy/dreambooth"],
+             ["config", "show", "toy/dreambooth", "lora_rnk=3"],
+             ["train", "toy/dreambooth", "lora_rnk=3"],
+             ["train", "toy/dreambooth", "instance_data_dir=my_subjct123"],
+             ["train", "toy/dreambooth", "instance_data_dir=afile"],
+             ["generate", "--model", "toy", "--prompt", "a", "--out", "x", "--guidance-cutoff", "2"]]
+    results = run_probe(argvs, tmp_path)
+    for r in results:
+        assert r["heavy"] == [], r
+        assert r["toy"] == [], r  # the toy package loads only when a toy command runs
+    rc = {" ".join(r["argv"]): r["rc"] for r in results}
+    assert rc["--help"] == 0 and rc["config list"] == 0 and rc["config show toy/dreambooth"] == 0
+    assert all(r["rc"] == 2 for r in results[4:])
+    assert "did you mean 'lora_rank'" in results[5]["err"][0]
+    assert "did you mean `my_subject123`" in results[6]["err"][0]
+
+
+def test_toy_commands_load_the_toy_package_only_when_chosen(tmp_path):
+    (toy_help,) = run_probe([["toy", "eval", "--help"]], tmp_path)
+    assert toy_help["rc"] == 0 and "nanobooth.toy.cli" in toy_help["toy"] and toy_help["heavy"] == []
+
+
+def test_lazy_commands_parse_with_their_real_parsers(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["export", "--help"])
+    assert e.value.code == 0 and "--format" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # an unknown option is still argparse's error, not silently dropped
+        cli.main(["config", "list", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+# --- data folders: the error names the real problem -----------------------------------------------------
+
+def test_mistyped_instance_folder_says_so_and_suggests_the_sibling(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_subject123").mkdir()
+    assert cli.main(["train", "toy/dreambooth", "instance_data_dir=my_subjct123"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "instance_data_dir" in err and "does not exist" in err and "did you mean `my_subject123`?" in err
+    assert "instance_prompt" not in err  # the old error blamed the prompt read from the missing folder's subject.json
+
+
+def test_data_folder_that_is_a_file_or_missing(tmp_path):
+    f = tmp_path / "photo.jpg"
+    f.write_bytes(b"x")
+    with pytest.raises(DataError, match="instance_data_dir=.*is a file, not a folder"):
+        resolve_data_dir(str(f))
+    with pytest.raises(DataError, match=f"does not exist; did you mean `{tmp_path / 'dogs'}`"):
+        (tmp_path / "dogs").mkdir()
+        resolve_data_dir(str(tmp_path / "dgos"))
+    with pytest.raises(DataError, match="does not exist$"):  # nothing alike next to it: no guess
+        resolve_data_dir(str(tmp_path / "zzzzzzz"))
+    # class_data_dir is created by training: missing is fine, a file is not
+    assert resolve_data_dir(str(tmp_path / "new_class"), "class_data_dir", must_exist=False) == tmp_path / "new_class"
+    with pytest.raises(DataError, match="class_data_dir=.*is a file, not a folder"):
+        resolve_data_dir(str(f), "class_data_dir", must_exist=False)
+
+
+def test_class_data_dir_file_is_refused_before_training(tmp_path, monkeypatch, capsys, subject_dir):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "classes.txt").write_text("x")
+    rc = cli.main(["train", "toy/dreambooth-prior-pre", f"instance_data_dir={subject_dir}", "class_data_dir=classes.txt"])
+    assert rc == 2 and "class_data_dir=classes.txt: this is a file, not a folder" in capsys.readouterr().err
+
+
+# --- Ctrl-C and logging ----------------------------------------------------------------------------------
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_config", interrupted)
+    assert cli.main(["config", "list"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "nanobooth: interrupted" and "Traceback" not in err
+
+
+def test_ctrl_c_keeps_the_message_a_command_gives_it(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt("saved checkpoint-000007; resume_from_checkpoint=latest continues")
+
+    monkeypatch.setattr(cli, "cmd_config", interrupted)
+    assert cli.main(["config", "list"]) == 130
+    assert capsys.readouterr().err.strip() == "nanobooth: interrupted: saved checkpoint-000007; resume_from_checkpoint=latest continues"
+
+
+def test_log_lines_go_through_tqdm_while_a_command_runs(monkeypatch):
+    seen = {}
+
+    def record(args):
+        seen["root"] = [type(h).__name__ for h in logging.getLogger().handlers]
+        seen["own"] = logging.getLogger("nanobooth").handlers[:]
+
+    monkeypatch.setattr(cli, "cmd_config", record)
+    assert cli.main(["config", "list"]) == 0
+    assert "_TqdmLoggingHandler" in seen["root"]  # tqdm.write: a log line never lands inside a bar
+    assert seen["own"] == []  # and is printed once (nanobooth's records propagate to the root handler)
+
+
+# --- threads ---------------------------------------------------------------------------------------------
+
+def test_thread_count_fits_the_free_cores():
+    assert choose_threads(None, cpus=2, busy=0.05) == 2  # alone
+    assert choose_threads(None, cpus=2, busy=1.0) == 1  # beside one busy job
+    assert choose_threads(None, cpus=2, busy=5.0) == 1  # never 0
+    assert choose_threads(None, cpus=8, busy=2.6) == 5
+    assert choose_threads(0, cpus=8, busy=None) == 8  # unknown load: every core
+    assert choose_threads(3, cpus=2, busy=2.0) == 3  # the user's num_threads wins
+    assert choose_threads(None, cpus=8, busy=0.0, env="2") == 2  # and so does their OMP_NUM_THREADS
+    assert choose_threads(None, cpus=8, busy=0.0, env="junk") == 8
+
+
+def _stat(*cpus):
+    """/proc/stat text with per-core (busy, idle) jiffies."""
+    lines = [f"cpu  {sum(b for b, _ in cpus)} 0 0 {sum(i for _, i in cpus)} 0 0 0 0 0 0"]
+    lines += [f"cpu{k} {b} 0 0 {i} 0 0 0 0 0 0" for k, (b, i) in enumerate(cpus)]
+    return "\n".join(lines + ["intr 1 2 3"])
+
+
+def test_busy_cpus_from_two_proc_stat_readings():
+    before = _stat((100, 100), (100, 100), (0, 0))
+    after = _stat((200, 100), (110, 190), (100, 0))  # core 0 fully busy, core 1 10% busy, core 2 busy
+    assert busy_cpus_from_stat(before, after, {0, 1}) == pytest.approx(1.1)
+    assert busy_cpus_from_stat(before, after) == pytest.approx(2.1)
+    assert busy_cpus_from_stat(before, before, {0}) is None  # no time passed: unknown
+
+
+def test_num_threads_key_sets_torch_threads():
+    import torch
+
+    from nanobooth.config import ConfigError, load_config
+    from nanobooth.threads import apply_threads
+
+    old = torch.get_num_threads()
+    try:
+        assert apply_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(old)
+    assert load_config("toy/dreambooth", ["num_threads=2"]).num_threads == 2
+    with pytest.raises(ConfigError, match="num_threads"):
+        load_config("toy/dreambooth", ["num_threads=-1"])
+
+
+# --- progress bars ---------------------------------------------------------------------------------------
+
+def test_eval_rendering_shows_a_counted_bar(monkeypatch, capsys):
+    from nanobooth import evaluate
+
+    monkeypatch.setattr(evaluate, "render", lambda pipe, prompts, n, seed, **kw: [[None] * n for _ in prompts])
+    gen, cls = evaluate.generate(None, ["a sks dog", "a sks dog in snow"], "a dog", evaluate.Protocol(images_per_prompt=3))
+    assert len(gen) == 2 and len(cls) == 2
+    err = capsys.readouterr().err
+    assert "eval: rendering" in err and "12/12" in err
+
+
+def test_toy_eval_score_advances_its_bar_per_image(monkeypatch):
+    from types import SimpleNamespace
+
+    from nanobooth.toy import evaluate as te
+    from nanobooth.toy import world
+
+    monkeypatch.setattr(te, "render", lambda pipe, prompts, n, seed, steps, guidance, **kw: [[None] * n for _ in prompts])
+    monkeypatch.setattr(te, "metrics", SimpleNamespace(**{k: (lambda *a: 0.5) for k in (
+        "subject_fidelity", "prompt_fidelity", "prior_drift", "diversity")}))
+    bar = SimpleNamespace(n=0)
+    bar.update = lambda k: setattr(bar, "n", bar.n + k)
+    te.score(None, "ball", [], None, "sks", 3, 0, 25, 4.0, bar=bar)
+    assert bar.n == 3 * (2 + len(world.SCENES))
+
+
+# --- demo ------------------------------------------------------------------------------------------------
+
+def test_demo_plan_counts_every_phase_and_scales_with_speed():
+    from nanobooth.config import load_config
+    from nanobooth.demo import plan, unet_evaluations
+
+    cfg = load_config("toy/dreambooth-lora-prior-pre", {"validation_prompts": ["a", "b", "c", "d"]})
+    work = unet_evaluations(cfg, n_scenes=5)
+    assert set(work) == {"training", "class images", "sample grids", "toy eval"}
+    # 300 steps x (2 instance + 2 class images) x (forward + backward = 3 forwards)
+    assert work["training"] == 300 * 4 * 3
+    assert work["class images"] == 50 * 25 * 2  # guided: two forwards per step
+    slow, fast = plan(cfg, 5, 0.05), plan(cfg, 5, 0.005)
+    assert "about 8 min" in slow and "about 64 s" in fast and "300 LoRA steps" in slow
+
+
+def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsys):
+    from nanobooth import demo, train
+
+    monkeypatch.setattr(demo, "seconds_per_forward", lambda: 0.02)
+
+    def interrupted(cfg):  # stop where training would begin
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train", interrupted)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 130
+    out = capsys.readouterr().out
+    assert "demo: a new toy subject" in out and "demo: about 3 min on this machine" in out
+
+
+def test_output_piped_into_head_ends_without_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "nanobooth", "config", "show", "toy/dreambooth"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line is written (`| head` after it has its lines)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err
