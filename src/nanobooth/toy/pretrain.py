@@ -31,6 +31,7 @@ from nanobooth.toy.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimi
 
 log = logging.getLogger("nanobooth.toy.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+RENDER_PART = 2000  # images rendered per saved part (a stopped render resumes at the next part)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -105,9 +106,25 @@ def _render_set(path: Path, n: int, rng: np.random.Generator, plain: bool, desc:
     t = time.time()
     specs = [world.sample_patterned_spec(rng, plain=bool(i % 2)) if patterned else world.sample_spec(rng, plain=plain)
              for i in range(n)]
-    imgs = np.stack([np.asarray(world.render(s)) for s in tqdm(specs, desc="render", mininterval=10)])
+    # rendered in parts, each saved as it completes: a stopped run picks up at the next part
+    parts, chunk = [], RENDER_PART
+    bar = tqdm(total=n, desc="render", mininterval=10)
+    for k in range(0, n, chunk):
+        part = path.with_name(f"{path.stem}.part{k // chunk}.npy")
+        if part.exists():
+            parts.append(np.load(part, allow_pickle=False))
+        else:
+            parts.append(np.stack([np.asarray(world.render(s)) for s in specs[k:k + chunk]]))
+            with open(part.with_suffix(".tmp"), "wb") as f:
+                np.save(f, parts[-1], allow_pickle=False)
+            part.with_suffix(".tmp").replace(part)
+        bar.update(len(parts[-1]))
+    bar.close()
+    imgs = np.concatenate(parts)
     np.save(path, imgs, allow_pickle=False)
     spec_path.write_text(json.dumps([s.__dict__ for s in specs]))
+    for k in range(0, n, chunk):
+        path.with_name(f"{path.stem}.part{k // chunk}.npy").unlink()
     log.info("rendered in %.0fs", time.time() - t)
     add_time(path.parent, "render_seconds", time.time() - t)
     return imgs, specs
