@@ -164,3 +164,19 @@ def test_rendering_resumes_from_saved_parts(tmp_path, monkeypatch):
     again, specs2 = pretrain._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
     assert specs2 == specs and np.array_equal(again[:4], full[:4]) and np.array_equal(again[8:], full[8:])
     assert not again[4:8].any() and not list(tmp_path.glob("*.part*"))
+
+
+def test_resuming_with_another_architecture_is_one_error_line(tmp_path, capsys):
+    import json
+
+    from nanobooth.toy import pretrain
+
+    out = tmp_path / "pre"
+    out.mkdir()
+    (out / "args_all.json").write_text(json.dumps({"out": str(out), "unet_steps": 7200}))  # a v4 run's, pre-v5
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--recipe", "v5", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--vae-factor 4 --unet-arch v4" in err and "args_all.json" in err
+    assert sorted(p.name for p in out.iterdir()) == ["args_all.json"]  # nothing rendered, nothing overwritten

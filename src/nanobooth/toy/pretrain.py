@@ -355,6 +355,12 @@ def main(argv=None):
     if a.export:
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
+    for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
+        was = json.loads(f.read_text())
+        was = (was.get("vae_factor", 4), was.get("unet_arch", "v4"))  # args files older than v5 are v4's
+        if was != (a.vae_factor, a.unet_arch):
+            p.error(f"{out} holds a run with --vae-factor {was[0]} --unet-arch {was[1]} ({f.name}); resume it "
+                    "with the same recipe, or pass another --out")
     write_json(out / f"args_{a.stage}.json", vars(a))
     imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
     # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
