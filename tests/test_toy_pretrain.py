@@ -86,3 +86,97 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)  # 1d leaves the encoder, hence stage 2's latents, alone
     img = pipe("a photo of a red ball on grass", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert img.size == (64, 64)
+
+
+def test_training_caption_draws_once_for_plain_objects():
+    # v4's data stream: a plain object's caption must consume exactly one random number, so that adding
+    # patterned objects (recipe v5) leaves every v4 batch as it was
+    from nanobooth.toy import pretrain
+
+    spec = world.Spec("star", "blue", "on the beach", 12, 32, 32)
+    for seed in range(40):
+        a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+        pretrain.training_caption(spec, a)
+        b.random()
+        assert a.random() == b.random()
+    pat = world.sample_patterned_spec(np.random.default_rng(0))
+    caps = {pretrain.training_caption(pat, np.random.default_rng(s)) for s in range(300)}
+    assert world.caption(pat) in caps and world.caption(pat, colour=False, look=True) in caps
+    assert world.caption(pat, colour=False) in caps and "" in caps
+
+
+def test_v5_model_fits_the_size_budget():
+    # issue #24: the shipped model stays under ~40 MB in fp16 (tokenizer files: 1.5 MB)
+    from nanobooth.toy import pretrain
+
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    unet, te, vae = pretrain.make_unet("v5"), pretrain.make_text_encoder(), autoencoder.make_vae(2)
+    assert 2 * (n(unet) + n(te) + n(vae)) + 1.5e6 < 40e6
+    assert n(unet) > n(pretrain.make_unet("v4"))  # more capacity, not less
+    z = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 4, 32, 32) and unet.config.sample_size == 32
+    assert unet(torch.zeros(1, 4, 32, 32), 10, torch.zeros(1, 77, 128)).sample.shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match="factor"):
+        autoencoder.make_vae(8)
+
+
+def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path):
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from nanobooth.toy import pretrain
+
+    out = tmp_path / "pre"
+    tiny = ["--recipe", "v5", "--out", str(out), "--n-images", "530", "--n-plain", "10", "--n-patterned", "20",
+            "--vae-steps", "1", "--vae-batch", "4", "--vae-refine-steps", "1", "--vae-refine-subjects", "1",
+            "--decoder-refine-steps", "1", "--unet-batch", "2"]
+    assert pretrain.main(tiny + ["--unet-steps", "1"]) == 0
+    args = json.loads((out / "args_all.json").read_text())
+    assert args["vae_factor"] == 2 and args["unet_arch"] == "v5" and args["unet_steps"] == 1  # flags beat the recipe
+    assert args["threads"] == 1 and not (out / "vae_dec").exists()  # the recipe's own defaults (no stage 1b)
+    imgs, specs = pretrain.load_or_render_data(out, 530, 0, 10, 20)
+    assert len(imgs) == 560 and all(s.pattern is not None for s in specs[540:])
+    assert all(s.pattern is None for s in specs[:540])
+    assert load_file(str(out / "latents_refined.safetensors"))["mean"].shape == (560, 4, 32, 32)
+    assert json.loads((out / "unet_ckpt" / "unet_config.json").read_text())["sample_size"] == 32
+    assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0  # resumes the v5 UNet
+    assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
+    assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]
+    img = pipe("a photo of a red and blue striped cube with an eye", num_inference_steps=1,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert img.size == (64, 64)
+
+
+def test_rendering_resumes_from_saved_parts(tmp_path, monkeypatch):
+    # rendering the v5 data takes an hour on a busy core: a stopped run must not start it over
+    from nanobooth.toy import pretrain
+
+    monkeypatch.setattr(pretrain, "RENDER_PART", 4)
+    path = tmp_path / "data.npy"
+    full, specs = pretrain._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
+    assert full.shape == (10, 64, 64, 3) and sorted(p.name for p in tmp_path.glob("*.npy")) == ["data.npy"]
+    path.unlink()
+    np.save(tmp_path / "data.part1.npy", np.zeros_like(full[4:8]))  # a part a stopped run left: kept as is
+    again, specs2 = pretrain._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
+    assert specs2 == specs and np.array_equal(again[:4], full[:4]) and np.array_equal(again[8:], full[8:])
+    assert not again[4:8].any() and not list(tmp_path.glob("*.part*"))
+
+
+def test_resuming_with_another_architecture_is_one_error_line(tmp_path, capsys):
+    import json
+
+    from nanobooth.toy import pretrain
+
+    out = tmp_path / "pre"
+    out.mkdir()
+    (out / "args_all.json").write_text(json.dumps({"out": str(out), "unet_steps": 7200}))  # a v4 run's, pre-v5
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--recipe", "v5", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--vae-factor 4 --unet-arch v4" in err and "args_all.json" in err
+    assert sorted(p.name for p in out.iterdir()) == ["args_all.json"]  # nothing rendered, nothing overwritten

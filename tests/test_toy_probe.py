@@ -59,6 +59,18 @@ def test_save_load_roundtrip(tmp_path):
     assert all(x in L["scene"] for x in pred["scene"])
 
 
+def test_probe_path_from_the_environment(tmp_path, monkeypatch):
+    # a candidate toy model's retrained probe judges `toy eval` without code changes
+    L = label_space()
+    net = ProbeNet(L, width=8, dim=16)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"labels": L, "width": 8, "dim": 16}))
+    monkeypatch.setenv("NANOBOOTH_TOY_PROBE", str(tmp_path))
+    assert load_probe().net.proj[2].out_features == 16
+    monkeypatch.delenv("NANOBOOTH_TOY_PROBE")
+    assert load_probe(tmp_path).net.proj[2].out_features == 16
+
+
 @shipped
 def test_shipped_probe_reads_held_out_renders():
     p = load_probe()

@@ -109,3 +109,49 @@ def test_write_subject(tmp_path):
     assert meta["instance_prompt"] == f"a photo of a sks {cls}"
     assert meta["class_prompt"] == f"a photo of a {cls}"
     assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
+
+
+# ------------------------------------------------- recipe v5: patterned, marked objects in pretraining
+def test_patterned_captions_name_colours_pattern_and_mark_together():
+    s = Spec("cube", "red", "on grass", 16, 32, 32, colour2="blue", pattern="stripes", scale=2.0, mark="eye")
+    assert world.caption(s) == "a photo of a red and blue striped cube with an eye on grass"
+    # without colours the look goes too, unless asked for: "a photo of a red cube" stays a flat red one
+    assert world.caption(s, colour=False) == "a photo of a cube on grass"
+    assert world.caption(s, colour=False, look=True) == "a photo of a striped cube with an eye on grass"
+    assert world.caption(s, scene=False) == "a photo of a red and blue striped cube with an eye"
+    solid = Spec("ball", "pink", None, 16, 32, 32, colour2="cyan", pattern="solid", scale=2.0, mark="spot")
+    assert world.caption(solid) == "a photo of a pink ball with a spot"
+    unmarked = Spec("ring", "cyan", None, 16, 32, 32, colour2="white", pattern="dots", scale=2.0, mark="none")
+    assert world.caption(unmarked) == "a photo of a cyan and white dotted ring"
+
+
+def test_patterned_spec_renders_exactly_as_the_subject_it_describes():
+    # the pretraining objects are drawn by the subjects' own painter: same attributes, same pixels
+    subj = world.make_subject(11)
+    p = world.subject_pose(subj, 2)
+    spec = Spec(subj.cls, subj.colour1, "on the beach", p["size"], p["x"], p["y"], p["angle"], p["bg_seed"],
+                colour2=subj.colour2, pattern=subj.pattern, scale=subj.scale, mark=subj.mark)
+    assert np.array_equal(np.asarray(world.render(spec)), np.asarray(world.render_subject(subj, 2, "on the beach")))
+    # the pretraining-only looks: a solid colour with a spot, and a pattern without a mark
+    solid = dict(cls="ball", colour="orange", scene=None, size=16, x=32, y=32, colour2="blue", scale=2.0)
+    spot = np.asarray(world.render(Spec(**solid, pattern="solid", mark="spot"))).astype(int)
+    assert np.abs(spot[32, 32] - np.array(world.RGB["black"])).max() <= 2  # the spot sits at the centre
+    flat = np.asarray(world.render(Spec(**{k: v for k, v in solid.items() if k != "colour2"}))).astype(int)
+    differs = np.abs(spot - flat).max(-1) > 0
+    assert 20 < differs.sum() < 80 and not differs[:, :24].any()  # elsewhere a flat orange ball (r 0.24: ~45 px)
+    bare = np.asarray(world.render(Spec(**solid, pattern="halves", mark="none"))).astype(int)
+    assert np.abs(bare[32, 32] - np.array(world.RGB["black"])).max() > 60
+
+
+def test_sample_patterned_spec_covers_the_subjects_attributes():
+    a = world.sample_patterned_spec(np.random.default_rng(3))
+    assert a == world.sample_patterned_spec(np.random.default_rng(3))
+    rng = np.random.default_rng(0)
+    specs = [world.sample_patterned_spec(rng, plain=bool(i % 2)) for i in range(400)]
+    assert {s.pattern for s in specs} == {"solid", *world.PATTERNS}
+    assert {s.mark for s in specs} == {"none", *world.MARKS}
+    assert not any(s.pattern == "solid" and s.mark == "none" for s in specs)  # that is a plain object
+    assert {s.colour for s in specs} | {s.colour2 for s in specs} >= {"pink", "cyan"}
+    assert all(s.colour != s.colour2 for s in specs)
+    assert all(s.scene is None for s in specs[1::2]) and all(s.scene in SCENES for s in specs[::2])
+    assert all(abs(s.angle) <= 0.6 for s in specs)  # posed like the subjects, so marks sit where theirs do

@@ -1,6 +1,6 @@
 """The toy model's autoencoder: stages 1, 1b, 1c and 1d of toy pretraining.
 
-Stage 1 trains an AutoencoderKL (downsampling 4: 64x64x3 -> 16x16x4) on plain
+Stage 1 trains an AutoencoderKL (downsampling 4: 64x64x3 -> 16x16x4; recipe v5: 2) on plain
 MSE/L1 over the whole frame. Stage 1b fine-tunes its decoder alone (SD's
 "ft-MSE" trick; latents unchanged). Stage 1c refines encoder and decoder where
 it matters: the background is most of the pixels, so after stage 1 object
@@ -35,13 +35,20 @@ log = logging.getLogger("nanobooth.toy.pretrain")
 SUBJECT_SEED0 = 1_000_000  # subjects used for the VAE only; test/demo subjects use small seeds
 
 
-def make_vae():
+def make_vae(factor: int = 4):
+    """factor 4 (v4): 64x64x3 -> 16x16x4. factor 2 (recipe v5): 32x32x4, one block fewer, so that a
+    subject's eye (pupil ~2.5 px) and pattern cells (~5 px) span whole latent pixels; its mid-block
+    attention (1024 positions) is dropped, as at f=2 the decoder needs no global context."""
     from diffusers import AutoencoderKL
 
+    if factor not in (2, 4):
+        raise ValueError(f"VAE factor must be 2 or 4, got {factor}")
+    n = 3 if factor == 4 else 2
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=(32, 64, 64)[:n],
         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
+        **({} if factor == 4 else {"mid_block_add_attention": False}),
     )
 
 
@@ -71,7 +78,7 @@ def held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, fl
         return z, F.mse_loss(vae.decode(z).sample, x).item()
 
 
-def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float):
+def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ckpt_s: float, factor: int = 4):
     from diffusers import AutoencoderKL
 
     ck = out / "vae_ckpt"
@@ -80,7 +87,7 @@ def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ck
         log.info("stage 1 (VAE) already done")
         return AutoencoderKL.from_pretrained(str(final))
     torch.manual_seed(seed)
-    vae = make_vae()
+    vae = make_vae(factor)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     step = load_vae_ckpt(ck, vae, opt, "VAE")
     n = len(imgs)
@@ -98,7 +105,7 @@ def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ck
         rec = vae.decode(z).sample
         mse = F.mse_loss(rec, x)
         # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
-        kl = post.kl().mean() / (16 * 16 * 4)
+        kl = post.kl().mean() / post.mean[0].numel()  # per latent value (v4: 16 * 16 * 4)
         loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,7 +236,7 @@ def _refine(out: Path, stage: Stage, src: str, imgs: np.ndarray, specs, seed: in
         err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
         loss = (err * w).sum() / (w.sum() * 3)
         if not decoder_only:
-            loss = loss + 1e-4 * post.kl().mean() / (16 * 16 * 4)
+            loss = loss + 1e-4 * post.kl().mean() / post.mean[0].numel()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -2,6 +2,7 @@
 
     nanobooth toy pretrain --out toy_pretrain --seed 0        # the defaults are the shipped recipe
     nanobooth toy pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
+    nanobooth toy pretrain --recipe v5 --out toy_v5        # opt-in, not yet shipped: see RECIPES
 
 Stages 1/1b/1c/1d train the AutoencoderKL (`toy/autoencoder.py`); stage 2 trains
 UNet2DConditionModel + CLIPTextModel jointly on latents cached from it.
@@ -30,6 +31,7 @@ from nanobooth.toy.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimi
 
 log = logging.getLogger("nanobooth.toy.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+RENDER_PART = 2000  # images rendered per saved part (a stopped render resumes at the next part)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -45,15 +47,27 @@ def make_text_encoder():
     return CLIPTextModel(cfg)
 
 
-def make_unet():
+UNETS = {
+    # 16x16 latents (f=4 VAE): 8.8M parameters, 17.6 MB in fp16
+    "v4": dict(sample_size=16, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+               block_out_channels=(64, 128, 192)),
+    # 32x32 latents (f=2 VAE): one level more, a narrow one without attention at 32x32 (attention
+    # over 1024 positions would cost more than the rest of the net), so a step costs about what v4's
+    # does on one CPU thread; 10.9M parameters, 21.9 MB in fp16
+    "v5": dict(sample_size=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                 "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+               block_out_channels=(32, 96, 160, 192)),
+}
+
+
+def make_unet(arch: str = "v4"):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128, 192), layers_per_block=1, cross_attention_dim=128,
-        attention_head_dim=8, norm_num_groups=32,
+        in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=128, attention_head_dim=8,
+        norm_num_groups=32, **UNETS[arch],
     )
 
 
@@ -75,30 +89,50 @@ def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
     if u < 0.16:
         return world.caption(spec, colour=False, scene=False)
     if u < 0.28:
-        return world.caption(spec, colour=False)
+        # a patterned object: half of these name its pattern and mark without its colours (the extra
+        # draw happens for patterned objects only, so v4's data stream is unchanged)
+        return world.caption(spec, colour=False, look=spec.pattern is not None and rng.random() < 0.5)
     if u < 0.40:
         return world.caption(spec, scene=False)
     return world.caption(spec)
 
 
-def _render_set(path: Path, n: int, rng: np.random.Generator, plain: bool, desc: str):
+def _render_set(path: Path, n: int, rng: np.random.Generator, plain: bool, desc: str, patterned: bool = False):
     spec_path = path.with_suffix(".json")
     if path.exists() and spec_path.exists():
         specs = [world.Spec(**d) for d in json.loads(spec_path.read_text())]
         return np.load(path, allow_pickle=False), specs
     log.info("rendering %d %s", n, desc)
     t = time.time()
-    specs = [world.sample_spec(rng, plain=plain) for _ in range(n)]
-    imgs = np.stack([np.asarray(world.render(s)) for s in tqdm(specs, desc="render", mininterval=10)])
+    specs = [world.sample_patterned_spec(rng, plain=bool(i % 2)) if patterned else world.sample_spec(rng, plain=plain)
+             for i in range(n)]
+    # rendered in parts, each saved as it completes: a stopped run picks up at the next part
+    parts, chunk = [], RENDER_PART
+    bar = tqdm(total=n, desc="render", mininterval=10)
+    for k in range(0, n, chunk):
+        part = path.with_name(f"{path.stem}.part{k // chunk}.npy")
+        if part.exists():
+            parts.append(np.load(part, allow_pickle=False))
+        else:
+            parts.append(np.stack([np.asarray(world.render(s)) for s in specs[k:k + chunk]]))
+            with open(part.with_suffix(".tmp"), "wb") as f:
+                np.save(f, parts[-1], allow_pickle=False)
+            part.with_suffix(".tmp").replace(part)
+        bar.update(len(parts[-1]))
+    bar.close()
+    imgs = np.concatenate(parts)
     np.save(path, imgs, allow_pickle=False)
     spec_path.write_text(json.dumps([s.__dict__ for s in specs]))
+    for k in range(0, n, chunk):
+        path.with_name(f"{path.stem}.part{k // chunk}.npy").unlink()
     log.info("rendered in %.0fs", time.time() - t)
     add_time(path.parent, "render_seconds", time.time() - t)
     return imgs, specs
 
 
-def load_or_render_data(out: Path, n: int, seed: int, n_plain: int = 0):
-    """n scenes, then n_plain objects on the plain backdrop. The plain ones matter for DreamBooth:
+def load_or_render_data(out: Path, n: int, seed: int, n_plain: int = 0, n_patterned: int = 0):
+    """n scenes, then n_plain objects on the plain backdrop, then n_patterned patterned/marked objects
+    (recipe v5; half on the plain backdrop, half in scenes). The plain ones matter for DreamBooth:
     subjects' instance images are shot on that backdrop, and a base model that has never seen it
     makes the fine-tune learn the backdrop along with the subject, binding it to the identifier
     ("a sks star on the beach" then comes out on the backdrop). Real base models have seen
@@ -109,6 +143,10 @@ def load_or_render_data(out: Path, n: int, seed: int, n_plain: int = 0):
         p_imgs, p_specs = _render_set(out / f"data_seed{seed}_plain{n_plain}.npy", n_plain,
                                       np.random.default_rng([seed, 6]), True, "plain-backdrop images")
         imgs, specs = np.concatenate([imgs, p_imgs]), specs + p_specs
+    if n_patterned:
+        q_imgs, q_specs = _render_set(out / f"data_seed{seed}_patterned{n_patterned}.npy", n_patterned,
+                                      np.random.default_rng([seed, 7]), False, "patterned objects", patterned=True)
+        imgs, specs = np.concatenate([imgs, q_imgs]), specs + q_specs
     return imgs, specs
 
 
@@ -136,7 +174,8 @@ def encode_latents(out: Path, vae, imgs: np.ndarray):
     return mean, std
 
 
-def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float):
+def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
+               arch: str = "v4"):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -145,7 +184,7 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     sf = vae.config.scaling_factor
     tok = make_tokenizer()
     torch.manual_seed(seed + 1)
-    unet, te = make_unet(), make_text_encoder()
+    unet, te = make_unet(arch), make_text_encoder()
     noise_sched = DDPMScheduler(**SD_BETAS, prediction_type="epsilon")
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -204,6 +243,7 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
             log.info("unet step %d/%d eps-mse %.4f (ema %.4f) lr %.2e", step, steps, raw, ema_loss, opt.param_groups[0]["lr"])
         if time.time() - last > ckpt_s or step == steps:
             ck.mkdir(parents=True, exist_ok=True)
+            write_json(ck / "unet_config.json", dict(unet.config))  # what export rebuilds
             save_file(unet.state_dict(), str(ck / "unet.safetensors"))
             save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(ck / "text_encoder.safetensors"))
             save_file(ema.shadow, str(ck / "ema.safetensors"))
@@ -217,13 +257,16 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
 
 # -------------------------------------------------------------------- export
 def build_pipeline(out: Path, use_ema: bool = True):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     vae_dir = next(out / d for d in ("vae_refined_dec", "vae_refined", "vae_dec", "vae")
                    if (out / d / "config.json").exists())
     vae = AutoencoderKL.from_pretrained(str(vae_dir))
-    unet, te = make_unet(), make_text_encoder()
     ck = out / "unet_ckpt"
+    # checkpoints written before unet_config.json was saved are v4's
+    unet = (UNet2DConditionModel.from_config(json.loads((ck / "unet_config.json").read_text()))
+            if (ck / "unet_config.json").exists() else make_unet())
+    te = make_text_encoder()
     if use_ema:
         sh = load_file(str(ck / "ema.safetensors"))
         ustate = {k[5:]: v for k, v in sh.items() if k.startswith("unet.")}
@@ -261,12 +304,30 @@ def export(out: Path, dest: Path, use_ema: bool = True):
     log.info("exported pipeline (unet step %d) to %s", state["step"], dest)
 
 
+# Opt-in recipes: defaults a --recipe sets (explicit flags still win). "v4" is the shipped model's.
+RECIPES = {
+    "v4": {},
+    # issue #24: a latent grid fine enough for the subjects' marks (f=2 VAE, 32x32 UNet), and patterned,
+    # marked objects in the world the captions describe, so the base model already draws what subjects
+    # are made of. Stage lengths are budgeted at about 10 CPU-hours on one idle thread (stage 2: ~9000
+    # steps at ~2.5 s; the autoencoder stages ~2.5 h); stage 1b is dropped (1c and 1d cover it).
+    "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1),
+}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="nanobooth toy pretrain", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v4",
+                   help="a set of defaults: v4 (the shipped model) or v5 (f=2 VAE, 32x32 UNet, patterned objects)")
     p.add_argument("--out", default="toy_pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=30000)
     p.add_argument("--n-plain", type=int, default=6000, help="extra images of objects on the plain backdrop")
+    p.add_argument("--n-patterned", type=int, default=0,
+                   help="extra images of patterned, marked objects, captioned with their pattern and mark")
+    p.add_argument("--vae-factor", type=int, choices=[2, 4], default=4, help="VAE downsampling (latents 64/f square)")
+    p.add_argument("--unet-arch", choices=sorted(UNETS), default="v4", help="UNet layout (v5: for 32x32 latents)")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--unet-steps", type=int, default=7200)
@@ -285,6 +346,7 @@ def main(argv=None):
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
+    p.set_defaults(**RECIPES[p.parse_known_args(argv)[0].recipe])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
@@ -293,12 +355,18 @@ def main(argv=None):
     if a.export:
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
+    for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
+        was = json.loads(f.read_text())
+        was = (was.get("vae_factor", 4), was.get("unet_arch", "v4"))  # args files older than v5 are v4's
+        if was != (a.vae_factor, a.unet_arch):
+            p.error(f"{out} holds a run with --vae-factor {was[0]} --unet-arch {was[1]} ({f.name}); resume it "
+                    "with the same recipe, or pass another --out")
     write_json(out / f"args_{a.stage}.json", vars(a))
-    imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain)
+    imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
     # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
     # backdrop), which also keeps their held-apart recon images (the last 512) scenes
     scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
-    vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60)
+    vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
     vae.eval().requires_grad_(False)
     if a.decoder_steps:
         train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
@@ -313,7 +381,7 @@ def main(argv=None):
                        a.vae_refine_subjects)
     if a.stage == "decoder-refine":
         return 0
-    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr)
+    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 

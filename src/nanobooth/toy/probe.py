@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -106,6 +107,9 @@ class Probe:
 
 
 def load_probe(path=None) -> Probe:
+    """path, else $NANOBOOTH_TOY_PROBE (a probe retrained for a candidate toy model, so that `toy eval`
+    and the metrics judge with it without code changes), else the shipped probe."""
+    path = path or os.environ.get("NANOBOOTH_TOY_PROBE")
     p = Path(path) if path else DEFAULT_PATH
     cfg = json.loads((p / "config.json").read_text())
     net = ProbeNet(cfg["labels"], cfg["width"], cfg["dim"])
