@@ -156,3 +156,19 @@ def test_atomic_file_gives_plain_modes_and_leaves_nothing_on_failure(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("crash")
     assert out.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_checkpoints_have_plain_file_modes(tmp_path):
+    import torch
+
+    from nanobooth import checkpoint as ckpt
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    ckpt.save_checkpoint(tmp_path, 1, {"unet": model}, opt, sched, {"noise": torch.Generator().get_state()}, {}, None)
+    files = [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert all(p.stat().st_mode & 0o777 == plain_file_mode() for p in files)

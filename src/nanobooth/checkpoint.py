@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .run_folder import make_readable
+
 log = logging.getLogger("nanobooth")
 CKPT = re.compile(r"checkpoint-(\d+)$")
 
@@ -169,6 +171,7 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_sched
         save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
         state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
         (tmp / "state.json").write_text(json.dumps(state))
+        make_readable(tmp)  # safetensors writes 0600 files, like nothing else a user meets
         _fsync_dir(tmp)
     if final.exists():  # re-saving the same step after a resume: swap atomically-enough
         old = root / f".old-checkpoint-{step:06d}"
