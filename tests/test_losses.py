@@ -1,7 +1,8 @@
 import torch
 from diffusers import DDPMScheduler
 
-from nanobooth.losses import dreambooth_loss, min_snr_weights, prediction_target
+from nanobooth.losses import dreambooth_loss
+from nanobooth.objective import DDPMObjective
 
 
 def sched(kind="epsilon"):
@@ -13,53 +14,33 @@ def test_prior_loss_splits_along_batch_not_channels():
     target = torch.zeros(4, 4, 8, 8)
     pred = torch.zeros(4, 4, 8, 8)
     pred[:2] = 1.0
-    loss, inst, prior = dreambooth_loss(pred, target, torch.tensor([10, 20, 30, 40]), n_instance=2, prior_loss_weight=0.5)
+    loss, inst, prior = dreambooth_loss(pred, target, n_instance=2, prior_loss_weight=0.5)
     assert inst.item() == 1.0 and prior.item() == 0.0  # a channel split (mmagic) gives 0.5 and 0.5
     assert loss.item() == 1.0
     pred2 = torch.zeros(4, 4, 8, 8)
     pred2[2:] = 2.0
-    loss2, inst2, prior2 = dreambooth_loss(pred2, target, torch.tensor([1, 2, 3, 4]), n_instance=2, prior_loss_weight=0.5)
+    loss2, inst2, prior2 = dreambooth_loss(pred2, target, n_instance=2, prior_loss_weight=0.5)
     assert inst2.item() == 0.0 and prior2.item() == 4.0 and loss2.item() == 2.0
 
 
 def test_without_prior_the_loss_is_plain_mse():
     pred, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    loss, inst, prior = dreambooth_loss(pred, target, torch.tensor([1, 2, 3]), n_instance=3)
+    loss, inst, prior = dreambooth_loss(pred, target, n_instance=3)
     assert prior is None and torch.allclose(loss, torch.nn.functional.mse_loss(pred, target))
 
 
 def test_min_snr_weights_each_half_by_its_own_timesteps():
-    s = sched()
+    w = DDPMObjective(sched()).weights
     g = torch.Generator().manual_seed(0)
     pred, target = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([5, 900, 50, 700])
-    loss, inst, prior = dreambooth_loss(pred, target, t, 2, 1.0, s, snr_gamma=5.0)
-    _, inst_alone, _ = dreambooth_loss(pred[:2], target[:2], t[:2], 2, 1.0, s, snr_gamma=5.0)
-    _, prior_alone, _ = dreambooth_loss(pred[2:], target[2:], t[2:], 2, 1.0, s, snr_gamma=5.0)
+    loss, inst, prior = dreambooth_loss(pred, target, 2, 1.0, w(t, 5.0))
+    _, inst_alone, _ = dreambooth_loss(pred[:2], target[:2], 2, 1.0, w(t[:2], 5.0))
+    _, prior_alone, _ = dreambooth_loss(pred[2:], target[2:], 2, 1.0, w(t[2:], 5.0))
     assert torch.allclose(inst, inst_alone) and torch.allclose(prior, prior_alone)
     # changing the class timesteps must not change the instance half's weighting (no batch-wide SNR)
-    _, inst_b, prior_b = dreambooth_loss(pred, target, torch.tensor([5, 900, 999, 1]), 2, 1.0, s, snr_gamma=5.0)
+    _, inst_b, prior_b = dreambooth_loss(pred, target, 2, 1.0, w(torch.tensor([5, 900, 999, 1]), 5.0))
     assert torch.equal(inst, inst_b) and not torch.allclose(prior, prior_b)
     # and the prior half is weighted at all
-    _, _, prior_unweighted = dreambooth_loss(pred, target, t, 2, 1.0)
+    _, _, prior_unweighted = dreambooth_loss(pred, target, 2, 1.0)
     assert not torch.allclose(prior, prior_unweighted)
-
-
-def test_min_snr_weight_values():
-    s = sched()
-    t = torch.tensor([1, 999])
-    w = min_snr_weights(s, t, 5.0)
-    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
-    assert torch.allclose(w, torch.minimum(snr, torch.tensor(5.0)) / snr)
-    assert w[0] < 1.0 and torch.isclose(w[1], torch.tensor(1.0))
-    wv = min_snr_weights(sched("v_prediction"), t, 5.0)
-    assert torch.allclose(wv, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
-
-
-def test_prediction_targets_follow_the_scheduler():
-    x, n, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
-    assert prediction_target(sched("epsilon"), x, n, t) is n
-    v = prediction_target(sched("v_prediction"), x, n, t)
-    a = sched().alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
-    b = (1 - sched().alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-    assert torch.allclose(v, a * n - b * x, atol=1e-6)

@@ -32,7 +32,7 @@ class Components:
     text_encoders: list
     vae: torch.nn.Module
     unet: torch.nn.Module
-    noise_scheduler: object  # DDPM: what training adds noise with
+    noise_scheduler: object  # what training adds noise with: the family's training_scheduler (DDPM for SD/SDXL)
     scheduler: object  # the model's own inference sampler
     source: str
 
@@ -152,8 +152,6 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
 
 def load_components(model: str, revision: str | None = None, single_file_config: str | None = None,
                     allow_pickle: bool = False) -> Components:
-    from diffusers import DDPMScheduler
-
     pipe = load_pipeline(model, revision, single_file_config, allow_pickle)
     fam = pipe.nanobooth_family
     return Components(
@@ -163,7 +161,7 @@ def load_components(model: str, revision: str | None = None, single_file_config:
         text_encoders=[getattr(pipe, n) for n in fam.text_encoder_names],
         vae=pipe.vae,
         unet=pipe.unet,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        noise_scheduler=fam.training_scheduler(pipe.scheduler.config),
         scheduler=pipe.scheduler,
         source=model,
     )

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
 from .generate import LORA_FILE, grid, render, save_png
-from .losses import dreambooth_loss, prediction_target
+from .losses import dreambooth_loss
 from .family import cond_batch, cond_to
 from .models import apply_tome, load_components, lora_config, make_pipeline, train_layers_read
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
@@ -191,7 +191,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    fam, vae, text_encoders, unet, noise_scheduler = c.family, c.vae, c.text_encoders, c.unet, c.noise_scheduler
+    fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
+    objective = fam.objective(c.noise_scheduler)  # noise, timesteps, noisy input, target, loss weights
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
         from diffusers import AutoencoderKL
 
@@ -360,7 +361,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
         mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
-        return (mean.to(device) + std.to(device) * eps[mine].to(device)) * vae.config.scaling_factor, coords
+        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     inputs = input_record(cfg, run_dir) if main else {}
@@ -410,24 +411,22 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
             with accelerator.accumulate(*wrapped.values()):
                 drawn = [draw(k, n_global) for k in kinds]
                 latents = torch.cat([lat for lat, _ in drawn])
-                noise_all = torch.randn((n_global * len(kinds), *latents.shape[1:]), generator=noise_gen)
-                if cfg.noise_offset:
-                    noise_all += cfg.noise_offset * torch.randn((n_global * len(kinds), latents.shape[1], 1, 1), generator=noise_gen)
-                t_all = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n_global * len(kinds),), generator=noise_gen)
+                # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
+                noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
                                   for j in range(len(kinds))])
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                noisy = objective.noisy(latents, noise, timesteps)
                 # one encoding per prompt (cached when frozen), repeated over its rows of the batch
                 per_kind = [text_cache[k] if text_cache else fam.encode(te_fwd, ids[k], cfg.resolution) for k in kinds]
                 cond = cond_to(cond_batch(per_kind, [cfg.train_batch_size] * len(kinds)), weight_dtype)
                 # what each drawn image is (size, crop): rows in the order of latents
                 cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords in drawn]), cfg.resolution)
                 with accelerator.autocast():
-                    pred = unet_fwd(noisy.to(weight_dtype), timesteps, **cond).sample
-                target = prediction_target(noise_scheduler, latents, noise, timesteps)
-                loss, inst, prior_l = dreambooth_loss(pred, target, timesteps, cfg.train_batch_size, cfg.prior_loss_weight,
-                                                      noise_scheduler, cfg.snr_gamma)
+                    pred = fam.denoise(unet_fwd, noisy.to(weight_dtype), timesteps, cond)
+                target = objective.target(latents, noise, timesteps)
+                loss, inst, prior_l = dreambooth_loss(pred, target, cfg.train_batch_size, cfg.prior_loss_weight,
+                                                      objective.weights(timesteps, cfg.snr_gamma))
                 # "max" of the non-finite flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
                 if accelerator.reduce((~torch.isfinite(loss)).float().to(device), "max").item() > 0:
                     last = ckpt.list_checkpoints(run_dir)

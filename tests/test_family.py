@@ -1,0 +1,96 @@
+"""The family contract (family.Family), checked the same way on every family's tiny model.
+
+The formulas are written out by hand from the model's own scheduler config (betas), not taken from
+diffusers' scheduler methods, so a family that trained on another noise schedule, target or weighting
+than its model samples with fails here.
+"""
+
+import pytest
+import torch
+
+from nanobooth.family import FAMILIES, SD, SDXL, Family, cond_batch
+from nanobooth.models import load_components
+
+FAMILY_MODELS = {"sd": (SD, "tiny_model"), "sdxl": (SDXL, "tiny_sdxl_model")}
+
+
+def test_every_family_is_checked_here():
+    assert {type(f) for f in FAMILIES.values()} == {cls for cls, _ in FAMILY_MODELS.values()}
+    assert all(isinstance(f, Family) for f in FAMILIES.values())
+
+
+def alphas_cumprod_by_hand(config) -> torch.Tensor:
+    assert config["beta_schedule"] == "scaled_linear"  # what the tiny models (and SD/SDXL) use
+    betas = torch.linspace(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, config["num_train_timesteps"],
+                           dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_family_contract(name, request):
+    cls, fixture = FAMILY_MODELS[name]
+    c = load_components(str(request.getfixturevalue(fixture)))
+    fam, config = c.family, c.scheduler.config
+    assert type(fam) is cls
+
+    # latents: a VAE posterior sample, scaled; no shift_factor in these configs, so exactly z * scale
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = c.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert c.vae.config.get("shift_factor") is None
+    latents = fam.latents_from_vae(z, c.vae.config)
+    assert torch.equal(latents, z * c.vae.config.scaling_factor)
+    B, C, h, w = shape = latents.shape
+    assert (C, h, w) == (c.unet.config.in_channels, 16, 16)
+
+    # the training scheduler is DDPM over the model's own betas and timesteps
+    assert type(c.noise_scheduler).__name__ == "DDPMScheduler"
+    ab = alphas_cumprod_by_hand(config)
+    assert torch.allclose(c.noise_scheduler.alphas_cumprod.double(), ab, rtol=1e-6)
+
+    for kind in ("epsilon", "v_prediction"):
+        obj = fam.objective(fam.training_scheduler({**config, "prediction_type": kind}))
+        # sample: noise, then the noise offset, then timesteps, from the one generator, for the whole batch
+        noise, t = obj.sample(shape, torch.Generator().manual_seed(2), noise_offset=0.1)
+        g = torch.Generator().manual_seed(2)
+        n_hand = torch.randn(shape, generator=g)
+        n_hand += 0.1 * torch.randn((B, C, 1, 1), generator=g)
+        assert torch.equal(noise, n_hand)
+        assert torch.equal(t, torch.randint(0, config["num_train_timesteps"], (B,), generator=g))
+        assert t.dtype == torch.int64
+
+        # noisy input and target at chosen timesteps, one near each end of the schedule
+        t = torch.tensor([1, 500, 999])
+        a, s = (ab[t] ** 0.5).float().view(-1, 1, 1, 1), ((1 - ab[t]) ** 0.5).float().view(-1, 1, 1, 1)
+        noisy = obj.noisy(latents, noise, t)
+        assert noisy.shape == shape and torch.allclose(noisy, a * latents + s * noise, atol=1e-5)
+        target = obj.target(latents, noise, t)
+        by_hand = noise if kind == "epsilon" else a * noise - s * latents
+        assert target.shape == shape and torch.allclose(target, by_hand, atol=1e-5)
+
+        # per-example min-SNR-5: min(snr, 5) / snr for epsilon, / (snr + 1) for v; none without snr_gamma
+        snr = ab[t] / (1 - ab[t])
+        w = obj.weights(t, 5.0)
+        assert w.shape == (B,) and w.dtype == torch.float32
+        by_hand = torch.clamp(snr, max=5.0) / (snr if kind == "epsilon" else snr + 1)
+        assert torch.allclose(w.double(), by_hand, rtol=1e-5)
+        if kind == "epsilon":  # the low-noise end is down-weighted, the high-noise end (snr < 5) is not
+            assert w[0] < 0.01 and w[2] == 1.0
+        assert obj.weights(t, None) is None and obj.weights(t, 0) is None
+
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        fam.objective(fam.training_scheduler({**config, "prediction_type": "sample"})).target(latents, noise, t)
+
+    # the denoiser's call: noisy latents, timesteps and the family's conditioning in; a prediction of their shape out
+    ids = fam.tokenize(c.tokenizers, "a photo of a dog", "cpu")
+    with torch.no_grad():
+        cond = cond_batch([fam.encode(c.text_encoders, ids, 32)], [B])
+        cond = fam.micro_conditioning(cond, torch.tensor([[32, 32, 0, 0]] * B), 32)
+        pred = fam.denoise(c.unet, noisy, t, cond)
+    assert pred.shape == shape and torch.isfinite(pred).all()
+
+    # a VAE with a shift (FLUX's values): (z - shift) * scale, and the pipelines' decode (/ scale + shift) inverts it
+    shifted = {**c.vae.config, "scaling_factor": 0.3611, "shift_factor": 0.1159}
+    lat = fam.latents_from_vae(z, shifted)
+    assert torch.allclose(lat, (z - 0.1159) * 0.3611)
+    assert torch.allclose(lat / 0.3611 + 0.1159, z, atol=1e-6)
