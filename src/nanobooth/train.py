@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
-from .generate import LORA_FILE, grid, render, save_png
+from .generate import grid, render, save_png
 from .losses import dreambooth_loss
 from .family import cond_batch, cond_to
-from .models import apply_tome, load_components, lora_config, make_pipeline, train_layers_read
+from .methods import METHODS
+from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .run_folder import clear_outputs, load_run_config, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted
@@ -214,21 +215,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
                                       provenance=class_provenance(cfg))
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
-    lora = cfg.method == "lora"
+    method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
     te_trained = cfg.train_text_encoder
-    if lora:
-        unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
-        for i, te in enumerate(text_encoders if te_trained else []):
-            # only on the layers whose output reaches the UNet: others would be saved untrained
-            n = te.config.num_hidden_layers
-            read = fam.layers_read(i, n)
-            te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
-                                       layers=read if len(read) < n else None))
-    else:
-        unet.requires_grad_(True)
-        for i, te in enumerate(text_encoders):
-            if te_trained:
-                train_layers_read(te, fam.layers_read(i, te.config.num_hidden_layers))
+    method.attach(fam, unet, text_encoders, cfg)
     # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer.
     # VAEs flagged force_upcast (SDXL's) overflow in fp16, and with cached latents fp32 costs nothing.
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
@@ -258,10 +247,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
 
     # --- optimizer and schedule -------------------------------------------------------------------------------
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale}]
-    if te_trained:
-        groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
-                       "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale})
+    groups = method.param_groups(unet, text_encoders, cfg, scale)
     opt_kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if cfg.use_8bit_adam:
         try:
@@ -275,7 +261,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
-    trained = {"unet": unet, **(dict(zip(fam.text_encoder_names, text_encoders)) if te_trained else {})}
+    trained = method.trained_modules(fam, unet, text_encoders, cfg)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
@@ -482,17 +468,6 @@ def save_outputs(cfg: TrainConfig, run_dir: Path, c, unet, text_encoders: list) 
     tmp.mkdir()
     apply_tome(unet, 0.0)  # save plain modules
     with ckpt.cleanup_on_error(tmp, "the trained weights"):
-        if cfg.method == "lora":
-            c.family.save_lora(tmp, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
-        else:
-            pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
-            modules = (unet, *text_encoders, c.vae)
-            placed = [next(m.parameters()) for m in modules]
-            placed = [(p.device, p.dtype) for p in placed]  # each is uniform here (no adapters in a full fine-tune)
-            for m in modules:
-                m.to("cpu", torch.float32)
-            pipe.save_pretrained(tmp, safe_serialization=True)
-            for m, (dev, dtype) in zip(modules, placed):  # back where they were, for the final validation render
-                m.to(dev, dtype)
+        METHODS[cfg.method]().save(tmp, c, unet, text_encoders, cfg)
     make_readable(tmp)  # safetensors writes 0600 files
     ckpt.publish(tmp, run_dir)

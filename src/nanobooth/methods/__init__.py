@@ -1,0 +1,9 @@
+"""Training methods behind one interface (base.Method); `METHODS` is keyed by the config's `method` value."""
+
+from .base import Method
+from .full import Full
+from .lora import LoRA
+
+METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA}
+
+__all__ = ["METHODS", "Method", "Full", "LoRA"]

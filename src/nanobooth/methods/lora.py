@@ -1,0 +1,30 @@
+"""LoRA: low-rank adapters (peft) on the UNet's attention projections (and the text encoders' read layers)."""
+
+from __future__ import annotations
+
+from ..models import lora_config
+from ..run_folder import LORA_FILE
+from .base import Method
+
+
+class LoRA(Method):
+    """Base weights stay untouched; the result is one file, LORA_FILE (`pipe.load_lora_weights(run_dir)`)."""
+
+    name = "lora"
+
+    def attach(self, family, unet, text_encoders, cfg):
+        unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
+        for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
+            # only on the layers whose output reaches the UNet: others would be saved untrained
+            n = te.config.num_hidden_layers
+            read = family.layers_read(i, n)
+            te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
+                                       layers=read if len(read) < n else None))
+
+    def save(self, folder, components, unet, text_encoders, cfg):
+        components.family.save_lora(folder, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
+
+    def load_for_inference(self, run_dir, load_base, torch_dtype=None):
+        pipe = load_base()
+        pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE)
+        return pipe

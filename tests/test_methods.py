@@ -1,0 +1,106 @@
+"""The training-method contract (methods/base.py), checked on every method in METHODS with the tiny models."""
+
+import typing
+
+import pytest
+import torch
+
+from nanobooth.config import TrainConfig
+from nanobooth.methods import METHODS, Full, LoRA, Method
+from nanobooth.models import load_components, load_pipeline
+
+CHECKED = {"full": Full, "lora": LoRA}
+
+
+def test_every_method_is_checked_here_and_configurable():
+    assert METHODS == CHECKED
+    assert all(issubclass(m, Method) and m.name == k for k, m in METHODS.items())
+    # config's `method` accepts exactly the registry's keys
+    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["method"])) == set(METHODS)
+
+
+def _attached(model, name, te):
+    c = load_components(str(model))
+    for m in (c.vae, *c.text_encoders, c.unet):
+        m.requires_grad_(False)
+    cfg = TrainConfig(model=str(model), method=name, train_text_encoder=te, learning_rate=1e-3, text_encoder_lr=2e-3)
+    torch.manual_seed(0)
+    METHODS[name]().attach(c.family, c.unet, c.text_encoders, cfg)
+    return c, cfg
+
+
+def _trainable(module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model"])
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, request):
+    model = request.getfixturevalue(fixture)
+    base = load_components(str(model))
+    c, cfg = _attached(model, name, te)
+    method, fam = METHODS[name](), c.family
+    unet_names = _trainable(c.unet)
+    if name == "full":
+        assert unet_names == {n for n, _ in c.unet.named_parameters()}
+    else:  # adapters only, on the target modules only; the base weights untouched, bit for bit
+        assert unet_names and all(".lora_A." in n or ".lora_B." in n for n in unet_names)
+        assert all(any(n.split(".lora_")[0].endswith(t) for t in cfg.lora_target_modules) for n in unet_names)
+        base_sd = base.unet.state_dict()
+        for k, v in c.unet.state_dict().items():
+            if "lora_" not in k:
+                assert torch.equal(v, base_sd[k.replace(".base_layer", "")]), k
+    for i, t in enumerate(c.text_encoders):
+        names = _trainable(t)
+        if not te:
+            assert not names
+            continue
+        read = fam.layers_read(i, t.config.num_hidden_layers)
+        layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
+        assert layers == set(read)  # every layer the UNet reads trains, no other
+        if name == "lora":
+            assert all(".lora_A." in n or ".lora_B." in n for n in names)
+    # the optimizer sees each trainable parameter once, UNet group first, at the configured rates
+    groups = method.param_groups(c.unet, c.text_encoders, cfg, scale=2)
+    assert [g["lr"] for g in groups] == ([2e-3, 4e-3] if te else [2e-3])
+    ids = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for m in (c.unet, *c.text_encoders) for p in m.parameters() if p.requires_grad]
+    assert ids == [id(p) for p in trainable]  # module order: the optimizer state's layout in checkpoints
+    assert list(method.trained_modules(fam, c.unet, c.text_encoders, cfg)) == ["unet", *(fam.text_encoder_names if te else ())]
+
+
+@pytest.mark.parametrize("te", [False, True])
+@pytest.mark.parametrize("name", list(CHECKED))
+def test_save_then_load_for_inference_reproduces_the_trained_modules(name, te, tiny_model, tmp_path):
+    c, cfg = _attached(tiny_model, name, te)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move every trainable tensor
+        for m in (c.unet, *c.text_encoders):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ids = c.tokenizers[0]("a sks dog", padding="max_length", max_length=c.tokenizers[0].model_max_length, return_tensors="pt").input_ids
+    x = torch.randn(1, c.unet.config.in_channels, 8, 8, generator=g)
+    t = torch.tensor([500])
+
+    def outputs(unet, text_encoder):
+        with torch.no_grad():
+            h = text_encoder(ids)[0]
+            return h, unet(x, t, encoder_hidden_states=h).sample
+
+    trained = outputs(c.unet, c.text_encoders[0])
+    method = METHODS[name]()
+    method.save(tmp_path, c, c.unet, c.text_encoders, cfg)
+    pipe = method.load_for_inference(tmp_path, lambda: load_pipeline(str(tiny_model)))
+    loaded = outputs(pipe.unet, pipe.text_encoder)
+    base = load_pipeline(str(tiny_model))
+    untrained = outputs(base.unet, base.text_encoder)
+    for a, b in zip(trained, loaded):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    # the trained result differs from the base model's, so the check above can fail
+    assert not torch.allclose(trained[1], untrained[1], atol=1e-3)
+    if te:
+        assert not torch.allclose(trained[0], untrained[0], atol=1e-3)
+    else:
+        assert torch.equal(loaded[0], untrained[0])  # a frozen text encoder comes back as the base one
