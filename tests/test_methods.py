@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nanobooth.config import TrainConfig
+from nanobooth.generate import load_run
 from nanobooth.methods import METHODS, Full, LoRA, Method
 from nanobooth.models import load_components, load_pipeline
 
@@ -94,6 +95,8 @@ def test_save_then_load_for_inference_reproduces_the_trained_modules(name, te, t
     method.save(tmp_path, c, c.unet, c.text_encoders, cfg)
     pipe = method.load_for_inference(tmp_path, lambda: load_pipeline(str(tiny_model)))
     loaded = outputs(pipe.unet, pipe.text_encoder)
+    via_generate = load_run(str(tiny_model), str(tmp_path))  # what `generate --weights RUN` loads: the same result
+    assert all(torch.equal(a, b) for a, b in zip(loaded, outputs(via_generate.unet, via_generate.text_encoder)))
     base = load_pipeline(str(tiny_model))
     untrained = outputs(base.unet, base.text_encoder)
     for a, b in zip(trained, loaded):

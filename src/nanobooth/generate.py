@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .methods import METHODS
 from .models import ModelError, apply_tome, load_pipeline
 from .run_folder import LORA_FILE, load_run_config, result_kind
 
@@ -22,12 +23,9 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
         return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     run = Path(weights)
     kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
-    if kind == "lora":
-        pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
-        pipe.load_lora_weights(str(run), weight_name=LORA_FILE)
-        return pipe
-    if kind == "full":
-        return load_pipeline(str(run), torch_dtype=torch_dtype)
+    if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
+        return METHODS[kind]().load_for_inference(run, lambda: load_pipeline(
+            model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype), torch_dtype)
     raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")
 
 
