@@ -27,8 +27,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--layers-per-block", type=int, default=1)
     args = p.parse_args()
-    from nanobooth.models import load_pipeline
-    from nanobooth.prior import generate_class_images
+    from nanobooth.core.models import load_pipeline
+    from nanobooth.core.prior import generate_class_images
 
     pipe = load_pipeline(str(mid_model_path(args.layers_per_block)))
     if torch.cuda.is_available():

@@ -80,8 +80,8 @@ def run_one(args) -> dict:
     """Child process: one training run, then its numbers as JSON on stdout's last line."""
     import torch
 
-    from nanobooth.config import load_config
-    from nanobooth.train import train
+    from nanobooth.core.config import load_config
+    from nanobooth.core.train import train
 
     out = Path(tempfile.mkdtemp(prefix="nb-bench-"))
     overrides = [f"model={args.model}", f"output_dir={out}", f"resolution={args.resolution}", f"max_train_steps={args.steps}",

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from nanobooth import cli
-from nanobooth.data import DataError, resolve_data_dir
-from nanobooth.threads import busy_cpus_from_stat, choose_threads
+from nanobooth.core.data import DataError, resolve_data_dir
+from nanobooth.core.threads import busy_cpus_from_stat, choose_threads
 
 HEAVY = ("torch", "diffusers", "transformers")
 
@@ -176,8 +176,8 @@ def test_busy_cpus_from_two_proc_stat_readings():
 def test_num_threads_key_sets_torch_threads():
     import torch
 
-    from nanobooth.config import ConfigError, load_config
-    from nanobooth.threads import apply_threads
+    from nanobooth.core.config import ConfigError, load_config
+    from nanobooth.core.threads import apply_threads
 
     old = torch.get_num_threads()
     try:
@@ -192,7 +192,7 @@ def test_num_threads_key_sets_torch_threads():
 # --- progress bars ---------------------------------------------------------------------------------------
 
 def test_eval_rendering_shows_a_counted_bar(monkeypatch, capsys):
-    from nanobooth import evaluate
+    from nanobooth.eval import evaluate
 
     monkeypatch.setattr(evaluate, "render", lambda pipe, prompts, n, seed, **kw: [[None] * n for _ in prompts])
     gen, cls = evaluate.generate(None, ["a sks dog", "a sks dog in snow"], "a dog", evaluate.Protocol(images_per_prompt=3))
@@ -219,7 +219,7 @@ def test_toy_eval_score_advances_its_bar_per_image(monkeypatch):
 # --- demo ------------------------------------------------------------------------------------------------
 
 def test_demo_plan_counts_every_phase_and_scales_with_speed():
-    from nanobooth.config import load_config
+    from nanobooth.core.config import load_config
     from nanobooth.demo import plan, unet_evaluations
 
     cfg = load_config("toy/dreambooth-lora-prior-pre", {"validation_prompts": ["a", "b", "c", "d"]})
@@ -233,7 +233,8 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
 
 
 def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsys):
-    from nanobooth import demo, train
+    from nanobooth import demo
+    from nanobooth.core import train
 
     monkeypatch.setattr(demo, "seconds_per_forward", lambda: 0.02)
 

@@ -1,7 +1,7 @@
 import pytest
 
 from nanobooth.cli import main
-from nanobooth.config import ConfigError, describe, field_docs, field_names, load_config, variant_names
+from nanobooth.core.config import ConfigError, describe, field_docs, field_names, load_config, variant_names
 
 SEED_VALIDATION = ["a sks dog in basket", "a sks dog on the mountain", "a sks dog beside a swimming pool",
                    "a sks dog on the desk", "a sleeping sks dog", "a screaming sks dog", "a man in the garden"]
@@ -100,7 +100,7 @@ def test_cli_bad_key_is_one_line_exit_2(capsys):
 def test_check_resolution_names_the_key_and_the_nearest_valid_values():
     from types import SimpleNamespace as NS
 
-    from nanobooth.config import check_resolution
+    from nanobooth.core.config import check_resolution
 
     sd15_vae, sd15_unet = NS(block_out_channels=[128, 256, 512, 512]), NS(block_out_channels=[320, 640, 1280, 1280])
     check_resolution(512, sd15_vae, sd15_unet)

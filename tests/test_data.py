@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanobooth.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb, to_tensor
+from nanobooth.core.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb, to_tensor
 
 
 def test_modes_convert_to_rgb(tmp_path):

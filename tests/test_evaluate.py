@@ -11,11 +11,11 @@ import torch
 from conftest import train_args
 from PIL import Image
 
-from nanobooth import eval_metrics as M
-from nanobooth import evaluate as E
+from nanobooth.eval import metrics as M
+from nanobooth.eval import evaluate as E
 from nanobooth.cli import main
-from nanobooth.data import DataError
-from nanobooth.models import ModelError
+from nanobooth.core.data import DataError
+from nanobooth.core.models import ModelError
 
 DINO_MEAN_STD = ([0.4, 0.5, 0.6], [0.2, 0.25, 0.3])  # not ImageNet's, so the test sees which one is used
 

@@ -13,8 +13,8 @@ from conftest import train_args
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from nanobooth import export as ex
-from nanobooth import ldm
+from nanobooth.interop import export as ex
+from nanobooth.interop import ldm
 from nanobooth.cli import main
 
 

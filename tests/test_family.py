@@ -8,8 +8,8 @@ than its model samples with fails here.
 import pytest
 import torch
 
-from nanobooth.family import FAMILIES, SD, SDXL, Family, cond_batch
-from nanobooth.models import load_components
+from nanobooth.families import FAMILIES, SD, SDXL, Family, cond_batch
+from nanobooth.core.models import load_components
 
 FAMILY_MODELS = {"sd": (SD, "tiny_model"), "sdxl": (SDXL, "tiny_sdxl_model")}
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanobooth.generate import grid, render
-from nanobooth.models import load_pipeline
+from nanobooth.inference.generate import grid, render
+from nanobooth.core.models import load_pipeline
 
 
 def test_render_is_seeded_per_prompt_and_leaves_global_rng_alone(tiny_model):
@@ -78,7 +78,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
     """`nanobooth generate` through the CLI, with loading and rendering replaced by recorders."""
     from PIL import Image
 
-    from nanobooth import generate as G
+    from nanobooth.inference import generate as G
     from nanobooth.cli import main
 
     calls = {}
@@ -101,7 +101,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
 
 
 def test_generate_defaults_to_the_runs_sampling_settings_and_flags_override(monkeypatch, tmp_path):
-    from nanobooth.config import load_config, save_config
+    from nanobooth.core.config import load_config, save_config
 
     run = tmp_path / "run"
     run.mkdir()
@@ -147,7 +147,7 @@ def test_grid_labels_keep_their_spaces():
 
 
 def test_long_labels_wrap_at_spaces_and_keep_every_word():
-    from nanobooth.generate import label_font, wrap_label
+    from nanobooth.inference.generate import label_font, wrap_label
 
     font = label_font()
     text = "a photo of a sks dog on the beach, at night, with a red ball in its mouth and a lighthouse behind it"

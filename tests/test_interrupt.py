@@ -17,11 +17,11 @@ from conftest import train_args
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
-from nanobooth.checkpoint import list_checkpoints
+from nanobooth.core.checkpoint import list_checkpoints
 from nanobooth.cli import main
-from nanobooth.config import load_config
-from nanobooth.stop import TrainingInterrupted
-from nanobooth.train import train
+from nanobooth.core.config import load_config
+from nanobooth.core.stop import TrainingInterrupted
+from nanobooth.core.train import train
 
 LORA = "pytorch_lora_weights.safetensors"
 THREADS = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # bit-exact needs the same reduction order
@@ -48,7 +48,7 @@ def error_lines(capsys) -> list[str]:
 
 def failing_render(fail_on: dict):
     """A stand-in for generate.render that raises fail_on[call number] on those calls."""
-    import nanobooth.train as tr
+    import nanobooth.core.train as tr
 
     real, calls = tr.render, [0]
 
@@ -64,7 +64,7 @@ def failing_render(fail_on: dict):
 # --- the result is written before anything optional -------------------------------------------------------------
 
 def test_failed_renders_are_warnings_and_the_weights_are_written(tiny_model, subject_dir, tmp_path, monkeypatch, caplog):
-    import nanobooth.train as tr
+    import nanobooth.core.train as tr
 
     # the "before" grid and the final grid fail (a GPU OOM, a size the sampler refuses); the step-2 grid works
     monkeypatch.setattr(tr, "render", failing_render({1: RuntimeError("CUDA out of memory"), 3: ValueError("bad size")}))
@@ -89,7 +89,7 @@ def test_full_finetune_writes_the_pipeline_then_renders_the_final_grid(tiny_mode
 
 
 def test_ctrl_c_during_the_final_render_keeps_the_weights(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.train as tr
+    import nanobooth.core.train as tr
 
     monkeypatch.setattr(tr, "render", failing_render({2: KeyboardInterrupt()}))
     run = tmp_path / "run"
@@ -100,7 +100,7 @@ def test_ctrl_c_during_the_final_render_keeps_the_weights(tiny_model, subject_di
 
 
 def test_ctrl_c_during_a_midrun_render_checkpoints_and_resumes_exactly(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.train as tr
+    import nanobooth.core.train as tr
 
     common = ["max_train_steps=5", "learning_rate=1e-3", "validation_prompts=[a sks dog]", "validation_steps=2"]
     ref = tmp_path / "ref"

@@ -1,8 +1,8 @@
 import torch
 from diffusers import DDPMScheduler
 
-from nanobooth.losses import dreambooth_loss
-from nanobooth.objective import DDPMObjective
+from nanobooth.core.losses import dreambooth_loss
+from nanobooth.families.objective import DDPMObjective
 
 
 def sched(kind="epsilon"):

@@ -5,10 +5,10 @@ import typing
 import pytest
 import torch
 
-from nanobooth.config import TrainConfig
-from nanobooth.generate import load_run
+from nanobooth.core.config import TrainConfig
+from nanobooth.inference.generate import load_run
 from nanobooth.methods import METHODS, Full, LoRA, Method
-from nanobooth.models import load_components, load_pipeline
+from nanobooth.core.models import load_components, load_pipeline
 
 CHECKED = {"full": Full, "lora": LoRA}
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanobooth.models import ModelError, apply_tome, load_components, load_pipeline, tome_active
+from nanobooth.core.models import ModelError, apply_tome, load_components, load_pipeline, tome_active
 
 
 def test_loads_a_diffusers_folder_with_77_token_tokenizer(tiny_model):
@@ -72,7 +72,7 @@ def test_trains_from_a_single_file_checkpoint(tiny_model, subject_dir, tmp_path)
     from safetensors.torch import load_file
 
     from nanobooth.cli import main
-    from nanobooth.export import export
+    from nanobooth.interop.export import export
 
     full = tmp_path / "full"
     assert main(["train", "dreambooth", *train_args(tiny_model, subject_dir, full, "learning_rate=1e-3")]) == 0

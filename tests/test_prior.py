@@ -1,8 +1,8 @@
 import numpy as np
 from PIL import Image
 
-from nanobooth.models import load_pipeline
-from nanobooth.prior import PROVENANCE, generate_class_images, missing_indices
+from nanobooth.core.models import load_pipeline
+from nanobooth.core.prior import PROVENANCE, generate_class_images, missing_indices
 
 
 def test_missing_indices_counts_user_images(tmp_path):
@@ -81,7 +81,7 @@ def test_class_images_of_another_prompt_or_model_are_refused(tiny_model, subject
 
 
 def test_class_image_set_uses_exactly_num_class_images_first_by_name(tmp_path, caplog):
-    from nanobooth.prior import class_image_set
+    from nanobooth.core.prior import class_image_set
 
     for i, name in enumerate(["e.png", "b.png", "d.png", "a.png", "c.png"]):
         Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / name)
@@ -95,7 +95,7 @@ def test_class_image_set_uses_exactly_num_class_images_first_by_name(tmp_path, c
 def test_training_uses_num_class_images_of_a_bigger_shared_folder(tiny_model, subject_dir, tmp_path, caplog, monkeypatch):
     from conftest import train_args
 
-    from nanobooth import train as T
+    from nanobooth.core import train as T
     from nanobooth.cli import main
 
     shared = tmp_path / "dogs"

@@ -17,8 +17,8 @@ from conftest import train_args
 from PIL import Image
 from safetensors.torch import load_file
 
-from nanobooth.checkpoint import list_checkpoints
-from nanobooth.prior import PROVENANCE
+from nanobooth.core.checkpoint import list_checkpoints
+from nanobooth.core.prior import PROVENANCE
 from nanobooth.cli import main
 
 LORA = "pytorch_lora_weights.safetensors"
@@ -78,7 +78,7 @@ def test_kill_during_checkpoint_save_keeps_the_previous_one(tiny_model, subject_
     # Die by SIGKILL halfway through writing the second checkpoint (after its weights, before the rest).
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import nanobooth.checkpoint as ck
+        import nanobooth.core.checkpoint as ck
         real, calls = ck.save_file, [0]
         def dying_save(*a, **k):
             calls[0] += 1
@@ -123,7 +123,7 @@ def test_class_generation_killed_midway_resumes_without_duplicates(tiny_model, s
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.train as tr
+    import nanobooth.core.train as tr
 
     real = tr.dreambooth_loss
     calls = [0]
@@ -142,7 +142,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny_model, subje
 
 
 def test_disk_full_while_saving_is_one_line_and_loses_nothing(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.checkpoint as ck
+    import nanobooth.core.checkpoint as ck
 
     real = ck.save_file
     calls = [0]

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from conftest import train_args
 
-from nanobooth import run_folder as rf
+from nanobooth.core import run_folder as rf
 from nanobooth.cli import main
-from nanobooth.config import ConfigError, TrainConfig, load_config, save_config
+from nanobooth.core.config import ConfigError, TrainConfig, load_config, save_config
 
 
 def plain_file_mode() -> int:
@@ -47,7 +47,8 @@ def test_result_kind_names_the_result_and_refuses_two(tmp_path):
 
 
 def test_lora_file_name_has_one_home():
-    from nanobooth import export, generate
+    from nanobooth.interop import export
+    from nanobooth.inference import generate
 
     assert generate.LORA_FILE is rf.LORA_FILE and export.LORA_FILE is rf.LORA_FILE
 
@@ -111,7 +112,7 @@ def test_every_reader_refuses_a_folder_mixing_two_runs(runs, tiny_model, subject
     assert mixed in line and rf.LORA_FILE in line and rf.MODEL_INDEX in line
     assert not (tmp_path / "g").exists()
 
-    from nanobooth import export as ex
+    from nanobooth.interop import export as ex
 
     with pytest.raises(rf.RunFolderError, match="two results"):
         ex.export(mixed, "diffusers", tmp_path / "e")
@@ -131,7 +132,7 @@ def test_every_reader_refuses_a_folder_mixing_two_runs(runs, tiny_model, subject
 
 
 def test_readers_still_read_a_single_result(runs):
-    from nanobooth import export as ex
+    from nanobooth.interop import export as ex
 
     assert ex.read_run(runs["lora"])[0] == "lora" and ex.read_run(runs["full"])[0] == "full"
     assert ex.read_run(runs["lora"])[1]["method"] == "lora"
@@ -161,7 +162,7 @@ def test_atomic_file_gives_plain_modes_and_leaves_nothing_on_failure(tmp_path):
 def test_checkpoints_have_plain_file_modes(tmp_path):
     import torch
 
-    from nanobooth import checkpoint as ckpt
+    from nanobooth.core import checkpoint as ckpt
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())

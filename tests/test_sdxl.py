@@ -8,7 +8,7 @@ from conftest import train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
-from nanobooth.config import load_config
+from nanobooth.core.config import load_config
 
 VARIANTS = ["dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-pre", "dreambooth-lora", "dreambooth-lora-prior-pre"]
 
@@ -112,7 +112,7 @@ def pixels_match_ids(row: torch.Tensor, ids: tuple, images: dict) -> bool:
     image of the crop that a mirrored photo has at (top, left)."""
     from PIL import ImageOps
 
-    from nanobooth.data import to_tensor
+    from nanobooth.core.data import to_tensor
 
     h, w, top, left, _, _ = ids
     if (h, w) == (32, 32):  # a class image: any of them, uncropped
@@ -134,7 +134,7 @@ def run_and_record(model, photos, out, monkeypatch, *extra):
 
 
 def test_time_ids_describe_each_example(tiny_sdxl_model, odd_photos, tmp_path, monkeypatch):
-    from nanobooth.data import load_image, resize_short_side
+    from nanobooth.core.data import load_image, resize_short_side
 
     cached, _ = run_and_record(tiny_sdxl_model, odd_photos, tmp_path / "cached", monkeypatch)
     per_step, ok = 4, {ids for v in CENTRE_IDS.values() for ids in v}
@@ -183,8 +183,8 @@ def test_text_encoder_adapters_sit_only_on_layers_the_unet_reads_and_all_train(t
 
 
 def test_full_text_encoder_training_trains_exactly_the_parameters_that_get_gradients(tiny_sdxl_model):
-    from nanobooth.family import cond_to
-    from nanobooth.models import load_components, train_layers_read
+    from nanobooth.families import cond_to
+    from nanobooth.core.models import load_components, train_layers_read
 
     c = load_components(str(tiny_sdxl_model))
     fam = c.family

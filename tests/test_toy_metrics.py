@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nanobooth.toy import metrics, world
+from nanobooth.toy import metrics
+from nanobooth.toy import world
 
 ASSETS = Path(world.__file__).resolve().parents[1] / "assets"
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanobooth import cli
-from nanobooth.toy import autoencoder, world
+from nanobooth.toy.recipes import autoencoder
+from nanobooth.toy import world
 
 
 def test_pretrain_cli_takes_its_own_flags(capsys):
@@ -46,7 +47,7 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file, save_file
 
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     out = tmp_path / "pre"
     tiny = ["--out", str(out), "--n-images", "560", "--n-plain", "40", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
@@ -91,7 +92,7 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path):
 def test_training_caption_draws_once_for_plain_objects():
     # v4's data stream: a plain object's caption must consume exactly one random number, so that adding
     # patterned objects (recipe v5) leaves every v4 batch as it was
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     spec = world.Spec("star", "blue", "on the beach", 12, 32, 32)
     for seed in range(40):
@@ -107,7 +108,7 @@ def test_training_caption_draws_once_for_plain_objects():
 
 def test_v5_model_fits_the_size_budget():
     # issue #24: the shipped model stays under ~40 MB in fp16 (tokenizer files: 1.5 MB)
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     unet, te, vae = pretrain.make_unet("v5"), pretrain.make_text_encoder(), autoencoder.make_vae(2)
@@ -126,7 +127,7 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     out = tmp_path / "pre"
     tiny = ["--recipe", "v5", "--out", str(out), "--n-images", "530", "--n-plain", "10", "--n-patterned", "20",
@@ -153,7 +154,7 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path):
 
 def test_rendering_resumes_from_saved_parts(tmp_path, monkeypatch):
     # rendering the v5 data takes an hour on a busy core: a stopped run must not start it over
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     monkeypatch.setattr(pretrain, "RENDER_PART", 4)
     path = tmp_path / "data.npy"
@@ -169,7 +170,7 @@ def test_rendering_resumes_from_saved_parts(tmp_path, monkeypatch):
 def test_resuming_with_another_architecture_is_one_error_line(tmp_path, capsys):
     import json
 
-    from nanobooth.toy import pretrain
+    from nanobooth.toy.recipes import pretrain
 
     out = tmp_path / "pre"
     out.mkdir()

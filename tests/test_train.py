@@ -9,8 +9,8 @@ from conftest import train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
-from nanobooth.config import load_config
-from nanobooth.train import train
+from nanobooth.core.config import load_config
+from nanobooth.core.train import train
 
 VARIANTS = ["dreambooth", "dreambooth-finetune-text-encoder", "dreambooth-prior-pre", "dreambooth-lora", "dreambooth-lora-prior-pre"]
 

@@ -14,11 +14,11 @@ import logging
 import os
 import sys
 
-from .config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
+from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
-USER_ERRORS = (("nanobooth.config", "ConfigError"), ("nanobooth.data", "DataError"), ("nanobooth.models", "ModelError"),
-               ("nanobooth.checkpoint", "CheckpointError"), ("nanobooth.train", "TrainingError"))
+USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.models", "ModelError"),
+               ("nanobooth.core.checkpoint", "CheckpointError"), ("nanobooth.core.train", "TrainingError"))
 
 
 def _user_errors(load: bool = True) -> tuple:
@@ -44,13 +44,13 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from .data import resolve_data_dir
+    from .core.data import resolve_data_dir
 
     # the folders a user can mistype, checked before the training stack loads (train checks them again)
     resolve_data_dir(cfg.instance_data_dir)
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
-    from .train import train
+    from .core.train import train
 
     run_dir = train(cfg)
     samples = run_dir / "samples"
@@ -58,7 +58,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .generate import generate_cli
+    from .inference.generate import generate_cli
 
     generate_cli(args)
 
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands whose parsers are defined by their modules; importing those loads torch (eval, export) or
 # the toy package, so `nanobooth --help` lists them from here and only a chosen one is imported.
 LAZY = {
-    "export": ("nanobooth.export", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
-    "eval": ("nanobooth.evaluate", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),
-    "eval-dataset": ("nanobooth.evaluate", "eval over the 30-subject DreamBooth dataset: one summary table"),
+    "export": ("nanobooth.interop.export", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
+    "eval": ("nanobooth.eval.evaluate", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),
+    "eval-dataset": ("nanobooth.eval.evaluate", "eval over the 30-subject DreamBooth dataset: one summary table"),
     "toy": ("nanobooth.toy.cli", "the toy world: subjects, evaluation, pretraining recipe"),
 }
 
@@ -172,7 +172,7 @@ def _run(args) -> None:
     with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
         # the commands that run models; train and demo set threads from the config key num_threads
         if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
-            from .threads import apply_threads
+            from .core.threads import apply_threads
 
             apply_threads(getattr(args, "threads", None))
         args.func(args)
@@ -180,7 +180,7 @@ def _run(args) -> None:
 
 # Recipes with their own argparse: everything after the two words is theirs
 # (argparse.REMAINDER cannot take a leading "--out", so they bypass our parser).
-PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.pretrain", ("toy", "probe"): "nanobooth.toy.probe"}
+PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.recipes.pretrain", ("toy", "probe"): "nanobooth.toy.probe"}
 
 
 def main(argv: list[str] | None = None) -> int:

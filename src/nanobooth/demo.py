@@ -11,7 +11,7 @@ import logging
 import time
 from pathlib import Path
 
-from .config import TrainConfig, load_config
+from .core.config import TrainConfig, load_config
 
 log = logging.getLogger("nanobooth")
 
@@ -75,10 +75,10 @@ def _minutes(seconds: float) -> str:
 
 
 def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
-    from .threads import apply_threads
+    from .core.threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
-    from .train import train
+    from .core.train import train
 
     threads = apply_threads(threads)  # measured once: training and the estimate below use the same count
     out_dir = Path(out)

@@ -62,7 +62,7 @@ def _save_atomic(pipe, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
     pipe.save_pretrained(tmp)
-    from .run_folder import make_readable
+    from .core.run_folder import make_readable
 
     make_readable(tmp)  # mkdtemp made it 0700 and safetensors writes 0600 files
     try:

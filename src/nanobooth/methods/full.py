@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import load_pipeline, make_pipeline, train_layers_read
+from ..core.models import load_pipeline, make_pipeline, train_layers_read
 from .base import Method
 
 

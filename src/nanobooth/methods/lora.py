@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..models import lora_config
-from ..run_folder import LORA_FILE
+from ..core.models import lora_config
+from ..core.run_folder import LORA_FILE
 from .base import Method
 
 

@@ -19,7 +19,7 @@ def cmd_eval(args) -> None:
 
 
 def add_parser(sub) -> None:
-    from ..config import guidance_fraction
+    from ..core.config import guidance_fraction
 
     toy = sub.add_parser("toy", help="the toy world: subjects, evaluation, pretraining recipe")
     tsub = toy.add_subparsers(dest="toy_command", required=True)

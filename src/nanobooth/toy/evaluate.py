@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_folder, read_subject_meta, resolve_data_dir
-from ..generate import grid, load_run, render, save_png
-from ..models import ModelError, load_pipeline
-from ..run_folder import CONFIG, TOY_EVAL, load_run_config, result_kind
+from ..core.data import load_folder, read_subject_meta, resolve_data_dir
+from ..inference.generate import grid, load_run, render, save_png
+from ..core.models import ModelError, load_pipeline
+from ..core.run_folder import CONFIG, TOY_EVAL, load_run_config, result_kind
 from . import metrics, world
 from .probe import load_probe, vae_roundtrip
 

@@ -123,7 +123,7 @@ def base_model_accuracy(pipeline_dir=None, n_captions: int = 40, seed: int = 0, 
     (DDIM, 25 steps)."""
     from diffusers import StableDiffusionPipeline
 
-    from nanobooth.models import load_pipeline
+    from nanobooth.core.models import load_pipeline
     from nanobooth.toy.probe import load_probe
 
     probe = probe or load_probe()

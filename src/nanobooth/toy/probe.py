@@ -222,7 +222,7 @@ def load_vae(model: str | None):
     takes (default recipe: the shipped toy model), or None."""
     if model in (None, "none"):
         return None
-    from nanobooth.models import load_pipeline
+    from nanobooth.core.models import load_pipeline
 
     return load_pipeline(model, torch_dtype=torch.float32).vae.eval()
 

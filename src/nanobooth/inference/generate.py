@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .methods import METHODS
-from .models import ModelError, apply_tome, load_pipeline
-from .run_folder import LORA_FILE, load_run_config, result_kind
+from ..methods import METHODS
+from ..core.models import ModelError, apply_tome, load_pipeline
+from ..core.run_folder import LORA_FILE, load_run_config, result_kind
 
 log = logging.getLogger("nanobooth")
 

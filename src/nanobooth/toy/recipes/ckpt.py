@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanobooth.checkpoint import optimizer_from_flat, optimizer_to_flat
+from nanobooth.core.checkpoint import optimizer_from_flat, optimizer_to_flat
 
 
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:

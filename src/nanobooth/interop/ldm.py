@@ -11,7 +11,7 @@ import re
 
 import torch
 
-from .models import ModelError
+from ..core.models import ModelError
 
 
 class ExportError(ModelError):

@@ -26,7 +26,7 @@ class ModelError(ValueError):
 
 @dataclass
 class Components:
-    family: object  # nanobooth.family.SD / SDXL: how to tokenize, encode, build pipelines, save LoRA
+    family: object  # nanobooth.families.SD / SDXL: how to tokenize, encode, build pipelines, save LoRA
     components: dict  # the pipeline's modules by name, for rebuilding pipelines around trained ones
     tokenizers: list
     text_encoders: list
@@ -58,7 +58,7 @@ def resolve_model(model: str) -> str:
         log.warning("model=toy: the pretrained toy model is not shipped in this build; using model=tiny (random weights)")
         model = "tiny"
     if model == "tiny":
-        from .tiny import build_tiny_pipeline
+        from ..tiny import build_tiny_pipeline
 
         path = cache_dir() / "tiny-v1"
         if not (path / "model_index.json").is_file():
@@ -114,7 +114,7 @@ def pipeline_class_name(model: str, kind: str, revision: str | None, single_file
 def load_pipeline(model: str, revision: str | None = None, single_file_config: str | None = None,
                   allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """An SD or SDXL pipeline without safety checker, from any way a user names a model."""
-    from .family import family_for
+    from ..families import family_for
 
     model = resolve_model(model)
     kind = _check_path(model, allow_pickle)

@@ -22,10 +22,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import eval_metrics as M
-from .data import DataError, load_folder, read_subject_meta
-from .generate import grid, load_run, render, save_png
-from .run_folder import result_kind
+from . import metrics as M
+from ..core.data import DataError, load_folder, read_subject_meta
+from ..inference.generate import grid, load_run, render, save_png
+from ..core.run_folder import result_kind
 
 log = logging.getLogger("nanobooth")
 LIVE_CLASSES = ("dog", "cat")  # the paper gives its live-subject prompts to dogs and cats only

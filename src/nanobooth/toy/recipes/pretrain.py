@@ -26,11 +26,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
-from nanobooth.toy.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, to_tensor, write_json
+from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
+from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, to_tensor, write_json
 
-log = logging.getLogger("nanobooth.toy.pretrain")
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+log = logging.getLogger("nanobooth.toy.recipes.pretrain")
+TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
 RENDER_PART = 2000  # images rendered per saved part (a stopped render resumes at the next part)
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 

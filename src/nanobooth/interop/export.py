@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefixes
-from .run_folder import LORA_FILE, atomic_file, load_run_config, make_readable, result_kind
+from ..core.run_folder import LORA_FILE, atomic_file, load_run_config, make_readable, result_kind
 
 log = logging.getLogger("nanobooth")
 FORMATS = ("kohya", "diffusers", "single-file")
@@ -132,7 +132,7 @@ def sgm_unet_pairs(model: str) -> list[tuple[str, str]] | None:
     device: no weights read). None when the config cannot be had (offline, not cached)."""
     from diffusers import UNet2DConditionModel
 
-    from .models import resolve_model
+    from ..core.models import resolve_model
 
     try:
         conf = UNet2DConditionModel.load_config(resolve_model(model), subfolder="unet")
@@ -232,7 +232,7 @@ def modelspec(info: dict, title: str, lora: bool) -> dict[str, str]:
 
 def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     """A LoRA run merged into its base model (W + alpha/r * B A): the whole model a checkpoint must hold."""
-    from .generate import load_run
+    from ..inference.generate import load_run
 
     if not cfg.get("model"):
         raise ExportError(f"RUN_DIR '{run}' has no config.yaml naming its base model; a LoRA run needs it to export a checkpoint")

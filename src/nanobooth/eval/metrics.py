@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .models import ModelError
+from ..core.models import ModelError
 
 log = logging.getLogger("nanobooth")
 
@@ -248,7 +248,7 @@ class ProbeBackend(FeatureBackend):
     def __init__(self, path: str | None = None, probe=None):
         if probe is None:
             try:
-                from .toy.probe import load_probe
+                from ..toy.probe import load_probe
             except ImportError as e:
                 raise ModelError(f"--backend toy needs the toy world's probe (nanobooth.toy.probe), which cannot be imported ({e})") from None
             try:

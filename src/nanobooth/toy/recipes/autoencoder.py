@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.ckpt import add_time, load_optimizer, lr_at, save_optimizer, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import add_time, load_optimizer, lr_at, save_optimizer, to_tensor, write_json
 
-log = logging.getLogger("nanobooth.toy.pretrain")
+log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 SUBJECT_SEED0 = 1_000_000  # subjects used for the VAE only; test/demo subjects use small seeds
 
 

@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
-from .generate import grid, render, save_png
+from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
-from .family import cond_batch, cond_to
-from .methods import METHODS
+from ..families import cond_batch, cond_to
+from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .run_folder import clear_outputs, load_run_config, make_readable, result_kind

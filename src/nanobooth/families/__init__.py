@@ -1,0 +1,16 @@
+"""Model families (the contract is families/base.py): one file per family, registered here by pipeline class."""
+
+from .base import Family, cond_batch, cond_to
+from .objective import DDPMObjective, Objective
+from .sd import SD
+from .sdxl import SDXL
+
+FAMILIES = {cls.pipeline_class: cls() for cls in (SD, SDXL)}
+
+
+def family_for(pipeline_class_name: str):
+    if pipeline_class_name not in FAMILIES:
+        raise ValueError(pipeline_class_name)
+    return FAMILIES[pipeline_class_name]
+
+__all__ = ["Family", "SD", "SDXL", "FAMILIES", "family_for", "cond_batch", "cond_to", "Objective", "DDPMObjective"]

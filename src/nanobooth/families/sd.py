@@ -1,0 +1,75 @@
+"""Stable Diffusion 1.x / 2.x (StableDiffusionPipeline): one CLIP text encoder, DDPM training."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .base import Family
+from .objective import DDPMObjective, Objective
+
+
+class SD(Family):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, its last hidden state as cross-attention context."""
+
+    name = "sd"
+    pipeline_class = "StableDiffusionPipeline"
+    text_encoder_names = ("text_encoder",)
+    tokenizer_names = ("tokenizer",)
+    tome_max_downsample = 1  # attention at the highest-resolution level: merge there
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def training_scheduler(self, scheduler_config: dict):
+        """DDPM over the model's own betas and prediction type, whatever sampler the pipeline ships."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(scheduler_config)
+
+    def objective(self, training_scheduler) -> Objective:
+        return DDPMObjective(training_scheduler)
+
+    def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        return model(noisy, timesteps, **cond).sample
+
+    def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
+        return [tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device) for tok in tokenizers]
+
+    def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
+        return {"encoder_hidden_states": text_encoders[0](ids[0])[0]}
+
+    def layers_read(self, index: int, num_layers: int) -> list[int]:
+        """The encoder layers of text encoder `index` whose output reaches the UNet's conditioning.
+        SD reads the final hidden state (there is no clip_skip key), so every layer; an adapter on any
+        other layer would get no gradient and be saved untrained."""
+        return list(range(num_layers))
+
+    def micro_conditioning(self, cond: dict, coords: torch.Tensor, resolution: int) -> dict:
+        """Per-example image conditioning from ImageSet.sample's coords (B, 4); SD has none."""
+        return cond
+
+    def pipeline_class_obj(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    def make_pipeline(self, components: dict, unet, text_encoders):
+        parts = {**components, "unet": unet, **dict(zip(self.text_encoder_names, text_encoders))}
+        cls = self.pipeline_class_obj()
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in {**parts, **self.pipeline_kwargs}.items() if k in accepted}
+        return cls(**kwargs)
+
+    def save_lora(self, folder, weight_name: str, unet, text_encoders: list | None) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                  # rank, alpha and targets ride in the safetensors metadata, so diffusers reloads a
+                  # rank != alpha LoRA at the trained scale
+                  "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+        for name, te in zip(self.text_encoder_names, text_encoders or []):
+            kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
+            kwargs[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
+        self.pipeline_class_obj().save_lora_weights(folder, weight_name=weight_name, **kwargs)
