@@ -50,10 +50,11 @@ def cmd_train(args) -> None:
     resolve_data_dir(cfg.instance_data_dir)
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
+    from .core.run_folder import SAMPLES
     from .core.train import train
 
     run_dir = train(cfg)
-    samples = run_dir / "samples"
+    samples = run_dir / SAMPLES
     print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
 
 

@@ -96,12 +96,15 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     world.write_subject(subject_seed, subject)
     run_dir = train(cfg)
     toy_eval(run_dir)
-    samples = sorted((run_dir / "samples").glob("step-*.png"))
+    from .core.run_folder import SAMPLES, TOY_EVAL
+
+    scores, sheet = (run_dir / name for name in TOY_EVAL)
+    samples = sorted((run_dir / SAMPLES).glob("step-*.png"))
     print(f"\ndemo finished in {_minutes(time.time() - t0)}")
-    if (run_dir / "toy_eval.png").is_file():
-        print(f"base vs tuned, prompt by prompt: {run_dir / 'toy_eval.png'}")
+    if sheet.is_file():
+        print(f"base vs tuned, prompt by prompt: {sheet}")
     if samples:
         print(f"before: {samples[0]}\nafter:  {samples[-1]}")
-    if (run_dir / "toy_eval.json").is_file():
-        print(f"scores: {run_dir / 'toy_eval.json'}")
+    if scores.is_file():
+        print(f"scores: {scores}")
     return run_dir

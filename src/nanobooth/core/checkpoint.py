@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .run_folder import make_readable
+from .run_folder import CHECKPOINTS, TRAIN_LOG, make_readable
 
 log = logging.getLogger("nanobooth")
 CKPT = re.compile(r"checkpoint-(\d+)$")
@@ -34,7 +34,7 @@ class CheckpointError(ValueError):
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CKPT.match(p.name) and (p / "state.json").is_file()]
@@ -43,7 +43,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def logged_steps(run_dir: Path) -> int:
     """The last step train_log.jsonl records (0 when none)."""
-    p = Path(run_dir) / "train_log.jsonl"
+    p = Path(run_dir) / TRAIN_LOG
     lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
     try:
         return int(json.loads(lines[-1])["step"]) if lines else 0
@@ -158,7 +158,7 @@ def optimizer_from_flat(optimizer, tensors: dict[str, torch.Tensor], meta: dict)
 
 def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_scheduler, rng: dict[str, torch.Tensor],
                     extra: dict, total_limit: int | None = None) -> Path:
-    root = Path(run_dir) / "checkpoints"
+    root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step:06d}"
     tmp = root / f".tmp-checkpoint-{step:06d}"

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefixes
-from ..core.run_folder import LORA_FILE, atomic_file, load_run_config, make_readable, result_kind
+from ..core.run_folder import LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
 
 log = logging.getLogger("nanobooth")
 FORMATS = ("kohya", "diffusers", "single-file")
@@ -77,7 +77,7 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
     folder = run if kind == "full" else Path(model).expanduser()
     if folder.is_file() and cfg.get("single_file_config"):
         folder = Path(cfg["single_file_config"]).expanduser()
-    names = ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
+    names = (MODEL_INDEX, "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
     index, unet, sched, te = (_json(folder / n) for n in names)
     if not index and kind == "lora" and model.count("/") == 1 and not folder.exists():
         from huggingface_hub import try_to_load_from_cache
@@ -284,8 +284,8 @@ def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        parts = [k for k, v in _json(run / "model_index.json").items() if isinstance(v, list) and (run / k).is_dir()]
-        shutil.copy2(run / "model_index.json", tmp / "model_index.json")
+        parts = [k for k, v in _json(run / MODEL_INDEX).items() if isinstance(v, list) and (run / k).is_dir()]
+        shutil.copy2(run / MODEL_INDEX, tmp / MODEL_INDEX)
         for part in parts:
             shutil.copytree(run / part, tmp / part)
         for f in tmp.rglob("*.safetensors") if dtype is not None else []:
@@ -338,7 +338,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         # the three phases of a multi-GB checkpoint (a minute or more for SD-sized models)
         bar = tqdm(total=3, desc="export: load" + (" and fuse" if kind == "lora" else ""), unit="phase")
         if kind == "full":
-            names = [n for n in ("text_encoder", "text_encoder_2") if n in _json(run / "model_index.json")]
+            names = [n for n in ("text_encoder", "text_encoder_2") if n in _json(run / MODEL_INDEX)]
             unet, vae, tes = _folder_state(run / "unet"), _folder_state(run / "vae"), [_folder_state(run / n) for n in names]
         else:
             unet, vae, tes = _fused_components(run, cfg)
