@@ -49,8 +49,9 @@ class Step:
     loss: the optimised loss (instance + prior_loss_weight * prior), as written to train_log.jsonl
     (unrounded here). loss_instance: the instance half's loss. loss_prior: the class half's loss; None
     without prior preservation. lr: the learning rate the next step uses (first parameter group).
-    seconds_per_step: wall-clock seconds since the previous step ended (for the first step of a run or a
-    resume: since training started, so it includes the "before" grid).
+    seconds_per_step: wall-clock seconds since the previous step ended (the first step of a run or a resume:
+    that step alone, after the "before" grid; often slower, as caches warm up). A validation grid or a
+    checkpoint written after a step counts towards the next one.
     """
 
     step: int

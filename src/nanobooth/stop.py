@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Callable
 
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -25,10 +26,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """The run stopped before max_train_steps on request. The message says what was saved and how to
     continue; `exit_code` is the shell's convention for the signal (130 SIGINT, 143 SIGTERM)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT, step: int = 0, checkpoint=None):
+    def __init__(self, message: str, signum: int = signal.SIGINT, step: int = 0, checkpoint: Path | None = None):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
-        self.step, self.checkpoint = step, checkpoint  # steps done; the checkpoint holding them (None: none written)
+        self.step, self.checkpoint = step, checkpoint  # steps done; the checkpoint of that step, if written
 
 
 class StopRequest:
