@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -74,9 +75,10 @@ def missing_indices(folder: Path, num_class_images: int) -> list[int]:
 
 def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int, seed: int, batch_size: int,
                           steps: int, resolution: int, guidance_scale: float = 7.5, sampler: str = "model",
-                          provenance: dict | None = None) -> int:
+                          provenance: dict | None = None, on_progress: Callable[[int, int], None] | None = None) -> int:
     """Top `folder` up to num_class_images; returns how many were generated. `provenance` (class prompt,
-    model, resolution) is checked against and recorded beside the images this function makes."""
+    model, resolution) is checked against and recorded beside the images this function makes.
+    `on_progress(done, num_class_images)` is called after each batch written."""
     provenance = {"class_prompt": prompt, "resolution": resolution, **(provenance or {})}
     check_provenance(folder, provenance)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,8 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
             img.save(tmp, format="PNG")
             os.replace(tmp, final)
         bar.update(len(idx))
+        if on_progress is not None:
+            on_progress(num_class_images - len(todo) + start + len(idx), num_class_images)
     bar.close()
     pipe.vae.disable_slicing()
     return len(todo)

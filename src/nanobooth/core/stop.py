@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from pathlib import Path
 from typing import Callable
 
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -25,9 +26,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     """The run stopped before max_train_steps on request. The message says what was saved and how to
     continue; `exit_code` is the shell's convention for the signal (130 SIGINT, 143 SIGTERM)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    def __init__(self, message: str, signum: int = signal.SIGINT, step: int = 0, checkpoint: Path | None = None):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+        self.step, self.checkpoint = step, checkpoint  # steps done; the checkpoint of that step, if written
 
 
 class StopRequest:
@@ -65,15 +67,25 @@ class StopRequest:
             return
         self.signum, self.source = signum, NAMES[signum]
         if self.setup:
-            raise TrainingInterrupted(f"{NAMES[signum]} before the first training step: nothing trained, nothing to save "
-                                      "(class images made so far are kept); continue with the same command plus "
-                                      "resume_from_checkpoint=latest", signum)
+            raise self._setup_stop()
         if self.raising:
             raise KeyboardInterrupt
 
-    def request(self, signum: int = signal.SIGINT) -> None:
+    def _setup_stop(self) -> TrainingInterrupted:
+        return TrainingInterrupted(f"{self.source} before the first training step: nothing trained, nothing to save "
+                                   "(class images made so far are kept); continue with the same command plus "
+                                   "resume_from_checkpoint=latest", self.signum)
+
+    def request(self, signum: int = signal.SIGINT, source: str | None = None) -> None:
+        """Stop at the next step boundary (a callback's STOP, an interrupted render): a flag, as a first signal sets."""
         if self.signum is None:
-            self.signum, self.source = signum, NAMES[signum]
+            self.signum, self.source = signum, source or NAMES[signum]
+
+    def stop_during_setup(self) -> None:
+        """Between setup chunks (class-image batches): raise TrainingInterrupted now if a stop was asked, as
+        a signal during setup does. Single process only: the other ranks wait for rank 0 in a barrier."""
+        if self.setup and self.requested():
+            raise self._setup_stop()
 
     def requested(self) -> bool:
         if self.signum is None and self.should_stop is not None and self.should_stop():

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
 from ..families import cond_batch, cond_to
@@ -148,19 +149,28 @@ class LatentSource:
         return (*encode_dist(self.vae, pixels), coords)
 
 
-def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Path:
+def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callbacks: Iterable[Callback] = ()) -> Path:
     """Train cfg into cfg.output_dir and return it.
 
-    Ctrl-C, SIGTERM or `should_stop()` returning True (checked once per step) stop at the next step
-    boundary: a checkpoint of that step is written (rank 0) and TrainingInterrupted is raised, saying
-    how to continue (resume_from_checkpoint=latest). A validation render that fails is skipped with a
-    warning; the weights are written before the final one.
+    Ctrl-C, SIGTERM, `should_stop()` returning True (checked once per step) or a callback returning
+    events.STOP stop at the next step boundary: a checkpoint of that step is written (rank 0) and
+    TrainingInterrupted is raised, saying how to continue (resume_from_checkpoint=latest). A validation
+    render that fails is skipped with a warning; the weights are written before the final one.
+    `callbacks` get the events of events.py on the main process (their order is documented there).
     """
     with StopRequest(should_stop) as stop:
-        return _train(cfg, stop)
+        emit = Emitter(callbacks, on_stop=lambda: stop.request(source="stop request"))
+        try:
+            return _train(cfg, stop, emit)
+        except TrainingInterrupted as e:
+            emit(Stopped(e.step, e.checkpoint, str(e)))
+            raise
+        except Exception as e:
+            emit(Failed(f"{type(e).__name__}: {e}"))
+            raise
 
 
-def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
+def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -175,7 +185,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     check_mixed_precision(cfg.mixed_precision, cpu=cpu_world)  # before the Accelerator: its state is per process
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
                               cpu=cpu_world)
-    main = accelerator.is_main_process
+    main = emit.main = accelerator.is_main_process  # callbacks run on the main process only
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
     if resume:  # refused here, before anything is written
         ckpt.check_resume(resume, cfg.max_train_steps, input_record(cfg, run_dir))
@@ -207,12 +217,17 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     prior = cfg.with_prior_preservation
     class_dir = class_images_dir(cfg, run_dir)
     if prior:
+        def class_progress(done: int, total: int) -> None:
+            emit(ClassImagesProgress(done, total))
+            if world == 1:  # a stop asked meanwhile (a callback, should_stop) ends setup now, as Ctrl-C would
+                stop.stop_during_setup()
+
         if main:
             pipe = make_pipeline(c)
             with accelerator.autocast():
                 generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
                                       cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
-                                      provenance=class_provenance(cfg))
+                                      provenance=class_provenance(cfg), on_progress=class_progress)
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
@@ -308,7 +323,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         except KeyboardInterrupt:
             if final:
                 raise TrainingInterrupted(f"{stop.source or 'Ctrl-C'} during the final validation render: the trained weights "
-                                          f"are saved in {run_dir} (no step-{step:06d} grid)", stop.signum or 2) from None
+                                          f"are saved in {run_dir} (no step-{step:06d} grid)", stop.signum or 2, step) from None
             stop.request()
             log.warning("validation render at step %d interrupted; stopping", step)
         except Exception as e:  # noqa: BLE001 - GPU OOM, a size the sampler refuses...: the grid is optional
@@ -337,7 +352,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
                 unet.train(), [te.train(te_trained) for te in text_encoders]
                 if info:
                     info["args"]["generator"] = tome_gen
-        save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
+        path = run_dir / "samples" / f"step-{step:06d}.png"
+        save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), path)
+        emit(SampleGrid(step, path))
 
     def draw(kind: str, n_global: int):
         """This rank's latents (sampled from the posteriors) of one image set's global batch, and their coords
@@ -360,6 +377,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
             extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
             log.info("%s saved", saved_path.name)
+            emit(CheckpointSaved(done, saved_path))
         accelerator.wait_for_everyone()
 
     def stop_here(done: int) -> None:
@@ -374,7 +392,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
             save_checkpoint(done)
         what = f"{saved_path} holds step {done}" if done else "nothing trained yet, nothing to save"
         raise TrainingInterrupted(f"{stop.source or 'stop request on another process'} at step {done}/{cfg.max_train_steps}: "
-                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2)
+                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2,
+                                  done, saved_path if done else None)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
@@ -390,7 +409,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     bar = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps, desc="train",
                disable=not main, unit="step")
     stop_here(start_step)  # asked during the "before" grid
-    t0 = time.time()
+    t0 = t_last = time.time()
     for step in bar:
         sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
         for _ in range(cfg.gradient_accumulation_steps):
@@ -431,11 +450,15 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         if world > 1:
             sums = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
         if main:
+            now = time.time()
             record = {"step": done, **{k: (None if math.isnan(v) else round(v, 6)) for k, v in sums.items()},
-                      "lr": lr_scheduler.get_last_lr()[0], "time": round(time.time() - t0, 3)}
+                      "lr": lr_scheduler.get_last_lr()[0], "time": round(now - t0, 3)}
             with log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
+            emit(Step(done, cfg.max_train_steps, sums["loss"], sums["instance_loss"], sums["prior_loss"] if prior else None,
+                      record["lr"], now - t_last))
+            t_last = now
             if done % cfg.log_every == 0:
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
                          "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
@@ -458,6 +481,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if main:
         log.info("done: %s", run_dir)
     accelerator.end_training()
+    emit(Done(run_dir))
     return run_dir
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as M
 from ..core.data import DataError, load_folder, read_subject_meta
-from ..inference.generate import grid, load_run, render, save_png
+from ..inference.generate import DTYPES, grid, load_run, render, save_png
 from ..core.run_folder import result_kind
 
 log = logging.getLogger("nanobooth")
@@ -212,23 +212,69 @@ def _paper_rows() -> list[tuple[str, dict]]:
     return [(f"paper: {k}", v) for k, v in M.PAPER.items()]
 
 
-# ------------------------------------------------------------------ command line
-def _device(args) -> str:
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+# ------------------------------------------------------------------ the library function, then the command lines
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _backends(args):
-    return M.load_backends(args.backend, args.dino, args.clip, _device(args), args.dino_revision, args.clip_revision,
-                           args.toy_probe)
-
-
-def _pipe_loader(args, weights):
+def _pipe_loader(model: str, weights, dtype: str, device: str | None):
     def load():
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        pipe = load_run(args.model, weights, torch_dtype=dtype).to(_device(args))
+        pipe = load_run(model, weights, torch_dtype=DTYPES[dtype]).to(_device(device))
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return load
+
+
+def _metric_settings(backend: str, dino: str, clip: str | None, dino_revision: str | None, clip_revision: str | None,
+                     toy_probe: str | None) -> dict:
+    if backend == "toy":
+        return {"backend": "toy", "toy_probe": toy_probe}
+    return {"backend": "real", "dino": dino, "clip": clip, "dino_revision": dino_revision, "clip_revision": clip_revision}
+
+
+def _settings(model: str, weights, dtype: str, metric: dict) -> dict:
+    return {"model": model, "weights": str(Path(weights).resolve()) if weights else None, "dtype": dtype, **metric}
+
+
+def evaluate(model: str, subject_dir: str | Path, out: str | Path, *, weights: str | Path | None = None,
+             class_noun: str | None = None, identifier: str | None = None, prompts: str | None = None,
+             images_per_prompt: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+             resolution: int | None = None, class_prompt: str | None = None, pres_prompts: int | None = None,
+             batch_size: int = 8, device: str | None = None, dtype: str = "fp32", save_images: bool = False,
+             backend: str = "real", dino: str = "facebook/dino-vits16", dino_revision: str | None = None,
+             clip: str | None = "openai/clip-vit-base-patch32", clip_revision: str | None = None,
+             toy_probe: str | None = None) -> dict:
+    """The DreamBooth paper's protocol for one subject: what `nanobooth eval` does, without printing.
+
+    Renders every prompt of `prompts` (object, live, a file of templates, or None: live for dog/cat, else
+    object; the toy world's scenes with backend="toy") `images_per_prompt` times from `model` plus the run
+    folder `weights` (None: the base model), and the class prompt with the first `pres_prompts` prompts'
+    seeds (None: all, 0: no PRES), then scores them against the photos in `subject_dir`. class_noun and
+    identifier default to the folder's subject.json (identifier: else "sks"). Metric models: backend "real"
+    (DINO `dino` + CLIP `clip`, hub ids or folders; clip None or "none" skips CLIP) or "toy" (the probe).
+    Writes `out`/eval.json and contact_sheet.png (and every image with save_images) and returns eval.json's
+    content: per_prompt rows and their mean (dino, clip_i, clip_t, pres, div, prompt_acc: cosines in
+    [-1, 1], None where not measured), real (the photos' own pairwise similarity), settings, paper.
+    Raises DataError (no class noun, bad prompts, unreadable photos) or ModelError before rendering.
+    """
+    subject = Path(subject_dir)
+    meta = read_subject_meta(subject) if subject.is_dir() else {}
+    noun = class_noun or meta.get("class_noun")
+    if not noun:
+        raise DataError("--class-noun is required (e.g. dog), unless the subject folder has a subject.json naming it")
+    identifier = identifier or meta.get("identifier", "sks")
+    if weights:
+        result_kind(weights)  # a folder mixing two runs is refused before any metric model loads
+    backends = M.load_backends(backend, dino, clip, _device(device), dino_revision, clip_revision, toy_probe)
+    proto = Protocol(images_per_prompt, seed, steps, guidance, resolution, batch_size, pres_prompts, class_prompt)
+    settings = _settings(model, weights, dtype, _metric_settings(backend, dino, clip, dino_revision, clip_revision, toy_probe))
+    return evaluate_subject(_pipe_loader(model, weights, dtype, device), backends, subject, noun, identifier, prompts,
+                            proto, out, settings, save_images=save_images)
+
+
+def _backends(args):
+    return M.load_backends(args.backend, args.dino, args.clip, _device(args.device), args.dino_revision, args.clip_revision,
+                           args.toy_probe)
 
 
 def _protocol(args) -> Protocol:
@@ -236,23 +282,15 @@ def _protocol(args) -> Protocol:
                     args.pres_prompts, args.class_prompt)
 
 
-def _settings(args, weights) -> dict:
-    metric = {"backend": "toy", "toy_probe": args.toy_probe} if args.backend == "toy" else \
-        {"backend": "real", "dino": args.dino, "clip": args.clip, "dino_revision": args.dino_revision, "clip_revision": args.clip_revision}
-    return {"model": args.model, "weights": str(Path(weights).resolve()) if weights else None, "dtype": args.dtype, **metric}
-
-
 def eval_cli(args) -> dict:
+    res = evaluate(args.model, args.subject_dir, args.out, weights=args.weights, class_noun=args.class_noun,
+                   identifier=args.identifier, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
+                   seed=args.seed, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
+                   class_prompt=args.class_prompt, pres_prompts=args.pres_prompts, batch_size=args.batch_size,
+                   device=args.device, dtype=args.dtype, save_images=args.save_images, backend=args.backend,
+                   dino=args.dino, dino_revision=args.dino_revision, clip=args.clip, clip_revision=args.clip_revision,
+                   toy_probe=args.toy_probe)
     subject = Path(args.subject_dir)
-    meta = read_subject_meta(subject) if subject.is_dir() else {}
-    noun = args.class_noun or meta.get("class_noun")
-    if not noun:
-        raise DataError("--class-noun is required (e.g. dog), unless the subject folder has a subject.json naming it")
-    identifier = args.identifier or meta.get("identifier", "sks")
-    if args.weights:
-        result_kind(args.weights)  # a folder mixing two runs is refused before any metric model loads
-    res = evaluate_subject(_pipe_loader(args, args.weights), _backends(args), subject, noun, identifier, args.prompts,
-                           _protocol(args), args.out, _settings(args, args.weights), save_images=args.save_images)
     n = sum(r["n"] for r in res["per_prompt"])
     print(format_table([(f"this run ({subject.name}, {n} images)", res["mean"]),
                         (f"real images of {subject.name}, pairwise", res["real"])] + _paper_rows()))
@@ -276,8 +314,10 @@ def eval_dataset_cli(args) -> dict:
             missing.append(s)
             continue
         result_kind(runs / s)  # refuses a folder mixing two runs, even when its scores would be reused
-        results[s] = evaluate_subject(_pipe_loader(args, runs / s), backends, root / s, classes[s], args.identifier or "sks",
-                                      args.prompts, _protocol(args), out / s, _settings(args, runs / s),
+        metric = _metric_settings(args.backend, args.dino, args.clip, args.dino_revision, args.clip_revision, args.toy_probe)
+        results[s] = evaluate_subject(_pipe_loader(args.model, runs / s, args.dtype, args.device), backends, root / s,
+                                      classes[s], args.identifier or "sks", args.prompts, _protocol(args), out / s,
+                                      _settings(args.model, runs / s, args.dtype, metric),
                                       resume=not args.overwrite, save_images=args.save_images)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
