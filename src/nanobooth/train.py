@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
+from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
 from .generate import grid, render, save_png
 from .losses import dreambooth_loss
@@ -28,7 +28,7 @@ from .family import cond_batch, cond_to
 from .methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
-from .run_folder import clear_outputs, load_run_config, make_readable, result_kind
+from .run_folder import check_output_dir, clear_outputs, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted
 
 log = logging.getLogger("nanobooth")
@@ -51,29 +51,14 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     """Check everything a user can get wrong before anything is written or any model is loaded:
     prompts (filled from subject.json), the subject photos, and the output folder."""
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    meta = read_subject_meta(instance_dir)
-    for key in ("instance_prompt", "class_prompt"):
-        if not getattr(cfg, key):
-            if key not in meta:
-                raise ConfigError(f"config key '{key}' is empty and {instance_dir}/subject.json does not set it; pass {key}=\"...\"")
-            setattr(cfg, key, meta[key])
+    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
         log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
     if not extra:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
     run_dir = Path(cfg.output_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
-        if not cfg.resume_from_checkpoint:
-            raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, overwrite=true to reuse it, or another output_dir")
-        saved = load_run_config(run_dir)
-        if saved is not None:
-            old = saved.to_dict()
-            volatile = {"output_dir", "resume_from_checkpoint", "max_train_steps", "overwrite", "validation_prompts", "validation_steps",
-                        "checkpointing_steps", "checkpoints_total_limit", "log_every", "num_threads"}
-            diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
-            if diff:
-                raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
+    check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
     if cfg.with_prior_preservation:
         try:
