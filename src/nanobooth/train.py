@@ -29,7 +29,7 @@ from .methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .run_folder import check_output_dir, clear_outputs, make_readable, result_kind
-from .stop import StopRequest, TrainingInterrupted
+from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
 
@@ -141,7 +141,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> Pa
     how to continue (resume_from_checkpoint=latest). A validation render that fails is skipped with a
     warning; the weights are written before the final one.
     """
-    with StopRequest(should_stop) as stop:
+    with StopRequest(should_stop, cfg.resume_from_checkpoint) as stop:
         return _train(cfg, stop)
 
 
@@ -358,8 +358,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         if done > saved_step:
             save_checkpoint(done)
         what = f"{saved_path} holds step {done}" if done else "nothing trained yet, nothing to save"
+        then = how_to_continue(cfg.resume_from_checkpoint, saved_now=saved_path != resume)
         raise TrainingInterrupted(f"{stop.source or 'stop request on another process'} at step {done}/{cfg.max_train_steps}: "
-                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2)
+                                  f"{what}; {then}", stop.signum or 2)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
