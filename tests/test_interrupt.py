@@ -248,6 +248,26 @@ def test_a_stop_during_setup_says_how_to_continue_this_command():
         assert str(e.value).startswith("Ctrl-C before the first training step") and str(e.value).endswith(end), str(e.value)
 
 
+def test_a_resume_hashes_its_inputs_once_and_records_them_in_its_checkpoints(tiny_model, subject_dir, tmp_path, monkeypatch):
+    import nanobooth.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    args = train_args(tiny_model, subject_dir, run, "max_train_steps=4", "checkpointing_steps=2")
+    assert main(["train", "dreambooth-lora-prior-pre", *args]) == 0
+    hashed, real = [], ckpt.input_record
+
+    def counting(files):
+        hashed.append([p.name for p in files])
+        return real(files)
+
+    monkeypatch.setattr(ckpt, "input_record", counting)
+    assert main(["train", "dreambooth-lora-prior-pre", *args, "max_train_steps=6", "resume_from_checkpoint=latest"]) == 0
+    photos, classes = sorted(p.name for p in subject_dir.glob("*.png")), ["class-00000.png", "class-00001.png"]
+    assert sorted(hashed) == sorted([photos, classes])  # once per image set (twice each before)
+    state = lambda n: json.loads((run / "checkpoints" / f"checkpoint-{n:06d}" / "state.json").read_text())  # noqa: E731
+    assert state(4)["inputs"] == state(2)["inputs"]
+
+
 # --- resume accounting -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("steps", [2, 4])

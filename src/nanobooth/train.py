@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .data import ImageSet, Sampler, image_paths, read_subject_meta, resolve_data_dir
 from .generate import grid, render, save_png
 from .losses import dreambooth_loss
 from .family import cond_batch, cond_to
@@ -68,19 +68,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     return run_dir, instance
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The files ImageSet.from_folder reads, in its order; [] for a folder not made yet."""
-    if not folder.is_dir():
-        return []
-    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-
-
 def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
     over other files is refused (ckpt.check_resume)."""
-    record = {"instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir)))}
+    record = {"instance_data_dir": ckpt.input_record(image_paths(resolve_data_dir(cfg.instance_data_dir)))}
     if cfg.with_prior_preservation:
-        record["class_data_dir"] = ckpt.input_record(image_files(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
+        record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
 
 
@@ -162,8 +155,9 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
                               cpu=cpu_world)
     main = accelerator.is_main_process
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    inputs = input_record(cfg, run_dir) if resume else None  # hashed once: checked here, recorded in checkpoints
     if resume:  # refused here, before anything is written
-        ckpt.check_resume(resume, cfg.max_train_steps, input_record(cfg, run_dir))
+        ckpt.check_resume(resume, cfg.max_train_steps, inputs)
         check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -195,9 +189,11 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         if main:
             pipe = make_pipeline(c)
             with accelerator.autocast():
-                generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
-                                      cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
-                                      provenance=class_provenance(cfg))
+                made = generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
+                                             cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
+                                             provenance=class_provenance(cfg))
+            if made:  # a resume whose checkpoint had no record to check them against: record the images there now
+                inputs = None
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
@@ -335,7 +331,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
-    inputs = input_record(cfg, run_dir) if main else {}
+    if inputs is None:  # a new run: its class images exist only now
+        inputs = input_record(cfg, run_dir) if main else {}
     saved_step, saved_path = start_step, resume  # the newest checkpoint of this run (the resumed one; 0: none)
 
     def save_checkpoint(done: int) -> None:
