@@ -253,3 +253,72 @@ def test_output_piped_into_head_ends_without_a_traceback():
     proc.stdout.close()  # the reader is gone before the first line is written (`| head` after it has its lines)
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err
+
+
+# --- train's input checks: before the training stack loads ---------------------------------------------------
+
+@pytest.fixture
+def toy_subject(subject_dir, tmp_path):
+    """The subject photos with a subject.json naming the prompts, as `nanobooth toy subject` writes them."""
+    import shutil
+
+    d = tmp_path / "subject"
+    shutil.copytree(subject_dir, d)
+    (d / "subject.json").write_text(json.dumps({"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}))
+    return d
+
+
+def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_subject):
+    from nanobooth.core.config import fill_prompts, load_config, save_config
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("someone else's")
+    (tmp_path / "afile").write_text("x")
+    # a run of the same config but lora_rank=8, prompts filled from subject.json as train fills them
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    saved = load_config("toy/dreambooth", [f"instance_data_dir={toy_subject}", f"output_dir={prev}", "lora_rank=8"])
+    fill_prompts(saved, json.loads((toy_subject / "subject.json").read_text()), "subject.json")
+    save_config(saved, prev / "config.yaml")
+    base = ["train", "toy/dreambooth", f"instance_data_dir={toy_subject}"]
+    results = run_probe([[*base, "output_dir=full"], [*base, f"output_dir={prev}", "resume_from_checkpoint=latest"],
+                         [*base, "output_dir=afile"], [*base, "resolution=100"]], tmp_path)
+    for r in results:
+        assert r["rc"] == 2 and r["heavy"] == [], r
+    full, resumed, afile, resolution = (r["err"][0] for r in results)
+    assert "output_dir 'full' is not empty" in full and "resume_from_checkpoint=latest" in full
+    # the key that differs, with both values; not the prompts (the CLI fills them from subject.json first)
+    assert "different config" in resumed and "lora_rank: 8 there, 4 now" in resumed and "instance_prompt" not in resumed
+    assert "output_dir 'afile' is a file" in afile
+    assert "'resolution': 100 is not a multiple of 8" in resolution and "96 or 104" in resolution
+
+
+def test_train_says_which_prompts_it_took_from_subject_json(tmp_path, toy_subject, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")  # refused after the prompts are filled: nothing trains
+    with caplog.at_level(logging.INFO, logger="nanobooth"):
+        assert cli.main(["train", "toy/dreambooth", f"instance_data_dir={toy_subject}", "output_dir=full"]) == 2
+    filled = [r.getMessage() for r in caplog.records if "subject.json" in r.getMessage()]
+    assert filled == [f"instance_prompt from {toy_subject}/subject.json: 'a photo of sks dog'",
+                      f"class_prompt from {toy_subject}/subject.json: 'a photo of dog'"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="nanobooth"):  # a prompt given on the command line is not "filled in"
+        cli.main(["train", "toy/dreambooth", f"instance_data_dir={toy_subject}", "output_dir=full", "instance_prompt=a sks pup"])
+    assert [r.getMessage() for r in caplog.records if "subject.json" in r.getMessage()] == [
+        f"class_prompt from {toy_subject}/subject.json: 'a photo of dog'"]
+
+
+def test_config_show_points_at_the_help_that_documents_every_key(capsys):
+    import re
+
+    from nanobooth.core.config import field_docs
+
+    assert cli.main(["config", "show", "toy/dreambooth"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    (pointed,) = re.findall(r"`nanobooth ([^`]+)`", header)
+    assert pointed == "train --help"  # not `config show` itself, which prints values without docs
+    with pytest.raises(SystemExit) as e:
+        cli.main(pointed.split())
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(doc in out for doc in field_docs().values())

@@ -131,6 +131,49 @@ def test_resolution_the_model_cannot_render_is_refused_before_anything_is_writte
     assert not out.exists()
 
 
+@pytest.mark.parametrize("resolution, near", [(100, "96 or 104"), (4, "8")])
+def test_resolution_that_no_model_renders_is_refused_when_the_config_is_read(resolution, near):
+    # not a multiple of 8: no pipeline renders it, whatever the model (the model's own factor comes after it loads)
+    with pytest.raises(ConfigError, match=f"'resolution': {resolution} is not a multiple of 8.*use {near}$"):
+        load_config("toy/dreambooth", [f"resolution={resolution}"])
+    with pytest.raises(ConfigError, match="'resolution': must be >= 1"):
+        load_config("toy/dreambooth", ["resolution=-8"])
+    assert load_config("toy/dreambooth", ["resolution=40"]).resolution == 40  # the toy model needs 16s: its check comes later
+
+
+def test_the_models_own_resolution_check_runs_after_it_loads_and_before_anything_is_written(tiny_model, subject_dir, tmp_path,
+                                                                                             monkeypatch, capsys):
+    import nanobooth.core.train as tr
+    from conftest import train_args
+
+    seen = []
+
+    def check(resolution, vae_config, unet_config):  # the real check with the tiny model never refuses a multiple of 8
+        seen.append((resolution, tuple(vae_config.block_out_channels), tuple(unet_config.block_out_channels)))
+        raise ConfigError("config key 'resolution': refused by the model")
+
+    monkeypatch.setattr(tr, "check_resolution", check)
+    out = tmp_path / "r"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out)]) == 2
+    assert seen == [(32, (16, 32), (32, 64))] and "refused by the model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_fill_prompts_logs_each_prompt_it_fills_and_names_the_file_when_it_cannot(tmp_path, caplog):
+    from nanobooth.core.config import fill_prompts
+
+    src = tmp_path / "subject.json"
+    cfg = load_config("toy/dreambooth", ["instance_prompt=a sks pup"])
+    with caplog.at_level("INFO", logger="nanobooth"):
+        fill_prompts(cfg, {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}, src)
+    assert cfg.instance_prompt == "a sks pup" and cfg.class_prompt == "a photo of dog"  # what was given stays
+    assert [r.getMessage() for r in caplog.records] == [f"class_prompt from {src}: 'a photo of dog'"]
+    with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and {src} does not set it"):
+        fill_prompts(load_config("toy/dreambooth"), {"class_prompt": "a dog"}, src)
+    with pytest.raises(ConfigError, match=f"'class_prompt' is empty and {src} sets it to 3"):
+        fill_prompts(load_config("toy/dreambooth", ["instance_prompt=a sks dog"]), {"class_prompt": 3}, src)
+
+
 def test_fp16_without_cuda_is_refused_before_anything_is_written(tiny_model, subject_dir, tmp_path, capsys):
     import torch
     from conftest import train_args

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nanobooth.core.data import DataError, ImageSet, Sampler, load_folder, load_image, resolve_data_dir, to_rgb, to_tensor
+from nanobooth.core.data import (DataError, ImageSet, Sampler, image_paths, list_images, load_folder, load_image, resolve_data_dir,
+                            to_rgb, to_tensor)
 
 
 def test_modes_convert_to_rgb(tmp_path):
@@ -45,6 +46,30 @@ def test_folder_skips_non_images_and_warns_on_small(tmp_path, caplog):
         images = load_folder(tmp_path, resolution=32)
     assert len(images) == 1
     assert "notes.txt: not an image" in caplog.text and "smaller than resolution 32" in caplog.text
+
+
+def test_image_paths_is_the_one_list_of_a_folders_images(tmp_path, subject_dir):
+    """What trains (list_images), what a checkpoint records (train.input_record) and what class images count
+    (prior.missing_indices) are one list: sorted by name, without hidden files, folders or other files."""
+    from nanobooth.core.config import load_config
+    from nanobooth.core.prior import missing_indices
+    from nanobooth.core.train import input_record
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    for name in ("b.png", "A.JPG", "c.webp", "class-00001.png"):
+        Image.new("RGB", (8, 8)).save(d / name, format="PNG")
+    for name in (".DS_Store", ".class-00002.png.tmp", "notes.txt", "subject.json", "caption.png.txt"):
+        (d / name).write_text("x")
+    (d / "more.png").mkdir()
+    want = ["A.JPG", "b.png", "c.webp", "class-00001.png"]  # by name: upper case sorts first, as on disk listings
+    assert [p.name for p in image_paths(d)] == want
+    assert image_paths(tmp_path / "not-made-yet") == []
+    assert [p.name for p in list_images(d)] == want
+    assert missing_indices(d, 6) == [0, 2]  # 4 images count; class-00001 exists, so indices 0 and 2 are made
+    cfg = load_config("dreambooth-lora-prior-pre", [f"instance_data_dir={d}", f"class_data_dir={d}", "num_class_images=3"])
+    record = input_record(cfg, tmp_path)
+    assert [n for n, _ in record["instance_data_dir"]] == want and [n for n, _ in record["class_data_dir"]] == want[:3]
 
 
 def test_missing_and_empty_folders(tmp_path):

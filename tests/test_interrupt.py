@@ -216,6 +216,58 @@ def test_a_library_caller_can_ask_for_a_stop(tiny_model, subject_dir, tmp_path, 
     assert "checkpoint-000003 saved" in caplog.text
 
 
+def test_the_stop_message_says_how_to_continue_this_command(tiny_model, subject_dir, tmp_path):
+    """'plus resume_from_checkpoint=latest' only where the command lacks it; a command naming a checkpoint
+    folder is told to switch to latest once a newer checkpoint exists (else it would go back to the old one)."""
+    run = tmp_path / "run"
+
+    def stopped_at(step: int, *extra: str) -> str:
+        cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, run, "max_train_steps=9", *extra))
+        with pytest.raises(TrainingInterrupted) as e:  # polled before the first step and after each: stops at `step`
+            train(cfg, should_stop=lambda: (run / "train_log.jsonl").exists() and len(losses(run)) >= step)
+        return str(e.value)
+
+    first = stopped_at(2)
+    assert "checkpoint-000002 holds step 2" in first and first.endswith("continue with the same command plus resume_from_checkpoint=latest")
+    named = run / "checkpoints" / "checkpoint-000002"
+    second = stopped_at(3, f"resume_from_checkpoint={named}")
+    assert "checkpoint-000003 holds step 3" in second
+    assert second.endswith(f"continue with the same command, but resume_from_checkpoint=latest instead of {named}")
+    third = stopped_at(4, "resume_from_checkpoint=latest")
+    assert "checkpoint-000004 holds step 4" in third and third.endswith("continue with the same command")
+
+
+def test_a_stop_during_setup_says_how_to_continue_this_command():
+    from nanobooth.core.stop import StopRequest
+
+    for resume, end in [(None, "same command plus resume_from_checkpoint=latest"), ("latest", "same command"),
+                        ("runs/x/checkpoints/checkpoint-000002", "same command")]:  # nothing newer than it exists yet
+        stop = StopRequest(resume_from_checkpoint=resume)
+        with pytest.raises(TrainingInterrupted) as e:
+            stop._handle(signal.SIGINT, None)  # a signal before the first step (stop.setup)
+        assert str(e.value).startswith("Ctrl-C before the first training step") and str(e.value).endswith(end), str(e.value)
+
+
+def test_a_resume_hashes_its_inputs_once_and_records_them_in_its_checkpoints(tiny_model, subject_dir, tmp_path, monkeypatch):
+    import nanobooth.core.checkpoint as ckpt
+
+    run = tmp_path / "run"
+    args = train_args(tiny_model, subject_dir, run, "max_train_steps=4", "checkpointing_steps=2")
+    assert main(["train", "dreambooth-lora-prior-pre", *args]) == 0
+    hashed, real = [], ckpt.input_record
+
+    def counting(files):
+        hashed.append([p.name for p in files])
+        return real(files)
+
+    monkeypatch.setattr(ckpt, "input_record", counting)
+    assert main(["train", "dreambooth-lora-prior-pre", *args, "max_train_steps=6", "resume_from_checkpoint=latest"]) == 0
+    photos, classes = sorted(p.name for p in subject_dir.glob("*.png")), ["class-00000.png", "class-00001.png"]
+    assert sorted(hashed) == sorted([photos, classes])  # once per image set (twice each before)
+    state = lambda n: json.loads((run / "checkpoints" / f"checkpoint-{n:06d}" / "state.json").read_text())  # noqa: E731
+    assert state(4)["inputs"] == state(2)["inputs"]
+
+
 # --- resume accounting -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("steps", [2, 4])

@@ -74,6 +74,76 @@ def test_run_config_reads_back_typed(tmp_path, caplog):
     assert str(tmp_path / rf.CONFIG) in str(e.value)
 
 
+def test_run_folder_module_loads_no_torch():
+    """The CLI checks output_dir with it before the training stack loads (help-speed refusals)."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanobooth.core.run_folder; print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
+
+
+def _documented_resume_safe_keys() -> set[str]:
+    """The keys docs/reliability.md lists as resume-safe (its 'resume with a different config' row)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    (row,) = [ln for ln in doc.splitlines() if ln.startswith("| resume with a different config")]
+    return set(re.findall(r"`(\w+)`", row.split("Resume-safe keys")[1].split("|")[0]))
+
+
+# a new value for every resume-safe key (the test below checks that it covers them all)
+SAFE_CHANGES = {"output_dir": "moved/elsewhere", "overwrite": True, "resume_from_checkpoint": "checkpoints/checkpoint-000002",
+                "max_train_steps": 999,
+                "validation_prompts": ["a sks dog"], "validation_steps": 7, "checkpointing_steps": 3,
+                "checkpoints_total_limit": 2, "log_every": 1, "num_threads": 1}
+
+
+def _saved_run(tmp_path, **changes):
+    """A run folder whose config.yaml is toy/dreambooth-lora's with `changes`; returns the folder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config("toy/dreambooth-lora", {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+                                                "output_dir": str(run), **changes})
+    save_config(saved, run / rf.CONFIG)
+    return run
+
+
+def test_resume_may_change_only_the_resume_safe_keys(tmp_path):
+    from nanobooth.core.config import resume_safe_keys
+
+    assert resume_safe_keys() == set(SAFE_CHANGES) == _documented_resume_safe_keys()
+    run = _saved_run(tmp_path, **SAFE_CHANGES)
+    now = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "output_dir": str(run)}
+    rf.check_output_dir(load_config("toy/dreambooth-lora", {**now, "resume_from_checkpoint": "latest"}))  # every safe key differs
+    for key, value in {"lora_rank": 8, "learning_rate": 3e-4, "seed": 1, "instance_prompt": "a photo of zzz dog",
+                       "resolution": 48, "validation_guidance_scale": 2.0}.items():
+        cfg = load_config("toy/dreambooth-lora", {**now, "resume_from_checkpoint": "latest", key: value})
+        with pytest.raises(ConfigError, match="different config") as e:
+            rf.check_output_dir(cfg)
+        assert f"{key}: " in str(e.value) and repr(value) in str(e.value), str(e.value)
+
+
+def test_output_dir_check_refuses_a_file_and_a_foreign_folder_but_not_an_empty_one(tmp_path):
+    def cfg(out, *extra):
+        return load_config("dreambooth-lora", [f"output_dir={out}", *extra])
+
+    rf.check_output_dir(cfg(tmp_path / "new"))  # missing: created later
+    (tmp_path / "empty").mkdir()
+    rf.check_output_dir(cfg(tmp_path / "empty"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        rf.check_output_dir(cfg(tmp_path / "afile"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is not empty: pass resume_from_checkpoint=latest"):
+        rf.check_output_dir(cfg(tmp_path / "busy"))
+    rf.check_output_dir(cfg(tmp_path / "busy", "overwrite=true"))
+    rf.check_output_dir(cfg(tmp_path / "busy", "resume_from_checkpoint=latest"))  # no config.yaml to compare with
+
+
 # --- B: a run folder never mixes two runs ---------------------------------------------------------------------
 
 def test_overwrite_removes_every_output_of_the_earlier_run_but_keeps_class_images(tiny_model, subject_dir, tmp_path):

@@ -17,7 +17,7 @@ import sys
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
-USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.models", "ModelError"),
+USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.errors", "ModelError"),
                ("nanobooth.core.checkpoint", "CheckpointError"), ("nanobooth.core.train", "TrainingError"))
 
 
@@ -44,12 +44,17 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from .core.data import resolve_data_dir
+    from .core.config import fill_prompts
+    from .core.data import read_subject_meta, resolve_data_dir
+    from .core.run_folder import check_output_dir
 
-    # the folders a user can mistype, checked before the training stack loads (train checks them again)
-    resolve_data_dir(cfg.instance_data_dir)
+    # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
+    # it again for library callers): the photo folders, the prompts subject.json fills, the output folder
+    instance_dir = resolve_data_dir(cfg.instance_data_dir)
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
+    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
+    check_output_dir(cfg)
     from .core.run_folder import SAMPLES
     from .core.train import train
 
@@ -74,7 +79,7 @@ def cmd_config(args) -> None:
     import yaml
 
     cfg = load_config(args.variant, args.overrides)
-    print(f"# {args.variant}, resolved (every key; `nanobooth config show` documents them)")
+    print(f"# {args.variant}, resolved (every key; `nanobooth train --help` gives each one's default and meaning)")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), end="")
 
 

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
@@ -20,9 +21,16 @@ from typing import Literal, Optional
 
 import yaml
 
+log = logging.getLogger("nanobooth")
+
 
 class ConfigError(ValueError):
     """A config problem a user can fix; its message is one actionable line."""
+
+
+# Field metadata of the keys a resume may change: they steer how long the run goes, where and how often it
+# writes, what it renders and how fast it runs, never what a step computes (resume_safe_keys()).
+RESUME_SAFE = {"resume_safe": True}
 
 
 @dataclass
@@ -86,7 +94,7 @@ class TrainConfig:
     """Instance images per step per process (prior preservation adds as many class images)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
-    max_train_steps: int = 400
+    max_train_steps: int = field(default=400, metadata=RESUME_SAFE)
     """Optimizer steps to train."""
     learning_rate: float = 5e-6
     """Peak learning rate for the UNet (or its adapters)."""
@@ -126,13 +134,13 @@ class TrainConfig:
     """Seed for weights init, data order, noise and timesteps: same seed, same run."""
 
     # --- outputs, validation, checkpoints -------------------------------------------------------------
-    output_dir: str = "runs/dreambooth"
+    output_dir: str = field(default="runs/dreambooth", metadata=RESUME_SAFE)
     """Run folder: config.yaml, train_log.jsonl, samples/, checkpoints/ and the trained weights."""
-    overwrite: bool = False
+    overwrite: bool = field(default=False, metadata=RESUME_SAFE)
     """Allow training into a non-empty output_dir that is not a resumable run of this config: every output of the earlier run (weights of either kind, logs, samples, checkpoints) is removed first; class_images/ are kept for reuse (their class prompt, model and resolution are checked)."""
-    validation_prompts: list[str] = field(default_factory=list)
+    validation_prompts: list[str] = field(default_factory=list, metadata=RESUME_SAFE)
     """Prompts rendered as a labelled grid at every validation_steps and at the end ([] = none)."""
-    validation_steps: int = 100
+    validation_steps: int = field(default=100, metadata=RESUME_SAFE)
     """Render validation prompts every N optimizer steps (0 = only at the start and the end)."""
     num_validation_images: int = 1
     """Images per validation prompt."""
@@ -145,19 +153,19 @@ class TrainConfig:
     alone (diffusers' cutoff_step_ratio). 1.0 = every step."""
     validation_seed: Optional[int] = None
     """Seed of validation images (prompt i image j uses validation_seed + 1000*i + j). Default: seed."""
-    checkpointing_steps: int = 500
+    checkpointing_steps: int = field(default=500, metadata=RESUME_SAFE)
     """Save a resumable checkpoint every N optimizer steps (0 = never)."""
-    checkpoints_total_limit: Optional[int] = None
+    checkpoints_total_limit: Optional[int] = field(default=None, metadata=RESUME_SAFE)
     """Keep at most this many checkpoints (oldest pruned after a new one is complete)."""
-    resume_from_checkpoint: Optional[str] = None
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata=RESUME_SAFE)
     """`latest` or a checkpoint folder to continue from."""
     tome_ratio: float = 0.0
     """ToMe (tomesd) token-merging ratio for training, class-image generation and validation (0 = off)."""
     cache_latents: bool = True
     """Encode images with the VAE once (and prompts with a frozen text encoder once) instead of every step."""
-    log_every: int = 10
+    log_every: int = field(default=10, metadata=RESUME_SAFE)
     """Print a log line every N steps (every step is written to train_log.jsonl)."""
-    num_threads: Optional[int] = None
+    num_threads: Optional[int] = field(default=None, metadata=RESUME_SAFE)
     """CPU threads for torch (0 or null = the cores not busy with other work, measured at start; OMP_NUM_THREADS, if set, is used instead)."""
 
     def __post_init__(self) -> None:
@@ -176,6 +184,9 @@ class TrainConfig:
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
+        if self.resolution % 8:  # the model may need more (check_resolution, once it is loaded); no model needs less
+            raise ConfigError(f"config key 'resolution': {self.resolution} is not a multiple of 8, which every Stable "
+                              f"Diffusion pipeline needs; use {_nearest_multiples(self.resolution, 8)}")
         if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")
@@ -287,6 +298,27 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def resume_safe_keys() -> set[str]:
+    """Keys a resume may change (marked `metadata=RESUME_SAFE` on their fields): a resume that changes any
+    other key would continue the checkpoint's run with another recipe, and is refused."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe")}
+
+
+def fill_prompts(cfg: TrainConfig, meta: dict, source) -> None:
+    """Fill an empty instance_prompt / class_prompt from the subject's `subject.json` (`meta`, read from
+    `source`), logging each one filled: a prompt nobody typed should be visible. ConfigError when the
+    file does not set one that is empty."""
+    for key in ("instance_prompt", "class_prompt"):
+        if getattr(cfg, key):
+            continue
+        value = meta.get(key)
+        if not isinstance(value, str) or not value.strip():
+            what = "does not set it" if value is None else f"sets it to {value!r}"
+            raise ConfigError(f"config key '{key}' is empty and {source} {what}; pass {key}=\"...\"")
+        setattr(cfg, key, value)
+        log.info("%s from %s: %r", key, source, value)
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `nanobooth config show`"
@@ -373,10 +405,14 @@ def check_resolution(resolution: int, vae_config, unet_config) -> None:
     unet_f = 2 ** (len(unet_config.block_out_channels) - 1)
     step = math.lcm(8, vae_f * unet_f)
     if resolution % step:
-        lower, upper = resolution // step * step, (resolution // step + 1) * step
-        near = f"{lower} or {upper}" if lower else str(upper)
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
-                          f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {near}")
+                          f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
+
+
+def _nearest_multiples(resolution: int, step: int) -> str:
+    """'512 or 576': the multiples of `step` either side of `resolution` (only the upper one below `step`)."""
+    lower, upper = resolution // step * step, (resolution // step + 1) * step
+    return f"{lower} or {upper}" if lower else str(upper)
 
 
 def check_mixed_precision(mixed_precision: str, cpu: bool = False) -> None:
@@ -402,6 +438,7 @@ def describe() -> str:
     lines = []
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"  {f.name} = {yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix('...').strip()}")
+        safe = "   (may change on resume)" if f.metadata.get("resume_safe") else ""
+        lines.append(f"  {f.name} = {yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix('...').strip()}{safe}")
         lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)

@@ -102,14 +102,20 @@ def load_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read this image ({e}); replace or remove the file") from None
 
 
+def image_paths(folder: Path) -> list[Path]:
+    """The image files of `folder` sorted by name: what an image set trains on, in data order, what a
+    checkpoint records and what class images count. Hidden files (.DS_Store, a class image still being
+    written), folders and other extensions are not images. [] for a folder not made yet."""
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS]
+
+
 def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{key}: folder '{folder}' does not exist")
-    files, skipped = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or p.is_dir():
-            continue
-        (files if p.suffix.lower() in IMAGE_EXTS else skipped).append(p)
+    files = image_paths(folder)
+    skipped = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p not in files]
     for p in skipped:
         if p.name != "subject.json":
             log.warning("%s: not an image file, skipped", p)

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelError  # noqa: F401 (defined torch-free: the run folder's checks raise it before torch loads)
+
 log = logging.getLogger("nanobooth")
 
 SINGLE_FILE_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_EXTS = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelError(ValueError):
-    """The model cannot be loaded; the message names it and what to do."""
 
 
 @dataclass

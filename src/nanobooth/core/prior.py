@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .data import IMAGE_EXTS, ImageSet, list_images
+from .data import ImageSet, image_paths, list_images
 
 log = logging.getLogger("nanobooth")
 CLASS_NAME = re.compile(r"class-(\d{5})\.png$")
@@ -41,12 +41,6 @@ def check_provenance(folder: Path, provenance: dict) -> None:
                                   f"{provenance.get(k)!r}: point class_data_dir elsewhere or empty that folder")
 
 
-def existing_class_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
-
-
 def class_image_set(folder: Path, num_class_images: int, prompt: str, resolution: int) -> ImageSet:
     """Exactly num_class_images class images: the first ones by file name (deterministic), so a shared
     folder of 1,000 photos trains on the number asked for, not on all of them. DataError (naming the
@@ -60,7 +54,7 @@ def class_image_set(folder: Path, num_class_images: int, prompt: str, resolution
 
 def missing_indices(folder: Path, num_class_images: int) -> list[int]:
     """Indices still to generate. User-supplied images (any name) count towards the total too."""
-    files = existing_class_images(folder)
+    files = image_paths(folder)
     have = {int(m.group(1)) for p in files if (m := CLASS_NAME.match(p.name))}
     need = num_class_images - len(files)
     if need <= 0:

@@ -21,8 +21,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, field_names
-from .models import ModelError
+from .config import ConfigError, TrainConfig, field_names, resume_safe_keys
+from .errors import ModelError  # torch-free: the CLI checks output_dir before the training stack loads
 
 log = logging.getLogger("nanobooth")
 
@@ -123,6 +123,31 @@ def load_run_config(folder) -> TrainConfig | None:
         return TrainConfig(**{k: v for k, v in data.items() if k in known})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a run into an output_dir that holds something else, before any model loads (torch-free: the
+    CLI calls it before importing the training stack; train.prepare_run calls it again for library
+    callers). A non-empty folder needs resume_from_checkpoint or overwrite=true; a resume of a run whose
+    config.yaml differs in a key that is not resume-safe (config.resume_safe_keys) is refused naming the
+    keys. `cfg`'s prompts must be filled in first (config.fill_prompts): the saved config has them."""
+    run_dir = Path(cfg.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir '{run_dir}' is a file, not a folder; pass a folder (created if missing)")
+    if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.overwrite:
+        return
+    if not cfg.resume_from_checkpoint:
+        raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, "
+                          "overwrite=true to reuse it, or another output_dir")
+    saved = load_run_config(run_dir)
+    if saved is None:
+        return
+    old, safe = saved.to_dict(), resume_safe_keys()
+    diff = [(k, old.get(k), v) for k, v in cfg.to_dict().items() if k not in safe and old.get(k) != v]
+    if diff:
+        what = ", ".join(f"{k}: {o!r} there, {n!r} now" for k, o, n in diff[:3]) + (" ..." if len(diff) > 3 else "")
+        raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({what}): resume with the same "
+                          "config, or use overwrite=true")
 
 
 # --- readable outputs ------------------------------------------------------------------------------------

@@ -22,6 +22,17 @@ from typing import Callable
 NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
+def how_to_continue(resume_from_checkpoint: str | None, saved_now: bool = True) -> str:
+    """The end of the stop message: how to continue, for a command run with `resume_from_checkpoint`.
+    `saved_now`: this run wrote a newer checkpoint than the one it resumed (so a command naming that
+    checkpoint's folder would go back to it)."""
+    if not resume_from_checkpoint:
+        return "continue with the same command plus resume_from_checkpoint=latest"
+    if resume_from_checkpoint == "latest" or not saved_now:
+        return "continue with the same command"
+    return f"continue with the same command, but resume_from_checkpoint=latest instead of {resume_from_checkpoint}"
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """The run stopped before max_train_steps on request. The message says what was saved and how to
     continue; `exit_code` is the shell's convention for the signal (130 SIGINT, 143 SIGTERM)."""
@@ -40,8 +51,9 @@ class StopRequest:
     Use as a context manager; the previous handlers come back on exit.
     """
 
-    def __init__(self, should_stop: Callable[[], bool] | None = None):
+    def __init__(self, should_stop: Callable[[], bool] | None = None, resume_from_checkpoint: str | None = None):
         self.should_stop = should_stop
+        self.resume_from_checkpoint = resume_from_checkpoint  # the run's own: the message says how to continue it
         self.signum: int | None = None
         self.source = ""  # what asked: "Ctrl-C", "SIGTERM" or "stop request"
         self.raising = True
@@ -73,8 +85,8 @@ class StopRequest:
 
     def _setup_stop(self) -> TrainingInterrupted:
         return TrainingInterrupted(f"{self.source} before the first training step: nothing trained, nothing to save "
-                                   "(class images made so far are kept); continue with the same command plus "
-                                   "resume_from_checkpoint=latest", self.signum)
+                                   "(class images made so far are kept); "
+                                   f"{how_to_continue(self.resume_from_checkpoint, saved_now=False)}", self.signum)
 
     def request(self, signum: int = signal.SIGINT, source: str | None = None) -> None:
         """Stop at the next step boundary (a callback's STOP, an interrupted render): a flag, as a first signal sets."""

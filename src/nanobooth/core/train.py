@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
-from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
+from .data import ImageSet, Sampler, image_paths, read_subject_meta, resolve_data_dir
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
@@ -29,8 +29,8 @@ from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
-from .run_folder import clear_outputs, load_run_config, make_readable, result_kind
-from .stop import StopRequest, TrainingInterrupted
+from .run_folder import check_output_dir, clear_outputs, make_readable, result_kind
+from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
 
@@ -52,29 +52,14 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     """Check everything a user can get wrong before anything is written or any model is loaded:
     prompts (filled from subject.json), the subject photos, and the output folder."""
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    meta = read_subject_meta(instance_dir)
-    for key in ("instance_prompt", "class_prompt"):
-        if not getattr(cfg, key):
-            if key not in meta:
-                raise ConfigError(f"config key '{key}' is empty and {instance_dir}/subject.json does not set it; pass {key}=\"...\"")
-            setattr(cfg, key, meta[key])
+    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
         log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
     if not extra:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
     run_dir = Path(cfg.output_dir)
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not cfg.overwrite:
-        if not cfg.resume_from_checkpoint:
-            raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, overwrite=true to reuse it, or another output_dir")
-        saved = load_run_config(run_dir)
-        if saved is not None:
-            old = saved.to_dict()
-            volatile = {"output_dir", "resume_from_checkpoint", "max_train_steps", "overwrite", "validation_prompts", "validation_steps",
-                        "checkpointing_steps", "checkpoints_total_limit", "log_every", "num_threads"}
-            diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
-            if diff:
-                raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
+    check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
     if cfg.with_prior_preservation:
         try:
@@ -84,19 +69,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     return run_dir, instance
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The files ImageSet.from_folder reads, in its order; [] for a folder not made yet."""
-    if not folder.is_dir():
-        return []
-    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-
-
 def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
     over other files is refused (ckpt.check_resume)."""
-    record = {"instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir)))}
+    record = {"instance_data_dir": ckpt.input_record(image_paths(resolve_data_dir(cfg.instance_data_dir)))}
     if cfg.with_prior_preservation:
-        record["class_data_dir"] = ckpt.input_record(image_files(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
+        record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
 
 
@@ -158,7 +136,7 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callb
     render that fails is skipped with a warning; the weights are written before the final one.
     `callbacks` get the events of events.py on the main process (their order is documented there).
     """
-    with StopRequest(should_stop) as stop:
+    with StopRequest(should_stop, cfg.resume_from_checkpoint) as stop:
         emit = Emitter(callbacks, on_stop=lambda: stop.request(source="stop request"))
         try:
             return _train(cfg, stop, emit)
@@ -187,8 +165,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                               cpu=cpu_world)
     main = emit.main = accelerator.is_main_process  # callbacks run on the main process only
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
+    inputs = input_record(cfg, run_dir) if resume else None  # hashed once: checked here, recorded in checkpoints
     if resume:  # refused here, before anything is written
-        ckpt.check_resume(resume, cfg.max_train_steps, input_record(cfg, run_dir))
+        ckpt.check_resume(resume, cfg.max_train_steps, inputs)
         check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -225,9 +204,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if main:
             pipe = make_pipeline(c)
             with accelerator.autocast():
-                generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
-                                      cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
-                                      provenance=class_provenance(cfg), on_progress=class_progress)
+                made = generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
+                                             cfg.class_generation_steps, cfg.resolution, sampler=cfg.class_sampler,
+                                             provenance=class_provenance(cfg), on_progress=class_progress)
+            if made:  # a resume whose checkpoint had no record to check them against: record the images there now
+                inputs = None
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
@@ -367,7 +348,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
-    inputs = input_record(cfg, run_dir) if main else {}
+    if inputs is None:  # a new run: its class images exist only now
+        inputs = input_record(cfg, run_dir) if main else {}
     saved_step, saved_path = start_step, resume  # the newest checkpoint of this run (the resumed one; 0: none)
 
     def save_checkpoint(done: int) -> None:
@@ -391,8 +373,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if done > saved_step:
             save_checkpoint(done)
         what = f"{saved_path} holds step {done}" if done else "nothing trained yet, nothing to save"
+        then = how_to_continue(cfg.resume_from_checkpoint, saved_now=saved_path != resume)
         raise TrainingInterrupted(f"{stop.source or 'stop request on another process'} at step {done}/{cfg.max_train_steps}: "
-                                  f"{what}; continue with the same command plus resume_from_checkpoint=latest", stop.signum or 2,
+                                  f"{what}; {then}", stop.signum or 2,
                                   done, saved_path if done else None)
 
     # --- the loop ---------------------------------------------------------------------------------------------
