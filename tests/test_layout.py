@@ -82,3 +82,20 @@ def test_the_layers_exist_as_packages():
     # the recipes that built the shipped assets are not imported by the runtime
     runtime = {m: d for m, d in graph().items() if ".recipes" not in m}
     assert not [m for m, d in runtime.items() if any(".toy.recipes" in x for x in d)]
+
+
+def test_the_public_names_load_lazily_and_are_the_api_functions():
+    import subprocess
+    import sys
+
+    code = ("import sys, nanobooth; assert 'torch' not in sys.modules, 'import nanobooth loaded torch'; "
+            "from nanobooth import events, evaluate, generate, load_config, train, TrainConfig; "
+            "import nanobooth.api as api, nanobooth.core.events as ev; "
+            "assert (train, generate, evaluate, events) == (api.train, api.generate, api.evaluate, ev); "
+            "assert isinstance(load_config('toy/dreambooth'), TrainConfig); "
+            "assert sorted(nanobooth.__all__) == sorted(['train', 'generate', 'evaluate', 'events', 'load_config', "
+            "'TrainConfig', 'TrainingInterrupted'])")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-c", "import nanobooth; nanobooth.trian"], capture_output=True, text=True)
+    assert "has no attribute 'trian'" in res.stderr

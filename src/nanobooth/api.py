@@ -1,12 +1,11 @@
 """nanobooth as a library: three plain functions with typed arguments, the same code the CLI runs.
 
-    from nanobooth import api, events
-    from nanobooth.core.config import load_config
+    from nanobooth import events, evaluate, generate, load_config, train
 
     cfg = load_config("toy/dreambooth-lora-prior-pre", ["instance_data_dir=my_subject", "output_dir=runs/toy"])
-    run = api.train(cfg, callbacks=[lambda e: print(e) if isinstance(e, events.Step) else None])
-    images = api.generate("toy", ["a photo of a sks ball on the beach"], weights=run, num_images=4)
-    scores = api.evaluate("toy", "my_subject", "eval/toy", weights=run, backend="toy")
+    run = train(cfg, callbacks=[lambda e: print(e) if isinstance(e, events.Step) else None])
+    images = generate("toy", ["a photo of a sks ball on the beach"], weights=run, num_images=4)
+    scores = evaluate("toy", "my_subject", "eval/toy", weights=run, backend="toy")
 
 - `train(cfg, should_stop=None, callbacks=())` -> the run folder (train.py). Callbacks get the events of
   events.py; returning events.STOP (or should_stop() returning True) checkpoints at the next step boundary
