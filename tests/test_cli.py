@@ -269,7 +269,7 @@ def toy_subject(subject_dir, tmp_path):
 
 
 def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_subject):
-    from nanobooth.core.config import fill_prompts, load_config, save_config
+    from nanobooth.core.config import load_config, save_config
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone else's")
@@ -277,8 +277,8 @@ def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_s
     # a run of the same config but lora_rank=8, prompts filled from subject.json as train fills them
     prev = tmp_path / "prev"
     prev.mkdir()
-    saved = load_config("toy/dreambooth", [f"instance_data_dir={toy_subject}", f"output_dir={prev}", "lora_rank=8"])
-    fill_prompts(saved, json.loads((toy_subject / "subject.json").read_text()), "subject.json")
+    saved = load_config("toy/dreambooth", [f"instance_data_dir={toy_subject}", f"output_dir={prev}", "lora_rank=8",
+                                           "instance_prompt=a photo of sks dog", "class_prompt=a photo of dog"])
     save_config(saved, prev / "config.yaml")
     base = ["train", "toy/dreambooth", f"instance_data_dir={toy_subject}"]
     results = run_probe([[*base, "output_dir=full"], [*base, f"output_dir={prev}", "resume_from_checkpoint=latest"],
