@@ -33,6 +33,11 @@ class CheckpointError(ValueError):
     pass
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` (steps done) lives: checkpoints/checkpoint-NNNNNN."""
+    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{step:06d}"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
@@ -160,7 +165,7 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_sched
                     extra: dict, total_limit: int | None = None) -> Path:
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{step:06d}"
+    final = checkpoint_dir(run_dir, step)
     tmp = root / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a save that was killed
     tmp.mkdir()

@@ -28,13 +28,21 @@ class ClassImagesMismatch(ValueError):
     pass
 
 
+# What class images depend on: reusing images made with other values would preserve the wrong prior.
+PROVENANCE_KEYS = ("class_prompt", "model", "resolution")
+
+
+def class_provenance(class_prompt: str, model: str, resolution: int) -> dict:
+    return dict(zip(PROVENANCE_KEYS, (class_prompt, model, resolution)))
+
+
 def check_provenance(folder: Path, provenance: dict) -> None:
     """Images generated for another class prompt or base model would silently preserve the wrong prior."""
     meta = folder / PROVENANCE
     if not meta.is_file():
         return  # none generated here yet, or the user's own class photos: used as they are
     old = json.loads(meta.read_text())
-    diff = [k for k in ("class_prompt", "model", "resolution") if old.get(k) != provenance.get(k)]
+    diff = [k for k in PROVENANCE_KEYS if old.get(k) != provenance.get(k)]
     if diff:
         k = diff[0]
         raise ClassImagesMismatch(f"class_data_dir '{folder}' holds class images made with {k}={old.get(k)!r}, not "

@@ -41,6 +41,11 @@ PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokeniz
                        "feature_extractor", "safety_checker", "image_encoder")
 
 
+def class_images_dir(cfg: TrainConfig, run_dir) -> Path:
+    """The class images' folder: class_data_dir when set (shareable between runs), else the run's own."""
+    return Path(cfg.class_data_dir) if cfg.class_data_dir else Path(run_dir) / CLASS_IMAGES
+
+
 class RunFolderError(ModelError):
     """A run folder that cannot be read as one run's result; the message names the folder and what to do."""
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import prior
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
 from .data import ImageSet, Sampler, image_paths, read_subject_meta, resolve_data_dir
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
@@ -29,7 +30,7 @@ from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
-from .run_folder import check_output_dir, clear_outputs, make_readable, result_kind
+from .run_folder import CONFIG, SAMPLES, check_output_dir, class_images_dir, clear_outputs, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -39,13 +40,8 @@ class TrainingError(RuntimeError):
     pass
 
 
-def class_images_dir(cfg: TrainConfig, run_dir: Path) -> Path:
-    return Path(cfg.class_data_dir) if cfg.class_data_dir else run_dir / "class_images"
-
-
 def class_provenance(cfg: TrainConfig) -> dict:
-    """What class images depend on: reusing images made with other values would preserve the wrong prior."""
-    return {"class_prompt": cfg.class_prompt, "model": cfg.model, "resolution": cfg.resolution}
+    return prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution)
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
@@ -180,7 +176,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if cfg.overwrite and not resume and run_dir.is_dir():
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
     objective = fam.objective(c.noise_scheduler)  # noise, timesteps, noisy input, target, loss weights
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
@@ -333,7 +329,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 unet.train(), [te.train(te_trained) for te in text_encoders]
                 if info:
                     info["args"]["generator"] = tome_gen
-        path = run_dir / "samples" / f"step-{step:06d}.png"
+        path = run_dir / SAMPLES / f"step-{step:06d}.png"
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), path)
         emit(SampleGrid(step, path))
 
@@ -354,7 +350,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     def save_checkpoint(done: int) -> None:
         nonlocal saved_step, saved_path
-        saved_step, saved_path = done, run_dir / "checkpoints" / f"checkpoint-{done:06d}"
+        saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
             extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
