@@ -96,6 +96,41 @@ def test_lora_saves_only_adapters_and_base_stays_bit_identical(tiny_model, subje
     assert layer.scaling["default_0"] == pytest.approx(2.0)
 
 
+def test_dora_trains_magnitudes_keeps_the_base_and_resumes_bit_exact(tiny_model, subject_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    extra = ["train_text_encoder=true", "learning_rate=1e-2", "max_train_steps=4", "checkpointing_steps=2"]
+    full = run("dreambooth-dora-prior-pre", tiny_model, subject_dir, tmp_path / "full", *extra)
+    sd = load_file(full / "pytorch_lora_weights.safetensors")
+    mags = {k: v for k, v in sd.items() if "lora_magnitude_vector" in k}
+    assert any(k.startswith("unet.") for k in mags) and any(k.startswith("text_encoder.") for k in mags)
+    ck = load_file(full / "checkpoints" / "checkpoint-000002" / "model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in ck) and all("lora_" in k for k in ck)  # adapters and magnitudes only
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base_state = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    # DoRA starts each magnitude at its base weight's row norms; training moved them
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    start = base_state[f"{q}.weight"].norm(dim=1)
+    assert (mags[f"unet.{q}.lora_magnitude_vector"] - start).abs().max() > 1e-3
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(full, weight_name="pytorch_lora_weights.safetensors")
+    for k, v in pipe.unet.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base_state[k.replace(".base_layer", "")])  # the base weights, bit for bit
+    # resume from step 2: the same magnitudes, adapters and loss curve as the uninterrupted run
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    shutil.copytree(full / "class_images", part / "class_images")
+    run("dreambooth-dora-prior-pre", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
+    wb = load_file(part / "pytorch_lora_weights.safetensors")
+    assert sd.keys() == wb.keys() and all(torch.equal(sd[k], wb[k]) for k in sd)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    lb = (part / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
 def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "tome_ratio=0.5", "max_train_steps=4", "lora_dropout=0.1"]
     a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a", *common)

@@ -68,8 +68,8 @@ class TrainConfig:
     """Horizontally flip images at random. Cached latents keep both flips, so caching still applies."""
 
     # --- optimisation --------------------------------------------------------------------------------
-    method: Literal["full", "lora"] = "full"
-    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched."""
+    method: Literal["full", "lora", "dora"] = "full"
+    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply)."""
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
     lora_rank: int = 4
