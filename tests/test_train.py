@@ -223,3 +223,46 @@ def test_refuses_to_overwrite_a_run(tiny_model, subject_dir, tmp_path, capsys):
     assert "output_dir" in capsys.readouterr().err and (out / "pytorch_lora_weights.safetensors").read_bytes() == before
     run("dreambooth-lora", tiny_model, subject_dir, out, "overwrite=true", "seed=5")
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() != before
+
+
+def test_captions_one_embedding_each_and_resume_bit_exact_with_caption_dropout(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from transformers import CLIPTextModel
+
+    photos = tmp_path / "photos"
+    shutil.copytree(subject_dir, photos)
+    names = sorted(p.stem for p in photos.glob("*.png"))
+    (photos / f"{names[0]}.txt").write_text("a photo of sks dog on the grass")
+    (photos / f"{names[1]}.txt").write_text("a sks dog, close up")
+    calls = []
+    fwd = CLIPTextModel.forward
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: (calls.append(ids), fwd(self, ids, *a, **k))[1])
+    extra = ["learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2", "train_batch_size=2", "caption_dropout=0.5"]
+    full = tmp_path / "full"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, full, *extra)]) == 0
+    # frozen text encoder: the two captions, instance_prompt (the third photo) and "" (dropout), encoded once each
+    assert len(calls) == 4 and len({tuple(c[0].tolist()) for c in calls}) == 4
+    monkeypatch.setattr(CLIPTextModel, "forward", fwd)
+    # captions and dropout change what trains: the same run over the plain folder, and without dropout, differ
+    plain = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "plain", *extra)
+    no_drop = run("dreambooth-lora", tiny_model, photos, tmp_path / "nodrop", *extra[:-1])
+    w = load_file(full / "pytorch_lora_weights.safetensors")
+    for other in (plain, no_drop):
+        wo = load_file(other / "pytorch_lora_weights.safetensors")
+        assert any(not torch.equal(w[k], wo[k]) for k in w)
+    # resume from step 2 (dropout draws come from a checkpointed generator): bit-exact weights and losses
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 0
+    wb = load_file(part / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(w[k], wb[k]) for k in w)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in (part / "train_log.jsonl").read_text().splitlines()]
+    # a caption edited since the checkpoint is a changed input: the resume is refused before anything is touched
+    (photos / f"{names[1]}.txt").write_text("a sks dog, far away")
+    shutil.rmtree(part)
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 2

@@ -43,7 +43,9 @@ class TrainConfig:
     instance_data_dir: Optional[str] = "example:dog"
     """Folder with the 3-5 subject photos. `example:dog` is the DreamBooth dataset's dog shipped with nanobooth."""
     instance_prompt: Optional[str] = "a photo of sks dog"
-    """Prompt for the subject photos: the rare identifier plus the class noun. Empty: read from `subject.json` in instance_data_dir."""
+    """Prompt for the subject photos: the rare identifier plus the class noun. Empty: read from `subject.json` in instance_data_dir. A photo with a caption file beside it (`photo.txt` next to `photo.jpg`, plain text) trains with that caption instead."""
+    caption_dropout: float = 0.0
+    """Probability that a subject photo trains with the empty prompt at a step (drawn per example from its own checkpointed generator); class images keep class_prompt."""
     class_prompt: Optional[str] = "a photo of dog"
     """Prompt for the class images (prior preservation) and the prior-drift check. Empty: read from `subject.json`."""
     class_data_dir: Optional[str] = None
@@ -181,6 +183,8 @@ class TrainConfig:
                               f"(0, 1], got {self.validation_guidance_cutoff}")
         if self.num_threads is not None and self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads': must be >= 0 (0 = auto), got {self.num_threads}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.with_prior_preservation and self.num_class_images < 1:

@@ -7,6 +7,7 @@ each checkpointed, so resume is bit-exact and validation renders cannot perturb 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
-from .data import IMAGE_EXTS, ImageSet, Sampler, read_subject_meta, resolve_data_dir
+from .data import IMAGE_EXTS, ImageSet, Sampler, drop_captions, read_subject_meta, resolve_data_dir
 from .generate import grid, render, save_png
 from .losses import dreambooth_loss
 from .family import cond_batch, cond_to
@@ -74,7 +75,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
             diff = sorted(k for k, v in cfg.to_dict().items() if k not in volatile and old.get(k) != v)
             if diff:
                 raise ConfigError(f"output_dir '{run_dir}' holds a run with a different config ({', '.join(diff[:3])} differ): resume with the same config, or use overwrite=true")
-    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
+    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
     if cfg.with_prior_preservation:
         try:
             check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
@@ -93,7 +94,9 @@ def image_files(folder: Path) -> list[Path]:
 def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
     over other files is refused (ckpt.check_resume)."""
-    record = {"instance_data_dir": ckpt.input_record(image_files(resolve_data_dir(cfg.instance_data_dir)))}
+    photos = image_files(resolve_data_dir(cfg.instance_data_dir))
+    captions = [t for p in photos if (t := p.with_suffix(".txt")).is_file()]  # after the photos: positions stay the data order
+    record = {"instance_data_dir": ckpt.input_record(photos + captions)}
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_files(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
@@ -237,11 +240,13 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         sets["class"] = class_image_set(class_dir, cfg.num_class_images, cfg.class_prompt, cfg.resolution)
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
-    ids = {k: fam.tokenize(c.tokenizers, s.prompt, device) for k, s in sets.items()}
+    # every prompt a step can use, once: per-image captions (else instance_prompt), class_prompt, "" for caption_dropout
+    texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])))
+    ids = {p: fam.tokenize(c.tokenizers, p, device) for p in texts}
     text_cache = None
-    if not te_trained:  # frozen text encoders: two prompts, encoded once
+    if not te_trained:  # frozen text encoders: each distinct prompt encoded once
         with torch.no_grad():
-            text_cache = {k: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for k, v in ids.items()}
+            text_cache = {p: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for p, v in ids.items()}
     if cache and not te_trained:
         vae.to("cpu")  # nothing needs it until validation: free accelerator memory
 
@@ -272,10 +277,11 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
     tome_gen = torch.Generator(device).manual_seed(cfg.seed + 3)  # tomesd wants it on the UNet's device
+    caption_gen = torch.Generator().manual_seed(cfg.seed + 5)  # caption_dropout's draws (+4 is validation's ToMe)
 
     def rng_state() -> dict[str, torch.Tensor]:
         out = {"noise": noise_gen.get_state(), "aug": aug_gen.get_state(), "tome": tome_gen.get_state(),
-               "torch": torch.get_rng_state()}
+               "caption": caption_gen.get_state(), "torch": torch.get_rng_state()}
         out.update({f"sampler.{k}": s.generator.get_state() for k, s in samplers.items()})
         return out
 
@@ -286,6 +292,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         for k, s in samplers.items():
             s.load_state_dict({**state["samplers"][k], "generator": rng[f"sampler.{k}"]})
         noise_gen.set_state(rng["noise"]), aug_gen.set_state(rng["aug"]), tome_gen.set_state(rng["tome"])
+        if "caption" in rng:  # checkpoints from before caption_dropout have none (and drew none)
+            caption_gen.set_state(rng["caption"])
         torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", resume, start_step)
     log_path = run_dir / "train_log.jsonl"
@@ -340,14 +348,17 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), run_dir / "samples" / f"step-{step:06d}.png")
 
     def draw(kind: str, n_global: int):
-        """This rank's latents (sampled from the posteriors) of one image set's global batch, and their coords
-        (original size, crop); every rank draws it all."""
+        """This rank's latents (sampled from the posteriors) of one image set's global batch, their coords
+        (original size, crop) and prompts; every rank draws it all."""
         idx = samplers[kind].take(n_global)
         flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
         mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
-        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords
+        prompts = [sets[kind].prompt_of(i) for i in idx]
+        if kind == "instance" and cfg.caption_dropout:
+            prompts = drop_captions(prompts, cfg.caption_dropout, caption_gen)
+        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine]
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     inputs = input_record(cfg, run_dir) if main else {}
@@ -396,18 +407,22 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
                 drawn = [draw(k, n_global) for k in kinds]
-                latents = torch.cat([lat for lat, _ in drawn])
+                latents = torch.cat([lat for lat, _, _ in drawn])
                 # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
                 noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
                                   for j in range(len(kinds))])
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
                 noisy = objective.noisy(latents, noise, timesteps)
-                # one encoding per prompt (cached when frozen), repeated over its rows of the batch
-                per_kind = [text_cache[k] if text_cache else fam.encode(te_fwd, ids[k], cfg.resolution) for k in kinds]
-                cond = cond_to(cond_batch(per_kind, [cfg.train_batch_size] * len(kinds)), weight_dtype)
+                # one encoding per distinct prompt (cached when frozen), repeated over its runs of rows in the batch
+                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for _, _, ps in drawn for p in ps)]
+                enc = {}
+                for p, _ in runs:
+                    if p not in enc:
+                        enc[p] = text_cache[p] if text_cache else fam.encode(te_fwd, ids[p], cfg.resolution)
+                cond = cond_to(cond_batch([enc[p] for p, _ in runs], [n for _, n in runs]), weight_dtype)
                 # what each drawn image is (size, crop): rows in the order of latents
-                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords in drawn]), cfg.resolution)
+                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords, _ in drawn]), cfg.resolution)
                 with accelerator.autocast():
                     pred = fam.denoise(unet_fwd, noisy.to(weight_dtype), timesteps, cond)
                 target = objective.target(latents, noise, timesteps)
