@@ -112,6 +112,12 @@ class TrainConfig:
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the trained weights (adapters for LoRA) and save it as the result; validation grids before the end show the live weights."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step, warmed up as diffusers' EMAModel does: min(ema_decay, (1 + n) / (10 + n)) at update n."""
+    offload_ema: bool = False
+    """Keep the EMA on the CPU (no accelerator memory; one copy per step)."""
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); each example is weighted by its own timestep."""
     noise_offset: float = 0.0
@@ -183,6 +189,8 @@ class TrainConfig:
                               f"(0, 1], got {self.validation_guidance_cutoff}")
         if self.num_threads is not None and self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads': must be >= 0 (0 = auto), got {self.num_threads}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"config key 'ema_decay': must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.tome_ratio < 1.0:

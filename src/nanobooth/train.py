@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import IMAGE_EXTS, ImageSet, Sampler, drop_captions, read_subject_meta, resolve_data_dir
+from .ema import EMA, EMA_FILE
 from .generate import grid, render, save_png
 from .losses import dreambooth_loss
 from .family import cond_batch, cond_to
@@ -266,6 +267,7 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
+    ema = EMA([p for g in groups for p in g["params"]], cfg.ema_decay, cfg.offload_ema) if cfg.use_ema else None
     trained = method.trained_modules(fam, unet, text_encoders, cfg)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
@@ -289,6 +291,12 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
     if resume:
         state, rng = ckpt.load_checkpoint(resume, trained, optimizer, lr_scheduler)
         start_step = state["step"]
+        if ema:
+            from safetensors.torch import load_file
+
+            if not (resume / EMA_FILE).is_file():
+                raise ckpt.CheckpointError(f"{resume} holds no {EMA_FILE} (saved without use_ema); resume with use_ema=false")
+            ema.load_state_dict(load_file(resume / EMA_FILE), state["ema_updates"])
         for k, s in samplers.items():
             s.load_state_dict({**state["samplers"][k], "generator": rng[f"sampler.{k}"]})
         noise_gen.set_state(rng["noise"]), aug_gen.set_state(rng["aug"]), tome_gen.set_state(rng["tome"])
@@ -368,8 +376,10 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
         nonlocal saved_step, saved_path
         saved_step, saved_path = done, run_dir / "checkpoints" / f"checkpoint-{done:06d}"
         if main:
-            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
-            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
+            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs,
+                     **({"ema_updates": ema.updates} if ema else {})}
+            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit,
+                                 files={EMA_FILE: ema.state_dict()} if ema else None)
             log.info("%s saved", saved_path.name)
         accelerator.wait_for_everyone()
 
@@ -442,6 +452,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
             sums["instance_loss"] += inst.item() / cfg.gradient_accumulation_steps
             sums["prior_loss"] += (prior_l.item() if prior_l is not None else math.nan) / cfg.gradient_accumulation_steps
         lr_scheduler.step()
+        if ema:
+            ema.update()
         done = step + 1
         if world > 1:
             sums = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
@@ -464,6 +476,8 @@ def _train(cfg: TrainConfig, stop: StopRequest) -> Path:
 
     # --- outputs: the weights first, then the optional final grid -------------------------------------------------
     accelerator.wait_for_everyone()
+    if ema:
+        ema.copy_to_params()  # the average is the result (and what the final grid shows)
     if main:
         save_outputs(cfg, run_dir, c, unet, text_encoders)
         log.info("weights saved in %s", run_dir)
