@@ -12,7 +12,7 @@
   (out_features, 1): LyCORIS's DoRA layout with the decomposition on the output axis (its `wd_on_output`),
   the one peft trains, which ComfyUI and Forge read by that shape. (ComfyUI and Forge divide by the norm of
   the base weight's rows where LyCORIS and peft divide by the adapted weight's, and A1111 decomposes along
-  the input axis only, so there a DoRA export loads close to, not exactly as, trained; diffusers' kohya
+  the input axis only, so there a DoRA export loads as an approximation of the run; diffusers' kohya
   loader drops `dora_scale` for SD/SDXL. `--format diffusers` keeps the run's own file, which it reloads
   exactly.)
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
