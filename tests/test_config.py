@@ -60,10 +60,11 @@ def test_yaml_file_inherits_from_variant(tmp_path):
     assert cfg.method == "lora" and cfg.lora_rank == 16 and cfg.learning_rate == load_config("dreambooth-lora").learning_rate
 
 
-@pytest.mark.parametrize("override, key", [("lora_rank=abc", "lora_rank"), ("method=dora", "method"),
+@pytest.mark.parametrize("override, key", [("lora_rank=abc", "lora_rank"), ("method=lokr", "method"),
                                            ("with_prior_preservation=3", "with_prior_preservation"),
                                            ("validation_prompts=5", "validation_prompts"), ("tome_ratio=1.5", "tome_ratio"),
-                                           ("validation_guidance_cutoff=0", "validation_guidance_cutoff")])
+                                           ("validation_guidance_cutoff=0", "validation_guidance_cutoff"),
+                                           ("caption_dropout=1.5", "caption_dropout")])
 def test_wrong_value_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config("dreambooth", [override])

@@ -124,3 +124,57 @@ def test_sample_reports_original_size_and_crop_of_each_image(tmp_path):
         h, w, top, left = c[0].tolist()
         seen = noise.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else noise
         assert (h, w, top) == (32, 40, 0) and torch.equal(px[0], to_tensor(seen.crop((left, 0, left + 32, 32))))
+
+
+def _photos(folder, names):
+    folder.mkdir()
+    for i, n in enumerate(names):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(folder / n)
+    return folder
+
+
+def test_caption_beside_a_photo_is_its_prompt_else_instance_prompt(tmp_path, caplog):
+    from nanobooth.core.data import caption_of
+
+    folder = _photos(tmp_path / "s", ["a.png", "b.jpg", "c.png"])
+    (folder / "a.txt").write_text("a photo of sks dog\n on the grass \n")
+    (folder / "b.txt").write_text("  \n")  # empty: the fallback
+    (folder / "notes.txt").write_text("not a caption")
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        s = ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True)
+    assert s.captions == ["a photo of sks dog on the grass", "a photo of sks dog", "a photo of sks dog"]
+    assert [s.prompt_of(i) for i in range(3)] == s.captions
+    assert s.distinct_prompts() == ["a photo of sks dog on the grass", "a photo of sks dog"]
+    warned = caplog.text
+    assert "notes.txt" in warned and "a.txt" not in warned  # a caption is not "not an image file"
+    plain = ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir")  # class images: no captions
+    assert plain.captions is None and plain.distinct_prompts() == ["a photo of sks dog"]
+    (folder / "a.txt").unlink()
+    (folder / "b.txt").unlink()
+    assert ImageSet.from_folder(folder, "p", 32, "instance_data_dir", captions=True).captions is None  # none: the old path
+    assert caption_of(folder / "c.png", "fallback") == "fallback"
+
+
+def test_caption_placeholders_and_unreadable_captions_name_the_file(tmp_path):
+    folder = _photos(tmp_path / "s", ["a.png"])
+    (folder / "a.txt").write_text("a photo of {identifier} {class}")
+    with pytest.raises(DataError, match=r"a\.txt: placeholders"):
+        ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True)
+    (folder / "a.txt").write_bytes(b"\xff\xfe\xfa caption")
+    with pytest.raises(DataError, match=r"a\.txt: cannot read this caption"):
+        ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True)
+
+
+def test_caption_dropout_rate_and_determinism():
+    from nanobooth.core.data import drop_captions
+
+    prompts = [f"p{i % 3}" for i in range(20000)]
+    a = drop_captions(prompts, 0.3, torch.Generator().manual_seed(0))
+    assert abs(sum(x == "" for x in a) / len(a) - 0.3) < 0.015  # binomial sd 0.0032: a 4.6-sigma band
+    assert all(x in ("", p) for x, p in zip(a, prompts))  # dropped or kept as is, never shuffled
+    assert a == drop_captions(prompts, 0.3, torch.Generator().manual_seed(0))  # same generator state, same draws
+    assert a != drop_captions(prompts, 0.3, torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    drop_captions(prompts[:10], 0.5, g)  # the generator advances: one draw per prompt, so a resumed state continues it
+    assert torch.equal(g.get_state(), (lambda h: (torch.rand(10, generator=h), h.get_state())[1])(torch.Generator().manual_seed(0)))
+    assert drop_captions(prompts[:100], 0.0, torch.Generator().manual_seed(0)) == prompts[:100]

@@ -148,8 +148,62 @@ def test_kohya_alpha_follows_peft_patterns_and_rslora():
     assert out["lora_unet_a_to_q.alpha"].item() == 8 and out["lora_unet_a_to_k.alpha"].item() == 1
     rs = ex.lora_to_kohya(state, {"unet": {**conf["unet"], "use_rslora": True}})
     assert rs["lora_unet_a_to_q.alpha"].item() == pytest.approx(8 * 2)  # kohya alpha/r == rsLoRA alpha/sqrt(r)
-    with pytest.raises(ex.ExportError, match="DoRA"):
-        ex.lora_to_kohya({"unet.a.to_q.lora_magnitude_vector": torch.zeros(8)}, conf)
+    # a DoRA magnitude becomes LyCORIS's dora_scale, one value per output row
+    dora = ex.lora_to_kohya({**state, "unet.a.to_q.lora_magnitude_vector": torch.arange(8.0)}, conf)
+    assert torch.equal(dora["lora_unet_a_to_q.dora_scale"], torch.arange(8.0).reshape(8, 1))
+    with pytest.raises(ex.ExportError, match="DoRA magnitude"):  # a conv layer's: not exported
+        ex.lora_to_kohya({"unet.a.conv.lora_magnitude_vector": torch.zeros(1, 8, 1, 1)}, conf)
+
+
+def lycoris_dora_merge(base_weight, down, up, alpha, dora_scale):
+    """What a LyCORIS-layout DoRA module does to its base weight (LyCORIS's `apply_weight_decompose` with
+    `wd_on_output`, written out from its source): W + (alpha / rank) up @ down, each output row then scaled
+    to dora_scale (its norm taken with LyCORIS's float32 eps)."""
+    merged = base_weight + (alpha / down.shape[0]) * (up @ down)
+    return merged * (dora_scale / (merged.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps))
+
+
+def test_kohya_export_of_a_dora_run_is_the_lycoris_layout_and_merges_back_to_the_trained_model(tiny_model, subject_dir, tmp_path):
+    run = tmp_path / "dora"
+    assert main(["train", "dreambooth-dora", *train_args(tiny_model, subject_dir, run, "train_text_encoder=true", "lora_rank=4",
+                                                          "lora_alpha=8", "learning_rate=1e-2", "max_train_steps=2")]) == 0
+    out = tmp_path / "sks_dog_dora.safetensors"
+    assert export_cli(str(run), "--format", "kohya", "--out", str(out)) == 0
+    tensors, meta = read(out)
+    names = {k.split(".")[0] for k in tensors}
+    assert all({f"{n}.lora_down.weight", f"{n}.lora_up.weight", f"{n}.alpha", f"{n}.dora_scale"} <= tensors.keys() for n in names)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.dora_scale" in tensors
+    assert all(tensors[f"{n}.dora_scale"].shape == (tensors[f"{n}.lora_up.weight"].shape[0], 1) for n in names)
+    assert {tensors[f"{n}.alpha"].item() for n in names} == {8.0}
+    assert meta["ss_network_module"] == "lycoris.kohya" and '"dora_wd": "True"' in meta["ss_network_args"]
+
+    # merge the exported file into a plain base model the way LyCORIS does, module by module
+    merged = sd_pipe(tiny_model)
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in merged.unet.named_modules()}
+    modules |= {"lora_te_" + ("text_model." + n).replace(".", "_"): m for n, m in merged.text_encoder.named_modules()}
+    base_norms = {}
+    with torch.no_grad():
+        for n in names:
+            w = modules[n].weight
+            base_norms[n] = w.norm(dim=1, keepdim=True)
+            w.copy_(lycoris_dora_merge(w, tensors[f"{n}.lora_down.weight"], tensors[f"{n}.lora_up.weight"],
+                                       tensors[f"{n}.alpha"].item(), tensors[f"{n}.dora_scale"]))
+    trained = forward(sd_pipe(tiny_model, run / "pytorch_lora_weights.safetensors"))  # the run's own file, as generate loads it
+    base = forward(sd_pipe(tiny_model))
+    for a, b, c in zip(trained, forward(merged), base):
+        # not bitwise: merged weights round differently from peft's unmerged DoRA forward
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert (a - c).abs().max() > 1e-3  # the DoRA does move both outputs
+    # the magnitudes were trained (off their initial ||W|| rows), so the match above depends on dora_scale
+    assert max((tensors[f"{n}.dora_scale"] - base_norms[n]).abs().max().item() for n in names) > 1e-3
+    # a single-file checkpoint of a DoRA run is the model with the DoRA merged in (peft's merge)
+    from diffusers import StableDiffusionPipeline
+
+    ckpt = ex.export(run, "single-file", tmp_path / "fused.safetensors")
+    loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(tiny_model), safety_checker=None,
+                                                      requires_safety_checker=False)
+    for a, b in zip(trained, forward(loaded)):  # measured 1.3e-6 against outputs moved by 0.45-1.96
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
 # --- single file ---------------------------------------------------------------------------------------------------

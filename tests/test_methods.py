@@ -7,10 +7,11 @@ import torch
 
 from nanobooth.core.config import TrainConfig
 from nanobooth.inference.generate import load_run
-from nanobooth.methods import METHODS, Full, LoRA, Method
+from nanobooth.methods import METHODS, DoRA, Full, LoRA, Method
 from nanobooth.core.models import load_components, load_pipeline
 
-CHECKED = {"full": Full, "lora": LoRA}
+CHECKED = {"full": Full, "lora": LoRA, "dora": DoRA}
+ADAPTER = {"lora": (".lora_A.", ".lora_B."), "dora": (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")}
 
 
 def test_every_method_is_checked_here_and_configurable():
@@ -46,7 +47,8 @@ def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, reques
     if name == "full":
         assert unet_names == {n for n, _ in c.unet.named_parameters()}
     else:  # adapters only, on the target modules only; the base weights untouched, bit for bit
-        assert unet_names and all(".lora_A." in n or ".lora_B." in n for n in unet_names)
+        assert unet_names and all(any(a in n for a in ADAPTER[name]) for n in unet_names)
+        assert all(any(a in n for n in unet_names) for a in ADAPTER[name])  # DoRA: its magnitudes train too
         assert all(any(n.split(".lora_")[0].endswith(t) for t in cfg.lora_target_modules) for n in unet_names)
         base_sd = base.unet.state_dict()
         for k, v in c.unet.state_dict().items():
@@ -60,8 +62,9 @@ def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, reques
         read = fam.layers_read(i, t.config.num_hidden_layers)
         layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
         assert layers == set(read)  # every layer the UNet reads trains, no other
-        if name == "lora":
-            assert all(".lora_A." in n or ".lora_B." in n for n in names)
+        if name != "full":
+            assert all(any(a in n for a in ADAPTER[name]) for n in names)
+            assert all(any(a in n for n in names) for a in ADAPTER[name])
     # the optimizer sees each trainable parameter once, UNet group first, at the configured rates
     groups = method.param_groups(c.unet, c.text_encoders, cfg, scale=2)
     assert [g["lr"] for g in groups] == ([2e-3, 4e-3] if te else [2e-3])

@@ -96,6 +96,41 @@ def test_lora_saves_only_adapters_and_base_stays_bit_identical(tiny_model, subje
     assert layer.scaling["default_0"] == pytest.approx(2.0)
 
 
+def test_dora_trains_magnitudes_keeps_the_base_and_resumes_bit_exact(tiny_model, subject_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    extra = ["train_text_encoder=true", "learning_rate=1e-2", "max_train_steps=4", "checkpointing_steps=2"]
+    full = run("dreambooth-dora-prior-pre", tiny_model, subject_dir, tmp_path / "full", *extra)
+    sd = load_file(full / "pytorch_lora_weights.safetensors")
+    mags = {k: v for k, v in sd.items() if "lora_magnitude_vector" in k}
+    assert any(k.startswith("unet.") for k in mags) and any(k.startswith("text_encoder.") for k in mags)
+    ck = load_file(full / "checkpoints" / "checkpoint-000002" / "model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in ck) and all("lora_" in k for k in ck)  # adapters and magnitudes only
+    base = StableDiffusionPipeline.from_pretrained(tiny_model)
+    base_state = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    # DoRA starts each magnitude at its base weight's row norms; training moved them
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    start = base_state[f"{q}.weight"].norm(dim=1)
+    assert (mags[f"unet.{q}.lora_magnitude_vector"] - start).abs().max() > 1e-3
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipe.load_lora_weights(full, weight_name="pytorch_lora_weights.safetensors")
+    for k, v in pipe.unet.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, base_state[k.replace(".base_layer", "")])  # the base weights, bit for bit
+    # resume from step 2: the same magnitudes, adapters and loss curve as the uninterrupted run
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    shutil.copytree(full / "class_images", part / "class_images")
+    run("dreambooth-dora-prior-pre", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
+    wb = load_file(part / "pytorch_lora_weights.safetensors")
+    assert sd.keys() == wb.keys() and all(torch.equal(sd[k], wb[k]) for k in sd)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    lb = (part / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
 def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "tome_ratio=0.5", "max_train_steps=4", "lora_dropout=0.1"]
     a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a", *common)
@@ -188,3 +223,46 @@ def test_refuses_to_overwrite_a_run(tiny_model, subject_dir, tmp_path, capsys):
     assert "output_dir" in capsys.readouterr().err and (out / "pytorch_lora_weights.safetensors").read_bytes() == before
     run("dreambooth-lora", tiny_model, subject_dir, out, "overwrite=true", "seed=5")
     assert (out / "pytorch_lora_weights.safetensors").read_bytes() != before
+
+
+def test_captions_one_embedding_each_and_resume_bit_exact_with_caption_dropout(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from transformers import CLIPTextModel
+
+    photos = tmp_path / "photos"
+    shutil.copytree(subject_dir, photos)
+    names = sorted(p.stem for p in photos.glob("*.png"))
+    (photos / f"{names[0]}.txt").write_text("a photo of sks dog on the grass")
+    (photos / f"{names[1]}.txt").write_text("a sks dog, close up")
+    calls = []
+    fwd = CLIPTextModel.forward
+    monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: (calls.append(ids), fwd(self, ids, *a, **k))[1])
+    extra = ["learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2", "train_batch_size=2", "caption_dropout=0.5"]
+    full = tmp_path / "full"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, full, *extra)]) == 0
+    # frozen text encoder: the two captions, instance_prompt (the third photo) and "" (dropout), encoded once each
+    assert len(calls) == 4 and len({tuple(c[0].tolist()) for c in calls}) == 4
+    monkeypatch.setattr(CLIPTextModel, "forward", fwd)
+    # captions and dropout change what trains: the same run over the plain folder, and without dropout, differ
+    plain = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "plain", *extra)
+    no_drop = run("dreambooth-lora", tiny_model, photos, tmp_path / "nodrop", *extra[:-1])
+    w = load_file(full / "pytorch_lora_weights.safetensors")
+    for other in (plain, no_drop):
+        wo = load_file(other / "pytorch_lora_weights.safetensors")
+        assert any(not torch.equal(w[k], wo[k]) for k in w)
+    # resume from step 2 (dropout draws come from a checkpointed generator): bit-exact weights and losses
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 0
+    wb = load_file(part / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(w[k], wb[k]) for k in w)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in (part / "train_log.jsonl").read_text().splitlines()]
+    # a caption edited since the checkpoint is a changed input: the resume is refused before anything is touched
+    (photos / f"{names[1]}.txt").write_text("a sks dog, far away")
+    shutil.rmtree(part)
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 2

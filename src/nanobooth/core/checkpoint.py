@@ -162,7 +162,8 @@ def optimizer_from_flat(optimizer, tensors: dict[str, torch.Tensor], meta: dict)
 
 
 def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_scheduler, rng: dict[str, torch.Tensor],
-                    extra: dict, total_limit: int | None = None) -> Path:
+                    extra: dict, total_limit: int | None = None, files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """files: more tensors to hold, {file name: tensors} (the EMA's), written inside the same atomic folder."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(run_dir, step)
@@ -174,6 +175,8 @@ def save_checkpoint(run_dir: Path, step: int, modules: dict, optimizer, lr_sched
         opt_tensors, opt_meta = optimizer_to_flat(optimizer)
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         save_file({k: v.contiguous().cpu() for k, v in rng.items()}, tmp / "rng.safetensors")
+        for name, tensors in (files or {}).items():
+            save_file(tensors, tmp / name)
         state = {"step": step, "optimizer": opt_meta, "lr_scheduler": _jsonable(lr_scheduler.state_dict()), **extra}
         (tmp / "state.json").write_text(json.dumps(state))
         make_readable(tmp)  # safetensors writes 0600 files, like nothing else a user meets

@@ -51,7 +51,9 @@ class TrainConfig:
     instance_data_dir: Optional[str] = "example:dog"
     """Folder with the 3-5 subject photos. `example:dog` is the DreamBooth dataset's dog shipped with nanobooth."""
     instance_prompt: Optional[str] = "a photo of sks dog"
-    """Prompt for the subject photos: the rare identifier plus the class noun. Empty: read from `subject.json` in instance_data_dir."""
+    """Prompt for the subject photos: the rare identifier plus the class noun. Empty: read from `subject.json` in instance_data_dir. A photo with a caption file beside it (`photo.txt` next to `photo.jpg`, plain text) trains with that caption instead."""
+    caption_dropout: float = 0.0
+    """Probability that a subject photo trains with the empty prompt at a step (drawn per example from its own checkpointed generator); class images keep class_prompt."""
     class_prompt: Optional[str] = "a photo of dog"
     """Prompt for the class images (prior preservation) and the prior-drift check. Empty: read from `subject.json`."""
     class_data_dir: Optional[str] = None
@@ -76,8 +78,8 @@ class TrainConfig:
     """Horizontally flip images at random. Cached latents keep both flips, so caching still applies."""
 
     # --- optimisation --------------------------------------------------------------------------------
-    method: Literal["full", "lora"] = "full"
-    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched."""
+    method: Literal["full", "lora", "dora"] = "full"
+    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply)."""
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
     lora_rank: int = 4
@@ -118,6 +120,12 @@ class TrainConfig:
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
+    use_ema: bool = False
+    """Keep an exponential moving average of the trained weights (adapters for LoRA) and save it as the result; validation grids before the end show the live weights."""
+    ema_decay: float = 0.999
+    """EMA decay per optimizer step, warmed up as diffusers' EMAModel does: min(ema_decay, (1 + n) / (10 + n)) at update n."""
+    offload_ema: bool = False
+    """Keep the EMA on the CPU (no accelerator memory; one copy per step)."""
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); each example is weighted by its own timestep."""
     noise_offset: float = 0.0
@@ -192,6 +200,10 @@ class TrainConfig:
                               f"(0, 1], got {self.validation_guidance_cutoff}")
         if self.num_threads is not None and self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads': must be >= 0 (0 = auto), got {self.num_threads}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"config key 'ema_decay': must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.with_prior_preservation and self.num_class_images < 1:

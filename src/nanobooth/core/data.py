@@ -116,12 +116,44 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
         raise DataError(f"{key}: folder '{folder}' does not exist")
     files = image_paths(folder)
     skipped = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p not in files]
+    stems = {p.stem for p in files}
     for p in skipped:
-        if p.name != "subject.json":
+        if p.name != "subject.json" and not (p.suffix == ".txt" and p.stem in stems):  # a caption (caption_of)
             log.warning("%s: not an image file, skipped", p)
     if not files:
         raise DataError(f"{key}: no images in '{folder}' (expected .jpg/.png/.webp files)")
     return files
+
+
+CAPTION_PLACEHOLDERS = ("{identifier}", "{class}")
+
+
+def caption_of(image: Path, fallback: str) -> str:
+    """The prompt of one photo: the text of `image.txt` beside `image.jpg` (kohya's and OneTrainer's
+    convention; surrounding whitespace dropped), else `fallback` (instance_prompt), also for an empty file.
+    Plain text: the config names no identifier or class noun apart from inside instance_prompt, so
+    `{identifier}` / `{class}` placeholders are refused (DataError naming the file) rather than trained on
+    as literal braces."""
+    txt = image.with_suffix(".txt")
+    if not txt.is_file():
+        return fallback
+    try:
+        text = " ".join(txt.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{txt}: cannot read this caption ({e}); save it as UTF-8 text or remove it") from None
+    if any(ph in text for ph in CAPTION_PLACEHOLDERS):
+        raise DataError(f"{txt}: placeholders {' / '.join(CAPTION_PLACEHOLDERS)} are not supported; write the identifier and "
+                        "class noun out (e.g. 'a photo of sks dog on the grass')")
+    return text or fallback
+
+
+def drop_captions(prompts: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """caption_dropout: each prompt replaced by "" with probability p, one uniform draw per prompt from
+    `generator` (train.py calls it only when p > 0, so runs without dropout draw nothing)."""
+    import torch
+
+    drop = (torch.rand(len(prompts), generator=generator) < p).tolist()
+    return ["" if d else q for q, d in zip(prompts, drop)]
 
 
 def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir", limit: int | None = None) -> list[Image.Image]:
@@ -177,14 +209,31 @@ class ImageSet:
     images: list[Image.Image]
     prompt: str
     original_sizes: list[tuple[int, int]] | None = None  # (h, w) before resizing; None: the images' own sizes
+    captions: list[str] | None = None  # each image's own prompt (caption_of); None: `prompt` for every image
 
     @classmethod
-    def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None) -> "ImageSet":
+    def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None,
+                    captions: bool = False) -> "ImageSet":
+        """captions: read each image's `.txt` caption (caption_of), falling back to `prompt`."""
         photos = load_folder(folder, resolution, key, limit)
-        return cls([resize_short_side(im, resolution) for im in photos], prompt, [(im.height, im.width) for im in photos])
+        own = None
+        if captions:
+            own = [caption_of(p, prompt) for p in list_images(folder, key)[:limit]]
+            n = sum(c != prompt for c in own)
+            if n:
+                log.info("%s: %d of %d images have their own caption (.txt); the others use '%s'", folder, n, len(own), prompt)
+            own = own if n else None
+        return cls([resize_short_side(im, resolution) for im in photos], prompt, [(im.height, im.width) for im in photos], own)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def prompt_of(self, i: int) -> str:
+        return self.captions[i] if self.captions else self.prompt
+
+    def distinct_prompts(self) -> list[str]:
+        """Every prompt this set trains with, each once, in image order."""
+        return list(dict.fromkeys(self.captions or [self.prompt]))
 
     def pixels(self, idx: list[int], resolution: int, flips: list[bool], generator: torch.Generator | None) -> torch.Tensor:
         return self.sample(idx, resolution, flips, generator)[0]

@@ -170,13 +170,14 @@ def make_pipeline(c: Components, unet=None, text_encoders=None):
     return c.family.make_pipeline(c.components, unet or c.unet, text_encoders or c.text_encoders)
 
 
-def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, layers: list[int] | None = None):
-    """layers: only these indices of the model's `layers` stack get adapters (None: every match of targets)."""
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, layers: list[int] | None = None, use_dora: bool = False):
+    """layers: only these indices of the model's `layers` stack get adapters (None: every match of targets).
+    use_dora: peft's DoRA (a trained magnitude per output row on top of the low-rank direction update)."""
     from peft import LoraConfig
 
     where = dict(layers_to_transform=list(layers), layers_pattern="layers") if layers is not None else {}
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(targets),
-                      **where)
+                      use_dora=use_dora, **where)
 
 
 def train_layers_read(text_encoder, layers: list[int]) -> None:

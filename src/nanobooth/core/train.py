@@ -7,6 +7,7 @@ each checkpointed, so resume is bit-exact and validation renders cannot perturb 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import prior
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import ImageSet, Sampler, image_paths, read_subject_meta, resolve_data_dir
+from .data import ImageSet, Sampler, drop_captions, image_paths, read_subject_meta, resolve_data_dir
+from .ema import EMA, EMA_FILE
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
@@ -56,7 +58,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
     run_dir = Path(cfg.output_dir)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
-    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir")
+    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
     if cfg.with_prior_preservation:
         try:
             check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
@@ -68,7 +70,9 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
 def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
     over other files is refused (ckpt.check_resume)."""
-    record = {"instance_data_dir": ckpt.input_record(image_paths(resolve_data_dir(cfg.instance_data_dir)))}
+    photos = image_paths(resolve_data_dir(cfg.instance_data_dir))
+    captions = [t for p in photos if (t := p.with_suffix(".txt")).is_file()]  # after the photos: positions stay the data order
+    record = {"instance_data_dir": ckpt.input_record(photos + captions)}
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
@@ -229,11 +233,13 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         sets["class"] = class_image_set(class_dir, cfg.num_class_images, cfg.class_prompt, cfg.resolution)
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
-    ids = {k: fam.tokenize(c.tokenizers, s.prompt, device) for k, s in sets.items()}
+    # every prompt a step can use, once: per-image captions (else instance_prompt), class_prompt, "" for caption_dropout
+    texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])))
+    ids = {p: fam.tokenize(c.tokenizers, p, device) for p in texts}
     text_cache = None
-    if not te_trained:  # frozen text encoders: two prompts, encoded once
+    if not te_trained:  # frozen text encoders: each distinct prompt encoded once
         with torch.no_grad():
-            text_cache = {k: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for k, v in ids.items()}
+            text_cache = {p: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for p, v in ids.items()}
     if cache and not te_trained:
         vae.to("cpu")  # nothing needs it until validation: free accelerator memory
 
@@ -253,6 +259,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
+    ema = EMA([p for g in groups for p in g["params"]], cfg.ema_decay, cfg.offload_ema) if cfg.use_ema else None
     trained = method.trained_modules(fam, unet, text_encoders, cfg)
     prepared = accelerator.prepare(*trained.values(), optimizer)
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
@@ -264,10 +271,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
     tome_gen = torch.Generator(device).manual_seed(cfg.seed + 3)  # tomesd wants it on the UNet's device
+    caption_gen = torch.Generator().manual_seed(cfg.seed + 5)  # caption_dropout's draws (+4 is validation's ToMe)
 
     def rng_state() -> dict[str, torch.Tensor]:
         out = {"noise": noise_gen.get_state(), "aug": aug_gen.get_state(), "tome": tome_gen.get_state(),
-               "torch": torch.get_rng_state()}
+               "caption": caption_gen.get_state(), "torch": torch.get_rng_state()}
         out.update({f"sampler.{k}": s.generator.get_state() for k, s in samplers.items()})
         return out
 
@@ -275,9 +283,17 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if resume:
         state, rng = ckpt.load_checkpoint(resume, trained, optimizer, lr_scheduler)
         start_step = state["step"]
+        if ema:
+            from safetensors.torch import load_file
+
+            if not (resume / EMA_FILE).is_file():
+                raise ckpt.CheckpointError(f"{resume} holds no {EMA_FILE} (saved without use_ema); resume with use_ema=false")
+            ema.load_state_dict(load_file(resume / EMA_FILE), state["ema_updates"])
         for k, s in samplers.items():
             s.load_state_dict({**state["samplers"][k], "generator": rng[f"sampler.{k}"]})
         noise_gen.set_state(rng["noise"]), aug_gen.set_state(rng["aug"]), tome_gen.set_state(rng["tome"])
+        if "caption" in rng:  # checkpoints from before caption_dropout have none (and drew none)
+            caption_gen.set_state(rng["caption"])
         torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", resume, start_step)
     log_path = run_dir / "train_log.jsonl"
@@ -334,14 +350,17 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         emit(SampleGrid(step, path))
 
     def draw(kind: str, n_global: int):
-        """This rank's latents (sampled from the posteriors) of one image set's global batch, and their coords
-        (original size, crop); every rank draws it all."""
+        """This rank's latents (sampled from the posteriors) of one image set's global batch, their coords
+        (original size, crop) and prompts; every rank draws it all."""
         idx = samplers[kind].take(n_global)
         flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
         mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
-        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords
+        prompts = [sets[kind].prompt_of(i) for i in idx]
+        if kind == "instance" and cfg.caption_dropout:
+            prompts = drop_captions(prompts, cfg.caption_dropout, caption_gen)
+        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine]
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     if inputs is None:  # a new run: its class images exist only now
@@ -352,8 +371,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         nonlocal saved_step, saved_path
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
-            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs}
-            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit)
+            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs,
+                     **({"ema_updates": ema.updates} if ema else {})}
+            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit,
+                                 files={EMA_FILE: ema.state_dict()} if ema else None)
             log.info("%s saved", saved_path.name)
             emit(CheckpointSaved(done, saved_path))
         accelerator.wait_for_everyone()
@@ -394,18 +415,22 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
                 drawn = [draw(k, n_global) for k in kinds]
-                latents = torch.cat([lat for lat, _ in drawn])
+                latents = torch.cat([lat for lat, _, _ in drawn])
                 # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
                 noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
                                   for j in range(len(kinds))])
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
                 noisy = objective.noisy(latents, noise, timesteps)
-                # one encoding per prompt (cached when frozen), repeated over its rows of the batch
-                per_kind = [text_cache[k] if text_cache else fam.encode(te_fwd, ids[k], cfg.resolution) for k in kinds]
-                cond = cond_to(cond_batch(per_kind, [cfg.train_batch_size] * len(kinds)), weight_dtype)
+                # one encoding per distinct prompt (cached when frozen), repeated over its runs of rows in the batch
+                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for _, _, ps in drawn for p in ps)]
+                enc = {}
+                for p, _ in runs:
+                    if p not in enc:
+                        enc[p] = text_cache[p] if text_cache else fam.encode(te_fwd, ids[p], cfg.resolution)
+                cond = cond_to(cond_batch([enc[p] for p, _ in runs], [n for _, n in runs]), weight_dtype)
                 # what each drawn image is (size, crop): rows in the order of latents
-                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords in drawn]), cfg.resolution)
+                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords, _ in drawn]), cfg.resolution)
                 with accelerator.autocast():
                     pred = fam.denoise(unet_fwd, noisy.to(weight_dtype), timesteps, cond)
                 target = objective.target(latents, noise, timesteps)
@@ -425,6 +450,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             sums["instance_loss"] += inst.item() / cfg.gradient_accumulation_steps
             sums["prior_loss"] += (prior_l.item() if prior_l is not None else math.nan) / cfg.gradient_accumulation_steps
         lr_scheduler.step()
+        if ema:
+            ema.update()
         done = step + 1
         if world > 1:
             sums = {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in sums.items()}
@@ -451,6 +478,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     # --- outputs: the weights first, then the optional final grid -------------------------------------------------
     accelerator.wait_for_everyone()
+    if ema:
+        ema.copy_to_params()  # the average is the result (and what the final grid shows)
     if main:
         save_outputs(cfg, run_dir, c, unet, text_encoders)
         log.info("weights saved in %s", run_dir)

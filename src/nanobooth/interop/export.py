@@ -8,7 +8,13 @@
   and as civitai's SDXL LoRAs are named; each with `.lora_down.weight`,
   `.lora_up.weight` and `.alpha`. The alpha is the trained one, read from the adapter config saved in
   the run's metadata; diffusers' own `convert_state_dict_to_kohya` writes alpha = rank, which silently
-  rescales every rank != alpha LoRA.
+  rescales every rank != alpha LoRA. A DoRA run adds each module's magnitude as `.dora_scale`, shaped
+  (out_features, 1): LyCORIS's DoRA layout with the decomposition on the output axis (its `wd_on_output`),
+  the one peft trains, which ComfyUI and Forge read by that shape. (ComfyUI and Forge divide by the norm of
+  the base weight's rows where LyCORIS and peft divide by the adapted weight's, and A1111 decomposes along
+  the input axis only, so there a DoRA export loads as an approximation of the run; diffusers' kohya
+  loader drops `dora_scale` for SD/SDXL. `--format diffusers` keeps the run's own file, which it reloads
+  exactly.)
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
@@ -103,7 +109,7 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
 # diffusers writes peft adapters as lora_A/lora_B, or in its older spellings (lora.down for the UNet,
 # lora_linear_layer.down for text encoders); all mean the same down/up pair.
 _LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
-                       r"lora_linear_layer\.down|lora_linear_layer\.up)\.weight$")
+                       r"lora_linear_layer\.down|lora_linear_layer\.up|lora_magnitude_vector)(\.weight)?$")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
@@ -151,14 +157,12 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
     for key, tensor in state.items():
         m = _LORA_KEY.match(key)
         if not m:
-            raise ExportError(f"LoRA key '{key}' is not a plain LoRA down/up weight (DoRA and other adapters cannot be "
+            raise ExportError(f"LoRA key '{key}' is not a LoRA down/up weight or DoRA magnitude (other adapters cannot be "
                               "expressed in kohya's format)")
-        comp, module, part = m.groups()
+        comp, module, part, _ = m.groups()
         conf = configs.get(comp)
         if conf is None:
             raise ExportError(f"the LoRA file has no adapter config for '{comp}' (rank and alpha unknown); re-save it with nanobooth")
-        if conf.get("use_dora"):
-            raise ExportError("the LoRA was trained with DoRA, which kohya's LoRA format cannot express")
         named = module
         if comp == "unet" and unet_pairs and (hit := rename(module + ".", unet_pairs)):
             src, dst, rest = hit
@@ -171,6 +175,11 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
             named = "text_model." + module
         prefix = "lora_te1_" if comp == "text_encoder" and sdxl else _KOHYA_PREFIX[comp]
         name = prefix + named.replace(".", "_")
+        if part == "lora_magnitude_vector":
+            if tensor.ndim != 1:  # peft keeps a linear layer's magnitude as (out_features,)
+                raise ExportError(f"'{key}' is a DoRA magnitude of shape {tuple(tensor.shape)}; only linear layers' (1-D) are exported")
+            out[f"{name}.dora_scale"] = tensor.reshape(-1, 1).contiguous()
+            continue
         down = part in ("lora_A", "lora.down", "lora_linear_layer.down")
         out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
         if down:
@@ -198,8 +207,11 @@ def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: s
     alpha = unet_conf.get("lora_alpha", cfg.get("lora_alpha") or rank)
     res = info["resolution"]
     model = str(cfg.get("model", ""))
+    dora = any(k.endswith(".dora_scale") for k in tensors)
     meta = {
-        "ss_network_module": "networks.lora",
+        # a DoRA file is a LyCORIS network (LoRA algorithm, weight decomposition on the output axis)
+        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
+        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}) if dora else None,
         "ss_network_dim": rank, "ss_network_alpha": alpha, "ss_network_dropout": cfg.get("lora_dropout"),
         "ss_network_train_unet_only": not any(k.startswith("lora_te") for k in tensors),
         "ss_base_model_version": info["version"], "ss_v2": info["v2"],
@@ -213,7 +225,7 @@ def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: s
         "ss_prior_loss_weight": cfg.get("prior_loss_weight") if cfg.get("with_prior_preservation") else None,
         "ss_num_reg_images": cfg.get("num_class_images") if cfg.get("with_prior_preservation") else 0,
         "ss_instance_prompt": cfg.get("instance_prompt"), "ss_class_prompt": cfg.get("class_prompt"),
-        "ss_training_comment": f"nanobooth DreamBooth LoRA; instance prompt: {cfg.get('instance_prompt')}",
+        "ss_training_comment": f"nanobooth DreamBooth {'DoRA' if dora else 'LoRA'}; instance prompt: {cfg.get('instance_prompt')}",
         "sshs_model_hash": addnet_hash(tensors),
     }
     return {k: str(v) for k, v in meta.items() if v is not None} | modelspec(info, title, lora=True)

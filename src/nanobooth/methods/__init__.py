@@ -1,9 +1,10 @@
 """Training methods behind one interface (base.Method); `METHODS` is keyed by the config's `method` value."""
 
 from .base import Method
+from .dora import DoRA
 from .full import Full
 from .lora import LoRA
 
-METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA}
+METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "dora": DoRA}
 
-__all__ = ["METHODS", "Method", "Full", "LoRA"]
+__all__ = ["METHODS", "Method", "Full", "LoRA", "DoRA"]

@@ -11,15 +11,17 @@ class LoRA(Method):
     """Base weights stay untouched; the result is one file, LORA_FILE (`pipe.load_lora_weights(run_dir)`)."""
 
     name = "lora"
+    use_dora = False  # methods/dora.py: the same adapters with a trained magnitude
 
     def attach(self, family, unet, text_encoders, cfg):
-        unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout))
+        unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout,
+                                     use_dora=self.use_dora))
         for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
             # only on the layers whose output reaches the UNet: others would be saved untrained
             n = te.config.num_hidden_layers
             read = family.layers_read(i, n)
             te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
-                                       layers=read if len(read) < n else None))
+                                       layers=read if len(read) < n else None, use_dora=self.use_dora))
 
     def save(self, folder, components, unet, text_encoders, cfg):
         components.family.save_lora(folder, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
