@@ -114,6 +114,18 @@ class TrainConfig:
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); each example is weighted by its own timestep."""
     noise_offset: float = 0.0
     """Offset noise strength (0 = off)."""
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
+    """Flow-matching models (SD3, FLUX): how noise levels are drawn (logit_normal, mode; else uniform) and weighted (sigma_sqrt, cosmap; else 1), as diffusers' flag. DDPM models ignore it."""
+    logit_mean: float = 0.0
+    """Mean of weighting_scheme=logit_normal."""
+    logit_std: float = 1.0
+    """Standard deviation of weighting_scheme=logit_normal."""
+    mode_scale: float = 1.29
+    """Scale of weighting_scheme=mode (SD3 paper eq. 20)."""
+    precondition_outputs: bool = False
+    """Flow matching: compare the denoised estimate noisy - sigma * prediction with the clean latents (diffusers' SD3 script default) instead of the velocity with noise - latents."""
+    resolution_shift: bool = False
+    """Flow matching: shift the drawn noise levels by the image size as the FLUX sampler's dynamic shifting does (bigger images train noisier)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision: frozen models are cast to it, trained weights stay fp32."""
     gradient_checkpointing: bool = False

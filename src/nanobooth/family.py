@@ -44,7 +44,8 @@ class Family:
     def training_scheduler(self, scheduler_config: dict):
         raise NotImplementedError
 
-    def objective(self, training_scheduler) -> Objective:
+    def objective(self, training_scheduler, cfg=None) -> Objective:
+        """cfg: the TrainConfig (weighting keys), None for the defaults."""
         raise NotImplementedError
 
     def latents_from_vae(self, z: torch.Tensor, vae_config) -> torch.Tensor:
@@ -71,7 +72,7 @@ class SD(Family):
 
         return DDPMScheduler.from_config(scheduler_config)
 
-    def objective(self, training_scheduler) -> Objective:
+    def objective(self, training_scheduler, cfg=None) -> Objective:
         return DDPMObjective(training_scheduler)
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
