@@ -308,7 +308,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def variant_names() -> list[str]:
     root = resources.files("nanobooth") / "configs"
     names = [p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")]
-    for sub in ("toy", "sdxl"):
+    for sub in ("toy", "sdxl", "sd3", "flux"):
         names += [f"{sub}/" + p.name[:-5] for p in (root / sub).iterdir() if p.name.endswith(".yaml")]
     return sorted(names)
 
@@ -382,7 +382,8 @@ def check_resolution(resolution: int, vae_config, unet_config) -> None:
     and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
     model loads (the factors are the model's), before the run folder is written."""
     vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
-    unet_f = 2 ** (len(unet_config.block_out_channels) - 1)
+    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
+    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
     step = math.lcm(8, vae_f * unet_f)
     if resolution % step:
         lower, upper = resolution // step * step, (resolution // step + 1) * step
