@@ -38,6 +38,20 @@ def tiny_sdxl_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_model(tmp_path_factory) -> Path:
+    from nanobooth.tiny import build_tiny_sd3_pipeline
+
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory) -> Path:
+    from nanobooth.tiny import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_vpred_model(tmp_path_factory, tiny_model) -> Path:
     """The tiny model with an SD2-style v-prediction scheduler."""
     path = tmp_path_factory.mktemp("models") / "tiny-sd-v"

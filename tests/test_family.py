@@ -8,10 +8,16 @@ than its model samples with fails here.
 import pytest
 import torch
 
+from nanobooth.core.config import TrainConfig
 from nanobooth.families import FAMILIES, SD, SDXL, Family, cond_batch
+from nanobooth.families.flux import Flux
+from nanobooth.families.sd3 import SD3
 from nanobooth.core.models import load_components
 
-FAMILY_MODELS = {"sd": (SD, "tiny_model"), "sdxl": (SDXL, "tiny_sdxl_model")}
+FAMILY_MODELS = {"sd": (SD, "tiny_model"), "sdxl": (SDXL, "tiny_sdxl_model"), "sd3": (SD3, "tiny_sd3_model"),
+                 "flux": (Flux, "tiny_flux_model")}
+DDPM_FAMILIES = ["sd", "sdxl"]
+FLOW_FAMILIES = ["sd3", "flux"]
 
 
 def test_every_family_is_checked_here():
@@ -26,7 +32,11 @@ def alphas_cumprod_by_hand(config) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0)
 
 
-@pytest.mark.parametrize("name", list(FAMILY_MODELS))
+def test_every_family_has_an_objective_test():
+    assert sorted(DDPM_FAMILIES + FLOW_FAMILIES) == sorted(FAMILY_MODELS)
+
+
+@pytest.mark.parametrize("name", DDPM_FAMILIES)
 def test_family_contract(name, request):
     cls, fixture = FAMILY_MODELS[name]
     c = load_components(str(request.getfixturevalue(fixture)))
@@ -94,3 +104,66 @@ def test_family_contract(name, request):
     lat = fam.latents_from_vae(z, shifted)
     assert torch.allclose(lat, (z - 0.1159) * 0.3611)
     assert torch.allclose(lat / 0.3611 + 0.1159, z, atol=1e-6)
+
+
+def flow_sigmas_by_hand(config) -> torch.Tensor:
+    """The flow-matching schedule: s_i = (T - i) / T for i = 0..T-1, shifted to shift s / (1 + (shift - 1) s);
+    unshifted where the sampler shifts by resolution (FLUX: use_dynamic_shifting, as the reference script trains)."""
+    T, shift = config["num_train_timesteps"], 1.0 if config["use_dynamic_shifting"] else config["shift"]
+    s = torch.arange(T, 0, -1, dtype=torch.float64) / T
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@pytest.mark.parametrize("name", FLOW_FAMILIES)
+def test_flow_family_contract(name, request):
+    cls, fixture = FAMILY_MODELS[name]
+    c = load_components(str(request.getfixturevalue(fixture)))
+    fam, config = c.family, c.scheduler.config
+    assert type(fam) is cls
+
+    # latents: (z - shift_factor) * scaling_factor, both from the VAE's config (the real model's values in the tiny VAE)
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = c.vae.encode(pixels).latent_dist.sample(torch.Generator().manual_seed(1))
+    scale, shift = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}[name]
+    assert (c.vae.config.scaling_factor, c.vae.config.shift_factor) == (scale, shift)
+    latents = fam.latents_from_vae(z, c.vae.config)
+    assert torch.equal(latents, (z - shift) * scale)
+    B, C, h, w = shape = latents.shape
+    assert (C, h, w) == (16, 16, 16)  # FLUX's transformer packs them 2x2 into its 64 in_channels
+
+    # the training scheduler is the model's own flow-matching schedule, shift included
+    assert type(c.noise_scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    by_hand = flow_sigmas_by_hand(config)
+    assert torch.allclose(c.noise_scheduler.sigmas.double(), by_hand, atol=1e-6)
+
+    cfg = TrainConfig(weighting_scheme="cosmap", precondition_outputs=False)
+    obj = fam.objective(fam.training_scheduler(config), cfg)
+    noise, t = obj.sample(shape, torch.Generator().manual_seed(2), noise_offset=0.1)
+    g = torch.Generator().manual_seed(2)
+    n_hand = torch.randn(shape, generator=g)
+    n_hand += 0.1 * torch.randn((B, C, 1, 1), generator=g)
+    assert torch.equal(noise, n_hand)
+    idx = (torch.rand(B, generator=g) * 1000).long()  # cosmap draws uniformly
+    assert torch.allclose(t.double(), by_hand[idx] * 1000, atol=1e-3)
+
+    # noisy input, velocity target and cosmap weights at one index near each end and one in the middle
+    idx = torch.tensor([0, 500, 999])
+    t = c.noise_scheduler.timesteps[idx]
+    s = by_hand[idx].float().view(-1, 1, 1, 1)
+    noisy = obj.noisy(latents, noise, t)
+    assert noisy.shape == shape and torch.allclose(noisy, (1 - s) * latents + s * noise, atol=1e-5)
+    assert torch.equal(obj.target(latents, noise, t), noise - latents)
+    s = s.flatten().double()
+    assert torch.allclose(obj.weights(t, None).double(), 2 / (torch.pi * (1 - 2 * s + 2 * s ** 2)), rtol=1e-5)
+    # preconditioned (the SD3 variants): the s^2 factor of comparing noisy - s * pred with x0
+    pre = fam.objective(fam.training_scheduler(config), TrainConfig(weighting_scheme="none", precondition_outputs=True))
+    assert torch.allclose(pre.weights(t, None).double(), s ** 2, rtol=1e-5)
+
+    # the denoiser's call: noisy latents, timesteps s * T and the family's conditioning in; a prediction of their shape out
+    ids = fam.tokenize(c.tokenizers, "a photo of a dog", "cpu")
+    with torch.no_grad():
+        cond = cond_batch([fam.encode(c.text_encoders, ids, 32)], [B])
+        cond = fam.micro_conditioning(cond, torch.tensor([[32, 32, 0, 0]] * B), 32)
+        pred = fam.denoise(c.unet, noisy, t, cond)
+    assert pred.shape == shape and torch.isfinite(pred).all()

@@ -110,3 +110,97 @@ def build_tiny_sdxl_pipeline(path: Path, seed: int = 0) -> Path:
 
     path = Path(path)
     return _save_atomic(StableDiffusionXLPipeline(**tiny_sdxl_components(seed)), path)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 256):
+    """A T5 (Unigram) tokenizer built offline: special pieces, then lowercase words and letters, scored by length
+    so whole words win; unknown text falls back to letters or <unk>."""
+    from transformers import T5Tokenizer
+
+    words = "a an the of on in at photo picture sks dog cat cube ball star ring cup beach snow grass night rug red blue".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in words] + [("\u2581", -4.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_sd3_components(seed: int = 0):
+    """The SD3.5-medium layout at toy width: a 2-block MMDiT (the first with SD3.5's second attention, qk
+    RMS-norm), CLIP-L and CLIP-G with projections (pooled 32 + 32), a T5 encoder (width 64 >= the CLIPs'
+    64 side by side, as in SD3), a 16-channel VAE with SD3's scale and shift, the flow-matching sampler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609,
+    )
+    te_cfg = dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+                  layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408,
+                  max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(seed)
+    te = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg))
+    torch.manual_seed(seed + 2)
+    t5_tok = tiny_t5_tokenizer()
+    te3 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return dict(transformer=transformer, vae=vae, text_encoder=te, text_encoder_2=te2, text_encoder_3=te3, tokenizer=tok,
+                tokenizer_2=tok, tokenizer_3=t5_tok, scheduler=scheduler)
+
+
+def build_tiny_sd3_pipeline(path: Path, seed: int = 0) -> Path:
+    from diffusers import StableDiffusion3Pipeline
+
+    return _save_atomic(StableDiffusion3Pipeline(**tiny_sd3_components(seed)), Path(path))
+
+
+def tiny_flux_components(seed: int = 0):
+    """The FLUX.1-dev layout at toy width: one double-stream and one single-stream block with guidance
+    embedding, CLIP-L (pooled 32), T5 (width 32), a 16-channel VAE with FLUX's scale and shift (latents packed
+    2x2 into 64 channels), the flow-matching sampler with FLUX's resolution-dependent shift."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+        hidden_act="gelu", projection_dim=32))
+    torch.manual_seed(seed + 1)
+    t5_tok = tiny_t5_tokenizer(512)
+    te2 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                  relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    tok = CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return dict(transformer=transformer, vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=t5_tok,
+                scheduler=scheduler)
+
+
+def build_tiny_flux_pipeline(path: Path, seed: int = 0) -> Path:
+    from diffusers import FluxPipeline
+
+    return _save_atomic(FluxPipeline(**tiny_flux_components(seed)), Path(path))

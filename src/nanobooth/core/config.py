@@ -130,6 +130,18 @@ class TrainConfig:
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); each example is weighted by its own timestep."""
     noise_offset: float = 0.0
     """Offset noise strength (0 = off)."""
+    weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
+    """Flow-matching models (SD3, FLUX): how noise levels are drawn (logit_normal, mode; else uniform) and weighted (sigma_sqrt, cosmap; else 1), as diffusers' flag. DDPM models ignore it."""
+    logit_mean: float = 0.0
+    """Mean of weighting_scheme=logit_normal."""
+    logit_std: float = 1.0
+    """Standard deviation of weighting_scheme=logit_normal."""
+    mode_scale: float = 1.29
+    """Scale of weighting_scheme=mode (SD3 paper eq. 20)."""
+    precondition_outputs: bool = False
+    """Flow matching: compare the denoised estimate noisy - sigma * prediction with the clean latents (diffusers' SD3 script default) instead of the velocity with noise - latents."""
+    resolution_shift: bool = False
+    """Flow matching: shift the drawn noise levels by the image size as the FLUX sampler's dynamic shifting does (bigger images train noisier)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision: frozen models are cast to it, trained weights stay fp32."""
     gradient_checkpointing: bool = False
@@ -340,7 +352,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def variant_names() -> list[str]:
     root = resources.files("nanobooth") / "configs"
     names = [p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")]
-    for sub in ("toy", "sdxl"):
+    for sub in ("toy", "sdxl", "sd3", "flux"):
         names += [f"{sub}/" + p.name[:-5] for p in (root / sub).iterdir() if p.name.endswith(".yaml")]
     return sorted(names)
 
@@ -414,7 +426,8 @@ def check_resolution(resolution: int, vae_config, unet_config) -> None:
     and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
     model loads (the factors are the model's), before the run folder is written."""
     vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
-    unet_f = 2 ** (len(unet_config.block_out_channels) - 1)
+    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
+    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
     step = math.lcm(8, vae_f * unet_f)
     if resolution % step:
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "

@@ -106,6 +106,10 @@ def pipeline_class_name(model: str, kind: str, revision: str | None, single_file
         with safe_open(model, "pt") as f:
             if any(k.startswith("conditioner.embedders.1") for k in f.keys()):
                 return "StableDiffusionXLPipeline"
+            if any(k.startswith("model.diffusion_model.joint_blocks.") for k in f.keys()):
+                return "StableDiffusion3Pipeline"
+            if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in f.keys()):
+                return "FluxPipeline"
     return "StableDiffusionPipeline"
 
 
@@ -158,7 +162,7 @@ def load_components(model: str, revision: str | None = None, single_file_config:
         tokenizers=[getattr(pipe, n) for n in fam.tokenizer_names],
         text_encoders=[getattr(pipe, n) for n in fam.text_encoder_names],
         vae=pipe.vae,
-        unet=pipe.unet,
+        unet=getattr(pipe, fam.denoiser_name),  # the denoiser, UNet or transformer: the loop calls it `unet`
         noise_scheduler=fam.training_scheduler(pipe.scheduler.config),
         scheduler=pipe.scheduler,
         source=model,

@@ -182,7 +182,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
-    objective = fam.objective(c.noise_scheduler)  # noise, timesteps, noisy input, target, loss weights
+    objective = fam.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
         from diffusers import AutoencoderKL
 

@@ -4,8 +4,10 @@ from .base import Family, cond_batch, cond_to
 from .objective import DDPMObjective, Objective
 from .sd import SD
 from .sdxl import SDXL
+from .sd3 import SD3
+from .flux import Flux
 
-FAMILIES = {cls.pipeline_class: cls() for cls in (SD, SDXL)}
+FAMILIES = {cls.pipeline_class: cls() for cls in (SD, SDXL, SD3, Flux)}
 
 
 def family_for(pipeline_class_name: str):
@@ -13,4 +15,4 @@ def family_for(pipeline_class_name: str):
         raise ValueError(pipeline_class_name)
     return FAMILIES[pipeline_class_name]
 
-__all__ = ["Family", "SD", "SDXL", "FAMILIES", "family_for", "cond_batch", "cond_to", "Objective", "DDPMObjective"]
+__all__ = ["Family", "SD", "SDXL", "SD3", "Flux", "FAMILIES", "family_for", "cond_batch", "cond_to", "Objective", "DDPMObjective"]

@@ -41,7 +41,8 @@ class Family:
     def training_scheduler(self, scheduler_config: dict):
         raise NotImplementedError
 
-    def objective(self, training_scheduler) -> Objective:
+    def objective(self, training_scheduler, cfg=None) -> Objective:
+        """cfg: the TrainConfig (weighting keys), None for the defaults."""
         raise NotImplementedError
 
     def latents_from_vae(self, z: torch.Tensor, vae_config) -> torch.Tensor:

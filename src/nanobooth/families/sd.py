@@ -15,6 +15,7 @@ class SD(Family):
 
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
+    denoiser_name = "unet"  # the pipeline's attribute for the denoiser (SD3, FLUX: "transformer")
     text_encoder_names = ("text_encoder",)
     tokenizer_names = ("tokenizer",)
     tome_max_downsample = 1  # attention at the highest-resolution level: merge there
@@ -26,7 +27,7 @@ class SD(Family):
 
         return DDPMScheduler.from_config(scheduler_config)
 
-    def objective(self, training_scheduler) -> Objective:
+    def objective(self, training_scheduler, cfg=None) -> Objective:
         return DDPMObjective(training_scheduler)
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -55,7 +56,7 @@ class SD(Family):
         return getattr(diffusers, self.pipeline_class)
 
     def make_pipeline(self, components: dict, unet, text_encoders):
-        parts = {**components, "unet": unet, **dict(zip(self.text_encoder_names, text_encoders))}
+        parts = {**components, self.denoiser_name: unet, **dict(zip(self.text_encoder_names, text_encoders))}
         cls = self.pipeline_class_obj()
         accepted = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in {**parts, **self.pipeline_kwargs}.items() if k in accepted}
@@ -65,10 +66,10 @@ class SD(Family):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        kwargs = {f"{self.denoiser_name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
                   # rank, alpha and targets ride in the safetensors metadata, so diffusers reloads a
                   # rank != alpha LoRA at the trained scale
-                  "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
+                  f"{self.denoiser_name}_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
         for name, te in zip(self.text_encoder_names, text_encoders or []):
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
             kwargs[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()

@@ -31,8 +31,8 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
 
 
 # Classifier-free guidance doubles these along the batch (unconditional half first); after the cutoff only
-# the conditional half is kept. SDXL adds the pooled text embeddings and the size/crop ids.
-_CFG_DOUBLED = ("prompt_embeds", "add_text_embeds", "add_time_ids")
+# the conditional half is kept. SDXL adds the pooled text embeddings and the size/crop ids, SD3 its pooled ones.
+_CFG_DOUBLED = ("prompt_embeds", "add_text_embeds", "add_time_ids", "pooled_prompt_embeds")
 
 
 def _cfg_cutoff(steps: int, fraction: float):
@@ -72,7 +72,8 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
         extra = dict(callback_on_step_end=_cfg_cutoff(steps, guidance_cutoff), callback_on_step_end_tensor_inputs=names)
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: list[list[Image.Image]] = [[None] * num_images for _ in prompts]
-    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD3/FLUX pipelines hold a transformer
+    size = resolution or denoiser.config.sample_size * pipe.vae_scale_factor
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         gens = [torch.Generator(pipe.device).manual_seed(seed + 1000 * i + j) for i, j in chunk]

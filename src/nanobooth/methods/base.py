@@ -49,8 +49,9 @@ class Method:
         return groups
 
     def trained_modules(self, family, unet, text_encoders: list, cfg) -> dict:
-        """Default: the UNet, plus the text encoders when they train."""
-        return {"unet": unet, **(dict(zip(family.text_encoder_names, text_encoders)) if cfg.train_text_encoder else {})}
+        """Default: the UNet, plus the text encoders that train (those with trainable parameters)."""
+        tes = [(n, te) for n, te in zip(family.text_encoder_names, text_encoders) if any(p.requires_grad for p in te.parameters())]
+        return {"unet": unet, **(dict(tes) if cfg.train_text_encoder else {})}
 
     def save(self, folder: Path, components, unet, text_encoders: list, cfg) -> None:
         raise NotImplementedError

@@ -16,8 +16,9 @@ class Full(Method):
     def attach(self, family, unet, text_encoders, cfg):
         unet.requires_grad_(True)
         for i, te in enumerate(text_encoders):
-            if cfg.train_text_encoder:
-                train_layers_read(te, family.layers_read(i, te.config.num_hidden_layers))
+            read = family.layers_read(i, te.config.num_hidden_layers)
+            if cfg.train_text_encoder and read:  # none read: an encoder the family never trains (SD3's T5)
+                train_layers_read(te, read)
 
     def save(self, folder, components, unet, text_encoders, cfg):
         pipe = make_pipeline(components, unet=unet, text_encoders=text_encoders)

@@ -20,6 +20,8 @@ class LoRA(Method):
             # only on the layers whose output reaches the UNet: others would be saved untrained
             n = te.config.num_hidden_layers
             read = family.layers_read(i, n)
+            if not read:  # an encoder the family never trains (SD3's T5)
+                continue
             te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
                                        layers=read if len(read) < n else None, use_dora=self.use_dora))
 

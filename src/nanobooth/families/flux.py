@@ -1,0 +1,82 @@
+"""FLUX.1 (dev, schnell): a rectified-flow transformer on 2x2-packed latents, CLIP-L pooled + T5 sequence.
+
+The hooks (family.Family) for FluxPipeline, as the pipeline samples and diffusers'
+train_dreambooth_lora_flux.py trains: the transformer sees latents packed into 2x2 patches (a sequence of
+h/2 * w/2 tokens of 4C channels) with one (0, row, col) id per patch and a (0, 0, 0) id per text token,
+its timestep as s in [0, 1] (the pipeline's t / 1000), and, for guidance-distilled models (FLUX.1-dev:
+`guidance_embeds`), the guidance strength it should imitate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sd3 import SD3
+
+T5_MAX_LENGTH = 512  # FluxPipeline's max_sequence_length default (the reference script's too)
+# The guidance a distilled model is trained at: diffusers' FLUX DreamBooth script's --guidance_scale default
+# (FLUX.1-dev samples around 3.5 as well).
+TRAIN_GUIDANCE = 3.5
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(N, C, h, w) -> (N, h/2 * w/2, 4C): each 2x2 patch one token, channels then the patch's rows and columns."""
+    n, c, h, w = latents.shape
+    return latents.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of pack: (N, h/2 * w/2, 4C) -> (N, C, h, w)."""
+    n, _, c4 = tokens.shape
+    return tokens.view(n, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c4 // 4, h, w)
+
+
+def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
+    """(h/2 * w/2, 3): (0, row, col) of each packed patch, in pack's order (rows, then columns)."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class Flux(SD3):
+    """FLUX.1: FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler (dynamic shifting at sampling), a
+    16-channel VAE with scale and shift. `train_text_encoder` trains CLIP-L only (as the reference); T5 never."""
+
+    name = "flux"
+    pipeline_class = "FluxPipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    tokenizer_names = ("tokenizer", "tokenizer_2")
+    trained_text_encoders = 1  # CLIP-L
+
+    def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
+        clip = tokenizers[0](prompt, padding="max_length", max_length=tokenizers[0].model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+        t5 = tokenizers[1](prompt, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        return [clip.to(device), t5.to(device)]
+
+    def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
+        """encoder_hidden_states (1, 512, T5 width), pooled_projections (1, CLIP width: its pooled output),
+        guidance (1,) (used only by guidance-distilled models)."""
+        pooled = text_encoders[0](ids[0], output_hidden_states=False).pooler_output
+        t5 = text_encoders[1](ids[1])[0]
+        return {"encoder_hidden_states": t5, "pooled_projections": pooled,
+                "guidance": torch.full((1,), TRAIN_GUIDANCE, device=t5.device)}
+
+    def layers_read(self, index: int, num_layers: int) -> list[int]:
+        """CLIP-L: every layer (its pooled output reads the last); T5: none, so it never trains."""
+        return list(range(num_layers)) if index == 0 else []
+
+    def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
+        """Pack, call with s = t / 1000 and the ids, unpack: latents (N, C, h, w) in, velocity (N, C, h, w) out."""
+        n, _, h, w = noisy.shape
+        config = getattr(model, "module", model).config  # DDP wraps the module
+        cond = dict(cond)
+        guidance = cond.pop("guidance")
+        text = cond["encoder_hidden_states"]
+        out = model(hidden_states=pack(noisy), timestep=timesteps.to(noisy.dtype) / 1000,
+                    guidance=guidance.to(noisy.dtype) if config.guidance_embeds else None,
+                    txt_ids=torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype),
+                    img_ids=image_ids(h, w, noisy.device, noisy.dtype), return_dict=False, **cond)[0]
+        return unpack(out, h, w)
+
