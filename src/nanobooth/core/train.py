@@ -176,13 +176,13 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
     check_resolution(cfg.resolution, c.vae.config, c.unet.config)
+    objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
-    objective = fam.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
         from diffusers import AutoencoderKL
 

@@ -43,7 +43,7 @@ class SD3(SD):
             return FlowMatchObjective(training_scheduler)
         from ..core.config import ConfigError
 
-        # refused before the run folder is written (the loop builds the objective right after loading)
+        # refused before the run folder is written (train.py builds the objective right after loading the model)
         if cfg.with_prior_preservation and cfg.class_sampler == "dpm++":
             raise ConfigError(f"config key 'class_sampler': dpm++ is a DDPM sampler and {self.name} samples by flow matching; pass "
                               "class_sampler=model (the model's own flow-matching Euler sampler)")
