@@ -113,6 +113,11 @@ def test_check_resolution_names_the_key_and_the_nearest_valid_values():
     check_resolution(1024, sd15_vae, sdxl_unet)
     with pytest.raises(ConfigError, match="use 32$"):
         check_resolution(20, sd15_vae, sdxl_unet)  # nothing valid below it
+    # FLUX: VAE x8, transformer patch 1, then the family packs 2x2 patches: multiples of 16
+    flux_vae, flux_transformer = NS(block_out_channels=[128, 256, 512, 512]), NS(patch_size=1)
+    check_resolution(1024, flux_vae, flux_transformer, latent_patch=2)
+    with pytest.raises(ConfigError, match="1024 or 1040"):
+        check_resolution(1032, flux_vae, flux_transformer, latent_patch=2)
 
 
 def _error_lines(capsys) -> list[str]:
@@ -149,7 +154,7 @@ def test_the_models_own_resolution_check_runs_after_it_loads_and_before_anything
 
     seen = []
 
-    def check(resolution, vae_config, unet_config):  # the real check with the tiny model never refuses a multiple of 8
+    def check(resolution, vae_config, unet_config, latent_patch=1):  # the real check with the tiny model never refuses a multiple of 8
         seen.append((resolution, tuple(vae_config.block_out_channels), tuple(unet_config.block_out_channels)))
         raise ConfigError("config key 'resolution': refused by the model")
 

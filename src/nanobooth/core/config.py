@@ -420,14 +420,16 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
     return TrainConfig(**{**data, **extra})
 
 
-def check_resolution(resolution: int, vae_config, unet_config) -> None:
+def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> None:
     """Refuse a resolution the model cannot render, naming the nearest ones it can. The VAE divides the
     image by 2**(levels-1), the UNet the latent by 2**(levels-1) again (its skip connections must line up),
     and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
-    model loads (the factors are the model's), before the run folder is written."""
+    model loads (the factors are the model's), before the run folder is written. `latent_patch`: the
+    family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch)."""
     vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
     # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
     unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
+    unet_f *= latent_patch
     step = math.lcm(8, vae_f * unet_f)
     if resolution % step:
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "

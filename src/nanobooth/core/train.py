@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
-    check_resolution(cfg.resolution, c.vae.config, c.unet.config)
+    check_resolution(cfg.resolution, c.vae.config, c.unet.config, c.family.latent_patch)
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():

@@ -38,6 +38,8 @@ class Family:
     and save_lora(folder, weight_name, unet, text_encoders).
     """
 
+    latent_patch = 1  # the family's own patching of latents before the denoiser (FLUX: 2x2), for check_resolution
+
     def training_scheduler(self, scheduler_config: dict):
         raise NotImplementedError
 

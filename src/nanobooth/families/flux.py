@@ -48,6 +48,7 @@ class Flux(SD3):
     text_encoder_names = ("text_encoder", "text_encoder_2")
     tokenizer_names = ("tokenizer", "tokenizer_2")
     trained_text_encoders = 1  # CLIP-L
+    latent_patch = 2  # pack() cuts latents into 2x2 patches: real FLUX needs multiples of 16 pixels
 
     def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
         clip = tokenizers[0](prompt, padding="max_length", max_length=tokenizers[0].model_max_length, truncation=True,
