@@ -127,3 +127,70 @@ def test_sd3_lora_exports_for_comfyui_in_diffusers_layout_and_refuses_kohya(tiny
     out = ex.export(run, "comfyui", tmp_path / "c.safetensors")
     assert out.read_bytes() == (run / "pytorch_lora_weights.safetensors").read_bytes()
     assert all(k.startswith("transformer.transformer_blocks.") for k in load_file(out))
+    with pytest.raises(ex.ExportError, match="SD3 run: single-file"):
+        ex.export(run, "single-file", tmp_path / "s.safetensors")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def tiny_width_single_file_converter():
+    """diffusers' `convert_flux_transformer_checkpoint_to_diffusers` with FLUX.1's hard-coded width
+    (`inner_dim = 3072`, used to split linear1) replaced by the tiny model's; otherwise its own source."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    src = inspect.getsource(sfu.convert_flux_transformer_checkpoint_to_diffusers)
+    assert src.count("inner_dim = 3072") == 1
+    scope = dict(vars(sfu))
+    exec(src.replace("inner_dim = 3072", f"inner_dim = {DIM}"), scope)
+    return scope["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def from_bfl_file(path, config):
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders import single_file_model as sfm
+
+    entry = dict(sfm.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"], checkpoint_mapping_fn=tiny_width_single_file_converter())
+    with mock.patch.dict(sfm.SINGLE_FILE_LOADABLE_CLASSES, {"FluxTransformer2DModel": entry}):
+        return FluxTransformer2DModel.from_single_file(str(path), config=str(config), subfolder="transformer")
+
+
+def test_single_file_of_a_full_flux_run_is_bfl_layout_and_loads_back_exactly(tiny_flux_model, subject_dir, tmp_path):
+    from diffusers import FluxPipeline
+
+    run = tmp_path / "full"
+    assert main(["train", "flux/dreambooth", *train_args(tiny_flux_model, subject_dir, run, "gradient_checkpointing=false",
+                                                          "learning_rate=1e-3")]) == 0
+    out = tmp_path / "flux_dog.safetensors"
+    assert main(["export", str(run), "--format", "single-file", "--out", str(out)]) == 0
+    tensors = load_file(out)
+    for key in ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_attn.qkv.bias", "double_blocks.0.img_attn.norm.query_norm.scale",
+                "double_blocks.0.txt_mod.lin.weight", "single_blocks.0.linear1.weight", "single_blocks.0.norm.key_norm.scale",
+                "single_blocks.0.modulation.lin.weight", "img_in.weight", "txt_in.bias", "guidance_in.out_layer.weight",
+                "vector_in.in_layer.weight", "final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight"):
+        assert key in tensors, key
+    assert tensors["single_blocks.0.linear1.weight"].shape == (7 * DIM, DIM)
+    assert ex._load(out)[1]["modelspec.architecture"] == "flux-1-dev"
+
+    trained = FluxPipeline.from_pretrained(run).transformer
+    loaded = from_bfl_file(out, run)
+    a, b = trained.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = FluxPipeline.from_pretrained(tiny_flux_model).transformer.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # the run trained: the round trip is not of the base
+
+
+def test_single_file_of_a_flux_lora_run_is_the_fused_transformer(flux_lora_run, tiny_flux_model, tmp_path):
+    from diffusers import FluxPipeline
+
+    out = ex.export(flux_lora_run, "single-file", tmp_path / "fused.safetensors")
+    assert not any("lora" in k for k in load_file(out))
+    native = FluxPipeline.from_pretrained(tiny_flux_model)
+    native.load_lora_weights(flux_lora_run, weight_name="pytorch_lora_weights.safetensors")
+    fused = FluxPipeline.from_pretrained(tiny_flux_model)
+    fused.transformer = from_bfl_file(out, tiny_flux_model)
+    fused.text_encoder = native.text_encoder  # the BFL file holds the transformer only
+    (_, a), (_, b) = flux_outputs(native), flux_outputs(fused)
+    # not bitwise (W + s*B@A rounds differently from W@x + s*B@(A@x)): measured 4.8e-7
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    base = FluxPipeline.from_pretrained(tiny_flux_model)
+    base.text_encoder = native.text_encoder
+    assert (a - flux_outputs(base)[1]).abs().max() > 1e-3  # the transformer LoRA moves the output

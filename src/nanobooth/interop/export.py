@@ -23,7 +23,9 @@
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
-  `from_single_file` read it. A LoRA run is fused into its base model first.
+  `from_single_file` read it. A LoRA run is fused into its base model first. A FLUX run gives its transformer
+  in BFL's original layout (`double_blocks.0.img_attn.qkv.weight`, ...), as flux1-dev.safetensors ships it
+  (ComfyUI's Load Diffusion Model, Forge, `FluxTransformer2DModel.from_single_file`); SD3 runs are refused.
 
 Everything is safetensors; every output is written under a temporary name and renamed into place.
 """
@@ -273,6 +275,28 @@ def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
 
 
+def _flux_single_file(run: Path, kind: str, cfg: dict, info: dict, out: Path, dtype: torch.dtype | None) -> None:
+    """A FLUX transformer (a LoRA run fused into its base first) in BFL's layout, as flux1-dev.safetensors
+    ships it: the transformer alone (ComfyUI's Load Diffusion Model, Forge, diffusers' from_single_file)."""
+    from .flux_keys import transformer_to_bfl
+
+    if info["family"] != "flux":
+        raise ExportError(f"RUN_DIR '{run}' is an SD3 run: single-file export is written for SD/SDXL and FLUX only; "
+                          "use --format diffusers")
+    if kind == "full":
+        state = _folder_state(run / "transformer")
+    else:
+        from ..inference.generate import load_run
+
+        pipe = load_run(str(cfg["model"]), str(run), allow_pickle=bool(cfg.get("allow_pickle")))
+        if any(n.startswith("text_encoder") for n in _load(run / LORA_FILE)[0]):
+            log.warning("the run's CLIP-L LoRA is not in the file: BFL's checkpoint holds the transformer only")
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        state = pipe.transformer.state_dict()
+    save_atomic(_cast(transformer_to_bfl(state), dtype), out, modelspec(info, out.stem, lora=False))
+
+
 # --- writing --------------------------------------------------------------------------------------------------
 
 def _check_out(out: Path, overwrite: bool, folder: bool) -> None:
@@ -372,10 +396,11 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
             tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
         tensors = _cast(tensors, torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
+    elif (info := _base_info(kind, run, cfg, {})).get("family") in ("flux", "sd3"):
+        _flux_single_file(run, kind, cfg, info, out, torch_dtype)
     else:
         from tqdm.auto import tqdm
 
-        info = _base_info(kind, run, cfg, {})
         # the three phases of a multi-GB checkpoint (a minute or more for SD-sized models)
         bar = tqdm(total=3, desc="export: load" + (" and fuse" if kind == "lora" else ""), unit="phase")
         if kind == "full":

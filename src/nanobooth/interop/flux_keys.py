@@ -136,3 +136,39 @@ def flux_run_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict]) 
         modules[module] = (p["down"], p["up"], alpha / (math.sqrt(rank) if conf.get("use_rslora") else rank))
     rest = {k: v for k, v in state.items() if not k.startswith("transformer.")}
     return dict(sorted({**flux_lora_to_kohya(modules), **lora_to_kohya(rest, configs, sdxl=True)}.items()))
+
+
+# RMSNorm scales of the attention (diffusers `<module>.weight`, BFL `<module>.scale`)
+_NORMS = {
+    "double": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+               "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"},
+    "single": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"},
+}
+
+
+def transformer_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FluxTransformer2DModel state dict -> BFL's layout (flux1-dev.safetensors' keys, no prefix):
+    the inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers`. q/k/v (and a single block's
+    MLP input) are concatenated into BFL's fused weights and biases, the final norm's (scale, shift) halves
+    swapped to BFL's (shift, scale). ExportError for a tensor with no BFL counterpart."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", module)
+        norms = _NORMS["double" if m and m.group(1) == "transformer_blocks" else "single"] if m else {}
+        if m and m.group(3) in norms and param == "weight":
+            kind = "double" if m.group(1) == "transformer_blocks" else "single"
+            out[f"{kind}_blocks.{m.group(2)}.{norms[m.group(3)]}.scale"] = tensor
+            continue
+        name, part = bfl_name(module)
+        if part is not None:
+            fused.setdefault(f"{name}.{param}", {})[part] = tensor
+        else:
+            out[f"{name}.{param}"] = _swap_halves(tensor) if module == "norm_out.linear" else tensor
+    for key, parts in fused.items():
+        wanted = 4 if ".linear1." in key else 3
+        if sorted(parts) != list(range(wanted)):
+            raise ExportError(f"the transformer lacks part of BFL's fused '{key}' (has parts {sorted(parts)} of {wanted})")
+        out[key] = torch.cat([parts[p] for p in range(wanted)], dim=0)
+    return dict(sorted(out.items()))
