@@ -100,6 +100,24 @@ def test_flux_kohya_export_is_bfl_layout_and_diffusers_kohya_loader_reproduces_t
         assert (a - c).abs().max() > 1e-3  # the LoRA moves both outputs, so the match means something
 
 
+def test_every_flux_kohya_module_names_a_bfl_weight_of_its_shape(flux_lora_run, tiny_flux_model, tmp_path):
+    """ComfyUI's rule (comfy/lora.py model_lora_keys_unet: `lora_unet_` + each `diffusion_model.<path>.weight` of
+    the BFL model, dots as underscores; CLIP-L's layers as `lora_te1_text_model_encoder_layers_<i>_<proj>`), checked
+    on the BFL key set of the tiny model (which the single-file test loads back through diffusers): every module
+    of the file resolves and its up @ down has the weight's shape, or ComfyUI would skip it."""
+    from diffusers import FluxTransformer2DModel
+
+    tensors = load_file(ex.export(flux_lora_run, "comfyui", tmp_path / "c.safetensors"))
+    bfl = flux_keys.transformer_to_bfl(FluxTransformer2DModel.from_pretrained(tiny_flux_model, subfolder="transformer").state_dict())
+    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): v.shape for k, v in bfl.items() if k.endswith(".weight")}
+    clip = {f"lora_te1_text_model_encoder_layers_{i}_{p}" for i in range(2)
+            for p in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}
+    for name in {k.split(".")[0] for k in tensors}:
+        assert name in comfy or name in clip, name
+        if name in comfy:
+            assert (tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"]).shape == comfy[name], name
+
+
 def test_fused_parts_trained_at_different_scales_and_the_final_layer():
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, DIM, generator=g), torch.randn(DIM, 2, generator=g)), (torch.randn(3, DIM, generator=g), torch.randn(DIM, 3, generator=g))
