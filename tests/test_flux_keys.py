@@ -131,6 +131,10 @@ def test_fused_parts_trained_at_different_scales_and_the_final_layer():
     assert final["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"][:, 0].tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
     with pytest.raises(ex.ExportError, match="'transformer_blocks.0.attn.norm_q'.*--format diffusers"):
         flux_keys.flux_lora_to_kohya({"transformer_blocks.0.attn.norm_q": (torch.ones(1, 4), up, 1.0)})
+    # a FLUX DoRA has no place in the fused layout: refused, naming the key
+    with pytest.raises(ex.ExportError, match="to_q.lora_magnitude_vector' is a DoRA magnitude.*--format diffusers"):
+        flux_keys.flux_run_to_kohya({"transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(DIM)},
+                                    {"transformer": {"r": 4, "lora_alpha": 4}})
 
 
 def test_sd3_lora_exports_for_comfyui_in_diffusers_layout_and_refuses_kohya(tiny_sd3_model, subject_dir, tmp_path, capsys):

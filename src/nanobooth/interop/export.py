@@ -288,6 +288,8 @@ def _flux_single_file(run: Path, kind: str, cfg: dict, info: dict, out: Path, dt
     else:
         from ..inference.generate import load_run
 
+        if not cfg.get("model"):
+            raise ExportError(f"RUN_DIR '{run}' has no config.yaml naming its base model; a LoRA run needs it to export a checkpoint")
         pipe = load_run(str(cfg["model"]), str(run), allow_pickle=bool(cfg.get("allow_pickle")))
         if any(n.startswith("text_encoder") for n in _load(run / LORA_FILE)[0]):
             log.warning("the run's CLIP-L LoRA is not in the file: BFL's checkpoint holds the transformer only")

@@ -116,9 +116,11 @@ def flux_run_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict]) 
     conf = configs.get("transformer")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        m = _LORA_KEY.match(key)
-        if not m or m.group(1) != "transformer":
+        if not key.startswith("transformer."):
             continue
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise ExportError(f"LoRA key '{key}' is not a LoRA down/up weight (other adapters cannot be expressed in kohya's format)")
         if m.group(3) == "lora_magnitude_vector":
             raise ExportError(f"'{key}' is a DoRA magnitude: BFL's fused qkv/linear1 modules cannot hold DoRA "
                               "magnitudes of separate projections; export a FLUX DoRA run with --format diffusers")
