@@ -17,9 +17,11 @@
   exactly.)
   FLUX.1 LoRAs are named as kohya's lora_flux names them, by BFL's modules (`lora_unet_double_blocks_0_img_attn_qkv`,
   q/k/v fused: see flux_keys), CLIP-L as `lora_te1_`; that is what ComfyUI's LoraLoader and Forge map.
-- comfyui: the same file as kohya for SD, SDXL and FLUX. SD3 LoRAs have no kohya layout in common use (kohya's
-  and diffusers' SD3 trainers both save diffusers names, which ComfyUI maps): for SD3 this is the run's own file,
-  and --format kohya is refused.
+- comfyui: the same file as kohya for SD, SDXL and FLUX. For SD3 it is the run's own diffusers-named file:
+  ComfyUI and Forge map `transformer.<diffusers path>` keys for SD3 (comfy/lora.py, via utils.mmdit_to_diffusers)
+  and diffusers loads it. kohya's SD3 layout (networks/lora_sd3.py: SAI MMDiT names such as
+  `lora_unet_joint_blocks_0_x_block_attn_qkv`) is not written: diffusers has no loader for it to test against,
+  so --format kohya is refused for SD3.
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
@@ -383,8 +385,8 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         info = _base_info(kind, run, cfg, {k: v.shape for k, v in state.items()})
         if info["family"] == "sd3":
             if fmt == "kohya":
-                raise ExportError(f"RUN_DIR '{run_dir}' is an SD3 LoRA: there is no kohya layout for SD3 LoRAs in common use; "
-                                  "use --format comfyui (diffusers' layout, which ComfyUI and diffusers load)")
+                raise ExportError(f"RUN_DIR '{run_dir}' is an SD3 LoRA: kohya's SD3 layout is not written (diffusers cannot load it); "
+                                  "use --format comfyui (diffusers' names, which ComfyUI, Forge and diffusers load for SD3)")
             # ComfyUI maps SD3 LoRAs by their diffusers names (`transformer.transformer_blocks...`): the run's file
             return export(run_dir, "diffusers", out, dtype, overwrite)
         if info["family"] == "flux":
