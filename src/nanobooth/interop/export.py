@@ -1,4 +1,4 @@
-"""`nanobooth export RUN_DIR --format kohya|diffusers|single-file --out PATH`: hand a run to other tools.
+"""`nanobooth export RUN_DIR --format kohya|comfyui|diffusers|single-file --out PATH`: hand a run to other tools.
 
 - kohya: a LoRA file that AUTOMATIC1111, ComfyUI, kohya's sd-scripts and diffusers all load. Keys are
   kohya's: `lora_unet_<diffusers module path, dots as underscores>` (kohya trains SD 1.x/2.x on a
@@ -15,10 +15,19 @@
   the input axis only, so there a DoRA export loads as an approximation of the run; diffusers' kohya
   loader drops `dora_scale` for SD/SDXL. `--format diffusers` keeps the run's own file, which it reloads
   exactly.)
+  FLUX.1 LoRAs are named as kohya's lora_flux names them, by BFL's modules (`lora_unet_double_blocks_0_img_attn_qkv`,
+  q/k/v fused: see flux_keys), CLIP-L as `lora_te1_`; that is what ComfyUI's LoraLoader and Forge map.
+- comfyui: the same file as kohya for SD, SDXL and FLUX. For SD3 it is the run's own diffusers-named file:
+  ComfyUI and Forge map `transformer.<diffusers path>` keys for SD3 (comfy/lora.py, via utils.mmdit_to_diffusers)
+  and diffusers loads it. kohya's SD3 layout (networks/lora_sd3.py: SAI MMDiT names such as
+  `lora_unet_joint_blocks_0_x_block_attn_qkv`) is not written: diffusers has no loader for it to test against,
+  so --format kohya is refused for SD3.
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
-  `from_single_file` read it. A LoRA run is fused into its base model first.
+  `from_single_file` read it. A LoRA run is fused into its base model first. A FLUX run gives its transformer
+  in BFL's original layout (`double_blocks.0.img_attn.qkv.weight`, ...), as flux1-dev.safetensors ships it
+  (ComfyUI's Load Diffusion Model, Forge, `FluxTransformer2DModel.from_single_file`); SD3 runs are refused.
 
 Everything is safetensors; every output is written under a temporary name and renamed into place.
 """
@@ -42,7 +51,7 @@ from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefi
 from ..core.run_folder import LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
 
 log = logging.getLogger("nanobooth")
-FORMATS = ("kohya", "diffusers", "single-file")
+FORMATS = ("kohya", "comfyui", "diffusers", "single-file")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -83,13 +92,24 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
     folder = run if kind == "full" else Path(model).expanduser()
     if folder.is_file() and cfg.get("single_file_config"):
         folder = Path(cfg["single_file_config"]).expanduser()
-    names = (MODEL_INDEX, "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json")
-    index, unet, sched, te = (_json(folder / n) for n in names)
+    names = (MODEL_INDEX, "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+             "transformer/config.json")
+    index, unet, sched, te, dit = (_json(folder / n) for n in names)
     if not index and kind == "lora" and model.count("/") == 1 and not folder.exists():
         from huggingface_hub import try_to_load_from_cache
 
         found = [try_to_load_from_cache(model, n, revision=cfg.get("revision")) for n in names]
-        index, unet, sched, te = (_json(Path(p)) if isinstance(p, str) else {} for p in found)
+        index, unet, sched, te, dit = (_json(Path(p)) if isinstance(p, str) else {} for p in found)
+    # flow-matching transformers: by pipeline class, else (config not at hand) by the LoRA's module names
+    family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(index.get("_class_name"))
+    if family is None and any(k.startswith("transformer.") for k in shapes):
+        family = "flux" if any(".single_transformer_blocks." in k for k in shapes) else "sd3"
+    if family:
+        res = int(cfg.get("resolution") or 1024)
+        # kohya's sai_model_spec architectures; FLUX.1-schnell is the one without the guidance embedding
+        arch = ("flux-1-dev" if dit.get("guidance_embeds", True) else "flux-1-schnell") if family == "flux" else "stable-diffusion-3"
+        return dict(family=family, sdxl=False, v2=False, vpred=False, resolution=res, arch=arch,
+                    version="flux1" if family == "flux" else "sd3")
     width = unet.get("cross_attention_dim") or next((s[1] for k, s in shapes.items() if "attn2.to_k" in k and len(s) == 2), 768)
     sdxl = (index.get("_class_name") == "StableDiffusionXLPipeline" or "text_encoder_2" in index or width == 2048
             or any(k.startswith("text_encoder_2.") for k in shapes))
@@ -101,14 +121,14 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
             ("stable-diffusion-v2-768-v" if vpred else "stable-diffusion-v2-512") if v2 else "stable-diffusion-v1")
     # kohya's ss_base_model_version strings (library/model_util.py, sdxl_train_util.py)
     version = "sdxl_base_v1-0" if sdxl else ("sd_v2" if v2 else "sd_v1") + ("_v" if vpred else "")
-    return dict(sdxl=sdxl, v2=v2, vpred=vpred, resolution=res, arch=arch, version=version)
+    return dict(family="sdxl" if sdxl else "sd", sdxl=sdxl, v2=v2, vpred=vpred, resolution=res, arch=arch, version=version)
 
 
 # --- LoRA -> kohya ------------------------------------------------------------------------------------------
 
 # diffusers writes peft adapters as lora_A/lora_B, or in its older spellings (lora.down for the UNet,
 # lora_linear_layer.down for text encoders); all mean the same down/up pair.
-_LORA_KEY = re.compile(r"^(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
+_LORA_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
                        r"lora_linear_layer\.down|lora_linear_layer\.up|lora_magnitude_vector)(\.weight)?$")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
@@ -129,7 +149,7 @@ def adapter_configs(meta: dict, cfg: dict) -> dict[str, dict]:
     if not out and cfg.get("lora_rank"):
         rank = int(cfg["lora_rank"])
         alpha = float(cfg["lora_alpha"] if cfg.get("lora_alpha") is not None else rank)
-        out = {c: {"r": rank, "lora_alpha": alpha} for c in ("unet", "text_encoder", "text_encoder_2")}
+        out = {c: {"r": rank, "lora_alpha": alpha} for c in ("unet", "transformer", "text_encoder", "text_encoder_2")}
     return out
 
 
@@ -202,7 +222,7 @@ def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: str) -> dict[str, str]:
-    unet_conf = configs.get("unet", {})
+    unet_conf = configs.get("unet") or configs.get("transformer") or {}
     rank = unet_conf.get("r", cfg.get("lora_rank"))
     alpha = unet_conf.get("lora_alpha", cfg.get("lora_alpha") or rank)
     res = info["resolution"]
@@ -235,11 +255,12 @@ def modelspec(info: dict, title: str, lora: bool) -> dict[str, str]:
     """Stability AI's model-spec keys (kohya's library/sai_model_spec.py): what SwarmUI and others sort
     models by. Our LoRAs name modules the diffusers way; checkpoints use the LDM/SGM layout."""
     res = info["resolution"]
-    impl = "diffusers" if lora else "https://github.com/Stability-AI/generative-models"
+    flux = info.get("family") == "flux"  # FLUX LoRAs are named the BFL way; FLUX has no prediction-type key
+    impl = "https://github.com/black-forest-labs/flux" if flux else "diffusers" if lora else "https://github.com/Stability-AI/generative-models"
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": info["arch"] + ("/lora" if lora else ""),
             "modelspec.implementation": impl, "modelspec.title": title, "modelspec.resolution": f"{res}x{res}",
             "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-            "modelspec.prediction_type": "v" if info["vpred"] else "epsilon"}
+            **({} if flux else {"modelspec.prediction_type": "v" if info["vpred"] else "epsilon"})}
 
 
 def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
@@ -254,6 +275,30 @@ def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     pipe.fuse_lora(components=["unet", *names], lora_scale=1.0)
     pipe.unload_lora_weights()  # after fuse_lora this keeps the merged weights and drops the adapters
     return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
+
+
+def _flux_single_file(run: Path, kind: str, cfg: dict, info: dict, out: Path, dtype: torch.dtype | None) -> None:
+    """A FLUX transformer (a LoRA run fused into its base first) in BFL's layout, as flux1-dev.safetensors
+    ships it: the transformer alone (ComfyUI's Load Diffusion Model, Forge, diffusers' from_single_file)."""
+    from .flux_keys import transformer_to_bfl
+
+    if info["family"] != "flux":
+        raise ExportError(f"RUN_DIR '{run}' is an SD3 run: single-file export is written for SD/SDXL and FLUX only; "
+                          "use --format diffusers")
+    if kind == "full":
+        state = _folder_state(run / "transformer")
+    else:
+        from ..inference.generate import load_run
+
+        if not cfg.get("model"):
+            raise ExportError(f"RUN_DIR '{run}' has no config.yaml naming its base model; a LoRA run needs it to export a checkpoint")
+        pipe = load_run(str(cfg["model"]), str(run), allow_pickle=bool(cfg.get("allow_pickle")))
+        if any(n.startswith("text_encoder") for n in _load(run / LORA_FILE)[0]):
+            log.warning("the run's CLIP-L LoRA is not in the file: BFL's checkpoint holds the transformer only")
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        state = pipe.transformer.state_dict()
+    save_atomic(_cast(transformer_to_bfl(state), dtype), out, modelspec(info, out.stem, lora=False))
 
 
 # --- writing --------------------------------------------------------------------------------------------------
@@ -321,7 +366,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
     if fmt not in FORMATS:
         raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
     kind, cfg = read_run(run)
-    if fmt == "kohya" and kind != "lora":
+    if fmt in ("kohya", "comfyui") and kind != "lora":
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
     _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full")
@@ -334,19 +379,32 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         else:
             tensors, meta = _load(run / LORA_FILE, torch_dtype)  # metadata kept: it carries the adapter config
             save_atomic(tensors, out, meta)
-    elif fmt == "kohya":
+    elif fmt in ("kohya", "comfyui"):
         state, meta = _load(run / LORA_FILE)
         configs = adapter_configs(meta, cfg)
         info = _base_info(kind, run, cfg, {k: v.shape for k, v in state.items()})
-        pairs = sgm_unet_pairs(cfg["model"]) if info["sdxl"] else None
-        if info["sdxl"] and pairs is None:
-            log.warning("base model %s's UNet config is not available offline: SDXL UNet LoRA keys keep diffusers names", cfg["model"])
-        tensors = _cast(lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs), torch_dtype)
+        if info["family"] == "sd3":
+            if fmt == "kohya":
+                raise ExportError(f"RUN_DIR '{run_dir}' is an SD3 LoRA: kohya's SD3 layout is not written (diffusers cannot load it); "
+                                  "use --format comfyui (diffusers' names, which ComfyUI, Forge and diffusers load for SD3)")
+            # ComfyUI maps SD3 LoRAs by their diffusers names (`transformer.transformer_blocks...`): the run's file
+            return export(run_dir, "diffusers", out, dtype, overwrite)
+        if info["family"] == "flux":
+            from .flux_keys import flux_run_to_kohya
+
+            tensors = flux_run_to_kohya(state, configs)
+        else:
+            pairs = sgm_unet_pairs(cfg["model"]) if info["sdxl"] else None
+            if info["sdxl"] and pairs is None:
+                log.warning("base model %s's UNet config is not available offline: SDXL UNet LoRA keys keep diffusers names", cfg["model"])
+            tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
+        tensors = _cast(tensors, torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
+    elif (info := _base_info(kind, run, cfg, {})).get("family") in ("flux", "sd3"):
+        _flux_single_file(run, kind, cfg, info, out, torch_dtype)
     else:
         from tqdm.auto import tqdm
 
-        info = _base_info(kind, run, cfg, {})
         # the three phases of a multi-GB checkpoint (a minute or more for SD-sized models)
         bar = tqdm(total=3, desc="export: load" + (" and fuse" if kind == "lora" else ""), unit="phase")
         if kind == "full":
@@ -375,7 +433,8 @@ def cmd_export(args) -> None:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file",
-        description="kohya: a LoRA file for A1111, ComfyUI, kohya and diffusers (true alpha kept). diffusers: the run's "
+        description="kohya: a LoRA file for A1111, ComfyUI, Forge, kohya and diffusers (true alpha kept; FLUX in BFL's "
+                    "layout). comfyui: the same, but an SD3 LoRA keeps diffusers' names (ComfyUI's for SD3). diffusers: the run's "
                     "own LoRA file or pipeline folder. single-file: an LDM/SGM .safetensors checkpoint (LoRA runs are "
                     "fused into their base model).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished nanobooth run (output_dir)")
