@@ -32,6 +32,7 @@ from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
+from .quantize import quantize_base
 from .run_folder import CONFIG, SAMPLES, check_output_dir, class_images_dir, clear_outputs, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
@@ -176,6 +177,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
     check_resolution(cfg.resolution, c.vae.config, c.unet.config)
+    quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
@@ -219,7 +221,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
     for m in (unet, *text_encoders):
         for p in m.parameters():
-            p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+            if p.is_floating_point():  # not bitsandbytes' packed nf4 bytes
+                p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in text_encoders if te_trained else []:
