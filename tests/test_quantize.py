@@ -48,6 +48,7 @@ def test_lora_on_quantized_flux_base_trains_and_loads_unquantized(kind, tiny_flu
         b = before[n.replace(".base_layer", "")]
         assert torch.equal(data, b[0]) and torch.equal(scale, b[1]), n
     assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    assert unet.is_gradient_checkpointing  # gradient_checkpointing=true reaches the transformer
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["loss"] < 1e3 for r in log)
     sd = load_file(out / "pytorch_lora_weights.safetensors")
