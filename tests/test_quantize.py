@@ -94,3 +94,22 @@ def test_nf4_is_refused_on_cpu_before_the_run_folder(tiny_flux_model, subject_di
     assert len(lines) == 1 and "config key 'base_quantization'" in lines[0] and "int8" in lines[0]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_resume_on_quantized_base_is_bit_exact(tiny_flux_model, subject_dir, tmp_path):
+    """Quantizing is deterministic and checkpoints hold the adapters only, so a resumed run re-quantizes the same base."""
+    import shutil
+
+    extra = ["base_quantization=int8", "gradient_checkpointing=false", "learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2"]
+    full = tmp_path / "full"
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, full, *extra)]) == 0
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, part, *extra,
+                                                               "resume_from_checkpoint=latest")]) == 0
+    wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    la = [json.loads(x)["loss"] for x in (full / "train_log.jsonl").read_text().splitlines()[2:]]
+    assert la == [json.loads(x)["loss"] for x in (part / "train_log.jsonl").read_text().splitlines()]
