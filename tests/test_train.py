@@ -266,3 +266,32 @@ def test_captions_one_embedding_each_and_resume_bit_exact_with_caption_dropout(t
     shutil.copy(full / "config.yaml", part / "config.yaml")
     shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 2
+
+
+def test_frozen_text_encoders_and_cached_vae_leave_the_device_after_encoding(tiny_flux_model, subject_dir, tmp_path, monkeypatch):
+    """Once the prompts are encoded (and latents cached), the frozen text encoders and the VAE go to the CPU before
+    the first step; a validation render brings them back and returns them (train.py's `idle`)."""
+    import nanobooth.core.train as train_mod
+
+    seq, load = [], train_mod.load_components
+
+    def spy(*a, **k):  # records each .to(): "device" (accelerator.device), or the string it got ("cpu": an offload)
+        c = load(*a, **k)
+        for name, m in [("te0", c.text_encoders[0]), ("te1", c.text_encoders[1]), ("vae", c.vae)]:
+            def to(*args, _orig=m.to, _name=name, **kw):
+                where = args[0] if args else kw.get("device")
+                seq.append((_name, "device" if isinstance(where, torch.device) else str(where)))
+                return _orig(*args, **kw)
+            m.to = to
+        return c
+
+    monkeypatch.setattr(train_mod, "load_components", spy)
+    cfg = load_config("flux/dreambooth-lora", train_args(tiny_flux_model, subject_dir, tmp_path / "run", "gradient_checkpointing=false",
+                                                         "validation_prompts=[a sks dog]", "validation_steps=2"))
+    train(cfg, callbacks=[lambda e: seq.append(("event", type(e).__name__))])
+    first_step = seq.index(("event", "Step"))
+    for name in ("te0", "te1", "vae"):
+        before = [d for n, d in seq[:first_step] if n == name and d != "None"]
+        during = [d for n, d in seq[first_step:] if n == name and d != "None"]
+        assert before[0] == "device" and before[-1] == "cpu", (name, before)  # placed, then off the device before training
+        assert during == ["device", "cpu"] * 2, (name, during)  # the step-2 and final renders: there and back

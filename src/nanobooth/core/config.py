@@ -144,6 +144,8 @@ class TrainConfig:
     """Flow matching: shift the drawn noise levels by the image size as the FLUX sampler's dynamic shifting does (bigger images train noisier)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision: frozen models are cast to it, trained weights stay fp32."""
+    base_quantization: Literal["none", "int8", "fp8", "nf4"] = "none"
+    """Store the frozen denoiser's linear weights quantized (method=lora/dora only): int8 or fp8 weight-only (optimum-quanto; CPU or GPU), nf4 (bitsandbytes; CUDA only). Adapters train in fp32; the saved LoRA loads on the unquantized base."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     channels_last: bool = False
@@ -218,6 +220,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
+        if self.base_quantization != "none" and self.method == "full":
+            raise ConfigError(f"config key 'base_quantization': {self.base_quantization} quantizes the frozen base, but method=full "
+                              "trains every base weight; use method=lora (or dora), or base_quantization=none")
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
 

@@ -32,6 +32,7 @@ from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
+from .quantize import quantize_base
 from .run_folder import CONFIG, SAMPLES, check_output_dir, class_images_dir, clear_outputs, make_readable, result_kind
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
@@ -177,6 +178,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
     check_resolution(cfg.resolution, c.vae.config, c.unet.config, c.family.latent_patch)
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
+    quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
@@ -219,7 +221,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
     for m in (unet, *text_encoders):
         for p in m.parameters():
-            p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+            if p.is_floating_point():  # not bitsandbytes' packed nf4 bytes
+                p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in text_encoders if te_trained else []:
@@ -240,8 +243,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if not te_trained:  # frozen text encoders: each distinct prompt encoded once
         with torch.no_grad():
             text_cache = {p: cond_to(fam.encode(text_encoders, v, cfg.resolution), weight_dtype) for p, v in ids.items()}
-    if cache and not te_trained:
-        vae.to("cpu")  # nothing needs it until validation: free accelerator memory
+    # nothing needs these until validation (which brings them back for its render): free accelerator memory for the
+    # denoiser. Frozen text encoders once their prompts are encoded (FLUX's and SD3's T5-XXL is ~9 GB in bf16).
+    idle = ([vae] if cache and not te_trained else []) + ([] if te_trained else text_encoders)
+    for m in idle:
+        m.to("cpu")
 
     # --- optimizer and schedule -------------------------------------------------------------------------------
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
@@ -335,14 +341,14 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
                 info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
             try:
-                unet.eval(), [te.eval() for te in text_encoders], vae.to(device)
+                unet.eval(), [te.eval() for te in text_encoders], [m.to(device) for m in dict.fromkeys((vae, *idle))]
                 pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
                 pipe.set_progress_bar_config(desc=f"validation step {step}", leave=False)  # runs on rank 0 only
                 rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
                               cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
                               guidance_cutoff=cfg.validation_guidance_cutoff)
             finally:  # also after a failed or interrupted render: training goes on from here
-                unet.train(), [te.train(te_trained) for te in text_encoders]
+                unet.train(), [te.train(te_trained) for te in text_encoders], [m.to("cpu") for m in idle]
                 if info:
                     info["args"]["generator"] = tome_gen
         path = run_dir / SAMPLES / f"step-{step:06d}.png"
