@@ -293,6 +293,37 @@ def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_s
     assert "'resolution': 100 is not a multiple of 8" in resolution and "96 or 104" in resolution
 
 
+def test_photo_resume_and_model_resolution_refusals_load_no_heavy_module(tmp_path, toy_subject):
+    """The input errors a newcomer met at 8-15 s (the training stack loaded first) come back before it loads,
+    each naming the real problem: an empty folder is 'no images' (not a missing instance_prompt), a broken
+    photo names the file, a resume that would lose or replace work is refused, and a resolution the local
+    model cannot render names the model's own multiple (the toy model: 16)."""
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    shutil.copytree(toy_subject, broken)
+    (broken / "zz.png").write_bytes(b"\x89PNG not really")
+    finished = tmp_path / "finished"  # a finished LoRA run at step 5 whose checkpoints were removed
+    finished.mkdir()
+    (finished / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.1}) + "\n" for s in range(1, 6)))
+    (finished / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    base = ["train", "toy/dreambooth-lora", f"instance_data_dir={toy_subject}"]
+    results = run_probe([["train", "toy/dreambooth", "instance_data_dir=empty"],
+                         ["train", "toy/dreambooth", "instance_data_dir=broken"],
+                         [*base, f"output_dir={finished}", "resume_from_checkpoint=latest"],
+                         [*base, "output_dir=new", "resume_from_checkpoint=nowhere/checkpoint-000010"],
+                         [*base, "output_dir=new", "resolution=104"]], tmp_path)
+    for r in results:
+        assert r["rc"] == 2 and r["heavy"] == [], r
+    empty, bad_photo, finished_run, bad_resume, resolution = (r["err"][0] for r in results)
+    assert "no images in 'empty'" in empty and "instance_prompt" not in empty
+    assert "zz.png: cannot read this image" in bad_photo
+    assert "has no checkpoint to resume from (its log reaches step 5)" in finished_run
+    assert "'nowhere/checkpoint-000010': not a nanobooth checkpoint folder" in bad_resume
+    assert "'resolution': 104 is not a multiple of 16" in resolution and "96 or 112" in resolution
+
+
 def test_train_says_which_prompts_it_took_from_subject_json(tmp_path, toy_subject, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "full").mkdir()

@@ -13,12 +13,13 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
 USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.errors", "ModelError"),
-               ("nanobooth.core.checkpoint", "CheckpointError"), ("nanobooth.core.train", "TrainingError"))
+               ("nanobooth.core.errors", "CheckpointError"), ("nanobooth.core.train", "TrainingError"))
 
 
 def _user_errors(load: bool = True) -> tuple:
@@ -44,17 +45,22 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
-    from .core.config import fill_prompts
-    from .core.data import read_subject_meta, resolve_data_dir
-    from .core.run_folder import check_output_dir
+    from .core.config import check_resolution_before_loading, fill_prompts
+    from .core.data import check_images, read_subject_meta, resolve_data_dir
+    from .core.run_folder import check_finished, check_output_dir, resolve_resume
 
     # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
-    # it again for library callers): the photo folders, the prompts subject.json fills, the output folder
+    # it again for library callers): the photo folders and photos, the prompts subject.json fills, the output
+    # folder and the resume it asks for, and the resolution a local model can render
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
+    check_images(instance_dir)
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     check_output_dir(cfg)
+    if resolve_resume(Path(cfg.output_dir), cfg.resume_from_checkpoint, warn=False):
+        check_finished(Path(cfg.output_dir), cfg.max_train_steps)
+    check_resolution_before_loading(cfg)
     from .core.run_folder import SAMPLES
     from .core.train import train
 

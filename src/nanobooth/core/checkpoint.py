@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,58 +22,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .run_folder import CHECKPOINTS, TRAIN_LOG, make_readable
+from .errors import CheckpointError  # noqa: F401 (re-exported: callers catch it from here)
+from .run_folder import CHECKPOINTS, make_readable
+# the checkpoint folder's paths live in run_folder (torch-free, so the CLI refuses a bad resume early); re-exported
+from .run_folder import CKPT, checkpoint_dir, list_checkpoints, logged_steps, resolve_resume  # noqa: F401
 
 log = logging.getLogger("nanobooth")
-CKPT = re.compile(r"checkpoint-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    """Where the checkpoint of `step` (steps done) lives: checkpoints/checkpoint-NNNNNN."""
-    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and CKPT.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
-
-
-def logged_steps(run_dir: Path) -> int:
-    """The last step train_log.jsonl records (0 when none)."""
-    p = Path(run_dir) / TRAIN_LOG
-    lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
-    try:
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (ValueError, KeyError, TypeError):
-        return 0
-
-
-def resolve_resume(run_dir: Path, spec: str | None) -> Path | None:
-    if not spec:
-        return None
-    if spec == "latest":
-        ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            trained = logged_steps(run_dir)
-            if trained:  # starting over would silently throw those steps away
-                raise CheckpointError(f"resume_from_checkpoint=latest: {run_dir} has no checkpoint to resume from (its log "
-                                      f"reaches step {trained}); to train it again from step 0 drop resume_from_checkpoint "
-                                      f"and pass overwrite=true")
-            # nothing trained yet (e.g. stopped while making class images): step 0 loses nothing
-            log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from step 0", run_dir)
-            return None
-        return ckpts[-1]
-    path = Path(spec)
-    if not (path / "state.json").is_file():
-        raise CheckpointError(f"resume_from_checkpoint '{spec}': not a nanobooth checkpoint folder (no state.json); pass latest or a checkpoints/checkpoint-N folder")
-    return path
 
 
 def input_record(files: list[Path]) -> list[list[str]]:

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import json
 import logging
 import math
 import typing
@@ -439,6 +440,27 @@ def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int
     if resolution % step:
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
                           f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
+
+
+def check_resolution_before_loading(cfg: "TrainConfig") -> None:
+    """check_resolution with the factors read from a local diffusers folder's (or the shipped toy model's)
+    vae/ and unet/ or transformer/ config.json, so the CLI refuses before the training stack loads. Hub ids
+    and single files are checked after loading (train.py); so is a family's own patching (FLUX's 2x2)."""
+    from types import SimpleNamespace
+
+    if cfg.pretrained_vae_model_name_or_path:
+        return  # another VAE: its factor is known once it loads
+    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
+    denoiser = next((folder / d / "config.json" for d in ("unet", "transformer") if (folder / d / "config.json").is_file()), None)
+    vae = folder / "vae" / "config.json"
+    if denoiser is None or not vae.is_file():
+        return
+    try:
+        vae_cfg, den_cfg = (SimpleNamespace(**json.loads(p.read_text())) for p in (vae, denoiser))
+    except (OSError, ValueError, TypeError):
+        return  # a broken folder is the loader's to report, with its own message
+    if hasattr(vae_cfg, "block_out_channels") and (hasattr(den_cfg, "block_out_channels") or hasattr(den_cfg, "patch_size")):
+        check_resolution(cfg.resolution, vae_cfg, den_cfg)
 
 
 def _nearest_multiples(resolution: int, step: int) -> str:

@@ -111,6 +111,22 @@ def image_paths(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS]
 
 
+def check_images(folder: Path, key: str = "instance_data_dir") -> None:
+    """Refuse, in one line, a folder with no photos or with a photo that cannot be read, without decoding
+    at full size (JPEG draft mode): the CLI calls this before any model loads, and before the prompts,
+    which an empty folder's missing subject.json would otherwise be blamed for."""
+    files = image_paths(folder)
+    if not files:
+        raise DataError(f"{key}: no images in '{folder}' (expected .jpg/.png/.webp files)")
+    for p in files:
+        try:
+            with Image.open(p) as img:
+                img.draft("RGB", (64, 64))
+                img.load()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{p}: cannot read this image ({e}); replace or remove the file") from None
+
+
 def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{key}: folder '{folder}' does not exist")

@@ -14,15 +14,17 @@ must not need a chmod first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, field_names, resume_safe_keys
-from .errors import ModelError  # torch-free: the CLI checks output_dir before the training stack loads
+from .errors import CheckpointError, ModelError  # torch-free: the CLI checks output_dir before the training stack loads
 
 log = logging.getLogger("nanobooth")
 
@@ -199,3 +201,63 @@ def atomic_file(out):
         os.replace(tmp, out)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+# --- checkpoints and resume (torch-free, so the CLI refuses a bad resume before the training stack loads) ---
+CKPT = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` (steps done) lives: checkpoints/checkpoint-NNNNNN."""
+    return Path(run_dir) / CHECKPOINTS / f"checkpoint-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and CKPT.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
+
+
+def logged_steps(run_dir: Path) -> int:
+    """The last step train_log.jsonl records (0 when none)."""
+    p = Path(run_dir) / TRAIN_LOG
+    lines = [ln for ln in p.read_text().splitlines() if ln.strip()] if p.is_file() else []
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def resolve_resume(run_dir: Path, spec: str | None, warn: bool = True) -> Path | None:
+    """The checkpoint folder `spec` (latest, or a path) names, None to start at step 0; CheckpointError when
+    that would lose work or the folder is not a checkpoint. `warn`: log the start-from-0 case."""
+    if not spec:
+        return None
+    if spec == "latest":
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            trained = logged_steps(run_dir)
+            if trained:  # starting over would silently throw those steps away
+                raise CheckpointError(f"resume_from_checkpoint=latest: {run_dir} has no checkpoint to resume from (its log "
+                                      f"reaches step {trained}); to train it again from step 0 drop resume_from_checkpoint "
+                                      f"and pass overwrite=true")
+            # nothing trained yet (e.g. stopped while making class images): step 0 loses nothing
+            if warn:
+                log.warning("resume_from_checkpoint=latest: no checkpoint in %s yet; starting from step 0", run_dir)
+            return None
+        return ckpts[-1]
+    path = Path(spec)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"resume_from_checkpoint '{spec}': not a nanobooth checkpoint folder (no state.json); pass latest or a checkpoints/checkpoint-N folder")
+    return path
+
+
+def check_finished(run_dir: Path, max_train_steps: int) -> None:
+    """A finished run's weights are never replaced by a resume that ends at or before their step."""
+    done = logged_steps(run_dir)
+    if done >= max_train_steps and result_kind(run_dir):
+        raise CheckpointError(f"output_dir '{run_dir}' holds a run finished at step {done}: resuming to max_train_steps="
+                              f"{max_train_steps} would replace its weights with less-trained ones; pass max_train_steps "
+                              f"above {done} to train on, or another output_dir")

@@ -33,7 +33,7 @@ from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .quantize import quantize_base
-from .run_folder import CONFIG, SAMPLES, check_output_dir, class_images_dir, clear_outputs, make_readable, result_kind
+from .run_folder import CONFIG, SAMPLES, check_finished, check_output_dir, class_images_dir, clear_outputs, make_readable
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -77,15 +77,6 @@ def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
-
-
-def check_finished(run_dir: Path, max_train_steps: int) -> None:
-    """A finished run's weights are never replaced by a resume that ends at or before their step."""
-    done = ckpt.logged_steps(run_dir)
-    if done >= max_train_steps and result_kind(run_dir):
-        raise ckpt.CheckpointError(f"output_dir '{run_dir}' holds a run finished at step {done}: resuming to max_train_steps="
-                                   f"{max_train_steps} would replace its weights with less-trained ones; pass max_train_steps "
-                                   f"above {done} to train on, or another output_dir")
 
 
 def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
