@@ -191,3 +191,12 @@ def test_fp16_without_cuda_is_refused_before_anything_is_written(tiny_model, sub
     err = _error_lines(capsys)
     assert len(err) == 1 and "'mixed_precision'" in err[0] and "bf16" in err[0]
     assert not out.exists()
+
+
+def test_a_broken_list_override_is_refused_not_read_as_a_string():
+    # `validation_prompts=[a` used to become the one prompt "[a"
+    with pytest.raises(ConfigError, match=r"config key 'validation_prompts': '\[a' is not a valid YAML list"):
+        load_config("toy/dreambooth", ["validation_prompts=[a"])
+    assert load_config("toy/dreambooth", ["validation_prompts=[a sks dog, a dog]"]).validation_prompts == ["a sks dog", "a dog"]
+    assert load_config("toy/dreambooth", ["instance_prompt=a photo: sks dog"]).instance_prompt == "a photo: sks dog"
+

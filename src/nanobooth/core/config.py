@@ -401,7 +401,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key = key.strip().removeprefix("--").replace("-", "_")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: a string would train on '[a'
+                problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+                raise ConfigError(f"config key '{key}': {raw!r} is not a valid YAML list or mapping ({problem}); "
+                                  f"e.g. {key}=\"[a photo of sks dog, a sks dog on the beach]\"") from None
             value = raw  # an unparsable value is most likely a plain string (a prompt with a colon)
         if key in hints and _wants_str(hints[key]) and value is not None and not isinstance(value, str):
             value = raw
