@@ -47,7 +47,7 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
     from .core.config import check_resolution_before_loading, fill_prompts
     from .core.data import check_images, read_subject_meta, resolve_data_dir
-    from .core.run_folder import check_finished, check_output_dir, resolve_resume
+    from .core.run_folder import check_output_dir, check_resume_request
 
     # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
     # it again for library callers): the photo folders and photos, the prompts subject.json fills, the output
@@ -58,8 +58,7 @@ def cmd_train(args) -> None:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     check_output_dir(cfg)
-    if resolve_resume(Path(cfg.output_dir), cfg.resume_from_checkpoint, warn=False):
-        check_finished(Path(cfg.output_dir), cfg.max_train_steps)
+    check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
     check_resolution_before_loading(cfg)
     from .core.run_folder import SAMPLES
     from .core.train import train

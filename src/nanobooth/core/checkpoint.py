@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError  # noqa: F401 (re-exported: callers catch it from here)
 from .run_folder import CHECKPOINTS, make_readable
 # the checkpoint folder's paths live in run_folder (torch-free, so the CLI refuses a bad resume early); re-exported
-from .run_folder import CKPT, checkpoint_dir, list_checkpoints, logged_steps, resolve_resume  # noqa: F401
+from .run_folder import CKPT, check_steps_left, checkpoint_dir, list_checkpoints, logged_steps, resolve_resume  # noqa: F401
 
 log = logging.getLogger("nanobooth")
 
@@ -52,10 +52,7 @@ def check_resume(path: Path, max_train_steps: int, inputs: dict[str, list[list[s
     `inputs`: {"instance_data_dir": record, "class_data_dir": record} of the files there now.
     Returns the checkpoint's step."""
     state = json.loads((path / "state.json").read_text())
-    step = int(state["step"])
-    if step >= max_train_steps:
-        raise CheckpointError(f"{path.name} is at step {step} and max_train_steps={max_train_steps}: nothing left to train; "
-                              f"pass max_train_steps above {step} to train on (the run folder is left as it is)")
+    step = check_steps_left(path, max_train_steps)
     saved = state.get("inputs")
     if saved is None:
         log.warning("%s does not record its input images (saved by an older nanobooth): cannot check that they are unchanged",
