@@ -62,6 +62,9 @@ def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, reques
         read = fam.layers_read(i, t.config.num_hidden_layers)
         layers = {int(n.split("layers.")[1].split(".")[0]) for n in names if "layers." in n}
         assert layers == set(read)  # every layer the UNet reads trains, no other
+        if not read:  # an encoder the denoiser reads no layer of (SD3's and FLUX's T5) trains nothing at all
+            assert not names
+            continue
         if name != "full":
             assert all(any(a in n for a in ADAPTER[name]) for n in names)
             assert all(any(a in n for n in names) for a in ADAPTER[name])
