@@ -47,7 +47,7 @@ def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
     from .core.config import check_resolution_before_loading, fill_prompts
     from .core.data import check_images, read_subject_meta, resolve_data_dir
-    from .core.run_folder import check_output_dir, check_resume_request
+    from .core.run_folder import SAMPLES, check_output_dir, check_resume_request
 
     # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
     # it again for library callers): the photo folders and photos, the prompts subject.json fills, the output
@@ -60,7 +60,6 @@ def cmd_train(args) -> None:
     check_output_dir(cfg)
     check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
     check_resolution_before_loading(cfg)
-    from .core.run_folder import SAMPLES
     from .core.train import train
 
     run_dir = train(cfg)

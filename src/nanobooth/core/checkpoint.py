@@ -52,7 +52,8 @@ def check_resume(path: Path, max_train_steps: int, inputs: dict[str, list[list[s
     `inputs`: {"instance_data_dir": record, "class_data_dir": record} of the files there now.
     Returns the checkpoint's step."""
     state = json.loads((path / "state.json").read_text())
-    step = check_steps_left(path, max_train_steps)
+    step = int(state["step"])
+    check_steps_left(path, step, max_train_steps)
     saved = state.get("inputs")
     if saved is None:
         log.warning("%s does not record its input images (saved by an older nanobooth): cannot check that they are unchanged",

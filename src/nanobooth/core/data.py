@@ -93,9 +93,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, draft: tuple[int, int] | None = None) -> Image.Image:
+    """The image as upright 8-bit RGB, or DataError naming the file. `draft`: let a JPEG decode at a reduced
+    size near it (enough to find a broken file cheaply; check_images)."""
     try:
         with Image.open(path) as img:
+            if draft:
+                img.draft("RGB", draft)
             img.load()  # forces the full decode, so truncated files fail here and not mid-training
             return to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -115,16 +119,8 @@ def check_images(folder: Path, key: str = "instance_data_dir") -> None:
     """Refuse, in one line, a folder with no photos or with a photo that cannot be read, without decoding
     at full size (JPEG draft mode): the CLI calls this before any model loads, and before the prompts,
     which an empty folder's missing subject.json would otherwise be blamed for."""
-    files = image_paths(folder)
-    if not files:
-        raise DataError(f"{key}: no images in '{folder}' (expected .jpg/.png/.webp files)")
-    for p in files:
-        try:
-            with Image.open(p) as img:
-                img.draft("RGB", (64, 64))
-                img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{p}: cannot read this image ({e}); replace or remove the file") from None
+    for p in _some_images(image_paths(folder), folder, key):
+        load_image(p, draft=(64, 64))
 
 
 def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
@@ -136,6 +132,10 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     for p in skipped:
         if p.name != "subject.json" and not (p.suffix == ".txt" and p.stem in stems):  # a caption (caption_of)
             log.warning("%s: not an image file, skipped", p)
+    return _some_images(files, folder, key)
+
+
+def _some_images(files: list[Path], folder: Path, key: str) -> list[Path]:
     if not files:
         raise DataError(f"{key}: no images in '{folder}' (expected .jpg/.png/.webp files)")
     return files

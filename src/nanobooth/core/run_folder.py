@@ -263,13 +263,11 @@ def check_finished(run_dir: Path, max_train_steps: int) -> None:
                               f"above {done} to train on, or another output_dir")
 
 
-def check_steps_left(checkpoint: Path, max_train_steps: int) -> int:
-    """The checkpoint's step; CheckpointError when it leaves nothing to train."""
-    step = int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+def check_steps_left(checkpoint: Path, step: int, max_train_steps: int) -> None:
+    """CheckpointError when the checkpoint's `step` (its state.json's) leaves nothing to train."""
     if step >= max_train_steps:
         raise CheckpointError(f"{Path(checkpoint).name} is at step {step} and max_train_steps={max_train_steps}: nothing left to "
                               f"train; pass max_train_steps above {step} to train on (the run folder is left as it is)")
-    return step
 
 
 def check_resume_request(run_dir: Path, spec: str | None, max_train_steps: int) -> None:
@@ -277,6 +275,6 @@ def check_resume_request(run_dir: Path, spec: str | None, max_train_steps: int) 
     a finished run's weights), without torch, for the CLI; train then also checks the input images."""
     resume = resolve_resume(run_dir, spec, warn=False)
     if resume:
-        check_steps_left(resume, max_train_steps)
+        check_steps_left(resume, int(json.loads((resume / "state.json").read_text())["step"]), max_train_steps)
         check_finished(run_dir, max_train_steps)
 
