@@ -1,0 +1,88 @@
+"""What each training aid buys, measured on the embedded toy model (issue #23's table).
+
+For each held-out subject seed and each arm (a packaged toy variant plus `key=value` overrides), train
+through the CLI and score with `nanobooth toy eval`; print one markdown table of the means over subjects
+and one row per (arm, subject). Runs already scored are reused, so an interrupted bench resumes.
+
+    python bench/aids_toy.py --out /tmp/aids --seeds 4242 5000 5001 7001
+    python bench/aids_toy.py --out /tmp/aids --arms lora-prior dora-prior --seeds 4242
+
+Every arm shares one class-image folder per subject (same base, class prompt and resolution: the
+provenance check allows it), so class images are generated once per subject, not once per arm.
+Seconds per run are wall time on whatever the machine is doing: compare arms by the scores only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# arm -> (packaged variant, overrides); every arm keeps the variant's steps, lr and guidance cutoff
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "lora-prior": ("toy/dreambooth-lora-prior-pre", []),
+    "lora-prior+ema": ("toy/dreambooth-lora-prior-pre", ["use_ema=true"]),
+    "dora-prior": ("toy/dreambooth-dora-prior-pre", []),
+    "lokr-prior": ("toy/dreambooth-lora-prior-pre", ["method=lokr"]),
+    "loha-prior": ("toy/dreambooth-lora-prior-pre", ["method=loha"]),
+    "pivotal-prior": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=true"]),
+    "lora": ("toy/dreambooth-lora", []),
+}
+METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
+
+
+def run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool) -> dict:
+    variant, overrides = ARMS[arm]
+    subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
+    scores = run_dir / "toy_eval.json"
+    if scores.is_file():
+        return json.loads(scores.read_text())
+    if not subj.is_dir():
+        run([sys.executable, "-m", "nanobooth", "toy", "subject", "--seed", str(seed), "--out", str(subj)])
+    t0 = time.perf_counter()
+    if not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("*.safetensors")):
+        run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
+             f"class_data_dir={out / 'class' / str(seed)}", *overrides])
+    run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
+         *([] if base else ["--no-base"])])
+    result = json.loads(scores.read_text())
+    result["_seconds"] = time.perf_counter() - t0
+    scores.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def pick(result: dict, key: str, section: str = "tuned") -> float | None:
+    """A metric of toy_eval.json's "tuned" (the run), "base" or "reference" section."""
+    value = result.get(section, {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--arms", nargs="+", default=["lora-prior", "lora-prior+ema", "dora-prior", "lokr-prior", "pivotal-prior"],
+                   choices=sorted(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[4242, 5000, 5001, 7001])
+    p.add_argument("--images-per-prompt", type=int, default=8)
+    a = p.parse_args()
+    # the base model's scores depend on the subject only: the first arm of each subject scores them
+    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, base=arm == a.arms[0]) for s in a.seeds for arm in a.arms}
+    head = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
+    print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt)\n\n{head}")
+    for arm, section in [(a.arms[0], "base"), *((arm, "tuned") for arm in a.arms)]:
+        vals = [[pick(rows[arm, s], m, section) for s in a.seeds] for m in METRICS]
+        print(f"| {'base model' if section == 'base' else arm} | " + " | ".join(f"{sum(v) / len(v):.3f}" if None not in v else "–" for v in vals) + " |")
+    print("\nper subject\n\n| arm | seed | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
+    for (arm, s), r in rows.items():
+        print(f"| {arm} | {s} | " + " | ".join(f"{pick(r, m):.3f}" if pick(r, m) is not None else "–" for m in METRICS) + " |")
+
+
+if __name__ == "__main__":
+    main()
