@@ -102,6 +102,12 @@ def cmd_demo(args) -> None:
     demo(args.out, args.steps, threads=args.threads)
 
 
+def cmd_ui(args) -> None:
+    from .ui.app import serve
+
+    serve(args.workspace, host=args.host, port=args.port, share=args.share)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for Stable Diffusion.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -147,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("ui", help="the whole workflow in a local browser page (needs gradio: pip install nanobooth[ui])")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--workspace", default="nanobooth-workspace",
+                   help="folder for subjects, runs and exports; nothing outside it is read or written")
+    u.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    u.set_defaults(func=cmd_ui)
 
     for name, (module, help_text) in LAZY.items():
         # add_help=False: `nanobooth eval --help` is answered by the real parser
