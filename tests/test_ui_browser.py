@@ -70,6 +70,8 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.get_by_role("tab", name="2 Train").click()
         page.locator("#nb-steps input").fill("20")
         page.locator("#nb-val textarea").fill("a photo of a sks dog")
+        # fewer sampler steps for the grids and the Try-it images (generate takes the run's setting)
+        page.locator("#nb-advanced textarea").fill("validation_inference_steps=8\nnum_validation_images=1")
         page.locator("#nb-start").click()
         page.wait_for_selector("#nb-progress[data-status=running]")
         page.screenshot(path=str(shots / "2-training.png"), full_page=True)

@@ -246,7 +246,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         def tick():
             job = jm.current()
-            losses = pd.DataFrame(job.losses if job else [], columns=["step", "loss"])
+            pairs = job.losses if job else []
+            # typed columns: an untyped (object) column makes a categorical axis
+            losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
+                                   "loss": pd.Series([v for _, v in pairs], dtype="float64")})
             latest = str(job.grids[-1][1]) if job and job.grids else None
             return progress_html(job), losses, latest
 
