@@ -8,7 +8,7 @@ ROOT = Path(str(resources.files("nanobooth")))
 
 # A layer may import (at module scope) only from itself and the layers listed after it. Imports inside
 # functions are how the CLI stays torch-free and are not checked here (test_cli checks what they load).
-LAYERS = ["cli", "demo", "toy", "eval", "interop", "core.train", "inference", "methods", "core", "families", "tiny"]
+LAYERS = ["ui", "cli", "demo", "toy", "eval", "interop", "core.train", "inference", "methods", "core", "families", "tiny"]
 
 
 def module_name(path: Path) -> str:

@@ -12,6 +12,8 @@
   and raises stop.TrainingInterrupted; resume with `cfg.resume_from_checkpoint = "latest"`.
 - `generate(model, prompts, *, weights=None, num_images=1, seed=0, ...)` -> list of PIL images (generate.py).
 - `evaluate(model, subject_dir, out, *, weights=None, ...)` -> the eval.json dict (evaluate.py).
+- `toy_eval(run_dir)` -> the toy_eval.json dict of a toy-model run (toy/evaluate.py), `export(run_dir, fmt, out)`
+  -> the written path (interop/export.py): what `nanobooth toy eval` and `nanobooth export` run.
 
 Errors a user can cause are the classes the CLI prints as one line (ConfigError, DataError, ModelError,
 CheckpointError, TrainingError). Importing this module imports torch; `import nanobooth` does not.
@@ -23,5 +25,7 @@ from .eval.evaluate import evaluate
 from .inference.generate import generate
 from .core.stop import TrainingInterrupted
 from .core.train import train
+from .interop.export import export
+from .toy.evaluate import toy_eval
 
-__all__ = ["train", "generate", "evaluate", "TrainingInterrupted"]
+__all__ = ["train", "generate", "evaluate", "toy_eval", "export", "TrainingInterrupted"]

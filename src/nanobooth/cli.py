@@ -45,9 +45,21 @@ def _setup_logging() -> None:
 
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
+    check_train_input(cfg)
+    from .core.run_folder import SAMPLES
+    from .core.train import train
+
+    run_dir = train(cfg)
+    samples = run_dir / SAMPLES
+    print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
+
+
+def check_train_input(cfg) -> None:
+    """The one-line refusals a train command can meet, before the training stack loads (the UI calls it too);
+    fills empty prompts from subject.json."""
     from .core.config import check_resolution_before_loading, fill_prompts
     from .core.data import check_images, read_subject_meta, resolve_data_dir
-    from .core.run_folder import SAMPLES, check_output_dir, check_resume_request
+    from .core.run_folder import check_output_dir, check_resume_request
 
     # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
     # it again for library callers): the photo folders and photos, the prompts subject.json fills, the output
@@ -60,11 +72,6 @@ def cmd_train(args) -> None:
     check_output_dir(cfg)
     check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
     check_resolution_before_loading(cfg)
-    from .core.train import train
-
-    run_dir = train(cfg)
-    samples = run_dir / SAMPLES
-    print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
 
 
 def cmd_generate(args) -> None:
@@ -93,6 +100,12 @@ def cmd_demo(args) -> None:
     from .demo import demo
 
     demo(args.out, args.steps, threads=args.threads)
+
+
+def cmd_ui(args) -> None:
+    from .ui.app import serve
+
+    serve(args.workspace, host=args.host, port=args.port, share=args.share)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
+
+    u = sub.add_parser("ui", help="the whole workflow in a local browser page (needs gradio: pip install nanobooth[ui])")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--workspace", default="nanobooth-workspace",
+                   help="folder for subjects, runs and exports; nothing outside it is read or written")
+    u.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    u.set_defaults(func=cmd_ui)
 
     for name, (module, help_text) in LAZY.items():
         # add_help=False: `nanobooth eval --help` is answered by the real parser

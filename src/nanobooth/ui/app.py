@@ -1,0 +1,352 @@
+"""`nanobooth ui`: the page (gradio Blocks). Subject -> Train -> Try it -> Measure -> Export, and Runs.
+
+Every setting goes through `load_config(variant, ["key=value", ...])`, the CLI's loading and validation
+(did-you-mean errors), then `cli.check_train_input`, the CLI's pre-checks; training runs in the job
+manager's worker (jobs.py). The page polls the manager once a second, so a reloaded page shows the live
+run. Errors reach the page as the CLI's one line (jobs.one_line), never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .jobs import FINAL, JobManager, one_line
+from .workspace import MAX_PHOTOS, MIN_PHOTOS, Workspace, photo_warnings, run_status, subject_names, subject_prompts
+
+FAMILIES = {"toy (embedded, CPU)": "toy/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
+VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
+            "dreambooth-finetune-text-encoder"]
+EXPORTS = {"kohya / A1111 LoRA": "kohya", "ComfyUI LoRA": "comfyui", "single-file checkpoint": "single-file",
+           "diffusers": "diffusers"}
+
+
+def _guard(fn):
+    """Run a handler; any exception becomes a gr.Error with the CLI's one line (the page shows it)."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        import gradio as gr
+
+        try:
+            return fn(*args)
+        except gr.Error:
+            raise
+        except BaseException as e:  # noqa: BLE001 - a page shows a line, not a traceback
+            raise gr.Error(one_line(e), duration=None) from None
+    return wrapper
+
+
+def progress_html(job) -> str:
+    if job is None:
+        return '<div id="nb-progress" data-status="none">no training run yet</div>'
+    pct = round(100 * job.fraction())
+    eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None and job.status not in FINAL else ""
+    phase = f"{job.phase}: {job.done}/{job.total}" if job.phase else "loading models"
+    return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
+            f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
+            f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
+            f'<div id="nb-message">{job.message}</div></div>')
+
+
+def build(workspace: Workspace, manager: JobManager | None = None):
+    import gradio as gr
+    import pandas as pd
+
+    from ..core.config import load_config, variant_names
+
+    jm = manager or JobManager()
+    ws = workspace
+
+    def run_names():
+        return sorted((p.name for p in ws.runs.iterdir() if p.is_dir()), reverse=True)
+
+    def run_dir(name):
+        folder = (ws.runs / (name or "")).resolve()
+        if not name or folder.parent != ws.runs or not folder.is_dir():
+            raise gr.Error("pick a run first (Runs tab, or train one)")
+        return folder
+
+    def show_subject(name, resolution, identifier, noun):
+        folder = ws.subject_folder(name)
+        from ..core.data import image_paths
+
+        photos = image_paths(folder)
+        items, lines = [], []
+        for p in photos:
+            warns = photo_warnings(p, int(resolution))
+            items.append((str(p), "; ".join(warns) or "ok"))
+            lines += [f"- {p.name}: {w}" for w in warns]
+        if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
+            lines.insert(0, f"- {len(photos)} photos: use {MIN_PHOTOS}-{MAX_PHOTOS}")
+        inst, cls = subject_prompts(folder, identifier, noun)
+        return items, "\n".join(lines) or "all photos ok", f"instance prompt: `{inst}`  \nclass prompt: `{cls}`"
+
+    with gr.Blocks(title="nanobooth") as page:
+        gr.Markdown(f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`")
+        subject = gr.Dropdown(ws.subjects(), label="subject", value=(ws.subjects() or [None])[0], elem_id="nb-subject")
+        with gr.Tabs():
+            with gr.Tab("1 Subject"):
+                with gr.Row():
+                    uploads = gr.File(file_count="multiple", label=f"upload {MIN_PHOTOS}-{MAX_PHOTOS} photos",
+                                      elem_id="nb-upload")
+                    with gr.Column():
+                        dog_btn = gr.Button("use the example dog", elem_id="nb-dog")
+                        toy_seed = gr.Number(7, label="toy subject seed", precision=0)
+                        toy_btn = gr.Button("generate a toy subject", elem_id="nb-toy")
+                with gr.Row():
+                    identifier = gr.Textbox("sks", label="identifier")
+                    noun = gr.Textbox("dog", label="class noun")
+                upload_msg = gr.Markdown(elem_id="nb-upload-msg")
+                thumbs = gr.Gallery(label="photos (caption: warnings)", columns=6, height=220, elem_id="nb-thumbs")
+                warnings = gr.Markdown(elem_id="nb-warnings")
+                prompts_md = gr.Markdown(elem_id="nb-prompts")
+            with gr.Tab("2 Train"):
+                with gr.Row():
+                    family = gr.Dropdown(list(FAMILIES), value="toy (embedded, CPU)", label="family")
+                    variant = gr.Dropdown(VARIANTS, value="dreambooth-lora", label="variant")
+                    model = gr.Textbox("toy", label="model (hub id, local folder or .safetensors in the workspace)")
+                with gr.Row():
+                    steps = gr.Number(300, label="max_train_steps", precision=0, elem_id="nb-steps")
+                    lr = gr.Textbox("", label="learning_rate (empty: the variant's)")
+                    rank = gr.Number(16, label="lora_rank", precision=0)
+                    resolution = gr.Number(64, label="resolution", precision=0)
+                with gr.Row():
+                    prior = gr.Checkbox(False, label="prior preservation", elem_id="nb-prior")
+                    n_class = gr.Number(50, label="num_class_images", precision=0)
+                val_prompts = gr.Textbox("a photo of a sks dog\na photo of a sks dog on the beach", lines=2,
+                                         label="validation prompts (one a line)", elem_id="nb-val")
+                advanced = gr.Textbox("", lines=3, label="advanced: any key=value, one a line (as on the CLI)",
+                                      elem_id="nb-advanced")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="nb-start")
+                    stop = gr.Button("Stop (checkpoint)", elem_id="nb-stop")
+                    resume = gr.Button("Resume", elem_id="nb-resume")
+                train_msg = gr.Markdown(elem_id="nb-train-msg")
+                progress = gr.HTML(progress_html(jm.current()), elem_id="nb-progress-box")
+                with gr.Row():
+                    loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=260)
+                    grid = gr.Image(label="latest validation grid", type="filepath", elem_id="nb-grid")
+            with gr.Tab("3 Try it"):
+                try_run = gr.Dropdown(run_names(), label="run", elem_id="nb-try-run")
+                with gr.Row():
+                    try_prompt = gr.Textbox("a photo of a sks dog on the beach", label="prompt", elem_id="nb-try-prompt")
+                    try_seed = gr.Number(0, label="seed", precision=0)
+                try_btn = gr.Button("Generate", elem_id="nb-generate")
+                with gr.Row():
+                    base_img = gr.Image(label="base model", type="pil", elem_id="nb-base-img")
+                    tuned_img = gr.Image(label="trained", type="pil", elem_id="nb-tuned-img")
+            with gr.Tab("4 Measure"):
+                eval_run = gr.Dropdown(run_names(), label="run")
+                eval_btn = gr.Button("Evaluate", elem_id="nb-eval")
+                eval_md = gr.Markdown(elem_id="nb-eval-msg")
+                eval_img = gr.Image(label="sheet", type="filepath")
+            with gr.Tab("5 Export"):
+                exp_run = gr.Dropdown(run_names(), label="run", elem_id="nb-exp-run")
+                exp_fmt = gr.Radio(list(EXPORTS), value="kohya / A1111 LoRA", label="format")
+                exp_btn = gr.Button("Export", elem_id="nb-export")
+                exp_file = gr.File(label="download", elem_id="nb-export-file")
+            with gr.Tab("6 Runs"):
+                runs_df = gr.Dataframe(headers=["run", "status", "steps", "variant", "model"], interactive=False)
+                runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
+                reopen = gr.Button("Reopen (select it in every tab)")
+                runs_cfg = gr.Code(language="yaml", label="config.yaml")
+                runs_grid = gr.Image(label="final grid", type="filepath")
+        timer = gr.Timer(1.0)
+
+        # --- subject ---------------------------------------------------------------------------------------------
+        def subject_choice(folder, msg=""):
+            ident, n = subject_names(folder)
+            return gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, ident, n
+
+        @_guard
+        def on_upload(files):
+            folder, refused = ws.save_uploads([getattr(f, "name", f) for f in files or []])
+            msg = "\n".join(f"- {r}" for r in refused)
+            if folder is None:
+                raise gr.Error("no usable photo in the upload: " + "; ".join(refused))
+            return subject_choice(folder, msg)
+
+        sub_out = [subject, upload_msg, identifier, noun]
+        uploads.upload(on_upload, uploads, sub_out)
+        dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out)
+        toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out)
+        for trigger in (subject.change, identifier.submit, noun.submit, resolution.submit):
+            trigger(_guard(lambda *a: show_subject(*a) if a[0] else ([], "", "")), [subject, resolution, identifier, noun],
+                    [thumbs, warnings, prompts_md])
+
+        # --- train -----------------------------------------------------------------------------------------------
+        def build_cfg(sub, ident, n, fam, var, mdl, st, rate, rk, res, pri, ncls, vals, adv):
+            folder = ws.subject_folder(sub)
+            name = FAMILIES[fam] + var
+            if name not in variant_names():
+                raise gr.Error(f"no variant {name} for {fam}")
+            inst, cls = subject_prompts(folder, ident.strip(), n.strip())
+            out = ws.new_folder("runs", f"{folder.name.split('-')[0]}-{var}")
+            over = [f"instance_data_dir={folder}", f"output_dir={out}", f"max_train_steps={int(st)}",
+                    f"resolution={int(res)}", f"with_prior_preservation={bool(pri)}",
+                    f"num_class_images={int(ncls)}", f"instance_prompt={inst}", f"class_prompt={cls}",
+                    "validation_prompts=" + json.dumps([p.strip() for p in vals.splitlines() if p.strip()])]
+            if mdl.strip() and not (fam.startswith("toy") and mdl.strip() == "toy"):
+                over.append(f"model={mdl.strip()}")
+            if rate.strip():
+                over.append(f"learning_rate={rate.strip()}")
+            if "lora" in var:
+                over.append(f"lora_rank={int(rk)}")
+            over += [line.strip() for line in adv.splitlines() if line.strip() and not line.strip().startswith("#")]
+            try:
+                cfg = load_config(name, over)
+                ws.check_paths(cfg)
+                from ..cli import check_train_input
+
+                check_train_input(cfg)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)  # ours and empty: nothing is left behind by a refusal
+                raise
+            return cfg
+
+        @_guard
+        def on_start(*a):
+            job = jm.submit(build_cfg(*a))
+            names = run_names()
+            return [job.message or f"started {job.name}"] + [gr.Dropdown(choices=names, value=job.name)] * 4
+
+        start.click(on_start, [subject, identifier, noun, family, variant, model, steps, lr, rank, resolution, prior,
+                               n_class, val_prompts, advanced], [train_msg, runs_pick, try_run, eval_run, exp_run])
+
+        @_guard
+        def on_stop():
+            job = jm.current()
+            if job is None or job.status in FINAL:
+                return "nothing is running"
+            jm.stop(job)
+            return job.message
+
+        stop.click(on_stop, None, train_msg)
+
+        @_guard
+        def on_resume(name):
+            job = jm.current()
+            if job is not None and job.status not in FINAL:
+                return f"{job.name} is {job.status}"
+            if name:
+                from ..core.run_folder import load_run_config
+
+                cfg = load_run_config(run_dir(name))
+            elif job is not None:
+                cfg = job.cfg
+            else:
+                return "no run to resume: pick one on the Runs tab"
+            ws.check_paths(cfg)
+            return jm.resume(cfg).message or f"resuming {Path(cfg.output_dir).name}"
+
+        resume.click(on_resume, runs_pick, train_msg)
+
+        def tick():
+            job = jm.current()
+            pairs = job.losses if job else []
+            # typed columns: an untyped (object) column makes a categorical axis
+            losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
+                                   "loss": pd.Series([v for _, v in pairs], dtype="float64")})
+            latest = str(job.grids[-1][1]) if job and job.grids else None
+            return progress_html(job), losses, latest
+
+        timer.tick(tick, None, [progress, loss_plot, grid])
+
+        # --- try it, measure, export --------------------------------------------------------------------------------
+        @_guard
+        def on_generate(name, prompt, seed):
+            from .. import api
+            from ..core.run_folder import load_run_config
+
+            run = run_dir(name)
+            cfg = load_run_config(run)
+            same = dict(seed=int(seed), steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
+                        guidance_cutoff=cfg.validation_guidance_cutoff, resolution=cfg.resolution)
+            base = api.generate(cfg.model, [prompt], **same)[0]
+            tuned = api.generate(cfg.model, [prompt], weights=str(run), **same)[0]
+            return base, tuned
+
+        try_btn.click(on_generate, [try_run, try_prompt, try_seed], [base_img, tuned_img])
+
+        @_guard
+        def on_eval(name):
+            from .. import api
+            from ..core.data import read_subject_meta, resolve_data_dir
+            from ..core.run_folder import load_run_config
+
+            run = run_dir(name)
+            cfg = load_run_config(run)
+            if cfg.model == "toy":
+                meta = read_subject_meta(resolve_data_dir(cfg.instance_data_dir))
+                if not meta.get("subject"):
+                    return ("toy eval scores toy-world subjects only (its probe knows balls, cubes, stars, rings and cups): "
+                            "train on a generated toy subject to measure a toy run"), None
+                res = api.toy_eval(run)
+                rows = [f"| {k} | " + " | ".join(f"{m}: {v:.3f}" for m, v in res[k]["mean"].items()) + " |"
+                        for k in ("base", "tuned", "reference") if k in res and isinstance(res[k].get("mean"), dict)]
+                return "```\n" + json.dumps({k: res[k] for k in res if k != "settings"}, indent=1)[:3000] + "\n```" \
+                    if not rows else "\n".join(rows), str(run / "toy_eval.png")
+            noun = cfg.class_prompt.split()[-1]
+            res = api.evaluate(cfg.model, resolve_data_dir(cfg.instance_data_dir), run / "eval", weights=run, class_noun=noun)
+            return "```\n" + json.dumps(res.get("mean", res), indent=1)[:3000] + "\n```", str(run / "eval" / "contact_sheet.png")
+
+        eval_btn.click(on_eval, eval_run, [eval_md, eval_img])
+
+        @_guard
+        def on_export(name, fmt_label):
+            from .. import api
+
+            run, fmt = run_dir(name), EXPORTS[fmt_label]
+            folder = run_status(run)["kind"] == "full" and fmt == "diffusers"
+            out = ws.root / "exports" / f"{run.name}-{fmt}{'' if folder else '.safetensors'}"
+            path = api.export(run, fmt, out, overwrite=True)
+            if path.is_dir():  # a download is one file
+                path = Path(shutil.make_archive(str(path), "zip", path))
+            return str(path)
+
+        exp_btn.click(on_export, [exp_run, exp_fmt], exp_file)
+
+        # --- runs ----------------------------------------------------------------------------------------------------
+        def runs_table():
+            rows = []
+            for name in run_names():
+                job = jm.for_dir(ws.runs / name)
+                st = run_status(ws.runs / name)
+                status = job.status if job and job.status not in FINAL else st["status"]
+                rows.append([name, status, st["steps"], st["config"].get("method", ""), st["config"].get("model", "")])
+            names = run_names()
+            pick = [gr.Dropdown(choices=names, value=(names[0] if names else None)) for _ in range(4)]
+            return [rows] + pick
+
+        run_pickers = [runs_pick, try_run, eval_run, exp_run]
+        page.load(runs_table, None, [runs_df] + run_pickers)
+        timer.tick(lambda: runs_table()[0], None, runs_df)
+
+        @_guard
+        def on_pick(name):
+            if not name:
+                return "", None
+            st = run_status(run_dir(name))
+            import yaml
+
+            return yaml.safe_dump(st["config"], sort_keys=False), str(st["grid"]) if st["grid"] else None
+
+        runs_pick.change(on_pick, runs_pick, [runs_cfg, runs_grid])
+        reopen.click(lambda n: [gr.Dropdown(value=n)] * 3, runs_pick, [try_run, eval_run, exp_run])
+        page.load(lambda: gr.Dropdown(choices=ws.subjects()), None, subject)
+    return page
+
+
+def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
+    """Start the page; returns (page, url). Gradio's uploads and caches go under the workspace."""
+    ws = Workspace(workspace)
+    os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".gradio")  # before gradio reads it: nothing outside the workspace
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    page = build(ws)
+    page.queue(default_concurrency_limit=2)
+    _, url, _ = page.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ws.root)],
+                            max_file_size="20mb", prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return page, url

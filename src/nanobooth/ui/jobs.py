@@ -1,0 +1,195 @@
+"""The UI's training jobs: one worker thread runs `api.train` for one job at a time; later jobs queue.
+
+No gradio here: the page polls `JobManager.snapshot()` (so a reloaded or reopened page shows the live
+run: the state lives in the manager, not in a browser session). A stop is `train(should_stop=...)`: the
+run checkpoints at the next step boundary (or ends setup at once) and `TrainingInterrupted` arrives,
+which marks the job "stopped"; `resume(job)` queues the same config with resume_from_checkpoint=latest.
+A job that raises is "failed" with a one-line message; the worker goes on with the next job.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("nanobooth")
+
+# states a job passes through; the last four are final
+QUEUED, RUNNING, STOPPING, DONE, STOPPED, FAILED, CANCELLED = (
+    "queued", "running", "stopping", "done", "stopped", "failed", "cancelled")
+FINAL = (DONE, STOPPED, FAILED, CANCELLED)
+
+
+def one_line(e: BaseException) -> str:
+    """The CLI's one-line form: a user error's own message, else 'TypeName: text' (never a traceback)."""
+    from ..cli import _user_errors
+
+    if isinstance(e, _user_errors(load=False)):
+        return f"error: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted: {e}"
+    return f"error: {type(e).__name__}: {e}".splitlines()[0]
+
+
+@dataclass
+class Job:
+    """One training run. Progress fields are written by the worker thread and read by the page; each is
+    a plain value replaced whole (no lock needed for a snapshot that may be one event old)."""
+
+    id: int
+    cfg: object  # TrainConfig
+    status: str = QUEUED
+    phase: str = ""  # "class images", "training"
+    done: int = 0  # of `total` in the current phase
+    total: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+    phase_started: float = 0.0
+    eta_s: float | None = None
+    losses: list = field(default_factory=list)  # (step, loss)
+    grids: list = field(default_factory=list)  # (step, Path) of each validation grid written
+    checkpoint: Path | None = None
+    message: str = ""
+    stop_flag: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def name(self) -> str:
+        return self.output_dir.name
+
+    def fraction(self) -> float:
+        return self.done / self.total if self.total else (1.0 if self.status == DONE else 0.0)
+
+    def on_event(self, e) -> None:
+        from ..core import events
+
+        now = time.time()
+        if isinstance(e, events.ClassImagesProgress):
+            if self.phase != "class images":
+                self.phase, self.phase_started, self._phase_from = "class images", now, e.done
+            self.done, self.total = e.done, e.total
+            made = e.done - getattr(self, "_phase_from", 0)
+            self.eta_s = (now - self.phase_started) / made * (e.total - e.done) if made > 0 else None
+        elif isinstance(e, events.Step):
+            if self.phase != "training":
+                self.phase, self.phase_started = "training", now
+            self.done, self.total = e.step, e.total
+            self.losses = self.losses + [(e.step, e.loss)]
+            recent = getattr(self, "_recent", [])[-9:] + [e.seconds_per_step]
+            self._recent = recent
+            self.eta_s = sum(recent) / len(recent) * (e.total - e.step)
+        elif isinstance(e, events.SampleGrid):
+            self.grids = self.grids + [(e.step, Path(e.path))]
+        elif isinstance(e, events.CheckpointSaved):
+            self.checkpoint = Path(e.path)
+        elif isinstance(e, events.Done):
+            self.eta_s = 0.0
+        elif isinstance(e, events.Stopped):
+            self.checkpoint = e.checkpoint or self.checkpoint
+
+
+class JobManager:
+    """Runs training jobs one at a time in a daemon worker thread.
+
+    `submit(cfg)` -> Job (queued; the worker starts it when the previous one ends). `stop(job)`: a running
+    job checkpoints and stops, a queued one is cancelled. `resume(job)` -> a new Job continuing the run
+    from its latest checkpoint. `train` is api.train unless given (a test's stand-in).
+    """
+
+    def __init__(self, train: Callable | None = None):
+        self._train = train
+        self._jobs: dict[int, Job] = {}
+        self._ids = itertools.count(1)
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker = threading.Thread(target=self._work, name="nanobooth-ui-jobs", daemon=True)
+        self._worker.start()
+
+    # --- what the page calls ---------------------------------------------------------------------------------
+    def submit(self, cfg) -> Job:
+        with self._lock:
+            busy = [j for j in self._jobs.values() if j.status not in FINAL]
+            if any(j.output_dir.resolve() == Path(cfg.output_dir).resolve() for j in busy):
+                from ..core.config import ConfigError
+
+                raise ConfigError(f"output_dir '{cfg.output_dir}' already has a job queued or running; stop it first")
+            job = Job(next(self._ids), cfg)
+            if busy:
+                job.message = f"queued behind {busy[-1].name}: starts when it ends"
+            self._jobs[job.id] = job
+        self._queue.put(job)
+        return job
+
+    def stop(self, job: Job) -> None:
+        job.stop_flag.set()
+        if job.status == QUEUED:
+            job.status, job.message = CANCELLED, "cancelled before it started"
+            job.finished.set()
+        elif job.status == RUNNING:
+            job.status, job.message = STOPPING, "stopping: a checkpoint is written at the next step"
+
+    def resume(self, job_or_cfg) -> Job:
+        """Queue a run again with resume_from_checkpoint=latest (a stopped job, or a run's saved config)."""
+        cfg = copy.deepcopy(getattr(job_or_cfg, "cfg", job_or_cfg))
+        cfg.resume_from_checkpoint = "latest"
+        return self.submit(cfg)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def current(self) -> Job | None:
+        """The running job, else the newest one (what a freshly loaded page shows)."""
+        jobs = self.jobs()
+        running = [j for j in jobs if j.status in (RUNNING, STOPPING)]
+        return running[0] if running else (jobs[-1] if jobs else None)
+
+    def for_dir(self, run_dir: Path) -> Job | None:
+        found = [j for j in self.jobs() if j.output_dir.resolve() == Path(run_dir).resolve()]
+        return found[-1] if found else None
+
+    # --- the worker ---------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.status != QUEUED:  # cancelled while waiting
+                continue
+            try:
+                self._run(job)
+            except BaseException as e:  # noqa: BLE001 - whatever one job does, the next one runs
+                job.status, job.message = FAILED, one_line(e)
+                log.warning("ui job %s failed: %s", job.name, job.message)
+            finally:
+                job.ended = time.time()
+                job.finished.set()
+
+    def _run(self, job: Job) -> None:
+        from ..core.stop import TrainingInterrupted
+
+        train = self._train
+        if train is None:
+            from .. import api
+
+            train = api.train
+        job.status, job.message, job.started = RUNNING, "", time.time()
+        try:
+            train(job.cfg, should_stop=job.stop_flag.is_set, callbacks=[job.on_event])
+        except TrainingInterrupted as e:
+            job.status, job.message = STOPPED, str(e)
+            job.checkpoint = getattr(e, "checkpoint", None) or job.checkpoint
+            return
+        job.status, job.message = DONE, f"finished: {job.output_dir}"

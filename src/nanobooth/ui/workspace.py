@@ -1,0 +1,181 @@
+"""The UI's workspace folder: subjects, runs and exports live under one root, and nothing else is touched.
+
+Uploads are checked by size and by what PIL reads in them (not by their name or extension) and saved
+under names made here (`photo-00.jpg`): an upload's file name is never used as a path. Each photo gets
+the warnings a user should see before training (too small for the resolution, rotated by its EXIF
+orientation, CMYK, unreadable), from the same reader the CLI trains with (core.data.load_image).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from ..core.config import ConfigError
+from ..core.data import DataError, image_paths, load_image, read_subject_meta
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MIN_PHOTOS, MAX_PHOTOS = 3, 20
+# PIL format -> the extension the saved copy gets (what core.data.IMAGE_EXTS reads back)
+FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "MPO": ".jpg"}
+EXIF_ORIENTATION = 0x0112
+# path-valued config keys that must stay inside the workspace
+PATH_KEYS = ("output_dir", "instance_data_dir", "class_data_dir", "logging_dir")
+
+
+class Workspace:
+    def __init__(self, root):
+        self.root = Path(root).expanduser().resolve()
+        for sub in ("subjects", "runs", "exports"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def inside(self, path) -> bool:
+        return Path(path).expanduser().resolve().is_relative_to(self.root)
+
+    def check_paths(self, cfg) -> None:
+        """ConfigError for a path key (or a local model path) that points outside the workspace."""
+        for key in PATH_KEYS:
+            value = getattr(cfg, key, None)
+            if value and not str(value).startswith("example:") and not self.inside(value):
+                raise ConfigError(f"config key '{key}': {value} is outside the workspace {self.root}; "
+                                  "the UI reads and writes only there")
+        model = str(cfg.model)
+        if model.startswith(("/", ".", "~")) and not self.inside(model):
+            raise ConfigError(f"config key 'model': {model} is outside the workspace {self.root}; copy the model "
+                              f"into it (or use a hub id, toy or tiny)")
+
+    def new_folder(self, kind: str, stem: str) -> Path:
+        """A fresh folder under subjects/ or runs/: `stem` plus a time stamp (and a counter if taken)."""
+        base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for i in range(100):
+            folder = self.root / kind / (base if i == 0 else f"{base}-{i}")
+            if not folder.exists():
+                folder.mkdir(parents=True)
+                return folder
+        raise ConfigError(f"cannot make a new folder under {self.root / kind}")
+
+    # --- subjects ---------------------------------------------------------------------------------------------
+    def save_uploads(self, uploads: list) -> tuple[Path | None, list[str]]:
+        """Copy uploaded files (paths the web server wrote) into a new subject folder; returns the folder
+        (None when no file is usable) and one line per refused file, naming it by its position."""
+        refused, keep = [], []
+        for i, src in enumerate(uploads[:MAX_PHOTOS], 1):
+            src = Path(src)
+            try:
+                size = src.stat().st_size
+            except OSError:
+                refused.append(f"file {i}: cannot be read")
+                continue
+            if size > MAX_UPLOAD_BYTES:
+                refused.append(f"file {i}: {size / 2**20:.0f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB limit")
+                continue
+            try:
+                with Image.open(src) as img:
+                    fmt = img.format
+            except Exception:  # noqa: BLE001 - whatever PIL says, it is not a photo we can use
+                fmt = None
+            if fmt not in FORMATS:
+                refused.append(f"file {i}: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped")
+                continue
+            keep.append((src, FORMATS[fmt]))
+        if len(uploads) > MAX_PHOTOS:
+            refused.append(f"{len(uploads) - MAX_PHOTOS} files over the {MAX_PHOTOS}-photo limit were not used")
+        if not keep:
+            return None, refused
+        folder = self.new_folder("subjects", "photos")
+        for j, (src, ext) in enumerate(keep):
+            shutil.copyfile(src, folder / f"photo-{j:02d}{ext}")
+        return folder, refused
+
+    def example_dog(self) -> Path:
+        src = Path(str(resources.files("nanobooth") / "assets" / "examples" / "dog"))
+        folder = self.new_folder("subjects", "dog")
+        for p in image_paths(src):
+            shutil.copyfile(p, folder / p.name)
+        return folder
+
+    def toy_subject(self, seed: int) -> Path:
+        from ..toy import world
+
+        folder = self.new_folder("subjects", f"toy-{seed}")
+        world.write_subject(seed, folder)
+        return folder
+
+    def subject_folder(self, name: str) -> Path:
+        folder = (self.root / "subjects" / name).resolve()
+        if not name or folder.parent != (self.root / "subjects") or not folder.is_dir():
+            raise DataError(f"subject '{name}': no such subject in the workspace; upload photos or pick one")
+        return folder
+
+    def subjects(self) -> list[str]:
+        return sorted((p.name for p in (self.root / "subjects").iterdir() if p.is_dir()), reverse=True)
+
+
+def photo_warnings(path: Path, resolution: int) -> list[str]:
+    """What a user should know about one photo before training on it at `resolution` pixels."""
+    try:
+        with Image.open(path) as raw:
+            mode, orientation = raw.mode, raw.getexif().get(EXIF_ORIENTATION, 1)
+        img = load_image(path)
+    except Exception as e:  # noqa: BLE001 - load_image's DataError, or PIL on a broken header
+        return [str(e) if isinstance(e, DataError) else f"cannot read this image ({e}); replace or remove it"]
+    out = []
+    if min(img.size) < resolution:
+        out.append(f"{img.size[0]}x{img.size[1]} is smaller than resolution {resolution}: upscaled (blurry)")
+    if orientation not in (1, None):
+        out.append("rotated by its EXIF orientation (trained upright, as viewers show it)")
+    if mode == "CMYK":
+        out.append("CMYK: converted to RGB (colours may shift)")
+    return out
+
+
+def subject_prompts(folder: Path, identifier: str, noun: str) -> tuple[str, str]:
+    """The instance and class prompts of a subject: its subject.json's (a toy subject) when the identifier
+    and noun are those, else 'a photo of a {identifier} {noun}' / 'a photo of a {noun}'."""
+    meta = read_subject_meta(folder)
+    if meta.get("identifier") == identifier and meta.get("class_noun") == noun and meta.get("instance_prompt"):
+        return meta["instance_prompt"], meta["class_prompt"]
+    return f"a photo of a {identifier} {noun}", f"a photo of a {noun}"
+
+
+def subject_names(folder: Path) -> tuple[str, str]:
+    """(identifier, class noun) a subject folder suggests: subject.json's, else sks / dog."""
+    meta = read_subject_meta(folder)
+    return meta.get("identifier", "sks"), meta.get("class_noun", "dog")
+
+
+def run_status(run: Path) -> dict:
+    """A run folder's state read from disk: status, steps logged, config (a dict), final grid (or None)."""
+    from ..core.run_folder import CONFIG, SAMPLES, TRAIN_LOG, list_checkpoints, result_kind
+
+    import yaml
+
+    cfg = {}
+    try:
+        cfg = yaml.safe_load((run / CONFIG).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    steps = 0
+    try:
+        steps = len((run / TRAIN_LOG).read_text().splitlines())
+    except OSError:
+        pass
+    try:
+        kind = result_kind(run)
+    except Exception:  # noqa: BLE001 - a folder mixing two runs: shown as such, not raised
+        kind = None
+    ckpts = list_checkpoints(run) if (run / "checkpoints").is_dir() else []
+    status = "finished" if kind else (f"stopped (checkpoint at step {int(ckpts[-1].name.split('-')[-1])})" if ckpts
+                                      else "incomplete")
+    grids = sorted((run / SAMPLES).glob("step-*.png"))
+    return {"status": status, "steps": steps, "config": cfg, "grid": grids[-1] if grids else None, "kind": kind,
+            "toy_eval": json.loads((run / "toy_eval.json").read_text()) if (run / "toy_eval.json").is_file() else None}

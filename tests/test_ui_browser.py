@@ -1,0 +1,116 @@
+"""`nanobooth ui` end to end in a real headless browser (Playwright driving Debian's chromium): upload the
+example dog photos, train a 20-step toy LoRA, watch progress reach 100% and the final grid appear,
+generate an image, download the kohya export and load it with diffusers. Screenshots of each step go to
+$NANOBOOTH_ARTIFACTS (else the test's tmp folder; the path is printed)."""
+
+import os
+import shutil
+import socket
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+CHROMIUM = "/usr/bin/chromium"
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[ui]')")
+if not (shutil.which("chromium") or os.path.exists(CHROMIUM)):
+    pytest.skip("Debian's chromium is missing (apt-get install -y chromium)", allow_module_level=True)
+
+DOG = Path(str(resources.files("nanobooth") / "assets" / "examples" / "dog"))
+TOY = str(resources.files("nanobooth") / "assets" / "toy_model")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def shots(tmp_path):
+    out = Path(os.environ.get("NANOBOOTH_ARTIFACTS") or tmp_path / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {out}")
+    return out
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from nanobooth.ui.app import serve
+
+    page, url = serve(str(tmp_path / "ws"), port=free_port(), block=False)
+    yield url, tmp_path / "ws"
+    page.close()
+
+
+def unet_out(pipe):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 16, 16, generator=gen)
+    ids = pipe.tokenizer(["a photo of a sks dog"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.unet(x, 500, pipe.text_encoder(ids)[0]).sample
+
+
+def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
+    url, ws = app
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        # 1. subject: the five dog photos, thumbnails and their prompts
+        page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg")))
+        page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")
+        sync_api.expect(page.locator("#nb-prompts")).to_contain_text("a photo of a sks dog")
+        page.screenshot(path=str(shots / "1-subject.png"), full_page=True)
+        # 2. train: 20 steps of the toy LoRA, no prior, one validation prompt
+        page.get_by_role("tab", name="2 Train").click()
+        page.locator("#nb-steps input").fill("20")
+        page.locator("#nb-val textarea").fill("a photo of a sks dog")
+        # fewer sampler steps for the grids and the Try-it images (generate takes the run's setting)
+        page.locator("#nb-advanced textarea").fill("validation_inference_steps=8\nnum_validation_images=1")
+        page.locator("#nb-start").click()
+        page.wait_for_selector("#nb-progress[data-status=running]")
+        page.screenshot(path=str(shots / "2-training.png"), full_page=True)
+        page.wait_for_selector("#nb-progress[data-status=done]", timeout=150_000)
+        sync_api.expect(page.locator("#nb-progress")).to_contain_text("training: 20/20 (100%)")
+        page.wait_for_function("(document.querySelector('#nb-grid img')||{}).src", timeout=15_000)
+        page.screenshot(path=str(shots / "3-trained.png"), full_page=True)
+        runs = [d for d in (ws / "runs").iterdir()]
+        assert len(runs) == 1 and (runs[0] / "pytorch_lora_weights.safetensors").is_file()
+        assert (runs[0] / "samples" / "step-000020.png").is_file()
+        # 3. try it: base and trained, same seed
+        page.get_by_role("tab", name="3 Try it").click()
+        page.locator("#nb-generate").click()
+        page.wait_for_function("(document.querySelector('#nb-tuned-img img')||{}).src", timeout=90_000)
+        page.wait_for_function("(document.querySelector('#nb-base-img img')||{}).src")
+        page.screenshot(path=str(shots / "4-try.png"), full_page=True)
+        # 5. export: the kohya file, downloaded through the page
+        page.get_by_role("tab", name="5 Export").click()
+        page.locator("#nb-export").click()
+        link = page.locator("#nb-export-file a").first
+        link.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "5-export.png"), full_page=True)
+        with page.expect_download() as dl:
+            link.click()
+        got = tmp_path / "downloaded.safetensors"
+        dl.value.save_as(got)
+        browser.close()
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    with safe_open(str(got), "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())
+    kw = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32)
+    base = StableDiffusionPipeline.from_pretrained(TOY, **kw)
+    before = unet_out(base)
+    base.load_lora_weights(str(got))
+    own = StableDiffusionPipeline.from_pretrained(TOY, **kw)
+    own.load_lora_weights(str(runs[0] / "pytorch_lora_weights.safetensors"))
+    kohya, trained = unet_out(base), unet_out(own)
+    assert (kohya - before).abs().max() > 1e-4  # the download changes the model...
+    torch.testing.assert_close(kohya, trained, atol=1e-4, rtol=1e-4)  # ...as the run trained it
