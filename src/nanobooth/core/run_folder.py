@@ -31,6 +31,7 @@ log = logging.getLogger("nanobooth")
 # --- names ------------------------------------------------------------------------------------------------
 CONFIG = "config.yaml"
 TRAIN_LOG = "train_log.jsonl"
+TIME_TO_MODEL = "time_to_model.json"  # written with the weights: where the run's time went (events.TimeToModel)
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
@@ -87,7 +88,7 @@ def output_paths(folder) -> list[Path]:
     so the next run reuses them instead of generating them again."""
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
-    rest = [CONFIG, TRAIN_LOG, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
     return [folder / LORA_FILE] + pipeline_parts(folder) + [folder / n for n in rest]
 
 
