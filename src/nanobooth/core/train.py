@@ -34,7 +34,8 @@ from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .quantize import quantize_base
-from .run_folder import CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_images_dir, clear_outputs, make_readable
+from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
+                         clear_outputs, make_readable)
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -45,7 +46,7 @@ class TrainingError(RuntimeError):
 
 
 def class_provenance(cfg: TrainConfig) -> dict:
-    return prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution)
+    return {**prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution), **class_cache_provenance(cfg)}
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
