@@ -21,6 +21,9 @@ os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
     os.environ["NANOBOOTH_CACHE"] = str(tmp_path_factory.mktemp("nanobooth-cache"))
+    # class images stay in each run's folder unless a test asks for the shared cache (class_image_cache=PATH):
+    # tests that count or interrupt class-image generation must not see another test's images
+    os.environ["NANOBOOTH_CLASS_IMAGE_CACHE"] = "none"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The library API: train's events and stop requests, and generate/evaluate as typed functions that give
 what the CLI gives."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -65,7 +66,13 @@ def test_events_come_in_order_and_match_what_the_run_wrote(tiny_model, subject_d
     assert grids == [run / "samples" / f"step-{s:06d}.png" for s in (0, 2, 3)] and all(p.is_file() for p in grids)
     saved = next(e for e in rec.events if isinstance(e, events.CheckpointSaved))
     assert saved.path == list_checkpoints(run)[0] and saved.path.is_dir()
-    assert rec.events[-1] == events.Done(run) and (run / LORA).is_file()
+    done = rec.events[-1]
+    assert isinstance(done, events.Done) and done.output_dir == run and (run / LORA).is_file()
+    # time to model: the library API gets what the run folder records, and the parts add up
+    t = done.time_to_model
+    assert json.loads((run / "time_to_model.json").read_text()) == dataclasses.asdict(t)
+    assert t.class_images_s > 0 and t.training_s > 0 and t.save_s > 0 and t.setup_s >= 0
+    assert abs(t.class_images_s + t.training_s + t.save_s + t.setup_s - t.total_s) < 0.01
 
 
 def test_a_run_without_prior_reports_no_prior_loss(tiny_model, subject_dir, tmp_path):

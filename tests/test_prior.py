@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -115,3 +117,100 @@ def test_training_uses_num_class_images_of_a_bigger_shared_folder(tiny_model, su
                                                                    f"class_data_dir={shared}")]) == 0
     assert seen == [3, 2]  # instance images, then exactly num_class_images=2 of the 5 class images
     assert f"found 5 class images in {shared}, using 2" in caplog.text
+
+
+# --- the shared class-image cache ----------------------------------------------------------------------------
+def _count_generated(monkeypatch):
+    """Patch train's generate_class_images to record how many images each run generated."""
+    import nanobooth.core.train as train_mod
+
+    made, real = [], train_mod.generate_class_images
+    monkeypatch.setattr(train_mod, "generate_class_images", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    return made
+
+
+def test_a_later_run_of_the_same_class_reuses_the_cache_and_tops_it_up(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from conftest import train_args
+
+    from nanobooth.cli import main
+    from nanobooth.core.config import load_config
+    from nanobooth.core.run_folder import class_images_dir
+
+    made = _count_generated(monkeypatch)
+    cache = tmp_path / "cache"
+
+    def run(out, *extra):
+        args = train_args(tiny_model, subject_dir, tmp_path / out, f"class_image_cache={cache}", "max_train_steps=1", *extra)
+        assert main(["train", "dreambooth-lora-prior-pre", *args]) == 0
+        return class_images_dir(load_config("dreambooth-lora-prior-pre", args), tmp_path / out)
+
+    first = run("a")
+    assert made == [2] and first.parent == cache and not (tmp_path / "a" / "class_images").exists()
+    before = {p.name: p.read_bytes() for p in first.glob("class-*.png")}
+    # a second subject of the same class, asking for one more image: only the missing one is generated
+    assert run("b", "num_class_images=3") == first and made == [2, 1]
+    assert {n: (first / n).read_bytes() for n in before} == before and len(list(first.glob("class-*.png"))) == 3
+    # another class prompt is another prior: its own folder, generated afresh; the first is untouched
+    cat = run("c", "class_prompt=a photo of cat", "instance_prompt=a photo of sks cat")
+    assert cat != first and cat.parent == cache and made == [2, 1, 2] and len(list(first.glob("class-*.png"))) == 3
+
+
+def test_every_provenance_key_names_its_own_cache_folder(tiny_model, tmp_path, monkeypatch):
+    from nanobooth.core.config import TrainConfig
+    from nanobooth.core.run_folder import CACHE_KEYS, class_images_dir
+
+    base = dict(model=str(tiny_model), method="lora", class_image_cache=str(tmp_path / "cache"))
+    first = class_images_dir(TrainConfig(**base), tmp_path / "run")
+    assert first.parent == tmp_path / "cache" and class_images_dir(TrainConfig(**base), tmp_path / "other run") == first
+    changed = dict(class_prompt="a photo of cat", model=str(tmp_path / "copy"), resolution=256, revision="v2",
+                   pretrained_vae_model_name_or_path="vae", base_quantization="int8", mixed_precision="bf16",
+                   class_sampler="model", class_generation_steps=50, seed=1)
+    assert set(changed) == set(CACHE_KEYS)
+    dirs = {k: class_images_dir(TrainConfig(**{**base, k: v}), tmp_path / "run") for k, v in changed.items()}
+    assert len(set(dirs.values()) | {first}) == len(changed) + 1
+    # class_data_dir wins; none (or a run folder that already has class_images/) keeps them in the run
+    assert class_images_dir(TrainConfig(**base, class_data_dir=str(tmp_path / "mine")), tmp_path / "run") == tmp_path / "mine"
+    assert class_images_dir(TrainConfig(**{**base, "class_image_cache": "none"}), tmp_path / "run") == tmp_path / "run" / "class_images"
+    (tmp_path / "old" / "class_images").mkdir(parents=True)
+    assert class_images_dir(TrainConfig(**base), tmp_path / "old") == tmp_path / "old" / "class_images"
+    # auto: $NANOBOOTH_CLASS_IMAGE_CACHE, else $NANOBOOTH_CACHE/class_images, else $XDG_CACHE_HOME/nanobooth/class_images
+    auto = dict(model=str(tiny_model))
+    monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "env"))
+    assert class_images_dir(TrainConfig(**auto), tmp_path / "run").parent == tmp_path / "env"
+    monkeypatch.delenv("NANOBOOTH_CLASS_IMAGE_CACHE")
+    monkeypatch.setenv("NANOBOOTH_CACHE", str(tmp_path / "nb"))
+    assert class_images_dir(TrainConfig(**auto), tmp_path / "run").parent == tmp_path / "nb" / "class_images"
+    monkeypatch.delenv("NANOBOOTH_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert class_images_dir(TrainConfig(**auto), tmp_path / "run").parent == tmp_path / "xdg" / "nanobooth" / "class_images"
+
+
+def test_a_run_killed_while_writing_the_cache_leaves_nothing_half_written(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from conftest import train_args
+
+    from nanobooth.cli import main
+    from nanobooth.core.config import load_config
+    from nanobooth.core.run_folder import class_images_dir
+
+    args = train_args(tiny_model, subject_dir, tmp_path / "a", f"class_image_cache={tmp_path / 'cache'}", "max_train_steps=1",
+                      "sample_batch_size=1")
+    folder = class_images_dir(load_config("dreambooth-lora-prior-pre", args), tmp_path / "a")
+    real_save, saves = Image.Image.save, []
+
+    def dying_save(self, fp, *a, **k):  # the second image dies half-way through its bytes
+        saves.append(fp)
+        if len(saves) == 2:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half")
+            raise KeyboardInterrupt
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", dying_save)
+    assert main(["train", "dreambooth-lora-prior-pre", *args]) != 0
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert [p.name for p in folder.glob("class-*.png")] == ["class-00000.png"]  # the broken one is not an image here
+    made = _count_generated(monkeypatch)
+    # the next run of this class (another output folder) finds one good image and makes the other
+    args_b = [a if not a.startswith("output_dir=") else f"output_dir={tmp_path / 'b'}" for a in args]
+    assert main(["train", "dreambooth-lora-prior-pre", *args_b]) == 0 and made == [1]
+    for p in folder.glob("class-*.png"):
+        Image.open(p).load()

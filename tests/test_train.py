@@ -1,6 +1,7 @@
 """Every variant trains through the CLI on the tiny model; the issue's correctness claims are asserted."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -25,8 +26,15 @@ def run(variant, tiny_model, subject_dir, out, *extra):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_variant_trains_reloads_and_generates(variant, tiny_model, subject_dir, tmp_path):
+def test_variant_trains_reloads_and_generates(variant, tiny_model, subject_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="nanobooth")
     out = run(variant, tiny_model, subject_dir, tmp_path / "run", "validation_prompts=[a sks dog, a dog]", "validation_steps=2")
+    # time to model (photos in -> weights written): printed at the end and recorded; its parts add up
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("time to model: ")]
+    t = json.loads((out / "time_to_model.json").read_text())
+    assert len(said) == 1 and f"class images {t['class_images_s']:.1f} s, training {t['training_s']:.1f} s, export/save" in said[0]
+    assert abs(t["class_images_s"] + t["training_s"] + t["save_s"] + t["setup_s"] - t["total_s"]) < 0.01
+    assert t["training_s"] > 0 and t["save_s"] > 0 and (t["class_images_s"] > 0) == ("prior" in variant)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all({"loss", "instance_loss", "prior_loss", "lr"} <= set(r) for r in log)

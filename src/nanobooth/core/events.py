@@ -81,10 +81,36 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True)
+class TimeToModel:
+    """Seconds from train() starting (photos in) to the weights written, and where they went: class-image
+    generation (0 when every image was there already), the training loop (validation grids during it
+    included), writing the weights, and the rest (`setup_s`: loading models, caching latents and prompt
+    embeddings, the step-0 grid). The parts add up to `total_s`. A resumed run counts its own process only."""
+
+    total_s: float
+    class_images_s: float
+    training_s: float
+    save_s: float
+    setup_s: float
+
+    @classmethod
+    def of(cls, total: float, class_images: float, training: float, save: float) -> "TimeToModel":
+        r = lambda x: round(x, 3)  # noqa: E731
+        parts = [r(class_images), r(training), r(save)]
+        return cls(r(total), *parts, r(max(0.0, r(total) - sum(parts))))
+
+    def __str__(self) -> str:
+        return (f"time to model: {self.total_s:.1f} s (class images {self.class_images_s:.1f} s, training {self.training_s:.1f} s, "
+                f"export/save {self.save_s:.1f} s, loading/setup {self.setup_s:.1f} s)")
+
+
+@dataclass(frozen=True)
 class Done:
-    """Training finished: the weights are in `output_dir` (and the final grid, if validation_prompts are set)."""
+    """Training finished: the weights are in `output_dir` (and the final grid, if validation_prompts are set);
+    `time_to_model` says how long getting there took (also in output_dir/time_to_model.json)."""
 
     output_dir: Path
+    time_to_model: TimeToModel | None = None
 
 
 @dataclass(frozen=True)

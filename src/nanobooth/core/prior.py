@@ -87,7 +87,11 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
     todo = missing_indices(folder, num_class_images)
     if not todo:
         return 0
-    (folder / PROVENANCE).write_text(json.dumps(provenance))
+    # atomic (temp name, rename) like the images: a folder shared between runs (the class-image cache) never
+    # holds a half-written record, and a temp name per process keeps two runs filling it at once apart
+    tmp_meta = folder / f"{PROVENANCE}.{os.getpid()}.tmp"
+    tmp_meta.write_text(json.dumps(provenance))
+    os.replace(tmp_meta, folder / PROVENANCE)
     if sampler == "dpm++":
         from diffusers import DPMSolverMultistepScheduler
 
@@ -107,7 +111,7 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
                           generator=generators, height=resolution, width=resolution).images
         for i, img in zip(idx, images):
             final = folder / f"class-{i:05d}.png"
-            tmp = folder / f".class-{i:05d}.png.tmp"
+            tmp = folder / f".class-{i:05d}.png.{os.getpid()}.tmp"
             img.save(tmp, format="PNG")
             os.replace(tmp, final)
         bar.update(len(idx))

@@ -31,6 +31,7 @@ log = logging.getLogger("nanobooth")
 # --- names ------------------------------------------------------------------------------------------------
 CONFIG = "config.yaml"
 TRAIN_LOG = "train_log.jsonl"
+TIME_TO_MODEL = "time_to_model.json"  # written with the weights: where the run's time went (events.TimeToModel)
 SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
@@ -44,8 +45,49 @@ PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokeniz
 
 
 def class_images_dir(cfg: TrainConfig, run_dir) -> Path:
-    """The class images' folder: class_data_dir when set (shareable between runs), else the run's own."""
-    return Path(cfg.class_data_dir) if cfg.class_data_dir else Path(run_dir) / CLASS_IMAGES
+    """The class images' folder: class_data_dir when set; else the run's own class_images/ when it exists
+    (a run from before the cache, resumed or overwritten, keeps its images) or class_image_cache=none;
+    else the shared cache's folder for this run's class-image provenance (class_cache_dir)."""
+    if cfg.class_data_dir:
+        return Path(cfg.class_data_dir)
+    own = Path(run_dir) / CLASS_IMAGES
+    root = class_cache_root(cfg.class_image_cache)
+    return own if root is None or own.is_dir() else class_cache_dir(root, cfg)
+
+
+# What generated class images depend on, beyond prior.PROVENANCE_KEYS (which a run's own folder is checked
+# against): images made otherwise would be another run's prior, and a run should not depend on which runs came before.
+CACHE_KEYS = ("class_prompt", "model", "resolution", "revision", "pretrained_vae_model_name_or_path", "base_quantization",
+              "mixed_precision", "class_sampler", "class_generation_steps", "seed")
+
+
+def class_cache_provenance(cfg: TrainConfig) -> dict:
+    """The provenance recorded beside generated class images (and hashed to name a cache folder)."""
+    return {k: getattr(cfg, k) for k in CACHE_KEYS}
+
+
+def class_cache_root(setting: str) -> Path | None:
+    """The cache's root folder for class_image_cache=`setting` (auto, a path, none); None: no cache."""
+    if setting == "auto":
+        setting = os.environ.get("NANOBOOTH_CLASS_IMAGE_CACHE", "auto")
+    if str(setting).lower() == "none":
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    if os.environ.get("NANOBOOTH_CACHE"):
+        return Path(os.environ["NANOBOOTH_CACHE"]) / CLASS_IMAGES
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanobooth" / CLASS_IMAGES
+
+
+def class_cache_dir(root: Path, cfg: TrainConfig) -> Path:
+    """root/<first 16 hex of the sha256 of the provenance>. A local model counts by its absolute path, so
+    `model=./sd` from two folders is two models."""
+    import hashlib
+
+    key = class_cache_provenance(cfg)
+    if Path(str(cfg.model)).expanduser().exists():
+        key["model"] = str(Path(str(cfg.model)).expanduser().resolve())
+    return root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunFolderError(ModelError):
@@ -87,7 +129,7 @@ def output_paths(folder) -> list[Path]:
     so the next run reuses them instead of generating them again."""
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
-    rest = [CONFIG, TRAIN_LOG, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
     return [folder / LORA_FILE] + pipeline_parts(folder) + [folder / n for n in rest]
 
 

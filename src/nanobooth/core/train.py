@@ -7,6 +7,7 @@ each checkpointed, so resume is bit-exact and validation renders cannot perturb 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +26,7 @@ from . import prior
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
 from .data import ImageSet, Sampler, drop_captions, image_paths, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
-from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
+from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
 from ..families import cond_batch, cond_to
@@ -33,7 +34,8 @@ from ..methods import METHODS
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .quantize import quantize_base
-from .run_folder import CONFIG, SAMPLES, check_finished, check_output_dir, class_images_dir, clear_outputs, make_readable
+from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
+                         clear_outputs, make_readable)
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -44,7 +46,7 @@ class TrainingError(RuntimeError):
 
 
 def class_provenance(cfg: TrainConfig) -> dict:
-    return prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution)
+    return {**prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution), **class_cache_provenance(cfg)}
 
 
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
@@ -147,6 +149,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     from .threads import apply_threads
 
     apply_threads(cfg.num_threads)  # as many CPU threads as there are free cores (num_threads=N to set)
+    t_start = time.time()  # time to model: photos in -> weights written (TimeToModel)
     # --- run folder ------------------------------------------------------------------------------------
     run_dir, instance_set = prepare_run(cfg)
     # A distributed launch on a machine without CUDA means CPU processes over gloo; accelerate only
@@ -188,6 +191,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # --- class images (before any adapter exists: they must come from the base model) -------------------
     prior = cfg.with_prior_preservation
     class_dir = class_images_dir(cfg, run_dir)
+    t_class = time.time()
     if prior:
         def class_progress(done: int, total: int) -> None:
             emit(ClassImagesProgress(done, total))
@@ -203,6 +207,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             if made:  # a resume whose checkpoint had no record to check them against: record the images there now
                 inputs = None
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
+    t_class = time.time() - t_class
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
     te_trained = cfg.train_text_encoder
@@ -472,21 +477,27 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if done < cfg.max_train_steps:
             stop_here(done)
     bar.close()
+    t_train = time.time() - t0
 
     # --- outputs: the weights first, then the optional final grid -------------------------------------------------
     accelerator.wait_for_everyone()
     if ema:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
+    t_save = time.time()
     if main:
         save_outputs(cfg, run_dir, c, unet, text_encoders)
         log.info("weights saved in %s", run_dir)
+    timing = TimeToModel.of(time.time() - t_start, t_class, t_train, time.time() - t_save)
+    if main:
+        (run_dir / TIME_TO_MODEL).write_text(json.dumps(dataclasses.asdict(timing), indent=1) + "\n")
+        log.info("%s", timing)
         if cfg.validation_prompts and cfg.tome_ratio:  # save_outputs removed ToMe; render as every other grid did
             apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
     validate(cfg.max_train_steps, final=True)
     if main:
         log.info("done: %s", run_dir)
     accelerator.end_training()
-    emit(Done(run_dir))
+    emit(Done(run_dir, timing))
     return run_dir
 
 
