@@ -1,5 +1,6 @@
 """The training-method contract (methods/base.py), checked on every method in METHODS with the tiny models."""
 
+import re
 import typing
 
 import pytest
@@ -7,11 +8,17 @@ import torch
 
 from nanobooth.core.config import TrainConfig
 from nanobooth.inference.generate import load_run
-from nanobooth.methods import METHODS, DoRA, Full, LoRA, Method
+from nanobooth.methods import METHODS, DoRA, Full, LoHa, LoKr, LoRA, Method
 from nanobooth.core.models import load_components, load_pipeline
 
-CHECKED = {"full": Full, "lora": LoRA, "dora": DoRA}
-ADAPTER = {"lora": (".lora_A.", ".lora_B."), "dora": (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")}
+CHECKED = {"full": Full, "lora": LoRA, "dora": DoRA, "lokr": LoKr, "loha": LoHa}
+# the tiny models' layers (32-64 wide) are small enough that LoKr's default rank 4 gives two full factors
+ADAPTER = {"lora": (".lora_A.", ".lora_B."), "dora": (".lora_A.", ".lora_B.", ".lora_magnitude_vector."),
+           "lokr": (".lokr_w1.", ".lokr_w2."), "loha": (".hada_w1_a.", ".hada_w1_b.", ".hada_w2_a.", ".hada_w2_b.")}
+ADAPTER_PART = re.compile(r"\.(lora_|lokr_|hada_)")  # where an adapter parameter's name leaves its module's path
+FIXTURES = ["tiny_model", "tiny_sdxl_model", "tiny_sd3_model", "tiny_flux_model"]
+# LoKr/LoHa attach as LoRA does (methods/lycoris.py); checked on SD and SDXL only, to keep the suite short
+CASES = [(n, f) for n in CHECKED for f in FIXTURES if n not in ("lokr", "loha") or f in FIXTURES[:2]]
 
 
 def test_every_method_is_checked_here_and_configurable():
@@ -35,9 +42,8 @@ def _trainable(module) -> set[str]:
     return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model", "tiny_sd3_model", "tiny_flux_model"])
 @pytest.mark.parametrize("te", [False, True])
-@pytest.mark.parametrize("name", list(CHECKED))
+@pytest.mark.parametrize("name,fixture", CASES)
 def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, request):
     model = request.getfixturevalue(fixture)
     base = load_components(str(model))
@@ -49,10 +55,10 @@ def test_attach_trains_exactly_the_intended_parameters(name, te, fixture, reques
     else:  # adapters only, on the target modules only; the base weights untouched, bit for bit
         assert unet_names and all(any(a in n for a in ADAPTER[name]) for n in unet_names)
         assert all(any(a in n for n in unet_names) for a in ADAPTER[name])  # DoRA: its magnitudes train too
-        assert all(any(n.split(".lora_")[0].endswith(t) for t in cfg.lora_target_modules) for n in unet_names)
+        assert all(any(ADAPTER_PART.split(n)[0].endswith(t) for t in cfg.lora_target_modules) for n in unet_names)
         base_sd = base.unet.state_dict()
         for k, v in c.unet.state_dict().items():
-            if "lora_" not in k:
+            if not ADAPTER_PART.search(k):
                 assert torch.equal(v, base_sd[k.replace(".base_layer", "")]), k
     for i, t in enumerate(c.text_encoders):
         names = _trainable(t)

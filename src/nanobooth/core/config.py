@@ -81,8 +81,8 @@ class TrainConfig:
     """Horizontally flip images at random. Cached latents keep both flips, so caching still applies."""
 
     # --- optimisation --------------------------------------------------------------------------------
-    method: Literal["full", "lora", "dora"] = "full"
-    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply)."""
+    method: Literal["full", "lora", "dora", "lokr", "loha"] = "full"
+    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply); `lokr` (Kronecker product of two small factors) and `loha` (Hadamard product of two low-rank pairs) are LyCORIS's adapters, through peft (lora_rank, lora_alpha and the target keys apply; lora_dropout does not)."""
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
     lora_rank: int = 4
@@ -91,6 +91,10 @@ class TrainConfig:
     """LoRA alpha (scale = alpha / rank). Default: equal to lora_rank."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
+    lokr_factor: int = -1
+    """method=lokr: split each weight's sides into a factor pair near this value (LyCORIS's `factor`); -1 picks the pair nearest the square root. The second (larger) factor is a full matrix when lora_rank >= half its larger side (LyCORIS's "full dimension": any large rank, e.g. 10000; then keep lora_alpha = lora_rank), else a rank-lora_rank product."""
+    lokr_decompose_both: bool = False
+    """method=lokr: also split the first (small) Kronecker factor into a rank-lora_rank product when the rank allows (LyCORIS's `decompose_both`)."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet modules that get LoRA adapters (the seed's attention projections)."""
     text_encoder_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
@@ -226,6 +230,11 @@ class TrainConfig:
         if self.base_quantization != "none" and self.method == "full":
             raise ConfigError(f"config key 'base_quantization': {self.base_quantization} quantizes the frozen base, but method=full "
                               "trains every base weight; use method=lora (or dora), or base_quantization=none")
+        if self.method in ("lokr", "loha") and self.lora_dropout:
+            raise ConfigError(f"config key 'lora_dropout': method={self.method} has no dropout on its branch (LyCORIS's LoKr/LoHa "
+                              "do not implement it); set lora_dropout=0")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"config key 'lokr_factor': must be -1 (near the square root) or >= 1, got {self.lokr_factor}")
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
 

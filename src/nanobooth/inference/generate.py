@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..methods import METHODS
+from ..methods.lycoris import method_of_lora_file
 from ..core.models import ModelError, apply_tome, load_pipeline
 from ..core.run_folder import LORA_FILE, load_run_config, result_kind
 
@@ -25,6 +26,8 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     run = Path(weights)
     kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
     if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
+        if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type
+            kind = method_of_lora_file(run / LORA_FILE)
         return METHODS[kind]().load_for_inference(run, lambda: load_pipeline(
             model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype), torch_dtype)
     raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")

@@ -3,8 +3,10 @@
 from .base import Method
 from .dora import DoRA
 from .full import Full
+from .loha import LoHa
+from .lokr import LoKr
 from .lora import LoRA
 
-METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "dora": DoRA}
+METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "dora": DoRA, "lokr": LoKr, "loha": LoHa}
 
-__all__ = ["METHODS", "Method", "Full", "LoRA", "DoRA"]
+__all__ = ["METHODS", "Method", "Full", "LoRA", "DoRA", "LoKr", "LoHa"]
