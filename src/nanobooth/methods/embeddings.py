@@ -77,7 +77,7 @@ def token_map(cfg) -> dict[str, str]:
 def rewrite(prompt: str, tokens: dict[str, str] | None) -> str:
     """`prompt` with each identifier (a whole word) replaced by its new tokens."""
     for word, toks in (tokens or {}).items():
-        prompt = re.sub(rf"(?<!\S){re.escape(word)}(?!\S)", toks, prompt)
+        prompt = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", toks, prompt)
     return prompt
 
 
