@@ -29,7 +29,8 @@ from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitte
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
 from ..families import cond_batch, cond_to
-from ..methods import METHODS, embeddings
+from ..methods import METHODS
+from ..methods import embeddings
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .quantize import quantize_base

@@ -10,7 +10,8 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..methods import METHODS, embeddings
+from ..methods import METHODS
+from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline
 from ..core.run_folder import LORA_FILE, load_run_config, result_kind
 
