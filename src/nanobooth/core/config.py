@@ -85,6 +85,16 @@ class TrainConfig:
     """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply); `lokr` (Kronecker product of two small factors) and `loha` (Hadamard product of two low-rank pairs) are LyCORIS's adapters, through peft (lora_rank, lora_alpha and the target keys apply; lora_dropout does not)."""
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
+    train_text_encoder_ti: bool = False
+    """Pivotal tuning (method=lora/dora): the identifier becomes new tokens whose embedding rows train with the adapters (textual inversion), diffusers' advanced DreamBooth flag; only those rows train."""
+    token_abstraction: Optional[str] = None
+    """The identifier word that train_text_encoder_ti replaces with new tokens in every prompt. Default: the one word of instance_prompt that class_prompt lacks (`sks`)."""
+    num_new_tokens_per_abstraction: int = 2
+    """New tokens (`<s0><s1>`...) the identifier becomes with train_text_encoder_ti."""
+    initializer_concept: Optional[str] = None
+    """Words whose token embeddings start the new tokens (cycled over them). Default: the class noun, class_prompt's last word."""
+    train_text_encoder_ti_frac: float = 0.5
+    """Fraction of max_train_steps during which the new embeddings train (diffusers' pivot); the adapters train on to the end."""
     lora_rank: int = 4
     """LoRA rank r."""
     lora_alpha: Optional[float] = None
@@ -235,6 +245,13 @@ class TrainConfig:
                               "do not implement it); set lora_dropout=0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"config key 'lokr_factor': must be -1 (near the square root) or >= 1, got {self.lokr_factor}")
+        if self.train_text_encoder_ti and self.method not in ("lora", "dora"):
+            raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning trains new token embeddings beside adapters; "
+                              f"use method=lora (or dora), not method={self.method}")
+        if self.num_new_tokens_per_abstraction < 1:
+            raise ConfigError(f"config key 'num_new_tokens_per_abstraction': must be >= 1, got {self.num_new_tokens_per_abstraction}")
+        if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:
+            raise ConfigError(f"config key 'train_text_encoder_ti_frac': must be a fraction of the steps in (0, 1], got {self.train_text_encoder_ti_frac}")
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
 

@@ -36,6 +36,7 @@ SAMPLES = "samples"
 CHECKPOINTS = "checkpoints"
 CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
 LORA_FILE = "pytorch_lora_weights.safetensors"
+EMB_SUFFIX = "_emb.safetensors"  # `<run name>_emb.safetensors`: pivotal tuning's new tokens beside the LoRA (methods/embeddings.py)
 MODEL_INDEX = "model_index.json"
 TMP_OUTPUT = ".tmp-output"  # the result while it is written; published into the run folder when complete
 TOY_EVAL = ("toy_eval.json", "toy_eval.png")  # `nanobooth toy eval` scores a run into its own folder
@@ -130,7 +131,7 @@ def output_paths(folder) -> list[Path]:
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
     rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
-    return [folder / LORA_FILE] + pipeline_parts(folder) + [folder / n for n in rest]
+    return [folder / LORA_FILE] + sorted(folder.glob("*" + EMB_SUFFIX)) + pipeline_parts(folder) + [folder / n for n in rest]
 
 
 def clear_outputs(folder) -> list[Path]:

@@ -31,6 +31,7 @@ from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
+from ..methods import embeddings
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
 from .quantize import quantize_base
@@ -59,6 +60,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
     if not extra:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
+    if cfg.train_text_encoder_ti:
+        embeddings.identifier(cfg)  # refused now if the identifier cannot be found, before anything is written
     run_dir = Path(cfg.output_dir)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
@@ -210,8 +213,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     t_class = time.time() - t_class
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
-    te_trained = cfg.train_text_encoder
+    te_trained = cfg.train_text_encoder or cfg.train_text_encoder_ti
     method.attach(fam, unet, text_encoders, cfg)
+    # pivotal tuning: the identifier becomes new tokens, rewritten in every prompt (methods/embeddings.py)
+    tokens = embeddings.attach(fam, c.tokenizers, text_encoders, cfg) if cfg.train_text_encoder_ti else {}
     # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer.
     # VAEs flagged force_upcast (SDXL's) overflow in fp16, and with cached latents fp32 costs nothing.
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
@@ -234,7 +239,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
     # every prompt a step can use, once: per-image captions (else instance_prompt), class_prompt, "" for caption_dropout
     texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])))
-    ids = {p: fam.tokenize(c.tokenizers, p, device) for p in texts}
+    ids = {p: fam.tokenize(c.tokenizers, embeddings.rewrite(p, tokens), device) for p in texts}
     text_cache = None
     if not te_trained:  # frozen text encoders: each distinct prompt encoded once
         with torch.no_grad():
@@ -339,6 +344,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             try:
                 unet.eval(), [te.eval() for te in text_encoders], [m.to(device) for m in dict.fromkeys((vae, *idle))]
                 pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
+                setattr(pipe, embeddings.TOKEN_MAP, tokens)  # render() rewrites the identifier
                 pipe.set_progress_bar_config(desc=f"validation step {step}", leave=False)  # runs on rank 0 only
                 rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
                               cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
@@ -446,6 +452,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                if cfg.train_text_encoder_ti:
+                    embeddings.pivot(optimizer, step, cfg)  # the new rows stop after train_text_encoder_ti_frac
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums["loss"] += loss.item() / cfg.gradient_accumulation_steps

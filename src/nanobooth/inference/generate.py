@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..methods import METHODS
 from ..methods.lycoris import method_of_lora_file
+from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline
 from ..core.run_folder import LORA_FILE, load_run_config, result_kind
 
@@ -73,6 +74,8 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
     if guidance_cutoff < 1.0 and guidance > 1.0:
         names = [n for n in _CFG_DOUBLED if n in getattr(pipe, "_callback_tensor_inputs", ())]
         extra = dict(callback_on_step_end=_cfg_cutoff(steps, guidance_cutoff), callback_on_step_end_tensor_inputs=names)
+    # a pivotal-tuning run's identifier becomes its new tokens (methods/embeddings.py; set by load_for_inference)
+    prompts = [embeddings.rewrite(p, getattr(pipe, embeddings.TOKEN_MAP, None)) for p in prompts]
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: list[list[Image.Image]] = [[None] * num_images for _ in prompts]
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD3/FLUX pipelines hold a transformer

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from . import embeddings
+
 
 class Method:
     """A training method: which parameters train, in which optimizer groups, what is saved and how it loads back.
@@ -41,17 +43,21 @@ class Method:
 
     def param_groups(self, unet, text_encoders: list, cfg, scale: float) -> list[dict]:
         """Default: the UNet's trainable parameters at learning_rate, then (train_text_encoder) all text
-        encoders' at text_encoder_lr (default learning_rate), each in module order."""
+        encoders' at text_encoder_lr (default learning_rate), each in module order, then (train_text_encoder_ti)
+        the new token rows (embeddings.param_group)."""
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale}]
+        new_rows = {id(p) for p in embeddings.new_params(text_encoders)}  # their own group, which pivots
         if cfg.train_text_encoder:
-            groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
+            groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad and id(p) not in new_rows],
                            "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale})
+        if cfg.train_text_encoder_ti:  # pivotal tuning: the new token rows (embeddings.py)
+            groups.append(embeddings.param_group(text_encoders, cfg, scale))
         return groups
 
     def trained_modules(self, family, unet, text_encoders: list, cfg) -> dict:
         """Default: the UNet, plus the text encoders that train (those with trainable parameters)."""
         tes = [(n, te) for n, te in zip(family.text_encoder_names, text_encoders) if any(p.requires_grad for p in te.parameters())]
-        return {"unet": unet, **(dict(tes) if cfg.train_text_encoder else {})}
+        return {"unet": unet, **(dict(tes) if cfg.train_text_encoder or cfg.train_text_encoder_ti else {})}
 
     def save(self, folder: Path, components, unet, text_encoders: list, cfg) -> None:
         raise NotImplementedError

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from ..core.models import lora_config
 from ..core.run_folder import LORA_FILE
+from . import embeddings
 from .base import Method
 
 
 class LoRA(Method):
-    """Base weights stay untouched; the result is one file, LORA_FILE (`pipe.load_lora_weights(run_dir)`)."""
+    """Base weights stay untouched; the result is one file, LORA_FILE (`pipe.load_lora_weights(run_dir)`),
+    plus the new tokens' embeddings with train_text_encoder_ti (embeddings.py)."""
 
     name = "lora"
     use_dora = False  # methods/dora.py: the same adapters with a trained magnitude
@@ -27,8 +29,13 @@ class LoRA(Method):
 
     def save(self, folder, components, unet, text_encoders, cfg):
         components.family.save_lora(folder, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
+        if cfg.train_text_encoder_ti:  # pivotal tuning: the new tokens' rows beside the LoRA
+            embeddings.save(folder, components.family, text_encoders, cfg)
 
     def load_for_inference(self, run_dir, load_base, torch_dtype=None):
         pipe = load_base()
         pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE)
+        emb = embeddings.find(run_dir)
+        if emb is not None:  # tokens added, the identifier rewritten in every prompt render() gets
+            embeddings.load_into(pipe, emb)
         return pipe

@@ -1,0 +1,154 @@
+"""Pivotal tuning (methods/embeddings.py, `train_text_encoder_ti`) on the tiny SD and SDXL models."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import train_args
+from nanobooth.core.config import ConfigError, TrainConfig, load_config
+from nanobooth.core.models import load_components, load_pipeline, make_pipeline
+from nanobooth.core.run_folder import output_paths
+from nanobooth.inference.generate import generate, load_run, render
+from nanobooth.methods import LoRA, embeddings
+
+PROMPT = "a photo of sks dog"
+
+
+def _pivotal(model, tmp_path, **kw):
+    c = load_components(str(model))
+    for m in (c.vae, *c.text_encoders, c.unet):
+        m.requires_grad_(False)
+    cfg = TrainConfig(model=str(model), method="lora", train_text_encoder_ti=True, instance_prompt=PROMPT,
+                      class_prompt="a photo of dog", output_dir=str(tmp_path / "run"), **kw)
+    torch.manual_seed(0)
+    LoRA().attach(c.family, c.unet, c.text_encoders, cfg)
+    tables = [embeddings._token_embedding(te).token_embedding.weight.clone() for te in c.text_encoders]
+    tokens = embeddings.attach(c.family, c.tokenizers, c.text_encoders, cfg)
+    return c, cfg, tokens, tables
+
+
+def _encode(c, tokens, prompt=PROMPT):
+    return c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, embeddings.rewrite(prompt, tokens), "cpu"), 32)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model"])
+def test_only_the_new_rows_train_the_loss_falls_and_they_stop_at_the_pivot(fixture, request, tmp_path):
+    c, cfg, tokens, tables = _pivotal(request.getfixturevalue(fixture), tmp_path, learning_rate=0.0, text_encoder_lr=5e-2,
+                                      max_train_steps=8, train_text_encoder_ti_frac=0.75)
+    assert tokens == {"sks": "<s0><s1>"}
+    ids = c.tokenizers[0](embeddings.rewrite(PROMPT, tokens), add_special_tokens=False).input_ids
+    v = tables[0].shape[0]
+    assert ids[-3:-1] == [v, v + 1]  # "<s0><s1>" are two new ids, the rows after the old table
+    for te in c.text_encoders:  # in the text encoders only the new rows train
+        names = [n for n, p in te.named_parameters() if p.requires_grad]
+        assert len(names) == 1 and names[0].endswith("embeddings.token_embedding.new")
+    init = [p.detach().clone() for p in embeddings.new_params(c.text_encoders)]
+    dog = c.tokenizers[0]("dog", add_special_tokens=False).input_ids[0]
+    assert torch.equal(init[0][0], tables[0][dog]) and torch.equal(init[0][1], tables[0][dog])  # from the class noun
+    groups = LoRA().param_groups(c.unet, c.text_encoders, cfg, 1.0)
+    assert groups[-1]["name"] == embeddings.TI_GROUP and groups[-1]["lr"] == 5e-2
+    assert [id(p) for p in groups[-1]["params"]] == [id(p) for p in embeddings.new_params(c.text_encoders)]
+    assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})  # each once
+
+    opt = torch.optim.AdamW(groups, weight_decay=0.1)  # weight decay would shrink every row it reached
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.unet.config.in_channels, 4, 4, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([300, 700])
+    noisy = c.noise_scheduler.add_noise(x, noise, t)
+    losses, rows = [], []
+    for step in range(cfg.max_train_steps):
+        cond = {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else {kk: vv.expand(2, *vv.shape[1:]) for kk, vv in v.items()})
+                for k, v in _encode(c, tokens).items()}
+        loss = torch.nn.functional.mse_loss(c.family.denoise(c.unet, noisy, t, cond), noise)
+        loss.backward()
+        embeddings.pivot(opt, step, cfg)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        rows.append([p.detach().clone() for p in embeddings.new_params(c.text_encoders)])
+    pivot = int(0.75 * 8)  # steps from here on leave the rows as they were
+    # the new rows alone fit the fixed example (deterministic: without training every step's loss is losses[0])
+    assert all(b < a for a, b in zip(losses[:pivot], losses[1:pivot])) and losses[pivot - 1] < losses[0] - 0.01
+    for te, table in zip(c.text_encoders, tables):  # every old row bit for bit
+        assert torch.equal(embeddings._token_embedding(te).token_embedding.base.weight, table)
+    assert not torch.equal(rows[pivot - 1][0], init[0])
+    assert not torch.equal(rows[pivot - 1][0], rows[pivot - 2][0])
+    assert all(torch.equal(r[0], rows[pivot - 1][0]) for r in rows[pivot:])
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model"])
+def test_save_then_generate_reproduces_the_trained_pipeline_and_exports_load(fixture, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    c, cfg, tokens, _ = _pivotal(model, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move the new rows and the UNet adapters
+        for p in [*embeddings.new_params(c.text_encoders), *(p for p in c.unet.parameters() if p.requires_grad)]:
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    trained = {k: v.clone() for k, v in embeddings.trained_rows(c.family, c.text_encoders).items()}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    LoRA().save(folder, c, c.unet, c.text_encoders, cfg)
+    emb = folder / "run_emb.safetensors"
+    assert embeddings.find(folder) == emb and emb in output_paths(folder)  # overwrite=true clears it with the run
+    sdxl = fixture == "tiny_sdxl_model"
+    assert set(load_file(emb)) == ({"clip_l", "clip_g"} if sdxl else {"clip_l"})  # diffusers' advanced-script keys
+
+    pipe = make_pipeline(c, unet=c.unet, text_encoders=c.text_encoders)
+    setattr(pipe, embeddings.TOKEN_MAP, tokens)
+    during = render(pipe, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    loaded = load_run(str(model), str(folder))  # what `nanobooth generate RUN "a photo of sks dog"` renders with
+    after = render(loaded, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    assert np.abs(np.asarray(during, dtype=int) - np.asarray(after, dtype=int)).max() <= 1
+    spelled = render(loaded, ["a photo of <s0><s1> dog"], seed=3, steps=2, resolution=32)[0][0]
+    assert np.array_equal(np.asarray(after), np.asarray(spelled))  # "sks" was rewritten into the new tokens
+    base = render(load_run(str(model)), [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    assert not np.array_equal(np.asarray(after), np.asarray(base))  # so the checks above can fail
+
+    # A1111 / ComfyUI: SD one tensor `emb_params`, SDXL `clip_l` + `clip_g`; diffusers loads both
+    out = embeddings.export_webui(emb, tmp_path / "subj.safetensors")
+    exported = load_file(out)
+    assert set(exported) == ({"clip_l", "clip_g"} if sdxl else {"emb_params"})
+    fresh = load_pipeline(str(model))
+    if sdxl:
+        for key, te, tok in (("clip_l", fresh.text_encoder, fresh.tokenizer), ("clip_g", fresh.text_encoder_2, fresh.tokenizer_2)):
+            fresh.load_textual_inversion(exported[key], token=["<x0>", "<x1>"], text_encoder=te, tokenizer=tok)
+            rows = te.get_input_embeddings().weight[tok.convert_tokens_to_ids(["<x0>", "<x1>"])]
+            assert torch.equal(rows, trained[key])
+    else:
+        fresh.load_textual_inversion(str(out), token="<subj>")  # a multi-vector file: "<subj>", "<subj>_1"
+        rows = fresh.text_encoder.get_input_embeddings().weight[fresh.tokenizer.convert_tokens_to_ids(["<subj>", "<subj>_1"])]
+        assert torch.equal(rows, trained["clip_l"])
+
+
+def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_model, subject_dir, tmp_path):
+    from nanobooth.core.train import train
+
+    cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, tmp_path / "run", "train_text_encoder_ti=true",
+                                                    "learning_rate=1e-2", "train_text_encoder_ti_frac=1.0"))
+    run = train(cfg)
+    emb = run / "run_emb.safetensors"
+    with safe_open(str(emb), "pt") as f:
+        assert f.metadata() == {"token_abstraction": "sks", "tokens": "<s0>,<s1>"}
+    base = load_pipeline(str(tiny_model))
+    dog = base.tokenizer("dog", add_special_tokens=False).input_ids[0]
+    start = base.text_encoder.get_input_embeddings().weight[dog].expand(2, -1)
+    assert not torch.equal(load_file(emb)["clip_l"], start)  # they trained away from the class noun's row
+    images = generate(str(tiny_model), PROMPT, weights=run, steps=2)
+    assert len(images) == 1 and images[0].size == (32, 32)
+
+
+def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="train_text_encoder_ti.*method=lora"):
+        TrainConfig(method="full", train_text_encoder_ti=True)
+    with pytest.raises(ConfigError, match="train_text_encoder_ti_frac"):
+        TrainConfig(method="lora", train_text_encoder_ti=True, train_text_encoder_ti_frac=0.0)
+    cfg = TrainConfig(method="lora", train_text_encoder_ti=True, instance_prompt="a photo of my sks dog", class_prompt="a photo of dog")
+    with pytest.raises(ConfigError, match="token_abstraction"):  # two words class_prompt lacks: which is the identifier?
+        embeddings.identifier(cfg)
+    cfg.token_abstraction = "sks"
+    tmap = embeddings.token_map(cfg)
+    assert embeddings.rewrite("a sks dog, sks.", tmap) == "a <s0><s1> dog, <s0><s1>."
+    assert embeddings.rewrite("a sksy dog", tmap) == "a sksy dog"  # whole words only
