@@ -163,6 +163,8 @@ class TrainConfig:
     """Mixed precision: frozen models are cast to it, trained weights stay fp32."""
     base_quantization: Literal["none", "int8", "fp8", "nf4"] = "none"
     """Store the frozen denoiser's linear weights quantized (method=lora/dora only): int8 or fp8 weight-only (optimum-quanto; CPU or GPU), nf4 (bitsandbytes; CUDA only). Adapters train in fp32; the saved LoRA loads on the unquantized base."""
+    offload_blocks: int = 0
+    """SD3/FLUX (method=lora/dora): keep the frozen weights of the last N transformer blocks in CPU memory, each moved to the accelerator only while it computes (kohya's blocks_to_swap). Needs gradient_checkpointing=true. Same results, less accelerator memory, slower steps; no effect without an accelerator."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     channels_last: bool = False
@@ -252,6 +254,15 @@ class TrainConfig:
             raise ConfigError(f"config key 'num_new_tokens_per_abstraction': must be >= 1, got {self.num_new_tokens_per_abstraction}")
         if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:
             raise ConfigError(f"config key 'train_text_encoder_ti_frac': must be a fraction of the steps in (0, 1], got {self.train_text_encoder_ti_frac}")
+        if self.offload_blocks < 0:
+            raise ConfigError(f"config key 'offload_blocks': must be >= 0 (0 = off), got {self.offload_blocks}")
+        if self.offload_blocks and self.method == "full":
+            raise ConfigError("config key 'offload_blocks': offloads frozen block weights, but method=full trains every weight; "
+                              "use method=lora (or dora), or offload_blocks=0")
+        if self.offload_blocks and not self.gradient_checkpointing:
+            # autograd keeps what it saved for backward (views of each weight) on the device until the backward pass
+            raise ConfigError("config key 'offload_blocks': frees accelerator memory only with gradient_checkpointing=true "
+                              "(without it each block's saved activations keep its weights on the device); add gradient_checkpointing=true")
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
 

@@ -34,6 +34,7 @@ from ..methods import METHODS
 from ..methods import embeddings
 from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
+from .offload import BlockOffload
 from .quantize import quantize_base
 from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
                          clear_outputs, make_readable)
@@ -176,6 +177,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     check_resolution(cfg.resolution, c.vae.config, c.unet.config, c.family.latent_patch)
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
+    offload = BlockOffload(c.unet, cfg.offload_blocks, device) if cfg.offload_blocks else None  # before the device: it need not fit
+    if offload and device.type == "cpu":
+        log.warning("offload_blocks=%d has no effect: this run has no accelerator (the blocks already live in CPU memory)", cfg.offload_blocks)
     if main:
         if cfg.overwrite and not resume and run_dir.is_dir():
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
@@ -189,7 +193,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
     for m in (vae, *text_encoders, unet):
         m.requires_grad_(False)
-        m.to(device)
+        offload.place(m) if offload and m is unet else m.to(device)
 
     # --- class images (before any adapter exists: they must come from the base model) -------------------
     prior = cfg.with_prior_preservation
@@ -224,6 +228,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         for p in m.parameters():
             if p.is_floating_point():  # not bitsandbytes' packed nf4 bytes
                 p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
+    if offload:
+        offload.place(unet)  # the adapters peft made beside offloaded weights (in CPU memory) go to the device
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in text_encoders if te_trained else []:
@@ -268,7 +274,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                                  num_training_steps=cfg.max_train_steps)
     ema = EMA([p for g in groups for p in g["params"]], cfg.ema_decay, cfg.offload_ema) if cfg.use_ema else None
     trained = method.trained_modules(fam, unet, text_encoders, cfg)
-    prepared = accelerator.prepare(*trained.values(), optimizer)
+    if offload and world > 1:  # DDP neither syncs nor broadcasts the offloaded frozen weights (it wants one device)
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(unet, offload.frozen_names(unet))
+    # accelerate would move the whole model to the device; offload placed it already
+    prepared = accelerator.prepare(*trained.values(), optimizer, **({"device_placement": [False] * (len(trained) + 1)} if offload else {}))
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
     unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
