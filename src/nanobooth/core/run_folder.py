@@ -32,6 +32,7 @@ log = logging.getLogger("nanobooth")
 CONFIG = "config.yaml"
 TRAIN_LOG = "train_log.jsonl"
 SAMPLES = "samples"
+TRACKER_LOGS = "logs"  # report_to=tensorboard's event files (trackers.py)
 CHECKPOINTS = "checkpoints"
 CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -87,7 +88,7 @@ def output_paths(folder) -> list[Path]:
     so the next run reuses them instead of generating them again."""
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
-    rest = [CONFIG, TRAIN_LOG, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    rest = [CONFIG, TRAIN_LOG, SAMPLES, TRACKER_LOGS, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
     return [folder / LORA_FILE] + pipeline_parts(folder) + [folder / n for n in rest]
 
 
