@@ -183,7 +183,7 @@ class TrainConfig:
     validation_loss_steps: int = field(default=0, metadata=RESUME_SAFE)
     """Score the training objective on a fixed set of (photo, timestep, noise) triples every N optimizer steps, at the start and at the end (0 = never): `val_loss` in train_log.jsonl, the ValidationLoss event and the trackers. Drawn once from a generator of its own, scored without gradients in eval mode: it never changes training."""
     validation_loss_samples: int = 4  # not resume-safe: another set is another curve
-    """(timestep, noise) pairs per photo in the validation-loss set."""
+    """(timestep, noise) pairs per photo in the validation-loss set; an evaluation costs photos x this many denoiser forwards without gradients."""
     validation_images_dir: Optional[str] = None
     """A folder of held-out photos of the subject (not trained on) scored as `val_loss_heldout` with the validation loss: rising while `val_loss` falls means the run overfits."""
     checkpointing_steps: int = field(default=500, metadata=RESUME_SAFE)
