@@ -18,9 +18,9 @@ def test_resume_is_bit_exact_and_validation_changes_nothing(family, fixture, req
     variant = f"{family}/dreambooth-lora-prior-pre"
     extra = ["gradient_checkpointing=false", "learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2",
              "random_flip=true", "validation_inference_steps=2"]
-    full = tmp_path / "full"  # renders a validation grid after every step
+    full = tmp_path / "full"  # renders a validation grid and scores the validation loss after every step
     assert main(["train", variant, *train_args(model, subject_dir, full, *extra, "validation_prompts=[a sks dog]",
-                                                "validation_steps=1")]) == 0
+                                                "validation_steps=1", "validation_loss_steps=1")]) == 0
     part = tmp_path / "part"  # no renders; resumed from the full run's step-2 checkpoint
     part.mkdir()
     shutil.copy(full / "config.yaml", part / "config.yaml")
@@ -29,6 +29,7 @@ def test_resume_is_bit_exact_and_validation_changes_nothing(family, fixture, req
     assert main(["train", variant, *train_args(model, subject_dir, part, *extra, "resume_from_checkpoint=latest")]) == 0
     wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    la = [json.loads(x) for x in (full / "train_log.jsonl").read_text().splitlines()][2:]
+    la = [json.loads(x) for x in (full / "train_log.jsonl").read_text().splitlines()][3:]  # after step 0's val_loss line
+    assert "val_loss" in la[-1]
     lb = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
     assert [(r["loss"], r["prior_loss"]) for r in la] == [(r["loss"], r["prior_loss"]) for r in lb]

@@ -97,7 +97,8 @@ def _documented_resume_safe_keys() -> set[str]:
 # a new value for every resume-safe key (the test below checks that it covers them all)
 SAFE_CHANGES = {"output_dir": "moved/elsewhere", "overwrite": True, "resume_from_checkpoint": "checkpoints/checkpoint-000002",
                 "max_train_steps": 999,
-                "validation_prompts": ["a sks dog"], "validation_steps": 7, "checkpointing_steps": 3,
+                "validation_prompts": ["a sks dog"], "validation_steps": 7, "validation_loss_steps": 5, "report_to": "tensorboard",
+                "checkpointing_steps": 3,
                 "checkpoints_total_limit": 2, "log_every": 1, "num_threads": 1}
 
 

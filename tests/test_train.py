@@ -143,8 +143,10 @@ def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "tome_ratio=0.5", "max_train_steps=4", "lora_dropout=0.1"]
     a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a", *common)
     b = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "b", *common,
-            "validation_prompts=[a sks dog, a dog]", "validation_steps=1", "num_validation_images=2")
+            "validation_prompts=[a sks dog, a dog]", "validation_steps=1", "num_validation_images=2",
+            "validation_loss_steps=1", f"validation_images_dir={subject_dir}")  # and a validation loss after every step
     assert len(list((b / "samples").glob("*.png"))) == 5
+    assert ["val_loss_heldout" in json.loads(x) for x in (b / "train_log.jsonl").read_text().splitlines()] == [True] * 5
     wa, wb = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -134,7 +134,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     """AdamW epsilon."""
     use_8bit_adam: bool = False
-    """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU)."""
+    """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU); the same as optimizer=adamw8bit."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "schedulefree"] = "adamw"
+    """`adamw`; `adamw8bit` (bitsandbytes, CUDA only); `prodigy` (finds its own step size: learning_rate=1.0 by convention, a multiplier of it); `schedulefree` (AdamW schedule-free: no LR schedule, lr_warmup_steps warms it up; validation and the result use its averaged weights). The adam_* keys apply to each."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     use_ema: bool = False
@@ -194,6 +196,14 @@ class TrainConfig:
     alone (diffusers' cutoff_step_ratio). 1.0 = every step."""
     validation_seed: Optional[int] = None
     """Seed of validation images (prompt i image j uses validation_seed + 1000*i + j). Default: seed."""
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata=RESUME_SAFE)
+    """Log loss, lr, validation loss and validation grids to TensorBoard (event files in OUTPUT_DIR/logs/) or Weights & Biases (`pip install wandb`), through accelerate's trackers; `none` = train_log.jsonl and the events only."""
+    validation_loss_steps: int = field(default=0, metadata=RESUME_SAFE)
+    """Score the training objective on a fixed set of (photo, timestep, noise) triples every N optimizer steps, at the start and at the end (0 = never): `val_loss` in train_log.jsonl, the ValidationLoss event and the trackers. Drawn once from a generator of its own, scored without gradients in eval mode: it never changes training."""
+    validation_loss_samples: int = 4  # not resume-safe: another set is another curve
+    """(timestep, noise) pairs per photo in the validation-loss set; an evaluation costs photos x this many denoiser forwards without gradients."""
+    validation_images_dir: Optional[str] = None
+    """A folder of held-out photos of the subject (not trained on) scored as `val_loss_heldout` with the validation loss: rising while `val_loss` falls means the run overfits."""
     checkpointing_steps: int = field(default=500, metadata=RESUME_SAFE)
     """Save a resumable checkpoint every N optimizer steps (0 = never)."""
     checkpoints_total_limit: Optional[int] = field(default=None, metadata=RESUME_SAFE)
@@ -222,7 +232,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"config key '{f.name}': expected {_type_name(hints[f.name])}, got {value!r}")
             setattr(self, f.name, coerced)
-        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size"):
+        for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size",
+                    "validation_loss_samples"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
         if self.resolution % 8:  # the model may need more (check_resolution, once it is loaded); no model needs less
@@ -231,6 +242,11 @@ class TrainConfig:
         if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")
+        if self.validation_loss_steps < 0:
+            raise ConfigError(f"config key 'validation_loss_steps': must be >= 0 (0 = never), got {self.validation_loss_steps}")
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ConfigError(f"config key 'use_8bit_adam': true means optimizer=adamw8bit, but optimizer={self.optimizer}; "
+                              "drop one of the two")
         if self.num_threads is not None and self.num_threads < 0:
             raise ConfigError(f"config key 'num_threads': must be >= 0 (0 = auto), got {self.num_threads}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -9,8 +9,9 @@ Ctrl-C: the run checkpoints at the next step boundary and raises `TrainingInterr
 no random numbers and never change what is trained.
 
 Order in one run: ClassImagesProgress* (prior preservation, only for class images still to make),
-SampleGrid (step 0, when validation_prompts are set), then per step Step, and where due CheckpointSaved
-and SampleGrid; finally Done, or Stopped (a stop request) or Failed (an exception; it is re-raised).
+ValidationLoss and SampleGrid (step 0, when validation_loss_steps / validation_prompts are set), then per
+step Step, and where due ValidationLoss, CheckpointSaved and SampleGrid; finally Done, or Stopped (a stop
+request) or Failed (an exception; it is re-raised).
 """
 
 from __future__ import annotations
@@ -73,6 +74,17 @@ class SampleGrid:
 
 
 @dataclass(frozen=True)
+class ValidationLoss:
+    """The validation loss (validation_loss_steps) after `step` steps (0: the base model): the objective's
+    weighted mean per-example MSE on the fixed triples of the training photos (`loss`) and of
+    validation_images_dir (`loss_heldout`, None without it), as in train_log.jsonl's val_loss keys."""
+
+    step: int
+    loss: float
+    loss_heldout: float | None
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     """A resumable checkpoint of step `step` is complete at `path` (a folder under output_dir/checkpoints)."""
 
@@ -132,7 +144,7 @@ class Failed:
     message: str
 
 
-Event = Union[ClassImagesProgress, Step, SampleGrid, CheckpointSaved, Done, Stopped, Failed]
+Event = Union[ClassImagesProgress, Step, ValidationLoss, SampleGrid, CheckpointSaved, Done, Stopped, Failed]
 Callback = Callable[[Event], object]  # returns STOP to ask for a stop; any other value is ignored
 
 

@@ -33,6 +33,7 @@ CONFIG = "config.yaml"
 TRAIN_LOG = "train_log.jsonl"
 TIME_TO_MODEL = "time_to_model.json"  # written with the weights: where the run's time went (events.TimeToModel)
 SAMPLES = "samples"
+TRACKER_LOGS = "logs"  # report_to=tensorboard's event files (trackers.py)
 CHECKPOINTS = "checkpoints"
 CLASS_IMAGES = "class_images"  # only when class_data_dir is unset
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -130,7 +131,7 @@ def output_paths(folder) -> list[Path]:
     so the next run reuses them instead of generating them again."""
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
-    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, TRACKER_LOGS, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
     return [folder / LORA_FILE] + sorted(folder.glob("*" + EMB_SUFFIX)) + pipeline_parts(folder) + [folder / n for n in rest]
 
 

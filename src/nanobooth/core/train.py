@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import prior
+from . import trackers, validation_loss
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
 from .data import ImageSet, Sampler, drop_captions, image_paths, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
-from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel
+from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
+from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from ..methods import embeddings
@@ -64,6 +66,10 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     if cfg.train_text_encoder_ti:
         embeddings.identifier(cfg)  # refused now if the identifier cannot be found, before anything is written
     run_dir = Path(cfg.output_dir)
+    if cfg.validation_images_dir:
+        resolve_data_dir(cfg.validation_images_dir, "validation_images_dir")
+    check_optimizer(cfg)
+    trackers.check_trackers(cfg)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
     if cfg.with_prior_preservation:
@@ -149,7 +155,6 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callb
 def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from .threads import apply_threads
 
     apply_threads(cfg.num_threads)  # as many CPU threads as there are free cores (num_threads=N to set)
@@ -161,7 +166,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     cpu_world = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     check_mixed_precision(cfg.mixed_precision, cpu=cpu_world)  # before the Accelerator: its state is per process
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=cfg.mixed_precision,
-                              cpu=cpu_world)
+                              cpu=cpu_world, **trackers.accelerator_kwargs(cfg, run_dir))
     main = emit.main = accelerator.is_main_process  # callbacks run on the main process only
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
     inputs = input_record(cfg, run_dir) if resume else None  # hashed once: checked here, recorded in checkpoints
@@ -185,6 +190,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
+    if tracker := trackers.start(accelerator, cfg):  # report_to: one more events callback (trackers.py)
+        emit.callbacks.append(tracker)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
         from diffusers import AutoencoderKL
@@ -243,8 +250,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         sets["class"] = class_image_set(class_dir, cfg.num_class_images, cfg.class_prompt, cfg.resolution)
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
     sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
+    vloss = validation_loss.build(cfg, fam, objective, sources, sets, lambda s: LatentSource(s, vae, cfg, True))
     # every prompt a step can use, once: per-image captions (else instance_prompt), class_prompt, "" for caption_dropout
-    texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])))
+    texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])
+                                + (vloss.prompts() if vloss else [])))
     ids = {p: fam.tokenize(c.tokenizers, embeddings.rewrite(p, tokens), device) for p in texts}
     text_cache = None
     if not te_trained:  # frozen text encoders: each distinct prompt encoded once
@@ -259,19 +268,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # --- optimizer and schedule -------------------------------------------------------------------------------
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
     groups = method.param_groups(unet, text_encoders, cfg, scale)
-    opt_kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("use_8bit_adam=true needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only)") from None
-        optimizer = bnb.optim.AdamW8bit(groups, **opt_kwargs)
-    else:
-        # one fused kernel per step on CUDA; multi-tensor (foreach) updates elsewhere
-        fused = device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, **opt_kwargs, fused=fused, foreach=None if fused else True)
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                 num_training_steps=cfg.max_train_steps)
+    optimizer = make_optimizer(cfg, groups, device)  # optimizer= (optimizers.py)
+    lr_scheduler = make_schedule(cfg, optimizer)
     ema = EMA([p for g in groups for p in g["params"]], cfg.ema_decay, cfg.offload_ema) if cfg.use_ema else None
     trained = method.trained_modules(fam, unet, text_encoders, cfg)
     if offload and world > 1:  # DDP neither syncs nor broadcasts the offloaded frozen weights (it wants one device)
@@ -326,7 +324,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             stop.raising = True  # a render can take minutes: Ctrl-C should not wait for it
             if final and stop.requested():
                 raise KeyboardInterrupt  # asked during the last step: the weights are saved, skip the grid
-            _render_grid(step)
+            with eval_weights(optimizer):  # schedule-free: its averaged weights, as the result will be
+                _render_grid(step)
         except TrainingInterrupted:  # a second Ctrl-C: at once
             raise
         except KeyboardInterrupt:
@@ -365,6 +364,16 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         path = run_dir / SAMPLES / f"step-{step:06d}.png"
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), path)
         emit(SampleGrid(step, path))
+
+    def score(step: int) -> dict[str, float]:
+        """{set: validation loss} of the current weights, logged; {} when not due (validation_loss.py)."""
+        if not (main and vloss and (step in (0, cfg.max_train_steps) or step % cfg.validation_loss_steps == 0)):
+            return {}
+        with eval_weights(optimizer):
+            scores = vloss(unet, text_encoders, lambda p: text_cache[p] if text_cache else fam.encode(text_encoders, ids[p], cfg.resolution),
+                           device, weight_dtype, accelerator.autocast(), 2 * cfg.train_batch_size, cfg.seed + 6)  # a step's rows
+        log.info("step %d validation loss %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
 
     def draw(kind: str, n_global: int):
         """This rank's latents (sampled from the posteriors) of one image set's global batch, their coords
@@ -420,6 +429,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         te.train(te_trained)
     stop.setup = stop.raising = False  # from here on a signal stops at the next step boundary
     if start_step == 0:
+        if scores := score(0):
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": 0, **validation_loss.log_keys(scores)}) + "\n")
+            emit(ValidationLoss(0, scores["train"], scores.get("heldout")))
         validate(0)  # the "before" grid
     n_global = cfg.train_batch_size * world
     kinds = list(sets)
@@ -478,11 +491,14 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             now = time.time()
             record = {"step": done, **{k: (None if math.isnan(v) else round(v, 6)) for k, v in sums.items()},
                       "lr": lr_scheduler.get_last_lr()[0], "time": round(now - t0, 3)}
+            scores = score(done)  # after the Step event's numbers are fixed, before its line is written
             with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, **validation_loss.log_keys(scores)}) + "\n")
             bar.set_postfix(loss=f"{sums['loss']:.4f}")
             emit(Step(done, cfg.max_train_steps, sums["loss"], sums["instance_loss"], sums["prior_loss"] if prior else None,
                       record["lr"], now - t_last))
+            if scores:
+                emit(ValidationLoss(done, scores["train"], scores.get("heldout")))
             t_last = now
             if done % cfg.log_every == 0:
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
@@ -498,6 +514,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     # --- outputs: the weights first, then the optional final grid -------------------------------------------------
     accelerator.wait_for_everyone()
+    final_weights(optimizer)  # schedule-free: the averaged weights are the result; the others: nothing
     if ema:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
     t_save = time.time()
