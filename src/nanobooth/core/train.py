@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import prior
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import ImageSet, Sampler, drop_captions, image_paths, read_subject_meta, resolve_data_dir
+from .data import ImageSet, Sampler, drop_captions, image_paths, latent_masks, mask_path, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped
 from ..inference.generate import grid, render, save_png
@@ -59,7 +59,8 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
     run_dir = Path(cfg.output_dir)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
-    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
+    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
+                                    masks=cfg.masked_loss)
     if cfg.with_prior_preservation:
         try:
             check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
@@ -73,7 +74,8 @@ def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     over other files is refused (ckpt.check_resume)."""
     photos = image_paths(resolve_data_dir(cfg.instance_data_dir))
     captions = [t for p in photos if (t := p.with_suffix(".txt")).is_file()]  # after the photos: positions stay the data order
-    record = {"instance_data_dir": ckpt.input_record(photos + captions)}
+    masks = [m for p in photos if (m := mask_path(p))] if cfg.masked_loss else []
+    record = {"instance_data_dir": ckpt.input_record(photos + captions + masks)}
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
@@ -95,28 +97,32 @@ def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor
 
 
 class LatentSource:
-    """Latent posteriors of one image set, with each example's (original size, crop) coords: cached once
-    (both flips if random_flip) or encoded per step."""
+    """Latent posteriors of one image set, with each example's (original size, crop) coords and, for a masked
+    set (masked_loss), its mask on the latent grid: cached once (both flips if random_flip) or encoded per step."""
 
     def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool):
         self.images, self.vae, self.cfg, self.cached = images, vae, cfg, cached
+        self.masked = images.masks is not None
         if cached:
             idx = list(range(len(images)))
             flips = [False, True] if cfg.random_flip else [False]
-            samples = [images.sample(idx, cfg.resolution, [f] * len(idx), None) for f in flips]
-            dists = [encode_dist(vae, pixels) for pixels, _ in samples]
+            samples = [images.sample(idx, cfg.resolution, [f] * len(idx), None, with_masks=True) for f in flips]
+            dists = [encode_dist(vae, s[0]) for s in samples]
             self.mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
             self.std = torch.stack([d[1] for d in dists], 1)
-            self.coords = torch.stack([c for _, c in samples], 1)  # (N, flips, 4): a flip moves the crop's left
+            self.coords = torch.stack([s[1] for s in samples], 1)  # (N, flips, 4): a flip moves the crop's left
+            self.mask = torch.stack([latent_masks(s[2], self.mean.shape[-2:]) for s in samples], 1)  # (N, flips, 1, h, w)
 
     def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None):
-        """Posterior (mean, std) of the examples idx (mirrored where flips) and their coords (N, 4)."""
+        """Posterior (mean, std) of the examples idx (mirrored where flips), their coords (N, 4) and masks
+        (N, 1, h, w) (None for an unmasked set)."""
         if self.cached:
             f = torch.tensor([int(x) for x in flips]) if self.cfg.random_flip else torch.zeros(len(idx), dtype=torch.long)
             i = torch.tensor(idx)
-            return self.mean[i, f], self.std[i, f], self.coords[i, f]
-        pixels, coords = self.images.sample(idx, self.cfg.resolution, flips, crop_gen)
-        return (*encode_dist(self.vae, pixels), coords)
+            return self.mean[i, f], self.std[i, f], self.coords[i, f], self.mask[i, f] if self.masked else None
+        pixels, coords, masks = self.images.sample(idx, self.cfg.resolution, flips, crop_gen, with_masks=True)
+        mean, std = encode_dist(self.vae, pixels)
+        return mean, std, coords, latent_masks(masks, mean.shape[-2:]) if self.masked else None
 
 
 def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callbacks: Iterable[Callback] = ()) -> Path:
@@ -352,12 +358,12 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         idx = samplers[kind].take(n_global)
         flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
-        mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
+        mean, std, coords, masks = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
         prompts = [sets[kind].prompt_of(i) for i in idx]
         if kind == "instance" and cfg.caption_dropout:
             prompts = drop_captions(prompts, cfg.caption_dropout, caption_gen)
-        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine]
+        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine], masks
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     if inputs is None:  # a new run: its class images exist only now
@@ -412,7 +418,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
                 drawn = [draw(k, n_global) for k in kinds]
-                latents = torch.cat([lat for lat, _, _ in drawn])
+                latents = torch.cat([d[0] for d in drawn])
                 # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
                 noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
@@ -420,19 +426,19 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
                 noisy = objective.noisy(latents, noise, timesteps)
                 # one encoding per distinct prompt (cached when frozen), repeated over its runs of rows in the batch
-                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for _, _, ps in drawn for p in ps)]
+                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for d in drawn for p in d[2])]
                 enc = {}
                 for p, _ in runs:
                     if p not in enc:
                         enc[p] = text_cache[p] if text_cache else fam.encode(te_fwd, ids[p], cfg.resolution)
                 cond = cond_to(cond_batch([enc[p] for p, _ in runs], [n for _, n in runs]), weight_dtype)
                 # what each drawn image is (size, crop): rows in the order of latents
-                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords, _ in drawn]), cfg.resolution)
+                cond = fam.micro_conditioning(cond, torch.cat([d[1] for d in drawn]), cfg.resolution)
                 with accelerator.autocast():
                     pred = fam.denoise(unet_fwd, noisy.to(weight_dtype), timesteps, cond)
                 target = objective.target(latents, noise, timesteps)
                 loss, inst, prior_l = dreambooth_loss(pred, target, cfg.train_batch_size, cfg.prior_loss_weight,
-                                                      objective.weights(timesteps, cfg.snr_gamma))
+                                                      objective.weights(timesteps, cfg.snr_gamma), drawn[0][3], cfg.unmasked_weight)
                 # "max" of the non-finite flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
                 if accelerator.reduce((~torch.isfinite(loss)).float().to(device), "max").item() > 0:
                     last = ckpt.list_checkpoints(run_dir)
