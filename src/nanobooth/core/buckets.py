@@ -73,3 +73,14 @@ class BucketSampler(Sampler):
     def load_state_dict(self, state: dict) -> None:
         self.order, self.pos = [list(b) for b in state["order"]], int(state["pos"])
         self.generator.set_state(state["generator"])
+
+
+def make_sampler(images, seed: int) -> Sampler:
+    """The data order of an ImageSet: a BucketSampler over its buckets when it has them (enable_bucket),
+    else the plain epoch-wise Sampler (unchanged, so runs without buckets keep their order)."""
+    if not images.sizes:
+        return Sampler(len(images), seed)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(images.sizes):
+        groups.setdefault(size, []).append(i)
+    return BucketSampler([groups[s] for s in sorted(groups)], seed)

@@ -84,6 +84,17 @@ class TrainConfig:
     unmasked_weight: float = 0.0
     """With masked_loss: the loss weight where the mask is black (OneTrainer's `unmasked_weight`); each pixel's weight
     is its mask value clamped to [unmasked_weight, 1]. 0 ignores the background entirely."""
+    enable_bucket: bool = False
+    """Aspect-ratio buckets (kohya's `enable_bucket`): each photo is resized and cropped to the bucket (about
+    resolution x resolution pixels, sides multiples of bucket_reso_steps) nearest its aspect ratio, instead of a
+    centre square, and each batch comes from one bucket. Class images are cropped to the batch's bucket."""
+    bucket_reso_steps: int = 64
+    """Bucket sides are multiples of this (kohya's default 64); must be a multiple of what the model renders (64 for
+    SD 1.x/2.x, 32 for SDXL, 16 for FLUX/SD3), checked once it loads."""
+    min_bucket_reso: Optional[int] = None
+    """Shortest bucket side in pixels; None: resolution / 2."""
+    max_bucket_reso: Optional[int] = None
+    """Longest bucket side in pixels; None: resolution * 2."""
 
     # --- optimisation --------------------------------------------------------------------------------
     method: Literal["full", "lora", "dora"] = "full"
@@ -228,6 +239,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
         if not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"config key 'unmasked_weight': must be in [0, 1], got {self.unmasked_weight}")
+        if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
+            raise ConfigError(f"config key 'bucket_reso_steps': must be a multiple of 8, got {self.bucket_reso_steps}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.base_quantization != "none" and self.method == "full":
