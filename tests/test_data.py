@@ -178,3 +178,47 @@ def test_caption_dropout_rate_and_determinism():
     drop_captions(prompts[:10], 0.5, g)  # the generator advances: one draw per prompt, so a resumed state continues it
     assert torch.equal(g.get_state(), (lambda h: (torch.rand(10, generator=h), h.get_state())[1])(torch.Generator().manual_seed(0)))
     assert drop_captions(prompts[:100], 0.0, torch.Generator().manual_seed(0)) == prompts[:100]
+
+
+# --- masked_loss: masks beside photos or in their alpha ---------------------------------------------------------
+
+def test_masks_from_alpha_or_mask_file_follow_crop_and_flip(tmp_path, caplog):
+    from nanobooth.core.data import latent_masks, mask_of
+
+    rgba = Image.new("RGBA", (48, 32), (255, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))  # the left third opaque: the subject
+    rgba.save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), "green").save(tmp_path / "b.jpg")
+    m = Image.new("L", (32, 32), 0)
+    m.paste(255, (0, 0, 32, 8))  # the top quarter
+    m.save(tmp_path / "b.mask.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "c.png")  # no mask
+    assert [p.name for p in image_paths(tmp_path)] == ["a.png", "b.jpg", "c.png"]  # the mask is no photo
+    assert mask_of(tmp_path / "a.png").getpixel((0, 0)) == 255 and mask_of(tmp_path / "a.png").getpixel((40, 0)) == 0
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        s = ImageSet.from_folder(tmp_path, "p", 32, "instance_data_dir", masks=True)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("c.png" in w and "unmasked" in w for w in warned) and not any("b.mask.png" in w for w in warned)
+    pixels, _, masks = s.sample([0, 1, 2, 0], 32, [False, False, False, True], None, with_masks=True)
+    assert masks.shape == (4, 1, 32, 32)
+    # a: 48x32 centre-cropped at left 8: mask columns 0..7 are the alpha's 8..15 (opaque), the rest transparent
+    assert torch.all(masks[0, 0, :, :8] == 1) and torch.all(masks[0, 0, :, 8:] == 0)
+    assert torch.all(masks[3, 0, :, -8:] == 1) and torch.all(masks[3, 0, :, :-8] == 0)  # mirrored with the pixels
+    assert torch.all(masks[1, 0, :8] == 1) and torch.all(masks[1, 0, 8:] == 0)  # b.mask.png
+    assert torch.all(masks[2] == 1)  # no mask: all ones
+    assert torch.all(pixels[0, :, :, 8:] == 1.0)  # the transparent pixels are white, as before
+    # area averaging onto a 4x4 latent grid: a: columns 0..7 of 32 = the first latent column
+    lat = latent_masks(masks, (4, 4))
+    assert torch.equal(lat[0, 0], torch.tensor([[1.0, 0, 0, 0]] * 4))
+    half = torch.zeros(1, 1, 4, 4)
+    half[..., :, :1] = 1.0  # one pixel column of 4 -> a 1x2 grid's left cell covers 2 columns: 0.5
+    assert latent_masks(half, (1, 2)).flatten().tolist() == [0.5, 0.0]
+
+
+def test_a_mask_of_another_size_names_the_file(tmp_path):
+    from nanobooth.core.data import mask_of
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.jpg")
+    Image.new("L", (16, 16)).save(tmp_path / "b.mask.png")
+    with pytest.raises(DataError, match=r"b\.mask\.png.*16x16.*32x32"):
+        mask_of(tmp_path / "b.jpg")

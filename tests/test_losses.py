@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -44,3 +45,39 @@ def test_min_snr_weights_each_half_by_its_own_timesteps():
     # and the prior half is weighted at all
     _, _, prior_unweighted = dreambooth_loss(pred, target, 2, 1.0)
     assert not torch.allclose(prior, prior_unweighted)
+
+
+# --- masked_loss ------------------------------------------------------------------------------------------------
+
+def test_masked_loss_is_the_hand_computed_weighted_mse_and_the_prior_half_is_unmasked():
+    # one instance row, one class row; C=1, 2x2 latents
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    target = torch.zeros_like(pred)
+    mask = torch.tensor([[[[1.0, 0.0], [0.5, 0.0]]]])  # (n_instance, 1, h, w)
+    loss, inst, prior = dreambooth_loss(pred, target, n_instance=1, prior_loss_weight=0.5, mask=mask)
+    # clamp(mask, 0, 1) * se, averaged over all 4 pixels: (1*1 + 0*4 + 0.5*9 + 0*16) / 4
+    assert inst.item() == pytest.approx((1 + 4.5) / 4)
+    assert prior.item() == 1.0  # the class row: plain MSE whatever the mask
+    assert loss.item() == pytest.approx((1 + 4.5) / 4 + 0.5)
+    # unmasked_weight floors the weight: (1*1 + 0.2*4 + 0.5*9 + 0.2*16) / 4
+    _, inst2, _ = dreambooth_loss(pred, target, 1, mask=mask, unmasked_weight=0.2)
+    assert inst2.item() == pytest.approx((1 + 0.8 + 4.5 + 3.2) / 4)
+    # an all-ones mask is the unmasked loss
+    _, inst3, _ = dreambooth_loss(pred, target, 1, mask=torch.ones(1, 1, 2, 2))
+    assert inst3.item() == dreambooth_loss(pred, target, 1)[1].item()
+
+
+def test_pixels_outside_the_mask_get_no_gradient_with_floor_zero():
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randn(2, 4, 8, 8)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:5, 3:7] = 1.0
+    loss, _, _ = dreambooth_loss(pred, target, 1, mask=mask, weights=torch.tensor([2.0, 0.5]))
+    loss.backward()
+    g = pred.grad
+    outside = (mask[0, 0] == 0).expand(4, 8, 8)
+    assert torch.all(g[0][outside] == 0) and torch.all(g[0][~outside] != 0)
+    assert torch.all(g[1] != 0)  # the class row trains everywhere
+    pred.grad = None
+    dreambooth_loss(pred, target, 1, mask=mask, unmasked_weight=0.1)[0].backward()
+    assert torch.all(pred.grad[0][outside] != 0)

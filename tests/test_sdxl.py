@@ -198,3 +198,16 @@ def test_full_text_encoder_training_trains_exactly_the_parameters_that_get_gradi
         assert trainable == with_grad, f"text encoder {i}: trainable but never reached: {sorted(trainable - with_grad)[:3]}"
     last = c.text_encoders[0].config.num_hidden_layers - 1
     assert not any(p.requires_grad for p in c.text_encoders[0].encoder.layers[last].parameters())
+
+
+def test_time_ids_carry_the_bucket_size(tiny_sdxl_model, odd_photos, tmp_path, monkeypatch):
+    # enable_bucket at 32 in steps of 8: a 49x40 (log 0.203) -> 32x32: 39x32, crop left 3 (4 mirrored), as before;
+    # b 40x60 (log -0.405) -> 24x40 (log -0.511): resized to 27x40, crop left 1 (27-24-1 = 2 mirrored);
+    # c 24x24 -> 32x32. Class images (32x32) in b's batch: resized to 40x40, crop left 8 (8 mirrored too).
+    ids, _ = run_and_record(tiny_sdxl_model, odd_photos, tmp_path / "b", monkeypatch, "enable_bucket=true", "bucket_reso_steps=8")
+    square = {(40, 49, 0, 3, 32, 32), (40, 49, 0, 4, 32, 32), (24, 24, 0, 0, 32, 32)}
+    tall = {(60, 40, 0, 1, 40, 24), (60, 40, 0, 2, 40, 24)}
+    steps = [ids[s * 4:(s + 1) * 4] for s in range(6)]
+    assert all(set(r[:2]) <= square and r[2:] == [CLASS_IDS, CLASS_IDS] or set(r[:2]) <= tall and r[2:] == [(32, 32, 0, 8, 40, 24)] * 2
+               for r in steps), steps
+    assert any(set(r[:2]) <= tall for r in steps) and any(set(r[:2]) <= square for r in steps)

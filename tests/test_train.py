@@ -305,3 +305,48 @@ def test_frozen_text_encoders_and_cached_vae_leave_the_device_after_encoding(tin
         during = [d for n, d in seq[first_step:] if n == name and d != "None"]
         assert before[0] == "device" and before[-1] == "cpu", (name, before)  # placed, then off the device before training
         assert during == ["device", "cpu"] * 2, (name, during)  # the step-2 and final renders: there and back
+
+
+@pytest.fixture
+def masked_subject(subject_dir, tmp_path):
+    """The subject photos as RGBA, the left 40% opaque (the subject), the rest transparent."""
+    from PIL import Image
+
+    out = tmp_path / "masked"
+    out.mkdir()
+    for p in sorted(subject_dir.glob("*.png")):
+        img = Image.open(p).convert("RGBA")
+        alpha = Image.new("L", img.size, 0)
+        alpha.paste(255, (0, 0, int(img.width * 0.4), img.height))
+        img.putalpha(alpha)
+        img.save(out / p.name)
+    return out
+
+
+@pytest.mark.parametrize("variant,fixture", [("dreambooth-lora-prior-pre", "tiny_model"),
+                                             ("flux/dreambooth-lora-prior-pre", "tiny_flux_model")])
+def test_masked_loss_weights_instance_rows_by_their_alpha_on_the_latent_grid(variant, fixture, request, masked_subject, tmp_path,
+                                                                          monkeypatch):
+    import nanobooth.core.train as T
+
+    seen = []
+    real = T.dreambooth_loss
+
+    def spy(pred, target, n_instance, *a, **k):
+        seen.append((pred.shape, a[2] if len(a) > 2 else None))
+        return real(pred, target, n_instance, *a, **k)
+
+    monkeypatch.setattr(T, "dreambooth_loss", spy)
+    model = request.getfixturevalue(fixture)
+    extra = ["masked_loss=true", "random_flip=true", "max_train_steps=4", "train_batch_size=2", "gradient_checkpointing=false"]
+    assert main(["train", variant, *train_args(model, masked_subject, tmp_path / "cached", *extra)]) == 0
+    assert len(seen) == 4
+    for shape, mask in seen:
+        assert mask.shape == (2, 1, *shape[2:])  # the instance rows only, on the (unpacked) latent grid
+        cols = mask[:, 0].amax(1)  # a vertical stripe: each column all subject or all background (or the area-averaged edge)
+        assert torch.equal(mask[:, 0].amin(1), cols) and (cols == 1).any(1).all() and (cols == 0).any(1).all()
+    if fixture == "tiny_model":  # masks cached with the latents are the per-step ones
+        cached = [m for _, m in seen]
+        seen.clear()
+        assert main(["train", variant, *train_args(model, masked_subject, tmp_path / "uncached", *extra, "cache_latents=false")]) == 0
+        assert all(torch.equal(a, b) for a, (_, b) in zip(cached, seen))

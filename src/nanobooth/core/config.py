@@ -79,6 +79,24 @@ class TrainConfig:
     """Center crop (true) or random crop (false). Random crops disable latent caching."""
     random_flip: bool = False
     """Horizontally flip images at random. Cached latents keep both flips, so caching still applies."""
+    masked_loss: bool = False
+    """Weight each subject photo's loss by its mask (kohya's `masked_loss`): the photo's alpha channel, or a greyscale
+    `NAME.mask.png` beside `NAME.jpg` (white = subject), area-averaged onto the latent grid. A photo without a mask
+    trains unmasked (with a warning naming it); class images are never masked."""
+    unmasked_weight: float = 0.0
+    """With masked_loss: the loss weight where the mask is black (OneTrainer's `unmasked_weight`); each pixel's weight
+    is its mask value clamped to [unmasked_weight, 1]. 0 ignores the background entirely."""
+    enable_bucket: bool = False
+    """Aspect-ratio buckets (kohya's `enable_bucket`): each photo is resized and cropped to the bucket (about
+    resolution x resolution pixels, sides multiples of bucket_reso_steps) nearest its aspect ratio, instead of a
+    centre square, and each batch comes from one bucket. Class images are cropped to the batch's bucket."""
+    bucket_reso_steps: int = 64
+    """Bucket sides are multiples of this (kohya's default 64); must be a multiple of what the model renders (64 for
+    SD 1.x/2.x, 32 for SDXL, 16 for FLUX/SD3), checked once it loads."""
+    min_bucket_reso: Optional[int] = None
+    """Shortest bucket side in pixels; None: resolution / 2."""
+    max_bucket_reso: Optional[int] = None
+    """Longest bucket side in pixels; None: resolution * 2."""
 
     # --- optimisation --------------------------------------------------------------------------------
     method: Literal["full", "lora", "dora", "lokr", "loha"] = "full"
@@ -253,6 +271,10 @@ class TrainConfig:
             raise ConfigError(f"config key 'ema_decay': must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
+        if not 0.0 <= self.unmasked_weight <= 1.0:
+            raise ConfigError(f"config key 'unmasked_weight': must be in [0, 1], got {self.unmasked_weight}")
+        if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:
+            raise ConfigError(f"config key 'bucket_reso_steps': must be a multiple of 8, got {self.bucket_reso_steps}")
         if not 0.0 <= self.tome_ratio < 1.0:
             raise ConfigError(f"config key 'tome_ratio': must be in [0, 1), got {self.tome_ratio}")
         if self.base_quantization != "none" and self.method == "full":
@@ -485,12 +507,13 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
     return TrainConfig(**{**data, **extra})
 
 
-def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> None:
+def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> int:
     """Refuse a resolution the model cannot render, naming the nearest ones it can. The VAE divides the
     image by 2**(levels-1), the UNet the latent by 2**(levels-1) again (its skip connections must line up),
     and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
     model loads (the factors are the model's), before the run folder is written. `latent_patch`: the
-    family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch)."""
+    family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch).
+    Returns that multiple (bucket sides must be multiples of it too)."""
     vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
     # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
     unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
@@ -499,6 +522,7 @@ def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int
     if resolution % step:
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
                           f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
+    return step
 
 
 def check_resolution_before_loading(cfg: "TrainConfig") -> None:

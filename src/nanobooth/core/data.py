@@ -112,7 +112,50 @@ def image_paths(folder: Path) -> list[Path]:
     written), folders and other extensions are not images. [] for a folder not made yet."""
     if not folder.is_dir():
         return []
-    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS]
+    files = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p.suffix.lower() in IMAGE_EXTS]
+    stems = {p.stem for p in files}
+    return [p for p in files if not _is_mask(p, stems)]
+
+
+MASK_SUFFIX = ".mask"  # NAME.mask.png beside NAME.jpg: that photo's loss mask (mask_of), not a photo
+
+
+def _is_mask(p: Path, stems: set[str]) -> bool:
+    """`p` is another image's mask: NAME.mask.EXT where an image NAME.* exists (an image merely named x.mask.png is a photo)."""
+    return p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems
+
+
+def mask_path(image: Path) -> Path | None:
+    """The mask file beside `image` (NAME.mask.png, or another image extension), or None."""
+    return next((m for ext in sorted(IMAGE_EXTS) if (m := image.with_name(image.stem + MASK_SUFFIX + ext)).is_file()), None)
+
+
+def mask_of(image: Path) -> Image.Image | None:
+    """The loss mask of a photo as 8-bit greyscale ('L', white = subject), upright like the photo: NAME.mask.png
+    beside it (any mode, converted to grey), else the photo's own alpha channel, else None. DataError names a mask
+    that cannot be read or whose size differs from the photo's."""
+    path = mask_path(image)
+    try:
+        if path is not None:
+            with Image.open(path) as m:
+                m.load()
+                mask = ImageOps.exif_transpose(m).convert("L")
+            with Image.open(image) as img:
+                size = ImageOps.exif_transpose(img).size
+            if mask.size != size:
+                raise DataError(f"{path}: the mask is {mask.size[0]}x{mask.size[1]} but {image.name} is {size[0]}x{size[1]}; "
+                                "save the mask at the photo's size")
+            return mask
+        with Image.open(image) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            if img.mode not in ("RGBA", "LA", "PA"):
+                return None
+            return img.getchannel("A")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path or image}: cannot read this mask ({e}); replace or remove the file") from None
 
 
 def check_images(folder: Path, key: str = "instance_data_dir") -> None:
@@ -130,7 +173,7 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     skipped = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p not in files]
     stems = {p.stem for p in files}
     for p in skipped:
-        if p.name != "subject.json" and not (p.suffix == ".txt" and p.stem in stems):  # a caption (caption_of)
+        if p.name != "subject.json" and not (p.suffix == ".txt" and p.stem in stems) and not _is_mask(p, stems):  # a caption, a mask
             log.warning("%s: not an image file, skipped", p)
     return _some_images(files, folder, key)
 
@@ -198,16 +241,17 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return arr / 127.5 - 1.0
 
 
-def crop_origin(size: tuple[int, int], resolution: int, generator: torch.Generator | None) -> tuple[int, int]:
-    """(left, top) of the resolution-square crop of an image of size (w, h): centred when generator is
-    None, else drawn from generator (left first, then top)."""
+def crop_origin(size: tuple[int, int], resolution: int | tuple[int, int], generator: torch.Generator | None) -> tuple[int, int]:
+    """(left, top) of the resolution-square crop (or (w, h) crop: a bucket) of an image of size (w, h):
+    centred when generator is None, else drawn from generator (left first, then top)."""
     w, h = size
+    cw, ch = (resolution, resolution) if isinstance(resolution, int) else resolution
     if generator is None:
-        return (w - resolution) // 2, (h - resolution) // 2
+        return (w - cw) // 2, (h - ch) // 2
     import torch
 
-    left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
     return left, top
 
 
@@ -226,12 +270,34 @@ class ImageSet:
     prompt: str
     original_sizes: list[tuple[int, int]] | None = None  # (h, w) before resizing; None: the images' own sizes
     captions: list[str] | None = None  # each image's own prompt (caption_of); None: `prompt` for every image
+    masks: list[Image.Image | None] | None = None  # masked_loss: each image's mask ('L'), resized alike; None: unmasked
+    sizes: list[tuple[int, int]] | None = None  # enable_bucket: each image's bucket (w, h); None: resolution squares
 
     @classmethod
     def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None,
-                    captions: bool = False) -> "ImageSet":
-        """captions: read each image's `.txt` caption (caption_of), falling back to `prompt`."""
+                    captions: bool = False, masks: bool = False, buckets: list[tuple[int, int]] | None = None) -> "ImageSet":
+        """captions: read each image's `.txt` caption (caption_of), falling back to `prompt`. masks: read each
+        image's loss mask (mask_of); an image without one trains unmasked, with a warning naming it.
+        buckets: (w, h) sizes (buckets.bucket_sizes); each image is resized to cover its nearest one."""
+        from .buckets import cover_size, nearest_bucket
+
         photos = load_folder(folder, resolution, key, limit)
+        sizes = [nearest_bucket(im.size, buckets) for im in photos] if buckets else None
+
+        def resize(i: int, im: Image.Image) -> Image.Image:
+            if sizes is None:
+                return resize_short_side(im, resolution)
+            return im.resize(cover_size(im.size, sizes[i]), Image.Resampling.BICUBIC, reducing_gap=None)
+
+        mask_list = None
+        if masks:
+            mask_list = []
+            for p in list_images(folder, key)[:limit]:
+                m = mask_of(p)
+                if m is None:
+                    log.warning("%s: masked_loss=true but this photo has no alpha channel and no %s%s.png beside it; "
+                                "it trains unmasked", p, p.stem, MASK_SUFFIX)
+                mask_list.append(m and resize(len(mask_list), m))
         own = None
         if captions:
             own = [caption_of(p, prompt) for p in list_images(folder, key)[:limit]]
@@ -239,10 +305,18 @@ class ImageSet:
             if n:
                 log.info("%s: %d of %d images have their own caption (.txt); the others use '%s'", folder, n, len(own), prompt)
             own = own if n else None
-        return cls([resize_short_side(im, resolution) for im in photos], prompt, [(im.height, im.width) for im in photos], own)
+        if sizes:
+            log.info("%s: %d images in buckets %s", folder, len(sizes), ", ".join(f"{w}x{h}: {sizes.count((w, h))}"
+                                                                               for w, h in sorted(set(sizes))))
+        return cls([resize(i, im) for i, im in enumerate(photos)], prompt, [(im.height, im.width) for im in photos], own,
+                   mask_list, sizes)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def size_of(self, i: int, resolution: int) -> tuple[int, int]:
+        """The (w, h) that image i trains at: its bucket, or the resolution square."""
+        return self.sizes[i] if self.sizes else (resolution, resolution)
 
     def prompt_of(self, i: int) -> str:
         return self.captions[i] if self.captions else self.prompt
@@ -255,7 +329,8 @@ class ImageSet:
         return self.sample(idx, resolution, flips, generator)[0]
 
     def sample(self, idx: list[int], resolution: int, flips: list[bool],
-               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None, with_masks: bool = False,
+               size: tuple[int, int] | None = None) -> tuple[torch.Tensor, ...]:
         """Cropped (and mirrored where flips[i]) images and what SDXL's micro-conditioning says of them.
 
         Returns pixels (N, 3, resolution, resolution) in [-1, 1] and coords (N, 4) int64: the photo's
@@ -264,21 +339,45 @@ class ImageSet:
         reports: diffusers' SDXL DreamBooth script (examples/dreambooth/train_dreambooth_lora_sdxl.py,
         DreamBoothDataset) flips the resized photo before cropping it and records the crop's top-left
         in the flipped photo, so a mirrored example is described as the image the UNet actually sees.
+        with_masks: also return the masks (N, 1, resolution, resolution) in [0, 1], cropped and mirrored as
+        the pixels; ones for an image without a mask.
+        size: crop every image to this (w, h) instead of its own size_of (a class image to the batch's
+        bucket), resizing it first to cover that size if it does not (pixels are then (N, 3, h, w)).
         """
         import torch
 
-        out, coords = [], []
+        from .buckets import cover_size
+
+        out, coords, masks = [], [], []
         for i, flip in zip(idx, flips):
             img = self.images[i]
-            left, top = crop_origin(img.size, resolution, generator)
-            img = img.crop((left, top, left + resolution, top + resolution))
+            cw, ch = size or self.size_of(i, resolution)
+            mask = self.masks[i] if self.masks else None
+            if img.width < cw or img.height < ch:
+                img = img.resize(cover_size(img.size, (cw, ch)), Image.Resampling.BICUBIC, reducing_gap=None)
+                mask = mask and mask.resize(img.size, Image.Resampling.BICUBIC, reducing_gap=None)
+            full_w = img.width
+            left, top = crop_origin(img.size, (cw, ch), generator)
+            box = (left, top, left + cw, top + ch)
+            img = img.crop(box)
+            mask = mask.crop(box) if mask is not None else Image.new("L", img.size, 255)
             if flip:
-                img = ImageOps.mirror(img)
-                left = self.images[i].width - resolution - left
+                img, mask = ImageOps.mirror(img), ImageOps.mirror(mask)
+                left = full_w - cw - left
             h, w = self.original_sizes[i] if self.original_sizes else (self.images[i].height, self.images[i].width)
             out.append(to_tensor(img))
             coords.append((h, w, top, left))
-        return torch.stack(out), torch.tensor(coords, dtype=torch.long)
+            masks.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None])
+        pixels, coords = torch.stack(out), torch.tensor(coords, dtype=torch.long)
+        return (pixels, coords, torch.stack(masks)) if with_masks else (pixels, coords)
+
+
+def latent_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pixel masks (N, 1, H, W) in [0, 1] -> (N, 1, h, w) on the latent grid, each latent pixel the mean of
+    the image pixels it covers (area averaging, as kohya's masked loss)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(masks, size=tuple(size), mode="area")
 
 
 class Sampler:

@@ -14,14 +14,23 @@ import torch.nn.functional as F
 
 
 def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_loss_weight: float = 1.0,
-                    weights: torch.Tensor | None = None):
+                    weights: torch.Tensor | None = None, mask: torch.Tensor | None = None, unmasked_weight: float = 0.0):
     """Return (loss, instance_loss, prior_loss or None).
 
     pred/target: (B, C, H, W) with the first n_instance rows from subject images and the rest from
     class images; weights: (B,) per-example loss weights (Objective.weights) or None.
+    mask (masked_loss): (n_instance, 1, H, W) in [0, 1] on the latent grid of pred (every family's `denoise`
+    returns unpacked latents, so FLUX's 2x2 packing never meets it); each instance pixel's squared error is
+    weighted by its mask value clamped to [unmasked_weight, 1] and averaged over all pixels, as kohya's
+    masked loss (the subject's error is not renormalised by its area). Class rows are never masked.
     loss = instance + prior_loss_weight * prior.
     """
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    se = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        w = torch.ones((se.shape[0], 1, *se.shape[2:]), device=se.device)
+        w[:n_instance] = mask.to(se.device, torch.float32).clamp(unmasked_weight, 1.0)
+        se = se * w
+    per_example = se.mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         per_example = per_example * weights
     instance = per_example[:n_instance].mean()

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import prior
 from . import trackers, validation_loss
+from .buckets import bucket_sizes, make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import ImageSet, Sampler, drop_captions, image_paths, read_subject_meta, resolve_data_dir
+from .data import ImageSet, drop_captions, image_paths, latent_masks, mask_path, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
 from ..inference.generate import grid, render, save_png
@@ -71,7 +72,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     check_optimizer(cfg)
     trackers.check_trackers(cfg)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
-    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True)
+    buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
+    if buckets == []:
+        raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
+                          f"has both sides in [{cfg.min_bucket_reso}, {cfg.max_bucket_reso}] (multiples of {cfg.bucket_reso_steps}); widen them")
+    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
+                                    masks=cfg.masked_loss, buckets=buckets)
     if cfg.with_prior_preservation:
         try:
             check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
@@ -85,7 +91,8 @@ def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     over other files is refused (ckpt.check_resume)."""
     photos = image_paths(resolve_data_dir(cfg.instance_data_dir))
     captions = [t for p in photos if (t := p.with_suffix(".txt")).is_file()]  # after the photos: positions stay the data order
-    record = {"instance_data_dir": ckpt.input_record(photos + captions)}
+    masks = [m for p in photos if (m := mask_path(p))] if cfg.masked_loss else []
+    record = {"instance_data_dir": ckpt.input_record(photos + captions + masks)}
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
@@ -107,28 +114,43 @@ def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor
 
 
 class LatentSource:
-    """Latent posteriors of one image set, with each example's (original size, crop) coords: cached once
-    (both flips if random_flip) or encoded per step."""
+    """Latent posteriors of one image set, with each example's (original size, crop) coords and, for a masked
+    set (masked_loss), its mask on the latent grid: cached once (both flips if random_flip) or encoded per step.
+    Cached per (w, h) size: each image at its own (its bucket or the resolution square), or, given `sizes`
+    (class images with enable_bucket), every image at each of those."""
 
-    def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool):
+    def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool, sizes: list[tuple[int, int]] | None = None):
         self.images, self.vae, self.cfg, self.cached = images, vae, cfg, cached
+        self.masked = images.masks is not None
         if cached:
-            idx = list(range(len(images)))
-            flips = [False, True] if cfg.random_flip else [False]
-            samples = [images.sample(idx, cfg.resolution, [f] * len(idx), None) for f in flips]
-            dists = [encode_dist(vae, pixels) for pixels, _ in samples]
-            self.mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
-            self.std = torch.stack([d[1] for d in dists], 1)
-            self.coords = torch.stack([c for _, c in samples], 1)  # (N, flips, 4): a flip moves the crop's left
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i in range(len(images)):
+                for size in sizes or [images.size_of(i, cfg.resolution)]:
+                    groups.setdefault(size, []).append(i)
+            self.cache = {size: self._encode(idx, size) for size, idx in groups.items()}
 
-    def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None):
-        """Posterior (mean, std) of the examples idx (mirrored where flips) and their coords (N, 4)."""
+    def _encode(self, idx: list[int], size: tuple[int, int]):
+        flips = [False, True] if self.cfg.random_flip else [False]
+        samples = [self.images.sample(idx, self.cfg.resolution, [f] * len(idx), None, with_masks=True, size=size) for f in flips]
+        dists = [encode_dist(self.vae, s[0]) for s in samples]
+        mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
+        std = torch.stack([d[1] for d in dists], 1)
+        coords = torch.stack([s[1] for s in samples], 1)  # (N, flips, 4): a flip moves the crop's left
+        mask = torch.stack([latent_masks(s[2], mean.shape[-2:]) for s in samples], 1)  # (N, flips, 1, h, w)
+        return {i: row for row, i in enumerate(idx)}, mean, std, coords, mask
+
+    def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None, size: tuple[int, int] | None = None):
+        """Posterior (mean, std) of the examples idx (mirrored where flips), their coords (N, 4) and masks
+        (N, 1, h, w) (None for an unmasked set). size: the (w, h) to crop to (the batch's bucket); None: the
+        images' own (one size for all of idx: a batch never mixes buckets)."""
         if self.cached:
+            rows, mean, std, coords, mask = self.cache[size or self.images.size_of(idx[0], self.cfg.resolution)]
             f = torch.tensor([int(x) for x in flips]) if self.cfg.random_flip else torch.zeros(len(idx), dtype=torch.long)
-            i = torch.tensor(idx)
-            return self.mean[i, f], self.std[i, f], self.coords[i, f]
-        pixels, coords = self.images.sample(idx, self.cfg.resolution, flips, crop_gen)
-        return (*encode_dist(self.vae, pixels), coords)
+            i = torch.tensor([rows[j] for j in idx])
+            return mean[i, f], std[i, f], coords[i, f], mask[i, f] if self.masked else None
+        pixels, coords, masks = self.images.sample(idx, self.cfg.resolution, flips, crop_gen, with_masks=True, size=size)
+        mean, std = encode_dist(self.vae, pixels)
+        return mean, std, coords, latent_masks(masks, mean.shape[-2:]) if self.masked else None
 
 
 def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callbacks: Iterable[Callback] = ()) -> Path:
@@ -179,7 +201,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     # --- models (a bad `model` fails here, before the run folder exists) -----------------------------------
     c = load_components(cfg.model, cfg.revision, cfg.single_file_config, cfg.allow_pickle)
-    check_resolution(cfg.resolution, c.vae.config, c.unet.config, c.family.latent_patch)
+    step = check_resolution(cfg.resolution, c.vae.config, c.unet.config, c.family.latent_patch)
+    if cfg.enable_bucket and cfg.bucket_reso_steps % step:
+        raise ConfigError(f"config key 'bucket_reso_steps': {cfg.bucket_reso_steps} is not a multiple of {step}, which this "
+                          f"model needs; use {-(-cfg.bucket_reso_steps // step) * step}")
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
     offload = BlockOffload(c.unet, cfg.offload_blocks, device) if cfg.offload_blocks else None  # before the device: it need not fit
@@ -249,7 +274,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if prior:
         sets["class"] = class_image_set(class_dir, cfg.num_class_images, cfg.class_prompt, cfg.resolution)
     cache = cfg.cache_latents and cfg.center_crop  # a random crop is a new image each step
-    sources = {k: LatentSource(s, vae, cfg, cache) for k, s in sets.items()}
+    # enable_bucket: class images are cropped to the instance batch's bucket (one forward), cached at each bucket used
+    buckets_used = sorted(set(instance_set.sizes)) if instance_set.sizes else None
+    sources = {k: LatentSource(s, vae, cfg, cache, buckets_used if k == "class" else None) for k, s in sets.items()}
     vloss = validation_loss.build(cfg, fam, objective, sources, sets, lambda s: LatentSource(s, vae, cfg, True))
     # every prompt a step can use, once: per-image captions (else instance_prompt), class_prompt, "" for caption_dropout
     texts = list(dict.fromkeys([p for s in sets.values() for p in s.distinct_prompts()] + ([""] if cfg.caption_dropout else [])
@@ -281,7 +308,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
     # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
-    samplers = {k: Sampler(len(s), cfg.seed + 17 * (i + 1)) for i, (k, s) in enumerate(sets.items())}
+    samplers = {k: make_sampler(s, cfg.seed + 17 * (i + 1)) for i, (k, s) in enumerate(sets.items())}
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
     tome_gen = torch.Generator(device).manual_seed(cfg.seed + 3)  # tomesd wants it on the UNet's device
@@ -375,18 +402,19 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         log.info("step %d validation loss %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         return scores
 
-    def draw(kind: str, n_global: int):
+    def draw(kind: str, n_global: int, size: tuple[int, int] | None = None):
         """This rank's latents (sampled from the posteriors) of one image set's global batch, their coords
-        (original size, crop) and prompts; every rank draws it all."""
+        (original size, crop), prompts, masks and (w, h) size (`size`, else the batch's own); every rank draws it all."""
         idx = samplers[kind].take(n_global)
         flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
         mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
-        mean, std, coords = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen)
+        size = size or sets[kind].size_of(idx[0], cfg.resolution)
+        mean, std, coords, masks = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen, size)
         eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
         prompts = [sets[kind].prompt_of(i) for i in idx]
         if kind == "instance" and cfg.caption_dropout:
             prompts = drop_captions(prompts, cfg.caption_dropout, caption_gen)
-        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine]
+        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine], masks, size
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     if inputs is None:  # a new run: its class images exist only now
@@ -444,8 +472,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         sums = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
         for _ in range(cfg.gradient_accumulation_steps):
             with accelerator.accumulate(*wrapped.values()):
-                drawn = [draw(k, n_global) for k in kinds]
-                latents = torch.cat([lat for lat, _, _ in drawn])
+                drawn = []
+                for k in kinds:  # class rows take the instance batch's (w, h): its bucket (buckets.py)
+                    drawn.append(draw(k, n_global, drawn[0][4] if drawn else None))
+                latents = torch.cat([d[0] for d in drawn])
                 # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
                 noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
@@ -453,19 +483,19 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
                 noisy = objective.noisy(latents, noise, timesteps)
                 # one encoding per distinct prompt (cached when frozen), repeated over its runs of rows in the batch
-                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for _, _, ps in drawn for p in ps)]
+                runs = [(p, len(list(g))) for p, g in itertools.groupby(p for d in drawn for p in d[2])]
                 enc = {}
                 for p, _ in runs:
                     if p not in enc:
                         enc[p] = text_cache[p] if text_cache else fam.encode(te_fwd, ids[p], cfg.resolution)
                 cond = cond_to(cond_batch([enc[p] for p, _ in runs], [n for _, n in runs]), weight_dtype)
                 # what each drawn image is (size, crop): rows in the order of latents
-                cond = fam.micro_conditioning(cond, torch.cat([coords for _, coords, _ in drawn]), cfg.resolution)
+                cond = fam.micro_conditioning(cond, torch.cat([d[1] for d in drawn]), drawn[0][4][::-1] if cfg.enable_bucket else cfg.resolution)
                 with accelerator.autocast():
                     pred = fam.denoise(unet_fwd, noisy.to(weight_dtype), timesteps, cond)
                 target = objective.target(latents, noise, timesteps)
                 loss, inst, prior_l = dreambooth_loss(pred, target, cfg.train_batch_size, cfg.prior_loss_weight,
-                                                      objective.weights(timesteps, cfg.snr_gamma))
+                                                      objective.weights(timesteps, cfg.snr_gamma), drawn[0][3], cfg.unmasked_weight)
                 # "max" of the non-finite flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
                 if accelerator.reduce((~torch.isfinite(loss)).float().to(device), "max").item() > 0:
                     last = ckpt.list_checkpoints(run_dir)

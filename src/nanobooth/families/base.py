@@ -29,7 +29,8 @@ class Family:
       objective.sample((N_global, C, h, w), noise generator, noise_offset) -> noise, timesteps (N_global,)
         for every rank's rows; each rank slices its own N
       objective.noisy(latents, noise, timesteps) -> the denoiser's input (N, C, h, w)
-      micro_conditioning(cond batched to N, coords (N, 4), resolution) -> cond with per-example image info
+      micro_conditioning(cond batched to N, coords (N, 4), resolution or the batch's (h, w) bucket) -> cond with
+        per-example image info
       denoise(model, noisy, timesteps, cond) -> prediction (N, C, h, w)
       objective.target(latents, noise, timesteps) -> what the prediction is compared with (N, C, h, w)
       objective.weights(timesteps, snr_gamma) -> per-example loss weights (N,) or None

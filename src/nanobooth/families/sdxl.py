@@ -36,10 +36,12 @@ class SDXL(SD):
         # last layer never reaches the UNet; the second's pooled projection reads its last layer
         return list(range(num_layers - 1 if index == 0 else num_layers))
 
-    def micro_conditioning(self, cond: dict, coords: torch.Tensor, resolution: int) -> dict:
+    def micro_conditioning(self, cond: dict, coords: torch.Tensor, resolution: int | tuple[int, int]) -> dict:
         """time_ids (B, 6) = original (h, w), crop (top, left), target (resolution, resolution) per example,
-        as diffusers' SDXL DreamBooth script builds them (compute_time_ids). float32: fp16 would round
-        photo sizes above 2048 px, and the UNet embeds time ids in float32 anyway."""
-        target = torch.tensor([resolution, resolution]).expand(len(coords), 2)
+        as diffusers' SDXL DreamBooth script builds them (compute_time_ids); `resolution` (h, w): the batch's
+        bucket (enable_bucket) is the target. float32: fp16 would round photo sizes above 2048 px, and the UNet
+        embeds time ids in float32 anyway."""
+        th, tw = (resolution, resolution) if isinstance(resolution, int) else resolution
+        target = torch.tensor([th, tw]).expand(len(coords), 2)
         time_ids = torch.cat([coords.cpu(), target], 1).float().to(cond["encoder_hidden_states"].device)
         return {**cond, "added_cond_kwargs": {**cond["added_cond_kwargs"], "time_ids": time_ids}}
