@@ -292,6 +292,10 @@ class TrainConfig:
             raise ConfigError(f"config key 'num_new_tokens_per_abstraction': must be >= 1, got {self.num_new_tokens_per_abstraction}")
         if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:
             raise ConfigError(f"config key 'train_text_encoder_ti_frac': must be a fraction of the steps in (0, 1], got {self.train_text_encoder_ti_frac}")
+        if self.enable_bucket and self.validation_loss_steps:
+            # the fixed triples stack every photo's latents in one tensor; buckets give them different shapes
+            raise ConfigError("config key 'validation_loss_steps': the validation loss does not support enable_bucket=true yet; "
+                              "set validation_loss_steps=0 or enable_bucket=false")
         if self.offload_blocks < 0:
             raise ConfigError(f"config key 'offload_blocks': must be >= 0 (0 = off), got {self.offload_blocks}")
         if self.offload_blocks and self.method == "full":
