@@ -53,6 +53,20 @@ def test_unknown_key_in_yaml_file_names_the_file(tmp_path):
         load_config(str(f))
 
 
+def test_lokr_and_loha_variants_follow_lycoris_recommendations():
+    for family in ("", "sdxl/"):
+        lokr, loha = load_config(f"{family}dreambooth-lokr"), load_config(f"{family}dreambooth-loha")
+        # LyCORIS's "large LoKr": factor 8, full dimension (a rank past half of every factor side), scale 1
+        assert (lokr.method, lokr.lokr_factor, lokr.effective_lora_alpha / lokr.lora_rank) == ("lokr", 8, 1.0)
+        assert lokr.lora_rank >= 10000 and lokr.lora_target_modules == load_config(f"{family}dreambooth-lora").lora_target_modules
+        assert loha.method == "loha" and loha.lora_rank <= 32 and 1 <= loha.effective_lora_alpha <= loha.lora_rank / 2
+    for name in ("dreambooth-lokr-prior-pre", "dreambooth-loha-prior-pre", "toy/dreambooth-lokr-prior-pre", "toy/dreambooth-loha-prior-pre"):
+        cfg = load_config(name)
+        assert cfg.with_prior_preservation and cfg.method == name.split("-")[1]
+    with pytest.raises(ConfigError, match="'lora_dropout'.*method=loha"):
+        load_config("dreambooth-loha", ["lora_dropout=0.1"])
+
+
 def test_yaml_file_inherits_from_variant(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("base: dreambooth-lora\nlora_rank: 16\n")
@@ -60,11 +74,12 @@ def test_yaml_file_inherits_from_variant(tmp_path):
     assert cfg.method == "lora" and cfg.lora_rank == 16 and cfg.learning_rate == load_config("dreambooth-lora").learning_rate
 
 
-@pytest.mark.parametrize("override, key", [("lora_rank=abc", "lora_rank"), ("method=lokr", "method"),
+@pytest.mark.parametrize("override, key", [("lora_rank=abc", "lora_rank"), ("method=glora", "method"),
                                            ("with_prior_preservation=3", "with_prior_preservation"),
                                            ("validation_prompts=5", "validation_prompts"), ("tome_ratio=1.5", "tome_ratio"),
                                            ("validation_guidance_cutoff=0", "validation_guidance_cutoff"),
-                                           ("caption_dropout=1.5", "caption_dropout")])
+                                           ("caption_dropout=1.5", "caption_dropout"),
+                                           ("lokr_factor=0", "lokr_factor")])
 def test_wrong_value_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config("dreambooth", [override])

@@ -206,6 +206,98 @@ def test_kohya_export_of_a_dora_run_is_the_lycoris_layout_and_merges_back_to_the
         torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
 
+def comfyui_lycoris_merge(weight, t: dict, name: str):
+    """ComfyUI's LoKr and LoHa merge at strength 1 (comfy/weight_adapter/lokr.py and loha.py, calculate_weight),
+    written out here from the published loaders: LoKr adds kron(w1, w2) * alpha / dim, dim the rank of a
+    decomposed factor (w2_b's rows, else w1_b's), and scale 1 when both factors are full; LoHa adds
+    (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / (w1_b's rows)."""
+    alpha = t[f"{name}.alpha"].item()
+    if f"{name}.hada_w1_a" in t:
+        m1, m2 = (t[f"{name}.hada_w{i}_a"] @ t[f"{name}.hada_w{i}_b"] for i in (1, 2))
+        return weight + (alpha / t[f"{name}.hada_w1_b"].shape[0]) * (m1 * m2).reshape(weight.shape)
+    dim, factors = None, []
+    for i in (1, 2):
+        if f"{name}.lokr_w{i}" in t:
+            factors.append(t[f"{name}.lokr_w{i}"])
+        else:
+            dim = t[f"{name}.lokr_w{i}_b"].shape[0]
+            factors.append(t[f"{name}.lokr_w{i}_a"] @ t[f"{name}.lokr_w{i}_b"])
+    return weight + (1.0 if dim is None else alpha / dim) * torch.kron(*factors).reshape(weight.shape)
+
+
+LYCORIS_RUNS = {  # variant, overrides, the tensors each module must hold, the alpha they must carry
+    "lokr-full": ("dreambooth-lokr", ["lokr_factor=-1", "lora_rank=4", "lora_alpha=8"], {"lokr_w1", "lokr_w2"}, 4.0),
+    "lokr-small": ("dreambooth-lokr", ["lokr_factor=-1", "lora_rank=1", "lora_alpha=2"], {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}, 2.0),
+    "lokr-both": ("dreambooth-lokr", ["lokr_factor=-1", "lora_rank=1", "lora_alpha=3", "lokr_decompose_both=true"],
+                  {"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}, 3.0),
+    "loha": ("dreambooth-loha", ["lora_rank=2", "lora_alpha=3"], {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, 3.0),
+}
+
+
+@pytest.mark.parametrize("kind", list(LYCORIS_RUNS))
+def test_kohya_export_of_a_lokr_or_loha_run_is_the_lycoris_layout_and_merges_back_to_the_trained_model(kind, tiny_model, subject_dir, tmp_path):
+    from lycoris.modules import get_module, make_module
+
+    from nanobooth.inference.generate import load_run
+
+    variant, extra, parts, alpha = LYCORIS_RUNS[kind]
+    run = tmp_path / kind
+    assert main(["train", variant, *train_args(tiny_model, subject_dir, run, "train_text_encoder=true", "learning_rate=1e-2",
+                                               "max_train_steps=2", *extra)]) == 0
+    out = tmp_path / f"sks_dog_{kind}.safetensors"
+    assert export_cli(str(run), "--format", "kohya", "--out", str(out)) == 0
+    tensors, meta = read(out)
+    names = {k.split(".")[0] for k in tensors}
+    assert all(n.startswith(("lora_unet_", "lora_te_")) for n in names)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in names
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in names
+    assert all({k.split(".", 1)[1] for k in tensors if k.split(".")[0] == n} == parts | {"alpha"} for n in names)
+    assert {tensors[f"{n}.alpha"].item() for n in names} == {alpha}  # two full factors: scale 1 (alpha = rank)
+    algo = "loha" if kind == "loha" else "lokr"
+    assert meta["ss_network_module"] == "lycoris.kohya" and f'"algo": "{algo}"' in meta["ss_network_args"]
+
+    trained = forward(load_run(str(tiny_model), str(run)))  # what `generate --weights RUN` renders
+    base = forward(sd_pipe(tiny_model))
+    # 1) ComfyUI's formula, module by module
+    comfy = sd_pipe(tiny_model)
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in comfy.unet.named_modules()}
+    modules |= {"lora_te_" + ("text_model." + n).replace(".", "_"): m for n, m in comfy.text_encoder.named_modules()}
+    with torch.no_grad():
+        for n in names:
+            modules[n].weight.copy_(comfyui_lycoris_merge(modules[n].weight, tensors, n))
+    # 2) LyCORIS's own loader, merged into a plain base: per module what its create_network_from_weights does
+    # (get_module picks the algorithm from the keys, make_module builds it from the tensors); its network class
+    # itself is not built, as its default preset trips on the tiny UNet (duplicated lora_unet_time_embedding_linear_1).
+    # lycoris-lora 4.1.3's LoKr merge applies alpha/dim twice (get_weight scales, get_diff_weight scales again;
+    # its bypass forward, ComfyUI and A1111 scale once; its LoHa merge likewise), so it is checked where that scale is
+    # 1: two full factors, the dreambooth-lokr recipe's layout.
+    if kind != "lokr-full":
+        for a, b, c in zip(trained, forward(comfy), base):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+            assert (a - c).abs().max() > 1e-3
+        if kind == "loha":  # a single-file checkpoint of a LyCORIS run is the model with it merged (diffusers' fuse_lora on peft's layers)
+            from diffusers import StableDiffusionPipeline
+
+            ckpt = ex.export(run, "single-file", tmp_path / "fused.safetensors")
+            loaded = StableDiffusionPipeline.from_single_file(str(ckpt), config=str(tiny_model), safety_checker=None,
+                                                              requires_safety_checker=False)
+            for a, b in zip(trained, forward(loaded)):  # LoKr measured 1.1e-6 against outputs moved by 0.29
+                torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        return
+    lyco = sd_pipe(tiny_model)
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in lyco.unet.named_modules()}
+    modules |= {"lora_te_" + ("text_model." + n).replace(".", "_"): m for n, m in lyco.text_encoder.named_modules()}
+    with torch.no_grad():
+        for n in names:
+            algo_class, params = get_module(tensors, n)
+            assert algo_class.__name__ == {"lokr": "LokrModule", "loha": "LohaModule"}[algo]
+            make_module(algo_class, params, n, modules[n]).merge_to(1.0)
+    for merged in (forward(comfy), forward(lyco)):
+        for a, b, c in zip(trained, merged, base):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)  # merged weights round unlike peft's unmerged forward
+            assert (a - c).abs().max() > 1e-3  # the adapter does move both outputs
+
+
 # --- single file ---------------------------------------------------------------------------------------------------
 
 def test_single_file_of_a_full_run_has_ldm_keys_and_loads_back_exactly(full_run, tiny_model, tmp_path):
@@ -441,3 +533,17 @@ def test_every_export_is_readable_like_any_other_file(lora_run, full_run, tmp_pa
     inside = list(folder.rglob("*"))
     assert any(p.suffix == ".safetensors" for p in inside)
     assert all(p.stat().st_mode & 0o777 == (dmode if p.is_dir() else fmode) for p in inside)
+
+
+def test_sdxl_lokr_export_uses_the_sgm_names_and_both_text_encoder_prefixes(tiny_sdxl_model, subject_dir, tmp_path):
+    run = tmp_path / "xl-lokr"
+    assert main(["train", "sdxl/dreambooth-lokr", *train_args(tiny_sdxl_model, subject_dir, run, "train_text_encoder=true",
+                                                               "lokr_factor=-1", "lora_rank=1", "lora_alpha=2", "max_train_steps=1")]) == 0
+    tensors, meta = read(ex.export(run, "kohya", tmp_path / "xl-lokr.safetensors"))
+    names = {k.split(".")[0] for k in tensors}
+    assert {n.split("_text_model")[0] for n in names if n.startswith("lora_te")} == {"lora_te1", "lora_te2"}
+    unet = [n for n in names if n.startswith("lora_unet_")]
+    # the names kohya's SDXL LoRAs use (export.kohya_name, as for a LoRA run), which ComfyUI/A1111 map to SGM blocks
+    assert unet and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in unet)
+    assert all({f"{n}.lokr_w1", f"{n}.lokr_w2_a", f"{n}.lokr_w2_b", f"{n}.alpha"} <= tensors.keys() for n in names)
+    assert {tensors[f"{n}.alpha"].item() for n in names} == {2.0} and meta["ss_base_model_version"] == "sdxl_base_v1-0"

@@ -139,6 +139,26 @@ def test_dora_trains_magnitudes_keeps_the_base_and_resumes_bit_exact(tiny_model,
     assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
 
 
+def test_lokr_checkpoints_hold_only_its_factors_and_resume_bit_exact(tiny_model, subject_dir, tmp_path):
+    extra = ["train_text_encoder=true", "learning_rate=1e-2", "max_train_steps=4", "checkpointing_steps=2",
+             "lokr_factor=-1", "lora_rank=1", "lora_alpha=2"]  # w2 decomposed: lokr_w1, lokr_w2_a, lokr_w2_b
+    full = run("dreambooth-lokr", tiny_model, subject_dir, tmp_path / "full", *extra)
+    sd = load_file(full / "pytorch_lora_weights.safetensors")
+    assert {k.rsplit(".", 1)[1] for k in sd} == {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}
+    ck = load_file(full / "checkpoints" / "checkpoint-000002" / "model.safetensors")
+    assert ck and all(".lokr_" in k for k in ck)  # the factors only, no base weight
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    run("dreambooth-lokr", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
+    wb = load_file(part / "pytorch_lora_weights.safetensors")
+    assert sd.keys() == wb.keys() and all(torch.equal(sd[k], wb[k]) for k in sd)
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    lb = (part / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
 def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "tome_ratio=0.5", "max_train_steps=4", "lora_dropout=0.1"]
     a = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "a", *common)

@@ -15,6 +15,9 @@
   the input axis only, so there a DoRA export loads as an approximation of the run; diffusers' kohya
   loader drops `dora_scale` for SD/SDXL. `--format diffusers` keeps the run's own file, which it reloads
   exactly.)
+  LoKr and LoHa runs (SD, SDXL) get LyCORIS's tensors under the same module names (`.lokr_w1`, `.lokr_w2` or their
+  `_a`/`_b` factors, `.hada_w1_a` ..., `.alpha`; lycoris_keys.py), which A1111, ComfyUI, Forge and LyCORIS load
+  (diffusers does not load LoKr/LoHa files).
   FLUX.1 LoRAs are named as kohya's lora_flux names them, by BFL's modules (`lora_unet_double_blocks_0_img_attn_qkv`,
   q/k/v fused: see flux_keys), CLIP-L as `lora_te1_`; that is what ComfyUI's LoraLoader and Forge map.
 - comfyui: the same file as kohya for SD, SDXL and FLUX. For SD3 it is the run's own diffusers-named file:
@@ -48,6 +51,7 @@ from pathlib import Path
 import torch
 
 from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefixes
+from .lycoris_keys import ALGOS, delta_shapes, is_lycoris, lycoris_to_kohya
 from ..core.run_folder import LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
 
 log = logging.getLogger("nanobooth")
@@ -169,6 +173,22 @@ def sgm_unet_pairs(model: str) -> list[tuple[str, str]] | None:
     return unet_prefixes(unet.state_dict().keys())
 
 
+def kohya_name(comp: str, module: str, sdxl: bool = False, unet_pairs: list[tuple[str, str]] | None = None) -> str:
+    """kohya's name of one adapted module: `lora_unet_...` (SGM blocks with unet_pairs), `lora_te_`/`lora_te1_`/`lora_te2_`."""
+    named = module
+    if comp == "unet" and unet_pairs and (hit := rename(module + ".", unet_pairs)):
+        src, dst, rest = hit
+        if ".resnets." in src:
+            head, _, tail = rest.partition(".")
+            rest = f"{RESNET.get(head, head)}.{tail}"
+        named = (dst + rest).rstrip(".")
+    if comp != "unet" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        # transformers 5 dropped CLIP's `text_model` wrapper; every other tool still names it
+        named = "text_model." + module
+    prefix = "lora_te1_" if comp == "text_encoder" and sdxl else _KOHYA_PREFIX[comp]
+    return prefix + named.replace(".", "_")
+
+
 def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl: bool = False,
                   unet_pairs: list[tuple[str, str]] | None = None) -> dict[str, torch.Tensor]:
     """diffusers/peft LoRA tensors -> kohya's names, with each module's true alpha. With unet_pairs
@@ -183,18 +203,7 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
         conf = configs.get(comp)
         if conf is None:
             raise ExportError(f"the LoRA file has no adapter config for '{comp}' (rank and alpha unknown); re-save it with nanobooth")
-        named = module
-        if comp == "unet" and unet_pairs and (hit := rename(module + ".", unet_pairs)):
-            src, dst, rest = hit
-            if ".resnets." in src:
-                head, _, tail = rest.partition(".")
-                rest = f"{RESNET.get(head, head)}.{tail}"
-            named = (dst + rest).rstrip(".")
-        if comp != "unet" and module.startswith(("encoder.", "embeddings.", "final_layer_norm")):
-            # transformers 5 dropped CLIP's `text_model` wrapper; every other tool still names it
-            named = "text_model." + module
-        prefix = "lora_te1_" if comp == "text_encoder" and sdxl else _KOHYA_PREFIX[comp]
-        name = prefix + named.replace(".", "_")
+        name = kohya_name(comp, module, sdxl, unet_pairs)
         if part == "lora_magnitude_vector":
             if tensor.ndim != 1:  # peft keeps a linear layer's magnitude as (out_features,)
                 raise ExportError(f"'{key}' is a DoRA magnitude of shape {tuple(tensor.shape)}; only linear layers' (1-D) are exported")
@@ -224,14 +233,18 @@ def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
 def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: str) -> dict[str, str]:
     unet_conf = configs.get("unet") or configs.get("transformer") or {}
     rank = unet_conf.get("r", cfg.get("lora_rank"))
-    alpha = unet_conf.get("lora_alpha", cfg.get("lora_alpha") or rank)
+    alpha = unet_conf.get("lora_alpha", unet_conf.get("alpha", cfg.get("lora_alpha") or rank))  # peft's LoKr/LoHa: `alpha`
     res = info["resolution"]
     model = str(cfg.get("model", ""))
     dora = any(k.endswith(".dora_scale") for k in tensors)
+    algo = ALGOS.get(unet_conf.get("peft_type"))  # lokr / loha
+    args = ({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if dora else {"algo": algo} if algo else None)
+    if algo == "lokr":  # LyCORIS's network_args spellings
+        args |= {"factor": str(unet_conf.get("decompose_factor", -1)), "decompose_both": str(bool(unet_conf.get("decompose_both")))}
     meta = {
-        # a DoRA file is a LyCORIS network (LoRA algorithm, weight decomposition on the output axis)
-        "ss_network_module": "lycoris.kohya" if dora else "networks.lora",
-        "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}) if dora else None,
+        # a DoRA, LoKr or LoHa file is a LyCORIS network (DoRA: LoRA algorithm, weight decomposition on the output axis)
+        "ss_network_module": "lycoris.kohya" if args else "networks.lora",
+        "ss_network_args": json.dumps(args) if args else None,
         "ss_network_dim": rank, "ss_network_alpha": alpha, "ss_network_dropout": cfg.get("lora_dropout"),
         "ss_network_train_unet_only": not any(k.startswith("lora_te") for k in tensors),
         "ss_base_model_version": info["version"], "ss_v2": info["v2"],
@@ -245,7 +258,7 @@ def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: s
         "ss_prior_loss_weight": cfg.get("prior_loss_weight") if cfg.get("with_prior_preservation") else None,
         "ss_num_reg_images": cfg.get("num_class_images") if cfg.get("with_prior_preservation") else 0,
         "ss_instance_prompt": cfg.get("instance_prompt"), "ss_class_prompt": cfg.get("class_prompt"),
-        "ss_training_comment": f"nanobooth DreamBooth {'DoRA' if dora else 'LoRA'}; instance prompt: {cfg.get('instance_prompt')}",
+        "ss_training_comment": f"nanobooth DreamBooth {'DoRA' if dora else {'lokr': 'LoKr', 'loha': 'LoHa'}.get(algo, 'LoRA')}; instance prompt: {cfg.get('instance_prompt')}",
         "sshs_model_hash": addnet_hash(tensors),
     }
     return {k: str(v) for k, v in meta.items() if v is not None} | modelspec(info, title, lora=True)
@@ -382,7 +395,11 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
     elif fmt in ("kohya", "comfyui"):
         state, meta = _load(run / LORA_FILE)
         configs = adapter_configs(meta, cfg)
-        info = _base_info(kind, run, cfg, {k: v.shape for k, v in state.items()})
+        lycoris = is_lycoris(state)  # a LoKr/LoHa run
+        info = _base_info(kind, run, cfg, delta_shapes(state) if lycoris else {k: v.shape for k, v in state.items()})
+        if lycoris and info["family"] in ("sd3", "flux"):
+            raise ExportError(f"RUN_DIR '{run_dir}' is a {info['family'].upper()} {ALGOS.get(configs.get('transformer', {}).get('peft_type'), 'LyCORIS')} "
+                              "run: LyCORIS's layout is written for SD and SDXL only; use --format diffusers or single-file")
         if info["family"] == "sd3":
             if fmt == "kohya":
                 raise ExportError(f"RUN_DIR '{run_dir}' is an SD3 LoRA: kohya's SD3 layout is not written (diffusers cannot load it); "
@@ -397,7 +414,11 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
             pairs = sgm_unet_pairs(cfg["model"]) if info["sdxl"] else None
             if info["sdxl"] and pairs is None:
                 log.warning("base model %s's UNet config is not available offline: SDXL UNet LoRA keys keep diffusers names", cfg["model"])
-            tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
+            if lycoris:
+                tensors = lycoris_to_kohya(state, configs, lambda comp, module: kohya_name(comp, module, info["sdxl"], pairs),
+                                           _pattern_value)
+            else:
+                tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
         tensors = _cast(tensors, torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
     elif (info := _base_info(kind, run, cfg, {})).get("family") in ("flux", "sd3"):
