@@ -59,3 +59,12 @@ def test_config_paths_must_stay_inside_the_workspace(tmp_path):
             ws.check_paths(cfg)
     with pytest.raises(ConfigError, match="'model'.*outside the workspace"):
         ws.check_paths(load_config("toy/dreambooth-lora", [f"output_dir={ws.runs / 'a'}", "model=/opt/models/sd15"]))
+
+
+def test_the_ui_command_binds_this_machine_only_and_shares_nothing_by_default():
+    from nanobooth.cli import cmd_ui, parse_args
+
+    args = parse_args(["ui"])
+    assert (args.host, args.port, args.share, args.func) == ("127.0.0.1", 7860, False, cmd_ui)
+    args = parse_args(["ui", "--workspace", "ws", "--port", "8000", "--share"])
+    assert (args.workspace, args.port, args.share) == ("ws", 8000, True)
