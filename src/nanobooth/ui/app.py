@@ -149,7 +149,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 exp_btn = gr.Button("Export", elem_id="nb-export")
                 exp_file = gr.File(label="download", elem_id="nb-export-file")
             with gr.Tab("6 Runs"):
-                runs_df = gr.Dataframe(headers=["run", "status", "steps", "variant", "model"], interactive=False)
+                runs_df = gr.Dataframe(headers=["run", "status", "steps", "method", "model"], interactive=False)
                 runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
                 reopen = gr.Button("Reopen (select it in every tab)")
                 runs_cfg = gr.Code(language="yaml", label="config.yaml")
@@ -284,11 +284,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 if not meta.get("subject"):
                     return ("toy eval scores toy-world subjects only (its probe knows balls, cubes, stars, rings and cups): "
                             "train on a generated toy subject to measure a toy run"), None
-                res = api.toy_eval(run)
-                rows = [f"| {k} | " + " | ".join(f"{m}: {v:.3f}" for m, v in res[k]["mean"].items()) + " |"
-                        for k in ("base", "tuned", "reference") if k in res and isinstance(res[k].get("mean"), dict)]
-                return "```\n" + json.dumps({k: res[k] for k in res if k != "settings"}, indent=1)[:3000] + "\n```" \
-                    if not rows else "\n".join(rows), str(run / "toy_eval.png")
+                from ..toy.evaluate import format_table
+
+                res = api.toy_eval(run)  # base and tuned, scored by the toy world's probe
+                return format_table(res), str(run / "toy_eval.png")
             noun = cfg.class_prompt.split()[-1]
             res = api.evaluate(cfg.model, resolve_data_dir(cfg.instance_data_dir), run / "eval", weights=run, class_noun=noun)
             return "```\n" + json.dumps(res.get("mean", res), indent=1)[:3000] + "\n```", str(run / "eval" / "contact_sheet.png")
