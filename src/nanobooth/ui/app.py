@@ -39,7 +39,8 @@ def _guard(fn):
     return wrapper
 
 
-def progress_html(job) -> str:
+def progress_html(job, queued: list[str] = ()) -> str:
+    waiting = f'<div id="nb-queued">queued: {", ".join(queued)}</div>' if queued else ""
     if job is None:
         return '<div id="nb-progress" data-status="none">no training run yet</div>'
     pct = round(100 * job.fraction())
@@ -48,7 +49,7 @@ def progress_html(job) -> str:
     return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
             f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
             f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
-            f'<div id="nb-message">{job.message}</div></div>')
+            f'<div id="nb-message">{job.message}</div>{waiting}</div>')
 
 
 def build(workspace: Workspace, manager: JobManager | None = None):
@@ -251,7 +252,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
                                    "loss": pd.Series([v for _, v in pairs], dtype="float64")})
             latest = str(job.grids[-1][1]) if job and job.grids else None
-            return progress_html(job), losses, latest
+            queued = [j.name for j in jm.jobs() if j.status == "queued"]
+            return progress_html(job, queued), losses, latest
 
         timer.tick(tick, None, [progress, loss_plot, grid])
 
@@ -335,7 +337,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         runs_pick.change(on_pick, runs_pick, [runs_cfg, runs_grid])
         reopen.click(lambda n: [gr.Dropdown(value=n)] * 3, runs_pick, [try_run, eval_run, exp_run])
-        page.load(lambda: gr.Dropdown(choices=ws.subjects()), None, subject)
+        page.load(lambda: gr.Dropdown(choices=ws.subjects(), value=(ws.subjects() or [None])[0]), None, subject)
     return page
 
 
