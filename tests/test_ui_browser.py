@@ -6,6 +6,7 @@ $NANOBOOTH_ARTIFACTS (else the test's tmp folder; the path is printed)."""
 import os
 import shutil
 import socket
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -56,6 +57,7 @@ def unet_out(pipe):
 
 def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
     url, ws = app
+    t0, times = time.time(), {}
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
@@ -66,6 +68,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")
         sync_api.expect(page.locator("#nb-prompts")).to_contain_text("a photo of a sks dog")
         page.screenshot(path=str(shots / "1-subject.png"), full_page=True)
+        times["subject"] = round(time.time() - t0)
         # 2. train: 20 steps of the toy LoRA, no prior, one validation prompt
         page.get_by_role("tab", name="2 Train").click()
         page.locator("#nb-steps input").fill("20")
@@ -79,6 +82,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         sync_api.expect(page.locator("#nb-progress")).to_contain_text("training: 20/20 (100%)")
         page.wait_for_function("(document.querySelector('#nb-grid img')||{}).src", timeout=15_000)
         page.screenshot(path=str(shots / "3-trained.png"), full_page=True)
+        times["trained"] = round(time.time() - t0)
         runs = [d for d in (ws / "runs").iterdir()]
         assert len(runs) == 1 and (runs[0] / "pytorch_lora_weights.safetensors").is_file()
         assert (runs[0] / "samples" / "step-000020.png").is_file()
@@ -88,6 +92,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.wait_for_function("(document.querySelector('#nb-tuned-img img')||{}).src", timeout=90_000)
         page.wait_for_function("(document.querySelector('#nb-base-img img')||{}).src")
         page.screenshot(path=str(shots / "4-try.png"), full_page=True)
+        times["generated"] = round(time.time() - t0)
         # 5. export: the kohya file, downloaded through the page
         page.get_by_role("tab", name="5 Export").click()
         page.locator("#nb-export").click()
@@ -98,7 +103,9 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
             link.click()
         got = tmp_path / "downloaded.safetensors"
         dl.value.save_as(got)
+        times["exported"] = round(time.time() - t0)
         browser.close()
+    print(f"seconds since the page opened: {times}")
 
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open

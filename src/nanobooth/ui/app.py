@@ -39,7 +39,8 @@ def _guard(fn):
     return wrapper
 
 
-def progress_html(job) -> str:
+def progress_html(job, queued: list[str] = ()) -> str:
+    waiting = f'<div id="nb-queued">queued: {", ".join(queued)}</div>' if queued else ""
     if job is None:
         return '<div id="nb-progress" data-status="none">no training run yet</div>'
     pct = round(100 * job.fraction())
@@ -48,7 +49,7 @@ def progress_html(job) -> str:
     return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
             f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
             f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
-            f'<div id="nb-message">{job.message}</div></div>')
+            f'<div id="nb-message">{job.message}</div>{waiting}</div>')
 
 
 def build(workspace: Workspace, manager: JobManager | None = None):
@@ -149,7 +150,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 exp_btn = gr.Button("Export", elem_id="nb-export")
                 exp_file = gr.File(label="download", elem_id="nb-export-file")
             with gr.Tab("6 Runs"):
-                runs_df = gr.Dataframe(headers=["run", "status", "steps", "variant", "model"], interactive=False)
+                runs_df = gr.Dataframe(headers=["run", "status", "steps", "method", "model"], interactive=False)
                 runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
                 reopen = gr.Button("Reopen (select it in every tab)")
                 runs_cfg = gr.Code(language="yaml", label="config.yaml")
@@ -251,7 +252,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
                                    "loss": pd.Series([v for _, v in pairs], dtype="float64")})
             latest = str(job.grids[-1][1]) if job and job.grids else None
-            return progress_html(job), losses, latest
+            queued = [j.name for j in jm.jobs() if j.status == "queued"]
+            return progress_html(job, queued), losses, latest
 
         timer.tick(tick, None, [progress, loss_plot, grid])
 
@@ -284,11 +286,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 if not meta.get("subject"):
                     return ("toy eval scores toy-world subjects only (its probe knows balls, cubes, stars, rings and cups): "
                             "train on a generated toy subject to measure a toy run"), None
-                res = api.toy_eval(run)
-                rows = [f"| {k} | " + " | ".join(f"{m}: {v:.3f}" for m, v in res[k]["mean"].items()) + " |"
-                        for k in ("base", "tuned", "reference") if k in res and isinstance(res[k].get("mean"), dict)]
-                return "```\n" + json.dumps({k: res[k] for k in res if k != "settings"}, indent=1)[:3000] + "\n```" \
-                    if not rows else "\n".join(rows), str(run / "toy_eval.png")
+                from ..toy.evaluate import format_table
+
+                res = api.toy_eval(run)  # base and tuned, scored by the toy world's probe
+                return format_table(res), str(run / "toy_eval.png")
             noun = cfg.class_prompt.split()[-1]
             res = api.evaluate(cfg.model, resolve_data_dir(cfg.instance_data_dir), run / "eval", weights=run, class_noun=noun)
             return "```\n" + json.dumps(res.get("mean", res), indent=1)[:3000] + "\n```", str(run / "eval" / "contact_sheet.png")
@@ -336,7 +337,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         runs_pick.change(on_pick, runs_pick, [runs_cfg, runs_grid])
         reopen.click(lambda n: [gr.Dropdown(value=n)] * 3, runs_pick, [try_run, eval_run, exp_run])
-        page.load(lambda: gr.Dropdown(choices=ws.subjects()), None, subject)
+        page.load(lambda: gr.Dropdown(choices=ws.subjects(), value=(ws.subjects() or [None])[0]), None, subject)
     return page
 
 

@@ -123,11 +123,13 @@ class Workspace:
 def photo_warnings(path: Path, resolution: int) -> list[str]:
     """What a user should know about one photo before training on it at `resolution` pixels."""
     try:
+        img = load_image(path)  # the CLI's reader: DataError naming the file
         with Image.open(path) as raw:
             mode, orientation = raw.mode, raw.getexif().get(EXIF_ORIENTATION, 1)
-        img = load_image(path)
-    except Exception as e:  # noqa: BLE001 - load_image's DataError, or PIL on a broken header
-        return [str(e) if isinstance(e, DataError) else f"cannot read this image ({e}); replace or remove it"]
+    except DataError as e:
+        return [str(e)]
+    except Exception as e:  # noqa: BLE001 - PIL on a header load_image got past
+        return [f"{path}: cannot read this image ({e}); replace or remove the file"]
     out = []
     if min(img.size) < resolution:
         out.append(f"{img.size[0]}x{img.size[1]} is smaller than resolution {resolution}: upscaled (blurry)")

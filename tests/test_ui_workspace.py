@@ -1,0 +1,70 @@
+"""The UI's workspace (ui/workspace.py): uploads checked by content and size and saved under names made
+here, per-photo warnings, and config paths kept inside the workspace."""
+
+import pytest
+from PIL import Image
+
+from nanobooth.core.config import ConfigError, load_config
+from nanobooth.ui import workspace as W
+
+
+def test_uploads_are_checked_by_content_and_size_and_never_keep_their_names(tmp_path, monkeypatch):
+    ws = W.Workspace(tmp_path / "ws")
+    up = tmp_path / "up"
+    up.mkdir()
+    Image.new("RGB", (80, 60), "red").save(up / "..evil name;.png")  # a name no path should carry
+    Image.new("RGB", (80, 60), "blue").save(up / "photo.gif", format="PNG")  # the content decides, not the name
+    (up / "notes.jpg").write_text("not an image")
+    big = up / "big.png"
+    Image.new("RGB", (8, 8)).save(big)
+    monkeypatch.setattr(W, "MAX_UPLOAD_BYTES", big.stat().st_size - 1)  # every png of these sizes is over
+    folder, refused = ws.save_uploads([up / "notes.jpg", big])
+    assert folder is None and len(refused) == 2
+    assert "file 1: not an image" in refused[0] and "file 2:" in refused[1] and "limit" in refused[1]
+    monkeypatch.setattr(W, "MAX_UPLOAD_BYTES", 10**7)
+    folder, refused = ws.save_uploads([up / "..evil name;.png", up / "photo.gif", up / "notes.jpg"])
+    assert refused == ["file 3: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped"]
+    assert folder.parent == ws.root / "subjects"
+    assert sorted(p.name for p in folder.iterdir()) == ["photo-00.png", "photo-01.png"]
+
+
+def test_photo_warnings_name_small_rotated_cmyk_and_unreadable_photos(tmp_path):
+    ok = tmp_path / "ok.jpg"
+    Image.new("RGB", (96, 96)).save(ok)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 90)).save(small)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (96, 96)).save(cmyk)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[W.EXIF_ORIENTATION] = 6
+    Image.new("RGB", (96, 128)).save(rotated, exif=exif)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(ok.read_bytes()[:200])
+    assert W.photo_warnings(ok, 64) == []
+    assert W.photo_warnings(small, 64) == ["40x90 is smaller than resolution 64: upscaled (blurry)"]
+    assert W.photo_warnings(cmyk, 64) == ["CMYK: converted to RGB (colours may shift)"]
+    assert W.photo_warnings(rotated, 64) == ["rotated by its EXIF orientation (trained upright, as viewers show it)"]
+    [line] = W.photo_warnings(broken, 64)
+    assert "broken.jpg" in line and "cannot read" in line
+
+
+def test_config_paths_must_stay_inside_the_workspace(tmp_path):
+    ws = W.Workspace(tmp_path / "ws")
+    inside = load_config("toy/dreambooth-lora", [f"output_dir={ws.runs / 'a'}", "instance_data_dir=example:dog"])
+    ws.check_paths(inside)
+    for key, value in (("output_dir", tmp_path / "elsewhere"), ("class_data_dir", "/etc"), ("output_dir", ws.root / ".." / "x")):
+        cfg = load_config("toy/dreambooth-lora", [f"output_dir={ws.runs / 'a'}", f"{key}={value}"])
+        with pytest.raises(ConfigError, match=f"'{key}'.*outside the workspace"):
+            ws.check_paths(cfg)
+    with pytest.raises(ConfigError, match="'model'.*outside the workspace"):
+        ws.check_paths(load_config("toy/dreambooth-lora", [f"output_dir={ws.runs / 'a'}", "model=/opt/models/sd15"]))
+
+
+def test_the_ui_command_binds_this_machine_only_and_shares_nothing_by_default():
+    from nanobooth.cli import cmd_ui, parse_args
+
+    args = parse_args(["ui"])
+    assert (args.host, args.port, args.share, args.func) == ("127.0.0.1", 7860, False, cmd_ui)
+    args = parse_args(["ui", "--workspace", "ws", "--port", "8000", "--share"])
+    assert (args.workspace, args.port, args.share) == ("ws", 8000, True)
