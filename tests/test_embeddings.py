@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
 from nanobooth.inference.generate import generate, load_run, render
+from nanobooth.interop.export import ExportError, export
 from nanobooth.methods import LoRA, embeddings
 
 PROMPT = "a photo of sks dog"
@@ -108,7 +109,8 @@ def test_save_then_generate_reproduces_the_trained_pipeline_and_exports_load(fix
     assert not np.array_equal(np.asarray(after), np.asarray(base))  # so the checks above can fail
 
     # A1111 / ComfyUI: SD one tensor `emb_params`, SDXL `clip_l` + `clip_g`; diffusers loads both
-    out = embeddings.export_webui(emb, tmp_path / "subj.safetensors")
+    out = tmp_path / "subj.safetensors"
+    save_file(embeddings.webui_tensors(emb), str(out))
     exported = load_file(out)
     assert set(exported) == ({"clip_l", "clip_g"} if sdxl else {"emb_params"})
     fresh = load_pipeline(str(model))
@@ -138,6 +140,16 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     assert not torch.equal(load_file(emb)["clip_l"], start)  # they trained away from the class noun's row
     images = generate(str(tiny_model), PROMPT, weights=run, steps=2)
     assert len(images) == 1 and images[0].size == (32, 32)
+    # `nanobooth export`: the embedding goes beside the LoRA, in A1111's/ComfyUI's keys or the run's own
+    export(run, "kohya", tmp_path / "out" / "subj.safetensors")
+    assert load_file(tmp_path / "out" / "subj_emb.safetensors").keys() == {"emb_params"}
+    assert torch.equal(load_file(tmp_path / "out" / "subj_emb.safetensors")["emb_params"], load_file(emb)["clip_l"])
+    export(run, "diffusers", tmp_path / "out" / "d.safetensors")
+    assert (tmp_path / "out" / "d_emb.safetensors").read_bytes() == emb.read_bytes()
+    (tmp_path / "out" / "x_emb.safetensors").write_bytes(b"mine")
+    with pytest.raises(ExportError, match="x_emb.safetensors' already exists"):  # checked before anything is written
+        export(run, "kohya", tmp_path / "out" / "x.safetensors")
+    assert not (tmp_path / "out" / "x.safetensors").exists()
 
 
 def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
