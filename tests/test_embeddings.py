@@ -146,6 +146,10 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     assert torch.equal(load_file(tmp_path / "out" / "subj_emb.safetensors")["emb_params"], load_file(emb)["clip_l"])
     export(run, "diffusers", tmp_path / "out" / "d.safetensors")
     assert (tmp_path / "out" / "d_emb.safetensors").read_bytes() == emb.read_bytes()
+    export(run, "single-file", tmp_path / "out" / "full.safetensors")  # the fused checkpoint keeps the base vocabulary
+    rows = [v.shape[0] for k, v in load_file(tmp_path / "out" / "full.safetensors").items() if k.endswith("token_embedding.weight")]
+    assert rows == [base.text_encoder.get_input_embeddings().weight.shape[0]]
+    assert (tmp_path / "out" / "full_emb.safetensors").is_file()
     (tmp_path / "out" / "x_emb.safetensors").write_bytes(b"mine")
     with pytest.raises(ExportError, match="x_emb.safetensors' already exists"):  # checked before anything is written
         export(run, "kohya", tmp_path / "out" / "x.safetensors")

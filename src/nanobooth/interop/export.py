@@ -279,6 +279,7 @@ def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
     pipe.fuse_lora(components=["unet", *names], lora_scale=1.0)
     pipe.unload_lora_weights()  # after fuse_lora this keeps the merged weights and drops the adapters
+    embeddings.unload(pipe)  # pivotal tuning: the base vocabulary; the new tokens go beside (<out>_emb.safetensors)
     return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
 
 

@@ -196,6 +196,20 @@ def load_into(pipe, path: Path) -> None:
     setattr(pipe, TOKEN_MAP, tmap)
 
 
+def unload(pipe) -> None:
+    """Remove load_into's tokens and rows again (a single-file checkpoint keeps the base vocabulary; the
+    embedding goes beside it)."""
+    tmap = getattr(pipe, TOKEN_MAP, None)
+    if not tmap:
+        return
+    toks = re.findall(r"<s\d+>", next(iter(tmap.values())))
+    for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        tok = getattr(pipe, tok_name, None)
+        if tok is not None and all(t in tok.get_vocab() for t in toks):
+            pipe.unload_textual_inversion(tokens=toks, tokenizer=tok, text_encoder=getattr(pipe, te_name))
+    setattr(pipe, TOKEN_MAP, {})
+
+
 def webui_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The embedding as A1111 and ComfyUI load it (a file in their embeddings folder, named in the prompt by
     its file name): SD 1.x/2.x one tensor `emb_params` (tokens, dim), as kohya writes it (A1111 takes a file
