@@ -168,3 +168,25 @@ def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
     tmap = embeddings.token_map(cfg)
     assert embeddings.rewrite("a sks dog, sks.", tmap) == "a <s0><s1> dog, <s0><s1>."
     assert embeddings.rewrite("a sksy dog", tmap) == "a sksy dog"  # whole words only
+
+
+def test_checkpoint_holds_the_new_rows_and_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
+    import shutil
+
+    from nanobooth.core.train import train
+
+    def run(out, *extra):
+        cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, out, "train_text_encoder_ti=true", "learning_rate=1e-2",
+                                                        "max_train_steps=4", "checkpointing_steps=2", "train_text_encoder_ti_frac=0.75",
+                                                        *extra))
+        run_dir = train(cfg)
+        return {**load_file(run_dir / "pytorch_lora_weights.safetensors"), **load_file(run_dir / f"{out.name}_emb.safetensors")}
+
+    whole = run(tmp_path / "a")
+    part = tmp_path / "b"
+    part.mkdir()
+    shutil.copy(tmp_path / "a" / "config.yaml", part / "config.yaml")
+    (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    resumed = run(part, "resume_from_checkpoint=latest")  # step 3 still trains the rows (pivot at step 3 of 4)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
