@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
 from nanobooth.inference.generate import generate, load_run, render
+from nanobooth.interop.export import ExportError, export
 from nanobooth.methods import LoRA, embeddings
 
 PROMPT = "a photo of sks dog"
@@ -108,7 +109,8 @@ def test_save_then_generate_reproduces_the_trained_pipeline_and_exports_load(fix
     assert not np.array_equal(np.asarray(after), np.asarray(base))  # so the checks above can fail
 
     # A1111 / ComfyUI: SD one tensor `emb_params`, SDXL `clip_l` + `clip_g`; diffusers loads both
-    out = embeddings.export_webui(emb, tmp_path / "subj.safetensors")
+    out = tmp_path / "subj.safetensors"
+    save_file(embeddings.webui_tensors(emb), str(out))
     exported = load_file(out)
     assert set(exported) == ({"clip_l", "clip_g"} if sdxl else {"emb_params"})
     fresh = load_pipeline(str(model))
@@ -138,6 +140,20 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     assert not torch.equal(load_file(emb)["clip_l"], start)  # they trained away from the class noun's row
     images = generate(str(tiny_model), PROMPT, weights=run, steps=2)
     assert len(images) == 1 and images[0].size == (32, 32)
+    # `nanobooth export`: the embedding goes beside the LoRA, in A1111's/ComfyUI's keys or the run's own
+    export(run, "kohya", tmp_path / "out" / "subj.safetensors")
+    assert load_file(tmp_path / "out" / "subj_emb.safetensors").keys() == {"emb_params"}
+    assert torch.equal(load_file(tmp_path / "out" / "subj_emb.safetensors")["emb_params"], load_file(emb)["clip_l"])
+    export(run, "diffusers", tmp_path / "out" / "d.safetensors")
+    assert (tmp_path / "out" / "d_emb.safetensors").read_bytes() == emb.read_bytes()
+    export(run, "single-file", tmp_path / "out" / "full.safetensors")  # the fused checkpoint keeps the base vocabulary
+    rows = [v.shape[0] for k, v in load_file(tmp_path / "out" / "full.safetensors").items() if k.endswith("token_embedding.weight")]
+    assert rows == [base.text_encoder.get_input_embeddings().weight.shape[0]]
+    assert (tmp_path / "out" / "full_emb.safetensors").is_file()
+    (tmp_path / "out" / "x_emb.safetensors").write_bytes(b"mine")
+    with pytest.raises(ExportError, match="x_emb.safetensors' already exists"):  # checked before anything is written
+        export(run, "kohya", tmp_path / "out" / "x.safetensors")
+    assert not (tmp_path / "out" / "x.safetensors").exists()
 
 
 def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
@@ -152,3 +168,25 @@ def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
     tmap = embeddings.token_map(cfg)
     assert embeddings.rewrite("a sks dog, sks.", tmap) == "a <s0><s1> dog, <s0><s1>."
     assert embeddings.rewrite("a sksy dog", tmap) == "a sksy dog"  # whole words only
+
+
+def test_checkpoint_holds_the_new_rows_and_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
+    import shutil
+
+    from nanobooth.core.train import train
+
+    def run(out, *extra):
+        cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, out, "train_text_encoder_ti=true", "learning_rate=1e-2",
+                                                        "max_train_steps=4", "checkpointing_steps=2", "train_text_encoder_ti_frac=0.75",
+                                                        *extra))
+        run_dir = train(cfg)
+        return {**load_file(run_dir / "pytorch_lora_weights.safetensors"), **load_file(run_dir / f"{out.name}_emb.safetensors")}
+
+    whole = run(tmp_path / "a")
+    part = tmp_path / "b"
+    part.mkdir()
+    shutil.copy(tmp_path / "a" / "config.yaml", part / "config.yaml")
+    (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    resumed = run(part, "resume_from_checkpoint=latest")  # step 3 still trains the rows (pivot at step 3 of 4)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -26,6 +26,10 @@
   `lora_unet_joint_blocks_0_x_block_attn_qkv`) is not written: diffusers has no loader for it to test against,
   so --format kohya is refused for SD3.
 - diffusers: the run's own LoRA file or pipeline folder, copied (optionally cast to --dtype).
+- A pivotal-tuning run (`train_text_encoder_ti`) also gets its new tokens beside --out, as
+  `<out stem>_emb.safetensors`: for kohya/comfyui/single-file the embedding A1111 and ComfyUI load
+  (`emb_params` for SD 1.x/2.x, `clip_l` + `clip_g` for SDXL; the prompt names it by its file name), for
+  diffusers the run's own file (diffusers' advanced-script keys, for `load_textual_inversion`).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
   `from_single_file` read it. A LoRA run is fused into its base model first. A FLUX run gives its transformer
@@ -52,7 +56,8 @@ import torch
 
 from .ldm import RESNET, ExportError, pipeline_to_checkpoint, rename, unet_prefixes
 from .lycoris_keys import ALGOS, delta_shapes, is_lycoris, lycoris_to_kohya
-from ..core.run_folder import LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
+from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
+from ..methods import embeddings
 
 log = logging.getLogger("nanobooth")
 FORMATS = ("kohya", "comfyui", "diffusers", "single-file")
@@ -287,6 +292,7 @@ def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
     pipe.fuse_lora(components=["unet", *names], lora_scale=1.0)
     pipe.unload_lora_weights()  # after fuse_lora this keeps the merged weights and drops the adapters
+    embeddings.unload(pipe)  # pivotal tuning: the base vocabulary; the new tokens go beside (<out>_emb.safetensors)
     return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
 
 
@@ -383,6 +389,10 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
     _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full")
+    emb = embeddings.find(run) if kind == "lora" else None  # pivotal tuning: the new tokens go beside the LoRA
+    emb_out = out.with_name(out.stem + EMB_SUFFIX)
+    if emb is not None:
+        _check_out(emb_out, overwrite, folder=False)
     torch_dtype = DTYPES[dtype] if dtype else None
     if fmt == "diffusers":
         if kind == "full":
@@ -441,6 +451,12 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         save_atomic(_cast(ckpt, torch_dtype), out, modelspec(info, out.stem, lora=False))
         bar.update()
         bar.close()
+    if emb is not None:
+        # diffusers: the run's own file (clip_l/clip_g, load_textual_inversion); else A1111's and ComfyUI's keys
+        save_atomic(embeddings.webui_tensors(emb) if fmt != "diffusers" else None, emb_out, copy_from=emb if fmt == "diffusers" else None)
+        log.warning("the run's new tokens are in %s: put it in A1111's embeddings/ (or ComfyUI's models/embeddings/) and write "
+                    "'%s' (ComfyUI: 'embedding:%s') where the run's prompts say '%s'", emb_out, emb_out.stem, emb_out.stem,
+                    next(iter(embeddings.read(emb)[1]), "the identifier"))
     return out
 
 

@@ -13,8 +13,8 @@ old rows back after each step).
 
 Files: `<run name>_emb.safetensors` in the run folder, diffusers' advanced-script format (`clip_l`, plus
 `clip_g` for SDXL; (tokens, dim) float32 each; the identifier and tokens in its metadata), which
-`pipe.load_textual_inversion(state["clip_l"], token=["<s0>", "<s1>"], ...)` loads. `export_webui` writes the
-A1111/ComfyUI embedding (`emb_params` for SD 1.x/2.x, `clip_l` + `clip_g` for SDXL).
+`pipe.load_textual_inversion(state["clip_l"], token=["<s0>", "<s1>"], ...)` loads. `nanobooth export` writes the
+A1111/ComfyUI embedding (webui_tensors) beside the LoRA (`emb_params` for SD 1.x/2.x, `clip_l` + `clip_g` for SDXL).
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ def attach(family, tokenizers: list, text_encoders: list, cfg) -> dict[str, str]
     token that already exists or an initializer the tokenizer cannot encode."""
     from ..core.config import ConfigError
 
+    if family.name not in ("sd", "sdxl"):  # diffusers' SD3/FLUX pipelines have no load_textual_inversion to read them back
+        raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning is implemented for SD and SDXL, not {family.name}")
     toks, tmap = new_tokens(cfg), token_map(cfg)
     concept = cfg.initializer_concept or ((cfg.class_prompt or "").split() or [""])[-1]
     for i in trained_encoders(family, text_encoders):
@@ -194,12 +196,24 @@ def load_into(pipe, path: Path) -> None:
     setattr(pipe, TOKEN_MAP, tmap)
 
 
-def export_webui(path: Path, out: Path) -> Path:
-    """The embedding as A1111 and ComfyUI load it (a file in their embeddings folder; the prompt names it by
-    file name): SD 1.x/2.x one tensor `emb_params` (tokens, 768); SDXL `clip_l` and `clip_g`."""
-    from safetensors.torch import save_file
+def unload(pipe) -> None:
+    """Remove load_into's tokens and rows again (a single-file checkpoint keeps the base vocabulary; the
+    embedding goes beside it)."""
+    tmap = getattr(pipe, TOKEN_MAP, None)
+    if not tmap:
+        return
+    toks = re.findall(r"<s\d+>", next(iter(tmap.values())))
+    for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        tok = getattr(pipe, tok_name, None)
+        if tok is not None and all(t in tok.get_vocab() for t in toks):
+            pipe.unload_textual_inversion(tokens=toks, tokenizer=tok, text_encoder=getattr(pipe, te_name))
+    setattr(pipe, TOKEN_MAP, {})
 
+
+def webui_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The embedding as A1111 and ComfyUI load it (a file in their embeddings folder, named in the prompt by
+    its file name): SD 1.x/2.x one tensor `emb_params` (tokens, dim), as kohya writes it (A1111 takes a file
+    of one tensor, ComfyUI its `clip_l` key or else the first tensor); SDXL `clip_l` and `clip_g`, the keys
+    both look up."""
     tensors, _ = read(path)
-    out = Path(out)
-    save_file(tensors if "clip_g" in tensors else {"emb_params": tensors["clip_l"]}, str(out))
-    return out
+    return tensors if "clip_g" in tensors else {"emb_params": tensors["clip_l"]}
