@@ -232,6 +232,21 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
     assert "about 8 min" in slow and "about 64 s" in fast and "300 LoRA steps" in slow
 
 
+def test_demo_plan_counts_only_the_class_images_the_cache_lacks(tmp_path):
+    from PIL import Image
+
+    from nanobooth.core.config import load_config
+    from nanobooth.core.run_folder import class_images_dir
+    from nanobooth.demo import unet_evaluations
+
+    cfg = load_config("toy/dreambooth-lora-prior-pre", {"class_image_cache": str(tmp_path / "cache"), "output_dir": str(tmp_path / "run")})
+    folder = class_images_dir(cfg, cfg.output_dir)
+    folder.mkdir(parents=True)
+    for i in range(30):  # an earlier run of this class made 30 of the 50
+        Image.new("RGB", (8, 8)).save(folder / f"class-{i:05d}.png")
+    assert unet_evaluations(cfg, n_scenes=5)["class images"] == 20 * 25 * 2
+
+
 def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsys):
     from nanobooth import demo
     from nanobooth.core import train

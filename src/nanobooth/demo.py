@@ -26,7 +26,12 @@ def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
     batch = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     out = {"training": cfg.max_train_steps * batch * 3.0}
     if cfg.with_prior_preservation:
-        out["class images"] = cfg.num_class_images * cfg.class_generation_steps * 2.0
+        from .core.prior import missing_indices
+        from .core.run_folder import class_images_dir
+
+        # only the ones still to make: a class set from an earlier run (the shared cache) is reused
+        todo = len(missing_indices(class_images_dir(cfg, cfg.output_dir), cfg.num_class_images))
+        out["class images"] = todo * cfg.class_generation_steps * 2.0
     if cfg.validation_prompts:
         renders = 2 + (cfg.max_train_steps - 1) // cfg.validation_steps if cfg.validation_steps else 2
         out["sample grids"] = (renders * len(cfg.validation_prompts) * cfg.num_validation_images

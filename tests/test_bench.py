@@ -1,0 +1,33 @@
+"""bench/vs_diffusers.py's arithmetic: step timing from timestamps, the reference's clocked bars, the table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import vs_diffusers as vs  # noqa: E402
+
+
+def test_step_rate_is_t_last_minus_t_skip_over_the_steps_between():
+    times = [10.0 + 2 * i for i in range(5)] + [18.5 + 0.5 * i for i in range(30)]  # steps 1-35 end at these times
+    assert vs.step_rate(times, 5) == pytest.approx((times[34] - times[4]) / 30) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="--skip=5"):
+        vs.step_rate(times[:5], 5)
+
+
+def test_reference_times_reads_the_steps_and_class_image_bars():
+    events = [["Generating class images", "start", 100.0], ["Generating class images", "update", 101.0],
+              ["Generating class images", "close", 103.5], ["Steps", "start", 110.0], ["Steps", "update", 111.0],
+              ["Steps", "update", 112.5], ["Steps", "close", 113.0]]
+    assert vs.reference_times(events) == ([111.0, 112.5], 3.5)
+    assert vs.reference_times(events[3:]) == ([111.0, 112.5], None)  # class images already there: none generated
+
+
+def test_summary_gives_medians_per_tool_and_their_ratio():
+    rows = [{"tool": t, "s_per_step": s, "peak_rss_mb": 1000.0 * m, "class_s": 10.0 * m, "total_s": 100.0 * m}
+            for t, s, m in [("diffusers", 0.6, 1), ("nanobooth", 0.2, 0.5), ("diffusers", 0.8, 1), ("nanobooth", 0.3, 0.5),
+                            ("diffusers", 0.7, 1), ("nanobooth", 0.25, 0.5)]]
+    lines = vs.summarize(rows)
+    assert lines[0] == ["s/step", "0.700", "0.250", "0.36"]
+    assert [ln[3] for ln in lines[1:]] == ["0.50", "0.50", "0.50"]
