@@ -269,6 +269,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # accelerate would move the whole model to the device; offload placed it already
     prepared = accelerator.prepare(*trained.values(), optimizer, **({"device_placement": [False] * (len(trained) + 1)} if offload else {}))
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    # FSDP swaps in sharded parameters (accelerate remaps the optimizer, not `groups`) and clips only a model's own list
+    fsdp = accelerator.distributed_type == "FSDP"
+    clipped = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad] if fsdp else [p for g in groups for p in g["params"]]
     unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
@@ -449,7 +452,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                                         f"or use mixed_precision=bf16; last good checkpoint: {last[-1] if last else 'none'}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums["loss"] += loss.item() / cfg.gradient_accumulation_steps
@@ -486,8 +489,15 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     accelerator.wait_for_everyone()
     if ema:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
+    saved_unet, saved_tes = unet, text_encoders
+    if fsdp:  # sharded weights: gathered whole (every process), saved from plain copies
+        from .fsdp import unsharded
+
+        plain = {n: unsharded(accelerator, m) for n, m in wrapped.items()}
+        saved_unet = plain.get("unet", unet)
+        saved_tes = [plain.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
     if main:
-        save_outputs(cfg, run_dir, c, unet, text_encoders)
+        save_outputs(cfg, run_dir, c, saved_unet, saved_tes)
         log.info("weights saved in %s", run_dir)
         if cfg.validation_prompts and cfg.tome_ratio:  # save_outputs removed ToMe; render as every other grid did
             apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
