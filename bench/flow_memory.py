@@ -1,5 +1,5 @@
 """Memory and seconds per LoRA step of a FLUX-shaped transformer, per memory option (base_quantization,
-gradient_checkpointing).
+gradient_checkpointing, offload_blocks).
 
     python bench/flow_memory.py                               # CPU: a mid-size FLUX-shaped transformer, 32x32 latents
     python bench/flow_memory.py --width 1024 --double 4 --single 8 --repeats 3
@@ -28,9 +28,14 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import print_table  # noqa: E402
 
-OPTIONS = {"none": ("none", False), "int8": ("int8", False), "checkpointing": ("none", True), "int8+checkpointing": ("int8", True)}
-GPU_OPTIONS = {"none": ("none", False), "checkpointing": ("none", True), "nf4+checkpointing": ("nf4", True),
-               "int8+checkpointing": ("int8", True), "fp8+checkpointing": ("fp8", True)}
+# option -> (base_quantization, gradient_checkpointing, offload_blocks on?)
+OPTIONS = {"none": ("none", False, False), "int8": ("int8", False, False), "checkpointing": ("none", True, False),
+           "int8+checkpointing": ("int8", True, False), "checkpointing+offload": ("none", True, True),
+           "int8+checkpointing+offload": ("int8", True, True)}
+GPU_OPTIONS = {"none": ("none", False, False), "checkpointing": ("none", True, False), "nf4+checkpointing": ("nf4", True, False),
+               "int8+checkpointing": ("int8", True, False), "fp8+checkpointing": ("fp8", True, False),
+               "checkpointing+offload": ("none", True, True), "nf4+checkpointing+offload": ("nf4", True, True),
+               "int8+checkpointing+offload": ("int8", True, True)}
 
 
 def rss_mb() -> float:
@@ -80,22 +85,27 @@ def run_one(args) -> dict:
 
     from nanobooth.core.config import load_config
     from nanobooth.core.models import lora_config
+    from nanobooth.core.offload import BlockOffload, transformer_blocks
     from nanobooth.core.quantize import quantize_base
     from nanobooth.families.flux import image_ids
 
     gpu = args.gpu
     device = torch.device("cuda" if gpu else "cpu")
     dtype = torch.bfloat16 if gpu else torch.float32
-    quant, checkpointing = (GPU_OPTIONS if gpu else OPTIONS)[args.one]
+    quant, checkpointing, offload = (GPU_OPTIONS if gpu else OPTIONS)[args.one]
     model = build(args, gpu)
     model.requires_grad_(False)
     quantize_base(model, SimpleNamespace(base_quantization=quant), dtype, device)
-    model.to(device)
+    n_off = (args.offload_blocks if args.offload_blocks is not None else len(transformer_blocks(model)) // 2) if offload else 0
+    offloader = BlockOffload(model, n_off, device) if n_off else None
+    offloader.place(model) if offloader else model.to(device)
     recipe = load_config("flux/dreambooth-lora")
     model.add_adapter(lora_config(recipe.lora_rank, recipe.effective_lora_alpha, recipe.lora_target_modules, 0.0))
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # adapters train in fp32, as train.py keeps them
+    if offloader:
+        offloader.place(model)  # the adapters peft made beside offloaded weights
     if checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
@@ -134,7 +144,7 @@ def run_one(args) -> dict:
     sampler.running = False
     sampler.join()
     assert torch.isfinite(loss), loss
-    return {"option": args.one, "resolution": args.resolution, "s_per_step": statistics.median(times[args.warmup:]),
+    return {"option": args.one, "offloaded_blocks": n_off, "resolution": args.resolution, "s_per_step": statistics.median(times[args.warmup:]),
             "base_weights_mb": round(base_mb, 1), "rss_setup_mb": round(set_up), "rss_peak_steps_mb": round(sampler.peak),
             "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20) if gpu else None,
             "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
@@ -151,6 +161,7 @@ def main() -> None:
     p.add_argument("--text-width", type=int, default=512, help="CPU: text-encoder width (T5-XXL: 4096)")
     p.add_argument("--text-len", type=int, default=None, help="text tokens (default CPU 64, GPU 512 as FLUX.1-dev trains)")
     p.add_argument("--resolution", type=int, nargs="*", default=None, help="pixels (default CPU 256 = 32x32 latents; GPU 512 1024)")
+    p.add_argument("--offload-blocks", type=int, default=None, help="blocks the +offload options offload (default: half)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2)
@@ -166,7 +177,8 @@ def main() -> None:
     resolutions = args.resolution or ([512, 1024] if args.gpu else [256])
     passthrough = ["--width", str(args.width), "--double", str(args.double), "--single", str(args.single),
                    "--text-width", str(args.text_width), "--text-len", str(args.text_len), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else [])]
+                   "--warmup", str(args.warmup), *(["--gpu"] if args.gpu else []),
+                   *(["--offload-blocks", str(args.offload_blocks)] if args.offload_blocks is not None else [])]
     rows = []
     for res in resolutions:
         for r in range(args.repeats):

@@ -32,3 +32,36 @@ def test_two_processes_equal_one(tiny_model, subject_dir, tmp_path):
     lb = [json.loads(x)["loss"] for x in (two / "train_log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-4) and len(lb) == 3  # one log, written by rank 0 only
     assert len(list((two / "class_images").glob("*.png"))) == 4  # generated once, not per rank
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_full_fine_tune_flux(tiny_flux_model, subject_dir, tmp_path):
+    """FSDP2 (accelerate's plugin, transformer blocks as units) on 2 CPU processes: a full fine-tune of the tiny FLUX
+    saves whole weights equal to one process's at the same global batch. accelerate runs FSDP only in accelerator
+    worlds, so tests/fsdp_cpu.py marks the CPU world FSDP; sharding, gathers and the save are nanobooth's and torch's."""
+    from pathlib import Path
+
+    common = ["learning_rate=1e-4", "gradient_checkpointing=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--fsdp_auto_wrap_policy",
+              "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock",
+              str(Path(__file__).parent / "fsdp_cpu.py"), "train", "flux/dreambooth"]
+    two = tmp_path / "two"
+    subprocess.run(launch + train_args(tiny_flux_model, subject_dir, two, *common, "train_batch_size=1"), env=env, check=True,
+                   capture_output=True)
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "nanobooth", "train", "flux/dreambooth",
+                    *train_args(tiny_flux_model, subject_dir, one, *common, "train_batch_size=2")], env=env, check=True,
+                   capture_output=True)
+
+    def weights(run: Path) -> dict:
+        return {k: v for f in sorted((run / "transformer").glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    a, b, base = weights(one), weights(two), weights(tiny_flux_model)
+    assert a.keys() == b.keys() == base.keys()  # whole tensors, not shards
+    assert all(a[k].shape == base[k].shape and torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4  # it trained
+    la = [json.loads(x)["loss"] for x in (one / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "train_log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, abs=1e-4) and len(lb) == 3

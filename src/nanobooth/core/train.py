@@ -304,6 +304,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # accelerate would move the whole model to the device; offload placed it already
     prepared = accelerator.prepare(*trained.values(), optimizer, **({"device_placement": [False] * (len(trained) + 1)} if offload else {}))
     wrapped, optimizer = dict(zip(trained, prepared[:-1])), prepared[-1]
+    # FSDP swaps in sharded parameters (accelerate remaps the optimizer, not `groups`) and clips only a model's own list
+    fsdp = accelerator.distributed_type == "FSDP"
+    clipped = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad] if fsdp else [p for g in groups for p in g["params"]]
     unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
@@ -503,7 +506,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                                         f"or use mixed_precision=bf16; last good checkpoint: {last[-1] if last else 'none'}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+                    accelerator.clip_grad_norm_(clipped, cfg.max_grad_norm)
                 if cfg.train_text_encoder_ti:
                     embeddings.pivot(optimizer, step, cfg)  # the new rows stop after train_text_encoder_ti_frac
                 optimizer.step()
@@ -548,8 +551,15 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if ema:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
     t_save = time.time()
+    saved_unet, saved_tes = unet, text_encoders
+    if fsdp:  # sharded weights: gathered whole (every process), saved from plain copies
+        from .fsdp import unsharded
+
+        plain = {n: unsharded(accelerator, m) for n, m in wrapped.items()}
+        saved_unet = plain.get("unet", unet)
+        saved_tes = [plain.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
     if main:
-        save_outputs(cfg, run_dir, c, unet, text_encoders)
+        save_outputs(cfg, run_dir, c, saved_unet, saved_tes)
         log.info("weights saved in %s", run_dir)
     timing = TimeToModel.of(time.time() - t_start, t_class, t_train, time.time() - t_save)
     if main:
