@@ -30,3 +30,36 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
     assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1"]) == 0
     assert json.loads((run / "toy_eval.json").read_text())["settings"]["guidance_cutoff"] == 1.0
+
+
+def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, capsys):
+    """The plan's class prompt is the subject's (subject.json), so a complete cached class set is estimated at 0 s
+    (it was estimated for a class prompt of None: the whole set, minutes, on every rerun)."""
+    from PIL import Image
+
+    import nanobooth.core.train as core_train
+    import nanobooth.demo as demo_mod
+    import nanobooth.toy.evaluate as toy_evaluate
+    from nanobooth.core.config import fill_prompts
+    from nanobooth.core.data import read_subject_meta
+    from nanobooth.core.run_folder import class_images_dir
+
+    monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda: 0.01)
+    monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
+
+    def fake_train(cfg):  # what a real run leaves in the cache: the whole class set, under the run's provenance
+        fill_prompts(cfg, read_subject_meta(Path(cfg.instance_data_dir)), "subject.json")
+        folder = class_images_dir(cfg, cfg.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(cfg.num_class_images):
+            Image.new("RGB", (8, 8)).save(folder / f"class-{i:05d}.png")
+        return Path(cfg.output_dir)
+
+    monkeypatch.setattr(core_train, "train", fake_train)
+    demo_mod.demo(str(tmp_path / "demo"))
+    first = capsys.readouterr().out
+    demo_mod.demo(str(tmp_path / "demo"))
+    second = capsys.readouterr().out
+    assert "class images ~25 s" in first  # 50 images x 25 steps x 2 forwards x 0.01 s
+    assert "class images ~0 s" in second

@@ -7,11 +7,13 @@ model, writes before/after sample grids and scores the run and the base model (`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from .core.config import TrainConfig, load_config
+from .core.data import read_subject_meta
 
 log = logging.getLogger("nanobooth")
 
@@ -97,8 +99,11 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     if steps:
         overrides["max_train_steps"] = steps
     cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
-    print(plan(cfg, len(world.SCENES), seconds_per_forward()), flush=True)
     world.write_subject(subject_seed, subject)
+    # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
+    meta = read_subject_meta(subject)
+    planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")})
+    print(plan(planned, len(world.SCENES), seconds_per_forward()), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)
     from .core.run_folder import SAMPLES, TOY_EVAL
