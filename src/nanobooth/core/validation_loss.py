@@ -50,7 +50,7 @@ class ValidationLoss:
         self.fixed: dict[str, _Fixed] = {}
         for name, (source, images) in sets.items():
             idx = [i for i in range(len(images)) for _ in range(per_image)]
-            mean, _, coords = source.dist(idx, [False] * len(idx), None)
+            mean, _, coords, _ = source.dist(idx, [False] * len(idx), None)  # the mask (masked_loss) is not used here
             noise, t = objective.sample(tuple(mean.shape), gen, noise_offset)
             self.fixed[name] = _Fixed(family.latents_from_vae(mean, source.vae.config), noise, t, coords,
                                       [images.prompt_of(i) for i in idx])
