@@ -130,6 +130,8 @@ def test_offload_blocks_refusals(tiny_flux_model):
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="config key 'offload_blocks': 9 asked, but this model has 4"):
         BlockOffload(_model("flux"), 9, "cpu")
+    with pytest.raises(ConfigError, match=r"config key 'offload_blocks': this model has no transformer blocks \(SD and SDXL's UNets"):
+        BlockOffload(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2, "cpu")  # a UNet's place: no transformer_blocks
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")

@@ -45,10 +45,12 @@ class BlockOffload:
 
     def __init__(self, unet: torch.nn.Module, n: int, device, host="cpu"):
         every = transformer_blocks(unet)
+        if n and not every:  # say why, not "has 0 blocks; use at most 0"
+            raise ConfigError("config key 'offload_blocks': this model has no transformer blocks (SD and SDXL's UNets have "
+                              "none; offload_blocks is for SD3/FLUX); use offload_blocks=0")
         if n > len(every):
             raise ConfigError(f"config key 'offload_blocks': {n} asked, but this model has {len(every)} transformer blocks "
-                              f"({' + '.join(BLOCK_LISTS)}); use at most {len(every)}"
-                              + (" (UNet models cannot offload blocks; use offload_blocks=0)" if not every else ""))
+                              f"({' + '.join(BLOCK_LISTS)}); use at most {len(every)}")
         self.blocks = every[len(every) - n:]
         self.device, self.host = torch.device(device), torch.device(host)
         self.resident: set[int] = set()
