@@ -128,3 +128,22 @@ def test_flux_trains_on_a_non_square_bucket_with_its_image_ids(tiny_flux_model, 
                                                                "gradient_checkpointing=false")]) == 0
     assert all(rows * cols == tokens for rows, cols, tokens in grids)  # one id per packed patch
     assert any(cols == 3 * rows for rows, cols, _ in grids)  # the 48x16 bucket: 3:1 patches
+
+
+def test_a_single_bucket_is_named_in_a_warning(wide_and_tall, tmp_path, caplog):
+    # 64x64 in steps of 64 leaves only the square: buckets would silently change nothing
+    import logging
+
+    from nanobooth.core.config import load_config
+    from nanobooth.core.train import prepare_run
+
+    cfg = load_config("toy/dreambooth-lora", [f"instance_data_dir={wide_and_tall}", f"output_dir={tmp_path / 'run'}",
+                                              "enable_bucket=true", "resolution=64", "bucket_reso_steps=64"])
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        prepare_run(cfg)
+    assert any("leaves one bucket, 64x64" in r.getMessage() for r in caplog.records)
+    cfg.bucket_reso_steps = 16
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        prepare_run(cfg)
+    assert not any("one bucket" in r.getMessage() for r in caplog.records)

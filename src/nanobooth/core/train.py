@@ -78,6 +78,10 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
                           f"has both sides in [{cfg.min_bucket_reso}, {cfg.max_bucket_reso}] (multiples of {cfg.bucket_reso_steps}); widen them")
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
                                     masks=cfg.masked_loss, buckets=buckets)
+    if buckets is not None and len(buckets) == 1:
+        log.warning("enable_bucket: %dx%d with bucket_reso_steps=%d leaves one bucket, %dx%d: every photo is cropped to it as without "
+                    "buckets; use a smaller bucket_reso_steps (a multiple of what the model renders, e.g. 16 for the toy model)",
+                    cfg.resolution, cfg.resolution, cfg.bucket_reso_steps, *buckets[0])
     if cfg.with_prior_preservation:
         try:
             check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))

@@ -189,7 +189,9 @@ class JobManager:
         try:
             train(job.cfg, should_stop=job.stop_flag.is_set, callbacks=[job.on_event])
         except TrainingInterrupted as e:
-            job.status, job.message = STOPPED, str(e)
+            # the message ends in the CLI's "continue with the same command ..."; on the page that is Resume
+            said = str(e).split("; continue with")[0]
+            job.status, job.message = STOPPED, f"{said}; press Resume to continue"
             job.checkpoint = getattr(e, "checkpoint", None) or job.checkpoint
             return
         job.status, job.message = DONE, f"finished: {job.output_dir}"
