@@ -32,8 +32,13 @@ def scores(subject, tmp_path_factory):
     for variant in ("toy/dreambooth-lora-prior-pre", "toy/dreambooth-lora"):
         run = tmp_path_factory.mktemp("run") / "r"
         assert main(["train", variant, f"instance_data_dir={subject}", f"output_dir={run}"]) == 0
-        assert main(["toy", "eval", str(run), "--images-per-prompt", "8"]) == 0  # 48 "sks" images per model
+        # the base model is scored once: both twins share its settings (seed, steps, guidance and cutoff)
+        again = ["--no-base"] if out else []
+        assert main(["toy", "eval", str(run), "--images-per-prompt", "8", *again]) == 0  # 48 "sks" images per model
         out[variant] = json.loads((run / "toy_eval.json").read_text())
+    first, second = out.values()
+    assert "base" not in second and first["settings"] == {**second["settings"], "model": first["settings"]["model"]}
+    second["base"] = first["base"]
     return out
 
 
