@@ -11,25 +11,34 @@ from conftest import train_args
 from safetensors.torch import load_file
 
 
+def two_processes_and_one(launch: list, model, subject_dir, tmp_path, common: list, variant: str):
+    """Train under `launch` (2 processes, batch 1 each) and in one process at batch 2: the same global batch.
+    Returns the (one, two) run folders."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    subprocess.run(launch + train_args(model, subject_dir, two, *common, "train_batch_size=1"), env=env, check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, "-m", "nanobooth", "train", variant,
+                    *train_args(model, subject_dir, one, *common, "train_batch_size=2")], env=env, check=True,
+                   capture_output=True)
+    return one, two
+
+
+def losses(run) -> list:
+    return [json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "num_class_images=4", "max_train_steps=3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora-prior-pre"]
-    two = tmp_path / "two"
-    subprocess.run(launch + train_args(tiny_model, subject_dir, two, *common, "train_batch_size=1"), env=env, check=True,
-                   capture_output=True)
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "nanobooth", "train", "dreambooth-lora-prior-pre",
-                    *train_args(tiny_model, subject_dir, one, *common, "train_batch_size=2")], env=env, check=True,
-                   capture_output=True)
+    one, two = two_processes_and_one(launch, tiny_model, subject_dir, tmp_path, common, "dreambooth-lora-prior-pre")
     a, b = load_file(one / "pytorch_lora_weights.safetensors"), load_file(two / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.allclose(a[k], torch.zeros_like(a[k])) for k in a if "lora_B" in k or "lora.up" in k)
-    la = [json.loads(x)["loss"] for x in (one / "train_log.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (two / "train_log.jsonl").read_text().splitlines()]
+    la, lb = losses(one), losses(two)
     assert la == pytest.approx(lb, abs=1e-4) and len(lb) == 3  # one log, written by rank 0 only
     assert len(list((two / "class_images").glob("*.png"))) == 4  # generated once, not per rank
 
@@ -42,18 +51,11 @@ def test_fsdp_two_processes_equal_one_full_fine_tune_flux(tiny_flux_model, subje
     from pathlib import Path
 
     common = ["learning_rate=1e-4", "gradient_checkpointing=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--fsdp_auto_wrap_policy",
               "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock",
               str(Path(__file__).parent / "fsdp_cpu.py"), "train", "flux/dreambooth"]
-    two = tmp_path / "two"
-    subprocess.run(launch + train_args(tiny_flux_model, subject_dir, two, *common, "train_batch_size=1"), env=env, check=True,
-                   capture_output=True)
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "nanobooth", "train", "flux/dreambooth",
-                    *train_args(tiny_flux_model, subject_dir, one, *common, "train_batch_size=2")], env=env, check=True,
-                   capture_output=True)
+    one, two = two_processes_and_one(launch, tiny_flux_model, subject_dir, tmp_path, common, "flux/dreambooth")
 
     def weights(run: Path) -> dict:
         return {k: v for f in sorted((run / "transformer").glob("*.safetensors")) for k, v in load_file(f).items()}
@@ -62,6 +64,5 @@ def test_fsdp_two_processes_equal_one_full_fine_tune_flux(tiny_flux_model, subje
     assert a.keys() == b.keys() == base.keys()  # whole tensors, not shards
     assert all(a[k].shape == base[k].shape and torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4  # it trained
-    la = [json.loads(x)["loss"] for x in (one / "train_log.jsonl").read_text().splitlines()]
-    lb = [json.loads(x)["loss"] for x in (two / "train_log.jsonl").read_text().splitlines()]
+    la, lb = losses(one), losses(two)
     assert la == pytest.approx(lb, abs=1e-4) and len(lb) == 3

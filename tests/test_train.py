@@ -24,6 +24,23 @@ def run(variant, tiny_model, subject_dir, out, *extra):
     assert main(["train", variant, *train_args(tiny_model, subject_dir, out, *extra)]) == 0
     return out
 
+def step2_resume_folder(full, part, class_images: bool = False):
+    """A new run folder holding `full`'s config and its step-2 checkpoint (and class images), to resume from."""
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    if class_images:
+        shutil.copytree(full / "class_images", part / "class_images")
+    return part
+
+
+def resumed_losses_match(full, part) -> bool:
+    """The resumed run logged the same losses as steps 3.. of the uninterrupted one."""
+    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
+    lb = (part / "train_log.jsonl").read_text().splitlines()
+    return [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_reloads_and_generates(variant, tiny_model, subject_dir, tmp_path, caplog):
@@ -126,17 +143,11 @@ def test_dora_trains_magnitudes_keeps_the_base_and_resumes_bit_exact(tiny_model,
         if "lora_" not in k:
             assert torch.equal(v, base_state[k.replace(".base_layer", "")])  # the base weights, bit for bit
     # resume from step 2: the same magnitudes, adapters and loss curve as the uninterrupted run
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
-    shutil.copytree(full / "class_images", part / "class_images")
+    part = step2_resume_folder(full, tmp_path / "part", class_images=True)
     run("dreambooth-dora-prior-pre", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
     wb = load_file(part / "pytorch_lora_weights.safetensors")
     assert sd.keys() == wb.keys() and all(torch.equal(sd[k], wb[k]) for k in sd)
-    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
-    lb = (part / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+    assert resumed_losses_match(full, part)
 
 
 def test_lokr_checkpoints_hold_only_its_factors_and_resume_bit_exact(tiny_model, subject_dir, tmp_path):
@@ -147,16 +158,11 @@ def test_lokr_checkpoints_hold_only_its_factors_and_resume_bit_exact(tiny_model,
     assert {k.rsplit(".", 1)[1] for k in sd} == {"lokr_w1", "lokr_w2_a", "lokr_w2_b"}
     ck = load_file(full / "checkpoints" / "checkpoint-000002" / "model.safetensors")
     assert ck and all(".lokr_" in k for k in ck)  # the factors only, no base weight
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    part = step2_resume_folder(full, tmp_path / "part")
     run("dreambooth-lokr", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
     wb = load_file(part / "pytorch_lora_weights.safetensors")
     assert sd.keys() == wb.keys() and all(torch.equal(sd[k], wb[k]) for k in sd)
-    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
-    lb = (part / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+    assert resumed_losses_match(full, part)
 
 
 def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
@@ -233,17 +239,11 @@ def test_v_prediction_and_min_snr_train(tiny_vpred_model, subject_dir, tmp_path)
 def test_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
     extra = ["learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2", "random_flip=true", "tome_ratio=0.3"]
     full = run("dreambooth-lora-prior-pre", tiny_model, subject_dir, tmp_path / "full", *extra)
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
-    shutil.copytree(full / "class_images", part / "class_images")
+    part = step2_resume_folder(full, tmp_path / "part", class_images=True)
     run("dreambooth-lora-prior-pre", tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")
     wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
-    lb = (part / "train_log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in lb]
+    assert resumed_losses_match(full, part)
 
 
 def test_refuses_to_overwrite_a_run(tiny_model, subject_dir, tmp_path, capsys):
@@ -280,21 +280,15 @@ def test_captions_one_embedding_each_and_resume_bit_exact_with_caption_dropout(t
         wo = load_file(other / "pytorch_lora_weights.safetensors")
         assert any(not torch.equal(w[k], wo[k]) for k in w)
     # resume from step 2 (dropout draws come from a checkpointed generator): bit-exact weights and losses
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    part = step2_resume_folder(full, tmp_path / "part")
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 0
     wb = load_file(part / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(w[k], wb[k]) for k in w)
-    la = (full / "train_log.jsonl").read_text().splitlines()[2:]
-    assert [json.loads(x)["loss"] for x in la] == [json.loads(x)["loss"] for x in (part / "train_log.jsonl").read_text().splitlines()]
+    assert resumed_losses_match(full, part)
     # a caption edited since the checkpoint is a changed input: the resume is refused before anything is touched
     (photos / f"{names[1]}.txt").write_text("a sks dog, far away")
     shutil.rmtree(part)
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    step2_resume_folder(full, part)
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, photos, part, *extra, "resume_from_checkpoint=latest")]) == 2
 
 
