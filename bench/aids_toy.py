@@ -48,8 +48,10 @@ def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool) ->
         run([sys.executable, "-m", "nanobooth", "toy", "subject", "--seed", str(seed), "--out", str(subj)])
     t0 = time.perf_counter()
     if not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("*.safetensors")):
+        # an interrupted run continues from its last checkpoint (train refuses to reuse its folder otherwise)
+        resume = ["resume_from_checkpoint=latest"] if (run_dir / "config.yaml").is_file() else []
         run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
-             f"class_data_dir={out / 'class' / str(seed)}", *overrides])
+             f"class_data_dir={out / 'class' / str(seed)}", *overrides, *resume])
     run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
          *([] if base else ["--no-base"])])
     result = json.loads(scores.read_text())
