@@ -6,14 +6,11 @@ carry their command line over. Every attribute's docstring is the help text (`na
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import difflib
 import inspect
-import json
 import logging
-import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,11 +19,11 @@ from typing import Literal, Optional
 
 import yaml
 
+from .config_checks import _nearest_multiples, check_mixed_precision, check_resolution, check_resolution_before_loading  # noqa: F401 (importable from here)
+from .config_values import _check_type, _is_guidance_fraction, _type_name, _wants_str, guidance_fraction  # noqa: F401
+from .errors import ConfigError  # noqa: F401 (importable from here)
+
 log = logging.getLogger("nanobooth")
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; its message is one actionable line."""
 
 
 # Field metadata of the keys a resume may change: they steer how long the run goes, where and how often it
@@ -316,84 +313,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _is_guidance_fraction(value: float) -> bool:
-    """The one range check of a guidance cutoff (config key and --guidance-cutoff): (0, 1]."""
-    return 0.0 < value <= 1.0
-
-
-def guidance_fraction(text: str) -> float:
-    """argparse type of --guidance-cutoff: a fraction of the sampling steps in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not _is_guidance_fraction(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
-    return value
-
-
-def _type_name(tp) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + "|".join(map(str, typing.get_args(tp)))
-    if typing.get_origin(tp) is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _wants_str(tp) -> bool:
-    """True for str-like keys (str, Optional[str], Literal of str), whose values must stay text."""
-    if typing.get_origin(tp) is typing.Union:
-        return any(_wants_str(a) for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    return tp is str
-
-
-def _check_type(value, tp):
-    """Return (ok, value coerced to tp). Ints are accepted for floats, nothing else is coerced."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return True, None
-        for arg in args:
-            if arg is type(None):
-                continue
-            ok, v = _check_type(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            return False, value
-        out = []
-        for v in value:
-            ok, v = _check_type(v, item)
-            if not ok:
-                return False, value
-            out.append(v)
-        return True, out
-    if tp is float:
-        if isinstance(value, bool):
-            return False, value
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return (isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is str:
-        return isinstance(value, str), value
-    return isinstance(value, tp), value
-
-
 def field_docs() -> dict[str, str]:
     """Attribute docstrings of TrainConfig (the string literal right after each field)."""
     tree = ast.parse(inspect.getsource(TrainConfig))
@@ -509,64 +428,6 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
         if isinstance(extra.get(key), str):
             extra[key] = [extra[key]]
     return TrainConfig(**{**data, **extra})
-
-
-def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> int:
-    """Refuse a resolution the model cannot render, naming the nearest ones it can. The VAE divides the
-    image by 2**(levels-1), the UNet the latent by 2**(levels-1) again (its skip connections must line up),
-    and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
-    model loads (the factors are the model's), before the run folder is written. `latent_patch`: the
-    family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch).
-    Returns that multiple (bucket sides must be multiples of it too)."""
-    vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
-    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
-    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
-    unet_f *= latent_patch
-    step = math.lcm(8, vae_f * unet_f)
-    if resolution % step:
-        raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
-                          f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
-    return step
-
-
-def check_resolution_before_loading(cfg: "TrainConfig") -> None:
-    """check_resolution with the factors read from a local diffusers folder's (or the shipped toy model's)
-    vae/ and unet/ or transformer/ config.json, so the CLI refuses before the training stack loads. Hub ids
-    and single files are checked after loading (train.py); so is a family's own patching (FLUX's 2x2)."""
-    from types import SimpleNamespace
-
-    if cfg.pretrained_vae_model_name_or_path:
-        return  # another VAE: its factor is known once it loads
-    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
-    denoiser = next((folder / d / "config.json" for d in ("unet", "transformer") if (folder / d / "config.json").is_file()), None)
-    vae = folder / "vae" / "config.json"
-    if denoiser is None or not vae.is_file():
-        return
-    try:
-        vae_cfg, den_cfg = (SimpleNamespace(**json.loads(p.read_text())) for p in (vae, denoiser))
-    except (OSError, ValueError, TypeError):
-        return  # a broken folder is the loader's to report, with its own message
-    if hasattr(vae_cfg, "block_out_channels") and (hasattr(den_cfg, "block_out_channels") or hasattr(den_cfg, "patch_size")):
-        check_resolution(cfg.resolution, vae_cfg, den_cfg)
-
-
-def _nearest_multiples(resolution: int, step: int) -> str:
-    """'512 or 576': the multiples of `step` either side of `resolution` (only the upper one below `step`)."""
-    lower, upper = resolution // step * step, (resolution // step + 1) * step
-    return f"{lower} or {upper}" if lower else str(upper)
-
-
-def check_mixed_precision(mixed_precision: str, cpu: bool = False) -> None:
-    """fp16 is a GPU format: on a CPU the frozen fp16 weights meet fp32 activations and the run dies with a
-    dtype error after the run folder is written. bf16 is the CPU's half precision and trains there.
-    `cpu`: the run is forced onto the CPU (CPU processes over gloo) even if a GPU is visible."""
-    import torch
-
-    xpu = getattr(torch, "xpu", None)
-    gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
-    if mixed_precision == "fp16" and (cpu or not gpu):
-        raise ConfigError("config key 'mixed_precision': fp16 needs a GPU and this run would train on the CPU; "
-                          "use mixed_precision=bf16 (works on CPUs) or mixed_precision=no")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

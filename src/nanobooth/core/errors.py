@@ -1,5 +1,5 @@
-"""ModelError and CheckpointError, defined where importing them costs no torch: the run folder's checks
-(run_folder.py) raise them before the CLI loads the training stack. models.py and checkpoint.py re-export them."""
+"""ConfigError, ModelError and CheckpointError, defined where importing them costs no torch: the run folder's checks
+(run_folder.py) raise them before the CLI loads the training stack. config.py, models.py and checkpoint.py re-export them."""
 
 
 class ModelError(ValueError):
@@ -8,3 +8,7 @@ class ModelError(ValueError):
 
 class CheckpointError(ValueError):
     """A checkpoint or resume request that cannot be honoured; the message names the folder and what to do."""
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; its message is one actionable line."""

@@ -1,0 +1,73 @@
+"""Checks of config keys against the machine and the model: the resolution a model can render (from its
+loaded configs, or from a local folder's config.json before loading) and fp16 without a GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> int:
+    """Refuse a resolution the model cannot render, naming the nearest ones it can. The VAE divides the
+    image by 2**(levels-1), the UNet the latent by 2**(levels-1) again (its skip connections must line up),
+    and diffusers' SD/SDXL pipelines refuse any size that is not a multiple of 8. Called right after the
+    model loads (the factors are the model's), before the run folder is written. `latent_patch`: the
+    family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch).
+    Returns that multiple (bucket sides must be multiples of it too)."""
+    vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
+    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
+    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
+    unet_f *= latent_patch
+    step = math.lcm(8, vae_f * unet_f)
+    if resolution % step:
+        raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
+                          f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
+    return step
+
+
+def check_resolution_before_loading(cfg: "TrainConfig") -> None:
+    """check_resolution with the factors read from a local diffusers folder's (or the shipped toy model's)
+    vae/ and unet/ or transformer/ config.json, so the CLI refuses before the training stack loads. Hub ids
+    and single files are checked after loading (train.py); so is a family's own patching (FLUX's 2x2)."""
+    from types import SimpleNamespace
+
+    if cfg.pretrained_vae_model_name_or_path:
+        return  # another VAE: its factor is known once it loads
+    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
+    denoiser = next((folder / d / "config.json" for d in ("unet", "transformer") if (folder / d / "config.json").is_file()), None)
+    vae = folder / "vae" / "config.json"
+    if denoiser is None or not vae.is_file():
+        return
+    try:
+        vae_cfg, den_cfg = (SimpleNamespace(**json.loads(p.read_text())) for p in (vae, denoiser))
+    except (OSError, ValueError, TypeError):
+        return  # a broken folder is the loader's to report, with its own message
+    if hasattr(vae_cfg, "block_out_channels") and (hasattr(den_cfg, "block_out_channels") or hasattr(den_cfg, "patch_size")):
+        check_resolution(cfg.resolution, vae_cfg, den_cfg)
+
+
+def _nearest_multiples(resolution: int, step: int) -> str:
+    """'512 or 576': the multiples of `step` either side of `resolution` (only the upper one below `step`)."""
+    lower, upper = resolution // step * step, (resolution // step + 1) * step
+    return f"{lower} or {upper}" if lower else str(upper)
+
+
+def check_mixed_precision(mixed_precision: str, cpu: bool = False) -> None:
+    """fp16 is a GPU format: on a CPU the frozen fp16 weights meet fp32 activations and the run dies with a
+    dtype error after the run folder is written. bf16 is the CPU's half precision and trains there.
+    `cpu`: the run is forced onto the CPU (CPU processes over gloo) even if a GPU is visible."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    gpu = torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+    if mixed_precision == "fp16" and (cpu or not gpu):
+        raise ConfigError("config key 'mixed_precision': fp16 needs a GPU and this run would train on the CPU; "
+                          "use mixed_precision=bf16 (works on CPUs) or mixed_precision=no")

@@ -1,0 +1,86 @@
+"""Value checks of config keys: the type check and coercion of a YAML or `key=value` value against a
+TrainConfig field's annotation, and the guidance-cutoff fraction (also the type of --guidance-cutoff)."""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Literal
+
+
+def _is_guidance_fraction(value: float) -> bool:
+    """The one range check of a guidance cutoff (config key and --guidance-cutoff): (0, 1]."""
+    return 0.0 < value <= 1.0
+
+
+def guidance_fraction(text: str) -> float:
+    """argparse type of --guidance-cutoff: a fraction of the sampling steps in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not _is_guidance_fraction(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
+    return value
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _wants_str(tp) -> bool:
+    """True for str-like keys (str, Optional[str], Literal of str), whose values must stay text."""
+    if typing.get_origin(tp) is typing.Union:
+        return any(_wants_str(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
+
+
+def _check_type(value, tp):
+    """Return (ok, value coerced to tp). Ints are accepted for floats, nothing else is coerced."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for arg in args:
+            if arg is type(None):
+                continue
+            ok, v = _check_type(value, arg)
+            if ok:
+                return True, v
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for v in value:
+            ok, v = _check_type(v, item)
+            if not ok:
+                return False, value
+            out.append(v)
+        return True, out
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return (isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
