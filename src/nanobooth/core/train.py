@@ -26,8 +26,9 @@ from . import prior
 from . import trackers, validation_loss
 from .buckets import bucket_sizes, make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import ImageSet, drop_captions, image_paths, latent_masks, mask_path, read_subject_meta, resolve_data_dir
+from .data import ImageSet, drop_captions, image_paths, mask_path, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
+from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: importable from here)
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
@@ -100,61 +101,6 @@ def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
     if cfg.with_prior_preservation:
         record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
     return record
-
-
-def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std) for pixels in [-1, 1]; sampling happens per step from our generator.
-    Small batches: this runs once per image set, so a bigger batch only raises the memory peak."""
-    means, stds = [], []
-    from accelerate import PartialState
-
-    quiet = len(pixels) <= batch or not PartialState().is_main_process  # per-step encodes stay quiet
-    with torch.no_grad():
-        for i in tqdm(range(0, len(pixels), batch), desc="encode latents", unit="batch", leave=False, disable=quiet):
-            dist = vae.encode(pixels[i : i + batch].to(vae.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
-
-
-class LatentSource:
-    """Latent posteriors of one image set, with each example's (original size, crop) coords and, for a masked
-    set (masked_loss), its mask on the latent grid: cached once (both flips if random_flip) or encoded per step.
-    Cached per (w, h) size: each image at its own (its bucket or the resolution square), or, given `sizes`
-    (class images with enable_bucket), every image at each of those."""
-
-    def __init__(self, images: ImageSet, vae, cfg: TrainConfig, cached: bool, sizes: list[tuple[int, int]] | None = None):
-        self.images, self.vae, self.cfg, self.cached = images, vae, cfg, cached
-        self.masked = images.masks is not None
-        if cached:
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i in range(len(images)):
-                for size in sizes or [images.size_of(i, cfg.resolution)]:
-                    groups.setdefault(size, []).append(i)
-            self.cache = {size: self._encode(idx, size) for size, idx in groups.items()}
-
-    def _encode(self, idx: list[int], size: tuple[int, int]):
-        flips = [False, True] if self.cfg.random_flip else [False]
-        samples = [self.images.sample(idx, self.cfg.resolution, [f] * len(idx), None, with_masks=True, size=size) for f in flips]
-        dists = [encode_dist(self.vae, s[0]) for s in samples]
-        mean = torch.stack([d[0] for d in dists], 1)  # (N, flips, C, h, w)
-        std = torch.stack([d[1] for d in dists], 1)
-        coords = torch.stack([s[1] for s in samples], 1)  # (N, flips, 4): a flip moves the crop's left
-        mask = torch.stack([latent_masks(s[2], mean.shape[-2:]) for s in samples], 1)  # (N, flips, 1, h, w)
-        return {i: row for row, i in enumerate(idx)}, mean, std, coords, mask
-
-    def dist(self, idx: list[int], flips: list[bool], crop_gen: torch.Generator | None, size: tuple[int, int] | None = None):
-        """Posterior (mean, std) of the examples idx (mirrored where flips), their coords (N, 4) and masks
-        (N, 1, h, w) (None for an unmasked set). size: the (w, h) to crop to (the batch's bucket); None: the
-        images' own (one size for all of idx: a batch never mixes buckets)."""
-        if self.cached:
-            rows, mean, std, coords, mask = self.cache[size or self.images.size_of(idx[0], self.cfg.resolution)]
-            f = torch.tensor([int(x) for x in flips]) if self.cfg.random_flip else torch.zeros(len(idx), dtype=torch.long)
-            i = torch.tensor([rows[j] for j in idx])
-            return mean[i, f], std[i, f], coords[i, f], mask[i, f] if self.masked else None
-        pixels, coords, masks = self.images.sample(idx, self.cfg.resolution, flips, crop_gen, with_masks=True, size=size)
-        mean, std = encode_dist(self.vae, pixels)
-        return mean, std, coords, latent_masks(masks, mean.shape[-2:]) if self.masked else None
 
 
 def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callbacks: Iterable[Callback] = ()) -> Path:
