@@ -25,8 +25,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior": ("toy/dreambooth-lora-prior-pre", []),
     "lora-prior+ema": ("toy/dreambooth-lora-prior-pre", ["use_ema=true"]),
     "dora-prior": ("toy/dreambooth-dora-prior-pre", []),
-    "lokr-prior": ("toy/dreambooth-lora-prior-pre", ["method=lokr"]),
-    "loha-prior": ("toy/dreambooth-lora-prior-pre", ["method=loha"]),
+    "lokr-prior": ("toy/dreambooth-lokr-prior-pre", []),
+    "loha-prior": ("toy/dreambooth-loha-prior-pre", []),
     "pivotal-prior": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=true"]),
     "lora": ("toy/dreambooth-lora", []),
     # issue #25: fewer sampler steps for the class images vs the prior they keep (own class folder each)
