@@ -25,10 +25,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior": ("toy/dreambooth-lora-prior-pre", []),
     "lora-prior+ema": ("toy/dreambooth-lora-prior-pre", ["use_ema=true"]),
     "dora-prior": ("toy/dreambooth-dora-prior-pre", []),
-    "lokr-prior": ("toy/dreambooth-lora-prior-pre", ["method=lokr"]),
-    "loha-prior": ("toy/dreambooth-lora-prior-pre", ["method=loha"]),
+    "lokr-prior": ("toy/dreambooth-lokr-prior-pre", []),
+    "loha-prior": ("toy/dreambooth-loha-prior-pre", []),
     "pivotal-prior": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=true"]),
     "lora": ("toy/dreambooth-lora", []),
+    # issue #25: fewer sampler steps for the class images vs the prior they keep (own class folder each)
+    "lora-prior-cls10": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=10"]),
+    "lora-prior-cls15": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=15"]),
 }
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
@@ -36,6 +39,13 @@ METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_i
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def class_dir(out: Path, seed: int, overrides: list[str]) -> Path:
+    """One class-image folder per subject, shared by the arms; an arm that changes how class images are made
+    (class_generation_steps) gets its own, as the provenance-keyed cache would."""
+    steps = [o.split("=", 1)[1] for o in overrides if o.startswith("class_generation_steps=")]
+    return out / "class" / (f"{seed}-steps{steps[0]}" if steps else str(seed))
 
 
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool) -> dict:
@@ -51,7 +61,7 @@ def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool) ->
         # an interrupted run continues from its last checkpoint (train refuses to reuse its folder otherwise)
         resume = ["resume_from_checkpoint=latest"] if (run_dir / "config.yaml").is_file() else []
         run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
-             f"class_data_dir={out / 'class' / str(seed)}", *overrides, *resume])
+             f"class_data_dir={class_dir(out, seed, overrides)}", *overrides, *resume])
     run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
          *([] if base else ["--no-base"])])
     result = json.loads(scores.read_text())
