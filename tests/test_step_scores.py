@@ -78,6 +78,7 @@ def test_resume_keeps_the_best_step(tiny_model, subject_dir, tmp_path, monkeypat
     part = tmp_path / "part"
     part.mkdir()
     shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copy(full / "train_log.jsonl", part / "train_log.jsonl")  # as a stopped run leaves it (cut back to step 2)
     shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
     assert (part / "checkpoints" / "checkpoint-000002" / "keep_best.safetensors").is_file()  # step 1's weights
     fake(monkeypatch, [3, 4])  # the resumed run renders steps 3 and 4 only
@@ -86,6 +87,8 @@ def test_resume_keeps_the_best_step(tiny_model, subject_dir, tmp_path, monkeypat
     assert [r["step"] for r in json.loads((part / "keep_best.json").read_text())["history"]] == [0, 1, 2, 3, 4]
     a, b = unet(full), unet(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "subject_fidelity" in r] == [0, 1, 2, 3, 4]  # each step scored once, none redone
 
 
 @pytest.mark.parametrize("extra, said", [

@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                           "use keep_best=false or a DDP launch")
     scorer = step_scores.build(cfg, resolve_data_dir(cfg.instance_data_dir), read_subject_meta(resolve_data_dir(cfg.instance_data_dir))) \
         if main else None  # validation_scores / keep_best: a way to score each validation step, or refused before anything is written
-    kept = step_scores.KeepBest(cfg, run_dir) if scorer else None
+    keeper = step_scores.KeepBest(cfg, run_dir) if scorer else None
     quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
     offload = BlockOffload(c.unet, cfg.offload_blocks, device) if cfg.offload_blocks else None  # before the device: it need not fit
     if offload and device.type == "cpu":
@@ -351,8 +351,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             caption_gen.set_state(rng["caption"])
         torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", resume, start_step)
-        if kept:  # the scores so far and keep_best's best step so far
-            kept.load(state.get("keep_best"), resume, start_step)
+        if keeper:  # the scores so far and keep_best's best step so far
+            keeper.load(state.get("keep_best"), resume, start_step)
     log_path = run_dir / "train_log.jsonl"
     if main and log_path.exists():  # drop log lines of steps that the resumed run will redo
         kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
@@ -411,7 +411,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if scores:  # validation_scores: logged, plotted and (keep_best) the weights kept if this step is the best
             with log_path.open("a") as f:
                 f.write(json.dumps({"step": step, **scores}) + "\n")
-            kept.add(step, scores, trained)
+            keeper.add(step, scores, trained)
             emit(ValidationScores(step, scores))
 
     def step_score(pipe, rows, step: int) -> dict[str, float]:
@@ -460,8 +460,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
             extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs,
-                     **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": kept.state()} if kept else {})}
-            files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(kept.files() if kept else {})}
+                     **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": keeper.state()} if keeper else {})}
+            files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(keeper.files() if keeper else {})}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit,
                                  files=files or None)
             log.info("%s saved", saved_path.name)
@@ -569,11 +569,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
                          "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
         due = bool(cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps)
-        if due and kept:  # scored before this step's checkpoint, which then holds its scores (and best weights) for a resume
+        if due and keeper:  # scored before this step's checkpoint, which then holds its scores (and best weights) for a resume
             validate(done)
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
             save_checkpoint(done)
-        if due and not kept:
+        if due and not keeper:
             validate(done)
         if done < cfg.max_train_steps:
             stop_here(done)
@@ -587,7 +587,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
     if cfg.keep_best and main:  # the last step is a candidate too: score it, then put the chosen step's weights in place
         validate(cfg.max_train_steps)
-        kept.keep(trained, cfg.max_train_steps)
+        keeper.keep(trained, cfg.max_train_steps)
     t_save = time.time()
     saved_unet, saved_tes = unet, text_encoders
     if fsdp:  # sharded weights: gathered whole (every process), saved from plain copies
