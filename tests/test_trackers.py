@@ -49,3 +49,18 @@ def test_wandb_without_wandb_is_one_line_and_writes_nothing(tiny_model, subject_
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "report_to=wandb")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report_to=wandb" in err[0] and "pip install wandb" in err[0] and not out.exists()
+
+
+def test_validation_scores_reach_the_trackers():
+    from nanobooth.core.events import ValidationScores
+    from nanobooth.core.trackers import TrackerCallback
+
+    class Acc:
+        trackers, logged = [], []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+    acc = Acc()
+    TrackerCallback(acc)(ValidationScores(4, {"subject_fidelity": 0.5, "prompt_fidelity": 0.9}))
+    assert acc.logged == [(4, {"val_subject_fidelity": 0.5, "val_prompt_fidelity": 0.9})]

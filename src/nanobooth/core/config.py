@@ -211,6 +211,12 @@ class TrainConfig:
     alone (diffusers' cutoff_step_ratio). 1.0 = every step."""
     validation_seed: Optional[int] = None
     """Seed of validation images (prompt i image j uses validation_seed + 1000*i + j). Default: seed."""
+    validation_scores: Literal["none", "auto", "toy", "real"] = "none"
+    """Score the weights at each validation render (step 0, every validation_steps, the end) for subject fidelity and prompt fidelity: `toy` = the toy probe (`nanobooth toy eval`'s numbers, on its own subject and scene prompts), `real` = DINO and CLIP-T (with CLIP-I) of the validation grid's images (facebook/dino-vits16 and openai/clip-vit-base-patch32 from the hub cache; none loadable = a warning, no scores), `auto` = toy for model=toy, else real. Logged to train_log.jsonl and the trackers, plotted in OUTPUT_DIR/validation_scores.png. keep_best turns it on (auto)."""
+    keep_best: bool = False
+    """Publish the weights of the best-scoring validation step instead of the last step's: the highest subject fidelity among the steps whose prompt fidelity stays within keep_best_tolerance of the base model's (step 0); none within: the one with the highest prompt fidelity. Which step and why: OUTPUT_DIR/keep_best.json and the log. Needs validation_prompts and 0 < validation_steps < max_train_steps."""
+    keep_best_tolerance: float = 0.1
+    """keep_best: the fraction of the base model's prompt fidelity a step may lose and still be kept (0.1: at least 90% of it)."""
     report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata=RESUME_SAFE)
     """Log loss, lr, validation loss and validation grids to TensorBoard (event files in OUTPUT_DIR/logs/) or Weights & Biases (`pip install wandb`), through accelerate's trackers; `none` = train_log.jsonl and the events only."""
     validation_loss_steps: int = field(default=0, metadata=RESUME_SAFE)
@@ -254,6 +260,8 @@ class TrainConfig:
         if self.resolution % 8:  # the model may need more (check_resolution, once it is loaded); no model needs less
             raise ConfigError(f"config key 'resolution': {self.resolution} is not a multiple of 8, which every Stable "
                               f"Diffusion pipeline needs; use {_nearest_multiples(self.resolution, 8)}")
+        if not 0 <= self.keep_best_tolerance <= 1:
+            raise ConfigError(f"config key 'keep_best_tolerance': must be a fraction in [0, 1], got {self.keep_best_tolerance}")
         if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")

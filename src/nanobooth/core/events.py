@@ -10,7 +10,8 @@ no random numbers and never change what is trained.
 
 Order in one run: ClassImagesProgress* (prior preservation, only for class images still to make),
 ValidationLoss and SampleGrid (step 0, when validation_loss_steps / validation_prompts are set), then per
-step Step, and where due ValidationLoss, CheckpointSaved and SampleGrid; finally Done, or Stopped (a stop
+step Step, and where due ValidationLoss, CheckpointSaved and SampleGrid (each SampleGrid followed by ValidationScores
+when validation_scores are on; with keep_best a step's grid comes before its checkpoint); finally Done, or Stopped (a stop
 request) or Failed (an exception; it is re-raised).
 """
 
@@ -85,6 +86,16 @@ class ValidationLoss:
 
 
 @dataclass(frozen=True)
+class ValidationScores:
+    """validation_scores of the weights after `step` steps (0: the base model), as in train_log.jsonl: at least
+    subject_fidelity and prompt_fidelity, plus what the scorer measured (toy: the probe's numbers; real: dino,
+    clip_i, clip_t). Comes right after that step's SampleGrid (core/step_scores.py)."""
+
+    step: int
+    scores: dict
+
+
+@dataclass(frozen=True)
 class CheckpointSaved:
     """A resumable checkpoint of step `step` is complete at `path` (a folder under output_dir/checkpoints)."""
 
@@ -144,7 +155,7 @@ class Failed:
     message: str
 
 
-Event = Union[ClassImagesProgress, Step, ValidationLoss, SampleGrid, CheckpointSaved, Done, Stopped, Failed]
+Event = Union[ClassImagesProgress, Step, ValidationLoss, SampleGrid, ValidationScores, CheckpointSaved, Done, Stopped, Failed]
 Callback = Callable[[Event], object]  # returns STOP to ask for a stop; any other value is ignored
 
 

@@ -41,6 +41,8 @@ EMB_SUFFIX = "_emb.safetensors"  # `<run name>_emb.safetensors`: pivotal tuning'
 MODEL_INDEX = "model_index.json"
 TMP_OUTPUT = ".tmp-output"  # the result while it is written; published into the run folder when complete
 TOY_EVAL = ("toy_eval.json", "toy_eval.png")  # `nanobooth toy eval` scores a run into its own folder
+VALIDATION_SCORES = "validation_scores.png"  # validation_scores: subject vs prompt fidelity per step (step_scores.py)
+KEEP_BEST = "keep_best.json"  # keep_best: which step was published and why
 # diffusers pipeline components a full run can save (model_index.json names the ones it did)
 PIPELINE_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler",
                        "feature_extractor", "safety_checker", "image_encoder")
@@ -131,7 +133,7 @@ def output_paths(folder) -> list[Path]:
     so the next run reuses them instead of generating them again."""
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
-    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, TRACKER_LOGS, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL]
+    rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, TRACKER_LOGS, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL, VALIDATION_SCORES, KEEP_BEST]
     return [folder / LORA_FILE] + sorted(folder.glob("*" + EMB_SUFFIX)) + pipeline_parts(folder) + [folder / n for n in rest]
 
 

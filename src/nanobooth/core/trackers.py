@@ -1,7 +1,7 @@
 """Experiment trackers (config key `report_to`): TensorBoard or Weights & Biases through accelerate's trackers.
 
 The loop already tells its callers everything worth plotting through events (events.py), so a tracker
-is one more callback: `Step` -> loss, instance/prior loss and lr; `ValidationLoss` -> val_loss(_heldout);
+is one more callback: `Step` -> loss, instance/prior loss and lr; `ValidationLoss` -> val_loss(_heldout); `ValidationScores` -> val_subject_fidelity, val_prompt_fidelity...;
 `SampleGrid` -> the grid image. Events run on the main process only, draw no random numbers and a
 callback that raises is dropped with one warning, so a tracker can neither change nor stop training.
 TensorBoard writes under OUTPUT_DIR/logs/ (run_folder.TRACKER_LOGS), which `overwrite=true` clears with
@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from .config import ConfigError
-from .events import Done, Failed, SampleGrid, Step, Stopped, ValidationLoss
+from .events import Done, Failed, SampleGrid, Step, Stopped, ValidationLoss, ValidationScores
 from .run_folder import TRACKER_LOGS
 
 log = logging.getLogger("nanobooth")
@@ -75,6 +75,8 @@ class TrackerCallback:
             if event.loss_heldout is not None:
                 values["val_loss_heldout"] = event.loss_heldout
             acc.log(values, step=event.step)
+        elif isinstance(event, ValidationScores):  # subject/prompt fidelity and the scorer's other numbers
+            acc.log({f"val_{k}": v for k, v in event.scores.items()}, step=event.step)
         elif isinstance(event, SampleGrid):
             self._grid(event.step, event.path)
         elif isinstance(event, (Stopped, Failed)):  # end_training is not reached: flush what was logged

@@ -23,13 +23,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import prior
-from . import trackers, validation_loss
+from . import step_scores, trackers, validation_loss
 from .buckets import bucket_sizes, make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
 from .data import ImageSet, drop_captions, image_paths, mask_path, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: importable from here)
-from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
+from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
 from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule
@@ -71,6 +71,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     if cfg.validation_images_dir:
         resolve_data_dir(cfg.validation_images_dir, "validation_images_dir")
     check_optimizer(cfg)
+    step_scores.check(cfg)  # keep_best without validation steps: refused here
     trackers.check_trackers(cfg)
     check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
@@ -156,6 +157,12 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         raise ConfigError(f"config key 'bucket_reso_steps': {cfg.bucket_reso_steps} is not a multiple of {step}, which this "
                           f"model needs; use {-(-cfg.bucket_reso_steps // step) * step}")
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
+    if cfg.keep_best and accelerator.distributed_type == "FSDP":
+        raise ConfigError("config key 'keep_best': not supported with FSDP (rank 0 holds only a shard of the weights to keep); "
+                          "use keep_best=false or a DDP launch")
+    scorer = step_scores.build(cfg, resolve_data_dir(cfg.instance_data_dir), read_subject_meta(resolve_data_dir(cfg.instance_data_dir))) \
+        if main else None  # validation_scores / keep_best: a way to score each validation step, or refused before anything is written
+    keeper = step_scores.KeepBest(cfg, run_dir) if scorer else None
     quantize_base(c.unet, cfg, weight_dtype, device)  # base_quantization: before it reaches the device and gets adapters
     offload = BlockOffload(c.unet, cfg.offload_blocks, device) if cfg.offload_blocks else None  # before the device: it need not fit
     if offload and device.type == "cpu":
@@ -290,6 +297,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             caption_gen.set_state(rng["caption"])
         torch.set_rng_state(rng["torch"])
         log.info("resumed from %s at step %d", resume, start_step)
+        if keeper:  # the scores so far and keep_best's best step so far
+            keeper.load(state.get("keep_best"), resume, start_step)
     log_path = run_dir / "train_log.jsonl"
     if main and log_path.exists():  # drop log lines of steps that the resumed run will redo
         kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
@@ -337,6 +346,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
                               cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
                               guidance_cutoff=cfg.validation_guidance_cutoff)
+                scores = step_score(pipe, rows, step)
             finally:  # also after a failed or interrupted render: training goes on from here
                 unet.train(), [te.train(te_trained) for te in text_encoders], [m.to("cpu") for m in idle]
                 if info:
@@ -344,6 +354,23 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         path = run_dir / SAMPLES / f"step-{step:06d}.png"
         save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), path)
         emit(SampleGrid(step, path))
+        if scores:  # validation_scores: logged, plotted and (keep_best) the weights kept if this step is the best
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, **scores}) + "\n")
+            keeper.add(step, scores, trained)
+            emit(ValidationScores(step, scores))
+
+    def step_score(pipe, rows, step: int) -> dict[str, float]:
+        """validation_scores of the weights the grid shows; {} without a scorer or when scoring fails (a warning)."""
+        if not scorer:
+            return {}
+        try:
+            scores = scorer(pipe, rows)
+        except Exception as e:  # noqa: BLE001 - optional like the grid: this step is just not scored
+            log.warning("validation scores at step %d failed and were skipped (%s: %s)", step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return {}
+        log.info("step %d validation scores: %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
 
     def score(step: int) -> dict[str, float]:
         """{set: validation loss} of the current weights, logged; {} when not due (validation_loss.py)."""
@@ -379,9 +406,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
             extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs,
-                     **({"ema_updates": ema.updates} if ema else {})}
+                     **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": keeper.state()} if keeper else {})}
+            files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(keeper.files() if keeper else {})}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit,
-                                 files={EMA_FILE: ema.state_dict()} if ema else None)
+                                 files=files or None)
             log.info("%s saved", saved_path.name)
             emit(CheckpointSaved(done, saved_path))
         accelerator.wait_for_everyone()
@@ -486,9 +514,12 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             if done % cfg.log_every == 0:
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
                          "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
+        due = bool(cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps)
+        if due and keeper:  # scored before this step's checkpoint, which then holds its scores (and best weights) for a resume
+            validate(done)
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
             save_checkpoint(done)
-        if cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps:
+        if due and not keeper:
             validate(done)
         if done < cfg.max_train_steps:
             stop_here(done)
@@ -500,6 +531,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     final_weights(optimizer)  # schedule-free: the averaged weights are the result; the others: nothing
     if ema:
         ema.copy_to_params()  # the average is the result (and what the final grid shows)
+    if cfg.keep_best and main:  # the last step is a candidate too: score it, then put the chosen step's weights in place
+        validate(cfg.max_train_steps)
+        keeper.keep(trained, cfg.max_train_steps)
     t_save = time.time()
     saved_unet, saved_tes = unet, text_encoders
     if fsdp:  # sharded weights: gathered whole (every process), saved from plain copies
@@ -517,7 +551,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         log.info("%s", timing)
         if cfg.validation_prompts and cfg.tome_ratio:  # save_outputs removed ToMe; render as every other grid did
             apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
-    validate(cfg.max_train_steps, final=True)
+    if not cfg.keep_best:  # keep_best rendered it before the weights were chosen
+        validate(cfg.max_train_steps, final=True)
     if main:
         log.info("done: %s", run_dir)
     accelerator.end_training()

@@ -1,0 +1,133 @@
+"""validation_scores and keep_best (core/step_scores.py): scores per validation step, the plot, the kept step."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import train_args
+from PIL import Image
+from safetensors.torch import load_file
+
+from nanobooth.cli import main
+from nanobooth.core import step_scores
+
+# subject fidelity rises with every step while prompt fidelity falls: step 1 is the best within 10% of step 0
+SCORES = {0: (0.10, 1.00), 1: (0.50, 0.95), 2: (0.60, 0.50), 3: (0.70, 0.40), 4: (0.80, 0.30)}
+
+
+class FakeScorer:
+    """Returns SCORES of the steps it is told to expect, in order (one call per validation render)."""
+
+    kind = "fake"
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+
+    def __call__(self, pipe, rows):
+        s, p = SCORES[self.steps.pop(0)]
+        return {"subject_fidelity": s, "prompt_fidelity": p}
+
+
+def fake(monkeypatch, steps):
+    monkeypatch.setattr(step_scores, "build", lambda cfg, d, meta: FakeScorer(steps))
+
+
+def train(tiny_model, subject_dir, out, *extra, code=0):
+    args = train_args(tiny_model, subject_dir, out, "learning_rate=1e-3", "max_train_steps=4", "validation_prompts=[a sks dog]",
+                      "validation_steps=1", *extra)
+    assert main(["train", "dreambooth", *args]) == code
+    return out
+
+
+def unet(folder):
+    return load_file(next((folder / "unet").glob("*.safetensors")))
+
+
+def at_checkpoint(folder, step):
+    state = load_file(folder / "checkpoints" / f"checkpoint-{step:06d}" / "model.safetensors")
+    return {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+
+
+def test_scores_logged_plotted_and_the_best_step_published(tiny_model, subject_dir, tmp_path, monkeypatch):
+    fake(monkeypatch, [0, 1, 2, 3, 4])
+    out = train(tiny_model, subject_dir, tmp_path / "best", "keep_best=true", "checkpointing_steps=1")
+    lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    scored = {r["step"]: (r["subject_fidelity"], r["prompt_fidelity"]) for r in lines if "subject_fidelity" in r}
+    assert scored == SCORES  # every validation step, the base model (0) and the end (4) included
+    with Image.open(out / "validation_scores.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    record = json.loads((out / "keep_best.json").read_text())
+    assert record["kept_step"] == 1 and record["last_step"] == 4 and "0.9" in record["why"]
+    published = unet(out)
+    step1, step3 = at_checkpoint(out, 1), at_checkpoint(out, 3)
+    assert step1.keys() <= published.keys() and all(torch.equal(published[k], step1[k]) for k in step1)
+    assert any(not torch.equal(step1[k], step3[k]) for k in step1)  # training moved the weights after step 1
+    # without keep_best the last step is published, and scoring leaves training bit-identical to a run without it
+    fake(monkeypatch, [0, 1, 2, 3, 4])
+    last = unet(train(tiny_model, subject_dir, tmp_path / "last", "validation_scores=auto"))
+    assert (tmp_path / "last" / "validation_scores.png").is_file() and not (tmp_path / "last" / "keep_best.json").exists()
+    plain = unet(train(tiny_model, subject_dir, tmp_path / "plain"))
+    assert all(torch.equal(last[k], plain[k]) for k in plain)
+    assert any(not torch.equal(last[k], published[k]) for k in step1)
+
+
+def test_resume_keeps_the_best_step(tiny_model, subject_dir, tmp_path, monkeypatch):
+    fake(monkeypatch, [0, 1, 2, 3, 4])
+    full = train(tiny_model, subject_dir, tmp_path / "full", "keep_best=true", "checkpointing_steps=2")
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copy(full / "train_log.jsonl", part / "train_log.jsonl")  # as a stopped run leaves it (cut back to step 2)
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    assert (part / "checkpoints" / "checkpoint-000002" / "keep_best.safetensors").is_file()  # step 1's weights
+    fake(monkeypatch, [3, 4])  # the resumed run renders steps 3 and 4 only
+    train(tiny_model, subject_dir, part, "keep_best=true", "checkpointing_steps=2", "resume_from_checkpoint=latest")
+    assert json.loads((part / "keep_best.json").read_text())["kept_step"] == 1
+    assert [r["step"] for r in json.loads((part / "keep_best.json").read_text())["history"]] == [0, 1, 2, 3, 4]
+    a, b = unet(full), unet(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "subject_fidelity" in r] == [0, 1, 2, 3, 4]  # each step scored once, none redone
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["validation_prompts=[]"], "needs validation_prompts"),
+    (["validation_steps=0"], "0 < validation_steps < max_train_steps"),
+    (["validation_steps=4"], "0 < validation_steps < max_train_steps"),
+    (["validation_scores=real"], "no way to score"),
+])
+def test_keep_best_refused_in_one_line_before_anything_is_written(tiny_model, subject_dir, tmp_path, monkeypatch, capsys, extra, said):
+    monkeypatch.setattr(step_scores, "CLIP", str(tmp_path / "no-clip"))  # not loadable, whatever the hub cache holds
+    out = train(tiny_model, subject_dir, tmp_path / "r", "keep_best=true", *extra, code=2)
+    err = capsys.readouterr().err  # besides the model's loading bars: one line
+    lines = [ln for ln in err.splitlines() if "keep_best" in ln]
+    assert len(lines) == 1 and said in lines[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unloadable_scores_warn_once_and_train_on(tiny_model, subject_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(step_scores, "CLIP", str(tmp_path / "no-clip"))
+    out = train(tiny_model, subject_dir, tmp_path / "r", "validation_scores=real", "max_train_steps=2")
+    assert sum("not scored" in r.getMessage() for r in caplog.records) == 1
+    assert not any("subject_fidelity" in x for x in (out / "train_log.jsonl").read_text().splitlines())
+    assert (out / "unet").is_dir() and not (out / "validation_scores.png").exists()
+
+
+def test_the_real_toy_probe_scores_each_validation_step(tiny_model, subject_dir, tmp_path):
+    out = train(tiny_model, subject_dir, tmp_path / "toy", "validation_scores=toy", "max_train_steps=2")
+    scored = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if "subject_fidelity" in x]
+    assert [r["step"] for r in scored] == [0, 1, 2]
+    for r in scored:  # `nanobooth toy eval`'s numbers: a cosine and fractions
+        assert -1 <= r["subject_fidelity"] <= 1 and 0 <= r["prompt_fidelity"] <= 1 and 0 <= r["diversity"] <= 2
+
+
+def test_choose_rule():
+    rows = [{"step": s, "subject_fidelity": x, "prompt_fidelity": y} for s, (x, y) in SCORES.items()]
+    assert step_scores.choose(rows, 0.1)[0]["step"] == 1
+    assert step_scores.choose(rows, 0.55)[0]["step"] == 2  # floor 0.45: steps 1 and 2 within, 2 more like the subject
+    # none within: the highest prompt fidelity, and the reason says so
+    low = [rows[0]] + [{**r, "prompt_fidelity": r["prompt_fidelity"] / 2} for r in rows[1:]]
+    best, why = step_scores.choose(low, 0.1)
+    assert best["step"] == 1 and "no scored step" in why
+    assert step_scores.choose(rows[:1], 0.1)[0] is None  # the base model alone is never kept
