@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="render images from a base model and a run")
     g.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, toy, tiny)")
-    g.add_argument("--weights", help="a nanobooth run folder (full pipeline or LoRA)")
+    g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--num-images", type=int, default=4, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)

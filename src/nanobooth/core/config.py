@@ -96,20 +96,20 @@ class TrainConfig:
     """Longest bucket side in pixels; None: resolution * 2."""
 
     # --- optimisation --------------------------------------------------------------------------------
-    method: Literal["full", "lora", "dora", "lokr", "loha"] = "full"
-    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply); `lokr` (Kronecker product of two small factors) and `loha` (Hadamard product of two low-rank pairs) are LyCORIS's adapters, through peft (lora_rank, lora_alpha and the target keys apply; lora_dropout does not)."""
+    method: Literal["full", "lora", "dora", "lokr", "loha", "textual_inversion"] = "full"
+    """`full` fine-tunes all UNet weights; `lora` trains low-rank adapters and leaves the base weights untouched; `dora` is LoRA plus a trained magnitude per output feature (DoRA; the lora_* keys apply); `lokr` (Kronecker product of two small factors) and `loha` (Hadamard product of two low-rank pairs) are LyCORIS's adapters, through peft (lora_rank, lora_alpha and the target keys apply; lora_dropout does not); `textual_inversion` trains only new token embeddings for the identifier (no UNet or text-encoder weight changes; SD and SDXL; token_abstraction, num_new_tokens_per_abstraction and initializer_concept apply, as diffusers' placeholder_token, num_vectors and initializer_token)."""
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
     train_text_encoder_ti: bool = False
-    """Pivotal tuning (method=lora/dora): the identifier becomes new tokens whose embedding rows train with the adapters (textual inversion), diffusers' advanced DreamBooth flag; only those rows train."""
+    """Pivotal tuning (method=lora/dora): the identifier becomes new tokens whose embedding rows train with the adapters (textual inversion), diffusers' advanced DreamBooth flag; only those rows train. method=textual_inversion trains those rows alone (implied there; no pivot)."""
     token_abstraction: Optional[str] = None
-    """The identifier word that train_text_encoder_ti replaces with new tokens in every prompt. Default: the one word of instance_prompt that class_prompt lacks (`sks`)."""
+    """The identifier word that train_text_encoder_ti (or method=textual_inversion) replaces with new tokens in every prompt (diffusers' TI script: placeholder_token). Default: the one word of instance_prompt that class_prompt lacks (`sks`)."""
     num_new_tokens_per_abstraction: int = 2
-    """New tokens (`<s0><s1>`...) the identifier becomes with train_text_encoder_ti."""
+    """New tokens (`<s0><s1>`...) the identifier becomes with train_text_encoder_ti or method=textual_inversion (diffusers' TI script: num_vectors)."""
     initializer_concept: Optional[str] = None
-    """Words whose token embeddings start the new tokens (cycled over them). Default: the class noun, class_prompt's last word."""
+    """Words whose token embeddings start the new tokens (cycled over them; diffusers' TI script: initializer_token). Default: the class noun, class_prompt's last word."""
     train_text_encoder_ti_frac: float = 0.5
-    """Fraction of max_train_steps during which the new embeddings train (diffusers' pivot); the adapters train on to the end."""
+    """Fraction of max_train_steps during which the new embeddings train (diffusers' pivot); the adapters train on to the end. Not used by method=textual_inversion (the embeddings are all that trains)."""
     lora_rank: int = 4
     """LoRA rank r."""
     lora_alpha: Optional[float] = None
@@ -290,7 +290,10 @@ class TrainConfig:
                               "do not implement it); set lora_dropout=0")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"config key 'lokr_factor': must be -1 (near the square root) or >= 1, got {self.lokr_factor}")
-        if self.train_text_encoder_ti and self.method not in ("lora", "dora"):
+        if self.method == "textual_inversion" and self.train_text_encoder:
+            raise ConfigError("config key 'train_text_encoder': method=textual_inversion trains only the new token embeddings, "
+                              "no text-encoder weight; set train_text_encoder=false (or use method=lora with train_text_encoder_ti=true)")
+        if self.train_text_encoder_ti and self.method not in ("lora", "dora", "textual_inversion"):
             raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning trains new token embeddings beside adapters; "
                               f"use method=lora (or dora), not method={self.method}")
         if self.num_new_tokens_per_abstraction < 1:
@@ -312,6 +315,11 @@ class TrainConfig:
                               "(without it each block's saved activations keep its weights on the device); add gradient_checkpointing=true")
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
+
+    @property
+    def trains_embeddings(self) -> bool:
+        """New token embeddings train: pivotal tuning (train_text_encoder_ti) or method=textual_inversion."""
+        return self.train_text_encoder_ti or self.method == "textual_inversion"
 
     @property
     def effective_lora_alpha(self) -> float:

@@ -1,8 +1,9 @@
 """The run folder (`output_dir`): the names of everything a run leaves there, which result it holds, and
 its config read back.
 
-A finished run holds exactly one result: a LoRA (`pytorch_lora_weights.safetensors`) or a full
-diffusers pipeline (`model_index.json` + component folders). Every reader (generate, export, eval,
+A finished run holds exactly one result: a LoRA (`pytorch_lora_weights.safetensors`, with pivotal tuning's
+`<run>_emb.safetensors` beside it), a full diffusers pipeline (`model_index.json` + component folders), or
+textual inversion's `<run>_emb.safetensors` alone. Every reader (generate, export, eval,
 toy eval) asks `result_kind`, which refuses a folder holding both: that folder mixes two runs, and
 reading either half would silently render something nobody trained.
 
@@ -100,14 +101,18 @@ class RunFolderError(ModelError):
 
 # --- which result ----------------------------------------------------------------------------------------
 def result_kind(folder) -> str | None:
-    """'lora', 'full' or None (no finished result). Raises RunFolderError when the folder holds both: a
-    LoRA and a pipeline in one folder are two runs' outputs, and neither can be trusted to be the last."""
+    """'lora', 'full', 'textual_inversion' (an `*_emb.safetensors` alone: new token embeddings, no weights) or
+    None (no finished result). A LoRA with an embedding file is pivotal tuning ('lora'). Raises RunFolderError
+    when the folder holds a pipeline beside a LoRA or an embedding file: two runs' outputs, and neither can be
+    trusted to be the last."""
     folder = Path(folder)
     lora, full = (folder / LORA_FILE).is_file(), (folder / MODEL_INDEX).is_file()
-    if lora and full:
-        raise RunFolderError(f"'{folder}' holds two results, a LoRA ({LORA_FILE}) and a full pipeline ({MODEL_INDEX}): "
+    emb = next((p for p in sorted(folder.glob("*" + EMB_SUFFIX)) if p.is_file()), None) if folder.is_dir() else None
+    if full and (lora or emb):
+        other = f"a LoRA ({LORA_FILE})" if lora else f"token embeddings ({emb.name})"
+        raise RunFolderError(f"'{folder}' holds two results, {other} and a full pipeline ({MODEL_INDEX}): "
                              "it mixes two runs; retrain into an empty output_dir, or delete the result you do not want")
-    return "lora" if lora else "full" if full else None
+    return "lora" if lora else "full" if full else "textual_inversion" if emb else None
 
 
 def pipeline_parts(folder) -> list[Path]:

@@ -65,7 +65,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
     if not extra:
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
-    if cfg.train_text_encoder_ti:
+    if cfg.trains_embeddings:
         embeddings.identifier(cfg)  # refused now if the identifier cannot be found, before anything is written
     run_dir = Path(cfg.output_dir)
     if cfg.validation_images_dir:
@@ -156,6 +156,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if cfg.enable_bucket and cfg.bucket_reso_steps % step:
         raise ConfigError(f"config key 'bucket_reso_steps': {cfg.bucket_reso_steps} is not a multiple of {step}, which this "
                           f"model needs; use {-(-cfg.bucket_reso_steps // step) * step}")
+    if cfg.trains_embeddings:
+        embeddings.check_family(c.family, cfg)  # SD/SDXL only: refused before the run folder is made
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     if cfg.keep_best and accelerator.distributed_type == "FSDP":
         raise ConfigError("config key 'keep_best': not supported with FSDP (rank 0 holds only a shard of the weights to keep); "
@@ -206,10 +208,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     t_class = time.time() - t_class
 
     method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
-    te_trained = cfg.train_text_encoder or cfg.train_text_encoder_ti
+    te_trained = cfg.train_text_encoder or cfg.trains_embeddings
     method.attach(fam, unet, text_encoders, cfg)
-    # pivotal tuning: the identifier becomes new tokens, rewritten in every prompt (methods/embeddings.py)
-    tokens = embeddings.attach(fam, c.tokenizers, text_encoders, cfg) if cfg.train_text_encoder_ti else {}
+    # pivotal tuning / textual inversion: the identifier becomes new tokens, rewritten in every prompt (methods/embeddings.py)
+    tokens = embeddings.attach(fam, c.tokenizers, text_encoders, cfg) if cfg.trains_embeddings else {}
     # frozen weights in the compute dtype; trained weights (and LoRA params) stay fp32 for the optimizer.
     # VAEs flagged force_upcast (SDXL's) overflow in fp16, and with cached latents fp32 costs nothing.
     vae.to(dtype=torch.float32 if getattr(vae.config, "force_upcast", False) and not cfg.pretrained_vae_model_name_or_path else weight_dtype)
@@ -264,7 +266,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # FSDP swaps in sharded parameters (accelerate remaps the optimizer, not `groups`) and clips only a model's own list
     fsdp = accelerator.distributed_type == "FSDP"
     clipped = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad] if fsdp else [p for g in groups for p in g["params"]]
-    unet_fwd = torch.compile(wrapped["unet"]) if cfg.torch_compile else wrapped["unet"]
+    unet_fwd = wrapped.get("unet", unet)  # textual inversion trains no UNet weight: it is not wrapped
+    unet_fwd = torch.compile(unet_fwd) if cfg.torch_compile else unet_fwd
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
     # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
@@ -485,7 +488,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(clipped, cfg.max_grad_norm)
-                if cfg.train_text_encoder_ti:
+                if cfg.train_text_encoder_ti and cfg.method != "textual_inversion":  # TI: the rows are all that trains
                     embeddings.pivot(optimizer, step, cfg)  # the new rows stop after train_text_encoder_ti_frac
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Render images from a base model plus a nanobooth run (full pipeline folder or LoRA weights)."""
+"""Render images from a base model plus a nanobooth run (full pipeline folder, LoRA weights or token embeddings)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from ..methods import METHODS
 from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline
-from ..core.run_folder import LORA_FILE, load_run_config, result_kind
+from ..core.run_folder import EMB_SUFFIX, LORA_FILE, load_run_config, result_kind
 
 log = logging.getLogger("nanobooth")
 
 
 def load_run(model: str, weights: str | None = None, allow_pickle: bool = False, single_file_config: str | None = None,
              torch_dtype: torch.dtype | None = None):
-    """Base model plus the run's result: a full run is a pipeline folder itself; a LoRA run is loaded onto the base."""
+    """Base model plus the run's result: a full run is a pipeline folder itself; a LoRA run is loaded onto the base,
+    a textual-inversion run's embeddings into the base's tokenizers and text encoders (load_textual_inversion)."""
     if weights is None:
         return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     run = Path(weights)
@@ -31,7 +32,7 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
             kind = method_of_lora_file(run / LORA_FILE)
         return METHODS[kind]().load_for_inference(run, lambda: load_pipeline(
             model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype), torch_dtype)
-    raise ModelError(f"--weights '{weights}': no {LORA_FILE} or model_index.json there; pass a finished nanobooth run folder")
+    raise ModelError(f"--weights '{weights}': no {LORA_FILE}, model_index.json or *{EMB_SUFFIX} there; pass a finished nanobooth run folder")
 
 
 # Classifier-free guidance doubles these along the batch (unconditional half first); after the cutoff only

@@ -30,6 +30,9 @@
   `<out stem>_emb.safetensors`: for kohya/comfyui/single-file the embedding A1111 and ComfyUI load
   (`emb_params` for SD 1.x/2.x, `clip_l` + `clip_g` for SDXL; the prompt names it by its file name), for
   diffusers the run's own file (diffusers' advanced-script keys, for `load_textual_inversion`).
+- A textual-inversion run (`method=textual_inversion`) is its embedding file alone: kohya/comfyui write it at --out
+  in A1111's and ComfyUI's keys (as above), diffusers copies the run's own file; single-file is refused (no weight
+  changed: the checkpoint would be the base model).
 - single-file: one checkpoint in the original LDM/SGM layout (`model.diffusion_model.`,
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
   `from_single_file` read it. A LoRA run is fused into its base model first. A FLUX run gives its transformer
@@ -67,12 +70,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # --- reading a run ---------------------------------------------------------------------------------------
 
 def read_run(run_dir) -> tuple[str, dict]:
-    """('lora' | 'full', resolved config as a dict) of a finished run; any diffusers SD/SDXL folder counts as
+    """('lora' | 'full' | 'textual_inversion', resolved config as a dict) of a finished run; any diffusers SD/SDXL folder counts as
     full ({} when it has no config.yaml). A folder holding both a LoRA and a pipeline is refused."""
     run = Path(run_dir)
     kind = result_kind(run)
     if kind is None:
-        raise ExportError(f"RUN_DIR '{run_dir}' is not a finished nanobooth run (no {LORA_FILE} or model_index.json); "
+        raise ExportError(f"RUN_DIR '{run_dir}' is not a finished nanobooth run (no {LORA_FILE}, model_index.json or *{EMB_SUFFIX}); "
                           "pass the output_dir of a completed `nanobooth train`")
     cfg = load_run_config(run)
     return kind, ({} if cfg is None else cfg.to_dict())
@@ -385,6 +388,8 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
     if fmt not in FORMATS:
         raise ExportError(f"--format '{fmt}': choose one of {', '.join(FORMATS)}")
     kind, cfg = read_run(run)
+    if kind == "textual_inversion":
+        return _export_embedding(run, fmt, out, dtype, overwrite)
     if fmt in ("kohya", "comfyui") and kind != "lora":
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
@@ -457,6 +462,28 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         log.warning("the run's new tokens are in %s: put it in A1111's embeddings/ (or ComfyUI's models/embeddings/) and write "
                     "'%s' (ComfyUI: 'embedding:%s') where the run's prompts say '%s'", emb_out, emb_out.stem, emb_out.stem,
                     next(iter(embeddings.read(emb)[1]), "the identifier"))
+    return out
+
+
+def _export_embedding(run: Path, fmt: str, out: Path, dtype: str | None, overwrite: bool) -> Path:
+    """A textual-inversion run: its embedding file is the whole result. kohya/comfyui: A1111's and ComfyUI's
+    keys (embeddings.webui_tensors: `emb_params`, or SDXL's `clip_l` + `clip_g`, as kohya's TI scripts write
+    them); diffusers: the run's own file (load_textual_inversion). single-file is refused: no weight changed."""
+    if fmt == "single-file":
+        raise ExportError(f"RUN_DIR '{run}' is a textual-inversion run: it changes no model weight, so a checkpoint would be the "
+                          "base model unchanged; use --format kohya or comfyui (the A1111/ComfyUI embedding) or diffusers")
+    emb = embeddings.find(run)
+    _check_out(out, overwrite, folder=False)
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if fmt == "diffusers" and torch_dtype is None:
+        save_atomic(None, out, copy_from=emb)  # byte for byte, its token metadata kept
+    elif fmt == "diffusers":
+        tensors, meta = _load(emb, torch_dtype)
+        save_atomic(tensors, out, meta)
+    else:
+        save_atomic(_cast(embeddings.webui_tensors(emb), torch_dtype), out)
+        log.warning("put %s in A1111's embeddings/ (or ComfyUI's models/embeddings/) and write '%s' (ComfyUI: 'embedding:%s') "
+                    "where the run's prompts say '%s'", out, out.stem, out.stem, next(iter(embeddings.read(emb)[1]), "the identifier"))
     return out
 
 

@@ -6,7 +6,9 @@ from .full import Full
 from .loha import LoHa
 from .lokr import LoKr
 from .lora import LoRA
+from .textual_inversion import TextualInversion
 
-METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "dora": DoRA, "lokr": LoKr, "loha": LoHa}
+METHODS: dict[str, type[Method]] = {"full": Full, "lora": LoRA, "dora": DoRA, "lokr": LoKr, "loha": LoHa,
+                                  "textual_inversion": TextualInversion}
 
-__all__ = ["METHODS", "Method", "Full", "LoRA", "DoRA", "LoKr", "LoHa"]
+__all__ = ["METHODS", "Method", "Full", "LoRA", "DoRA", "LoKr", "LoHa", "TextualInversion"]

@@ -91,14 +91,27 @@ def trained_encoders(family, text_encoders: list) -> list[int]:
             if i < len(ENCODER_KEYS) and family.layers_read(i, te.config.num_hidden_layers)]
 
 
+def check_family(family, cfg) -> None:
+    """ConfigError unless the family is SD or SDXL: diffusers' SD3/FLUX pipelines have no load_textual_inversion
+    to read the embeddings back. train.py calls it as soon as the model loads, before the run folder is made."""
+    from ..core.config import ConfigError
+
+    if family.name in ("sd", "sdxl"):
+        return
+    if cfg.method == "textual_inversion":
+        raise ConfigError(f"config key 'method': textual_inversion is implemented for SD and SDXL, not {family.name}; "
+                          "use method=lora (or dora) for this model")
+    raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning is implemented for SD and SDXL, not {family.name}; "
+                      "set train_text_encoder_ti=false for this model")
+
+
 def attach(family, tokenizers: list, text_encoders: list, cfg) -> dict[str, str]:
     """Add the new tokens to each trained encoder's tokenizer and a NewTokenEmbedding to the encoder (rows
     from initializer_concept, cycled; draws no random numbers). Returns token_map(cfg). ConfigError for a
     token that already exists or an initializer the tokenizer cannot encode."""
     from ..core.config import ConfigError
 
-    if family.name not in ("sd", "sdxl"):  # diffusers' SD3/FLUX pipelines have no load_textual_inversion to read them back
-        raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning is implemented for SD and SDXL, not {family.name}")
+    check_family(family, cfg)
     toks, tmap = new_tokens(cfg), token_map(cfg)
     concept = cfg.initializer_concept or ((cfg.class_prompt or "").split() or [""])[-1]
     for i in trained_encoders(family, text_encoders):
