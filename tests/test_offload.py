@@ -144,3 +144,35 @@ def test_a_cpu_run_with_offload_says_it_has_no_effect_and_trains_the_same(tiny_f
     assert sum("offload_blocks=2 has no effect" in r.getMessage() for r in caplog.records) == 1
     a, b = (load_file(tmp_path / r / "pytorch_lora_weights.safetensors") for r in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_encoders_encode_before_the_transformer_reaches_the_device(tiny_flux_model, subject_dir, tmp_path, monkeypatch):
+    """Issue #21: frozen text encoders encode every prompt and go back to the CPU before the FLUX transformer is
+    placed, so T5 and the transformer are never on the accelerator together (it placed all models first).
+    One CPU here, so the order of the calls is what is checked: a recorder on Module.to and Flux.encode. train.py
+    moves a model to the accelerator with `accelerator.device` (a torch.device) and off it with "cpu" (a str)."""
+    from diffusers import FluxTransformer2DModel
+
+    from nanobooth.families.flux import Flux
+
+    events, to, encode = [], torch.nn.Module.to, Flux.encode
+
+    def recording_to(self, *args, **kwargs):
+        where = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        who = "transformer" if isinstance(self, FluxTransformer2DModel) else type(self).__name__
+        if where is not None and who in ("transformer", "CLIPTextModel", "T5EncoderModel"):
+            events.append((who, "on" if isinstance(where, torch.device) else where))
+        return to(self, *args, **kwargs)
+
+    def recording_encode(self, *args, **kwargs):
+        events.append(("encode", ""))
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    monkeypatch.setattr(Flux, "encode", recording_encode)
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, tmp_path / "run", "max_train_steps=1")]) == 0
+    transformer_on = events.index(("transformer", "on"))
+    encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
+    assert encodes and max(encodes) < transformer_on  # every prompt encoded before the transformer moves
+    for te in ("CLIPTextModel", "T5EncoderModel"):  # each encoder on the device to encode, then off it, then the transformer
+        assert events.index((te, "on")) < min(encodes) and max(encodes) < events.index((te, "cpu")) < transformer_on
