@@ -134,6 +134,25 @@ def test_offload_blocks_refusals(tiny_flux_model):
         BlockOffload(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2, "cpu")  # a UNet's place: no transformer_blocks
 
 
+def test_offload_refusal_names_every_fix_in_one_line(tiny_flux_model, tiny_model):
+    """Without gradient_checkpointing, with method=full and more blocks than a local model has: all three in one line
+    (it refused method=full, then gradient_checkpointing, then the block count only after the model loaded)."""
+    import json
+
+    blocks = json.loads((tiny_flux_model / "transformer" / "config.json").read_text())
+    blocks = blocks["num_layers"] + blocks["num_single_layers"]
+    with pytest.raises(ConfigError) as e:
+        load_config("flux/dreambooth-lora", {"model": str(tiny_flux_model), "offload_blocks": blocks + 5, "method": "full",
+                                             "gradient_checkpointing": False})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config key 'offload_blocks'")
+    assert "method=lora" in msg and "gradient_checkpointing=true" in msg and f"at most {blocks}" in msg
+    for fixed in ({"method": "lora", "gradient_checkpointing": True, "offload_blocks": blocks},):  # all three taken: accepted
+        assert load_config("flux/dreambooth-lora", {"model": str(tiny_flux_model), **fixed}).offload_blocks == blocks
+    with pytest.raises(ConfigError, match=r"this model has no transformer blocks.*use offload_blocks=0$"):  # a local UNet: said now
+        load_config("flux/dreambooth-lora", {"model": str(tiny_model), "offload_blocks": 2, "gradient_checkpointing": False})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")
 def test_a_cpu_run_with_offload_says_it_has_no_effect_and_trains_the_same(tiny_flux_model, subject_dir, tmp_path, caplog):
     extra = ["gradient_checkpointing=true", "learning_rate=1e-3", "max_train_steps=2"]
