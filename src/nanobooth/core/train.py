@@ -31,7 +31,7 @@ from .ema import EMA, EMA_FILE
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
-from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule
+from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule, step_size
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from ..methods import embeddings
@@ -537,7 +537,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if main:
             now = time.time()
             record = {"step": done, **{k: (None if math.isnan(v) else round(v, 6)) for k, v in sums.items()},
-                      "lr": lr_scheduler.get_last_lr()[0], "time": round(now - t0, 3)}
+                      "lr": step_size(optimizer, lr_scheduler), "time": round(now - t0, 3)}
             scores = score(done)  # after the Step event's numbers are fixed, before its line is written
             with log_path.open("a") as f:
                 f.write(json.dumps({**record, **validation_loss.log_keys(scores)}) + "\n")
