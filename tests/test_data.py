@@ -215,6 +215,26 @@ def test_masks_from_alpha_or_mask_file_follow_crop_and_flip(tmp_path, caplog):
     assert latent_masks(half, (1, 2)).flatten().tolist() == [0.5, 0.0]
 
 
+def test_masked_loss_with_no_mask_in_the_folder_is_refused_in_one_line_before_anything_is_written(tiny_model, subject_dir,
+                                                                                                   tmp_path, capsys):
+    """masked_loss=true on photos with neither NAME.mask.png nor alpha: one line naming the folder and the fixes, no run
+    folder (it warned per photo and trained unmasked)."""
+    from conftest import train_args
+
+    from nanobooth.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "toy/dreambooth-lora", *train_args(tiny_model, subject_dir, out, "masked_loss=true", "instance_prompt=a sks dog", "class_prompt=a dog")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"instance_data_dir={subject_dir}" in err and "Traceback" not in err
+    assert "NAME.mask.png" in err and "alpha channel" in err and "masked_loss=false" in err
+    assert not out.exists()
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")  # one mask of two is enough: the other photo warns and trains unmasked
+    Image.new("RGB", (32, 32)).save(tmp_path / "b.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "b.mask.png")
+    assert ImageSet.from_folder(tmp_path, "p", 32, "instance_data_dir", masks=True).masks[0] is None
+
+
 def test_a_mask_of_another_size_names_the_file(tmp_path):
     from nanobooth.core.data import mask_of
 

@@ -63,3 +63,34 @@ def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, cap
     second = capsys.readouterr().out
     assert "class images ~25 s" in first  # 50 images x 25 steps x 2 forwards x 0.01 s
     assert "class images ~0 s" in second
+
+
+def test_demo_rerun_writes_a_fresh_folder_and_keeps_the_first(tmp_path, monkeypatch, capsys):
+    """A second `nanobooth demo --out X` writes X-2 and leaves X's subject, run and scores as they were
+    (it retrained into X/run with overwrite=true, deleting the first run)."""
+    import nanobooth.core.train as core_train
+    import nanobooth.demo as demo_mod
+    import nanobooth.toy.evaluate as toy_evaluate
+
+    monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda: 0.01)
+    monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
+    runs = []
+
+    def fake_train(cfg):  # stands for a run: refuses a non-empty output_dir unless overwrite, then writes weights
+        out = Path(cfg.output_dir)
+        assert not cfg.overwrite and not out.exists()
+        out.mkdir(parents=True)
+        (out / "pytorch_lora_weights.safetensors").write_text(f"run {len(runs)}")
+        runs.append(out)
+        return out
+
+    monkeypatch.setattr(core_train, "train", fake_train)
+    first = demo_mod.demo(str(tmp_path / "demo"))
+    second = demo_mod.demo(str(tmp_path / "demo"))
+    assert first == tmp_path / "demo" / "run" and second == tmp_path / "demo-2" / "run"
+    assert (first / "pytorch_lora_weights.safetensors").read_text() == "run 0"
+    assert (second / "pytorch_lora_weights.safetensors").read_text() == "run 1"
+    assert f"this one writes to {tmp_path / 'demo-2'}" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()  # an empty folder is used as it is
+    assert demo_mod.fresh_folder(tmp_path / "empty") == tmp_path / "empty"

@@ -134,6 +134,25 @@ def test_offload_blocks_refusals(tiny_flux_model):
         BlockOffload(torch.nn.Sequential(torch.nn.Linear(2, 2)), 2, "cpu")  # a UNet's place: no transformer_blocks
 
 
+def test_offload_refusal_names_every_fix_in_one_line(tiny_flux_model, tiny_model):
+    """Without gradient_checkpointing, with method=full and more blocks than a local model has: all three in one line
+    (it refused method=full, then gradient_checkpointing, then the block count only after the model loaded)."""
+    import json
+
+    blocks = json.loads((tiny_flux_model / "transformer" / "config.json").read_text())
+    blocks = blocks["num_layers"] + blocks["num_single_layers"]
+    with pytest.raises(ConfigError) as e:
+        load_config("flux/dreambooth-lora", {"model": str(tiny_flux_model), "offload_blocks": blocks + 5, "method": "full",
+                                             "gradient_checkpointing": False})
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("config key 'offload_blocks'")
+    assert "method=lora" in msg and "gradient_checkpointing=true" in msg and f"at most {blocks}" in msg
+    for fixed in ({"method": "lora", "gradient_checkpointing": True, "offload_blocks": blocks},):  # all three taken: accepted
+        assert load_config("flux/dreambooth-lora", {"model": str(tiny_flux_model), **fixed}).offload_blocks == blocks
+    with pytest.raises(ConfigError, match=r"this model has no transformer blocks.*use offload_blocks=0$"):  # a local UNet: said now
+        load_config("flux/dreambooth-lora", {"model": str(tiny_model), "offload_blocks": 2, "gradient_checkpointing": False})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU message")
 def test_a_cpu_run_with_offload_says_it_has_no_effect_and_trains_the_same(tiny_flux_model, subject_dir, tmp_path, caplog):
     extra = ["gradient_checkpointing=true", "learning_rate=1e-3", "max_train_steps=2"]
@@ -144,3 +163,35 @@ def test_a_cpu_run_with_offload_says_it_has_no_effect_and_trains_the_same(tiny_f
     assert sum("offload_blocks=2 has no effect" in r.getMessage() for r in caplog.records) == 1
     a, b = (load_file(tmp_path / r / "pytorch_lora_weights.safetensors") for r in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_encoders_encode_before_the_transformer_reaches_the_device(tiny_flux_model, subject_dir, tmp_path, monkeypatch):
+    """Issue #21: frozen text encoders encode every prompt and go back to the CPU before the FLUX transformer is
+    placed, so T5 and the transformer are never on the accelerator together (it placed all models first).
+    One CPU here, so the order of the calls is what is checked: a recorder on Module.to and Flux.encode. train.py
+    moves a model to the accelerator with `accelerator.device` (a torch.device) and off it with "cpu" (a str)."""
+    from diffusers import FluxTransformer2DModel
+
+    from nanobooth.families.flux import Flux
+
+    events, to, encode = [], torch.nn.Module.to, Flux.encode
+
+    def recording_to(self, *args, **kwargs):
+        where = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        who = "transformer" if isinstance(self, FluxTransformer2DModel) else type(self).__name__
+        if where is not None and who in ("transformer", "CLIPTextModel", "T5EncoderModel"):
+            events.append((who, "on" if isinstance(where, torch.device) else where))
+        return to(self, *args, **kwargs)
+
+    def recording_encode(self, *args, **kwargs):
+        events.append(("encode", ""))
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", recording_to)
+    monkeypatch.setattr(Flux, "encode", recording_encode)
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, tmp_path / "run", "max_train_steps=1")]) == 0
+    transformer_on = events.index(("transformer", "on"))
+    encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
+    assert encodes and max(encodes) < transformer_on  # every prompt encoded before the transformer moves
+    for te in ("CLIPTextModel", "T5EncoderModel"):  # each encoder on the device to encode, then off it, then the transformer
+        assert events.index((te, "on")) < min(encodes) and max(encodes) < events.index((te, "cpu")) < transformer_on

@@ -81,6 +81,16 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+def fresh_folder(out: Path) -> Path:
+    """`out` if it is missing or empty, else the first missing or empty `out-2`, `out-3`, ...: a rerun never
+    overwrites an earlier demo's subject, run or scores."""
+    candidate, n = out, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = out.with_name(f"{out.name}-{n}")
+    return candidate
+
+
 def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
     from .core.threads import apply_threads
     from .toy import world
@@ -88,14 +98,16 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     from .core.train import train
 
     threads = apply_threads(threads)  # measured once: training and the estimate below use the same count
-    out_dir = Path(out)
+    out_dir = fresh_folder(Path(out))
+    if out_dir != Path(out):
+        print(f"demo: {out} holds an earlier demo (kept); this one writes to {out_dir}", flush=True)
     t0 = time.time()
     noun = world.make_subject(subject_seed).class_noun
     prompts = [f"a photo of a sks {noun}", f"a photo of a sks {noun} on the beach", f"a photo of a sks {noun} in the snow",
                f"a photo of a {noun}"]
     subject = out_dir / "subject"
     overrides = {"instance_data_dir": str(subject), "output_dir": str(out_dir / "run"), "validation_prompts": prompts,
-                 "overwrite": True, "num_threads": threads}
+                 "num_threads": threads}
     if steps:
         overrides["max_train_steps"] = steps
     cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)

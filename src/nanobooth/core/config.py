@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config_checks import _nearest_multiples, check_mixed_precision, check_resolution, check_resolution_before_loading  # noqa: F401 (importable from here)
+from .config_checks import _nearest_multiples, check_mixed_precision, check_offload, check_resolution, check_resolution_before_loading, local_denoiser_blocks  # noqa: F401 (importable from here)
 from .config_values import _check_type, _is_guidance_fraction, _type_name, _wants_str, guidance_fraction  # noqa: F401
 from .errors import ConfigError  # noqa: F401 (importable from here)
 
@@ -304,15 +304,8 @@ class TrainConfig:
             # the fixed triples stack every photo's latents in one tensor; buckets give them different shapes
             raise ConfigError("config key 'validation_loss_steps': the validation loss does not support enable_bucket=true yet; "
                               "set validation_loss_steps=0 or enable_bucket=false")
-        if self.offload_blocks < 0:
-            raise ConfigError(f"config key 'offload_blocks': must be >= 0 (0 = off), got {self.offload_blocks}")
-        if self.offload_blocks and self.method == "full":
-            raise ConfigError("config key 'offload_blocks': offloads frozen block weights, but method=full trains every weight; "
-                              "use method=lora (or dora), or offload_blocks=0")
-        if self.offload_blocks and not self.gradient_checkpointing:
-            # autograd keeps what it saved for backward (views of each weight) on the device until the backward pass
-            raise ConfigError("config key 'offload_blocks': frees accelerator memory only with gradient_checkpointing=true "
-                              "(without it each block's saved activations keep its weights on the device); add gradient_checkpointing=true")
+        if self.offload_blocks:
+            check_offload(self, local_denoiser_blocks(self))
         if self.with_prior_preservation and self.num_class_images < 1:
             raise ConfigError("config key 'num_class_images': must be >= 1 with with_prior_preservation=true")
 

@@ -54,6 +54,41 @@ def check_resolution_before_loading(cfg: "TrainConfig") -> None:
         check_resolution(cfg.resolution, vae_cfg, den_cfg)
 
 
+def local_denoiser_blocks(cfg: "TrainConfig") -> int | None:
+    """The transformer blocks of a local diffusers folder's (or the toy model's) denoiser, read from its
+    config.json: FLUX's num_layers + num_single_layers, SD3's num_layers, 0 for a UNet; None when unknown
+    before loading (hub ids, single files, an unreadable config)."""
+    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
+    if (folder / "unet" / "config.json").is_file():
+        return 0
+    try:
+        den = json.loads((folder / "transformer" / "config.json").read_text())
+        return int(den["num_layers"]) + int(den.get("num_single_layers", 0))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def check_offload(cfg: "TrainConfig", blocks: int | None = None) -> None:
+    """Every offload_blocks problem in one ConfigError line (a user fixing one met the next), with the model's
+    transformer block count `blocks` when known (None: checked again once it loads, core/offload.py)."""
+    n = cfg.offload_blocks
+    if n < 0:
+        raise ConfigError(f"config key 'offload_blocks': must be >= 0 (0 = off), got {n}")
+    if blocks == 0:  # nothing else matters: there is nothing to offload
+        raise ConfigError("config key 'offload_blocks': this model has no transformer blocks (SD and SDXL's UNets have "
+                          "none; offload_blocks is for SD3/FLUX); use offload_blocks=0")
+    fixes = []
+    if cfg.method == "full":
+        fixes.append("method=lora or dora (it offloads frozen block weights; method=full trains every weight)")
+    if not cfg.gradient_checkpointing:
+        # autograd keeps what it saved for backward (views of each weight) on the device until the backward pass
+        fixes.append("gradient_checkpointing=true (without it each block's saved activations keep its weights on the device)")
+    if blocks is not None and n > blocks:
+        fixes.append(f"offload_blocks at most {blocks} ({n} asked, but this model has {blocks} transformer blocks)")
+    if fixes:
+        raise ConfigError(f"config key 'offload_blocks': offload_blocks={n} needs " + ", and ".join(fixes) + "; or use offload_blocks=0")
+
+
 def _nearest_multiples(resolution: int, step: int) -> str:
     """'512 or 576': the multiples of `step` either side of `resolution` (only the upper one below `step`)."""
     lower, upper = resolution // step * step, (resolution // step + 1) * step

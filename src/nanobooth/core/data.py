@@ -277,7 +277,8 @@ class ImageSet:
     def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None,
                     captions: bool = False, masks: bool = False, buckets: list[tuple[int, int]] | None = None) -> "ImageSet":
         """captions: read each image's `.txt` caption (caption_of), falling back to `prompt`. masks: read each
-        image's loss mask (mask_of); an image without one trains unmasked, with a warning naming it.
+        image's loss mask (mask_of); an image without one trains unmasked, with a warning naming it; DataError
+        when no image has one.
         buckets: (w, h) sizes (buckets.bucket_sizes); each image is resized to cover its nearest one."""
         from .buckets import cover_size, nearest_bucket
 
@@ -291,9 +292,12 @@ class ImageSet:
 
         mask_list = None
         if masks:
-            mask_list = []
-            for p in list_images(folder, key)[:limit]:
-                m = mask_of(p)
+            mask_list, paths = [], list_images(folder, key)[:limit]
+            found = [mask_of(p) for p in paths]
+            if all(m is None for m in found):  # every photo would train unmasked: the key asks for nothing this folder has
+                raise DataError(f"{key}={folder}: masked_loss=true but no photo here has a mask; add NAME{MASK_SUFFIX}.png beside "
+                                "NAME.jpg (white = subject) or an alpha channel to the photos, or set masked_loss=false")
+            for p, m in zip(paths, found):
                 if m is None:
                     log.warning("%s: masked_loss=true but this photo has no alpha channel and no %s%s.png beside it; "
                                 "it trains unmasked", p, p.stem, MASK_SUFFIX)

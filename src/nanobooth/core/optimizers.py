@@ -84,6 +84,16 @@ def make_schedule(cfg, optimizer):
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=cfg.max_train_steps)
 
 
+def step_size(optimizer, lr_scheduler) -> float:
+    """The learning rate the last update used, as logged (train_log.jsonl `lr`, the progress line, trackers):
+    the schedule's lr, times Prodigy's own estimate d for Prodigy, whose lr is only a multiplier (kohya's
+    `lr/d*lr`); logging the multiplier showed `lr 1.0` for every run."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    group = inner.param_groups[0]
+    lr = lr_scheduler.get_last_lr()[0]
+    return float(group["d"] * lr) if "d" in group else lr
+
+
 def _schedule_free(optimizer) -> bool:
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
     return bool(inner.param_groups) and "train_mode" in inner.param_groups[0]

@@ -32,12 +32,12 @@ from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: impor
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
-from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule
+from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule, step_size
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from ..methods import embeddings
 from .models import apply_tome, load_components, make_pipeline
-from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images
+from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
 from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
@@ -182,9 +182,18 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
         vae = c.vae = c.components["vae"] = AutoencoderKL.from_pretrained(cfg.pretrained_vae_model_name_or_path)
     apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
+    # The denoiser reaches the device only after the frozen text encoders have encoded every prompt and gone back
+    # to the CPU (issue #21: FLUX's T5-XXL beside the transformer was the run's peak). Sooner only where it must be:
+    # nf4 quantizes on the move to CUDA, before adapters are attached; class images to make need the whole pipeline.
+    def place_denoiser() -> None:  # again after attach: peft's new adapters (made on the CPU) go to the device too
+        offload.place(unet) if offload else unet.to(device)
+
     for m in (vae, *text_encoders, unet):
         m.requires_grad_(False)
-        offload.place(m) if offload and m is unet else m.to(device)
+    for m in (vae, *text_encoders):
+        m.to(device)
+    if cfg.base_quantization == "nf4":
+        place_denoiser()
 
     # --- class images (before any adapter exists: they must come from the base model) -------------------
     prior = cfg.with_prior_preservation
@@ -197,6 +206,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 stop.stop_during_setup()
 
         if main:
+            if missing_indices(class_dir, cfg.num_class_images):
+                place_denoiser()
             pipe = make_pipeline(c)
             with accelerator.autocast():
                 made = generate_class_images(pipe, class_dir, cfg.class_prompt, cfg.num_class_images, cfg.seed, cfg.sample_batch_size,
@@ -219,8 +230,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         for p in m.parameters():
             if p.is_floating_point():  # not bitsandbytes' packed nf4 bytes
                 p.data = p.data.float() if p.requires_grad else p.data.to(weight_dtype)
-    if offload:
-        offload.place(unet)  # the adapters peft made beside offloaded weights (in CPU memory) go to the device
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in text_encoders if te_trained else []:
@@ -250,6 +259,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     idle = ([vae] if cache and not te_trained else []) + ([] if te_trained else text_encoders)
     for m in idle:
         m.to("cpu")
+    place_denoiser()
 
     # --- optimizer and schedule -------------------------------------------------------------------------------
     scale = cfg.train_batch_size * cfg.gradient_accumulation_steps * world if cfg.scale_lr else 1
@@ -504,7 +514,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         if main:
             now = time.time()
             record = {"step": done, **{k: (None if math.isnan(v) else round(v, 6)) for k, v in sums.items()},
-                      "lr": lr_scheduler.get_last_lr()[0], "time": round(now - t0, 3)}
+                      "lr": step_size(optimizer, lr_scheduler), "time": round(now - t0, 3)}
             scores = score(done)  # after the Step event's numbers are fixed, before its line is written
             with log_path.open("a") as f:
                 f.write(json.dumps({**record, **validation_loss.log_keys(scores)}) + "\n")
