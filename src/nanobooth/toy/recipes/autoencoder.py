@@ -33,6 +33,7 @@ from nanobooth.toy.recipes.ckpt import add_time, load_optimizer, lr_at, save_opt
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 SUBJECT_SEED0 = 1_000_000  # subjects used for the VAE only; test/demo subjects use small seeds
+HELD_APART = 512  # the last scenes, kept out of stages 1b-1d's batches for the recon figure and scaling_factor
 
 
 def make_vae(factor: int = 4):
@@ -71,9 +72,9 @@ def load_vae_ckpt(ck: Path, vae, opt, what: str) -> int:
 
 
 def held_apart_recon(vae, imgs: np.ndarray, seed: int) -> tuple[torch.Tensor, float]:
-    """Latents of the last 512 images (never in stages 1b-1d's training batches) and their reconstruction MSE."""
+    """Latents of the last HELD_APART images (never in stages 1b-1d's training batches) and their reconstruction MSE."""
     with torch.no_grad():
-        x = to_tensor(imgs[-512:])
+        x = to_tensor(imgs[-HELD_APART:])
         z = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(seed))
         return z, F.mse_loss(vae.decode(z).sample, x).item()
 
@@ -214,7 +215,7 @@ def _refine(out: Path, stage: Stage, src: str, imgs: np.ndarray, specs, seed: in
     if n_sub:
         sub_imgs, sub_geo = subject_pool(n_subjects)
     geo = np.zeros((len(imgs), 3), np.float32) if specs is None else np.asarray([(s.x, s.y, s.size) for s in specs], np.float32)
-    n = len(imgs) - 512  # the last 512 stay held apart for the recon figure
+    n = len(imgs) - HELD_APART  # the last ones stay held apart for the recon figure
     key = what.replace("-", "_")
     t0 = last = time.time()
     bar = tqdm(total=steps, initial=step, desc=what, mininterval=15)

@@ -364,7 +364,7 @@ def main(argv=None):
     write_json(out / f"args_{a.stage}.json", vars(a))
     imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
     # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
-    # backdrop), which also keeps their held-apart recon images (the last 512) scenes
+    # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
     scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
     vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
     vae.eval().requires_grad_(False)
