@@ -196,8 +196,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     main = emit.main = accelerator.is_main_process  # callbacks run on the main process only
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
     inputs = input_record(cfg, run_dir) if resume else None  # hashed once: checked here, recorded in checkpoints
+    resume_step = 0
     if resume:  # refused here, before anything is written
-        ckpt.check_resume(resume, cfg.max_train_steps, inputs)
+        resume_step = ckpt.check_resume(resume, cfg.max_train_steps, inputs)
         check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -219,7 +220,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
-    if tracker := trackers.start(accelerator, cfg):  # report_to: one more events callback (trackers.py)
+    if tracker := trackers.start(accelerator, cfg, resume_step):  # report_to: one more events callback (trackers.py)
         emit.callbacks.append(tracker)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE
