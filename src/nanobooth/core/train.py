@@ -25,12 +25,13 @@ from . import checkpoint as ckpt
 from . import prior
 from . import trackers, validation_loss
 from .buckets import bucket_sizes, make_sampler
-from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
-from .data import ImageSet, drop_captions, image_paths, latent_masks, mask_path, read_subject_meta, resolve_data_dir
+from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
+from .data import ImageSet, drop_captions, image_paths, latent_masks, mask_path, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
+from .prechecks import check_train_input
 from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule, step_size
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
@@ -39,7 +40,7 @@ from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
+from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, class_cache_provenance, class_images_dir,
                          clear_outputs, make_readable)
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
@@ -57,8 +58,8 @@ def class_provenance(cfg: TrainConfig) -> dict:
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     """Check everything a user can get wrong before anything is written or any model is loaded:
     prompts (filled from subject.json), the subject photos, and the output folder."""
+    check_train_input(cfg)  # the CLI's and the UI's pre-checks (prechecks.py), for library callers; fills the prompts
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
         log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
@@ -71,7 +72,6 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
         resolve_data_dir(cfg.validation_images_dir, "validation_images_dir")
     check_optimizer(cfg)
     trackers.check_trackers(cfg)
-    check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
     if buckets == []:
         raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
