@@ -113,3 +113,30 @@ def test_resume_on_quantized_base_is_bit_exact(tiny_flux_model, subject_dir, tmp
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     la = [json.loads(x)["loss"] for x in (full / "train_log.jsonl").read_text().splitlines()[2:]]
     assert la == [json.loads(x)["loss"] for x in (part / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["lokr", "loha"])
+def test_lycoris_on_an_int8_base_trains_with_the_base_frozen(method, tiny_flux_model, subject_dir, tmp_path, monkeypatch):
+    """LoKr and LoHa (bf16) wrap quanto's int8 layers like LoRA does: the quantized base stays bit for bit, only the adapters
+    train, and the fixed-noise validation loss falls."""
+    seen = {}
+
+    def spy(unet, cfg, dtype, device):
+        quantize.quantize_base(unet, cfg, dtype, device)
+        seen["unet"], seen["before"] = unet, _quantized(unet)
+
+    monkeypatch.setattr(train_mod, "quantize_base", spy)
+    out = tmp_path / "run"
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, out, f"method={method}",
+                                                               "base_quantization=int8", "learning_rate=1e-2", "max_train_steps=8",
+                                                               "validation_loss_steps=8", "mixed_precision=bf16")]) == 0
+    before, unet = seen["before"], seen["unet"]
+    after = _quantized(unet)
+    assert before and {n.replace(".base_layer", "") for n in after} == set(before)
+    for n, (data, scale) in after.items():
+        b = before[n.replace(".base_layer", "")]
+        assert torch.equal(data, b[0]) and torch.equal(scale, b[1]), n
+    trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trained and all(("lokr_" if method == "lokr" else "hada_") in n for n in trained)
+    val = [r["val_loss"] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < 0.99 * val[0], val  # the fixed-noise loss, steps 0 and 8

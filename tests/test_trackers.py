@@ -64,3 +64,30 @@ def test_validation_scores_reach_the_trackers():
     acc = Acc()
     TrackerCallback(acc)(ValidationScores(4, {"subject_fidelity": 0.5, "prompt_fidelity": 0.9}))
     assert acc.logged == [(4, {"val_subject_fidelity": 0.5, "val_prompt_fidelity": 0.9})]
+def test_a_resumed_run_logs_each_step_once_in_tensorboard(tiny_model, subject_dir, tmp_path):
+    """Resumed from step 2 of 4, the run's folder holds the first run's events for steps 1-4 and the resumed run's
+    for 3-4: TensorBoard reads each step once, the resumed value (purge_step; it showed 3 and 4 twice)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = ["report_to=tensorboard", "max_train_steps=4", "checkpointing_steps=2"]
+    full = tmp_path / "full"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, full, *extra)]) == 0
+    part = tmp_path / "part"  # a run stopped after step 4's logs, its newest checkpoint step 2
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    shutil.copytree(full / "logs", part / "logs")
+    (part / "train_log.jsonl").write_text("".join(ln + "\n" for ln in (full / "train_log.jsonl").read_text().splitlines()))
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")]) == 0
+    runs = [d for d in (part / "logs").iterdir() if d.is_dir() and any(d.glob("events.out.tfevents.*"))]
+    scalars = {}
+    for d in runs:
+        if len(list(d.glob("events.out.tfevents.*"))) == 2:  # the run's folder: both runs' event files
+            ea = EventAccumulator(str(d), size_guidance={"scalars": 0})
+            ea.Reload()
+            scalars = {e.step: e.value for e in ea.Scalars("loss")} | {"steps": [e.step for e in ea.Scalars("loss")]}
+    assert scalars["steps"] == [1, 2, 3, 4]
+    log = [json.loads(x) for x in (part / "train_log.jsonl").read_text().splitlines()]
+    assert [scalars[r["step"]] for r in log] == pytest.approx([r["loss"] for r in log], abs=1e-6)

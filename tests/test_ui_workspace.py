@@ -28,6 +28,21 @@ def test_uploads_are_checked_by_content_and_size_and_never_keep_their_names(tmp_
     assert sorted(p.name for p in folder.iterdir()) == ["photo-00.png", "photo-01.png"]
 
 
+def test_the_ui_and_the_training_log_warn_a_small_photo_in_the_same_words(tmp_path, caplog):
+    """One function says it (data.upscale_warning): the UI's note is the CLI's log line without the path (they
+    were two texts, '; it will be upscaled' and ': upscaled', kept apart by hand)."""
+    import logging
+
+    from nanobooth.core.data import load_folder
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 90)).save(small)
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        load_folder(tmp_path, 64)
+    [note] = W.photo_warnings(small, 64)
+    assert [r.getMessage() for r in caplog.records if "smaller" in r.getMessage()] == [f"{small}: {note}"]
+
+
 def test_photo_warnings_name_small_rotated_cmyk_and_unreadable_photos(tmp_path):
     ok = tmp_path / "ok.jpg"
     Image.new("RGB", (96, 96)).save(ok)

@@ -56,22 +56,10 @@ def cmd_train(args) -> None:
 
 def check_train_input(cfg) -> None:
     """The one-line refusals a train command can meet, before the training stack loads (the UI calls it too);
-    fills empty prompts from subject.json."""
-    from .core.config import check_resolution_before_loading, fill_prompts
-    from .core.data import check_images, read_subject_meta, resolve_data_dir
-    from .core.run_folder import check_output_dir, check_resume_request
+    fills empty prompts from subject.json. One place, core/prechecks.py: train() runs the same checks."""
+    from .core.prechecks import check_train_input as check
 
-    # what a user can get wrong in folders and prompts, checked before the training stack loads (train checks
-    # it again for library callers): the photo folders and photos, the prompts subject.json fills, the output
-    # folder and the resume it asks for, and the resolution a local model can render
-    instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    check_images(instance_dir)
-    if cfg.with_prior_preservation and cfg.class_data_dir:
-        resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
-    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
-    check_output_dir(cfg)
-    check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
-    check_resolution_before_loading(cfg)
+    check(cfg)
 
 
 def cmd_generate(args) -> None:

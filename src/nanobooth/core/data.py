@@ -215,13 +215,21 @@ def drop_captions(prompts: list[str], p: float, generator: torch.Generator) -> l
     return ["" if d else q for q, d in zip(prompts, drop)]
 
 
+def upscale_warning(size: tuple[int, int], resolution: int) -> str | None:
+    """The warning for a photo of `size` (w, h) pixels trained at `resolution`, or None: the CLI's log line
+    and the UI's photo note say the same."""
+    if min(size) >= resolution:
+        return None
+    return f"{size[0]}x{size[1]} is smaller than resolution {resolution}: upscaled (blurry)"
+
+
 def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir", limit: int | None = None) -> list[Image.Image]:
     """The folder's images (the first `limit` by file name when given), upright and RGB."""
     images = []
     for p in list_images(folder, key)[:limit]:
         img = load_image(p)
-        if min(img.size) < resolution:
-            log.warning("%s: %dx%d is smaller than resolution %d; it will be upscaled (blurry)", p, *img.size, resolution)
+        if warning := upscale_warning(img.size, resolution):
+            log.warning("%s: %s", p, warning)
         images.append(img)
     return images
 

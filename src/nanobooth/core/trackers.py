@@ -49,11 +49,14 @@ def _hparams(cfg) -> dict:
     return out
 
 
-def start(accelerator, cfg):
-    """Start the trackers (after the run folder exists) and return the callback that feeds them; None for none."""
+def start(accelerator, cfg, resume_step: int = 0):
+    """Start the trackers (after the run folder exists) and return the callback that feeds them; None for none.
+    `resume_step`: the checkpoint's step a resumed run starts from. TensorBoard then hides what the earlier
+    run logged after it (purge_step), which the resumed run logs again: one value per step, not two."""
     if cfg.report_to == "none":
         return None
-    accelerator.init_trackers(PROJECT, config=_hparams(cfg))
+    init = {"tensorboard": {"purge_step": resume_step + 1}} if resume_step and cfg.report_to == "tensorboard" else {}
+    accelerator.init_trackers(PROJECT, config=_hparams(cfg), init_kwargs=init)
     return TrackerCallback(accelerator)
 
 

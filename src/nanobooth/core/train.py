@@ -25,13 +25,14 @@ from . import checkpoint as ckpt
 from . import prior
 from . import step_scores, trackers, validation_loss
 from .buckets import bucket_sizes, make_sampler
-from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, fill_prompts, save_config
+from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import ImageSet, drop_captions, image_paths, mask_path, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: importable from here)
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
+from .prechecks import check_train_input
 from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule, step_size
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
@@ -40,7 +41,7 @@ from .models import apply_tome, load_components, make_pipeline
 from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, check_output_dir, class_cache_provenance, class_images_dir,
+from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, class_cache_provenance, class_images_dir,
                          clear_outputs, make_readable)
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
@@ -58,8 +59,8 @@ def class_provenance(cfg: TrainConfig) -> dict:
 def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     """Check everything a user can get wrong before anything is written or any model is loaded:
     prompts (filled from subject.json), the subject photos, and the output folder."""
+    check_train_input(cfg)  # the CLI's and the UI's pre-checks (prechecks.py), for library callers; fills the prompts
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
         log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
     extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
@@ -73,7 +74,6 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     check_optimizer(cfg)
     step_scores.check(cfg)  # keep_best without validation steps: refused here
     trackers.check_trackers(cfg)
-    check_output_dir(cfg)  # the CLI ran it already, before the heavy imports
     buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
     if buckets == []:
         raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
@@ -143,8 +143,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     main = emit.main = accelerator.is_main_process  # callbacks run on the main process only
     resume = ckpt.resolve_resume(run_dir, cfg.resume_from_checkpoint)
     inputs = input_record(cfg, run_dir) if resume else None  # hashed once: checked here, recorded in checkpoints
+    resume_step = 0
     if resume:  # refused here, before anything is written
-        ckpt.check_resume(resume, cfg.max_train_steps, inputs)
+        resume_step = ckpt.check_resume(resume, cfg.max_train_steps, inputs)
         check_finished(run_dir, cfg.max_train_steps)
     set_seed(cfg.seed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -174,7 +175,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             clear_outputs(run_dir)  # every output of the earlier run, whatever its kind; class images stay
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG)
-    if tracker := trackers.start(accelerator, cfg):  # report_to: one more events callback (trackers.py)
+    if tracker := trackers.start(accelerator, cfg, resume_step):  # report_to: one more events callback (trackers.py)
         emit.callbacks.append(tracker)
     fam, vae, text_encoders, unet = c.family, c.vae, c.text_encoders, c.unet
     if cfg.pretrained_vae_model_name_or_path:  # e.g. SDXL's fp16-fixed VAE

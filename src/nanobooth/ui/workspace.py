@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.config import ConfigError
-from ..core.data import DataError, image_paths, load_image, read_subject_meta
+from ..core.data import DataError, image_paths, load_image, read_subject_meta, upscale_warning
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MIN_PHOTOS, MAX_PHOTOS = 3, 20
@@ -131,8 +131,8 @@ def photo_warnings(path: Path, resolution: int) -> list[str]:
     except Exception as e:  # noqa: BLE001 - PIL on a header load_image got past
         return [f"{path}: cannot read this image ({e}); replace or remove the file"]
     out = []
-    if min(img.size) < resolution:
-        out.append(f"{img.size[0]}x{img.size[1]} is smaller than resolution {resolution}: upscaled (blurry)")
+    if warning := upscale_warning(img.size, resolution):
+        out.append(warning)
     if orientation not in (1, None):
         out.append("rotated by its EXIF orientation (trained upright, as viewers show it)")
     if mode == "CMYK":

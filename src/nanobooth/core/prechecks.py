@@ -1,0 +1,25 @@
+"""The one-line refusals a train run can meet in its folders, prompts, output folder, resume request and
+resolution, in one place: the CLI and the UI run them before the training stack loads (no torch import
+here), and train() runs them again for library callers, before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import check_resolution_before_loading, fill_prompts
+from .data import check_images, read_subject_meta, resolve_data_dir
+from .run_folder import check_output_dir, check_resume_request
+
+
+def check_train_input(cfg) -> None:
+    """Refuse (ConfigError/DataError/CheckpointError, one line) what a user can get wrong before any model
+    loads: the photo folders and photos, the prompts subject.json fills (filled into `cfg` here), the output
+    folder and the resume it asks for, and the resolution a local model can render."""
+    instance_dir = resolve_data_dir(cfg.instance_data_dir)
+    check_images(instance_dir)
+    if cfg.with_prior_preservation and cfg.class_data_dir:
+        resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
+    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
+    check_output_dir(cfg)
+    check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
+    check_resolution_before_loading(cfg)
