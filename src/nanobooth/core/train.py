@@ -22,26 +22,25 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import prior
 from . import step_scores, trackers, validation_loss
-from .buckets import bucket_sizes, make_sampler
+from .buckets import make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
-from .data import ImageSet, drop_captions, image_paths, mask_path, read_subject_meta, resolve_data_dir
+from .data import drop_captions, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
 from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: importable from here)
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
-from .prechecks import check_train_input
-from .optimizers import check_optimizer, eval_weights, final_weights, make_optimizer, make_schedule, step_size
+from .prepare import class_provenance, input_record, prepare_run
+from .optimizers import eval_weights, final_weights, make_optimizer, make_schedule, step_size
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from ..methods import embeddings
 from .models import apply_tome, load_components, make_pipeline
-from .prior import ClassImagesMismatch, check_provenance, class_image_set, generate_class_images, missing_indices
+from .prior import class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, class_cache_provenance, class_images_dir,
+from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, class_images_dir,
                          clear_outputs, make_readable)
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
@@ -50,58 +49,6 @@ log = logging.getLogger("nanobooth")
 
 class TrainingError(RuntimeError):
     pass
-
-
-def class_provenance(cfg: TrainConfig) -> dict:
-    return {**prior.class_provenance(cfg.class_prompt, cfg.model, cfg.resolution), **class_cache_provenance(cfg)}
-
-
-def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
-    """Check everything a user can get wrong before anything is written or any model is loaded:
-    prompts (filled from subject.json), the subject photos, and the output folder."""
-    check_train_input(cfg)  # the CLI's and the UI's pre-checks (prechecks.py), for library callers; fills the prompts
-    instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
-        log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
-    extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
-    if not extra:
-        log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
-    if cfg.trains_embeddings:
-        embeddings.identifier(cfg)  # refused now if the identifier cannot be found, before anything is written
-    run_dir = Path(cfg.output_dir)
-    if cfg.validation_images_dir:
-        resolve_data_dir(cfg.validation_images_dir, "validation_images_dir")
-    check_optimizer(cfg)
-    step_scores.check(cfg)  # keep_best without validation steps: refused here
-    trackers.check_trackers(cfg)
-    buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
-    if buckets == []:
-        raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
-                          f"has both sides in [{cfg.min_bucket_reso}, {cfg.max_bucket_reso}] (multiples of {cfg.bucket_reso_steps}); widen them")
-    instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
-                                    masks=cfg.masked_loss, buckets=buckets)
-    if buckets is not None and len(buckets) == 1:
-        log.warning("enable_bucket: %dx%d with bucket_reso_steps=%d leaves one bucket, %dx%d: every photo is cropped to it as without "
-                    "buckets; use a smaller bucket_reso_steps (a multiple of what the model renders, e.g. 16 for the toy model)",
-                    cfg.resolution, cfg.resolution, cfg.bucket_reso_steps, *buckets[0])
-    if cfg.with_prior_preservation:
-        try:
-            check_provenance(class_images_dir(cfg, run_dir), class_provenance(cfg))
-        except ClassImagesMismatch as e:
-            raise ConfigError(str(e)) from None
-    return run_dir, instance
-
-
-def input_record(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Which files the data order indexes (name + sha256 per image set, only the class images used): a resume
-    over other files is refused (ckpt.check_resume)."""
-    photos = image_paths(resolve_data_dir(cfg.instance_data_dir))
-    captions = [t for p in photos if (t := p.with_suffix(".txt")).is_file()]  # after the photos: positions stay the data order
-    masks = [m for p in photos if (m := mask_path(p))] if cfg.masked_loss else []
-    record = {"instance_data_dir": ckpt.input_record(photos + captions + masks)}
-    if cfg.with_prior_preservation:
-        record["class_data_dir"] = ckpt.input_record(image_paths(class_images_dir(cfg, run_dir))[: cfg.num_class_images])
-    return record
 
 
 def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callbacks: Iterable[Callback] = ()) -> Path:
