@@ -81,7 +81,8 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
+def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None,
+         num_class_images: int | None = None) -> Path:
     from .core.threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
@@ -98,6 +99,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
                  "overwrite": True, "num_threads": threads}
     if steps:
         overrides["max_train_steps"] = steps
+    if num_class_images is not None:  # load_config refuses < 1 (ConfigError names the key)
+        overrides["num_class_images"] = num_class_images
     cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
     world.write_subject(subject_seed, subject)
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
