@@ -13,8 +13,10 @@ SHIPPED = (Path(str(resources.files("nanobooth"))) / "assets" / "toy_model" / "m
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the pretrained toy model is not in this build")
 def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4"]) == 0
+    # 4 class images, not the recipe's 50 (a minute of sampling that nothing below reads)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--num-class-images", "4"]) == 0
     run = tmp_path / "demo" / "run"
+    assert len(list((run / "class_images").glob("*.png"))) == 4
     samples = sorted((run / "samples").glob("step-*.png"))
     assert [p.name for p in samples] == ["step-000000.png", "step-000004.png"]  # before and after
     res = json.loads((run / "toy_eval.json").read_text())
@@ -28,6 +30,7 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert str(samples[0]) in out and str(samples[-1]) in out and str(run / "toy_eval.json") in out
     assert (run / "toy_eval.png").is_file() and str(run / "toy_eval.png") in out  # base vs tuned, side by side
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
+    assert "4 class images, 4 LoRA steps" in out
     assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1"]) == 0
     assert json.loads((run / "toy_eval.json").read_text())["settings"]["guidance_cutoff"] == 1.0
 

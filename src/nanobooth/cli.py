@@ -13,7 +13,6 @@ import importlib
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
@@ -87,7 +86,7 @@ def cmd_demo(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import demo
 
-    demo(args.out, args.steps, threads=args.threads)
+    demo(args.out, args.steps, threads=args.threads, num_class_images=args.num_class_images)
 
 
 def cmd_ui(args) -> None:
@@ -139,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: DreamBooth on the embedded toy model, before/after grids")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
+    d.add_argument("--num-class-images", type=int, default=None,
+                   help="override the recipe's num_class_images (prior-preservation class images; default 50)")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
 

@@ -91,7 +91,8 @@ def fresh_folder(out: Path) -> Path:
     return candidate
 
 
-def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None) -> Path:
+def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None,
+         num_class_images: int | None = None) -> Path:
     from .core.threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
@@ -110,6 +111,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
                  "num_threads": threads}
     if steps:
         overrides["max_train_steps"] = steps
+    if num_class_images is not None:  # load_config refuses < 1 (ConfigError names the key)
+        overrides["num_class_images"] = num_class_images
     cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
     world.write_subject(subject_seed, subject)
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
