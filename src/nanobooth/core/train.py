@@ -27,7 +27,7 @@ from .buckets import make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
 from .data import drop_captions, read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
-from .latents import LatentSource, encode_dist  # noqa: F401 (encode_dist: importable from here)
+from .latents import LatentSource
 from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
 from ..inference.generate import grid, render, save_png
 from .losses import dreambooth_loss
