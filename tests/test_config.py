@@ -79,7 +79,9 @@ def test_yaml_file_inherits_from_variant(tmp_path):
                                            ("validation_prompts=5", "validation_prompts"), ("tome_ratio=1.5", "tome_ratio"),
                                            ("validation_guidance_cutoff=0", "validation_guidance_cutoff"),
                                            ("caption_dropout=1.5", "caption_dropout"),
-                                           ("lokr_factor=0", "lokr_factor")])
+                                           ("lokr_factor=0", "lokr_factor"),
+                                           ("learning_rate=-1", "learning_rate"), ("learning_rate=.nan", "learning_rate"),
+                                           ("text_encoder_lr=-5e-6", "text_encoder_lr")])
 def test_wrong_value_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config("dreambooth", [override])

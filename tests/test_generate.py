@@ -156,3 +156,28 @@ def test_long_labels_wrap_at_spaces_and_keep_every_word():
     assert all(font.getlength(ln) <= 256 for ln in lines)
     assert wrap_label("a   sks\tdog", font, 256) == ["a sks dog"]
     assert wrap_label("", font, 256) == [""]
+
+
+def _fake_run(folder, name, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(tensors, str(folder / name), metadata=metadata)
+    return folder
+
+
+def test_weights_of_another_base_model_are_one_line_naming_the_run(tiny_model, tmp_path):
+    """A run's tensors that do not fit --model (a toy run rendered on another model) are a ModelError naming
+    --weights and --model, not diffusers' shape traceback (nor its logged state-dict dump)."""
+    from nanobooth.core.models import ModelError
+    from nanobooth.inference.generate import load_run
+
+    ti = _fake_run(tmp_path / "ti", "ti_emb.safetensors", {"clip_l": torch.zeros(1, 7)},
+                   {"token_abstraction": "sks", "tokens": "<s0>"})
+    with pytest.raises(ModelError, match="--weights '.*ti' does not fit --model"):
+        load_run(str(tiny_model), str(ti))
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    lora = _fake_run(tmp_path / "lora", "pytorch_lora_weights.safetensors",
+                     {f"{key}.lora_A.weight": torch.zeros(4, 7), f"{key}.lora_B.weight": torch.zeros(7, 4)})
+    with pytest.raises(ModelError, match="--weights '.*lora' does not fit --model"):
+        load_run(str(tiny_model), str(lora))

@@ -131,3 +131,18 @@ def test_choose_rule():
     best, why = step_scores.choose(low, 0.1)
     assert best["step"] == 1 and "no scored step" in why
     assert step_scores.choose(rows[:1], 0.1)[0] is None  # the base model alone is never kept
+
+
+@pytest.mark.parametrize("steps, said", [
+    ("validation_steps=0", "set validation_steps=10 (any of 1..39)"),  # the default: "lower it" cannot help
+    ("validation_steps=40", "set validation_steps=10 (any of 1..39)"),
+])
+def test_keep_best_without_a_step_to_choose_names_a_validation_steps_to_set(steps, said):
+    from nanobooth import load_config
+    from nanobooth.core.errors import ConfigError
+
+    cfg = load_config("toy/dreambooth-lora", ["keep_best=true", "max_train_steps=40", steps,
+                                              'validation_prompts=["a photo of a sks ball"]'])
+    with pytest.raises(ConfigError) as e:
+        step_scores.check(cfg)
+    assert said in str(e.value) and "lower" not in str(e.value)

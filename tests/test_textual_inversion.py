@@ -172,3 +172,24 @@ def test_refusals_are_one_line(tiny_sd3_model, tiny_flux_model, subject_dir, tmp
     (mixed / "x_emb.safetensors").write_bytes(b"")
     with pytest.raises(RunFolderError, match="two results, token embeddings"):
         result_kind(mixed)
+
+
+def test_token_abstraction_no_prompt_uses_is_refused_before_anything_is_written(tiny_model, subject_dir, tmp_path, capsys):
+    """token_abstraction=zzz with instance_prompt 'a photo of sks dog' trained tokens no prompt reaches (nothing
+    learnt, no word said): one line naming the key, no run folder; in a caption file instead it is accepted."""
+    from nanobooth.cli import main
+
+    out = tmp_path / "r"
+    args = train_args(tiny_model, subject_dir, out, "method=textual_inversion", "token_abstraction=zzz",
+                      "instance_prompt=a photo of sks dog", "class_prompt=a photo of dog")
+    assert main(["train", "dreambooth", *args]) == 2
+    err = capsys.readouterr().err
+    assert "'token_abstraction'" in err and "zzz" in err and "Traceback" not in err
+    assert not out.exists()
+    from nanobooth.core.prechecks import check_token_abstraction
+
+    captioned = tmp_path / "captioned"
+    captioned.mkdir()
+    (captioned / "a.txt").write_text("a photo of zzz dog")
+    check_token_abstraction(load_config("textual-inversion", ["token_abstraction=zzz", "instance_prompt=a photo of sks dog"]),
+                            captioned)  # no raise

@@ -265,6 +265,10 @@ class TrainConfig:
         if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")
+        for key in ("learning_rate", "text_encoder_lr"):  # a negative rate climbs the loss; yaml's .nan/.inf parse as floats
+            lr = getattr(self, key)
+            if lr is not None and not 0 <= lr < float("inf"):
+                raise ConfigError(f"config key '{key}': must be a finite number >= 0, got {lr}")
         if self.validation_loss_steps < 0:
             raise ConfigError(f"config key 'validation_loss_steps': must be >= 0 (0 = never), got {self.validation_loss_steps}")
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):

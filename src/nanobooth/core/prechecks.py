@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import check_resolution_before_loading, fill_prompts
+from .errors import ConfigError
 from .data import check_images, read_subject_meta, resolve_data_dir
 from .run_folder import check_output_dir, check_resume_request
 
@@ -20,6 +21,20 @@ def check_train_input(cfg) -> None:
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
+    check_token_abstraction(cfg, instance_dir)
     check_output_dir(cfg)
     check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
     check_resolution_before_loading(cfg)
+
+
+def check_token_abstraction(cfg, instance_dir: Path) -> None:
+    """A token_abstraction no prompt contains (neither instance_prompt nor a photo's caption .txt) would train new
+    tokens that never reach the text encoder: nothing learnt, a run that looks fine. ConfigError naming both."""
+    word = cfg.token_abstraction
+    if not (cfg.trains_embeddings and word) or word in (cfg.instance_prompt or "").split():
+        return
+    if any(word in p.read_text(errors="replace").split() for p in Path(instance_dir).glob("*.txt")):
+        return
+    raise ConfigError(f"config key 'token_abstraction': '{word}' is not a word of instance_prompt '{cfg.instance_prompt}' "
+                      "(nor of any caption file), so its new tokens would never be trained; set token_abstraction to the "
+                      "identifier the prompt uses, or put it in instance_prompt")

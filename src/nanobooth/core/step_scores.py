@@ -47,9 +47,12 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError("config key 'keep_best': needs validation_prompts (the steps it chooses from are the validation "
                           "steps); set validation_prompts or keep_best=false")
     if not 0 < cfg.validation_steps < cfg.max_train_steps:
+        # a value to type, not "lower": validation_steps=0 (the default, validation off) is already as low as it goes
+        fix = (f"set validation_steps={max(1, cfg.max_train_steps // 4)} (any of 1..{cfg.max_train_steps - 1})"
+               if cfg.max_train_steps > 1 else "raise max_train_steps")
         raise ConfigError(f"config key 'keep_best': needs 0 < validation_steps < max_train_steps (got validation_steps="
                           f"{cfg.validation_steps}, max_train_steps={cfg.max_train_steps}): with no validation step before "
-                          "the end there is nothing to choose from; lower validation_steps or keep_best=false")
+                          f"the end there is nothing to choose from; {fix} or keep_best=false")
 
 
 def identifier(cfg: TrainConfig, meta: dict) -> str | None:

@@ -30,9 +30,39 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
         if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type
             kind = method_of_lora_file(run / LORA_FILE)
-        return METHODS[kind]().load_for_inference(run, lambda: load_pipeline(
-            model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype), torch_dtype)
+        loaded = []  # set once the base is in: a shape error after that is the run not fitting this base
+
+        def base():
+            pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle,
+                                 torch_dtype=torch_dtype)
+            loaded.append(True)
+            return pipe
+
+        # diffusers logs a failed LoRA load's whole state-dict error before raising it; the raise is what we report
+        peft_log = logging.getLogger("diffusers.loaders.peft")
+        level = peft_log.level
+        peft_log.setLevel(logging.CRITICAL)
+        try:
+            return METHODS[kind]().load_for_inference(run, base, torch_dtype)
+        except (RuntimeError, ValueError) as e:  # peft: "size mismatch ..."; load_textual_inversion: "incorrect shape"
+            if not loaded or not any(m in str(e) for m in ("size mismatch", "incorrect shape")):
+                raise
+            raise ModelError(f"--weights '{weights}' does not fit --model '{model}' (its tensors' shapes differ from the "
+                             f"model's){_trained_on(run)}") from None
+        finally:
+            peft_log.setLevel(level)
     raise ModelError(f"--weights '{weights}': no {LORA_FILE}, model_index.json or *{EMB_SUFFIX} there; pass a finished nanobooth run folder")
+
+
+def _trained_on(run: Path) -> str:
+    """'; pass ... the model it trained on' from the run's config.yaml, '' when that is unreadable."""
+    try:
+        cfg = load_run_config(run)
+    except ValueError:
+        cfg = None
+    if cfg is None:
+        return "; pass the base model the run was trained on"
+    return f"; pass the base model the run was trained on: --model {cfg.model} (its config.yaml)"
 
 
 # Classifier-free guidance doubles these along the batch (unconditional half first); after the cutoff only
