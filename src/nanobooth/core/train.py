@@ -438,10 +438,15 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 target = objective.target(latents, noise, timesteps)
                 loss, inst, prior_l = dreambooth_loss(pred, target, cfg.train_batch_size, cfg.prior_loss_weight,
                                                       objective.weights(timesteps, cfg.snr_gamma), drawn[0][3], cfg.unmasked_weight)
-                # "max" of the non-finite flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
-                if accelerator.reduce((~torch.isfinite(loss)).float().to(device), "max").item() > 0:
+                # one host sync per micro-step, not four: on an accelerator each .item() stalls the queue of kernels
+                nan = torch.full_like(loss, math.nan)
+                loss_v, inst_v, prior_v = torch.stack([loss.detach(), inst.detach(), nan if prior_l is None else prior_l.detach()]).float().tolist()
+                diverged = not math.isfinite(loss_v)
+                if world > 1:  # "max" of the flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
+                    diverged = accelerator.reduce(torch.tensor(float(diverged), device=device), "max").item() > 0
+                if diverged:
                     last = ckpt.list_checkpoints(run_dir)
-                    raise TrainingError(f"loss is {loss.item()} at step {step + 1}: training diverged; lower learning_rate "
+                    raise TrainingError(f"loss is {loss_v} at step {step + 1}: training diverged; lower learning_rate "
                                         f"or use mixed_precision=bf16; last good checkpoint: {last[-1] if last else 'none'}")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
@@ -450,9 +455,9 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                     embeddings.pivot(optimizer, step, cfg)  # the new rows stop after train_text_encoder_ti_frac
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            sums["loss"] += loss.item() / cfg.gradient_accumulation_steps
-            sums["instance_loss"] += inst.item() / cfg.gradient_accumulation_steps
-            sums["prior_loss"] += (prior_l.item() if prior_l is not None else math.nan) / cfg.gradient_accumulation_steps
+            sums["loss"] += loss_v / cfg.gradient_accumulation_steps
+            sums["instance_loss"] += inst_v / cfg.gradient_accumulation_steps
+            sums["prior_loss"] += prior_v / cfg.gradient_accumulation_steps
         lr_scheduler.step()
         if ema:
             ema.update()
