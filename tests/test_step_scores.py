@@ -103,13 +103,18 @@ def test_keep_best_refused_in_one_line_before_anything_is_written(tiny_model, su
     err = capsys.readouterr().err  # besides the model's loading bars: one line
     lines = [ln for ln in err.splitlines() if "keep_best" in ln]
     assert len(lines) == 1 and said in lines[0] and "Traceback" not in err
+    assert "--clip" not in err and "--dino" not in err  # `nanobooth eval`'s flags: a train user typed none
     assert not out.exists()
 
 
 def test_unloadable_scores_warn_once_and_train_on(tiny_model, subject_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(step_scores, "CLIP", str(tmp_path / "no-clip"))
     out = train(tiny_model, subject_dir, tmp_path / "r", "validation_scores=real", "max_train_steps=2")
-    assert sum("not scored" in r.getMessage() for r in caplog.records) == 1
+    said = [r.getMessage() for r in caplog.records if "not scored" in r.getMessage()]
+    assert len(said) == 1 and len(said[0].splitlines()) == 1
+    # what a train user can do, in config keys, not `nanobooth eval`'s flags (which they never typed)
+    assert "--clip" not in said[0] and "--dino" not in said[0]
+    assert "validation_scores=toy" in said[0] and "validation_scores=none" in said[0] and step_scores.DINO in said[0]
     assert not any("subject_fidelity" in x for x in (out / "train_log.jsonl").read_text().splitlines())
     assert (out / "unet").is_dir() and not (out / "validation_scores.png").exists()
 

@@ -95,11 +95,13 @@ class RealScorer:
         from ..core.data import load_folder
         from ..eval.metrics import ClipBackend, DinoBackend
 
-        self.clip = ClipBackend(CLIP)  # CLIP-T is the prompt fidelity: without it there is no trade-off to plot
+        # flag=None: a `nanobooth train` user typed no --clip/--dino; what to do is said here, in config keys
+        self.clip = ClipBackend(CLIP, flag=None)  # CLIP-T is the prompt fidelity: without it there is no trade-off to plot
         try:
-            self.dino = DinoBackend(DINO)
+            self.dino = DinoBackend(DINO, flag=None)
         except Exception as e:  # noqa: BLE001 - subject fidelity falls back to CLIP-I
-            log.warning("validation_scores: DINO not loadable (%s); subject_fidelity is CLIP-I", str(e).splitlines()[0])
+            log.warning("validation_scores=%s: DINO not loadable (%s); subject_fidelity is CLIP-I (run once online to cache %s "
+                        "for DINO)", cfg.validation_scores, str(e).splitlines()[0], DINO)
             self.dino = None
         self.cfg, self.ident = cfg, identifier(cfg, meta)
         instance = load_folder(instance_dir, 0)
@@ -139,7 +141,10 @@ def build(cfg: TrainConfig, instance_dir: Path, meta: dict):
         if cfg.keep_best:
             raise ConfigError(f"config key 'keep_best': no way to score the validation steps ({mode} scores: {why}); download "
                               f"{DINO} and {CLIP} once online, use validation_scores=toy on a toy-world subject, or keep_best=false") from None
-        log.warning("validation_scores=%s: validation steps are not scored (%s)", cfg.validation_scores, why)
+        # no config key chooses the DINO/CLIP models, so the fix is their cache or another validation_scores
+        fix = (f"; run once online to cache {DINO} and {CLIP}, or set validation_scores=toy (a toy-world subject) or "
+               "validation_scores=none") if mode == "real" else ""
+        log.warning("validation_scores=%s: validation steps are not scored (%s)%s", cfg.validation_scores, why, fix)
         return None
 
 
