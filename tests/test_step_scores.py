@@ -151,3 +151,16 @@ def test_keep_best_without_a_step_to_choose_names_a_validation_steps_to_set(step
     with pytest.raises(ConfigError) as e:
         step_scores.check(cfg)
     assert said in str(e.value) and "lower" not in str(e.value)
+
+
+@pytest.mark.parametrize("scores, said", [([], True), (["validation_scores=auto"], False), (["validation_scores=real"], False)])
+def test_keep_best_says_it_turns_scoring_on(tmp_path, monkeypatch, caplog, scores, said):
+    from nanobooth import load_config
+
+    monkeypatch.setattr(step_scores, "RealScorer", lambda cfg, d, meta: FakeScorer([0]))
+    cfg = load_config("dreambooth", ["keep_best=true", "max_train_steps=4", "validation_steps=1", "validation_prompts=[a sks dog]", *scores])
+    with caplog.at_level("INFO", logger="nanobooth"):
+        assert isinstance(step_scores.build(cfg, tmp_path, {}), FakeScorer)  # scored although validation_scores defaults to none
+    lines = [r.getMessage() for r in caplog.records if "turns on validation_scores=auto" in r.getMessage()]
+    assert len(lines) == int(said)  # only when keep_best overrode validation_scores=none
+    assert not said or "keep_best=true" in lines[0] and "DINO and CLIP-T" in lines[0]

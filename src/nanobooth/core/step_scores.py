@@ -135,7 +135,11 @@ def build(cfg: TrainConfig, instance_dir: Path, meta: dict):
     if mode in ("none", "auto"):
         mode = "toy" if cfg.model == "toy" else "real"
     try:
-        return (ToyScorer if mode == "toy" else RealScorer)(cfg, instance_dir, meta)
+        scorer = (ToyScorer if mode == "toy" else RealScorer)(cfg, instance_dir, meta)
+        if cfg.validation_scores == "none":  # only keep_best gets here: its override of the default, said out loud
+            log.info("keep_best=true turns on validation_scores=auto (%s scores: %s) to choose the step to publish", mode,
+                     "the toy probe" if mode == "toy" else "DINO and CLIP-T")
+        return scorer
     except (ModelError, OSError, ImportError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if cfg.keep_best:
