@@ -166,8 +166,12 @@ def choose(history: list[dict], tolerance: float) -> tuple[dict | None, str]:
     who = "the base model's" if ref["step"] == 0 else f"step {ref['step']}'s"
     if within:
         best = max(within, key=lambda r: (r["subject_fidelity"], r["prompt_fidelity"], -r["step"]))
-        return best, (f"highest subject_fidelity ({best['subject_fidelity']:.4f}) among the {len(within)} of {len(steps)} scored "
-                      f"steps whose prompt_fidelity stays >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f})")
+        k, n = len(within), len(steps)
+        count = (f"{k} of the {n} scored steps" if k < n else f"all {n} scored steps" if n > 1 else "the only scored step")
+        x = best["subject_fidelity"]
+        kept = f"kept it (subject_fidelity {x:.4f})" if k == 1 else f"kept the highest subject_fidelity ({x:.4f})"
+        return best, (f"{count} {'keeps' if k == 1 else 'keep'} prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} "
+                      f"{ref['prompt_fidelity']:.4f}); {kept}")
     best = max(steps, key=lambda r: (r["prompt_fidelity"], r["subject_fidelity"], -r["step"]))
     return best, (f"no scored step keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
                   f"kept the highest prompt_fidelity ({best['prompt_fidelity']:.4f}), the least overfit step")
