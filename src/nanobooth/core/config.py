@@ -131,7 +131,7 @@ class TrainConfig:
     max_train_steps: int = field(default=400, metadata=RESUME_SAFE)
     """Optimizer steps to train."""
     learning_rate: float = 5e-6
-    """Peak learning rate for the UNet (or its adapters)."""
+    """Peak learning rate for the UNet (or its adapters). With optimizer=prodigy a multiplier of Prodigy's own step-size estimate d (1.0 by convention); the logged `lr` is then d*lr, the step size taken."""
     text_encoder_lr: Optional[float] = None
     """Learning rate for the text encoder. Default: learning_rate."""
     scale_lr: bool = False
@@ -151,7 +151,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU); the same as optimizer=adamw8bit."""
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "schedulefree"] = "adamw"
-    """`adamw`; `adamw8bit` (bitsandbytes, CUDA only); `prodigy` (finds its own step size: learning_rate=1.0 by convention, a multiplier of it); `schedulefree` (AdamW schedule-free: no LR schedule, lr_warmup_steps warms it up; validation and the result use its averaged weights). The adam_* keys apply to each."""
+    """`adamw`; `adamw8bit` (bitsandbytes, CUDA only); `prodigy` (finds its own step size d: learning_rate=1.0 by convention, a multiplier of it; the logged `lr` (train_log.jsonl, progress line, trackers) is d*lr, the effective step size); `schedulefree` (AdamW schedule-free: no LR schedule, lr_warmup_steps warms it up; validation and the result use its averaged weights). The adam_* keys apply to each."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     use_ema: bool = False
