@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import ConfigError, TrainConfig
+from .config_values import identifier_words
 from .run_folder import KEEP_BEST
 from .run_folder import VALIDATION_SCORES as PLOT
 
@@ -57,8 +58,7 @@ def check(cfg: TrainConfig) -> None:
 
 def identifier(cfg: TrainConfig, meta: dict) -> str | None:
     """subject.json's identifier, else the first word of instance_prompt that class_prompt lacks."""
-    extra = [w for w in cfg.instance_prompt.split() if w not in cfg.class_prompt.split()]
-    return meta.get("identifier") or (extra[0] if extra else None)
+    return meta.get("identifier") or next(iter(identifier_words(cfg)), None)
 
 
 class ToyScorer:
