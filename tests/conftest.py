@@ -82,3 +82,13 @@ def train_args(model: Path, subject: Path, out: Path, *extra: str) -> list[str]:
             "max_train_steps=3", "num_class_images=2", "class_generation_steps=2", "sample_batch_size=2",
             "validation_prompts=[]", "validation_inference_steps=2", "mixed_precision=no", "checkpointing_steps=0",
             "train_batch_size=1", *extra]
+
+
+def fixed_noise_batch(c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, noise, t, noisy) for components `c` (load_components): 2 latents [2, C, 4, 4] at timesteps 300 and 700,
+    noisy = c.noise_scheduler.add_noise(x, noise, t). Its own generator (seed 0): the same batch every call."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.unet.config.in_channels, 4, 4, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([300, 700])
+    return x, noise, t, c.noise_scheduler.add_noise(x, noise, t)

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from nanobooth.cli import main
@@ -217,3 +219,29 @@ def test_a_broken_list_override_is_refused_not_read_as_a_string():
     assert load_config("toy/dreambooth", ["validation_prompts=[a sks dog, a dog]"]).validation_prompts == ["a sks dog", "a dog"]
     assert load_config("toy/dreambooth", ["instance_prompt=a photo: sks dog"]).instance_prompt == "a photo: sks dog"
 
+
+
+def test_the_identifier_is_derived_once_for_prepare_keep_best_and_new_tokens(subject_dir, tmp_path, caplog):
+    """config_values.identifier_words: prepare's warning, step_scores.identifier and embeddings.identifier agree."""
+    from nanobooth.core import step_scores
+    from nanobooth.core.config_values import identifier_words
+    from nanobooth.core.prepare import prepare_run
+    from nanobooth.methods import embeddings
+
+    def cfg(instance, cls="a photo of dog"):
+        return load_config("toy/dreambooth", [f"instance_prompt={instance}", f"class_prompt={cls}", "resolution=32",
+                                              f"instance_data_dir={subject_dir}", f"output_dir={tmp_path / 'run'}"])
+
+    one, two, none = cfg("a photo of sks dog"), cfg("a zwx photo of sks dog"), cfg("a photo of dog")
+    assert identifier_words(one) == ["sks"] and identifier_words(two) == ["zwx", "sks"] and identifier_words(none) == []
+    assert step_scores.identifier(one, {}) == "sks" == embeddings.identifier(one)
+    assert step_scores.identifier(one, {"identifier": "zwx"}) == "zwx"  # subject.json's comes first
+    assert step_scores.identifier(two, {}) == "zwx" and step_scores.identifier(none, {}) is None  # the first, or none
+    for c, said in ((two, "has 2 words that class_prompt lacks (zwx, sks)"), (none, "has 0 words")):  # exactly one, or refused
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            embeddings.identifier(c)
+    for c, warned in ((one, False), (none, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nanobooth"):
+            prepare_run(c)
+        assert any("has no word that class_prompt lacks" in r.getMessage() for r in caplog.records) == warned

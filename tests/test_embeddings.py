@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import train_args
+from conftest import fixed_noise_batch, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
@@ -54,11 +54,7 @@ def test_only_the_new_rows_train_the_loss_falls_and_they_stop_at_the_pivot(fixtu
     assert sum(len(g["params"]) for g in groups) == len({id(p) for g in groups for p in g["params"]})  # each once
 
     opt = torch.optim.AdamW(groups, weight_decay=0.1)  # weight decay would shrink every row it reached
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c.unet.config.in_channels, 4, 4, generator=g)
-    noise = torch.randn(x.shape, generator=g)
-    t = torch.tensor([300, 700])
-    noisy = c.noise_scheduler.add_noise(x, noise, t)
+    _, noise, t, noisy = fixed_noise_batch(c)  # the same fixed example every step
     losses, rows = [], []
     for step in range(cfg.max_train_steps):
         cond = {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else {kk: vv.expand(2, *vv.shape[1:]) for kk, vv in v.items()})

@@ -178,6 +178,8 @@ def test_dino_backend_uses_the_models_normalisation_and_lpips_layers(metric_mode
 def test_metric_models_refuse_what_cannot_load(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="--dino '.*nothing'"):
         M.DinoBackend(str(tmp_path / "nothing"))
+    with pytest.raises(ModelError, match="--clip '.*nothing'.*--clip-revision"):  # the eval CLI names its own flags
+        M.ClipBackend(str(tmp_path / "nothing"))
     monkeypatch.setitem(sys.modules, "nanobooth.toy.probe", None)  # the module is absent
     with pytest.raises(ModelError, match="--backend toy needs"):
         M.load_backends("toy", "", None)

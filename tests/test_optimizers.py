@@ -45,7 +45,7 @@ def test_resume_is_bit_exact_and_validation_changes_nothing(opt, lr, tiny_model,
     assert base  # the optimizer's own state (Prodigy's, schedule-free's z) is in the checkpoint
 
 
-def test_prodigy_logs_its_step_size_d_times_lr_not_the_multiplier(tiny_model, subject_dir, tmp_path, caplog):
+def test_prodigy_logs_its_step_size_d_times_lr_not_the_multiplier(tiny_model, subject_dir, tmp_path, caplog, capsys):
     """train_log.jsonl's lr, the progress line and the Step event (trackers) carry Prodigy's d*lr, as kohya's
     lr/d*lr (they carried the multiplier: lr 1.0 in every run)."""
     import logging
@@ -55,11 +55,14 @@ def test_prodigy_logs_its_step_size_d_times_lr_not_the_multiplier(tiny_model, su
     with caplog.at_level(logging.INFO, logger="nanobooth"):
         out = run(tmp_path / "p", tiny_model, subject_dir, "optimizer=prodigy", "learning_rate=1.0", "max_train_steps=2",
                   "lr_scheduler=constant", "lr_warmup_steps=0", "log_every=1", variant="dreambooth-lora")
+    stdout = capsys.readouterr().out
+    assert "decoupled" not in stdout  # prodigyopt's own print() (weight_decay > 0) stays out of the run's output
     lrs = [json.loads(x)["lr"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(lrs) == 2 and all(0 < lr < 1e-3 for lr in lrs)  # Prodigy's d starts at 1e-6: nowhere near the multiplier 1.0
     assert any(f"lr {lrs[-1]:.2e}" in r.getMessage() for r in caplog.records)
     p = torch.nn.Parameter(torch.ones(3))
     opt = optimizers.make_optimizer(TrainConfig(optimizer="prodigy"), [{"params": [p], "lr": 0.5}], torch.device("cpu"))
+    assert TrainConfig().adam_weight_decay > 0 and capsys.readouterr().out == ""  # nothing on stdout
     sched = optimizers.make_schedule(TrainConfig(optimizer="prodigy", lr_scheduler="constant", lr_warmup_steps=0), opt)
     for _ in range(3):
         p.grad = torch.ones(3)

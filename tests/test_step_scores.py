@@ -103,13 +103,18 @@ def test_keep_best_refused_in_one_line_before_anything_is_written(tiny_model, su
     err = capsys.readouterr().err  # besides the model's loading bars: one line
     lines = [ln for ln in err.splitlines() if "keep_best" in ln]
     assert len(lines) == 1 and said in lines[0] and "Traceback" not in err
+    assert "--clip" not in err and "--dino" not in err  # `nanobooth eval`'s flags: a train user typed none
     assert not out.exists()
 
 
 def test_unloadable_scores_warn_once_and_train_on(tiny_model, subject_dir, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(step_scores, "CLIP", str(tmp_path / "no-clip"))
     out = train(tiny_model, subject_dir, tmp_path / "r", "validation_scores=real", "max_train_steps=2")
-    assert sum("not scored" in r.getMessage() for r in caplog.records) == 1
+    said = [r.getMessage() for r in caplog.records if "not scored" in r.getMessage()]
+    assert len(said) == 1 and len(said[0].splitlines()) == 1
+    # what a train user can do, in config keys, not `nanobooth eval`'s flags (which they never typed)
+    assert "--clip" not in said[0] and "--dino" not in said[0]
+    assert "validation_scores=toy" in said[0] and "validation_scores=none" in said[0] and step_scores.DINO in said[0]
     assert not any("subject_fidelity" in x for x in (out / "train_log.jsonl").read_text().splitlines())
     assert (out / "unet").is_dir() and not (out / "validation_scores.png").exists()
 
@@ -126,6 +131,13 @@ def test_choose_rule():
     rows = [{"step": s, "subject_fidelity": x, "prompt_fidelity": y} for s, (x, y) in SCORES.items()]
     assert step_scores.choose(rows, 0.1)[0]["step"] == 1
     assert step_scores.choose(rows, 0.55)[0]["step"] == 2  # floor 0.45: steps 1 and 2 within, 2 more like the subject
+    # the reason reads as a sentence for every count (not "the 4 of 4 scored steps")
+    assert step_scores.choose(rows, 0.1)[1].startswith("1 of the 4 scored steps keeps prompt_fidelity >= 0.9000 (0.9 x the base model's")
+    assert step_scores.choose(rows, 0.1)[1].endswith("; kept it (subject_fidelity 0.5000)")
+    assert step_scores.choose(rows, 0.55)[1].startswith("2 of the 4 scored steps keep prompt_fidelity >= 0.4500")
+    assert step_scores.choose(rows, 0.9)[1].startswith("all 4 scored steps keep ")
+    assert step_scores.choose(rows, 0.9)[1].endswith("; kept the highest subject_fidelity (0.8000)")
+    assert step_scores.choose(rows[:2], 0.1)[1].startswith("the only scored step keeps ")
     # none within: the highest prompt fidelity, and the reason says so
     low = [rows[0]] + [{**r, "prompt_fidelity": r["prompt_fidelity"] / 2} for r in rows[1:]]
     best, why = step_scores.choose(low, 0.1)
@@ -146,3 +158,16 @@ def test_keep_best_without_a_step_to_choose_names_a_validation_steps_to_set(step
     with pytest.raises(ConfigError) as e:
         step_scores.check(cfg)
     assert said in str(e.value) and "lower" not in str(e.value)
+
+
+@pytest.mark.parametrize("scores, said", [([], True), (["validation_scores=auto"], False), (["validation_scores=real"], False)])
+def test_keep_best_says_it_turns_scoring_on(tmp_path, monkeypatch, caplog, scores, said):
+    from nanobooth import load_config
+
+    monkeypatch.setattr(step_scores, "RealScorer", lambda cfg, d, meta: FakeScorer([0]))
+    cfg = load_config("dreambooth", ["keep_best=true", "max_train_steps=4", "validation_steps=1", "validation_prompts=[a sks dog]", *scores])
+    with caplog.at_level("INFO", logger="nanobooth"):
+        assert isinstance(step_scores.build(cfg, tmp_path, {}), FakeScorer)  # scored although validation_scores defaults to none
+    lines = [r.getMessage() for r in caplog.records if "turns on validation_scores=auto" in r.getMessage()]
+    assert len(lines) == int(said)  # only when keep_best overrode validation_scores=none
+    assert not said or "keep_best=true" in lines[0] and "DINO and CLIP-T" in lines[0]

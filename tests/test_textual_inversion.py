@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import train_args
+from conftest import fixed_noise_batch, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import LORA_FILE, MODEL_INDEX, RunFolderError, output_paths, result_kind
@@ -54,11 +54,7 @@ def test_only_the_new_rows_train_and_the_loss_falls(fixture, request, tmp_path):
     init = [p.detach().clone() for p in embeddings.new_params(c.text_encoders)]
 
     opt = torch.optim.AdamW(groups, weight_decay=0.1)  # weight decay would shrink every row it reached
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, c.unet.config.in_channels, 4, 4, generator=g)
-    noise = torch.randn(x.shape, generator=g)
-    t = torch.tensor([300, 700])
-    noisy = c.noise_scheduler.add_noise(x, noise, t)
+    _, noise, t, noisy = fixed_noise_batch(c)  # the same fixed example every step
     losses = []
     for _ in range(6):
         enc = c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, embeddings.rewrite(PROMPT, tokens), "cpu"), 32)

@@ -131,7 +131,7 @@ class TrainConfig:
     max_train_steps: int = field(default=400, metadata=RESUME_SAFE)
     """Optimizer steps to train."""
     learning_rate: float = 5e-6
-    """Peak learning rate for the UNet (or its adapters)."""
+    """Peak learning rate for the UNet (or its adapters). With optimizer=prodigy a multiplier of Prodigy's own step-size estimate d (1.0 by convention); the logged `lr` is then d*lr, the step size taken."""
     text_encoder_lr: Optional[float] = None
     """Learning rate for the text encoder. Default: learning_rate."""
     scale_lr: bool = False
@@ -151,7 +151,7 @@ class TrainConfig:
     use_8bit_adam: bool = False
     """Use bitsandbytes' 8-bit AdamW (needs `pip install bitsandbytes` and a CUDA GPU); the same as optimizer=adamw8bit."""
     optimizer: Literal["adamw", "adamw8bit", "prodigy", "schedulefree"] = "adamw"
-    """`adamw`; `adamw8bit` (bitsandbytes, CUDA only); `prodigy` (finds its own step size: learning_rate=1.0 by convention, a multiplier of it); `schedulefree` (AdamW schedule-free: no LR schedule, lr_warmup_steps warms it up; validation and the result use its averaged weights). The adam_* keys apply to each."""
+    """`adamw`; `adamw8bit` (bitsandbytes, CUDA only); `prodigy` (finds its own step size d: learning_rate=1.0 by convention, a multiplier of it; the logged `lr` (train_log.jsonl, progress line, trackers) is d*lr, the effective step size); `schedulefree` (AdamW schedule-free: no LR schedule, lr_warmup_steps warms it up; validation and the result use its averaged weights). The adam_* keys apply to each."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 = off)."""
     use_ema: bool = False
@@ -214,7 +214,7 @@ class TrainConfig:
     validation_scores: Literal["none", "auto", "toy", "real"] = "none"
     """Score the weights at each validation render (step 0, every validation_steps, the end) for subject fidelity and prompt fidelity: `toy` = the toy probe (`nanobooth toy eval`'s numbers, on its own subject and scene prompts), `real` = DINO and CLIP-T (with CLIP-I) of the validation grid's images (facebook/dino-vits16 and openai/clip-vit-base-patch32 from the hub cache; none loadable = a warning, no scores), `auto` = toy for model=toy, else real. Logged to train_log.jsonl and the trackers, plotted in OUTPUT_DIR/validation_scores.png. keep_best turns it on (auto)."""
     keep_best: bool = False
-    """Publish the weights of the best-scoring validation step instead of the last step's: the highest subject fidelity among the steps whose prompt fidelity stays within keep_best_tolerance of the base model's (step 0); none within: the one with the highest prompt fidelity. Which step and why: OUTPUT_DIR/keep_best.json and the log. Needs validation_prompts and 0 < validation_steps < max_train_steps."""
+    """Publish the weights of the best-scoring validation step instead of the last step's: the highest subject fidelity among the steps whose prompt fidelity stays within keep_best_tolerance of the base model's (step 0); none within: the one with the highest prompt fidelity. Which step and why: OUTPUT_DIR/keep_best.json and the log. Needs validation_prompts and 0 < validation_steps < max_train_steps. Scores the steps by itself: with validation_scores=none (the default) it turns on validation_scores=auto, and says so in the log."""
     keep_best_tolerance: float = 0.1
     """keep_best: the fraction of the base model's prompt fidelity a step may lose and still be kept (0.1: at least 90% of it)."""
     report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata=RESUME_SAFE)

@@ -1,5 +1,6 @@
 """Value checks of config keys: the type check and coercion of a YAML or `key=value` value against a
-TrainConfig field's annotation, and the guidance-cutoff fraction (also the type of --guidance-cutoff)."""
+TrainConfig field's annotation, the guidance-cutoff fraction (also the type of --guidance-cutoff), and the
+identifier words that instance_prompt and class_prompt imply."""
 
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ def guidance_fraction(text: str) -> float:
     if not _is_guidance_fraction(value):
         raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
     return value
+
+
+def identifier_words(cfg) -> list[str]:
+    """The words of cfg.instance_prompt that cfg.class_prompt lacks, in order, repeats kept ("a photo of sks dog" vs
+    "a photo of dog": ["sks"]). The one derivation of "the identifier": prepare's warning (none), keep_best's scores
+    (the first; subject.json's may come first) and pivotal tuning / textual inversion (exactly one, else refused)."""
+    lacked = set((cfg.class_prompt or "").split())
+    return [w for w in (cfg.instance_prompt or "").split() if w not in lacked]
 
 
 def _type_name(tp) -> str:

@@ -4,6 +4,7 @@
 - adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only); `use_8bit_adam=true` is diffusers' name for it.
 - prodigy: Prodigy (prodigyopt) estimates the step size itself; learning_rate is a multiplier of that
   estimate, 1.0 by convention (text_encoder_lr likewise), so a learning_rate far from 1 is warned about.
+  The logged `lr` is the step size it took, d*lr (`step_size`), not the multiplier.
 - schedulefree: AdamW schedule-free (Defazio et al. 2024). It trains on one sequence of weights (y) and
   its result is another (x, an average it keeps implicitly): `eval_weights` puts x in the modules for
   validation, and `final_weights` before the result is saved. It warms up itself (lr_warmup_steps) and
@@ -16,6 +17,7 @@ checkpoint stores, so a resume restores them bit-exactly.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 
 import torch
@@ -59,7 +61,10 @@ def make_optimizer(cfg, groups: list[dict], device: torch.device):
         if any(not 0.1 <= lr <= 10 for lr in lrs):
             log.warning("optimizer=prodigy finds the step size itself and learning_rate multiplies it: use learning_rate=1.0 "
                         "(and text_encoder_lr near 1), got %s", ", ".join(f"{lr:g}" for lr in sorted(lrs)))
-        return Prodigy(groups, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        # prodigyopt print()s "Using decoupled weight decay" whenever weight_decay > 0 (AdamW's kind, as adamw uses; it
+        # has no option to stop it): a stray stdout line in the middle of the progress output
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Prodigy(groups, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if name == "schedulefree":
         from schedulefree import AdamWScheduleFree
 

@@ -11,6 +11,7 @@ from . import checkpoint as ckpt
 from . import prior, step_scores, trackers
 from .buckets import bucket_sizes
 from .config import ConfigError, TrainConfig
+from .config_values import identifier_words
 from .data import ImageSet, image_paths, mask_path, resolve_data_dir
 from .optimizers import check_optimizer
 from .prechecks import check_train_input
@@ -31,8 +32,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
     if cfg.instance_prompt.strip() == cfg.class_prompt.strip():
         log.warning("instance_prompt equals class_prompt ('%s'): the subject gets no identifier of its own", cfg.instance_prompt)
-    extra = set(cfg.instance_prompt.split()) - set(cfg.class_prompt.split())
-    if not extra:
+    if not identifier_words(cfg):
         log.warning("instance_prompt '%s' has no word that class_prompt lacks: add a rare identifier such as 'sks'", cfg.instance_prompt)
     if cfg.trains_embeddings:
         from ..methods import embeddings  # a layer above core: imported when needed

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .config import ConfigError, TrainConfig
+from .config_values import identifier_words
 from .run_folder import KEEP_BEST
 from .run_folder import VALIDATION_SCORES as PLOT
 
@@ -57,8 +58,7 @@ def check(cfg: TrainConfig) -> None:
 
 def identifier(cfg: TrainConfig, meta: dict) -> str | None:
     """subject.json's identifier, else the first word of instance_prompt that class_prompt lacks."""
-    extra = [w for w in cfg.instance_prompt.split() if w not in cfg.class_prompt.split()]
-    return meta.get("identifier") or (extra[0] if extra else None)
+    return meta.get("identifier") or next(iter(identifier_words(cfg)), None)
 
 
 class ToyScorer:
@@ -95,11 +95,13 @@ class RealScorer:
         from ..core.data import load_folder
         from ..eval.metrics import ClipBackend, DinoBackend
 
-        self.clip = ClipBackend(CLIP)  # CLIP-T is the prompt fidelity: without it there is no trade-off to plot
+        # flag=None: a `nanobooth train` user typed no --clip/--dino; what to do is said here, in config keys
+        self.clip = ClipBackend(CLIP, flag=None)  # CLIP-T is the prompt fidelity: without it there is no trade-off to plot
         try:
-            self.dino = DinoBackend(DINO)
+            self.dino = DinoBackend(DINO, flag=None)
         except Exception as e:  # noqa: BLE001 - subject fidelity falls back to CLIP-I
-            log.warning("validation_scores: DINO not loadable (%s); subject_fidelity is CLIP-I", str(e).splitlines()[0])
+            log.warning("validation_scores=%s: DINO not loadable (%s); subject_fidelity is CLIP-I (run once online to cache %s "
+                        "for DINO)", cfg.validation_scores, str(e).splitlines()[0], DINO)
             self.dino = None
         self.cfg, self.ident = cfg, identifier(cfg, meta)
         instance = load_folder(instance_dir, 0)
@@ -133,13 +135,20 @@ def build(cfg: TrainConfig, instance_dir: Path, meta: dict):
     if mode in ("none", "auto"):
         mode = "toy" if cfg.model == "toy" else "real"
     try:
-        return (ToyScorer if mode == "toy" else RealScorer)(cfg, instance_dir, meta)
+        scorer = (ToyScorer if mode == "toy" else RealScorer)(cfg, instance_dir, meta)
+        if cfg.validation_scores == "none":  # only keep_best gets here: its override of the default, said out loud
+            log.info("keep_best=true turns on validation_scores=auto (%s scores: %s) to choose the step to publish", mode,
+                     "the toy probe" if mode == "toy" else "DINO and CLIP-T")
+        return scorer
     except (ModelError, OSError, ImportError, ValueError) as e:
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if cfg.keep_best:
             raise ConfigError(f"config key 'keep_best': no way to score the validation steps ({mode} scores: {why}); download "
                               f"{DINO} and {CLIP} once online, use validation_scores=toy on a toy-world subject, or keep_best=false") from None
-        log.warning("validation_scores=%s: validation steps are not scored (%s)", cfg.validation_scores, why)
+        # no config key chooses the DINO/CLIP models, so the fix is their cache or another validation_scores
+        fix = (f"; run once online to cache {DINO} and {CLIP}, or set validation_scores=toy (a toy-world subject) or "
+               "validation_scores=none") if mode == "real" else ""
+        log.warning("validation_scores=%s: validation steps are not scored (%s)%s", cfg.validation_scores, why, fix)
         return None
 
 
@@ -157,8 +166,12 @@ def choose(history: list[dict], tolerance: float) -> tuple[dict | None, str]:
     who = "the base model's" if ref["step"] == 0 else f"step {ref['step']}'s"
     if within:
         best = max(within, key=lambda r: (r["subject_fidelity"], r["prompt_fidelity"], -r["step"]))
-        return best, (f"highest subject_fidelity ({best['subject_fidelity']:.4f}) among the {len(within)} of {len(steps)} scored "
-                      f"steps whose prompt_fidelity stays >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f})")
+        k, n = len(within), len(steps)
+        count = (f"{k} of the {n} scored steps" if k < n else f"all {n} scored steps" if n > 1 else "the only scored step")
+        x = best["subject_fidelity"]
+        kept = f"kept it (subject_fidelity {x:.4f})" if k == 1 else f"kept the highest subject_fidelity ({x:.4f})"
+        return best, (f"{count} {'keeps' if k == 1 else 'keep'} prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} "
+                      f"{ref['prompt_fidelity']:.4f}); {kept}")
     best = max(steps, key=lambda r: (r["prompt_fidelity"], r["subject_fidelity"], -r["step"]))
     return best, (f"no scored step keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
                   f"kept the highest prompt_fidelity ({best['prompt_fidelity']:.4f}), the least overfit step")

@@ -147,8 +147,10 @@ def _image_settings(src: str, revision: str | None, default) -> tuple:
     return mean_std, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
 
 
-def _load(cls, src: str, revision: str | None, flag: str, **kw):
-    """safetensors only. Hub repos that ship only pickles often have the bot's safetensors PR; try it."""
+def _load(cls, src: str, revision: str | None, flag: str | None, **kw):
+    """safetensors only. Hub repos that ship only pickles often have the bot's safetensors PR; try it.
+    `flag`: the `nanobooth eval` option that chose `src`, named in the ModelError with its fix; None (training's
+    validation_scores, where no flag was typed): the error says only what failed and the caller says what to do."""
     local = Path(src).expanduser().exists()
     tries = [revision] if revision or local or src.count("/") != 1 else [None, SAFETENSORS_PR]
     err = None
@@ -156,11 +158,13 @@ def _load(cls, src: str, revision: str | None, flag: str, **kw):
         try:
             model = cls.from_pretrained(src, revision=rev, use_safetensors=True, **kw)
             if rev and not revision:
-                log.info("%s %s: main has no safetensors weights; loaded the hub's conversion at %s", flag, src, rev)
+                log.info("%s: main has no safetensors weights; loaded the hub's conversion at %s", f"{flag} {src}" if flag else src, rev)
             return model, rev
         except (OSError, ValueError) as e:
             err = e
     msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if flag is None:
+        raise ModelError(f"'{src}': could not load {cls.__name__} with safetensors weights ({msg})")
     raise ModelError(f"{flag} '{src}': could not load {cls.__name__} with safetensors weights ({msg}); pass a local folder "
                      f"or hub id with model.safetensors (or {flag}-revision), or run once online to cache it")
 
@@ -176,10 +180,10 @@ class DinoBackend(FeatureBackend):
 
     name = "dino"
 
-    def __init__(self, src: str = "facebook/dino-vits16", revision: str | None = None, device="cpu"):
+    def __init__(self, src: str = "facebook/dino-vits16", revision: str | None = None, device="cpu", flag: str | None = "--dino"):
         from transformers import ViTModel
 
-        self.model, rev = _load(ViTModel, src, revision, "--dino", add_pooling_layer=False)
+        self.model, rev = _load(ViTModel, src, revision, flag, add_pooling_layer=False)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         self.device, self.size = device, self.model.config.image_size
@@ -204,16 +208,16 @@ class DinoBackend(FeatureBackend):
 class ClipBackend(FeatureBackend):
     name = "clip"
 
-    def __init__(self, src: str = "openai/clip-vit-base-patch32", revision: str | None = None, device="cpu"):
+    def __init__(self, src: str = "openai/clip-vit-base-patch32", revision: str | None = None, device="cpu", flag: str | None = "--clip"):
         from transformers import AutoTokenizer, CLIPModel
 
-        self.model, rev = _load(CLIPModel, src, revision, "--clip")
+        self.model, rev = _load(CLIPModel, src, revision, flag)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(src, revision=rev)
         except (OSError, ValueError) as e:
-            raise ModelError(f"--clip '{src}': no tokenizer there ({e}); CLIP-T needs the model's tokenizer files") from None
+            raise ModelError(f"{flag + ' ' if flag else ''}'{src}': no tokenizer there ({e}); CLIP-T needs the model's tokenizer files") from None
         self.device, self.size = device, self.model.config.vision_config.image_size
         self.mean_std, self.resample = _image_settings(src, rev, CLIP_MEAN_STD)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.config_values import identifier_words
 from ..core.run_folder import EMB_SUFFIX
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2: the names A1111, ComfyUI and diffusers' script use
@@ -58,7 +59,7 @@ def identifier(cfg) -> str:
 
     if cfg.token_abstraction:
         return cfg.token_abstraction
-    extra = [w for w in (cfg.instance_prompt or "").split() if w not in (cfg.class_prompt or "").split()]
+    extra = identifier_words(cfg)
     if len(extra) != 1:
         raise ConfigError(f"config key 'token_abstraction': instance_prompt '{cfg.instance_prompt}' has {len(extra)} words that "
                           f"class_prompt lacks ({', '.join(extra) or 'none'}); set token_abstraction=<the identifier word>")
