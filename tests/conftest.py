@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny seeded SD pipeline saved to disk once per session, tiny subject photos."""
 
+import atexit
 import os
 import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -12,10 +14,40 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1"... under pytest-xdist (-n N), else None
+if XDIST_WORKER:
+    # N workers share the cores: N x torch's default (one thread per core) spin at OpenMP barriers for cores
+    # another worker holds (threads.py measured 3.9x slower), so each worker gets its share, at least 1
+    from nanobooth.core.threads import usable_cpus
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    torch.set_num_threads(max(1, min(2, usable_cpus() // workers)))
+    # gradio keeps uploads and served files in one folder per machine unless told: one per worker
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"nanobooth-tests-gradio-{XDIST_WORKER}-")
+    atexit.register(shutil.rmtree, os.environ["GRADIO_TEMP_DIR"], ignore_errors=True)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 # A fixed thread count for every run a test starts, in-process or not: nanobooth otherwise picks one from
 # the cores free at that moment (threads.py), and bit-exact comparisons need one reduction order.
 os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+
+
+# Under `-n N --dist loadfile` a run lasts at least as long as its longest file, so the long ones start first
+# (tests/test_toy_claims.py alone is most of a worker's time); xdist's own order (files with the most tests
+# first) would start them last.
+LONG_FILES = ("test_toy_claims.py", "test_demo.py", "test_toy_pretrain.py", "test_interrupt.py",
+              "test_reliability.py", "test_distributed.py")
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") != "no":
+        config.option.loadscopereorder = False  # keep the order below (xdist's --no-loadscope-reorder)
+
+
+def pytest_collection_modifyitems(config, items):
+    if XDIST_WORKER:  # every worker sorts alike: xdist checks that all collected the same order
+        rank = {name: i for i, name in enumerate(LONG_FILES)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: files keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -31,8 +31,9 @@ def losses(run) -> list:
 @pytest.mark.slow
 def test_two_processes_equal_one(tiny_model, subject_dir, tmp_path):
     common = ["learning_rate=1e-3", "num_class_images=4", "max_train_steps=3"]
+    # port 0 = a free one: launches in parallel test workers (pytest -n) or beside other jobs never meet on 29500
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora-prior-pre"]
+              "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora-prior-pre"]
     one, two = two_processes_and_one(launch, tiny_model, subject_dir, tmp_path, common, "dreambooth-lora-prior-pre")
     a, b = load_file(one / "pytorch_lora_weights.safetensors"), load_file(two / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys()
@@ -52,8 +53,8 @@ def test_fsdp_two_processes_equal_one_full_fine_tune_flux(tiny_flux_model, subje
 
     common = ["learning_rate=1e-4", "gradient_checkpointing=false"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--fsdp_auto_wrap_policy",
-              "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock",
+              "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap", "FluxTransformerBlock,FluxSingleTransformerBlock",
               str(Path(__file__).parent / "fsdp_cpu.py"), "train", "flux/dreambooth"]
     one, two = two_processes_and_one(launch, tiny_flux_model, subject_dir, tmp_path, common, "flux/dreambooth")
 

@@ -179,8 +179,9 @@ def test_ctrl_c_under_accelerate_launch_stops_every_process_at_one_checkpoint(ti
     """A terminal's Ctrl-C reaches every process (and the launcher forwards it again): all stop at the same
     step, rank 0 writes that step's checkpoint, nobody hangs in a collective, and the run resumes."""
     run = tmp_path / "run"
+    # port 0 = a free one: launches in parallel test workers (pytest -n) or beside other jobs never meet on 29500
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora",
+              "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nanobooth", "train", "dreambooth-lora",
               *train_args(tiny_model, subject_dir, run, "max_train_steps=60", "learning_rate=1e-3")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with (tmp_path / "err").open("w") as err:
