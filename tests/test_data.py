@@ -242,3 +242,14 @@ def test_a_mask_of_another_size_names_the_file(tmp_path):
     Image.new("L", (16, 16)).save(tmp_path / "b.mask.png")
     with pytest.raises(DataError, match=r"b\.mask\.png.*16x16.*32x32"):
         mask_of(tmp_path / "b.jpg")
+
+
+def test_a_mask_without_its_photo_is_refused_in_one_line(tmp_path):
+    """NAME.mask.png with no NAME.* photo: one DataError naming the mask (it trained as a photo of the subject)."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    Image.new("L", (32, 32), 255).save(tmp_path / "a.mask.png")
+    assert list_images(tmp_path) == [tmp_path / "a.png"]  # a mask beside its photo is no photo
+    Image.new("L", (32, 32), 255).save(tmp_path / "09.mask.png")
+    with pytest.raises(DataError, match=r"09\.mask\.png: a loss mask with no photo 09\.\* beside it") as e:
+        list_images(tmp_path)
+    assert "\n" not in str(e.value)

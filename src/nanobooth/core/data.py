@@ -121,7 +121,7 @@ MASK_SUFFIX = ".mask"  # NAME.mask.png beside NAME.jpg: that photo's loss mask (
 
 
 def _is_mask(p: Path, stems: set[str]) -> bool:
-    """`p` is another image's mask: NAME.mask.EXT where an image NAME.* exists (an image merely named x.mask.png is a photo)."""
+    """`p` is another image's mask: NAME.mask.EXT where an image NAME.* exists (list_images refuses one without)."""
     return p.stem.endswith(MASK_SUFFIX) and p.stem[: -len(MASK_SUFFIX)] in stems
 
 
@@ -170,6 +170,10 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{key}: folder '{folder}' does not exist")
     files = image_paths(folder)
+    # NAME.mask.png whose photo is missing would train as a photo of the subject (a white or black square)
+    if orphan := next((p for p in files if p.stem.endswith(MASK_SUFFIX)), None):
+        raise DataError(f"{orphan}: a loss mask with no photo {orphan.stem[: -len(MASK_SUFFIX)]}.* beside it, so it would train "
+                        "as a photo; add that photo, or remove or rename the mask")
     skipped = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p not in files]
     stems = {p.stem for p in files}
     for p in skipped:
