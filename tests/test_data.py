@@ -156,10 +156,24 @@ def test_caption_beside_a_photo_is_its_prompt_else_instance_prompt(tmp_path, cap
 
 
 def test_caption_placeholders_and_unreadable_captions_name_the_file(tmp_path):
+    from types import SimpleNamespace
+
+    from nanobooth.core.config_values import caption_words
+
+    cfg = SimpleNamespace(instance_prompt="a photo of sks dog", class_prompt="a photo of dog", token_abstraction=None)
+    fill = caption_words(cfg)
+    assert fill == {"identifier": "sks", "class": "dog"}
+    assert caption_words(SimpleNamespace(**{**vars(cfg), "token_abstraction": "zwx"})) == {"identifier": "zwx"}  # not in the prompt
+    assert caption_words(SimpleNamespace(**{**vars(cfg), "class_prompt": None})) == {}  # every word is "the identifier"
     folder = _photos(tmp_path / "s", ["a.png"])
-    (folder / "a.txt").write_text("a photo of {identifier} {class}")
-    with pytest.raises(DataError, match=r"a\.txt: placeholders"):
-        ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True)
+    (folder / "a.txt").write_text("{identifier} {class} asleep on a {class} bed")
+    assert ImageSet.from_folder(folder, cfg.instance_prompt, 32, "instance_data_dir", captions=True,
+                                fill=fill).captions == ["sks dog asleep on a dog bed"]
+    with pytest.raises(DataError, match=r"a\.txt: \{identifier\} cannot be told from instance_prompt"):  # nothing to fill it
+        ImageSet.from_folder(folder, cfg.instance_prompt, 32, "instance_data_dir", captions=True)
+    (folder / "a.txt").write_text("a photo of {identifier} {clss}")  # a typo would train as literal braces
+    with pytest.raises(DataError, match=r"a\.txt: unknown placeholder \{clss\}; a caption may use \{identifier\} and \{class\}"):
+        ImageSet.from_folder(folder, cfg.instance_prompt, 32, "instance_data_dir", captions=True, fill=fill)
     (folder / "a.txt").write_bytes(b"\xff\xfe\xfa caption")
     with pytest.raises(DataError, match=r"a\.txt: cannot read this caption"):
         ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True)

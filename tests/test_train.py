@@ -262,7 +262,7 @@ def test_captions_one_embedding_each_and_resume_bit_exact_with_caption_dropout(t
     shutil.copytree(subject_dir, photos)
     names = sorted(p.stem for p in photos.glob("*.png"))
     (photos / f"{names[0]}.txt").write_text("a photo of sks dog on the grass")
-    (photos / f"{names[1]}.txt").write_text("a sks dog, close up")
+    (photos / f"{names[1]}.txt").write_text("a {identifier} {class}, close up")  # kohya's placeholders: "a sks dog, close up"
     calls = []
     fwd = CLIPTextModel.forward
     monkeypatch.setattr(CLIPTextModel, "forward", lambda self, ids, *a, **k: (calls.append(ids), fwd(self, ids, *a, **k))[1])

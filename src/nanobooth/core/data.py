@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -191,12 +192,11 @@ def _some_images(files: list[Path], folder: Path, key: str) -> list[Path]:
 CAPTION_PLACEHOLDERS = ("{identifier}", "{class}")
 
 
-def caption_of(image: Path, fallback: str) -> str:
+def caption_of(image: Path, fallback: str, fill: dict[str, str] | None = None) -> str:
     """The prompt of one photo: the text of `image.txt` beside `image.jpg` (kohya's and OneTrainer's
     convention; surrounding whitespace dropped), else `fallback` (instance_prompt), also for an empty file.
-    Plain text: the config names no identifier or class noun apart from inside instance_prompt, so
-    `{identifier}` / `{class}` placeholders are refused (DataError naming the file) rather than trained on
-    as literal braces."""
+    `{identifier}` / `{class}` in the text become fill's words (config_values.caption_words: "sks", "dog");
+    DataError naming the file for another `{word}` (a typo would train as literal braces) or one fill lacks."""
     txt = image.with_suffix(".txt")
     if not txt.is_file():
         return fallback
@@ -204,9 +204,14 @@ def caption_of(image: Path, fallback: str) -> str:
         text = " ".join(txt.read_text(encoding="utf-8").split())
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{txt}: cannot read this caption ({e}); save it as UTF-8 text or remove it") from None
-    if any(ph in text for ph in CAPTION_PLACEHOLDERS):
-        raise DataError(f"{txt}: placeholders {' / '.join(CAPTION_PLACEHOLDERS)} are not supported; write the identifier and "
-                        "class noun out (e.g. 'a photo of sks dog on the grass')")
+    for ph in dict.fromkeys(re.findall(r"\{\w*\}", text)):
+        if ph not in CAPTION_PLACEHOLDERS:
+            raise DataError(f"{txt}: unknown placeholder {ph}; a caption may use {' and '.join(CAPTION_PLACEHOLDERS)} "
+                            "(the identifier and class noun of instance_prompt) or plain text")
+        if ph[1:-1] not in (fill or {}):
+            raise DataError(f"{txt}: {ph} cannot be told from instance_prompt '{fallback}' (the identifier is the one word "
+                            "class_prompt lacks, or token_abstraction; the class noun the word after it); write it out")
+        text = text.replace(ph, fill[ph[1:-1]])
     return text or fallback
 
 
@@ -287,8 +292,9 @@ class ImageSet:
 
     @classmethod
     def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None,
-                    captions: bool = False, masks: bool = False, buckets: list[tuple[int, int]] | None = None) -> "ImageSet":
-        """captions: read each image's `.txt` caption (caption_of), falling back to `prompt`. masks: read each
+                    captions: bool = False, masks: bool = False, buckets: list[tuple[int, int]] | None = None,
+                    fill: dict[str, str] | None = None) -> "ImageSet":
+        """captions: read each image's `.txt` caption (caption_of, its placeholders from `fill`), falling back to `prompt`. masks: read each
         image's loss mask (mask_of); an image without one trains unmasked, with a warning naming it; DataError
         when no image has one.
         buckets: (w, h) sizes (buckets.bucket_sizes); each image is resized to cover its nearest one."""
@@ -316,7 +322,7 @@ class ImageSet:
                 mask_list.append(m and resize(len(mask_list), m))
         own = None
         if captions:
-            own = [caption_of(p, prompt) for p in list_images(folder, key)[:limit]]
+            own = [caption_of(p, prompt, fill) for p in list_images(folder, key)[:limit]]
             n = sum(c != prompt for c in own)
             if n:
                 log.info("%s: %d of %d images have their own caption (.txt); the others use '%s'", folder, n, len(own), prompt)

@@ -33,7 +33,8 @@ def check_token_abstraction(cfg, instance_dir: Path) -> None:
     word = cfg.token_abstraction
     if not (cfg.trains_embeddings and word) or word in (cfg.instance_prompt or "").split():
         return
-    if any(word in p.read_text(errors="replace").split() for p in Path(instance_dir).glob("*.txt")):
+    # a caption's {identifier} is token_abstraction (config_values.caption_words)
+    if any(word in t.split() or "{identifier}" in t for t in (p.read_text(errors="replace") for p in Path(instance_dir).glob("*.txt"))):
         return
     raise ConfigError(f"config key 'token_abstraction': '{word}' is not a word of instance_prompt '{cfg.instance_prompt}' "
                       "(nor of any caption file), so its new tokens would never be trained; set token_abstraction to the "

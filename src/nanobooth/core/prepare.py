@@ -11,7 +11,7 @@ from . import checkpoint as ckpt
 from . import prior, step_scores, trackers
 from .buckets import bucket_sizes
 from .config import ConfigError, TrainConfig
-from .config_values import identifier_words
+from .config_values import caption_words, identifier_words
 from .data import ImageSet, image_paths, mask_path, resolve_data_dir
 from .optimizers import check_optimizer
 from .prechecks import check_train_input
@@ -49,7 +49,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
         raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
                           f"has both sides in [{cfg.min_bucket_reso}, {cfg.max_bucket_reso}] (multiples of {cfg.bucket_reso_steps}); widen them")
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
-                                    masks=cfg.masked_loss, buckets=buckets)
+                                    masks=cfg.masked_loss, buckets=buckets, fill=caption_words(cfg))
     if buckets is not None and len(buckets) == 1:
         log.warning("enable_bucket: %dx%d with bucket_reso_steps=%d leaves one bucket, %dx%d: every photo is cropped to it as without "
                     "buckets; use a smaller bucket_reso_steps (a multiple of what the model renders, e.g. 16 for the toy model)",

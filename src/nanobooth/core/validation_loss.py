@@ -108,10 +108,11 @@ def build(cfg, family, objective, sources: dict, sets: dict, make_source) -> Val
         return None
     chosen = {"train": (sources["instance"], sets["instance"])}
     if cfg.validation_images_dir:
+        from .config_values import caption_words
         from .data import ImageSet, resolve_data_dir
 
         held = ImageSet.from_folder(resolve_data_dir(cfg.validation_images_dir, "validation_images_dir"), cfg.instance_prompt,
-                                    cfg.resolution, "validation_images_dir", captions=True)
+                                    cfg.resolution, "validation_images_dir", captions=True, fill=caption_words(cfg))
         chosen["heldout"] = (make_source(held), held)
     return ValidationLoss(family, objective, chosen, cfg.validation_loss_samples, cfg.seed, cfg.noise_offset, cfg.resolution,
                           cfg.snr_gamma)
