@@ -33,12 +33,18 @@ def identifier_words(cfg) -> list[str]:
     return [w for w in (cfg.instance_prompt or "").split() if w not in lacked]
 
 
+def one_identifier(cfg) -> str | None:
+    """token_abstraction, else the identifier when identifier_words finds exactly one word; None otherwise (the
+    caller refuses or leaves it out: embeddings.identifier, caption_words)."""
+    return getattr(cfg, "token_abstraction", None) or (w[0] if len(w := identifier_words(cfg)) == 1 else None)
+
+
 def caption_words(cfg) -> dict[str, str]:
     """What `{identifier}` and `{class}` in a caption file stand for (issue #23; kohya's and OneTrainer's captions name
     them through the config): token_abstraction or the one identifier word (identifier_words), and the word after
     it in instance_prompt ("a photo of sks dog": sks, dog). A key that cannot be told is left out: caption_of
     then refuses that placeholder, naming the file."""
-    ident = getattr(cfg, "token_abstraction", None) or (w[0] if len(set(w := identifier_words(cfg))) == 1 else None)
+    ident = one_identifier(cfg)
     words = (cfg.instance_prompt or "").split()
     if not ident or ident not in words:
         return {"identifier": ident} if ident else {}

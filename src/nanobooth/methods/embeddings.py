@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config_values import identifier_words
+from ..core.config_values import identifier_words, one_identifier
 from ..core.run_folder import EMB_SUFFIX
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2: the names A1111, ComfyUI and diffusers' script use
@@ -57,13 +57,11 @@ def identifier(cfg) -> str:
     """token_abstraction, else the one word of instance_prompt that class_prompt lacks. ConfigError if none or several."""
     from ..core.config import ConfigError
 
-    if cfg.token_abstraction:
-        return cfg.token_abstraction
+    if ident := one_identifier(cfg):
+        return ident
     extra = identifier_words(cfg)
-    if len(extra) != 1:
-        raise ConfigError(f"config key 'token_abstraction': instance_prompt '{cfg.instance_prompt}' has {len(extra)} words that "
-                          f"class_prompt lacks ({', '.join(extra) or 'none'}); set token_abstraction=<the identifier word>")
-    return extra[0]
+    raise ConfigError(f"config key 'token_abstraction': instance_prompt '{cfg.instance_prompt}' has {len(extra)} words that "
+                      f"class_prompt lacks ({', '.join(extra) or 'none'}); set token_abstraction=<the identifier word>")
 
 
 def new_tokens(cfg) -> list[str]:
