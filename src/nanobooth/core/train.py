@@ -439,8 +439,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 loss, inst, prior_l = dreambooth_loss(pred, target, cfg.train_batch_size, cfg.prior_loss_weight,
                                                       objective.weights(timesteps, cfg.snr_gamma), drawn[0][3], cfg.unmasked_weight)
                 # one host sync per micro-step, not four: on an accelerator each .item() stalls the queue of kernels
-                nan = torch.full_like(loss, math.nan)
-                loss_v, inst_v, prior_v = torch.stack([loss.detach(), inst.detach(), nan if prior_l is None else prior_l.detach()]).float().tolist()
+                prior_d = torch.full_like(loss, math.nan) if prior_l is None else prior_l.detach()
+                loss_v, inst_v, prior_v = torch.stack([loss.detach(), inst.detach(), prior_d]).float().tolist()
                 diverged = not math.isfinite(loss_v)
                 if world > 1:  # "max" of the flag: accelerate.reduce knows sum/mean/max, and any rank's NaN poisons all
                     diverged = accelerator.reduce(torch.tensor(float(diverged), device=device), "max").item() > 0
