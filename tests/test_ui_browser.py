@@ -63,6 +63,9 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
         page.set_default_timeout(60_000)
         page.goto(url)
+        # the page is ready once its load event has listed the workspace; an upload before that would be
+        # undone by the load's (older) answer on a busy machine
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("0 subjects")
         # 1. subject: the five dog photos, thumbnails and their prompts
         page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg")))
         page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")

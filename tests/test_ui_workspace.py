@@ -1,6 +1,8 @@
 """The UI's workspace (ui/workspace.py): uploads checked by content and size and saved under names made
 here, per-photo warnings, and config paths kept inside the workspace."""
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -83,3 +85,15 @@ def test_the_ui_command_binds_this_machine_only_and_shares_nothing_by_default():
     assert (args.host, args.port, args.share, args.func) == ("127.0.0.1", 7860, False, cmd_ui)
     args = parse_args(["ui", "--workspace", "ws", "--port", "8000", "--share"])
     assert (args.workspace, args.port, args.share) == ("ws", 8000, True)
+
+
+def test_the_newest_subject_is_the_last_made_and_a_missing_name_is_one_line(tmp_path):
+    ws = W.Workspace(tmp_path / "ws")
+    assert ws.newest_subject() is None
+    first = ws.toy_subject(7)
+    os.utime(first, ns=(1, 1))  # made long ago, whatever its name sorts as
+    second = ws.example_dog()
+    assert ws.newest_subject() == second.name != first.name
+    for name in (None, "", "no-such-subject"):
+        with pytest.raises(W.DataError, match="no such subject"):
+            ws.subject_folder(name)

@@ -86,8 +86,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         return items, "\n".join(lines) or "all photos ok", f"instance prompt: `{inst}`  \nclass prompt: `{cls}`"
 
     with gr.Blocks(title="nanobooth") as page:
-        gr.Markdown(f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`")
-        subject = gr.Dropdown(ws.subjects(), label="subject", value=(ws.subjects() or [None])[0], elem_id="nb-subject")
+        header = gr.Markdown(f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`", elem_id="nb-header")
+        subject = gr.Dropdown(ws.subjects(), label="subject", value=None, elem_id="nb-subject")  # on_load fills it
         with gr.Tabs():
             with gr.Tab("1 Subject"):
                 with gr.Row():
@@ -337,7 +337,15 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         runs_pick.change(on_pick, runs_pick, [runs_cfg, runs_grid])
         reopen.click(lambda n: [gr.Dropdown(value=n)] * 3, runs_pick, [try_run, eval_run, exp_run])
-        page.load(lambda: gr.Dropdown(choices=ws.subjects(), value=(ws.subjects() or [None])[0]), None, subject)
+        def on_load():
+            # a reloaded page lists what was made since launch and shows the newest subject; the header's
+            # counts say the page is ready (a busy server can answer this after a very quick first upload)
+            names = ws.subjects()
+            return (gr.Dropdown(choices=names, value=ws.newest_subject()),
+                    f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {len(names)} subjects, "
+                    f"{len(run_names())} runs")
+
+        page.load(on_load, None, [subject, header])
     return page
 
 

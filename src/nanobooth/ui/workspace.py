@@ -110,14 +110,19 @@ class Workspace:
         world.write_subject(seed, folder)
         return folder
 
-    def subject_folder(self, name: str) -> Path:
-        folder = (self.root / "subjects" / name).resolve()
+    def subject_folder(self, name: str | None) -> Path:
+        folder = (self.root / "subjects" / (name or "")).resolve()
         if not name or folder.parent != (self.root / "subjects") or not folder.is_dir():
             raise DataError(f"subject '{name}': no such subject in the workspace; upload photos or pick one")
         return folder
 
     def subjects(self) -> list[str]:
         return sorted((p.name for p in (self.root / "subjects").iterdir() if p.is_dir()), reverse=True)
+
+    def newest_subject(self) -> str | None:
+        """The subject folder made last (None in an empty workspace): what a freshly loaded page shows."""
+        folders = [p for p in (self.root / "subjects").iterdir() if p.is_dir()]
+        return max(folders, key=lambda p: (p.stat().st_mtime_ns, p.name)).name if folders else None
 
 
 def photo_warnings(path: Path, resolution: int) -> list[str]:
