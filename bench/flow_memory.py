@@ -31,7 +31,8 @@ from train_step import print_table  # noqa: E402
 # option -> (base_quantization, gradient_checkpointing, offload_blocks on?)
 OPTIONS = {"none": ("none", False, False), "int8": ("int8", False, False), "checkpointing": ("none", True, False),
            "int8+checkpointing": ("int8", True, False), "checkpointing+offload": ("none", True, True),
-           "int8+checkpointing+offload": ("int8", True, True)}
+           "int8+checkpointing+offload": ("int8", True, True), "nf4": ("nf4", False, False),
+           "nf4+checkpointing": ("nf4", True, False)}
 GPU_OPTIONS = {"none": ("none", False, False), "checkpointing": ("none", True, False), "nf4+checkpointing": ("nf4", True, False),
                "int8+checkpointing": ("int8", True, False), "fp8+checkpointing": ("fp8", True, False),
                "checkpointing+offload": ("none", True, True), "nf4+checkpointing+offload": ("nf4", True, True),
@@ -59,7 +60,9 @@ class PeakRSS(threading.Thread):
 
 
 def _nbytes(t) -> int:
-    inner = [getattr(t, a) for a in ("_data", "_scale", "_shift") if getattr(t, a, None) is not None]
+    inner = [getattr(t, a) for a in ("_data", "_scale", "_shift") if getattr(t, a, None) is not None]  # quanto
+    if (state := getattr(t, "quant_state", None)) is not None:  # bitsandbytes 4-bit: packed bytes + block scales
+        inner = [t.data, state.absmax]
     return sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
 
 

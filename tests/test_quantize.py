@@ -18,20 +18,35 @@ pytest.importorskip("optimum.quanto")
 
 
 def _quantized(unet) -> dict:
-    """name -> (quantized data, scale) of every quanto-quantized weight."""
+    """name -> (quantized data, scale) of every quanto-quantized weight, or (packed nf4 bytes, absmax) of every
+    bitsandbytes 4-bit one."""
     from optimum.quanto import QModuleMixin
 
-    return {n: (m.weight._data.clone(), m.weight._scale.clone()) for n, m in unet.named_modules() if isinstance(m, QModuleMixin)}
+    out = {n: (m.weight._data.clone(), m.weight._scale.clone()) for n, m in unet.named_modules() if isinstance(m, QModuleMixin)}
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return out
+    for n, m in unet.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            assert m.weight.dtype == torch.uint8, n  # quantized, not a float weight in a 4-bit module's clothes
+            out[n] = (m.weight.data.clone(), m.weight.quant_state.absmax.clone())
+    return out
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp8"])
+@pytest.mark.parametrize("kind", ["int8", "fp8", "nf4"])
 def test_lora_on_quantized_flux_base_trains_and_loads_unquantized(kind, tiny_flux_model, subject_dir, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
+
+    if kind == "nf4":
+        pytest.importorskip("bitsandbytes")
 
     seen = {}
 
     def spy(unet, cfg, dtype, device):  # the loop's quantized base, as quantized (before adapters exist)
         quantize.quantize_base(unet, cfg, dtype, device)
+        if kind == "nf4":  # bitsandbytes quantizes on the move to the device, which the loop does next
+            unet.to(device)
         seen["unet"], seen["before"] = unet, _quantized(unet)
 
     monkeypatch.setattr(train_mod, "quantize_base", spy)
@@ -86,12 +101,19 @@ def test_base_quantization_refuses_full_fine_tune():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
-def test_nf4_is_refused_on_cpu_before_the_run_folder(tiny_flux_model, subject_dir, tmp_path, capsys):
+def test_nf4_with_a_bitsandbytes_that_cannot_quantize_on_the_cpu_is_one_line_before_the_run_folder(
+        tiny_flux_model, subject_dir, tmp_path, capsys, monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    def cuda_only(self, device=None, *a, **k):  # what bitsandbytes before CPU support does on a CPU
+        raise RuntimeError("CUDA Setup failed")
+
+    monkeypatch.setattr(bnb.nn.Params4bit, "to", cuda_only)
     out = tmp_path / "run"
     assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, out, "base_quantization=nf4")]) != 0
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("nanobooth: error:")]
-    assert len(lines) == 1 and "config key 'base_quantization'" in lines[0] and "int8" in lines[0]
+    assert len(lines) == 1 and "config key 'base_quantization'" in lines[0] and "pip install -U bitsandbytes" in lines[0]
     assert "Traceback" not in err
     assert not out.exists()
 

@@ -179,7 +179,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Mixed precision: frozen models are cast to it, trained weights stay fp32."""
     base_quantization: Literal["none", "int8", "fp8", "nf4"] = "none"
-    """Store the frozen denoiser's linear weights quantized (adapter methods only: lora, dora, lokr, loha): int8 or fp8 weight-only (optimum-quanto; CPU or GPU), nf4 (bitsandbytes; CUDA only). Adapters train in fp32; the saved LoRA loads on the unquantized base."""
+    """Store the frozen denoiser's linear weights quantized (adapter methods only: lora, dora, lokr, loha): int8 or fp8 weight-only (optimum-quanto; CPU or GPU), nf4 (bitsandbytes; CUDA or CPU). Adapters train in fp32; the saved LoRA loads on the unquantized base."""
     offload_blocks: int = 0
     """SD3/FLUX (method=lora/dora): keep the frozen weights of the last N transformer blocks in CPU memory, each moved to the accelerator only while it computes (kohya's blocks_to_swap). Needs gradient_checkpointing=true. Same results, less accelerator memory, slower steps; no effect without an accelerator."""
     gradient_checkpointing: bool = False

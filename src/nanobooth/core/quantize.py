@@ -2,7 +2,7 @@
 
 Only the frozen base is quantized; LoRA/DoRA adapters added afterwards stay fp32 and train as usual
 (peft wraps a quantized Linear like any other). int8 and fp8 are weight-only optimum-quanto (CPU, CUDA,
-MPS); nf4 is bitsandbytes' 4-bit NormalFloat (CUDA only). The saved LoRA holds adapters only, so it loads
+MPS); nf4 is bitsandbytes' 4-bit NormalFloat (CUDA, and the CPU with a recent bitsandbytes: 0.50.2 is tested). The saved LoRA holds adapters only, so it loads
 on the unquantized base.
 """
 
@@ -29,7 +29,8 @@ def quantize_base(unet: torch.nn.Module, cfg, dtype: torch.dtype, device: torch.
     `dtype` (the run's compute dtype): a quantized weight's dtype is fixed once quantized. Every parameter
     is left with requires_grad=False (quanto's freeze makes new Parameters, trainable by default).
 
-    Raises ConfigError: nf4 without CUDA or without bitsandbytes; int8/fp8 without optimum-quanto.
+    Raises ConfigError: nf4 on a device other than CUDA or the CPU, without bitsandbytes, or with a
+    bitsandbytes that cannot quantize on the CPU; int8/fp8 without optimum-quanto.
     """
     kind = cfg.base_quantization
     if kind == "none":
@@ -50,14 +51,22 @@ def quantize_base(unet: torch.nn.Module, cfg, dtype: torch.dtype, device: torch.
 
 def _nf4(unet: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     """bitsandbytes Linear4bit (NF4) in place of each nn.Linear not in EXCLUDE; bitsandbytes quantizes
-    the weights when the module moves to the GPU (train.py does that next)."""
-    if device.type != "cuda":
-        raise ConfigError("config key 'base_quantization': nf4 needs a CUDA GPU (bitsandbytes) and this run trains on the "
-                          f"{device.type.upper()}; use base_quantization=int8 or fp8 (optimum-quanto, runs on CPUs) or none")
+    the weights when the module is moved to its device (train.py does that next, even on the CPU)."""
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError("config key 'base_quantization': nf4 (bitsandbytes) runs on CUDA GPUs and CPUs, not on "
+                          f"{device.type.upper()}; use base_quantization=int8 or fp8 (optimum-quanto) or none")
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError("config key 'base_quantization': nf4 needs bitsandbytes: pip install bitsandbytes (CUDA GPUs only)") from None
+        raise ConfigError("config key 'base_quantization': nf4 needs bitsandbytes: pip install bitsandbytes") from None
+    if device.type == "cpu":  # older bitsandbytes quantize on CUDA only: ask this one rather than parse versions
+        try:
+            ok = bnb.nn.Params4bit(torch.ones(8, 64, dtype=dtype), requires_grad=False, quant_type="nf4").to(device).dtype == torch.uint8
+        except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+            ok = False
+        if not ok:
+            raise ConfigError("config key 'base_quantization': this bitsandbytes cannot quantize to nf4 on the CPU; "
+                              "pip install -U bitsandbytes, or use base_quantization=int8") from None
     for name, parent in list(unet.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{name}.{child_name}" if name else child_name
