@@ -73,7 +73,7 @@ class ToyScorer:
         self.cfg, self.meta = cfg, meta
         self.noun = meta.get("class_noun") or cfg.class_prompt.split()[-1]
         self.ident = identifier(cfg, meta) or "sks"
-        self.instance = load_folder(instance_dir, 0)
+        self.instance = load_folder(instance_dir, 0, warn=False)  # prepare_run warned about skipped files
         self.probe = probe or load_probe()
 
     def __call__(self, pipe, rows) -> dict[str, float]:
@@ -104,7 +104,7 @@ class RealScorer:
                         "for DINO)", cfg.validation_scores, str(e).splitlines()[0], DINO)
             self.dino = None
         self.cfg, self.ident = cfg, identifier(cfg, meta)
-        instance = load_folder(instance_dir, 0)
+        instance = load_folder(instance_dir, 0, warn=False)  # prepare_run warned about skipped files
         self.inst_clip = self.clip.image_features(instance)
         self.inst_dino = self.dino.image_features(instance) if self.dino else None
 
