@@ -286,8 +286,10 @@ def test_a_mask_of_another_size_names_the_file(tmp_path):
 
     Image.new("RGB", (32, 32)).save(tmp_path / "b.jpg")
     Image.new("L", (16, 16)).save(tmp_path / "b.mask.png")
-    with pytest.raises(DataError, match=r"b\.mask\.png.*16x16.*32x32"):
+    with pytest.raises(DataError) as e:
         mask_of(tmp_path / "b.jpg")
+    # one line, the file named once, one fix (it was wrapped in "cannot read this mask (...); replace or remove the file")
+    assert str(e.value) == f"{tmp_path / 'b.mask.png'}: the mask is 16x16 but b.jpg is 32x32; save the mask at the photo's size"
 
 
 def test_a_mask_without_its_photo_is_refused_in_one_line(tmp_path):

@@ -155,6 +155,8 @@ def mask_of(image: Path) -> Image.Image | None:
             if img.mode not in ("RGBA", "LA", "PA"):
                 return None
             return img.getchannel("A")
+    except DataError:  # the size refusal above: a ValueError too, which the next clause would wrap in a second message
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path or image}: cannot read this mask ({e}); replace or remove the file") from None
 

@@ -167,13 +167,15 @@ def choose(history: list[dict], tolerance: float) -> tuple[dict | None, str]:
     if within:
         best = max(within, key=lambda r: (r["subject_fidelity"], r["prompt_fidelity"], -r["step"]))
         k, n = len(within), len(steps)
-        count = (f"{k} of the {n} scored steps" if k < n else f"all {n} scored steps" if n > 1 else "the only scored step")
+        # "trained": the base model's step 0 is scored too (the reference), and a count that left it out read as false
+        count = (f"{k} of the {n} trained steps scored" if k < n else f"all {n} trained steps scored" if n > 1
+                 else "the only trained step scored")
         x = best["subject_fidelity"]
         kept = f"kept it (subject_fidelity {x:.4f})" if k == 1 else f"kept the highest subject_fidelity ({x:.4f})"
         return best, (f"{count} {'keeps' if k == 1 else 'keep'} prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} "
                       f"{ref['prompt_fidelity']:.4f}); {kept}")
     best = max(steps, key=lambda r: (r["prompt_fidelity"], r["subject_fidelity"], -r["step"]))
-    return best, (f"no scored step keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
+    return best, (f"no trained step scored keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
                   f"kept the highest prompt_fidelity ({best['prompt_fidelity']:.4f}), the least overfit step")
 
 
