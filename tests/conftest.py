@@ -124,3 +124,10 @@ def fixed_noise_batch(c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
     noise = torch.randn(x.shape, generator=g)
     t = torch.tensor([300, 700])
     return x, noise, t, c.noise_scheduler.add_noise(x, noise, t)
+
+
+def cond_batch(cond: dict, n: int = 2) -> dict:
+    """One prompt's conditioning (family.encode: tensors [1, ...], and dicts of them such as SDXL's added_cond_kwargs)
+    expanded to a batch of `n` (views, no copy), the batch fixed_noise_batch draws."""
+    return {k: v.expand(n, *v.shape[1:]) if torch.is_tensor(v) else {kk: vv.expand(n, *vv.shape[1:]) for kk, vv in v.items()}
+            for k, v in cond.items()}

@@ -147,3 +147,30 @@ def test_a_single_bucket_is_named_in_a_warning(wide_and_tall, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nanobooth"):
         prepare_run(cfg)
     assert not any("one bucket" in r.getMessage() for r in caplog.records)
+
+
+def test_toy_variants_bucket_in_steps_the_toy_model_renders(wide_and_tall, tmp_path, caplog):
+    """newcomer12: the toy variants kept SD's bucket_reso_steps=64, so enable_bucket=true on a 64x64 toy run left one
+    bucket, the square. They step by 16, a multiple of what the toy model renders, and a wide photo gets a wide bucket."""
+    import json
+    import logging
+    from importlib import resources
+    from types import SimpleNamespace
+
+    from nanobooth.core.config import check_resolution, load_config, variant_names
+    from nanobooth.core.train import prepare_run
+
+    toy = resources.files("nanobooth") / "assets" / "toy_model"
+    vae, unet = (SimpleNamespace(**json.loads((toy / d / "config.json").read_text())) for d in ("vae", "unet"))
+    step = check_resolution(64, vae, unet)  # the multiple train() checks bucket sides against once the model loads
+    for name in (n for n in variant_names() if n.startswith("toy/")):
+        assert load_config(name).bucket_reso_steps == 16 and 16 % step == 0, name
+    cfg = load_config("toy/dreambooth-lora", [f"instance_data_dir={wide_and_tall}", f"output_dir={tmp_path / 'run'}",
+                                              "enable_bucket=true"])
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        _, instance = prepare_run(cfg)
+    assert not any("one bucket" in r.getMessage() for r in caplog.records)
+    # e.png is 64x32 (2:1): a wide bucket, not the 64x64 square that steps of 64 leave
+    wide = instance.sizes[4]
+    assert wide[0] > wide[1] and wide[0] % 16 == 0 and wide[1] % 16 == 0
+    assert instance.sizes[2][0] < instance.sizes[2][1]  # c.png, 36x48: a tall bucket

@@ -245,3 +245,31 @@ def test_the_identifier_is_derived_once_for_prepare_keep_best_and_new_tokens(sub
         with caplog.at_level("WARNING", logger="nanobooth"):
             prepare_run(c)
         assert any("has no word that class_prompt lacks" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_a_key_set_without_its_switch_is_warned_about_once_naming_both(tmp_path, caplog):
+    """newcomer12: validation_images_dir without validation_loss_steps and bucket_reso_steps without enable_bucket
+    did nothing, silently. Warned only when the user changed the key from the variant's value."""
+    import logging
+
+    from nanobooth.core.config import save_config
+
+    def warned(name, overrides):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nanobooth"):
+            load_config(name, overrides)
+        return [r.getMessage() for r in caplog.records]
+
+    assert warned("toy/dreambooth-lora", ["validation_images_dir=held"]) == [
+        "validation_images_dir=held is used only with validation_loss_steps > 0; set validation_loss_steps=N, or remove it"]
+    assert warned("dreambooth-lora", ["bucket_reso_steps=32"]) == [
+        "bucket_reso_steps=32 is used only with enable_bucket=true; set enable_bucket=true, or remove it"]
+    assert warned("toy/dreambooth-lora", ["validation_images_dir=held", "validation_loss_steps=5"]) == []
+    assert warned("dreambooth-lora", ["bucket_reso_steps=32", "enable_bucket=true"]) == []
+    assert warned("dreambooth-lora", ["bucket_reso_steps=64"]) == []  # the variant's own value: nothing was changed
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: dreambooth-lora\nbucket_reso_steps: 32\n")
+    assert len(warned(str(mine), [])) == 1  # a user YAML's key counts as set when its base has another value
+    save_config(load_config("dreambooth-lora", ["bucket_reso_steps=32"]), tmp_path / "resolved.yaml")
+    assert warned(str(tmp_path / "resolved.yaml"), []) == []  # a saved config.yaml: every key resolved, none changed
+    assert len(warned(str(tmp_path / "resolved.yaml"), ["bucket_reso_steps=16"])) == 1

@@ -45,7 +45,7 @@ def test_folder_skips_non_images_and_warns_on_small(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nanobooth"):
         images = load_folder(tmp_path, resolution=32)
     assert len(images) == 1
-    assert "notes.txt: not an image" in caplog.text and "smaller than resolution 32" in caplog.text
+    assert "notes.txt: a caption with no photo notes.*" in caplog.text and "smaller than resolution 32" in caplog.text
 
 
 def test_image_paths_is_the_one_list_of_a_folders_images(tmp_path, subject_dir):
@@ -155,6 +155,38 @@ def test_caption_beside_a_photo_is_its_prompt_else_instance_prompt(tmp_path, cap
     assert caption_of(folder / "c.png", "fallback") == "fallback"
 
 
+def test_caption_edge_cases_each_warn_once_naming_the_file(tmp_path, caplog):
+    """newcomer12: an empty caption, a caption without the identifier and a caption with no photo were silent or
+    said twice that a .txt is 'not an image file'. Each is now one line naming the file (the identifier one lists
+    every file in one line); not errors."""
+    folder = _photos(tmp_path / "s", ["a.png", "b.png", "c.png", "d.png"])
+    (folder / "a.txt").write_text(" \n")  # empty: instance_prompt, said
+    (folder / "b.txt").write_text("a photo of a dog on the beach")  # no identifier: trains as the class
+    (folder / "c.txt").write_text("a photo of sks, dog")  # the identifier, punctuation touching it
+    (folder / "07.txt").write_text("a photo of sks dog")  # no 07.png: skipped
+    fill = {"identifier": "sks", "class": "dog"}
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        s = ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True, fill=fill)
+    lines = [r.getMessage() for r in caplog.records]
+    assert s.captions == ["a photo of sks dog", "a photo of a dog on the beach", "a photo of sks, dog", "a photo of sks dog"]
+    assert lines == [f"{folder / '07.txt'}: a caption with no photo 07.* beside it (e.g. 07.png), skipped; add the photo or "
+                     "remove the caption",
+                     f"{folder / 'a.txt'}: empty caption; this photo trains with instance_prompt 'a photo of sks dog' (write a "
+                     "caption or remove the file)",
+                     f"{folder}: caption b.txt does not contain the identifier 'sks': that photo does not bind the subject to "
+                     "it (add 'sks' where the photo shows the subject)"]
+    (folder / "d.txt").write_text("sksdog in the snow")  # a longer word is not the identifier
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        ImageSet.from_folder(folder, "a photo of sks dog", 32, "instance_data_dir", captions=True, fill=fill)
+    ident = [m for r in caplog.records if "identifier" in (m := r.getMessage())]
+    assert len(ident) == 1 and "captions b.txt, d.txt do not contain the identifier 'sks'" in ident[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):  # held-out photos bind nothing: no identifier warning
+        ImageSet.from_folder(folder, "a photo of sks dog", 32, "validation_images_dir", captions=True, fill=fill)
+    assert not any("identifier" in r.getMessage() for r in caplog.records)
+
+
 def test_caption_placeholders_and_unreadable_captions_name_the_file(tmp_path):
     from types import SimpleNamespace
 
@@ -254,8 +286,10 @@ def test_a_mask_of_another_size_names_the_file(tmp_path):
 
     Image.new("RGB", (32, 32)).save(tmp_path / "b.jpg")
     Image.new("L", (16, 16)).save(tmp_path / "b.mask.png")
-    with pytest.raises(DataError, match=r"b\.mask\.png.*16x16.*32x32"):
+    with pytest.raises(DataError) as e:
         mask_of(tmp_path / "b.jpg")
+    # one line, the file named once, one fix (it was wrapped in "cannot read this mask (...); replace or remove the file")
+    assert str(e.value) == f"{tmp_path / 'b.mask.png'}: the mask is 16x16 but b.jpg is 32x32; save the mask at the photo's size"
 
 
 def test_a_mask_without_its_photo_is_refused_in_one_line(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import fixed_noise_batch, train_args
+from conftest import cond_batch, fixed_noise_batch, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
@@ -57,8 +57,7 @@ def test_only_the_new_rows_train_the_loss_falls_and_they_stop_at_the_pivot(fixtu
     _, noise, t, noisy = fixed_noise_batch(c)  # the same fixed example every step
     losses, rows = [], []
     for step in range(cfg.max_train_steps):
-        cond = {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else {kk: vv.expand(2, *vv.shape[1:]) for kk, vv in v.items()})
-                for k, v in _encode(c, tokens).items()}
+        cond = cond_batch(_encode(c, tokens))
         loss = torch.nn.functional.mse_loss(c.family.denoise(c.unet, noisy, t, cond), noise)
         loss.backward()
         embeddings.pivot(opt, step, cfg)

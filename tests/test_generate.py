@@ -181,3 +181,20 @@ def test_weights_of_another_base_model_are_one_line_naming_the_run(tiny_model, t
                      {f"{key}.lora_A.weight": torch.zeros(4, 7), f"{key}.lora_B.weight": torch.zeros(7, 4)})
     with pytest.raises(ModelError, match="--weights '.*lora' does not fit --model"):
         load_run(str(tiny_model), str(lora))
+
+
+def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, capsys):
+    """newcomer12: `--num-images 1` printed "wrote 1 images"."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from nanobooth.inference import generate as gen
+
+    args = SimpleNamespace(model="toy", prompt=["a sks dog"], weights=None, num_images=1, seed=0, steps=2, guidance=4.0,
+                           guidance_cutoff=None, resolution=None, out=str(tmp_path), device=None, dtype=None, tome_ratio=0.0,
+                           allow_pickle=False, single_file_config=None)
+    for n, said in ((1, "wrote 1 image and grid.png"), (2, "wrote 2 images and grid.png")):
+        monkeypatch.setattr(gen, "generate", lambda *a, n=n, **k: [Image.new("RGB", (8, 8))] * n)
+        gen.generate_cli(args)
+        assert capsys.readouterr().out.startswith(said + f" to {tmp_path}")

@@ -115,15 +115,26 @@ def test_eval_weights_leave_adamw_alone():
     assert torch.equal(p.detach(), torch.ones(2))
 
 
-def test_prodigy_warns_when_learning_rate_is_not_about_1(caplog):
-    p = torch.nn.Parameter(torch.ones(2))
+def test_prodigy_warns_before_the_run_naming_the_key_when_learning_rate_is_not_about_1(caplog):
+    # the check the run makes before any model loads (prepare_run -> check_optimizer), once, naming the key and the fix
     with caplog.at_level(logging.WARNING, logger="nanobooth"):
-        optimizers.make_optimizer(TrainConfig(optimizer="prodigy"), [{"params": [p], "lr": 5e-6}], torch.device("cpu"))
-    assert "learning_rate=1.0" in caplog.text
+        optimizers.check_optimizer(TrainConfig(optimizer="prodigy", learning_rate=1e-4))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["optimizer=prodigy: learning_rate=0.0001 scales prodigy's own step size; use learning_rate=1.0 "
+                     "(prodigy's default; 0.1 to 10 is not warned about)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="nanobooth"):
-        optimizers.make_optimizer(TrainConfig(optimizer="prodigy"), [{"params": [p], "lr": 1.0}], torch.device("cpu"))
-    assert caplog.text == ""
+        optimizers.check_optimizer(TrainConfig(optimizer="prodigy", learning_rate=1.0, text_encoder_lr=20.0))
+    assert [r.getMessage() for r in caplog.records] == [
+        "optimizer=prodigy: text_encoder_lr=20 scales prodigy's own step size; use text_encoder_lr=1.0 "
+        "(prodigy's default; 0.1 to 10 is not warned about)"]
+    caplog.clear()
+    p = torch.nn.Parameter(torch.ones(2))
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        optimizers.check_optimizer(TrainConfig(optimizer="prodigy", learning_rate=1.0))
+        optimizers.check_optimizer(TrainConfig(optimizer="adamw", learning_rate=1e-4))
+        optimizers.make_optimizer(TrainConfig(optimizer="prodigy"), [{"params": [p], "lr": 5e-6}], torch.device("cpu"))
+    assert caplog.text == ""  # not again when the optimizer is built
 
 
 def test_schedulefree_schedule_is_constant_and_it_warms_up_itself():

@@ -220,7 +220,8 @@ def test_odd_but_usable_images_are_fixed_up_with_warnings(tiny_model, tmp_path, 
     exif[0x0112] = 8
     Image.new("RGB", (48, 24), "yellow").save(d / "rotated.jpg", exif=exif)
     Image.new("RGB", (16, 16), "white").save(d / "small.png")
-    (d / "notes.txt").write_text("not an image")
+    (d / "notes.pdf").write_text("not an image")
+    (d / "gone.txt").write_text("a photo of dog")  # a caption whose photo is missing
     run = tmp_path / "run"
     import logging
 
@@ -228,7 +229,8 @@ def test_odd_but_usable_images_are_fixed_up_with_warnings(tiny_model, tmp_path, 
         assert main(["train", "dreambooth-lora", *train_args(tiny_model, d, run, "instance_prompt=a photo of dog",
                                                              "class_prompt=a photo of dog")]) == 0
     text = caplog.text
-    assert "notes.txt: not an image file, skipped" in text
+    assert text.count("notes.pdf: not an image file, skipped") == 1  # once, though the folder is listed more than once
+    assert text.count("gone.txt: a caption with no photo gone.* beside it") == 1 and "gone.txt: not an image" not in text
     assert "small.png: 16x16 is smaller than resolution 32" in text
     assert "instance_prompt equals class_prompt" in text and "rare identifier" in text
     assert (run / LORA).exists()

@@ -131,17 +131,18 @@ def test_choose_rule():
     rows = [{"step": s, "subject_fidelity": x, "prompt_fidelity": y} for s, (x, y) in SCORES.items()]
     assert step_scores.choose(rows, 0.1)[0]["step"] == 1
     assert step_scores.choose(rows, 0.55)[0]["step"] == 2  # floor 0.45: steps 1 and 2 within, 2 more like the subject
-    # the reason reads as a sentence for every count (not "the 4 of 4 scored steps")
-    assert step_scores.choose(rows, 0.1)[1].startswith("1 of the 4 scored steps keeps prompt_fidelity >= 0.9000 (0.9 x the base model's")
+    # the reason reads as a sentence for every count (not "the 4 of 4 scored steps"), and counts what it says: 5
+    # steps were scored, the 4 trained ones are compared (newcomer12 read "all 2 scored steps" beside 3 scored)
+    assert step_scores.choose(rows, 0.1)[1].startswith("1 of the 4 trained steps scored keeps prompt_fidelity >= 0.9000 (0.9 x the base model's")
     assert step_scores.choose(rows, 0.1)[1].endswith("; kept it (subject_fidelity 0.5000)")
-    assert step_scores.choose(rows, 0.55)[1].startswith("2 of the 4 scored steps keep prompt_fidelity >= 0.4500")
-    assert step_scores.choose(rows, 0.9)[1].startswith("all 4 scored steps keep ")
+    assert step_scores.choose(rows, 0.55)[1].startswith("2 of the 4 trained steps scored keep prompt_fidelity >= 0.4500")
+    assert step_scores.choose(rows, 0.9)[1].startswith("all 4 trained steps scored keep ")
     assert step_scores.choose(rows, 0.9)[1].endswith("; kept the highest subject_fidelity (0.8000)")
-    assert step_scores.choose(rows[:2], 0.1)[1].startswith("the only scored step keeps ")
+    assert step_scores.choose(rows[:2], 0.1)[1].startswith("the only trained step scored keeps ")
     # none within: the highest prompt fidelity, and the reason says so
     low = [rows[0]] + [{**r, "prompt_fidelity": r["prompt_fidelity"] / 2} for r in rows[1:]]
     best, why = step_scores.choose(low, 0.1)
-    assert best["step"] == 1 and "no scored step" in why
+    assert best["step"] == 1 and "no trained step scored keeps" in why
     assert step_scores.choose(rows[:1], 0.1)[0] is None  # the base model alone is never kept
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import fixed_noise_batch, train_args
+from conftest import cond_batch, fixed_noise_batch, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import LORA_FILE, MODEL_INDEX, RunFolderError, output_paths, result_kind
@@ -58,8 +58,7 @@ def test_only_the_new_rows_train_and_the_loss_falls(fixture, request, tmp_path):
     losses = []
     for _ in range(6):
         enc = c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, embeddings.rewrite(PROMPT, tokens), "cpu"), 32)
-        cond = {k: (v.expand(2, *v.shape[1:]) if torch.is_tensor(v) else {kk: vv.expand(2, *vv.shape[1:]) for kk, vv in v.items()})
-                for k, v in enc.items()}
+        cond = cond_batch(enc)
         loss = torch.nn.functional.mse_loss(c.family.denoise(c.unet, noisy, t, cond), noise)
         loss.backward()
         opt.step()

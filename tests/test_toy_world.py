@@ -155,3 +155,14 @@ def test_sample_patterned_spec_covers_the_subjects_attributes():
     assert all(s.colour != s.colour2 for s in specs)
     assert all(s.scene is None for s in specs[1::2]) and all(s.scene in SCENES for s in specs[::2])
     assert all(abs(s.angle) <= 0.6 for s in specs)  # posed like the subjects, so marks sit where theirs do
+
+
+def test_toy_subject_command_counts_one_image_in_the_singular(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from nanobooth.toy.cli import cmd_subject
+
+    cmd_subject(SimpleNamespace(seed=3, out=str(tmp_path / "one"), num_images=1))
+    assert capsys.readouterr().out.startswith(f"wrote 1 image of subject 3 to {tmp_path / 'one'}\n")
+    cmd_subject(SimpleNamespace(seed=3, out=str(tmp_path / "two"), num_images=2))
+    assert capsys.readouterr().out.startswith(f"wrote 2 images of subject 3 to {tmp_path / 'two'}\n")

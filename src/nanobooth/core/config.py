@@ -20,6 +20,7 @@ from typing import Literal, Optional
 import yaml
 
 from .config_checks import _nearest_multiples, check_mixed_precision, check_offload, check_resolution, check_resolution_before_loading, local_denoiser_blocks  # noqa: F401 (importable from here)
+from .config_checks import warn_idle_keys
 from .config_values import _check_type, _is_guidance_fraction, _type_name, _wants_str, guidance_fraction  # noqa: F401
 from .errors import ConfigError  # noqa: F401 (importable from here)
 
@@ -440,7 +441,22 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
     for key in ("validation_prompts", "lora_target_modules", "text_encoder_lora_target_modules"):
         if isinstance(extra.get(key), str):
             extra[key] = [extra[key]]
-    return TrainConfig(**{**data, **extra})
+    cfg = TrainConfig(**{**data, **extra})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    warn_idle_keys(cfg, {**defaults, **_packaged_values(name_or_path)})
+    return cfg
+
+
+def _packaged_values(name_or_path: str) -> dict:
+    """The values the user started from, against which warn_idle_keys tells what they changed: a packaged variant's
+    (with its base's); for a user YAML with a `base`, the base's; for one without, its own (a saved config.yaml is
+    every key resolved, not every key changed). Called after _read_yaml read the files."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
+        raw = yaml.safe_load(path.read_text()) or {}
+        if raw.get("base"):
+            return _packaged_values(raw["base"])
+    return _read_yaml(name_or_path)[0]
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -1,9 +1,11 @@
 """Checks of config keys against the machine and the model: the resolution a model can render (from its
-loaded configs, or from a local folder's config.json before loading) and fp16 without a GPU."""
+loaded configs, or from a local folder's config.json before loading) and fp16 without a GPU; and the keys a user
+set that do nothing without their switch (warn_idle_keys)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from importlib import resources
 from pathlib import Path
@@ -13,6 +15,24 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .config import TrainConfig
+
+log = logging.getLogger("nanobooth")
+
+# key -> (its switch is on, what to set): keys that do nothing unless another key turns their feature on
+IDLE_WITHOUT_SWITCH = {
+    "validation_images_dir": (lambda c: c.validation_loss_steps > 0, "validation_loss_steps > 0; set validation_loss_steps=N"),
+    "bucket_reso_steps": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
+    "min_bucket_reso": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
+    "max_bucket_reso": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
+}
+
+
+def warn_idle_keys(cfg: "TrainConfig", variant: dict) -> None:
+    """One warning line per key of IDLE_WITHOUT_SWITCH the user set (its value differs from `variant`'s, the packaged
+    variant's values, which include the dataclass defaults) while its switch is off: it would be ignored silently."""
+    for key, (on, fix) in IDLE_WITHOUT_SWITCH.items():
+        if getattr(cfg, key) != variant[key] and not on(cfg):
+            log.warning("%s=%s is used only with %s, or remove it", key, getattr(cfg, key), fix)
 
 
 def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int = 1) -> int:

@@ -155,6 +155,8 @@ def mask_of(image: Path) -> Image.Image | None:
             if img.mode not in ("RGBA", "LA", "PA"):
                 return None
             return img.getchannel("A")
+    except DataError:  # the size refusal above: a ValueError too, which the next clause would wrap in a second message
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path or image}: cannot read this mask ({e}); replace or remove the file") from None
 
@@ -167,7 +169,9 @@ def check_images(folder: Path, key: str = "instance_data_dir") -> None:
         load_image(p, draft=(64, 64))
 
 
-def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
+def list_images(folder: Path, key: str = "instance_data_dir", warn: bool = True) -> list[Path]:
+    """The folder's photos (image_paths); DataError for none or an orphan mask. warn: one warning per file that is
+    skipped (a caption with no photo, a non-image); False where a caller lists a folder that was already warned about."""
     if not folder.is_dir():
         raise DataError(f"{key}: folder '{folder}' does not exist")
     files = image_paths(folder)
@@ -177,8 +181,13 @@ def list_images(folder: Path, key: str = "instance_data_dir") -> list[Path]:
                         "as a photo; add that photo, or remove or rename the mask")
     skipped = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and not p.is_dir() and p not in files]
     stems = {p.stem for p in files}
-    for p in skipped:
-        if p.name != "subject.json" and not (p.suffix == ".txt" and p.stem in stems) and not _is_mask(p, stems):  # a caption, a mask
+    for p in skipped if warn else []:
+        if p.name == "subject.json" or (p.suffix == ".txt" and p.stem in stems) or _is_mask(p, stems):  # a caption, a mask
+            continue
+        if p.suffix == ".txt":
+            log.warning("%s: a caption with no photo %s.* beside it (e.g. %s.png), skipped; add the photo or remove the caption",
+                        p, p.stem, p.stem)
+        else:
             log.warning("%s: not an image file, skipped", p)
     return _some_images(files, folder, key)
 
@@ -192,9 +201,15 @@ def _some_images(files: list[Path], folder: Path, key: str) -> list[Path]:
 CAPTION_PLACEHOLDERS = ("{identifier}", "{class}")
 
 
+def has_word(text: str, word: str) -> bool:
+    """`word` stands alone in `text` (punctuation may touch it: "sks," counts, "sksdog" does not)."""
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
+
+
 def caption_of(image: Path, fallback: str, fill: dict[str, str] | None = None) -> str:
     """The prompt of one photo: the text of `image.txt` beside `image.jpg` (kohya's and OneTrainer's
-    convention; surrounding whitespace dropped), else `fallback` (instance_prompt), also for an empty file.
+    convention; surrounding whitespace dropped), else `fallback` (instance_prompt), also for an empty file (with a
+    warning naming it).
     `{identifier}` / `{class}` in the text become fill's words (config_values.caption_words: "sks", "dog");
     DataError naming the file for another `{word}` (a typo would train as literal braces) or one fill lacks."""
     txt = image.with_suffix(".txt")
@@ -204,6 +219,8 @@ def caption_of(image: Path, fallback: str, fill: dict[str, str] | None = None) -
         text = " ".join(txt.read_text(encoding="utf-8").split())
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{txt}: cannot read this caption ({e}); save it as UTF-8 text or remove it") from None
+    if not text:  # kohya trains an empty caption as the empty prompt; here it is instance_prompt, which the user should know
+        log.warning("%s: empty caption; this photo trains with instance_prompt '%s' (write a caption or remove the file)", txt, fallback)
     for ph in dict.fromkeys(re.findall(r"\{\w*\}", text)):
         if ph not in CAPTION_PLACEHOLDERS:
             raise DataError(f"{txt}: unknown placeholder {ph}; a caption may use {' and '.join(CAPTION_PLACEHOLDERS)} "
@@ -232,10 +249,16 @@ def upscale_warning(size: tuple[int, int], resolution: int) -> str | None:
     return f"{size[0]}x{size[1]} is smaller than resolution {resolution}: upscaled (blurry)"
 
 
-def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir", limit: int | None = None) -> list[Image.Image]:
-    """The folder's images (the first `limit` by file name when given), upright and RGB."""
+def load_folder(folder: Path, resolution: int, key: str = "instance_data_dir", limit: int | None = None,
+                warn: bool = True) -> list[Image.Image]:
+    """The folder's images (the first `limit` by file name when given), upright and RGB; warn: list_images'."""
+    return load_paths(list_images(folder, key, warn)[:limit], resolution)
+
+
+def load_paths(paths: list[Path], resolution: int) -> list[Image.Image]:
+    """These images, upright and RGB, each smaller than `resolution` with a warning naming it."""
     images = []
-    for p in list_images(folder, key)[:limit]:
+    for p in paths:
         img = load_image(p)
         if warning := upscale_warning(img.size, resolution):
             log.warning("%s: %s", p, warning)
@@ -293,14 +316,16 @@ class ImageSet:
     @classmethod
     def from_folder(cls, folder: Path, prompt: str, resolution: int, key: str, limit: int | None = None,
                     captions: bool = False, masks: bool = False, buckets: list[tuple[int, int]] | None = None,
-                    fill: dict[str, str] | None = None) -> "ImageSet":
+                    fill: dict[str, str] | None = None, warn: bool = True) -> "ImageSet":
         """captions: read each image's `.txt` caption (caption_of, its placeholders from `fill`), falling back to `prompt`. masks: read each
         image's loss mask (mask_of); an image without one trains unmasked, with a warning naming it; DataError
         when no image has one.
-        buckets: (w, h) sizes (buckets.bucket_sizes); each image is resized to cover its nearest one."""
+        buckets: (w, h) sizes (buckets.bucket_sizes); each image is resized to cover its nearest one.
+        warn: list_images' warnings about skipped files (listed once here, so said once)."""
         from .buckets import cover_size, nearest_bucket
 
-        photos = load_folder(folder, resolution, key, limit)
+        paths = list_images(folder, key, warn)[:limit]
+        photos = load_paths(paths, resolution)
         sizes = [nearest_bucket(im.size, buckets) for im in photos] if buckets else None
 
         def resize(i: int, im: Image.Image) -> Image.Image:
@@ -310,7 +335,7 @@ class ImageSet:
 
         mask_list = None
         if masks:
-            mask_list, paths = [], list_images(folder, key)[:limit]
+            mask_list = []
             found = [mask_of(p) for p in paths]
             if all(m is None for m in found):  # every photo would train unmasked: the key asks for nothing this folder has
                 raise DataError(f"{key}={folder}: masked_loss=true but no photo here has a mask; add NAME{MASK_SUFFIX}.png beside "
@@ -322,10 +347,18 @@ class ImageSet:
                 mask_list.append(m and resize(len(mask_list), m))
         own = None
         if captions:
-            own = [caption_of(p, prompt, fill) for p in list_images(folder, key)[:limit]]
+            own = [caption_of(p, prompt, fill) for p in paths]
             n = sum(c != prompt for c in own)
             if n:
                 log.info("%s: %d of %d images have their own caption (.txt); the others use '%s'", folder, n, len(own), prompt)
+            ident = (fill or {}).get("identifier")
+            if ident and key == "instance_data_dir":  # held-out captions train nothing: binding is the instance photos' matter
+                lacking = [p.with_suffix(".txt").name for p, c in zip(paths, own) if c != prompt and not has_word(c, ident)]
+                if lacking:  # not an error: a style caption may leave the subject out on purpose
+                    one = len(lacking) == 1
+                    log.warning("%s: caption%s %s do%s not contain the identifier '%s': %s do%s not bind the subject to it "
+                                "(add '%s' where the photo shows the subject)", folder, "" if one else "s", ", ".join(lacking),
+                                "es" if one else "", ident, "that photo" if one else "those photos", "es" if one else "", ident)
             own = own if n else None
         if sizes:
             log.info("%s: %d images in buckets %s", folder, len(sizes), ", ".join(f"{w}x{h}: {sizes.count((w, h))}"

@@ -3,7 +3,8 @@
 - adamw: torch AdamW (fused on CUDA, multi-tensor elsewhere); adam_* keys.
 - adamw8bit: bitsandbytes' 8-bit AdamW (CUDA only); `use_8bit_adam=true` is diffusers' name for it.
 - prodigy: Prodigy (prodigyopt) estimates the step size itself; learning_rate is a multiplier of that
-  estimate, 1.0 by convention (text_encoder_lr likewise), so a learning_rate far from 1 is warned about.
+  estimate, 1.0 by convention (text_encoder_lr likewise), so a learning_rate outside [0.1, 10] is warned about before the run
+  (check_optimizer).
   The logged `lr` is the step size it took, d*lr (`step_size`), not the multiplier.
 - schedulefree: AdamW schedule-free (Defazio et al. 2024). It trains on one sequence of weights (y) and
   its result is another (x, an average it keeps implicitly): `eval_weights` puts x in the modules for
@@ -43,6 +44,22 @@ def check_optimizer(cfg) -> None:
         raise ConfigError(f"{key} needs {package}: pip install {package}" + (" (CUDA GPUs only)" if name == "adamw8bit" else ""))
     if name == "adamw8bit" and not torch.cuda.is_available():
         raise ConfigError(f"{key}: bitsandbytes' 8-bit AdamW runs on CUDA GPUs only and none is visible; use optimizer=adamw")
+    if name == "prodigy":
+        warn_prodigy_lr(cfg)
+
+
+PRODIGY_LR_RANGE = (0.1, 10.0)  # multipliers of prodigy's own step size that are deliberate; the variants' 1e-4 is not
+
+
+def warn_prodigy_lr(cfg) -> None:
+    """Prodigy's lr multiplies the step size d it estimates (its logged lr is d*lr), so the variants' AdamW rates (1e-4)
+    make it learn almost nothing: one warning line naming each key outside PRODIGY_LR_RANGE and the fix."""
+    lo, hi = PRODIGY_LR_RANGE
+    keys = {"learning_rate": cfg.learning_rate, "text_encoder_lr": cfg.text_encoder_lr}
+    bad = [f"{k}={v:g}" for k, v in keys.items() if v is not None and not lo <= v <= hi]
+    if bad:
+        log.warning("optimizer=prodigy: %s scales prodigy's own step size; use %s (prodigy's default; %g to %g is not warned about)",
+                    " and ".join(bad), " and ".join(b.split("=")[0] + "=1.0" for b in bad), lo, hi)
 
 
 def make_optimizer(cfg, groups: list[dict], device: torch.device):
@@ -57,10 +74,6 @@ def make_optimizer(cfg, groups: list[dict], device: torch.device):
     if name == "prodigy":
         from prodigyopt import Prodigy
 
-        lrs = {g["lr"] for g in groups}
-        if any(not 0.1 <= lr <= 10 for lr in lrs):
-            log.warning("optimizer=prodigy finds the step size itself and learning_rate multiplies it: use learning_rate=1.0 "
-                        "(and text_encoder_lr near 1), got %s", ", ".join(f"{lr:g}" for lr in sorted(lrs)))
         # prodigyopt print()s "Using decoupled weight decay" whenever weight_decay > 0 (AdamW's kind, as adamw uses; it
         # has no option to stop it): a stray stdout line in the middle of the progress output
         with contextlib.redirect_stdout(io.StringIO()):

@@ -57,7 +57,7 @@ def class_image_set(folder: Path, num_class_images: int, prompt: str, resolution
     log.info("found %d class images in %s, using %d", len(files), folder, min(len(files), num_class_images))
     if len(files) < num_class_images:
         log.warning("class_data_dir '%s' holds %d images, fewer than num_class_images=%d", folder, len(files), num_class_images)
-    return ImageSet.from_folder(Path(folder), prompt, resolution, "class_data_dir", limit=num_class_images)
+    return ImageSet.from_folder(Path(folder), prompt, resolution, "class_data_dir", limit=num_class_images, warn=False)  # warned above
 
 
 def missing_indices(folder: Path, num_class_images: int) -> list[int]:

@@ -73,7 +73,7 @@ class ToyScorer:
         self.cfg, self.meta = cfg, meta
         self.noun = meta.get("class_noun") or cfg.class_prompt.split()[-1]
         self.ident = identifier(cfg, meta) or "sks"
-        self.instance = load_folder(instance_dir, 0)
+        self.instance = load_folder(instance_dir, 0, warn=False)  # prepare_run warned about skipped files
         self.probe = probe or load_probe()
 
     def __call__(self, pipe, rows) -> dict[str, float]:
@@ -104,7 +104,7 @@ class RealScorer:
                         "for DINO)", cfg.validation_scores, str(e).splitlines()[0], DINO)
             self.dino = None
         self.cfg, self.ident = cfg, identifier(cfg, meta)
-        instance = load_folder(instance_dir, 0)
+        instance = load_folder(instance_dir, 0, warn=False)  # prepare_run warned about skipped files
         self.inst_clip = self.clip.image_features(instance)
         self.inst_dino = self.dino.image_features(instance) if self.dino else None
 
@@ -167,13 +167,15 @@ def choose(history: list[dict], tolerance: float) -> tuple[dict | None, str]:
     if within:
         best = max(within, key=lambda r: (r["subject_fidelity"], r["prompt_fidelity"], -r["step"]))
         k, n = len(within), len(steps)
-        count = (f"{k} of the {n} scored steps" if k < n else f"all {n} scored steps" if n > 1 else "the only scored step")
+        # "trained": the base model's step 0 is scored too (the reference), and a count that left it out read as false
+        count = (f"{k} of the {n} trained steps scored" if k < n else f"all {n} trained steps scored" if n > 1
+                 else "the only trained step scored")
         x = best["subject_fidelity"]
         kept = f"kept it (subject_fidelity {x:.4f})" if k == 1 else f"kept the highest subject_fidelity ({x:.4f})"
         return best, (f"{count} {'keeps' if k == 1 else 'keep'} prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} "
                       f"{ref['prompt_fidelity']:.4f}); {kept}")
     best = max(steps, key=lambda r: (r["prompt_fidelity"], r["subject_fidelity"], -r["step"]))
-    return best, (f"no scored step keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
+    return best, (f"no trained step scored keeps prompt_fidelity >= {floor:.4f} ({1 - tolerance:g} x {who} {ref['prompt_fidelity']:.4f}); "
                   f"kept the highest prompt_fidelity ({best['prompt_fidelity']:.4f}), the least overfit step")
 
 

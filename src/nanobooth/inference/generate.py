@@ -236,5 +236,5 @@ def generate_cli(args) -> Path:
                       resolution=args.resolution, out=args.out, device=args.device, dtype=args.dtype,
                       tome_ratio=args.tome_ratio, allow_pickle=args.allow_pickle, single_file_config=args.single_file_config)
     out = Path(args.out)
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} and grid.png to {out}")
     return out

@@ -8,7 +8,7 @@ def cmd_subject(args) -> None:
 
     out = world.write_subject(args.seed, args.out, args.num_images)
     meta = (out / "subject.json").read_text()
-    print(f"wrote {args.num_images} images of subject {args.seed} to {out}\n{meta}")
+    print(f"wrote {args.num_images} image{'' if args.num_images == 1 else 's'} of subject {args.seed} to {out}\n{meta}")
 
 
 def cmd_eval(args) -> None:
