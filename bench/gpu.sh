@@ -40,7 +40,7 @@ if tiny:
     build_tiny_pipeline(sd) if not (sd / "model_index.json").is_file() else None
     build_tiny_sdxl_pipeline(sdxl) if not (sdxl / "model_index.json").is_file() else None
     sys.exit()
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -57,14 +57,10 @@ def vae(**kw):  # the SD/SDXL f=8 VAE: 128/256/512/512, 2 layers per block
 
 
 if not (sd / "model_index.json").is_file():  # SD1.5: 860M UNet, CLIP ViT-L/14 text encoder
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD1.x's layout
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                                      hidden_act="quick_gelu", **clip))
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae(sample_size=512), text_encoder=te, tokenizer=tok,
-                                   scheduler=PNDMScheduler(skip_prk_steps=True, **betas), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.to(torch.float16).save_pretrained(sd)
+    sys.path.insert(0, "bench")
+    from train_step import build_sd15_model
+
+    build_sd15_model(sd)
     print(f"built SD1.5-architecture pipeline in {sd}", flush=True)
 if not (sdxl / "model_index.json").is_file():  # SDXL base: 2.6B UNet, CLIP-L + OpenCLIP bigG
     torch.manual_seed(0)

@@ -43,6 +43,32 @@ def mid_model_path(layers_per_block: int = 2) -> Path:
     return build_mid_model(cache / f"bench-mid-v1-lpb{layers_per_block}", layers_per_block)
 
 
+def build_sd15_model(path: Path) -> Path:
+    """SD1.5's architecture with random weights, saved in fp16 (no download): the 860M UNet, the f=8 VAE
+    (128/256/512/512), CLIP ViT-L/14's text encoder. Random weights train exactly as fast as real ones."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from nanobooth.tiny import tokenizer_dir
+
+    if (path / "model_index.json").is_file():
+        return path
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # the defaults are SD1.x's layout
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                      hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                      vocab_size=49408, max_position_embeddings=77))
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=te, tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir(), model_max_length=77),
+        scheduler=PNDMScheduler(skip_prk_steps=True, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(path)
+    return path
+
+
 def build_mid_model(path: Path, layers_per_block: int = 2) -> Path:
     """UNet 64/128/256 with cross-attention (~SD1.5's layout at a fraction of the width), f=8 VAE, 4-layer CLIP.
     layers_per_block=2 is 18.2M UNet params; 1 is 12.8M (the size of the issue's reference measurements)."""

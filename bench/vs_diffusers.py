@@ -1,10 +1,13 @@
-"""nanobooth against diffusers' reference DreamBooth LoRA script, side by side on this machine.
+"""nanobooth against diffusers' reference DreamBooth scripts, side by side on this machine.
 
     python bench/vs_diffusers.py --diffusers-examples /path/to/diffusers/examples --python /path/to/refvenv/bin/python
+    python bench/vs_diffusers.py ... --method full      # train_dreambooth.py vs dreambooth-prior-pre, lr 5e-6
+    python bench/vs_diffusers.py ... --model DIR        # any SD-layout folder instead of the mid-size model
 
 Runs diffusers' `examples/dreambooth/train_dreambooth_lora.py` (from the checkout you point at; its
 interpreter needs torchvision, hence --python) and `nanobooth train dreambooth-lora-prior-pre` with the
-same settings: the bench's mid-size SD-architecture model (random weights, built once and saved to a
+same settings (`--method full`: `train_dreambooth.py` and `dreambooth-prior-pre`, the whole UNet at the
+reference's default lr 5e-6): the bench's mid-size SD-architecture model (random weights, built once and saved to a
 folder), the shipped dog photos, batch 1 + 1 class image, rank 4 (alpha 4) on to_q/to_k/to_v/to_out.0,
 lr 1e-4 constant, center crop, no text-encoder training, fp32, the same CPU thread count, class-image batch 4.
 Each tool generates its class images with its own default sampler (reference: the model's scheduler,
@@ -61,15 +64,20 @@ def run_child(cmd: list[str], env: dict, log: Path) -> tuple[int, float, float]:
     return os.waitstatus_to_exitcode(status), time.time() - t0, usage.ru_maxrss / 1024
 
 
+SCRIPTS = {"lora": "train_dreambooth_lora.py", "full": "train_dreambooth.py"}
+LR = {"lora": "1e-4", "full": "5e-6"}  # each reference script's default
+
+
 def reference(args, model: str, photos: Path, work: Path, env: dict) -> dict:
     out, times = work / "out", work / "times.json"
-    cmd = [args.python, str(ROOT / "_ref_clock.py"), str(times), str(Path(args.diffusers_examples) / "dreambooth" / "train_dreambooth_lora.py"),
+    cmd = [args.python, str(ROOT / "_ref_clock.py"), str(times), str(Path(args.diffusers_examples) / "dreambooth" / SCRIPTS[args.method]),
            "--pretrained_model_name_or_path", model, "--instance_data_dir", str(photos), "--class_data_dir", str(work / "class"),
            "--output_dir", str(out), "--instance_prompt", PROMPT, "--class_prompt", CLASS, "--with_prior_preservation",
            "--prior_loss_weight", "1.0", "--num_class_images", str(args.class_images), "--sample_batch_size", "4",
            "--resolution", str(args.resolution), "--center_crop", "--train_batch_size", "1", "--max_train_steps", str(args.steps),
-           "--learning_rate", "1e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--rank", "4", "--seed", "0",
+           "--learning_rate", LR[args.method], "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0",
            "--checkpointing_steps", "100000", "--mixed_precision", "no", "--dataloader_num_workers", "0"]
+    cmd += ["--rank", "4"] if args.method == "lora" else []
     rc, wall, rss = run_child(cmd, env, work / "log.txt")
     if rc != 0:
         raise RuntimeError(f"reference run failed (exit {rc}); its output: {work / 'log.txt'}")
@@ -79,12 +87,14 @@ def reference(args, model: str, photos: Path, work: Path, env: dict) -> dict:
 
 def nanobooth(args, model: str, photos: Path, work: Path, env: dict) -> dict:
     out = work / "out"
-    cmd = [sys.executable, "-m", "nanobooth", "train", "dreambooth-lora-prior-pre", f"model={model}", f"instance_data_dir={photos}",
+    variant = "dreambooth-lora-prior-pre" if args.method == "lora" else "dreambooth-prior-pre"
+    cmd = [sys.executable, "-m", "nanobooth", "train", variant, f"model={model}", f"instance_data_dir={photos}",
            f"output_dir={out}", f"instance_prompt={PROMPT}", f"class_prompt={CLASS}", f"num_class_images={args.class_images}",
            "sample_batch_size=4", f"resolution={args.resolution}", "center_crop=true", "train_batch_size=1",
-           f"max_train_steps={args.steps}", "learning_rate=1e-4", "lr_scheduler=constant", "lr_warmup_steps=0", "lora_rank=4",
-           "lora_alpha=4", "seed=0", "checkpointing_steps=0", "validation_prompts=[]", "mixed_precision=no",
+           f"max_train_steps={args.steps}", f"learning_rate={LR[args.method]}", "lr_scheduler=constant", "lr_warmup_steps=0",
+           "seed=0", "checkpointing_steps=0", "validation_prompts=[]", "mixed_precision=no",
            f"class_data_dir={work / 'class'}", f"num_threads={args.threads}"]
+    cmd += ["lora_rank=4", "lora_alpha=4"] if args.method == "lora" else []
     if args.same_class_sampler:
         cmd += ["class_sampler=model", "class_generation_steps=50"]
     rc, wall, rss = run_child(cmd, env, work / "log.txt")
@@ -117,15 +127,17 @@ def main() -> None:
     p.add_argument("--class-images", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for both tools (OMP_NUM_THREADS)")
     p.add_argument("--layers-per-block", type=int, default=1, help="mid-size UNet depth: 1 (12.8M) or 2 (18.2M)")
+    p.add_argument("--method", choices=list(SCRIPTS), default="lora", help="lora: LoRA + prior; full: full fine-tune + prior")
+    p.add_argument("--model", default=None, help="an SD-layout model folder (default: the mid-size model, built on first use)")
     p.add_argument("--same-class-sampler", action="store_true", help="nanobooth makes class images as the reference does (model sampler, 50 steps)")
     args = p.parse_args()
-    if not (Path(args.diffusers_examples) / "dreambooth" / "train_dreambooth_lora.py").is_file():
-        sys.exit(f"--diffusers-examples {args.diffusers_examples}: no dreambooth/train_dreambooth_lora.py there; "
+    if not (Path(args.diffusers_examples) / "dreambooth" / SCRIPTS[args.method]).is_file():
+        sys.exit(f"--diffusers-examples {args.diffusers_examples}: no dreambooth/{SCRIPTS[args.method]} there; "
                  "point it at a diffusers checkout's examples/ folder")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from nanobooth.core.data import image_paths, resolve_data_dir
 
-    model = str(mid_model_path(args.layers_per_block))
+    model = args.model or str(mid_model_path(args.layers_per_block))
     root = Path(tempfile.mkdtemp(prefix="nb-vs-diffusers-"))
     photos = root / "photos"  # the photos only: the reference reads every file in the folder as an image
     photos.mkdir()
@@ -142,7 +154,7 @@ def main() -> None:
             print(f"repeat {r} {row['tool']:10s} {row['s_per_step']:.3f} s/step  peak RSS {row['peak_rss_mb']:.0f} MB  "
                   f"class images {row['class_s']:.1f} s  whole run {row['total_s']:.1f} s", flush=True)
             shutil.rmtree(work / "out", ignore_errors=True)
-    print(f"\n{args.repeats} repeats, interleaved; medians; {args.resolution}², {args.steps} steps (s/step over steps "
+    print(f"\n{args.method}, {Path(model).name}: {args.repeats} repeats, interleaved; medians; {args.resolution}², {args.steps} steps (s/step over steps "
           f"{args.skip + 1}-{args.steps}), {args.class_images} class images, {args.threads} thread(s)")
     print_table(["measure", "diffusers reference", "nanobooth", "nanobooth / reference"], summarize(rows), "vs_diffusers", rows)
     shutil.rmtree(root, ignore_errors=True)
