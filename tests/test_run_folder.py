@@ -127,6 +127,17 @@ def test_resume_may_change_only_the_resume_safe_keys(tmp_path):
         assert f"{key}: " in str(e.value) and repr(value) in str(e.value), str(e.value)
 
 
+def test_bucket_sizes_may_change_on_resume_only_while_buckets_are_off(tmp_path):
+    """The toy variants' bucket_reso_steps went from 64 to 16: a toy run saved before still resumes (the key
+    does nothing without enable_bucket), but not once buckets are on."""
+    run = _saved_run(tmp_path, bucket_reso_steps=64)
+    now = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog", "output_dir": str(run),
+           "resume_from_checkpoint": "latest"}
+    rf.check_output_dir(load_config("toy/dreambooth-lora", now))
+    with pytest.raises(ConfigError, match="bucket_reso_steps: 64 there, 16 now"):
+        rf.check_output_dir(load_config("toy/dreambooth-lora", {**now, "enable_bucket": True}))
+
+
 def test_output_dir_check_refuses_a_file_and_a_foreign_folder_but_not_an_empty_one(tmp_path):
     def cfg(out, *extra):
         return load_config("dreambooth-lora", [f"output_dir={out}", *extra])
