@@ -108,12 +108,15 @@ def nanobooth(args, model: str, photos: Path, work: Path, env: dict) -> dict:
 
 def summarize(rows: list[dict]) -> list[list]:
     """Table lines: one per measure, the median over repeats per tool and nanobooth / diffusers."""
-    med = {tool: {k: statistics.median(r[k] for r in rows if r["tool"] == tool and r[k] is not None)
-                  for k in ("s_per_step", "peak_rss_mb", "class_s", "total_s")} for tool in ("diffusers", "nanobooth")}
+    def median(tool, k):  # None where no run measured it (class images premade with --class-from)
+        vals = [r[k] for r in rows if r["tool"] == tool and r[k] is not None]
+        return statistics.median(vals) if vals else None
+
+    med = {tool: {k: median(tool, k) for k in ("s_per_step", "peak_rss_mb", "class_s", "total_s")} for tool in ("diffusers", "nanobooth")}
     fmt = {"s_per_step": ("s/step", "{:.3f}"), "peak_rss_mb": ("peak RSS MB", "{:.0f}"), "class_s": ("class images s", "{:.1f}"),
            "total_s": ("whole run s", "{:.1f}")}
     return [[name, f.format(med["diffusers"][k]), f.format(med["nanobooth"][k]), f"{med['nanobooth'][k] / med['diffusers'][k]:.2f}"]
-            for k, (name, f) in fmt.items()]
+            for k, (name, f) in fmt.items() if med["diffusers"][k] and med["nanobooth"][k]]
 
 
 def main() -> None:
@@ -129,6 +132,10 @@ def main() -> None:
     p.add_argument("--layers-per-block", type=int, default=1, help="mid-size UNet depth: 1 (12.8M) or 2 (18.2M)")
     p.add_argument("--method", choices=list(SCRIPTS), default="lora", help="lora: LoRA + prior; full: full fine-tune + prior")
     p.add_argument("--model", default=None, help="an SD-layout model folder (default: the mid-size model, built on first use)")
+    p.add_argument("--class-from", type=Path, default=None,
+                   help="copy the images of this folder into both tools' class folders first, so neither generates any "
+                        "(for big models, where class images would take most of the run: the reference makes them at the "
+                        "model's own size, whatever --resolution is)")
     p.add_argument("--same-class-sampler", action="store_true", help="nanobooth makes class images as the reference does (model sampler, 50 steps)")
     args = p.parse_args()
     if not (Path(args.diffusers_examples) / "dreambooth" / SCRIPTS[args.method]).is_file():
@@ -149,10 +156,12 @@ def main() -> None:
         for tool in (reference, nanobooth):
             work = root / f"{tool.__name__}-{r}"
             work.mkdir()
+            if args.class_from:
+                shutil.copytree(args.class_from, work / "class")
             row = {**tool(args, model, photos, work, env), "repeat": r}
             rows.append(row)
             print(f"repeat {r} {row['tool']:10s} {row['s_per_step']:.3f} s/step  peak RSS {row['peak_rss_mb']:.0f} MB  "
-                  f"class images {row['class_s']:.1f} s  whole run {row['total_s']:.1f} s", flush=True)
+                  f"class images {row['class_s'] or 0:.1f} s  whole run {row['total_s']:.1f} s", flush=True)
             shutil.rmtree(work / "out", ignore_errors=True)
     print(f"\n{args.method}, {Path(model).name}: {args.repeats} repeats, interleaved; medians; {args.resolution}², {args.steps} steps (s/step over steps "
           f"{args.skip + 1}-{args.steps}), {args.class_images} class images, {args.threads} thread(s)")
