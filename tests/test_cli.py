@@ -368,3 +368,28 @@ def test_config_show_points_at_the_help_that_documents_every_key(capsys):
         cli.main(pointed.split())
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(doc in out for doc in field_docs().values())
+
+
+def test_a_flux_or_sd3_variant_on_another_familys_model_is_warned_about(tmp_path, caplog):
+    """`flux/dreambooth-lora model=tiny` (or an SD1.5 folder) trains an SD1.5 UNet: said before training, naming
+    both; a matching model, a plain SD variant and a non-folder model say nothing."""
+    sd15 = tmp_path / "sd15"
+    sd15.mkdir()
+    (sd15 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    flux = tmp_path / "flux"
+    flux.mkdir()
+    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        cli.warn_variant_family("flux/dreambooth-lora", "tiny")
+        cli.warn_variant_family("sd3/dreambooth", str(sd15))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert "flux/dreambooth-lora" in lines[0] and "FluxPipeline" in lines[0] and "model=tiny" in lines[0]
+    assert "StableDiffusion3Pipeline" in lines[1] and str(sd15) in lines[1] and "StableDiffusionPipeline" in lines[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        cli.warn_variant_family("flux/dreambooth-lora", str(flux))
+        cli.warn_variant_family("dreambooth-lora", str(sd15))
+        cli.warn_variant_family("flux/dreambooth-lora", "black-forest-labs/FLUX.1-dev")
+        cli.warn_variant_family("flux/dreambooth-lora", str(tmp_path / "missing"))
+    assert caplog.records == []

@@ -84,3 +84,11 @@ def test_trains_from_a_single_file_checkpoint(tiny_model, subject_dir, tmp_path)
     lora = tmp_path / "lora"
     assert main(["train", "dreambooth-lora", *train_args(str(ckpt), subject_dir, lora), f"single_file_config={tiny_model}"]) == 0
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_an_unsupported_pipeline_is_refused_naming_every_family_nanobooth_trains(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "PixArtAlphaPipeline"}')
+    with pytest.raises(ModelError, match="is a PixArtAlphaPipeline") as e:
+        load_pipeline(str(tmp_path))
+    for family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"):
+        assert family in str(e.value)

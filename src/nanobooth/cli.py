@@ -45,12 +45,40 @@ def _setup_logging() -> None:
 def cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)
     check_train_input(cfg)
+    warn_variant_family(args.config, cfg.model)
     from .core.run_folder import SAMPLES
     from .core.train import train
 
     run_dir = train(cfg)
     samples = run_dir / SAMPLES
     print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
+
+
+# a packaged variant's folder -> the pipeline its recipe is for (the others are SD 1.x/2.x recipes)
+_VARIANT_PIPELINES = {"flux/": "FluxPipeline", "sd3/": "StableDiffusion3Pipeline", "sdxl/": "StableDiffusionXLPipeline"}
+
+
+def warn_variant_family(variant: str, model: str) -> None:
+    """Warn when a flux/, sd3/ or sdxl/ variant meets a model of another family: training follows the model
+    (model=tiny is SD1.5-shaped), so the run would otherwise pass for the variant's family. Reads only a local
+    folder's model_index.json or the built-in names; a hub id's or a file's family is known once it loads."""
+    import json
+    from pathlib import Path
+
+    want = next((p for prefix, p in _VARIANT_PIPELINES.items() if variant.startswith(prefix)), None)
+    if want is None:
+        return
+    if model in ("tiny", "toy"):
+        got = "StableDiffusionPipeline"
+    else:
+        try:
+            got = json.loads((Path(model).expanduser() / "model_index.json").read_text())["_class_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # not a local pipeline folder: the loader reports what it is
+    if got != want:
+        logging.getLogger("nanobooth").warning(
+            "variant '%s' is a %s recipe, but model=%s is a %s: the run trains that %s with this recipe; "
+            "pass a %s model (folder or hub id) to train one", variant, want, model, got, got, want)
 
 
 def check_train_input(cfg) -> None:

@@ -125,7 +125,8 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
         try:
             fam = family_for(name)
         except ValueError:
-            raise ModelError(f"model '{model}' is a {name}; nanobooth trains StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)") from None
+            raise ModelError(f"model '{model}' is a {name}; nanobooth trains StableDiffusionPipeline (SD 1.x/2.x), StableDiffusionXLPipeline (SDXL), "
+                             "StableDiffusion3Pipeline (SD3) and FluxPipeline (FLUX.1)") from None
         cls = fam.pipeline_class_obj()
         common = {k: v for k, v in fam.pipeline_kwargs.items() if k != "feature_extractor"}
         # fp32 unless asked: weights saved in fp16 (the toy model, many hub "fp16" folders) would otherwise
