@@ -165,9 +165,11 @@ def test_a_cpu_run_with_offload_says_it_has_no_effect_and_trains_the_same(tiny_f
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_text_encoders_encode_before_the_transformer_reaches_the_device(tiny_flux_model, subject_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_text_encoders_encode_before_the_transformer_reaches_the_device(quant, tiny_flux_model, subject_dir, tmp_path, monkeypatch):
     """Issue #21: frozen text encoders encode every prompt and go back to the CPU before the FLUX transformer is
-    placed, so T5 and the transformer are never on the accelerator together (it placed all models first).
+    placed, so T5 and the transformer are never on the accelerator together (it placed all models first). nf4
+    too: it is quantized on the CPU first (it was placed before encoding, to quantize on the move).
     One CPU here, so the order of the calls is what is checked: a recorder on Module.to and Flux.encode. train.py
     moves a model to the accelerator with `accelerator.device` (a torch.device) and off it with "cpu" (a str)."""
     from diffusers import FluxTransformer2DModel
@@ -187,9 +189,12 @@ def test_text_encoders_encode_before_the_transformer_reaches_the_device(tiny_flu
         events.append(("encode", ""))
         return encode(self, *args, **kwargs)
 
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
     monkeypatch.setattr(torch.nn.Module, "to", recording_to)
     monkeypatch.setattr(Flux, "encode", recording_encode)
-    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, tmp_path / "run", "max_train_steps=1")]) == 0
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, tmp_path / "run", "max_train_steps=1",
+                                                               f"base_quantization={quant}")]) == 0
     transformer_on = events.index(("transformer", "on"))
     encodes = [i for i, e in enumerate(events) if e[0] == "encode"]
     assert encodes and max(encodes) < transformer_on  # every prompt encoded before the transformer moves

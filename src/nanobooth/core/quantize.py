@@ -50,8 +50,10 @@ def quantize_base(unet: torch.nn.Module, cfg, dtype: torch.dtype, device: torch.
 
 
 def _nf4(unet: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
-    """bitsandbytes Linear4bit (NF4) in place of each nn.Linear not in EXCLUDE; bitsandbytes quantizes
-    the weights when the module is moved to its device (train.py does that next, even on the CPU)."""
+    """bitsandbytes Linear4bit (NF4) in place of each nn.Linear not in EXCLUDE, quantized here on the CPU
+    (bitsandbytes quantizes a Params4bit when it first moves to a device). The quantized base then moves to
+    the accelerator when train.py places it, after the text encoders have encoded the prompts and left: on
+    the accelerator, T5-XXL and the transformer are never resident together."""
     if device.type not in ("cuda", "cpu"):
         raise ConfigError("config key 'base_quantization': nf4 (bitsandbytes) runs on CUDA GPUs and CPUs, not on "
                           f"{device.type.upper()}; use base_quantization=int8 or fp8 (optimum-quanto) or none")
@@ -59,14 +61,13 @@ def _nf4(unet: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Non
         import bitsandbytes as bnb
     except ImportError:
         raise ConfigError("config key 'base_quantization': nf4 needs bitsandbytes: pip install bitsandbytes") from None
-    if device.type == "cpu":  # older bitsandbytes quantize on CUDA only: ask this one rather than parse versions
-        try:
-            ok = bnb.nn.Params4bit(torch.ones(8, 64, dtype=dtype), requires_grad=False, quant_type="nf4").to(device).dtype == torch.uint8
-        except Exception:  # noqa: BLE001 - any failure means the same thing to the user
-            ok = False
-        if not ok:
-            raise ConfigError("config key 'base_quantization': this bitsandbytes cannot quantize to nf4 on the CPU; "
-                              "pip install -U bitsandbytes, or use base_quantization=int8") from None
+    try:  # bitsandbytes before its CPU backend quantizes on CUDA only: ask this one rather than parse versions
+        ok = bnb.nn.Params4bit(torch.ones(8, 64, dtype=dtype), requires_grad=False, quant_type="nf4").to("cpu").dtype == torch.uint8
+    except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+        ok = False
+    if not ok:
+        raise ConfigError("config key 'base_quantization': this bitsandbytes cannot quantize to nf4 on the CPU (nanobooth "
+                          "quantizes there, then moves the base); pip install -U bitsandbytes, or use base_quantization=int8")
     for name, parent in list(unet.named_modules()):
         for child_name, child in list(parent.named_children()):
             full = f"{name}.{child_name}" if name else child_name
@@ -78,3 +79,4 @@ def _nf4(unet: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Non
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, q)
+    unet.to("cpu")  # quantizes every Params4bit now, on the CPU, so the float weights never reach the accelerator

@@ -132,7 +132,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
     # The denoiser reaches the device only after the frozen text encoders have encoded every prompt and gone back
     # to the CPU (issue #21: FLUX's T5-XXL beside the transformer was the run's peak). Sooner only where it must be:
-    # nf4 quantizes on the move to CUDA, before adapters are attached; class images to make need the whole pipeline.
+    # class images to make need the whole pipeline. (nf4 is quantized on the CPU, in quantize_base, so it waits too.)
     def place_denoiser() -> None:  # again after attach: peft's new adapters (made on the CPU) go to the device too
         offload.place(unet) if offload else unet.to(device)
 
@@ -140,8 +140,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         m.requires_grad_(False)
     for m in (vae, *text_encoders):
         m.to(device)
-    if cfg.base_quantization == "nf4":
-        place_denoiser()
 
     # --- class images (before any adapter exists: they must come from the base model) -------------------
     prior = cfg.with_prior_preservation
