@@ -251,7 +251,7 @@ def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsy
     from nanobooth import demo
     from nanobooth.core import train
 
-    monkeypatch.setattr(demo, "seconds_per_forward", lambda: 0.02)
+    monkeypatch.setattr(demo, "seconds_per_forward", lambda *a: 0.02)
 
     def interrupted(cfg):  # stop where training would begin
         raise KeyboardInterrupt
@@ -392,4 +392,11 @@ def test_a_flux_or_sd3_variant_on_another_familys_model_is_warned_about(tmp_path
         cli.warn_variant_family("dreambooth-lora", str(sd15))
         cli.warn_variant_family("flux/dreambooth-lora", "black-forest-labs/FLUX.1-dev")
         cli.warn_variant_family("flux/dreambooth-lora", str(tmp_path / "missing"))
+        cli.warn_variant_family("toy-flux/dreambooth-lora", "toy-flux")  # the built-in names know their family
+        cli.warn_variant_family("flux/dreambooth", "tiny-flux")
+        cli.warn_variant_family("toy/dreambooth", "toy")
     assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        cli.warn_variant_family("toy/dreambooth-lora", "toy-flux")
+        cli.warn_variant_family("toy-flux/dreambooth-lora", "toy")
+    assert [r.getMessage().split(" is a ")[1].split(" ")[0] for r in caplog.records] == ["StableDiffusionPipeline", "FluxPipeline"]

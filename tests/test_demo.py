@@ -48,7 +48,7 @@ def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, cap
     from nanobooth.core.run_folder import class_images_dir
 
     monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda: 0.01)
+    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
     monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
 
     def fake_train(cfg):  # what a real run leaves in the cache: the whole class set, under the run's provenance
@@ -76,7 +76,7 @@ def test_demo_rerun_writes_a_fresh_folder_and_keeps_the_first(tmp_path, monkeypa
     import nanobooth.toy.evaluate as toy_evaluate
 
     monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda: 0.01)
+    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
     monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
     runs = []
 
@@ -97,3 +97,27 @@ def test_demo_rerun_writes_a_fresh_folder_and_keeps_the_first(tmp_path, monkeypa
     assert f"this one writes to {tmp_path / 'demo-2'}" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()  # an empty folder is used as it is
     assert demo_mod.fresh_folder(tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_demo_on_the_flux_twin_trains_its_recipe(tmp_path, monkeypatch, capsys):
+    """`nanobooth demo --model toy-flux`: the FLUX twin's variant, its denoiser timed for the plan (through the
+    family's denoise call), a LoRA run of the FLUX family (random tiny-flux weights where this build does not
+    ship the twin, with the warning that says so)."""
+    import nanobooth.demo as demo_mod
+    import nanobooth.toy.evaluate as toy_evaluate
+    from nanobooth.core.run_folder import load_run_config
+
+    monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
+    scored = []
+    monkeypatch.setattr(toy_evaluate, "toy_eval", scored.append)
+    assert demo_mod.seconds_per_forward("toy-flux", 64, batch=2, repeats=1) > 0
+    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
+    load_config = demo_mod.load_config  # 2 sampler steps, not 25: the test is about which recipe runs on which model
+    monkeypatch.setattr(demo_mod, "load_config", lambda variant, over: load_config(
+        variant, {**over, "validation_inference_steps": 2, "class_generation_steps": 2, "num_validation_images": 1}))
+    run = demo_mod.demo(str(tmp_path / "demo"), steps=2, num_class_images=2, model="toy-flux")
+    assert "toy-flux/dreambooth-lora-prior-pre" in capsys.readouterr().out
+    cfg = load_run_config(run)
+    assert (cfg.model, cfg.method, cfg.with_prior_preservation) == ("toy-flux", "lora", True)
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and scored == [run]
+    assert len(sorted((run / "samples").glob("step-*.png"))) == 2  # before and after

@@ -106,3 +106,45 @@ def test_flux_variant_trains_and_reloads(variant, tiny_flux_model, subject_dir, 
     assert main(["generate", "--model", str(tiny_flux_model), "--weights", str(out), "--prompt", "a sks dog",
                  "--num-images", "1", "--steps", "2", "--resolution", "32", "--out", str(gen)]) == 0
     assert (gen / "grid.png").is_file()
+
+
+def test_flux_without_guidance_embedding_samples_with_true_cfg_at_its_t5_length(tiny_flux_model, tmp_path):
+    """A FLUX transformer without a guidance embedding (schnell, the toy twin) ignores guidance_scale: nanobooth
+    samples it with true CFG (an empty negative prompt), which changes the image, and refuses a guidance cutoff
+    it could not honour; the T5 length follows a tokenizer shorter than 512, in training and sampling alike."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from nanobooth.core.config import ConfigError
+    from nanobooth.inference.generate import render
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_model)
+    fam = FAMILIES["FluxPipeline"]
+    assert fam.sampling_kwargs(pipe, 2, 4.0) == {"max_sequence_length": 512}  # FLUX.1-dev: distilled guidance
+    config = dict(pipe.transformer.config)
+    config["guidance_embeds"] = False
+    torch.manual_seed(0)
+    pipe.transformer = FluxTransformer2DModel.from_config(config)
+    pipe.tokenizer_2.model_max_length = 24
+    kw = fam.sampling_kwargs(pipe, 2, 4.0)
+    assert kw == {"max_sequence_length": 24, "true_cfg_scale": 4.0, "negative_prompt": ["", ""]}
+    assert "true_cfg_scale" not in fam.sampling_kwargs(pipe, 2, 1.0)
+    assert fam.tokenize([pipe.tokenizer, pipe.tokenizer_2], "a sks dog", "cpu")[1].shape == (1, 24)
+    guided, plain = (render(pipe, ["a sks dog"], 1, 0, 2, g, 32)[0][0] for g in (4.0, 1.0))
+    assert guided.tobytes() != plain.tobytes()
+    with pytest.raises(ValueError, match="guidance_cutoff=1"):
+        render(pipe, ["a sks dog"], 1, 0, 2, 4.0, 32, guidance_cutoff=0.5)
+    cfg = load_config("toy-flux/dreambooth-lora", ["validation_guidance_cutoff=0.5"])
+    with pytest.raises(ConfigError, match="validation_guidance_cutoff"):
+        fam.check_sampling(cfg, pipe.transformer.config)
+    fam.check_sampling(load_config("toy-flux/dreambooth-lora"), pipe.transformer.config)
+
+
+def test_toy_flux_variants_are_cpu_sized_twins_of_the_flux_ones():
+    for v in VARIANTS:
+        toy, real = load_config(f"toy-flux/{v}"), load_config(f"flux/{v}")
+        assert (toy.model, toy.resolution, toy.validation_guidance_cutoff) == ("toy-flux", 64, 1.0)
+        assert (toy.method, toy.with_prior_preservation, toy.train_text_encoder) == (real.method, real.with_prior_preservation,
+                                                                                     real.train_text_encoder)
+        assert (toy.weighting_scheme, toy.class_sampler) == (real.weighting_scheme, real.class_sampler)
+        if toy.method == "lora":
+            assert toy.lora_target_modules == real.lora_target_modules

@@ -55,7 +55,8 @@ def cmd_train(args) -> None:
 
 
 # a packaged variant's folder -> the pipeline its recipe is for (the others are SD 1.x/2.x recipes)
-_VARIANT_PIPELINES = {"flux/": "FluxPipeline", "sd3/": "StableDiffusion3Pipeline", "sdxl/": "StableDiffusionXLPipeline"}
+_VARIANT_PIPELINES = {"toy/": "StableDiffusionPipeline", "toy-flux/": "FluxPipeline", "flux/": "FluxPipeline",
+                      "sd3/": "StableDiffusion3Pipeline", "sdxl/": "StableDiffusionXLPipeline"}
 
 
 def warn_variant_family(variant: str, model: str) -> None:
@@ -68,8 +69,10 @@ def warn_variant_family(variant: str, model: str) -> None:
     want = next((p for prefix, p in _VARIANT_PIPELINES.items() if variant.startswith(prefix)), None)
     if want is None:
         return
-    if model in ("tiny", "toy"):
-        got = "StableDiffusionPipeline"
+    from .core.builtin_models import PIPELINES
+
+    if model in PIPELINES:
+        got = PIPELINES[model]
     else:
         try:
             got = json.loads((Path(model).expanduser() / "model_index.json").read_text())["_class_name"]
@@ -114,7 +117,7 @@ def cmd_demo(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import demo
 
-    demo(args.out, args.steps, threads=args.threads, num_class_images=args.num_class_images)
+    demo(args.out, args.steps, threads=args.threads, num_class_images=args.num_class_images, model=args.model)
 
 
 def cmd_ui(args) -> None:
@@ -168,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
     d.add_argument("--num-class-images", type=int, default=None,
                    help="override the recipe's num_class_images (prior-preservation class images; default 50)")
+    d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
+                   help="the toy model: toy (UNet, the default) or toy-flux (its FLUX-shaped twin)")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
 
@@ -228,7 +233,8 @@ def _run(args) -> None:
 
 # Recipes with their own argparse: everything after the two words is theirs
 # (argparse.REMAINDER cannot take a leading "--out", so they bypass our parser).
-PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.recipes.pretrain", ("toy", "probe"): "nanobooth.toy.probe"}
+PASSTHROUGH = {("toy", "pretrain"): "nanobooth.toy.recipes.pretrain", ("toy", "pretrain-flux"): "nanobooth.toy.recipes.pretrain_flux",
+               ("toy", "probe"): "nanobooth.toy.probe"}
 
 
 def main(argv: list[str] | None = None) -> int:

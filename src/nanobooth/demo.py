@@ -1,7 +1,7 @@
 """`nanobooth demo`: the README's main job. The whole DreamBooth loop on the embedded default model, on a CPU.
 
 Writes a fresh toy-world subject, trains `toy/dreambooth-lora-prior-pre` on it with the embedded toy
-model, writes before/after sample grids and scores the run and the base model (`toy_eval.json`, and
+model (`--model toy-flux`: `toy-flux/dreambooth-lora-prior-pre` on the FLUX twin), writes before/after sample grids and scores the run and the base model (`toy_eval.json`, and
 `toy_eval.png`: base vs tuned side by side, prompt by prompt).
 """
 
@@ -43,33 +43,36 @@ def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
     return out
 
 
-def seconds_per_forward(batch: int = 8, repeats: int = 2) -> float:
-    """Measured seconds of one single-image forward pass of the toy UNet with the current threads."""
+def seconds_per_forward(model: str = "toy", resolution: int = 64, batch: int = 8, repeats: int = 2) -> float:
+    """Measured seconds of one single-image forward pass of the model's denoiser (the toy UNet, or the FLUX
+    twin's transformer through the family's denoise call) at `resolution`, with the current threads."""
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from importlib import resources
+    from .core.models import load_components, resolve_model
 
-    path = str(resources.files("nanobooth") / "assets" / "toy_model")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
-    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    c = load_components(resolve_model(model))
+    vae_scale = 2 ** (len(AutoencoderKL.load_config(resolve_model(model), subfolder="vae")["block_out_channels"]) - 1)
     gen = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(batch, 4, size, size, generator=gen), torch.randn(batch, 77, width, generator=gen)
-    t = torch.full((batch,), 500)
     with torch.no_grad():
-        unet(x, t, ctx)  # warm-up: first calls allocate
+        cond = c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, "a photo", "cpu"), resolution)
+        cond = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and k != "guidance" else v for k, v in cond.items()}
+        size = resolution // vae_scale
+        x = torch.randn(batch, c.vae.config.latent_channels, size, size, generator=gen)
+        t = torch.full((batch,), 500.0)
+        c.family.denoise(c.unet, x, t, cond)  # warm-up: first calls allocate
         start = time.perf_counter()
         for _ in range(repeats):
-            unet(x, t, ctx)
+            c.family.denoise(c.unet, x, t, cond)
     return (time.perf_counter() - start) / (repeats * batch)
 
 
-def plan(cfg: TrainConfig, n_scenes: int, per_forward: float) -> str:
-    """What the demo will do and roughly how long each part takes at `per_forward` s per UNet forward."""
+def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, variant: str = "toy/dreambooth-lora-prior-pre") -> str:
+    """What the demo will do and roughly how long each part takes at `per_forward` s per denoiser forward."""
     phases = {k: v * per_forward for k, v in unet_evaluations(cfg, n_scenes).items()}
     total = sum(phases.values()) + 20  # model loads, VAE decodes, probe scoring
     prior = f"{cfg.num_class_images} class images, " if cfg.with_prior_preservation else ""
-    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps (toy/dreambooth-lora-prior-pre), "
+    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps ({variant}), "
              "before/after grids, then toy eval (base vs tuned).",
              f"demo: about {_minutes(total)} on this machine now ("
              + ", ".join(f"{k} ~{_minutes(v)}" for k, v in phases.items())
@@ -91,8 +94,12 @@ def fresh_folder(out: Path) -> Path:
     return candidate
 
 
+# the demo's recipe on each toy model: the README's main job, or its twin on the FLUX-shaped toy model
+DEMO_VARIANTS = {"toy": "toy/dreambooth-lora-prior-pre", "toy-flux": "toy-flux/dreambooth-lora-prior-pre"}
+
+
 def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int | None = None,
-         num_class_images: int | None = None) -> Path:
+         num_class_images: int | None = None, model: str = "toy") -> Path:
     from .core.threads import apply_threads
     from .toy import world
     from .toy.evaluate import toy_eval
@@ -113,12 +120,13 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
         overrides["max_train_steps"] = steps
     if num_class_images is not None:  # load_config refuses < 1 (ConfigError names the key)
         overrides["num_class_images"] = num_class_images
-    cfg = load_config("toy/dreambooth-lora-prior-pre", overrides)
+    variant = DEMO_VARIANTS[model]
+    cfg = load_config(variant, overrides)
     world.write_subject(subject_seed, subject)
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
     meta = read_subject_meta(subject)
     planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")})
-    print(plan(planned, len(world.SCENES), seconds_per_forward()), flush=True)
+    print(plan(planned, len(world.SCENES), seconds_per_forward(model, cfg.resolution), variant), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)
     from .core.run_folder import SAMPLES, TOY_EVAL

@@ -372,7 +372,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def variant_names() -> list[str]:
     root = resources.files("nanobooth") / "configs"
     names = [p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")]
-    for sub in ("toy", "sdxl", "sd3", "flux"):
+    for sub in ("toy", "toy-flux", "sdxl", "sd3", "flux"):
         names += [f"{sub}/" + p.name[:-5] for p in (root / sub).iterdir() if p.name.endswith(".yaml")]
     return sorted(names)
 

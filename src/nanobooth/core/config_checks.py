@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .builtin_models import local_folder
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ def check_resolution_before_loading(cfg: "TrainConfig") -> None:
 
     if cfg.pretrained_vae_model_name_or_path:
         return  # another VAE: its factor is known once it loads
-    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
+    folder = local_folder(cfg.model)
     denoiser = next((folder / d / "config.json" for d in ("unet", "transformer") if (folder / d / "config.json").is_file()), None)
     vae = folder / "vae" / "config.json"
     if denoiser is None or not vae.is_file():
@@ -78,7 +77,7 @@ def local_denoiser_blocks(cfg: "TrainConfig") -> int | None:
     """The transformer blocks of a local diffusers folder's (or the toy model's) denoiser, read from its
     config.json: FLUX's num_layers + num_single_layers, SD3's num_layers, 0 for a UNet; None when unknown
     before loading (hub ids, single files, an unreadable config)."""
-    folder = Path(str(resources.files("nanobooth") / "assets" / "toy_model")) if cfg.model == "toy" else Path(cfg.model).expanduser()
+    folder = local_folder(cfg.model)
     if (folder / "unet" / "config.json").is_file():
         return 0
     try:

@@ -1,6 +1,6 @@
 """Load Stable Diffusion components the way users address them, and put adapters/ToMe on them.
 
-`model` may be a hub id, a local diffusers folder, a single-file checkpoint, `toy` or `tiny`. Pickle
+`model` may be a hub id, a local diffusers folder, a single-file checkpoint or a built-in name (builtin_models). Pickle
 checkpoints (.ckpt/.bin/.pt) can execute code when loaded, so they are refused unless allow_pickle.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -48,19 +47,25 @@ def cache_dir() -> Path:
 
 
 def resolve_model(model: str) -> str:
-    """Map the built-in names to folders; everything else is passed through."""
-    if model == "toy":
-        res = resources.files("nanobooth") / "assets" / "toy_model"
-        if (res / "model_index.json").is_file():
-            return str(res)
-        log.warning("model=toy: the pretrained toy model is not shipped in this build; using model=tiny (random weights)")
-        model = "tiny"
-    if model == "tiny":
-        from ..tiny import build_tiny_pipeline
+    """Map the built-in names (builtin_models) to folders; everything else is passed through."""
+    from . import builtin_models
+    from .. import tiny
 
-        path = cache_dir() / "tiny-v1"
+    if builtin_models.is_toy(model):
+        folder = builtin_models.shipped_folder(model)
+        if folder is not None:
+            return str(folder)
+        fallback = builtin_models.TOY_FALLBACK[model]
+        log.warning("model=%s: the pretrained toy model is not shipped in this build; using model=%s (random weights)",
+                    model, fallback)
+        model = fallback
+    builders = {"tiny": ("tiny-v1", tiny.build_tiny_pipeline), "tiny-sdxl": ("tiny-sdxl-v1", tiny.build_tiny_sdxl_pipeline),
+                "tiny-sd3": ("tiny-sd3-v1", tiny.build_tiny_sd3_pipeline), "tiny-flux": ("tiny-flux-v1", tiny.build_tiny_flux_pipeline)}
+    if model in builders:
+        name, build = builders[model]
+        path = cache_dir() / name
         if not (path / "model_index.json").is_file():
-            build_tiny_pipeline(path)
+            build(path)
         return str(path)
     return model
 

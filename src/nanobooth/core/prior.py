@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..families import sampling_kwargs
 from .data import ImageSet, image_paths, list_images
 
 log = logging.getLogger("nanobooth")
@@ -108,7 +109,8 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
         generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in idx]
         with torch.no_grad():
             images = pipe([prompt] * len(idx), num_inference_steps=steps, guidance_scale=guidance_scale,
-                          generator=generators, height=resolution, width=resolution).images
+                          generator=generators, height=resolution, width=resolution,
+                          **sampling_kwargs(pipe, len(idx), guidance_scale)).images
         for i, img in zip(idx, images):
             final = folder / f"class-{i:05d}.png"
             tmp = folder / f".class-{i:05d}.png.{os.getpid()}.tmp"

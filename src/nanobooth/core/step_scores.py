@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from .builtin_models import is_toy
 from .config import ConfigError, TrainConfig
 from .config_values import identifier_words
 from .run_folder import KEEP_BEST
@@ -133,7 +134,7 @@ def build(cfg: TrainConfig, instance_dir: Path, meta: dict):
         log.warning("validation_scores=%s: no validation_prompts, so no validation render to score", mode)
         return None
     if mode in ("none", "auto"):
-        mode = "toy" if cfg.model == "toy" else "real"
+        mode = "toy" if is_toy(cfg.model) else "real"
     try:
         scorer = (ToyScorer if mode == "toy" else RealScorer)(cfg, instance_dir, meta)
         if cfg.validation_scores == "none":  # only keep_best gets here: its override of the default, said out loud

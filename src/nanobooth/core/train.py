@@ -107,6 +107,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if cfg.trains_embeddings:
         embeddings.check_family(c.family, cfg)  # SD/SDXL only: refused before the run folder is made
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
+    c.family.check_sampling(cfg, c.unet.config)  # validation renders that this model cannot sample as asked: refused now
     if cfg.keep_best and accelerator.distributed_type == "FSDP":
         raise ConfigError("config key 'keep_best': not supported with FSDP (rank 0 holds only a shard of the weights to keep); "
                           "use keep_best=false or a DDP launch")

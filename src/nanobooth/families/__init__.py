@@ -15,4 +15,10 @@ def family_for(pipeline_class_name: str):
         raise ValueError(pipeline_class_name)
     return FAMILIES[pipeline_class_name]
 
-__all__ = ["Family", "SD", "SDXL", "SD3", "Flux", "FAMILIES", "family_for", "cond_batch", "cond_to", "Objective", "DDPMObjective"]
+def sampling_kwargs(pipe, num_prompts: int, guidance: float) -> dict:
+    """The pipeline's family's extra sampling arguments (Family.sampling_kwargs); none for a pipeline of no family."""
+    fam = FAMILIES.get(type(pipe).__name__)
+    return fam.sampling_kwargs(pipe, num_prompts, guidance) if fam is not None else {}
+
+
+__all__ = ["Family", "SD", "SDXL", "SD3", "Flux", "FAMILIES", "family_for", "sampling_kwargs", "cond_batch", "cond_to", "Objective", "DDPMObjective"]

@@ -55,6 +55,14 @@ class Family:
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_sampling(self, cfg, denoiser_config) -> None:
+        """Refuse (ConfigError) sampling settings this model cannot honour, before the run folder is written."""
+
+    def sampling_kwargs(self, pipe, num_prompts: int, guidance: float) -> dict:
+        """Extra keyword arguments for the pipeline's __call__ wherever nanobooth samples (validation, class
+        images, generate, eval), so it samples as the model was trained; none for SD and SDXL."""
+        return {}
+
 
 def cond_batch(conds: list[dict], sizes: list[int]) -> dict:
     """Stack per-prompt conditioning (batch 1 each, possibly nested) into one batch: conds[i] repeated sizes[i] times."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sd3 import SD3
+from .sd3 import SD3, t5_length
 
 T5_MAX_LENGTH = 512  # FluxPipeline's max_sequence_length default (the reference script's too)
 # The guidance a distilled model is trained at: diffusers' FLUX DreamBooth script's --guidance_scale default
@@ -53,8 +53,27 @@ class Flux(SD3):
     def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
         clip = tokenizers[0](prompt, padding="max_length", max_length=tokenizers[0].model_max_length, truncation=True,
                              return_tensors="pt").input_ids
-        t5 = tokenizers[1](prompt, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+        t5 = tokenizers[1](prompt, padding="max_length", max_length=t5_length(tokenizers[1], T5_MAX_LENGTH), truncation=True,
+                           return_tensors="pt").input_ids
         return [clip.to(device), t5.to(device)]
+
+    def check_sampling(self, cfg, denoiser_config) -> None:
+        if not denoiser_config.guidance_embeds and cfg.validation_guidance_cutoff < 1:
+            from ..core.errors import ConfigError
+
+            raise ConfigError(f"config key 'validation_guidance_cutoff': {cfg.validation_guidance_cutoff} needs a model whose "
+                              "guidance can stop mid-sampling; this FLUX transformer has no guidance embedding, so FluxPipeline "
+                              "guides every step or none (true_cfg_scale); use validation_guidance_cutoff=1")
+
+    def sampling_kwargs(self, pipe, num_prompts: int, guidance: float) -> dict:
+        """The T5 length (t5_length), and for a transformer without a guidance embedding (FLUX.1-schnell, the
+        toy FLUX twin, de-distilled FLUX) classifier-free guidance proper: FluxPipeline's true_cfg_scale with
+        an empty negative prompt, the unconditional branch caption dropout trains. guidance_scale alone would
+        be ignored by such a model. (FLUX.1-schnell samples at guidance <= 1: no second pass.)"""
+        kw = {"max_sequence_length": t5_length(pipe.tokenizer_2, T5_MAX_LENGTH)}
+        if not pipe.transformer.config.guidance_embeds and guidance > 1:
+            kw.update(true_cfg_scale=guidance, negative_prompt=[""] * num_prompts)
+        return kw
 
     def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
         """encoder_hidden_states (1, 512, T5 width), pooled_projections (1, CLIP width: its pooled output),

@@ -20,6 +20,14 @@ from .objective import FlowMatchObjective, Objective
 T5_MAX_LENGTH = 256
 
 
+def t5_length(tokenizer, pipeline_default: int) -> int:
+    """The T5 sequence length prompts are padded to: the pipeline's max_sequence_length default, or the
+    tokenizer's model_max_length where that is shorter (a model trained on shorter sequences, such as the
+    toy FLUX twin, says so in its tokenizer config). The transformer attends to every position, padding
+    included, so training, class images and sampling must all use this one length."""
+    return min(pipeline_default, int(tokenizer.model_max_length))
+
+
 class SD3(SD):
     """SD3 / SD3.5 (medium, large): SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler, a 16-channel VAE
     with scaling and shift factors. The T5 encoder never trains (as in diffusers' SD3 DreamBooth scripts:
@@ -56,10 +64,10 @@ class SD3(SD):
                                   cfg.precondition_outputs, cfg.resolution_shift)
 
     def tokenize(self, tokenizers, prompt: str, device) -> list[torch.Tensor]:
-        """(1, 77) ids for each CLIP, (1, 256) for T5 (with its end token, as the pipeline)."""
+        """(1, 77) ids for each CLIP, (1, 256) for T5 (t5_length; with its end token, as the pipeline)."""
         ids = super().tokenize(tokenizers[:2], prompt, device)
-        t5 = tokenizers[2](prompt, padding="max_length", max_length=T5_MAX_LENGTH, truncation=True, add_special_tokens=True,
-                           return_tensors="pt").input_ids
+        t5 = tokenizers[2](prompt, padding="max_length", max_length=t5_length(tokenizers[2], T5_MAX_LENGTH), truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids
         return [*ids, t5.to(device)]
 
     def encode(self, text_encoders, ids: list[torch.Tensor], resolution: int) -> dict:
@@ -82,6 +90,9 @@ class SD3(SD):
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         """The transformer patchifies and unpatchifies itself: latents (N, 16, h, w) in, velocity (N, 16, h, w) out."""
         return model(hidden_states=noisy, timestep=timesteps, return_dict=False, **cond)[0]
+
+    def sampling_kwargs(self, pipe, num_prompts: int, guidance: float) -> dict:
+        return {"max_sequence_length": t5_length(pipe.tokenizer_3, T5_MAX_LENGTH)}
 
     trained_text_encoders = 2  # the CLIPs: what train_text_encoder trains and a LoRA file holds
 

@@ -14,6 +14,7 @@ from ..methods import METHODS
 from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline
+from ..families import sampling_kwargs
 from ..core.run_folder import EMB_SUFFIX, LORA_FILE, load_run_config, result_kind
 
 log = logging.getLogger("nanobooth")
@@ -102,6 +103,10 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
     if not 0.0 < guidance_cutoff <= 1.0:
         raise ValueError(f"guidance_cutoff={guidance_cutoff}: pass a fraction of the sampling steps in (0, 1]")
     extra = {}
+    if guidance_cutoff < 1.0 and "true_cfg_scale" in sampling_kwargs(pipe, 1, guidance):
+        # FluxPipeline decides on its second (unconditional) pass once, before the first step
+        raise ValueError(f"guidance_cutoff={guidance_cutoff}: a {type(pipe).__name__} without a guidance embedding guides "
+                         "every step or none; pass guidance_cutoff=1")
     if guidance_cutoff < 1.0 and guidance > 1.0:
         names = [n for n in _CFG_DOUBLED if n in getattr(pipe, "_callback_tensor_inputs", ())]
         extra = dict(callback_on_step_end=_cfg_cutoff(steps, guidance_cutoff), callback_on_step_end_tensor_inputs=names)
@@ -110,13 +115,15 @@ def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: 
     jobs = [(i, j) for i in range(len(prompts)) for j in range(num_images)]
     out: list[list[Image.Image]] = [[None] * num_images for _ in prompts]
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer  # SD3/FLUX pipelines hold a transformer
-    size = resolution or denoiser.config.sample_size * pipe.vae_scale_factor
+    # FLUX's transformer has no sample_size: its VAE's (1024 for FLUX.1, 64 for the toy twin) then
+    sample_size = getattr(denoiser.config, "sample_size", None)
+    size = resolution or (sample_size * pipe.vae_scale_factor if sample_size else pipe.vae.config.sample_size)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         gens = [torch.Generator(pipe.device).manual_seed(seed + 1000 * i + j) for i, j in chunk]
         with torch.no_grad():
             images = pipe([prompts[i] for i, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=gens, height=size, width=size, **extra).images
+                          generator=gens, height=size, width=size, **extra, **sampling_kwargs(pipe, len(chunk), guidance)).images
         for (i, j), img in zip(chunk, images):
             out[i][j] = img
     return out

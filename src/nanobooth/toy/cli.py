@@ -18,6 +18,18 @@ def cmd_eval(args) -> None:
              guidance_cutoff=args.guidance_cutoff)
 
 
+def _at_least_two(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: pass a whole number of at least 2")
+    return n
+
+
 def add_parser(sub) -> None:
     from ..core.config import guidance_fraction
 
@@ -32,7 +44,8 @@ def add_parser(sub) -> None:
 
     e = tsub.add_parser("eval", help="subject/prompt fidelity, prior drift and diversity of a toy run -> RUN_DIR/toy_eval.json")
     e.add_argument("run_dir")
-    e.add_argument("--images-per-prompt", type=int, default=4)
+    e.add_argument("--images-per-prompt", type=_at_least_two, default=4,
+                   help="images per prompt (at least 2: diversity compares the subject's images pairwise)")
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
@@ -44,5 +57,7 @@ def add_parser(sub) -> None:
 
     # listed for --help only: nanobooth.cli.main hands these words straight to the recipe's own parser
     tsub.add_parser("pretrain", help="the toy model's training recipe (nanobooth toy pretrain --help)", add_help=False)
+    tsub.add_parser("pretrain-flux", help="the toy FLUX twin's training recipe (nanobooth toy pretrain-flux --help)",
+                    add_help=False)
     tsub.add_parser("probe", help="train/evaluate the toy world's probe classifier (nanobooth toy probe --help)",
                     add_help=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 from .jobs import FINAL, JobManager, one_line
 from .workspace import MAX_PHOTOS, MIN_PHOTOS, Workspace, photo_warnings, run_status, subject_names, subject_prompts
 
-FAMILIES = {"toy (embedded, CPU)": "toy/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
+FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
             "dreambooth-finetune-text-encoder"]
 EXPORTS = {"kohya / A1111 LoRA": "kohya", "ComfyUI LoRA": "comfyui", "single-file checkpoint": "single-file",
@@ -277,11 +277,12 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         def on_eval(name):
             from .. import api
             from ..core.data import read_subject_meta, resolve_data_dir
+            from ..core.builtin_models import is_toy
             from ..core.run_folder import load_run_config
 
             run = run_dir(name)
             cfg = load_run_config(run)
-            if cfg.model == "toy":
+            if is_toy(cfg.model):
                 meta = read_subject_meta(resolve_data_dir(cfg.instance_data_dir))
                 if not meta.get("subject"):
                     return ("toy eval scores toy-world subjects only (its probe knows balls, cubes, stars, rings and cups): "

@@ -256,12 +256,15 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
 
 
 # -------------------------------------------------------------------- export
+def vae_dir(out: Path) -> Path:
+    """The autoencoder a run ships: its last stage's (1d's decoder on 1c's encoder, ..., stage 1's)."""
+    return next(out / d for d in ("vae_refined_dec", "vae_refined", "vae_dec", "vae") if (out / d / "config.json").exists())
+
+
 def build_pipeline(out: Path, use_ema: bool = True):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    vae_dir = next(out / d for d in ("vae_refined_dec", "vae_refined", "vae_dec", "vae")
-                   if (out / d / "config.json").exists())
-    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    vae = AutoencoderKL.from_pretrained(str(vae_dir(out)))
     ck = out / "unet_ckpt"
     # checkpoints written before unet_config.json was saved are v4's
     unet = (UNet2DConditionModel.from_config(json.loads((ck / "unet_config.json").read_text()))

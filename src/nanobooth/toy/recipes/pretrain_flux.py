@@ -1,0 +1,270 @@
+"""Pretrain the toy world's FLUX-shaped twin (`model=toy-flux`, issue #24).
+
+    nanobooth toy pretrain --recipe v5 --out toy_v5       # first: the world's data and the autoencoder
+    nanobooth toy pretrain-flux --base toy_v5 --out toy_flux
+    nanobooth toy pretrain-flux --out toy_flux --export src/nanobooth/assets/toy_flux
+
+A FluxTransformer2DModel (double- then single-stream blocks, RoPE over 2x2-packed latents) with a CLIP text
+encoder (its pooled output) and a T5 encoder (the joint sequence), trained jointly from scratch by
+rectified flow on the latents of the UNet recipe's autoencoder: the same images, captions and VAE, so the
+FLUX family's DreamBooth is measured offline exactly like the UNet's. The loss, the noise levels and the
+denoiser call are the FLUX family's own (families/flux.py, families/objective.py: logit-normal noise
+levels shifted for the image size, as the sampler's dynamic shifting visits them), so pretraining,
+fine-tuning and FluxPipeline's sampling see one model.
+
+Unlike FLUX.1-dev the twin has no guidance embedding (there is no teacher to distil guidance from):
+nanobooth samples it with true classifier-free guidance (Flux.sampling_kwargs), which the 10% empty
+captions train. Its T5 sequence is 32 tokens (the tokenizer's model_max_length, which the family reads;
+512 would make each step 5x slower for captions of 20 tokens). With diffusers directly:
+`FluxPipeline.from_pretrained(DIR)(prompt, max_sequence_length=32, true_cfg_scale=4, negative_prompt="")`.
+
+Resumable like stage 2 of the UNet recipe: every batch, noise draw and noise level is a function of
+(seed, step); a re-run of the same command continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tqdm import tqdm
+
+from nanobooth.toy import world
+from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, write_json
+from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
+                                            training_caption, vae_dir)
+
+log = logging.getLogger("nanobooth.toy.recipes.pretrain_flux")
+T5_LENGTH = 32  # the longest world caption, identifier included, is 18 pieces with its end token
+# FLUX.1's dynamic shifting, unchanged: a 64x64 image is 256 packed tokens, FLUX's base_image_seq_len, so
+# the sampler's shift there is exp(base_shift) = 1.65
+SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096)
+TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                   num_attention_heads=6, joint_attention_dim=128, pooled_projection_dim=128, guidance_embeds=False,
+                   axes_dims_rope=(8, 12, 12))
+
+
+# ---------------------------------------------------------------- the models
+def world_words() -> list[str]:
+    """Every word a world caption, DreamBooth prompt or toy-eval prompt uses, and the identifier."""
+    words = {"a", "an", "and", "photo", "of", "with", world.IDENTIFIER}
+    for phrase in [*world.CLASSES, *world.RGB, *world.SCENES, *world.PATTERN_WORDS.values(), *world.MARK_WORDS.values()]:
+        words.update(phrase.split())
+    return sorted(words)
+
+
+def make_t5_tokenizer():
+    """A Unigram tokenizer of the world's words (whole words win: scored by length), with letters and
+    punctuation to fall back on, so any other word (another identifier) still tokenizes. Built in code:
+    T5's 32k-piece sentencepiece model is not needed for a world of 50 words."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in world_words()] + [("\u2581", -4.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789-'.,"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_LENGTH)
+
+
+def make_t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=128, d_kv=32, d_ff=256, num_layers=3, num_heads=4,
+                                   relative_attention_num_buckets=16, relative_attention_max_distance=32,
+                                   feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+
+
+def make_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**TRANSFORMER)
+
+
+def load_vae(base: Path):
+    """The UNet recipe's shipped autoencoder (vae_dir), with shift_factor 0 (FluxPipeline adds it back when decoding)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir(base)))
+    vae.register_to_config(shift_factor=0.0)
+    return vae.eval().requires_grad_(False)
+
+
+def base_data(base: Path):
+    """The images, specs and cached latents of the UNet recipe's run folder `base`."""
+    args = base / "args_all.json"
+    if not args.is_file() or not any((base / f).is_file() for f in ("latents.safetensors", "latents_refined.safetensors")):
+        raise SystemExit(f"nanobooth toy pretrain-flux: --base {base} has no encoded latents yet; run `nanobooth toy "
+                         f"pretrain --out {base}` (with its recipe) until its stage 2 has started")
+    a = json.loads(args.read_text())
+    imgs, specs = load_or_render_data(base, a["n_images"], a["seed"], a["n_plain"], a.get("n_patterned", 0))
+    vae = load_vae(base)
+    mean, std = encode_latents(base, vae, imgs)
+    return vae, specs, mean, std
+
+
+# ------------------------------------------------------------------ training
+def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: float, lr: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from nanobooth.families import FAMILIES
+    from nanobooth.families.objective import FlowMatchObjective
+
+    fam = FAMILIES["FluxPipeline"]
+    vae, specs, mean, std = base_data(base)
+    ck = out / "flux_ckpt"
+    clip_tok, t5_tok = make_tokenizer(), make_t5_tokenizer()
+    torch.manual_seed(seed + 2)
+    transformer, clip, t5 = make_transformer(), make_text_encoder(), make_t5(len(t5_tok))
+    objective = FlowMatchObjective(FlowMatchEulerDiscreteScheduler(**SCHEDULER), "logit_normal", resolution_shift=True)
+    modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    step, ema = 0, None
+
+    def named():
+        return {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters()}
+
+    if (ck / "state.json").exists():
+        for k, m in modules.items():
+            load_model(m, str(ck / f"{k}.safetensors"))
+        load_optimizer(opt, ck / "optim.safetensors")
+        ema = EMA(load_file(str(ck / "ema.safetensors")))
+        step = json.loads((ck / "state.json").read_text())["step"]
+        log.info("resuming the FLUX twin from step %d", step)
+    if step >= steps:
+        log.info("FLUX twin already done (%d steps)", step)
+        return
+    ema = ema or EMA(named())
+    for m in modules.values():
+        m.train()
+    n, vae_config = len(mean), dict(vae.config)
+    t0 = last = time.time()
+    ema_loss = None
+    bar = tqdm(total=steps, initial=step, desc="flux", mininterval=15)
+    while step < steps:
+        rng = np.random.default_rng([seed, 3, step])  # stream 3: the UNet stage draws from stream 2
+        idx = rng.choice(n, batch, replace=False)
+        caps = [training_caption(specs[i], rng) for i in idx]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 11 + step)
+        it = torch.from_numpy(idx)
+        z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
+        noise, t = objective.sample(z.shape, g)
+        # the family's tokenize/encode, batched: FluxPipeline's encode_prompt
+        clip_ids = clip_tok(caps, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+        t5_ids = t5_tok(caps, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt").input_ids
+        cond = {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output,
+                "guidance": torch.ones(1)}  # read only by guidance-distilled models
+        for pg in opt.param_groups:
+            pg["lr"] = lr_at(step, steps, lr)
+        pred = fam.denoise(transformer, objective.noisy(z, noise, t), t, cond)
+        loss = F.mse_loss(pred, objective.target(z, noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(named(), step)
+        step += 1
+        bar.update(1)
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if step % 25 == 0:
+            log.info("flux step %d/%d v-mse %.4f (ema %.4f) lr %.2e", step, steps, loss.item(), ema_loss, opt.param_groups[0]["lr"])
+        if time.time() - last > ckpt_s or step == steps:
+            save_checkpoint(ck, modules, ema, opt, {"step": step, "loss_ema": ema_loss, "base": str(base)})
+            add_time(out, "flux_seconds", time.time() - t0, {"flux_steps_done": step, "flux_loss_ema": ema_loss})
+            t0 = last = time.time()
+            log.info("checkpoint at step %d", step)
+    bar.close()
+
+
+def save_checkpoint(ck: Path, modules: dict, ema: EMA, opt, state: dict) -> None:
+    """Into a temp folder, then swapped in: a run stopped mid-save keeps its previous checkpoint whole."""
+    tmp = ck.with_name(ck.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for k, m in modules.items():
+        save_model(m, str(tmp / f"{k}.safetensors"))  # T5 ties its input embedding to `shared`
+    save_file(ema.shadow, str(tmp / "ema.safetensors"))
+    save_optimizer(opt, tmp / "optim.safetensors")
+    write_json(tmp / "state.json", state)
+    old = ck.with_name(ck.name + ".old")
+    if ck.exists():
+        ck.rename(old)
+    tmp.rename(ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -------------------------------------------------------------------- export
+def build_pipeline(out: Path, use_ema: bool = True):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    ck = out / "flux_ckpt"
+    state = json.loads((ck / "state.json").read_text())
+    t5_tok = make_t5_tokenizer()
+    modules = {"transformer": make_transformer(), "text_encoder": make_text_encoder(), "text_encoder_2": make_t5(len(t5_tok))}
+    shadow = load_file(str(ck / "ema.safetensors")) if use_ema else None
+    for k, m in modules.items():
+        if use_ema:  # EMA holds parameters only; buffers keep init
+            m.load_state_dict({n[len(k) + 1:]: v for n, v in shadow.items() if n.startswith(k + ".")}, strict=False)
+        else:
+            load_model(m, str(ck / f"{k}.safetensors"))
+        m.eval()
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=load_vae(Path(state["base"])),
+                        tokenizer=make_tokenizer(), tokenizer_2=t5_tok, **modules)
+
+
+def export(out: Path, dest: Path, use_ema: bool = True):
+    from nanobooth.toy.recipes.pretrain import TOKENIZER_DIR
+
+    pipe = build_pipeline(out, use_ema)
+    pipe.to(torch.float16)
+    if dest.exists():
+        shutil.rmtree(dest)
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+    shutil.rmtree(dest / "tokenizer")  # the CLIP tokenizer's files verbatim, as the UNet model ships them
+    shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
+    state = json.loads((out / "flux_ckpt" / "state.json").read_text())
+    (dest / "toy_model.json").write_text(json.dumps({
+        "flux_steps": state["step"], "ema": use_ema, "timings": timings(out),
+        "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES},
+        "note": ("fp16 weights; on CPU load with torch_dtype=torch.float32. No guidance embedding: sample with "
+                 f"max_sequence_length={T5_LENGTH}, true_cfg_scale > 1 and negative_prompt=''"),
+    }, indent=2))
+    log.info("exported the FLUX twin (step %d) to %s", state["step"], dest)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="nanobooth toy pretrain-flux", description=__doc__.split("\n")[0])
+    p.add_argument("--base", default="toy_pretrain", help="the UNet recipe's run folder: data, captions, latents, VAE")
+    p.add_argument("--out", default="toy_flux")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=9000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--export", default=None, help="write the FluxPipeline (fp16 safetensors) here and exit")
+    p.add_argument("--no-ema", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    if a.export:
+        export(out, Path(a.export), use_ema=not a.no_ema)
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "args.json", vars(a))
+    train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr)
+    log.info("FLUX twin done: %s", json.dumps(timings(out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
