@@ -175,7 +175,9 @@ def encode_latents(out: Path, vae, imgs: np.ndarray):
 
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
-               arch: str = "v4"):
+               arch: str = "v4", bf16: bool = False):
+    """bf16: forward passes under CPU bfloat16 autocast, weights and optimizer state fp32 (mixed precision as GPU
+    trainers run it): 1.3x faster steps for the v5 UNet (avx512_bf16), and for the FLUX twin 1.6x."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import compute_snr
 
@@ -224,8 +226,9 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, steps, lr)
-        hid = te(ids)[0]
-        pred = unet(noise_sched.add_noise(z, noise, t), t, hid).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hid = te(ids)[0]
+            pred = unet(noise_sched.add_noise(z, noise, t), t, hid).sample.float()
         # min-SNR-5 weighting: same optimum, markedly faster convergence in short runs
         snr = compute_snr(noise_sched, t)
         w = torch.clamp(snr, max=5.0) / snr
@@ -315,7 +318,7 @@ RECIPES = {
     # are made of. Stage lengths are budgeted at about 10 CPU-hours on one idle thread (stage 2: ~9000
     # steps at ~2.5 s; the autoencoder stages ~2.5 h); stage 1b is dropped (1c and 1d cover it).
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
-               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1),
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, bf16=True),
 }
 
 
@@ -337,6 +340,8 @@ def main(argv=None):
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 2 under CPU bfloat16 autocast (fp32 weights); recipe v5's default")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--export", default=None, help="write the pipeline (fp16 safetensors) here and exit")
     p.add_argument("--no-ema", action="store_true")
@@ -384,7 +389,7 @@ def main(argv=None):
                        a.vae_refine_subjects)
     if a.stage == "decoder-refine":
         return 0
-    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch)
+    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch, a.bf16)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 

@@ -110,7 +110,7 @@ def base_data(base: Path):
 
 
 # ------------------------------------------------------------------ training
-def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: float, lr: float):
+def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: float, lr: float, bf16: bool = True):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from nanobooth.families import FAMILIES
@@ -160,11 +160,12 @@ def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: floa
         clip_ids = clip_tok(caps, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
         t5_ids = t5_tok(caps, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt").input_ids
-        cond = {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output,
-                "guidance": torch.ones(1)}  # read only by guidance-distilled models
         for pg in opt.param_groups:
             pg["lr"] = lr_at(step, steps, lr)
-        pred = fam.denoise(transformer, objective.noisy(z, noise, t), t, cond)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 weights; 1.6x faster steps (avx512_bf16)
+            cond = {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output,
+                    "guidance": torch.ones(1)}  # read only by guidance-distilled models
+            pred = fam.denoise(transformer, objective.noisy(z, noise, t), t, cond).float()
         loss = F.mse_loss(pred, objective.target(z, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,6 +250,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="forward passes under CPU bfloat16 autocast, weights fp32 (--no-bf16: fp32 throughout)")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--export", default=None, help="write the FluxPipeline (fp16 safetensors) here and exit")
     p.add_argument("--no-ema", action="store_true")
@@ -261,7 +264,7 @@ def main(argv=None):
         return 0
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "args.json", vars(a))
-    train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr)
+    train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr, a.bf16)
     log.info("FLUX twin done: %s", json.dumps(timings(out)))
     return 0
 
