@@ -6,6 +6,7 @@ and one row per (arm, subject). Runs already scored are reused, so an interrupte
 
     python bench/aids_toy.py --out /tmp/aids --seeds 4242 5000 5001 7001
     python bench/aids_toy.py --out /tmp/aids --arms lora-prior dora-prior --seeds 4242
+    python bench/aids_toy.py --out /tmp/v5 --model toy_v5_export --arms lora-prior lora full-prior --targets --seeds ...
 
 Every arm shares one class-image folder per subject (same base, class prompt and resolution: the
 provenance check allows it), so class images are generated once per subject, not once per arm.
@@ -32,6 +33,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # issue #25: fewer sampler steps for the class images vs the prior they keep (own class folder each)
     "lora-prior-cls10": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=10"]),
     "lora-prior-cls15": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=15"]),
+    # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
+    # arm scores the base model for all)
+    "full-prior": ("toy/dreambooth-prior-pre", []),
+    "full": ("toy/dreambooth", []),
+    "full-te": ("toy/dreambooth-finetune-text-encoder", []),
+    "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
+    "flux-lora": ("toy-flux/dreambooth-lora", []),
+    "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
 }
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
@@ -48,8 +57,9 @@ def class_dir(out: Path, seed: int, overrides: list[str]) -> Path:
     return out / "class" / (f"{seed}-steps{steps[0]}" if steps else str(seed))
 
 
-def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool) -> dict:
+def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None) -> dict:
     variant, overrides = ARMS[arm]
+    overrides = overrides + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
     if scores.is_file():
@@ -83,9 +93,11 @@ def main() -> None:
                    choices=sorted(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[4242, 5000, 5001, 7001])
     p.add_argument("--images-per-prompt", type=int, default=8)
+    p.add_argument("--model", default=None, help="every arm on this model (a candidate toy model's folder) instead of the variant's")
+    p.add_argument("--targets", action="store_true", help="check issue #24's targets (arms lora-prior and lora needed)")
     a = p.parse_args()
     # the base model's scores depend on the subject only: the first arm of each subject scores them
-    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, base=arm == a.arms[0]) for s in a.seeds for arm in a.arms}
+    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model) for s in a.seeds for arm in a.arms}
     head = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
     print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt)\n\n{head}")
     for arm, section in [(a.arms[0], "base"), *((arm, "tuned") for arm in a.arms)]:
@@ -94,6 +106,27 @@ def main() -> None:
     print("\nper subject\n\n| arm | seed | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
     for (arm, s), r in rows.items():
         print(f"| {arm} | {s} | " + " | ".join(f"{pick(r, m):.3f}" if pick(r, m) is not None else "–" for m in METRICS) + " |")
+    if a.targets:
+        print("\nissue #24's targets (toy/dreambooth-lora-prior-pre)\n")
+        for line, ok in targets({s: rows["lora-prior", s] for s in a.seeds}, {s: rows["lora", s] for s in a.seeds},
+                                {s: rows[a.arms[0], s] for s in a.seeds}):
+            print(f"- {'PASS' if ok else 'FAIL'}: {line}")
+
+
+def targets(prior: dict, no_prior: dict, with_base: dict) -> list[tuple[str, bool]]:
+    """Issue #24's per-recipe targets from toy_eval.json results by subject seed: (what, met)."""
+    ident = {s: pick(r, "subject_identity") for s, r in prior.items()}
+    ctx = {s: pick(r, "subject_in_context") for s, r in prior.items()}
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    prompt = mean({s: pick(r, "prompt_fidelity") for s, r in prior.items()})
+    base_prompt = mean({s: pick(r, "prompt_fidelity", "base") for s, r in with_base.items()})
+    drift = {s: (pick(r, "prior_drift"), pick(no_prior[s], "prior_drift")) for s, r in prior.items()}
+    return [(f"subject identity mean {mean(ident):.3f} >= 0.6", mean(ident) >= 0.6),
+            (f"subject-in-context mean {mean(ctx):.3f} >= 0.5", mean(ctx) >= 0.5),
+            (f"no subject's identity below 0.3 (lowest {min(ident.values()):.3f})", min(ident.values()) >= 0.3),
+            (f"prompt fidelity {prompt:.3f} within 0.05 of the base model's {base_prompt:.3f}", prompt >= base_prompt - 0.05),
+            ("prior drift <= 0.7x the no-prior run's on every subject: "
+             + ", ".join(f"{s} {d:.3f}/{n:.3f}" for s, (d, n) in drift.items()), all(d <= 0.7 * n for d, n in drift.values()))]
 
 
 if __name__ == "__main__":

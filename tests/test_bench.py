@@ -31,3 +31,17 @@ def test_summary_gives_medians_per_tool_and_their_ratio():
     lines = vs.summarize(rows)
     assert lines[0] == ["s/step", "0.700", "0.250", "0.36"]
     assert [ln[3] for ln in lines[1:]] == ["0.50", "0.50", "0.50"]
+
+
+def test_issue_24_targets_read_the_right_sections_and_margins():
+    import aids_toy
+
+    def res(ident, ctx, prompt, drift, base_prompt=0.9):
+        return {"tuned": {"subject_identity": ident, "subject_in_context": ctx, "prompt_fidelity": prompt, "prior_drift": drift},
+                "base": {"prompt_fidelity": base_prompt}}
+
+    prior = {1: res(0.7, 0.6, 0.88, 0.2), 2: res(0.5, 0.5, 0.86, 0.3)}
+    no_prior = {1: res(0.8, 0.4, 0.7, 0.4), 2: res(0.8, 0.4, 0.7, 0.5)}
+    assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [True, True, True, True, True]
+    prior[2] = res(0.25, 0.3, 0.80, 0.36)  # identity 0.475, context 0.45, a subject below 0.3, prompt 0.84 < 0.85, 0.36 > 0.35
+    assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [False, False, False, False, False]
