@@ -248,7 +248,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (100 warm-up steps, cosine to a tenth)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="forward passes under CPU bfloat16 autocast, weights fp32 (--no-bf16: fp32 throughout)")
