@@ -80,3 +80,12 @@ def test_twin_resumes_bit_exactly_and_exports_a_flux_pipeline(base, tmp_path):
 def test_twin_refuses_a_base_without_latents(tmp_path):
     with pytest.raises(SystemExit, match="no encoded latents"):
         pretrain_flux.main(["--base", str(tmp_path), "--out", str(tmp_path / "flux"), "--steps", "1"])
+
+
+def test_exporting_an_untrained_folder_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no checkpoint to export"):
+        pretrain_flux.main(["--out", str(tmp_path / "flux"), "--export", str(tmp_path / "model")])
+    with pytest.raises(SystemExit):
+        pretrain.main(["--out", str(tmp_path / "unet"), "--export", str(tmp_path / "model")])
+    assert "no stage-2 checkpoint to export" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists() and not (tmp_path / "unet").exists()

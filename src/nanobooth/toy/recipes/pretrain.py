@@ -359,10 +359,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     if a.export:
+        if not (out / "unet_ckpt" / "state.json").is_file():
+            p.error(f"--out {out} holds no stage-2 checkpoint to export; train it first (the same command without --export)")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
+    out.mkdir(parents=True, exist_ok=True)
     for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
         was = json.loads(f.read_text())
         was = (was.get("vae_factor", 4), was.get("unet_arch", "v4"))  # args files older than v5 are v4's

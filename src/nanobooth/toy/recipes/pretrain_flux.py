@@ -1,4 +1,4 @@
-"""Pretrain the toy world's FLUX-shaped twin (`model=toy-flux`, issue #24).
+"""Pretrain the toy world's FLUX-shaped twin (`model=toy-flux`).
 
     nanobooth toy pretrain --recipe v5 --out toy_v5       # first: the world's data and the autoencoder
     nanobooth toy pretrain-flux --base toy_v5 --out toy_flux
@@ -260,6 +260,9 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     if a.export:
+        if not (out / "flux_ckpt" / "state.json").is_file():
+            raise SystemExit(f"nanobooth toy pretrain-flux: --out {out} holds no checkpoint to export; train it first "
+                             f"(nanobooth toy pretrain-flux --base BASE --out {out})")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     out.mkdir(parents=True, exist_ok=True)
