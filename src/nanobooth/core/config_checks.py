@@ -18,11 +18,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("nanobooth")
 
 # key -> (its switch is on, what to set): keys that do nothing unless another key turns their feature on
+BUCKET_KEYS = ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")  # inert unless enable_bucket
 IDLE_WITHOUT_SWITCH = {
     "validation_images_dir": (lambda c: c.validation_loss_steps > 0, "validation_loss_steps > 0; set validation_loss_steps=N"),
-    "bucket_reso_steps": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
-    "min_bucket_reso": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
-    "max_bucket_reso": (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true"),
+    **{key: (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true") for key in BUCKET_KEYS},
 }
 
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, field_names, resume_safe_keys
+from .config_checks import BUCKET_KEYS
 from .errors import CheckpointError, ModelError  # torch-free: the CLI checks output_dir before the training stack loads
 
 log = logging.getLogger("nanobooth")
@@ -183,9 +184,6 @@ def load_run_config(folder) -> TrainConfig | None:
         raise ConfigError(f"{path}: {e}") from None
 
 
-BUCKET_KEYS = {"bucket_reso_steps", "min_bucket_reso", "max_bucket_reso"}
-
-
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse a run into an output_dir that holds something else, before any model loads (torch-free: the
     CLI calls it before importing the training stack; train.prepare_run calls it again for library
@@ -205,7 +203,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         return
     old, safe = saved.to_dict(), resume_safe_keys()
     if not old.get("enable_bucket") and not cfg.enable_bucket:  # inert without buckets (toy runs saved before 16)
-        safe = safe | BUCKET_KEYS
+        safe = safe | set(BUCKET_KEYS)
     diff = [(k, old.get(k), v) for k, v in cfg.to_dict().items() if k not in safe and old.get(k) != v]
     if diff:
         what = ", ".join(f"{k}: {o!r} there, {n!r} now" for k, o, n in diff[:3]) + (" ..." if len(diff) > 3 else "")
