@@ -18,23 +18,25 @@ def test_tiny_builtin_model_builds_and_loads():
     assert pipe.unet.config.sample_size == 16
 
 
-def test_builtin_names_resolve_to_their_familys_pipeline(caplog):
+def test_builtin_names_resolve_to_their_familys_pipeline(caplog, monkeypatch):
     """tiny-sdxl / tiny-sd3 / tiny-flux build the tiny model of that family; toy-flux is the shipped FLUX twin, or (in a
-    build without it) tiny-flux with a warning that says so."""
+    build without it) tiny-flux with a warning that says so, once a process."""
     import json
     import logging
     from pathlib import Path
 
     from nanobooth.core import builtin_models
+    from nanobooth.core import models
     from nanobooth.core.models import resolve_model
 
-    for name in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-flux"):
+    monkeypatch.setattr(models, "_WARNED", set())
+    for name in ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "toy-flux", "toy-flux"):
         with caplog.at_level(logging.WARNING, logger="nanobooth"):
             folder = Path(resolve_model(name))
         assert json.loads((folder / "model_index.json").read_text())["_class_name"] == builtin_models.PIPELINES[name]
     shipped = builtin_models.shipped_folder("toy-flux")
     said = [r.getMessage() for r in caplog.records if "toy-flux" in r.getMessage()]
-    assert (said == []) if shipped else (len(said) == 1 and "model=tiny-flux" in said[0])
+    assert (said == []) if shipped else (len(said) == 1 and "model=tiny-flux" in said[0] and "noise" in said[0])
     assert builtin_models.is_toy("toy-flux") and not builtin_models.is_toy("tiny-flux")
 
 

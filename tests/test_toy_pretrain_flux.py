@@ -77,9 +77,15 @@ def test_twin_resumes_bit_exactly_and_exports_a_flux_pipeline(base, tmp_path):
     assert img.size == (64, 64)
 
 
-def test_twin_refuses_a_base_without_latents(tmp_path):
+def test_twin_refuses_a_missing_or_unready_base_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="no encoded latents"):
         pretrain_flux.main(["--base", str(tmp_path), "--out", str(tmp_path / "flux"), "--steps", "1"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        pretrain_flux.main(["--base", str(tmp_path / "nope"), "--out", str(tmp_path / "flux"), "--steps", "1"])
+    assert not (tmp_path / "flux").exists()
+    with pytest.raises(SystemExit):  # too few scenes for the autoencoder's held-apart set: one line, nothing written
+        pretrain.main(["--out", str(tmp_path / "unet"), "--n-images", "40"])
+    assert not (tmp_path / "unet").exists()
 
 
 def test_exporting_an_untrained_folder_is_one_line(tmp_path, capsys):

@@ -40,6 +40,8 @@ def _setup_logging() -> None:
     for lib in ("transformers", "diffusers"):
         if lib in sys.modules:  # already imported (a caller's own import): the variable came too late
             sys.modules[lib].utils.logging.set_verbosity_error()
+    # bitsandbytes (the quant extra) logs a CPU-kernel notice on import, whichever method the run uses
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cmd_train(args) -> None:
@@ -81,7 +83,8 @@ def warn_variant_family(variant: str, model: str) -> None:
     if got != want:
         logging.getLogger("nanobooth").warning(
             "variant '%s' is a %s recipe, but model=%s is a %s: the run trains that %s with this recipe; "
-            "pass a %s model (folder or hub id) to train one", variant, want, model, got, got, want)
+            "pass a %s model (folder or hub id%s) to train one", variant, want, model, got, got, want,
+            "".join(f", or model={name}" for name, cls in PIPELINES.items() if cls == want))
 
 
 def check_train_input(cfg) -> None:
@@ -127,7 +130,7 @@ def cmd_ui(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for Stable Diffusion.")
+    p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for diffusion models: SD 1.x/2.x, SDXL, SD3, FLUX.1.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DreamBooth variant", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -139,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="render images from a base model and a run")
-    g.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, toy, tiny)")
+    g.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, or a built-in name: "
+                                                  "toy, toy-flux, tiny, tiny-sdxl, tiny-sd3, tiny-flux)")
     g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--num-images", type=int, default=4, help="images per prompt")
@@ -202,7 +206,7 @@ LAZY = {
 
 def _real_parser(module: str) -> argparse.ArgumentParser:
     """The parser of one LAZY command, from its own module's add_parser."""
-    p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for Stable Diffusion.")
+    p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for diffusion models: SD 1.x/2.x, SDXL, SD3, FLUX.1.")
     sub = p.add_subparsers(dest="command", required=True)
     importlib.import_module(module).add_parser(sub)
     return p

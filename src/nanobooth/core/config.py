@@ -36,7 +36,7 @@ RESUME_SAFE = {"resume_safe": True}
 class TrainConfig:
     # --- model -----------------------------------------------------------------------------------
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """Base model: a hub id, a local diffusers folder, a single-file checkpoint (.safetensors), `toy` (the shipped pretrained toy model) or `tiny` (a random seeded model, for smoke tests)."""
+    """Base model: a hub id, a local diffusers folder, a single-file checkpoint (.safetensors), or a built-in name: `toy` (the shipped pretrained toy model), `toy-flux` (its FLUX-shaped twin), `tiny`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux` (random seeded models of each family, for smoke tests)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of `model`."""
     single_file_config: Optional[str] = None

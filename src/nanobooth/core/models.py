@@ -46,6 +46,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NANOBOOTH_CACHE", Path.home() / ".cache" / "nanobooth"))
 
 
+_WARNED: set[str] = set()
+
+
 def resolve_model(model: str) -> str:
     """Map the built-in names (builtin_models) to folders; everything else is passed through."""
     from . import builtin_models
@@ -56,8 +59,10 @@ def resolve_model(model: str) -> str:
         if folder is not None:
             return str(folder)
         fallback = builtin_models.TOY_FALLBACK[model]
-        log.warning("model=%s: the pretrained toy model is not shipped in this build; using model=%s (random weights)",
-                    model, fallback)
+        if model not in _WARNED:  # once a process: a demo or an eval resolves the name several times
+            _WARNED.add(model)
+            log.warning("model=%s: this build does not ship its pretrained weights; using model=%s (random weights: its "
+                        "pictures are noise, and toy eval scores of them measure nothing)", model, fallback)
         model = fallback
     builders = {"tiny": ("tiny-v1", tiny.build_tiny_pipeline), "tiny-sdxl": ("tiny-sdxl-v1", tiny.build_tiny_sdxl_pipeline),
                 "tiny-sd3": ("tiny-sd3-v1", tiny.build_tiny_sd3_pipeline), "tiny-flux": ("tiny-flux-v1", tiny.build_tiny_flux_pipeline)}

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
+from nanobooth.toy.recipes import autoencoder
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
 from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, to_tensor, write_json
 
@@ -364,6 +365,10 @@ def main(argv=None):
             p.error(f"--out {out} holds no stage-2 checkpoint to export; train it first (the same command without --export)")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
+    held = autoencoder.HELD_APART
+    if a.n_images < held + a.vae_batch:
+        p.error(f"--n-images {a.n_images}: the autoencoder stages keep the last {held} scenes apart (recon figure, "
+                f"latent scale); pass at least {held + a.vae_batch}")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
         was = json.loads(f.read_text())

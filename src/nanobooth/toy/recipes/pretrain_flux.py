@@ -15,8 +15,9 @@ fine-tuning and FluxPipeline's sampling see one model.
 Unlike FLUX.1-dev the twin has no guidance embedding (there is no teacher to distil guidance from):
 nanobooth samples it with true classifier-free guidance (Flux.sampling_kwargs), which the 10% empty
 captions train. Its T5 sequence is 32 tokens (the tokenizer's model_max_length, which the family reads;
-512 would make each step 5x slower for captions of 20 tokens). With diffusers directly:
-`FluxPipeline.from_pretrained(DIR)(prompt, max_sequence_length=32, true_cfg_scale=4, negative_prompt="")`.
+512 would make each step 5x slower for captions of 20 tokens). With diffusers directly (fp16 files, so
+fp32 on a CPU): `FluxPipeline.from_pretrained(DIR, torch_dtype=torch.float32)(prompt, max_sequence_length=32,
+true_cfg_scale=4, negative_prompt="", height=64, width=64)`.
 
 Resumable like stage 2 of the UNet recipe: every batch, noise draw and noise level is a function of
 (seed, step); a re-run of the same command continues from the last checkpoint.
@@ -28,6 +29,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -98,15 +100,23 @@ def load_vae(base: Path):
 
 def base_data(base: Path):
     """The images, specs and cached latents of the UNet recipe's run folder `base`."""
-    args = base / "args_all.json"
-    if not args.is_file() or not any((base / f).is_file() for f in ("latents.safetensors", "latents_refined.safetensors")):
-        raise SystemExit(f"nanobooth toy pretrain-flux: --base {base} has no encoded latents yet; run `nanobooth toy "
-                         f"pretrain --out {base}` (with its recipe) until its stage 2 has started")
-    a = json.loads(args.read_text())
+    check_base(base)
+    a = json.loads((base / "args_all.json").read_text())
     imgs, specs = load_or_render_data(base, a["n_images"], a["seed"], a["n_plain"], a.get("n_patterned", 0))
     vae = load_vae(base)
     mean, std = encode_latents(base, vae, imgs)
     return vae, specs, mean, std
+
+
+def check_base(base: Path) -> None:
+    """Refuse (one line, nothing written) a --base that is not a UNet recipe run past its autoencoder stages."""
+    if not base.is_dir():
+        raise SystemExit(f"nanobooth toy pretrain-flux: --base {base} does not exist; pass the run folder of "
+                         "`nanobooth toy pretrain --out DIR`")
+    if not (base / "args_all.json").is_file() or not any((base / f).is_file() for f in ("latents.safetensors",
+                                                                                           "latents_refined.safetensors")):
+        raise SystemExit(f"nanobooth toy pretrain-flux: --base {base} has no encoded latents yet; run `nanobooth toy "
+                         f"pretrain --out {base}` (with its recipe) until its stage 2 has started")
 
 
 # ------------------------------------------------------------------ training
@@ -242,19 +252,21 @@ def export(out: Path, dest: Path, use_ema: bool = True):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="nanobooth toy pretrain-flux", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="nanobooth toy pretrain-flux", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", default="toy_pretrain", help="the UNet recipe's run folder: data, captions, latents, VAE")
-    p.add_argument("--out", default="toy_flux")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=9000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--out", default="toy_flux", help="this run's folder (checkpoints, timings); re-run to resume")
+    p.add_argument("--seed", type=int, default=0, help="batches, noise and noise levels are a function of (seed, step)")
+    p.add_argument("--steps", type=int, default=9000, help="optimizer steps (the UNet recipe v5's stage 2 count)")
+    p.add_argument("--batch", type=int, default=32, help="images a step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (100 warm-up steps, cosine to a tenth)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads: one, so it runs beside the UNet recipe's stage 2 on a 2-core machine")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="forward passes under CPU bfloat16 autocast, weights fp32 (--no-bf16: fp32 throughout)")
-    p.add_argument("--ckpt-minutes", type=float, default=3.0)
+    p.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--export", default=None, help="write the FluxPipeline (fp16 safetensors) here and exit")
-    p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not their EMA")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(a.threads)
@@ -265,8 +277,11 @@ def main(argv=None):
                              f"(nanobooth toy pretrain-flux --base BASE --out {out})")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
+    check_base(Path(a.base))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "args.json", vars(a))
+    # bf16 activations meet fp32 RMSNorm weights in the transformer: torch then takes its unfused path and says so
+    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
     train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr, a.bf16)
     log.info("FLUX twin done: %s", json.dumps(timings(out)))
     return 0
