@@ -290,16 +290,19 @@ def build_pipeline(out: Path, use_ema: bool = True):
     )
 
 
-def export(out: Path, dest: Path, use_ema: bool = True):
-    pipe = build_pipeline(out, use_ema)
+def save_pipeline(pipe, dest: Path) -> None:
+    """A toy pipeline as it ships: fp16 safetensors in `dest` (replaced), with the CLIP tokenizer's files verbatim
+    (no re-serialised 3.6 MB tokenizer.json: CLIPTokenizer builds itself from vocab.json + merges.txt)."""
     pipe.to(torch.float16)
     if dest.exists():
         shutil.rmtree(dest)
     pipe.save_pretrained(str(dest), safe_serialization=True)
-    # ship the tokenizer files verbatim (no re-serialised 3.6 MB tokenizer.json):
-    # CLIPTokenizer builds itself from vocab.json + merges.txt
     shutil.rmtree(dest / "tokenizer")
     shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
+
+
+def export(out: Path, dest: Path, use_ema: bool = True):
+    save_pipeline(build_pipeline(out, use_ema), dest)
     state = json.loads((out / "unet_ckpt" / "state.json").read_text())
     (dest / "toy_model.json").write_text(json.dumps({
         "unet_steps": state["step"], "ema": use_ema, "timings": timings(out),

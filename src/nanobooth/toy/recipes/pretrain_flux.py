@@ -41,7 +41,7 @@ from tqdm import tqdm
 from nanobooth.toy import world
 from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, write_json
 from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
-                                            training_caption, vae_dir)
+                                            save_pipeline, training_caption, vae_dir)
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain_flux")
 T5_LENGTH = 32  # the longest world caption, identifier included, is 18 pieces with its end token
@@ -232,15 +232,7 @@ def build_pipeline(out: Path, use_ema: bool = True):
 
 
 def export(out: Path, dest: Path, use_ema: bool = True):
-    from nanobooth.toy.recipes.pretrain import TOKENIZER_DIR
-
-    pipe = build_pipeline(out, use_ema)
-    pipe.to(torch.float16)
-    if dest.exists():
-        shutil.rmtree(dest)
-    pipe.save_pretrained(str(dest), safe_serialization=True)
-    shutil.rmtree(dest / "tokenizer")  # the CLIP tokenizer's files verbatim, as the UNet model ships them
-    shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
+    save_pipeline(build_pipeline(out, use_ema), dest)
     state = json.loads((out / "flux_ckpt" / "state.json").read_text())
     (dest / "toy_model.json").write_text(json.dumps({
         "flux_steps": state["step"], "ema": use_ema, "timings": timings(out),
