@@ -96,6 +96,23 @@ def tiny_vpred_model(tmp_path_factory, tiny_model) -> Path:
     return path
 
 
+TOY_V5_FLAGS = ["--recipe", "v5", "--n-images", "40", "--n-plain", "12", "--n-patterned", "12", "--vae-steps", "2",
+                "--vae-batch", "4", "--vae-refine-steps", "1", "--vae-refine-subjects", "2", "--decoder-refine-steps", "1",
+                "--unet-batch", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="session")
+def toy_v5_base(tmp_path_factory) -> Path:
+    """The toy recipe v5 at toy scale (TOY_V5_FLAGS), one stage-2 step: its data, autoencoder and cached latents."""
+    from nanobooth.toy.recipes import autoencoder, pretrain
+
+    out = tmp_path_factory.mktemp("toy_v5") / "pre"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(autoencoder, "HELD_APART", 16)  # encoding 512 held-apart scenes after each stage: most of the time
+        assert pretrain.main(TOY_V5_FLAGS + ["--out", str(out), "--unet-steps", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def subject_dir(tmp_path_factory) -> Path:
     """Three of the shipped dog photos at 48 px: real photos, CPU-cheap."""

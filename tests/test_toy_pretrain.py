@@ -95,16 +95,16 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path, monkeypatch):
 def test_training_caption_draws_once_for_plain_objects():
     # v4's data stream: a plain object's caption must consume exactly one random number, so that adding
     # patterned objects (recipe v5) leaves every v4 batch as it was
-    from nanobooth.toy.recipes import pretrain
+    from nanobooth.toy.recipes.denoiser import training_caption
 
     spec = world.Spec("star", "blue", "on the beach", 12, 32, 32)
     for seed in range(40):
         a, b = np.random.default_rng(seed), np.random.default_rng(seed)
-        pretrain.training_caption(spec, a)
+        training_caption(spec, a)
         b.random()
         assert a.random() == b.random()
     pat = world.sample_patterned_spec(np.random.default_rng(0))
-    caps = {pretrain.training_caption(pat, np.random.default_rng(s)) for s in range(300)}
+    caps = {training_caption(pat, np.random.default_rng(s)) for s in range(300)}
     assert world.caption(pat) in caps and world.caption(pat, colour=False, look=True) in caps
     assert world.caption(pat, colour=False) in caps and "" in caps
 

@@ -1,6 +1,5 @@
-"""The toy FLUX twin's recipe (toy/recipes/pretrain_flux.py) at toy scale: its tokenizer covers the world, it
-resumes bit-exactly, and what it exports is a FluxPipeline that samples as the family trains it."""
-import json
+"""The toy FLUX twin's recipe (toy/recipes/pretrain_flux.py) at toy scale: its tokenizer covers the world, and
+what it exports (its resume: test_toy_denoiser.py) is a FluxPipeline that samples as the family trains it."""
 
 import numpy as np
 import pytest
@@ -8,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanobooth.toy import world
-from nanobooth.toy.recipes import autoencoder, pretrain, pretrain_flux
+from nanobooth.toy.recipes import pretrain, pretrain_flux
 
 
 def test_world_captions_tokenize_to_whole_words_within_the_t5_length():
@@ -23,46 +22,14 @@ def test_world_captions_tokenize_to_whole_words_within_the_t5_length():
     assert tok.tokenize("zq") == ["\u2581", "z", "q"]  # another identifier still tokenizes, letter by letter
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The UNet recipe v5 at toy scale, up to its stage 2 (the latents cache the twin reads)."""
-    out = tmp_path_factory.mktemp("toy_v5") / "pre"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(autoencoder, "HELD_APART", 16)
-        assert pretrain.main(["--recipe", "v5", "--out", str(out), "--n-images", "40", "--n-plain", "12", "--n-patterned", "12",
-                              "--vae-steps", "2", "--vae-batch", "4", "--vae-refine-steps", "1", "--vae-refine-subjects", "2",
-                              "--decoder-refine-steps", "1", "--unet-steps", "1", "--unet-batch", "2", "--threads", "1"]) == 0
-    return out
-
-
-def test_twin_resumes_bit_exactly_and_exports_a_flux_pipeline(base, tmp_path):
+def test_twin_exports_a_flux_pipeline_that_samples_as_trained(toy_v5_base, tmp_path):
     from diffusers import AutoencoderKL, FluxPipeline
 
     from nanobooth.families import FAMILIES
     from nanobooth.inference.generate import render
 
-    flags = ["--base", str(base), "--batch", "3", "--threads", "1", "--steps", "4", "--ckpt-minutes", "0"]
-    a, b = tmp_path / "a", tmp_path / "b"
-
-    def stop_at_2(step, *args):
-        if step == 2:
-            raise KeyboardInterrupt
-        return lr_at(step, *args)
-
-    lr_at = pretrain_flux.lr_at
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
-        mp.setattr(pretrain_flux, "lr_at", stop_at_2)
-        pretrain_flux.main(flags + ["--out", str(a)])
-    assert json.loads((a / "flux_ckpt" / "state.json").read_text())["step"] == 2
-    assert pretrain_flux.main(flags + ["--out", str(a)]) == 0  # stopped at 2, resumed
-    assert pretrain_flux.main(flags + ["--out", str(b)]) == 0  # straight through
-    for name in ("transformer", "text_encoder", "text_encoder_2", "ema"):
-        x, y = (load_file(str(d / "flux_ckpt" / f"{name}.safetensors")) for d in (a, b))
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
-    assert json.loads((a / "flux_ckpt" / "state.json").read_text())["step"] == 4
-    assert not (a / "flux_ckpt.tmp").exists() and not (a / "flux_ckpt.old").exists()
-    assert "flux_seconds" in json.loads((a / "timings.json").read_text())
-
+    base, a = toy_v5_base, tmp_path / "a"
+    assert pretrain_flux.main(["--base", str(base), "--batch", "3", "--threads", "1", "--steps", "2", "--out", str(a)]) == 0
     assert pretrain_flux.main(["--out", str(a), "--export", str(tmp_path / "model")]) == 0
     pipe = FluxPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
     shipped = AutoencoderKL.from_pretrained(str(pretrain.vae_dir(base)))

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.recipes import autoencoder
+from nanobooth.toy.recipes import autoencoder, denoiser
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
-from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import add_time, timings, to_tensor, write_json
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
@@ -79,25 +78,6 @@ def make_tokenizer():
 
 
 # ------------------------------------------------------------------- the data
-def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
-    """Partial captions are part of the recipe: DreamBooth prompts such as
-    "a photo of a star" or "a photo of a sks star on the beach" omit
-    attributes, and empty captions (10%) give classifier-free guidance its
-    unconditional branch."""
-    u = rng.random()
-    if u < 0.10:
-        return ""
-    if u < 0.16:
-        return world.caption(spec, colour=False, scene=False)
-    if u < 0.28:
-        # a patterned object: half of these name its pattern and mark without its colours (the extra
-        # draw happens for patterned objects only, so v4's data stream is unchanged)
-        return world.caption(spec, colour=False, look=spec.pattern is not None and rng.random() < 0.5)
-    if u < 0.40:
-        return world.caption(spec, scene=False)
-    return world.caption(spec)
-
-
 def _render_set(path: Path, n: int, rng: np.random.Generator, plain: bool, desc: str, patterned: bool = False):
     spec_path = path.with_suffix(".json")
     if path.exists() and spec_path.exists():
@@ -177,86 +157,26 @@ def encode_latents(out: Path, vae, imgs: np.ndarray):
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
                arch: str = "v4", bf16: bool = False):
-    """bf16: forward passes under CPU bfloat16 autocast, weights and optimizer state fp32 (mixed precision as GPU
-    trainers run it): 1.3x faster steps for the v5 UNet (avx512_bf16), and for the FLUX twin 1.6x."""
+    """UNet + CLIP text encoder by SD's objective (epsilon, min-SNR-5 weights: the same optimum, markedly faster
+    convergence in short runs), in the shared stage-2 loop (denoiser.train)."""
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import compute_snr
 
-    ck = out / "unet_ckpt"
+    from nanobooth.families import FAMILIES, DDPMObjective
+
     mean, std = encode_latents(out, vae, imgs)
-    sf = vae.config.scaling_factor
     tok = make_tokenizer()
     torch.manual_seed(seed + 1)
     unet, te = make_unet(arch), make_text_encoder()
-    noise_sched = DDPMScheduler(**SD_BETAS, prediction_type="epsilon")
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    step = 0
-    ema = None
-    if (ck / "state.json").exists():
-        unet.load_state_dict(load_file(str(ck / "unet.safetensors")))
-        te.load_state_dict(load_file(str(ck / "text_encoder.safetensors")))
-        load_optimizer(opt, ck / "optim.safetensors")
-        ema = EMA(load_file(str(ck / "ema.safetensors")))
-        step = json.loads((ck / "state.json").read_text())["step"]
-        log.info("resuming UNet/TE from step %d", step)
-    if step >= steps:
-        log.info("stage 2 already done (%d steps)", step)
-        return
-    def named():
-        d = {f"unet.{k}": v for k, v in unet.named_parameters()}
-        d.update({f"te.{k}": v for k, v in te.named_parameters()})
-        return d
-    if ema is None:
-        ema = EMA(named())
-    n = len(mean)
-    unet.train()
-    te.train()
-    t0 = last = time.time()
-    ema_loss = None
-    bar = tqdm(total=steps, initial=step, desc="unet", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 2, step])
-        idx = rng.choice(n, batch, replace=False)
-        caps = [training_caption(specs[i], rng) for i in idx]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + step)
-        it = torch.from_numpy(idx)
-        z = (mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g)) * sf
-        noise = torch.randn(z.shape, generator=g)
-        t = torch.randint(0, 1000, (batch,), generator=g)
+
+    def encode(caps):
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hid = te(ids)[0]
-            pred = unet(noise_sched.add_noise(z, noise, t), t, hid).sample.float()
-        # min-SNR-5 weighting: same optimum, markedly faster convergence in short runs
-        snr = compute_snr(noise_sched, t)
-        w = torch.clamp(snr, max=5.0) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(named(), step)
-        step += 1
-        bar.update(1)
-        raw = F.mse_loss(pred.detach(), noise).item()
-        ema_loss = raw if ema_loss is None else 0.98 * ema_loss + 0.02 * raw
-        if step % 25 == 0:
-            log.info("unet step %d/%d eps-mse %.4f (ema %.4f) lr %.2e", step, steps, raw, ema_loss, opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            ck.mkdir(parents=True, exist_ok=True)
-            write_json(ck / "unet_config.json", dict(unet.config))  # what export rebuilds
-            save_file(unet.state_dict(), str(ck / "unet.safetensors"))
-            save_file({k: v.contiguous() for k, v in te.state_dict().items()}, str(ck / "text_encoder.safetensors"))
-            save_file(ema.shadow, str(ck / "ema.safetensors"))
-            save_optimizer(opt, ck / "optim.safetensors")
-            write_json(ck / "state.json", {"step": step, "loss_ema": ema_loss})
-            add_time(out, "unet_seconds", time.time() - t0, {"unet_steps_done": step, "unet_loss_ema": ema_loss})
-            t0 = last = time.time()
-            log.info("checkpoint at step %d", step)
-    bar.close()
+        return {"encoder_hidden_states": te(ids)[0]}
+
+    stage = denoiser.Stage("unet", FAMILIES["StableDiffusionPipeline"],
+                           DDPMObjective(DDPMScheduler(**SD_BETAS, prediction_type="epsilon")),
+                           {"unet": unet, "text_encoder": te}, encode, stream=2, noise_seed=7, snr_gamma=5.0,
+                           configs={"unet_config.json": dict(unet.config)})  # what export rebuilds
+    denoiser.train(out, stage, specs, mean, std, dict(vae.config), seed, steps, batch, ckpt_s, lr, bf16)
 
 
 # -------------------------------------------------------------------- export
@@ -274,15 +194,7 @@ def build_pipeline(out: Path, use_ema: bool = True):
     unet = (UNet2DConditionModel.from_config(json.loads((ck / "unet_config.json").read_text()))
             if (ck / "unet_config.json").exists() else make_unet())
     te = make_text_encoder()
-    if use_ema:
-        sh = load_file(str(ck / "ema.safetensors"))
-        ustate = {k[5:]: v for k, v in sh.items() if k.startswith("unet.")}
-        tstate = {k[3:]: v for k, v in sh.items() if k.startswith("te.")}
-        unet.load_state_dict(ustate, strict=False)  # EMA holds parameters only; buffers keep init
-        te.load_state_dict(tstate, strict=False)
-    else:
-        unet.load_state_dict(load_file(str(ck / "unet.safetensors")))
-        te.load_state_dict(load_file(str(ck / "text_encoder.safetensors")))
+    denoiser.load_weights({"unet": unet, "text_encoder": te}, ck, use_ema)
     sched = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     return StableDiffusionPipeline(
         vae=vae, text_encoder=te.eval(), tokenizer=make_tokenizer(), unet=unet.eval(), scheduler=sched,

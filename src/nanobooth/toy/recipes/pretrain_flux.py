@@ -27,21 +27,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
-from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, timings, write_json
+from nanobooth.toy.recipes import denoiser
+from nanobooth.toy.recipes.ckpt import timings, write_json
 from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
-                                            save_pipeline, training_caption, vae_dir)
+                                            save_pipeline, vae_dir)
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain_flux")
 T5_LENGTH = 32  # the longest world caption, identifier included, is 18 pieces with its end token
@@ -121,95 +116,31 @@ def check_base(base: Path) -> None:
 
 # ------------------------------------------------------------------ training
 def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: float, lr: float, bf16: bool = True):
+    """Transformer + CLIP + T5 by the FLUX family's objective, in the shared stage-2 loop (denoiser.train)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from nanobooth.families import FAMILIES
     from nanobooth.families.objective import FlowMatchObjective
 
-    fam = FAMILIES["FluxPipeline"]
     vae, specs, mean, std = base_data(base)
-    ck = out / "flux_ckpt"
     clip_tok, t5_tok = make_tokenizer(), make_t5_tokenizer()
     torch.manual_seed(seed + 2)
     transformer, clip, t5 = make_transformer(), make_text_encoder(), make_t5(len(t5_tok))
-    objective = FlowMatchObjective(FlowMatchEulerDiscreteScheduler(**SCHEDULER), "logit_normal", resolution_shift=True)
-    modules = {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    step, ema = 0, None
 
-    def named():
-        return {f"{k}.{n}": p for k, m in modules.items() for n, p in m.named_parameters()}
-
-    if (ck / "state.json").exists():
-        for k, m in modules.items():
-            load_model(m, str(ck / f"{k}.safetensors"))
-        load_optimizer(opt, ck / "optim.safetensors")
-        ema = EMA(load_file(str(ck / "ema.safetensors")))
-        step = json.loads((ck / "state.json").read_text())["step"]
-        log.info("resuming the FLUX twin from step %d", step)
-    if step >= steps:
-        log.info("FLUX twin already done (%d steps)", step)
-        return
-    ema = ema or EMA(named())
-    for m in modules.values():
-        m.train()
-    n, vae_config = len(mean), dict(vae.config)
-    t0 = last = time.time()
-    ema_loss = None
-    bar = tqdm(total=steps, initial=step, desc="flux", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 3, step])  # stream 3: the UNet stage draws from stream 2
-        idx = rng.choice(n, batch, replace=False)
-        caps = [training_caption(specs[i], rng) for i in idx]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 11 + step)
-        it = torch.from_numpy(idx)
-        z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
-        noise, t = objective.sample(z.shape, g)
-        # the family's tokenize/encode, batched: FluxPipeline's encode_prompt
+    def encode(caps):
+        """The family's tokenize/encode, batched (FluxPipeline's encode_prompt)."""
         clip_ids = clip_tok(caps, padding="max_length", max_length=clip_tok.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
         t5_ids = t5_tok(caps, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt").input_ids
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # fp32 weights; 1.6x faster steps (avx512_bf16)
-            cond = {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output,
-                    "guidance": torch.ones(1)}  # read only by guidance-distilled models
-            pred = fam.denoise(transformer, objective.noisy(z, noise, t), t, cond).float()
-        loss = F.mse_loss(pred, objective.target(z, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(named(), step)
-        step += 1
-        bar.update(1)
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if step % 25 == 0:
-            log.info("flux step %d/%d v-mse %.4f (ema %.4f) lr %.2e", step, steps, loss.item(), ema_loss, opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            save_checkpoint(ck, modules, ema, opt, {"step": step, "loss_ema": ema_loss, "base": str(base)})
-            add_time(out, "flux_seconds", time.time() - t0, {"flux_steps_done": step, "flux_loss_ema": ema_loss})
-            t0 = last = time.time()
-            log.info("checkpoint at step %d", step)
-    bar.close()
+        return {"encoder_hidden_states": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output,
+                "guidance": torch.ones(1)}  # read only by guidance-distilled models
 
-
-def save_checkpoint(ck: Path, modules: dict, ema: EMA, opt, state: dict) -> None:
-    """Into a temp folder, then swapped in: a run stopped mid-save keeps its previous checkpoint whole."""
-    tmp = ck.with_name(ck.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k, m in modules.items():
-        save_model(m, str(tmp / f"{k}.safetensors"))  # T5 ties its input embedding to `shared`
-    save_file(ema.shadow, str(tmp / "ema.safetensors"))
-    save_optimizer(opt, tmp / "optim.safetensors")
-    write_json(tmp / "state.json", state)
-    old = ck.with_name(ck.name + ".old")
-    if ck.exists():
-        ck.rename(old)
-    tmp.rename(ck)
-    shutil.rmtree(old, ignore_errors=True)
+    stage = denoiser.Stage(
+        "flux", FAMILIES["FluxPipeline"],
+        FlowMatchObjective(FlowMatchEulerDiscreteScheduler(**SCHEDULER), "logit_normal", resolution_shift=True),
+        {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}, encode,
+        stream=3, noise_seed=11, state={"base": str(base)})  # stream 3: the UNet recipe draws from stream 2
+    denoiser.train(out, stage, specs, mean, std, dict(vae.config), seed, steps, batch, ckpt_s, lr, bf16)
 
 
 # -------------------------------------------------------------------- export
@@ -220,12 +151,8 @@ def build_pipeline(out: Path, use_ema: bool = True):
     state = json.loads((ck / "state.json").read_text())
     t5_tok = make_t5_tokenizer()
     modules = {"transformer": make_transformer(), "text_encoder": make_text_encoder(), "text_encoder_2": make_t5(len(t5_tok))}
-    shadow = load_file(str(ck / "ema.safetensors")) if use_ema else None
-    for k, m in modules.items():
-        if use_ema:  # EMA holds parameters only; buffers keep init
-            m.load_state_dict({n[len(k) + 1:]: v for n, v in shadow.items() if n.startswith(k + ".")}, strict=False)
-        else:
-            load_model(m, str(ck / f"{k}.safetensors"))
+    denoiser.load_weights(modules, ck, use_ema)
+    for m in modules.values():
         m.eval()
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER), vae=load_vae(Path(state["base"])),
                         tokenizer=make_tokenizer(), tokenizer_2=t5_tok, **modules)

@@ -1,0 +1,76 @@
+"""The toy recipes' shared stage-2 loop (toy/recipes/denoiser.py) at toy scale: both recipes, the UNet's and the
+FLUX twin's, continue a stopped run bit-exactly, swap checkpoints in whole and move their weights."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TOY_V5_FLAGS
+from nanobooth.toy.recipes import autoencoder, denoiser, pretrain, pretrain_flux
+
+
+def run_unet(base, out, steps):
+    """Stage 2 of the UNet recipe alone on a copy of base (its autoencoder stages are done and resume as no-ops)."""
+    if not out.exists():
+        shutil.copytree(base, out)
+        shutil.rmtree(out / "unet_ckpt")
+        (out / "timings.json").unlink()
+    return pretrain.main(TOY_V5_FLAGS + ["--out", str(out), "--unet-steps", str(steps), "--ckpt-minutes", "0"])
+
+
+def run_flux(base, out, steps):
+    return pretrain_flux.main(["--base", str(base), "--out", str(out), "--batch", "3", "--threads", "1", "--steps", str(steps),
+                               "--ckpt-minutes", "0"])
+
+
+RECIPES = {"unet": (run_unet, ("unet", "text_encoder", "ema")),
+           "flux": (run_flux, ("transformer", "text_encoder", "text_encoder_2", "ema"))}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_stopped_run_resumes_bit_exactly(name, toy_v5_base, tmp_path, monkeypatch):
+    run, files = RECIPES[name]
+    monkeypatch.setattr(autoencoder, "HELD_APART", 16)  # as toy_v5_base was made
+    a, b = tmp_path / "a", tmp_path / "b"
+    lr_at = denoiser.lr_at
+
+    def stop_at_2(step, *args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return lr_at(step, *args)
+
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(denoiser, "lr_at", stop_at_2)
+        run(toy_v5_base, a, 4)
+    ck = f"{name}_ckpt"
+    assert json.loads((a / ck / "state.json").read_text())["step"] == 2
+    first = load_file(str(a / ck / f"{files[0]}.safetensors"))
+    assert run(toy_v5_base, a, 4) == 0  # stopped at 2, resumed
+    assert run(toy_v5_base, b, 4) == 0  # straight through
+    for f in files:
+        x, y = (load_file(str(d / ck / f"{f}.safetensors")) for d in (a, b))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+    last = load_file(str(a / ck / f"{files[0]}.safetensors"))
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the resumed steps trained the denoiser
+    assert json.loads((a / ck / "state.json").read_text())["step"] == 4
+    assert not (a / f"{ck}.tmp").exists() and not (a / f"{ck}.old").exists()
+    t = json.loads((a / "timings.json").read_text())
+    assert t[f"{name}_steps_done"] == 4 and t[f"{name}_seconds"] > 0
+
+
+def test_ema_of_the_unet_recipe_before_the_shared_loop_still_loads(toy_v5_base, tmp_path):
+    # its checkpoints named the text encoder "te" in the EMA file; the shipped v4 model was exported from one
+    ck = tmp_path / "unet_ckpt"
+    shutil.copytree(toy_v5_base / "unet_ckpt", ck)
+    ema = load_file(str(ck / "ema.safetensors"))
+    from safetensors.torch import save_file
+
+    save_file({("te." + k[len("text_encoder."):] if k.startswith("text_encoder.") else k): v for k, v in ema.items()},
+              str(ck / "ema.safetensors"))
+    te = pretrain.make_text_encoder()
+    denoiser.load_weights({"unet": pretrain.make_unet("v5"), "text_encoder": te}, ck, use_ema=True)
+    w = "text_encoder.embeddings.token_embedding.weight"  # random at init: a fresh one differs
+    assert torch.equal(te.embeddings.token_embedding.weight, ema[w])
+
