@@ -202,28 +202,28 @@ def build_pipeline(out: Path, use_ema: bool = True):
     )
 
 
-def save_pipeline(pipe, dest: Path) -> None:
+def save_pipeline(pipe, dest: Path, out: Path, stage: str, use_ema: bool, note: str) -> None:
     """A toy pipeline as it ships: fp16 safetensors in `dest` (replaced), with the CLIP tokenizer's files verbatim
-    (no re-serialised 3.6 MB tokenizer.json: CLIPTokenizer builds itself from vocab.json + merges.txt)."""
+    (no re-serialised 3.6 MB tokenizer.json: CLIPTokenizer builds itself from vocab.json + merges.txt), and
+    toy_model.json: the run `out`'s steps of `stage` ('unet', 'flux'), its timings, the world, and `note`."""
     pipe.to(torch.float16)
     if dest.exists():
         shutil.rmtree(dest)
     pipe.save_pretrained(str(dest), safe_serialization=True)
     shutil.rmtree(dest / "tokenizer")
     shutil.copytree(TOKENIZER_DIR, dest / "tokenizer")
-
-
-def export(out: Path, dest: Path, use_ema: bool = True):
-    save_pipeline(build_pipeline(out, use_ema), dest)
-    state = json.loads((out / "unet_ckpt" / "state.json").read_text())
+    state = json.loads((out / f"{stage}_ckpt" / "state.json").read_text())
     (dest / "toy_model.json").write_text(json.dumps({
-        "unet_steps": state["step"], "ema": use_ema, "timings": timings(out),
-        "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES},
-        "note": "fp16 weights; on CPU load with torch_dtype=torch.float32",
+        f"{stage}_steps": state["step"], "ema": use_ema, "timings": timings(out),
+        "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES}, "note": note,
         # how the shipped weights were actually reached, where that differs from one run of the defaults
         **({"history": json.loads((out / "history.json").read_text())} if (out / "history.json").exists() else {}),
     }, indent=2))
-    log.info("exported pipeline (unet step %d) to %s", state["step"], dest)
+    log.info("exported the %s stage (step %d) to %s", stage, state["step"], dest)
+
+
+def export(out: Path, dest: Path, use_ema: bool = True):
+    save_pipeline(build_pipeline(out, use_ema), dest, out, "unet", use_ema, "fp16 weights; on CPU load with torch_dtype=torch.float32")
 
 
 # Opt-in recipes: defaults a --recipe sets (explicit flags still win). "v4" is the shipped model's.

@@ -159,15 +159,9 @@ def build_pipeline(out: Path, use_ema: bool = True):
 
 
 def export(out: Path, dest: Path, use_ema: bool = True):
-    save_pipeline(build_pipeline(out, use_ema), dest)
-    state = json.loads((out / "flux_ckpt" / "state.json").read_text())
-    (dest / "toy_model.json").write_text(json.dumps({
-        "flux_steps": state["step"], "ema": use_ema, "timings": timings(out),
-        "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES},
-        "note": ("fp16 weights; on CPU load with torch_dtype=torch.float32. No guidance embedding: sample with "
-                 f"max_sequence_length={T5_LENGTH}, true_cfg_scale > 1 and negative_prompt=''"),
-    }, indent=2))
-    log.info("exported the FLUX twin (step %d) to %s", state["step"], dest)
+    save_pipeline(build_pipeline(out, use_ema), dest, out, "flux", use_ema,
+                  "fp16 weights; on CPU load with torch_dtype=torch.float32. No guidance embedding: sample with "
+                  f"max_sequence_length={T5_LENGTH}, true_cfg_scale > 1 and negative_prompt=''")
 
 
 def main(argv=None):
