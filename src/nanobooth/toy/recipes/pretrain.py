@@ -27,7 +27,7 @@ from tqdm import tqdm
 from nanobooth.toy import world
 from nanobooth.toy.recipes import autoencoder, denoiser
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
-from nanobooth.toy.recipes.ckpt import add_time, timings, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import add_time, native_bf16, timings, to_tensor, write_json
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
@@ -234,7 +234,7 @@ RECIPES = {
     # are made of. Stage lengths are budgeted at about 10 CPU-hours on one idle thread (stage 2: ~9000
     # steps at ~2.5 s; the autoencoder stages ~2.5 h); stage 1b is dropped (1c and 1d cover it).
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
-               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, bf16=True),
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1),
 }
 
 
@@ -256,8 +256,8 @@ def main(argv=None):
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
-                   help="stage 2 under CPU bfloat16 autocast (fp32 weights); recipe v5's default")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="stage 2 under CPU bfloat16 autocast (fp32 weights); default: where the CPU has bf16 instructions")
     p.add_argument("--ckpt-minutes", type=float, default=3.0)
     p.add_argument("--export", default=None, help="write the pipeline (fp16 safetensors) here and exit")
     p.add_argument("--no-ema", action="store_true")
@@ -311,7 +311,8 @@ def main(argv=None):
                        a.vae_refine_subjects)
     if a.stage == "decoder-refine":
         return 0
-    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch, a.bf16)
+    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
+               native_bf16() if a.bf16 is None else a.bf16)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 
