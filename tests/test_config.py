@@ -212,6 +212,22 @@ def test_fp16_without_cuda_is_refused_before_anything_is_written(tiny_model, sub
     assert not out.exists()
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned(native, monkeypatch, caplog):
+    # an AVX2 CPU emulates bf16: the toy v5 UNet's step took 41 s under bf16 autocast against 3.1 s in fp32
+    import logging
+
+    from nanobooth.core import threads
+    from nanobooth.core.config_checks import check_mixed_precision
+
+    monkeypatch.setattr(threads, "native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        check_mixed_precision("bf16", cpu=True)
+        check_mixed_precision("no", cpu=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [] if native else (len(said) == 1 and "mixed_precision=no" in said[0] and "emulates" in said[0])
+
+
 def test_a_broken_list_override_is_refused_not_read_as_a_string():
     # `validation_prompts=[a` used to become the one prompt "[a"
     with pytest.raises(ConfigError, match=r"config key 'validation_prompts': '\[a' is not a valid YAML list"):

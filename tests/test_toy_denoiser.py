@@ -78,7 +78,7 @@ def test_ema_of_the_unet_recipe_before_the_shared_loop_still_loads(toy_v5_base, 
 
 def test_bf16_autocast_only_where_the_cpu_has_bf16_instructions(tmp_path):
     # emulated bf16 (an AVX2 CPU) made a v5 UNet step 13x slower than fp32: 42 s instead of 3.1 s
-    from nanobooth.toy.recipes.ckpt import native_bf16
+    from nanobooth.core.threads import native_bf16
 
     info = tmp_path / "cpuinfo"
     info.write_text("flags\t\t: fpu sse2 avx2 fma avx512f avx512bw\n")

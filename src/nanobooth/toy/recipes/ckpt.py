@@ -14,17 +14,6 @@ from safetensors.torch import load_file, save_file
 from nanobooth.core.checkpoint import optimizer_from_flat, optimizer_to_flat
 
 
-def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU computes bfloat16 in hardware (x86 avx512_bf16 or AMX, Arm bf16), where the recipes'
-    CPU bf16 autocast is worth having: 1.4-1.6x faster steps on an AVX-512 EPYC, and 13x slower where bf16 is
-    emulated (an AVX2 EPYC: 41 s a v5 UNet step against 3.1 s in fp32; bench/toy_pretrain_step.py)."""
-    try:
-        words = set(cpuinfo.read_text().split())
-    except OSError:  # not Linux: no way to tell, so fp32
-        return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 

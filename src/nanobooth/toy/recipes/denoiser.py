@@ -125,7 +125,7 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
     mean, std: (N, C, h, w) VAE posteriors of the N images whose world.Spec are specs (captions are drawn
     from them, training_caption). bf16: forward passes under CPU bfloat16 autocast, weights and optimizer
     state fp32 (mixed precision as GPU trainers run it): 1.4x faster steps for the v5 UNet and 1.6x for the
-    FLUX twin on CPUs with bf16 instructions, 13x slower where bf16 is emulated (ckpt.native_bf16)."""
+    FLUX twin on CPUs with bf16 instructions, 13x slower where bf16 is emulated (core.threads.native_bf16)."""
     ck = out / f"{stage.name}_ckpt"
     params = [p for m in stage.modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from nanobooth.toy import world
 from nanobooth.toy.recipes import autoencoder, denoiser
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
-from nanobooth.toy.recipes.ckpt import add_time, native_bf16, timings, to_tensor, write_json
+from nanobooth.core.threads import native_bf16
+from nanobooth.toy.recipes.ckpt import add_time, timings, to_tensor, write_json
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"

@@ -34,7 +34,8 @@ import torch
 
 from nanobooth.toy import world
 from nanobooth.toy.recipes import denoiser
-from nanobooth.toy.recipes.ckpt import native_bf16, timings, write_json
+from nanobooth.core.threads import native_bf16
+from nanobooth.toy.recipes.ckpt import timings, write_json
 from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
                                             save_pipeline, vae_dir)
 
@@ -177,7 +178,7 @@ def main(argv=None):
                    help="CPU threads: one, so it runs beside the UNet recipe's stage 2 on a 2-core machine")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="forward passes under CPU bfloat16 autocast, weights fp32; default (None): where the CPU has bf16 "
-                        "instructions (ckpt.native_bf16), since emulated bf16 is 13x slower than fp32")
+                        "instructions (core.threads.native_bf16), since emulated bf16 is 13x slower than fp32")
     p.add_argument("--ckpt-minutes", type=float, default=3.0, help="checkpoint this often")
     p.add_argument("--export", default=None, help="write the FluxPipeline (fp16 safetensors) here and exit")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not their EMA")
