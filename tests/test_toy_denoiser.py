@@ -60,6 +60,18 @@ def test_a_stopped_run_resumes_bit_exactly(name, toy_v5_base, tmp_path, monkeypa
     assert t[f"{name}_steps_done"] == 4 and t[f"{name}_seconds"] > 0
 
 
+def test_a_run_stopped_between_the_checkpoint_renames_resumes(toy_v5_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(autoencoder, "HELD_APART", 16)
+    a = tmp_path / "a"
+    assert run_flux(toy_v5_base, a, 2) == 0
+    (a / "flux_ckpt").rename(a / "flux_ckpt.old")  # stopped after the first rename, before the second
+    trained, lr_at = [], denoiser.lr_at
+    monkeypatch.setattr(denoiser, "lr_at", lambda step, *args: trained.append(step) or lr_at(step, *args))
+    assert run_flux(toy_v5_base, a, 3) == 0
+    assert trained == [2]  # resumed at 2, not from scratch
+    assert not (a / "flux_ckpt.old").exists()
+
+
 def test_ema_of_the_unet_recipe_before_the_shared_loop_still_loads(toy_v5_base, tmp_path):
     # its checkpoints named the text encoder "te" in the EMA file; the shipped v4 model was exported from one
     ck = tmp_path / "unet_ckpt"

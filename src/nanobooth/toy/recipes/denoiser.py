@@ -118,6 +118,15 @@ def save_checkpoint(ck: Path, stage: Stage, ema: EMA, opt, state: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(ck: Path) -> None:
+    """A run stopped between save_checkpoint's two renames has no `ck`, and its last whole checkpoint in
+    `ck`.old: put that back, so the run resumes instead of starting over (and deleting it)."""
+    old = ck.with_name(ck.name + ".old")
+    if not ck.exists() and (old / "state.json").is_file():
+        old.rename(ck)
+        log.info("recovered %s from %s (a run stopped mid-save)", ck.name, old.name)
+
+
 def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.Tensor, vae_config: dict, seed: int,
           steps: int, batch: int, ckpt_s: float, lr: float, bf16: bool = False) -> None:
     """Train stage.modules for `steps` AdamW steps of `batch` images (lr: warm-up, then cosine to a tenth).
@@ -127,6 +136,7 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
     state fp32 (mixed precision as GPU trainers run it): 1.4x faster steps for the v5 UNet and 1.6x for the
     FLUX twin on CPUs with bf16 instructions, 13x slower where bf16 is emulated (core.threads.native_bf16)."""
     ck = out / f"{stage.name}_ckpt"
+    recover_checkpoint(ck)
     params = [p for m in stage.modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     step, ema = 0, None

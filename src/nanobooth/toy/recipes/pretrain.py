@@ -232,8 +232,9 @@ RECIPES = {
     "v4": {},
     # issue #24: a latent grid fine enough for the subjects' marks (f=2 VAE, 32x32 UNet), and patterned,
     # marked objects in the world the captions describe, so the base model already draws what subjects
-    # are made of. Stage lengths are budgeted at about 10 CPU-hours on one idle thread (stage 2: ~9000
-    # steps at ~2.5 s; the autoencoder stages ~2.5 h); stage 1b is dropped (1c and 1d cover it).
+    # are made of; stage 1b is dropped (1c and 1d cover it). Measured: the autoencoder stages 1.4 h on 2
+    # threads of an AVX2 EPYC; stage 2 ~2.7 s a step on 1 thread of an AVX-512 EPYC (bf16), 3.5 s on 2
+    # threads of the AVX2 one (fp32), so 9000 steps are 7-9 h.
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
                vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1),
 }
