@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm
 
+from nanobooth.core.losses import dreambooth_loss
 from nanobooth.families.base import Family
 from nanobooth.families.objective import Objective
 from nanobooth.toy import world
@@ -169,9 +170,8 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
             pg["lr"] = lr_at(step, steps, lr)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = fam.denoise(denoiser, obj.noisy(z, noise, t), t, stage.encode(caps)).float()
-        per_example = F.mse_loss(pred, obj.target(z, noise, t), reduction="none").mean(dim=(1, 2, 3))
-        w = obj.weights(t, stage.snr_gamma)
-        loss = per_example.mean() if w is None else (per_example * w).mean()
+        target = obj.target(z, noise, t)
+        loss = dreambooth_loss(pred, target, batch, weights=obj.weights(t, stage.snr_gamma))[0]  # no class rows
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -179,7 +179,7 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
         ema.update(named_parameters(stage.modules), step)
         step += 1
         bar.update(1)
-        mse = per_example.detach().mean().item()  # unweighted, so runs with other weightings compare
+        mse = F.mse_loss(pred.detach(), target).item()  # unweighted, so runs with other weightings compare
         ema_loss = mse if ema_loss is None else 0.98 * ema_loss + 0.02 * mse
         if step % 25 == 0:
             log.info("%s step %d/%d mse %.4f (ema %.4f) lr %.2e", stage.name, step, steps, mse, ema_loss,
