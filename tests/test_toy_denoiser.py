@@ -1,28 +1,34 @@
 """The toy recipes' shared stage-2 loop (toy/recipes/denoiser.py) at toy scale: both recipes, the UNet's and the
 FLUX twin's, continue a stopped run bit-exactly, swap checkpoints in whole and move their weights."""
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import TOY_V5_FLAGS
+from nanobooth import cli as nanobooth_cli
 from nanobooth.toy.recipes import autoencoder, denoiser, pretrain, pretrain_flux
 
 
-def run_unet(base, out, steps, extra=()):
-    """Stage 2 of the UNet recipe alone on a copy of base (its autoencoder stages are done and resume as no-ops)."""
+def run_unet(base, out, steps, extra=(), cli=False):
+    """Stage 2 of the UNet recipe alone on a copy of base (its autoencoder stages are done and resume as no-ops).
+    cli: through `nanobooth toy pretrain` (its exit code and one-line errors), else the recipe's main()."""
     if not out.exists():
         shutil.copytree(base, out)
         shutil.rmtree(out / "unet_ckpt")
         (out / "timings.json").unlink()
-    return pretrain.main(TOY_V5_FLAGS + ["--out", str(out), "--unet-steps", str(steps), "--ckpt-minutes", "0", *extra])
+    argv = TOY_V5_FLAGS + ["--out", str(out), "--unet-steps", str(steps), "--ckpt-minutes", "0", *extra]
+    return nanobooth_cli.main(["toy", "pretrain", *argv]) if cli else pretrain.main(argv)
 
 
-def run_flux(base, out, steps, extra=()):
-    return pretrain_flux.main(["--base", str(base), "--out", str(out), "--batch", "3", "--threads", "1", "--steps", str(steps),
-                               "--ckpt-minutes", "0", *extra])
+def run_flux(base, out, steps, extra=(), cli=False):
+    argv = ["--base", str(base), "--out", str(out), "--batch", "3", "--threads", "1", "--steps", str(steps), "--ckpt-minutes", "0",
+            *extra]
+    return nanobooth_cli.main(["toy", "pretrain-flux", *argv]) if cli else pretrain_flux.main(argv)
 
 
 RECIPES = {"unet": (run_unet, ("unet", "text_encoder", "ema")),
@@ -58,6 +64,50 @@ def test_a_stopped_run_resumes_bit_exactly(name, toy_v5_base, tmp_path, monkeypa
     assert not (a / f"{ck}.tmp").exists() and not (a / f"{ck}.old").exists()
     t = json.loads((a / "timings.json").read_text())
     assert t[f"{name}_steps_done"] == 4 and t[f"{name}_seconds"] > 0
+
+
+
+def sigterm_at(step_to_stop: int, lr_at):
+    """An lr_at that sends this process SIGTERM while step `step_to_stop` (0-based) runs, as `kill` would."""
+    def patched(step, *args):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, *args)
+    return patched
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_sigterm_finishes_the_step_checkpoints_it_and_exits_143(name, toy_v5_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(autoencoder, "HELD_APART", 16)
+    a = tmp_path / "a"
+    run = RECIPES[name][0]
+    ck = a / f"{name}_ckpt"
+    with monkeypatch.context() as mp:
+        mp.setattr(denoiser, "lr_at", sigterm_at(1, denoiser.lr_at))
+        # an hour between checkpoints: the one at step 2 is the stop's
+        assert run(toy_v5_base, a, 5, ["--ckpt-minutes", "60"], cli=True) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"SIGTERM at {name} step 2/5: checkpoint saved in {ck}" in err[-1] and "same command again" in err[-1]
+    assert not any("Traceback" in ln for ln in err)
+    assert json.loads((ck / "state.json").read_text())["step"] == 2
+    assert json.loads((a / "timings.json").read_text())[f"{name}_steps_done"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the recipe's handler is gone with it
+    trained, lr_at = [], denoiser.lr_at
+    monkeypatch.setattr(denoiser, "lr_at", lambda step, *args: trained.append(step) or lr_at(step, *args))
+    assert run(toy_v5_base, a, 5, ["--ckpt-minutes", "60"]) == 0
+    assert trained == [2, 3, 4] and json.loads((ck / "state.json").read_text())["step"] == 5
+
+
+def test_sigterm_in_an_autoencoder_stage_checkpoints_that_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(autoencoder, "HELD_APART", 16)
+    monkeypatch.setattr(autoencoder, "lr_at", sigterm_at(0, autoencoder.lr_at))
+    out = tmp_path / "run"
+    flags = list(TOY_V5_FLAGS)
+    flags[flags.index("--vae-steps") + 1] = "3"
+    assert nanobooth_cli.main(["toy", "pretrain", *flags, "--out", str(out), "--ckpt-minutes", "60"]) == 143
+    assert "SIGTERM at vae step 1/3" in capsys.readouterr().err
+    assert json.loads((out / "vae_ckpt" / "state.json").read_text())["step"] == 1
+    assert not (out / "vae").exists()  # the stage is not done, and nothing after it ran
 
 
 def test_a_run_stopped_between_the_checkpoint_renames_resumes(toy_v5_base, tmp_path, monkeypatch):

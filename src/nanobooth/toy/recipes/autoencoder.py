@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.recipes.ckpt import add_time, load_optimizer, lr_at, save_optimizer, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import (add_time, checkpointed_loop, load_optimizer, lr_at, save_optimizer, stop_if_requested,
+                                       stop_requested, to_tensor, write_json)
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 SUBJECT_SEED0 = 1_000_000  # subjects used for the VAE only; test/demo subjects use small seeds
@@ -95,31 +96,34 @@ def train_vae(out: Path, imgs: np.ndarray, seed: int, steps: int, batch: int, ck
     t0 = last = time.time()
     ema_loss = None
     bar = tqdm(total=steps, initial=step, desc="vae", mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, 1, step])
-        x = to_tensor(imgs[rng.choice(n, batch, replace=False)])
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 1e-3)
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = F.mse_loss(rec, x)
-        # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
-        kl = post.kl().mean() / post.mean[0].numel()  # per latent value (v4: 16 * 16 * 4)
-        loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
-        if step % 50 == 0:
-            log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(), opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            save_vae_ckpt(ck, vae, opt, {"step": step, "mse_ema": ema_loss})
-            add_time(out, "vae_seconds", time.time() - t0)
-            t0 = last = time.time()
+    with checkpointed_loop():
+        while step < steps:
+            rng = np.random.default_rng([seed, 1, step])
+            x = to_tensor(imgs[rng.choice(n, batch, replace=False)])
+            g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(step, steps, 1e-3)
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            mse = F.mse_loss(rec, x)
+            # tiny KL: we want a near-deterministic, well-scaled latent, not a prior match
+            kl = post.kl().mean() / post.mean[0].numel()  # per latent value (v4: 16 * 16 * 4)
+            loss = mse + 1e-4 * kl + 0.5 * F.l1_loss(rec, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            ema_loss = mse.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * mse.item()
+            if step % 50 == 0:
+                log.info("vae step %d/%d mse %.5f (ema %.5f) kl %.2f lr %.2e", step, steps, mse.item(), ema_loss, kl.item(),
+                         opt.param_groups[0]["lr"])
+            if time.time() - last > ckpt_s or step == steps or stop_requested():
+                save_vae_ckpt(ck, vae, opt, {"step": step, "mse_ema": ema_loss})
+                add_time(out, "vae_seconds", time.time() - t0)
+                t0 = last = time.time()
+                stop_if_requested("vae", step, steps, ck, bar)
     bar.close()
     vae.eval()
     # scaling_factor = 1/std of latents, measured on held-apart data
@@ -219,37 +223,39 @@ def _refine(out: Path, stage: Stage, src: str, imgs: np.ndarray, specs, seed: in
     key = what.replace("-", "_")
     t0 = last = time.time()
     bar = tqdm(total=steps, initial=step, desc=what, mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, stage.stream, step])
-        i = rng.choice(n, batch - n_sub, replace=False)
-        x, xg = imgs[i], geo[i]
-        if n_sub:
-            j = rng.choice(len(sub_imgs), n_sub, replace=False)
-            x, xg = np.concatenate([x, sub_imgs[j]]), np.concatenate([xg, sub_geo[j]])
-        x, w = to_tensor(x), object_weight(xg, stage.fg)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + stage.stream + step)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, 3e-4, warmup=stage.warmup)
-        with torch.set_grad_enabled(not decoder_only):
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
-        loss = (err * w).sum() / (w.sum() * 3)
-        if not decoder_only:
-            loss = loss + 1e-4 * post.kl().mean() / post.mean[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            log.info("%s step %d/%d weighted loss %.5f mse %.5f lr %.2e", what, step, steps, loss.item(),
-                     F.mse_loss(rec.detach(), x).item(), opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            save_vae_ckpt(ck, vae, opt, {"step": step})
-            add_time(out, f"{key}_seconds", time.time() - t0)
-            t0 = last = time.time()
+    with checkpointed_loop():
+        while step < steps:
+            rng = np.random.default_rng([seed, stage.stream, step])
+            i = rng.choice(n, batch - n_sub, replace=False)
+            x, xg = imgs[i], geo[i]
+            if n_sub:
+                j = rng.choice(len(sub_imgs), n_sub, replace=False)
+                x, xg = np.concatenate([x, sub_imgs[j]]), np.concatenate([xg, sub_geo[j]])
+            x, w = to_tensor(x), object_weight(xg, stage.fg)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + stage.stream + step)
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(step, steps, 3e-4, warmup=stage.warmup)
+            with torch.set_grad_enabled(not decoder_only):
+                post = vae.encode(x).latent_dist
+                z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            err = (rec - x) ** 2 + 0.5 * (rec - x).abs()
+            loss = (err * w).sum() / (w.sum() * 3)
+            if not decoder_only:
+                loss = loss + 1e-4 * post.kl().mean() / post.mean[0].numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            if step % 50 == 0:
+                log.info("%s step %d/%d weighted loss %.5f mse %.5f lr %.2e", what, step, steps, loss.item(),
+                         F.mse_loss(rec.detach(), x).item(), opt.param_groups[0]["lr"])
+            if time.time() - last > ckpt_s or step == steps or stop_requested():
+                save_vae_ckpt(ck, vae, opt, {"step": step})
+                add_time(out, f"{key}_seconds", time.time() - t0)
+                t0 = last = time.time()
+                stop_if_requested(what, step, steps, ck, bar)
     bar.close()
     vae.eval()
     z, mse = held_apart_recon(vae, imgs, seed)

@@ -1,7 +1,8 @@
 """Bookkeeping for the resumable toy pretraining recipe: optimizer state and EMA
-as safetensors (torch.save would pickle), per-stage wall time, the lr schedule."""
+as safetensors (torch.save would pickle), per-stage wall time, the lr schedule, stopping at a checkpoint."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -12,6 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanobooth.core.checkpoint import optimizer_from_flat, optimizer_to_flat
+from nanobooth.core.stop import StopRequest, TrainingInterrupted
+
+_STOP: StopRequest | None = None  # the running recipe's (stops_at_checkpoints); None: signals act as usual
 
 
 def to_tensor(imgs: np.ndarray) -> torch.Tensor:
@@ -73,3 +77,45 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     p = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
+
+
+@contextlib.contextmanager
+def stops_at_checkpoints():
+    """Ctrl-C or SIGTERM while a recipe runs: inside a training loop (`checkpointed_loop`) the step in flight
+    finishes, a checkpoint of it is written and TrainingInterrupted ends the run (the CLI prints one line and
+    exits 130 / 143; the same command continues). Elsewhere (rendering, encoding: nothing to save) the
+    signal stops at once. The recipes run for hours, and whatever stops them (a scheduler's SIGTERM, `kill`)
+    then costs one step instead of up to --ckpt-minutes of work."""
+    global _STOP
+    with StopRequest() as stop:
+        stop.setup = False
+        _STOP = stop
+        try:
+            yield stop
+        finally:
+            _STOP = None
+
+
+@contextlib.contextmanager
+def checkpointed_loop():
+    """A training loop that checks `stop_requested()` at each step's end: signals only ask, meanwhile."""
+    if _STOP is not None:
+        _STOP.raising = False
+    try:
+        yield
+    finally:
+        if _STOP is not None:
+            _STOP.raising = True
+
+
+def stop_requested() -> bool:
+    return _STOP is not None and _STOP.requested()
+
+
+def stop_if_requested(what: str, step: int, steps: int, ck: Path, bar) -> None:
+    """After the checkpoint of `step` in `ck`: raise TrainingInterrupted if a stop was asked before the end
+    (its progress `bar` closed first, so the stop's line is the last one printed)."""
+    if stop_requested() and step < steps:
+        bar.close()
+        raise TrainingInterrupted(f"{_STOP.source} at {what} step {step}/{steps}: checkpoint saved in {ck}; run the "
+                                  "same command again to continue", _STOP.signum, step, ck)

@@ -30,7 +30,8 @@ from nanobooth.core.losses import dreambooth_loss
 from nanobooth.families.base import Family
 from nanobooth.families.objective import Objective
 from nanobooth.toy import world
-from nanobooth.toy.recipes.ckpt import EMA, add_time, load_optimizer, lr_at, save_optimizer, write_json
+from nanobooth.toy.recipes.ckpt import (EMA, add_time, checkpointed_loop, load_optimizer, lr_at, save_optimizer,
+                                       stop_if_requested, stop_requested, write_json)
 
 log = logging.getLogger("nanobooth.toy.recipes.denoiser")
 
@@ -158,36 +159,38 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
     t0 = last = time.time()
     ema_loss = None
     bar = tqdm(total=steps, initial=step, desc=stage.name, mininterval=15)
-    while step < steps:
-        rng = np.random.default_rng([seed, stage.stream, step])
-        idx = rng.choice(n, batch, replace=False)
-        caps = [training_caption(specs[i], rng) for i in idx]
-        g = torch.Generator().manual_seed(seed * 1_000_003 + stage.noise_seed + step)
-        it = torch.from_numpy(idx)
-        z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
-        noise, t = obj.sample(z.shape, g)
-        for pg in opt.param_groups:
-            pg["lr"] = lr_at(step, steps, lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = fam.denoise(denoiser, obj.noisy(z, noise, t), t, stage.encode(caps)).float()
-        target = obj.target(z, noise, t)
-        loss = dreambooth_loss(pred, target, batch, weights=obj.weights(t, stage.snr_gamma))[0]  # no class rows
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.update(named_parameters(stage.modules), step)
-        step += 1
-        bar.update(1)
-        mse = F.mse_loss(pred.detach(), target).item()  # unweighted, so runs with other weightings compare
-        ema_loss = mse if ema_loss is None else 0.98 * ema_loss + 0.02 * mse
-        if step % 25 == 0:
-            log.info("%s step %d/%d mse %.4f (ema %.4f) lr %.2e", stage.name, step, steps, mse, ema_loss,
-                     opt.param_groups[0]["lr"])
-        if time.time() - last > ckpt_s or step == steps:
-            save_checkpoint(ck, stage, ema, opt, {"step": step, "loss_ema": ema_loss})
-            add_time(out, f"{stage.name}_seconds", time.time() - t0,
-                     {f"{stage.name}_steps_done": step, f"{stage.name}_loss_ema": ema_loss})
-            t0 = last = time.time()
-            log.info("checkpoint at step %d", step)
+    with checkpointed_loop():
+        while step < steps:
+            rng = np.random.default_rng([seed, stage.stream, step])
+            idx = rng.choice(n, batch, replace=False)
+            caps = [training_caption(specs[i], rng) for i in idx]
+            g = torch.Generator().manual_seed(seed * 1_000_003 + stage.noise_seed + step)
+            it = torch.from_numpy(idx)
+            z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
+            noise, t = obj.sample(z.shape, g)
+            for pg in opt.param_groups:
+                pg["lr"] = lr_at(step, steps, lr)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                pred = fam.denoise(denoiser, obj.noisy(z, noise, t), t, stage.encode(caps)).float()
+            target = obj.target(z, noise, t)
+            loss = dreambooth_loss(pred, target, batch, weights=obj.weights(t, stage.snr_gamma))[0]  # no class rows
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema.update(named_parameters(stage.modules), step)
+            step += 1
+            bar.update(1)
+            mse = F.mse_loss(pred.detach(), target).item()  # unweighted, so runs with other weightings compare
+            ema_loss = mse if ema_loss is None else 0.98 * ema_loss + 0.02 * mse
+            if step % 25 == 0:
+                log.info("%s step %d/%d mse %.4f (ema %.4f) lr %.2e", stage.name, step, steps, mse, ema_loss,
+                         opt.param_groups[0]["lr"])
+            if time.time() - last > ckpt_s or step == steps or stop_requested():
+                save_checkpoint(ck, stage, ema, opt, {"step": step, "loss_ema": ema_loss})
+                add_time(out, f"{stage.name}_seconds", time.time() - t0,
+                         {f"{stage.name}_steps_done": step, f"{stage.name}_loss_ema": ema_loss})
+                t0 = last = time.time()
+                log.info("checkpoint at step %d", step)
+                stop_if_requested(stage.name, step, steps, ck, bar)
     bar.close()

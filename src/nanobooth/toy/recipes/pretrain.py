@@ -28,7 +28,7 @@ from nanobooth.toy import world
 from nanobooth.toy.recipes import autoencoder, denoiser
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
 from nanobooth.core.threads import native_bf16
-from nanobooth.toy.recipes.ckpt import add_time, timings, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import add_time, stops_at_checkpoints, timings, to_tensor, write_json
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
@@ -294,27 +294,28 @@ def main(argv=None):
             p.error(f"{out} holds a run with --vae-factor {was[0]} --unet-arch {was[1]} ({f.name}); resume it "
                     "with the same recipe, or pass another --out")
     write_json(out / f"args_{a.stage}.json", vars(a))
-    imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
-    # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
-    # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
-    scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
-    vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
-    vae.eval().requires_grad_(False)
-    if a.decoder_steps:
-        train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
-    if a.stage == "decoder":
-        return 0
-    if a.vae_refine_steps:
-        vae = refine_vae(out, scenes, scene_specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
-                         a.vae_refine_subjects)
+    with stops_at_checkpoints():  # a stop mid-stage checkpoints that step: rerun to continue
+        imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
+        # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
+        # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
+        scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
+        vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
         vae.eval().requires_grad_(False)
-    if a.decoder_refine_steps:
-        refine_decoder(out, scenes, scene_specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
-                       a.vae_refine_subjects)
-    if a.stage == "decoder-refine":
-        return 0
-    train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
-               native_bf16() if a.bf16 is None else a.bf16)
+        if a.decoder_steps:
+            train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
+        if a.stage == "decoder":
+            return 0
+        if a.vae_refine_steps:
+            vae = refine_vae(out, scenes, scene_specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                             a.vae_refine_subjects)
+            vae.eval().requires_grad_(False)
+        if a.decoder_refine_steps:
+            refine_decoder(out, scenes, scene_specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                           a.vae_refine_subjects)
+        if a.stage == "decoder-refine":
+            return 0
+        train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
+                   native_bf16() if a.bf16 is None else a.bf16)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 

@@ -35,7 +35,7 @@ import torch
 from nanobooth.toy import world
 from nanobooth.toy.recipes import denoiser
 from nanobooth.core.threads import native_bf16
-from nanobooth.toy.recipes.ckpt import timings, write_json
+from nanobooth.toy.recipes.ckpt import stops_at_checkpoints, timings, write_json
 from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
                                             save_pipeline, vae_dir)
 
@@ -197,8 +197,9 @@ def main(argv=None):
     write_json(out / "args.json", vars(a))
     # bf16 activations meet fp32 RMSNorm weights in the transformer: torch then takes its unfused path and says so
     warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
-    train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr,
-          native_bf16() if a.bf16 is None else a.bf16)
+    with stops_at_checkpoints():  # a stop mid-run checkpoints that step: rerun to continue
+        train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr,
+              native_bf16() if a.bf16 is None else a.bf16)
     log.info("FLUX twin done: %s", json.dumps(timings(out)))
     return 0
 
