@@ -7,6 +7,7 @@ and one row per (arm, subject). Runs already scored are reused, so an interrupte
     python bench/aids_toy.py --out /tmp/aids --seeds 4242 5000 5001 7001
     python bench/aids_toy.py --out /tmp/aids --arms lora-prior dora-prior --seeds 4242
     python bench/aids_toy.py --out /tmp/v5 --model toy_v5_export --arms lora-prior lora full-prior --targets --seeds ...
+    python bench/aids_toy.py --out /tmp/v5 ... --eval-sampler dpm++ --eval-steps 15   # the same runs, another eval
 
 Every arm shares one class-image folder per subject (same base, class prompt and resolution: the
 provenance check allows it), so class images are generated once per subject, not once per arm.
@@ -57,13 +58,26 @@ def class_dir(out: Path, seed: int, overrides: list[str]) -> Path:
     return out / "class" / (f"{seed}-steps{steps[0]}" if steps else str(seed))
 
 
-def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None) -> dict:
+def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int) -> dict | None:
+    """The run's scores at these eval settings, if it has them: toy_eval.json holds the latest eval only, so each
+    is also kept as toy_eval-SAMPLER-STEPS-N.json."""
+    for f in (run_dir / "toy_eval.json", run_dir / f"toy_eval-{sampler}-{steps}-{images_per_prompt}.json"):
+        if f.is_file():
+            result = json.loads(f.read_text())
+            st = result.get("settings", {})
+            if (st.get("sampler", "model"), st.get("steps"), st.get("images_per_prompt")) == (sampler, steps, images_per_prompt):
+                return result
+    return None
+
+
+def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
+          sampler: str = "model", steps: int = 25) -> dict:
     variant, overrides = ARMS[arm]
     overrides = overrides + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
-    if scores.is_file():
-        return json.loads(scores.read_text())
+    if (result := cached(run_dir, images_per_prompt, sampler, steps)) is not None:
+        return result
     if not subj.is_dir():
         run([sys.executable, "-m", "nanobooth", "toy", "subject", "--seed", str(seed), "--out", str(subj)])
     t0 = time.perf_counter()
@@ -73,10 +87,11 @@ def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, mo
         run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
              f"class_data_dir={class_dir(out, seed, overrides)}", *overrides, *resume])
     run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
-         *([] if base else ["--no-base"])])
+         "--sampler", sampler, "--steps", str(steps), *([] if base else ["--no-base"])])
     result = json.loads(scores.read_text())
     result["_seconds"] = time.perf_counter() - t0
-    scores.write_text(json.dumps(result, indent=2))
+    for f in (scores, run_dir / f"toy_eval-{sampler}-{steps}-{images_per_prompt}.json"):
+        f.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -95,11 +110,15 @@ def main() -> None:
     p.add_argument("--images-per-prompt", type=int, default=8)
     p.add_argument("--model", default=None, help="every arm on this model (a candidate toy model's folder) instead of the variant's")
     p.add_argument("--targets", action="store_true", help="check issue #24's targets (arms lora-prior and lora needed)")
+    p.add_argument("--eval-sampler", choices=["model", "dpm++"], default="model", help="toy eval's --sampler")
+    p.add_argument("--eval-steps", type=int, default=25, help="toy eval's --steps")
     a = p.parse_args()
     # the base model's scores depend on the subject only: the first arm of each subject scores them
-    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model) for s in a.seeds for arm in a.arms}
+    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model, a.eval_sampler, a.eval_steps)
+            for s in a.seeds for arm in a.arms}
     head = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
-    print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt)\n\n{head}")
+    print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt, {a.eval_steps} {a.eval_sampler} "
+          f"sampler steps)\n\n{head}")
     for arm, section in [(a.arms[0], "base"), *((arm, "tuned") for arm in a.arms)]:
         vals = [[pick(rows[arm, s], m, section) for s in a.seeds] for m in METRICS]
         print(f"| {'base model' if section == 'base' else arm} | " + " | ".join(f"{sum(v) / len(v):.3f}" if None not in v else "–" for v in vals) + " |")

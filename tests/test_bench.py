@@ -45,3 +45,24 @@ def test_issue_24_targets_read_the_right_sections_and_margins():
     assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [True, True, True, True, True]
     prior[2] = res(0.25, 0.3, 0.80, 0.36)  # identity 0.475, context 0.45, a subject below 0.3, prompt 0.84 < 0.85, 0.36 > 0.35
     assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [False, False, False, False, False]
+
+
+def test_aids_toy_reuses_a_runs_scores_only_at_the_same_eval_settings(tmp_path):
+    import json
+
+    import aids_toy
+
+    def scores(sampler, steps, n):
+        return {"settings": {"sampler": sampler, "steps": steps, "images_per_prompt": n}, "tuned": {"subject_fidelity": steps}}
+
+    (tmp_path / "toy_eval.json").write_text(json.dumps(scores("model", 25, 8)))
+    assert aids_toy.cached(tmp_path, 8, "model", 25)["tuned"]["subject_fidelity"] == 25
+    assert aids_toy.cached(tmp_path, 4, "model", 25) is None and aids_toy.cached(tmp_path, 8, "dpm++", 15) is None
+    # a later eval at other settings overwrote toy_eval.json; the earlier one is still found under its own name
+    (tmp_path / "toy_eval-model-25-8.json").write_text((tmp_path / "toy_eval.json").read_text())
+    (tmp_path / "toy_eval.json").write_text(json.dumps(scores("dpm++", 15, 8)))
+    assert aids_toy.cached(tmp_path, 8, "dpm++", 15)["tuned"]["subject_fidelity"] == 15
+    assert aids_toy.cached(tmp_path, 8, "model", 25)["tuned"]["subject_fidelity"] == 25
+    # scores from before toy eval recorded its sampler were the model's own
+    (tmp_path / "toy_eval.json").write_text(json.dumps({"settings": {"steps": 25, "images_per_prompt": 4}}))
+    assert aids_toy.cached(tmp_path, 4, "model", 25) is not None

@@ -31,8 +31,11 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert (run / "toy_eval.png").is_file() and str(run / "toy_eval.png") in out  # base vs tuned, side by side
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
     assert "4 class images, 4 LoRA steps" in out
-    assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1"]) == 0
-    assert json.loads((run / "toy_eval.json").read_text())["settings"]["guidance_cutoff"] == 1.0
+    assert res["settings"]["sampler"] == "model"
+    assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1",
+                 "--sampler", "dpm++", "--steps", "10"]) == 0
+    settings = json.loads((run / "toy_eval.json").read_text())["settings"]
+    assert settings["guidance_cutoff"] == 1.0 and settings["sampler"] == "dpm++" and settings["steps"] == 10
 
 
 def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, capsys):

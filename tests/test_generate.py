@@ -22,6 +22,25 @@ def test_render_is_seeded_per_prompt_and_leaves_global_rng_alone(tiny_model):
     assert g.size[0] >= 2 * 128 and g.size[1] > 2 * 128
 
 
+
+def test_dpm_sampler_is_a_copy_that_samples_differently_and_flow_matching_is_refused(tiny_model, tiny_flux_model):
+    from nanobooth.core.errors import ModelError
+    from nanobooth.inference.generate import with_sampler
+
+    pipe = load_pipeline(str(tiny_model))
+    pipe.set_progress_bar_config(disable=True)
+    assert with_sampler(pipe, "model") is pipe
+    dpm = with_sampler(pipe, "dpm++")
+    assert type(dpm.scheduler).__name__ == "DPMSolverMultistepScheduler" and dpm.unet is pipe.unet
+    assert type(pipe.scheduler).__name__ != "DPMSolverMultistepScheduler"  # the caller's pipeline keeps its sampler
+    assert dpm.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule  # the model's noise schedule
+    a, b = (render(p, ["a sks dog"], num_images=1, seed=3, steps=3)[0][0] for p in (pipe, dpm))
+    assert np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).max() > 0
+    with pytest.raises(ModelError, match="flow matching.*--sampler model"):
+        with_sampler(load_pipeline(str(tiny_flux_model)), "dpm++")
+    with pytest.raises(ValueError, match="model, dpm\\+\\+"):
+        with_sampler(pipe, "euler")
+
 def _unet_batches(pipe):
     sizes = []
     pipe.unet.register_forward_pre_hook(lambda mod, args: sizes.append(args[0].shape[0]))

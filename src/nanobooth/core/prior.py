@@ -93,11 +93,9 @@ def generate_class_images(pipe, folder: Path, prompt: str, num_class_images: int
     tmp_meta = folder / f"{PROVENANCE}.{os.getpid()}.tmp"
     tmp_meta.write_text(json.dumps(provenance))
     os.replace(tmp_meta, folder / PROVENANCE)
-    if sampler == "dpm++":
-        from diffusers import DPMSolverMultistepScheduler
+    from ..inference.generate import with_sampler
 
-        # a copy: the caller's pipeline keeps its own sampler for validation renders
-        pipe = type(pipe)(**{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)})
+    pipe = with_sampler(pipe, sampler)  # dpm++: a copy, so the caller's pipeline keeps its sampler for validation renders
     log.info("generating %d class images of '%s' into %s", len(todo), prompt, folder)
     pipe.set_progress_bar_config(disable=True)  # one bar over all images, not one per batch
     # batching pays in the UNet; decoding one image at a time keeps the VAE's full-resolution

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.data import load_folder, read_subject_meta, resolve_data_dir
-from ..inference.generate import grid, load_run, render, save_png
+from ..inference.generate import grid, load_run, render, save_png, with_sampler
 from ..core.models import ModelError, load_pipeline
 from ..core.run_folder import CONFIG, TOY_EVAL, load_run_config, result_kind
 from . import metrics, world
@@ -94,7 +94,11 @@ def reference(vae, subject: dict, instance, probe, n: int, seed: int) -> tuple[d
 
 
 def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, steps: int = 25,
-             guidance: float | None = None, with_base: bool = True, guidance_cutoff: float | None = None) -> dict:
+             guidance: float | None = None, with_base: bool = True, guidance_cutoff: float | None = None,
+             sampler: str = "model") -> dict:
+    """Score a finished toy run (and the base model, `with_base`) on fixed seeds and prompts; writes RUN_DIR/toy_eval.json
+    and the before/after sheet RUN_DIR/toy_eval.png. `sampler`: "model" (the model's own, DDIM for the toy UNet) or
+    "dpm++" (inference.generate.with_sampler), `steps` of it. Raises ModelError for a folder that is not a finished run."""
     run = Path(run_dir)
     cfg = load_run_config(run)
     if cfg is None or result_kind(run) is None:  # result_kind also refuses a folder mixing two runs
@@ -109,17 +113,17 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     guidance = guidance if guidance is not None else cfg.validation_guidance_scale
     cutoff = guidance_cutoff if guidance_cutoff is not None else cfg.validation_guidance_cutoff
     args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"), cutoff)
-    out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "guidance": guidance,
-                        "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg.model}}
+    out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "sampler": sampler,
+                        "guidance": guidance, "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg.model}}
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
-    tuned_pipe = load_run(cfg.model, str(run), torch_dtype=torch.float32)
+    tuned_pipe = with_sampler(load_run(cfg.model, str(run), torch_dtype=torch.float32), sampler)
     tuned_pipe.set_progress_bar_config(disable=True)
     per_model = sum(len(v) for v in prompts_for(noun, identifier).values()) * images_per_prompt
     bar = tqdm(total=per_model * (2 if with_base else 1), desc="toy eval", unit="img")
     out["tuned"], tuned_rows = score(tuned_pipe, *args, bar=bar)
     sheet_rows, labels = [], []
     if with_base:
-        base = load_pipeline(cfg.model, torch_dtype=torch.float32)
+        base = with_sampler(load_pipeline(cfg.model, torch_dtype=torch.float32), sampler)
         base.set_progress_bar_config(disable=True)
         out["base"], base_rows = score(base, *args, bar=bar)
         for prompt in list(tuned_rows)[:3] + [list(tuned_rows)[-1]]:
