@@ -78,7 +78,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-
 @contextlib.contextmanager
 def stops_at_checkpoints():
     """Ctrl-C or SIGTERM while a recipe runs: inside a training loop (`checkpointed_loop`) the step in flight
