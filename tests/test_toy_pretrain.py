@@ -92,6 +92,29 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path, monkeypatch):
     assert img.size == (64, 64)
 
 
+def test_centring_shifts_the_latents_and_leaves_the_round_trip_alone():
+    torch.manual_seed(0)
+    vae = autoencoder.make_vae(2).eval()
+    with torch.no_grad():  # a trained VAE's convs have biases; the fresh one's quant convs start near zero
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.mean).sample
+        mu = torch.tensor([0.7, -1.3, 0.2, 2.0])
+        autoencoder.centre_vae(vae, mu)
+        post2 = vae.encode(x).latent_dist
+        rec2 = vae.decode(post2.mean).sample
+    assert torch.allclose(post2.mean, post.mean - mu.view(1, 4, 1, 1), atol=1e-5)
+    assert torch.allclose(post2.std, post.std)
+    assert torch.allclose(rec2, rec, atol=1e-4) and not torch.allclose(rec, torch.zeros_like(rec), atol=1e-2)
+    from diffusers import AutoencoderKL
+
+    with pytest.raises(ValueError, match="quant_conv"):
+        autoencoder.centre_vae(AutoencoderKL(use_quant_conv=False, use_post_quant_conv=False), mu)
+
+
 def test_training_caption_draws_once_for_plain_objects():
     # v4's data stream: a plain object's caption must consume exactly one random number, so that adding
     # patterned objects (recipe v5) leaves every v4 batch as it was
@@ -137,9 +160,10 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     tiny = ["--recipe", "v5", "--out", str(out), "--n-images", "30", "--n-plain", "10", "--n-patterned", "20",
             "--vae-steps", "1", "--vae-batch", "4", "--vae-refine-steps", "1", "--vae-refine-subjects", "1",
             "--decoder-refine-steps", "1", "--unet-batch", "2"]
-    assert pretrain.main(tiny + ["--unet-steps", "1"]) == 0
+    assert pretrain.main(tiny + ["--unet-steps", "1", "--no-centre-latents"]) == 0
     args = json.loads((out / "args_all.json").read_text())
     assert args["vae_factor"] == 2 and args["unet_arch"] == "v5" and args["unet_steps"] == 1  # flags beat the recipe
+    assert not (out / "vae_centred").exists()
     assert args["threads"] == 1 and not (out / "vae_dec").exists()  # the recipe's own defaults (no stage 1b)
     imgs, specs = pretrain.load_or_render_data(out, 30, 0, 10, 20)
     assert len(imgs) == 60 and all(s.pattern is not None for s in specs[40:])
@@ -148,6 +172,21 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     assert json.loads((out / "unet_ckpt" / "unet_config.json").read_text())["sample_size"] == 32
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0  # resumes the v5 UNet
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
+    # stage 1e: the recipe's default centres the latents (zero channel means over the data); stage 2
+    # continues on them, and history.json says where the latent space changed under it
+    from diffusers import AutoencoderKL
+
+    raw, centred = (load_file(str(out / f))["mean"].float() for f in ("latents_refined.safetensors", "latents_centred.safetensors"))
+    assert raw.mean((0, 2, 3)).abs().max() > 0.01 and centred.mean((0, 2, 3)).abs().max() < 2e-3
+    vae = AutoencoderKL.from_pretrained(str(out / "vae_centred"))
+    assert pretrain.vae_dir(out) == out / "vae_centred" and vae.config.scaling_factor != json.loads(
+        (out / "vae_refined_dec" / "config.json").read_text())["scaling_factor"]
+    x = torch.from_numpy(imgs[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        assert torch.allclose(vae.encode(x).latent_dist.mean, centred[:2], atol=2e-3)
+        before = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decode(raw[:2]).sample
+        assert torch.allclose(vae.decode(centred[:2]).sample, before, atol=1e-2)
+    assert "continued from step 1 on centred ones" in json.loads((out / "history.json").read_text())[-1]
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]

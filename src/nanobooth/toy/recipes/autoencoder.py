@@ -13,6 +13,8 @@ disjoint from any test seed) into the batches: the autoencoder is the part of
 a latent diffusion model that must be able to *represent* a new subject before
 DreamBooth can teach the UNet to draw it. Stage 1d fine-tunes 1c's decoder alone
 with the object weighted harder; latents are unchanged, so it can follow stage 2.
+Stage 1e (recipe v5, pretrain.centre_latents) shifts the latent space to zero channel means
+exactly, by centre_vae below.
 """
 from __future__ import annotations
 
@@ -52,6 +54,23 @@ def make_vae(factor: int = 4):
         layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=64,
         **({} if factor == 4 else {"mid_block_add_attention": False}),
     )
+
+
+def centre_vae(vae, mu: torch.Tensor) -> None:
+    """Shift `vae`'s latent space by -mu in place, exactly: encode gives z - mu, decode adds mu back.
+
+    mu: (latent_channels,) in raw latent units (before scaling_factor). The encoder's quant_conv (1x1)
+    loses mu from its mean channels' bias (the log-variance channels, hence posterior stds, are left
+    alone) and post_quant_conv (1x1) gains W @ mu in its bias, so decode(encode(x)) is unchanged up to
+    float rounding. A 1x1 conv is needed on each side: a bias folded into a 3x3 conv would see the
+    zero padding at the borders. Raises ValueError for a VAE built without quant convs."""
+    if not (vae.config.use_quant_conv and vae.config.use_post_quant_conv):
+        raise ValueError("centre_vae needs a VAE with quant_conv and post_quant_conv (use_quant_conv=True)")
+    c = vae.config.latent_channels
+    with torch.no_grad():
+        mu = mu.to(vae.quant_conv.bias)
+        vae.quant_conv.bias[:c] -= mu
+        vae.post_quant_conv.bias += vae.post_quant_conv.weight[:, :, 0, 0] @ mu
 
 
 def save_vae_ckpt(ck: Path, vae, opt, state: dict) -> None:

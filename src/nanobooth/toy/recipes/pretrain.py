@@ -4,8 +4,8 @@
     nanobooth toy pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
     nanobooth toy pretrain --recipe v5 --out toy_v5        # opt-in, not yet shipped: see RECIPES
 
-Stages 1/1b/1c/1d train the AutoencoderKL (`toy/autoencoder.py`); stage 2 trains
-UNet2DConditionModel + CLIPTextModel jointly on latents cached from it.
+Stages 1/1b/1c/1d train the AutoencoderKL (`toy/autoencoder.py`), 1e (recipe v5) centres its latents;
+stage 2 trains UNet2DConditionModel + CLIPTextModel jointly on latents cached from it.
 Re-running the same command resumes from the last checkpoint: every batch,
 noise draw and timestep is a function of (seed, step), so a resumed run sees
 exactly what an uninterrupted one would have.
@@ -133,11 +133,15 @@ def load_or_render_data(out: Path, n: int, seed: int, n_plain: int = 0, n_patter
 
 
 # ------------------------------------------------------------------ stage 2
+LATENT_CACHES = (("vae_centred", "latents_centred.safetensors"), ("vae_refined", "latents_refined.safetensors"),
+                 (None, "latents.safetensors"))  # the first whose autoencoder folder exists
+
+
 def encode_latents(out: Path, vae, imgs: np.ndarray):
     """Posterior mean/std of every image, cached. The cache may hold a prefix of imgs (images added to
     the data later, e.g. the plain-backdrop set): only the rest is encoded."""
-    # one cache per autoencoder: stage 1c moves the latent space
-    path = out / ("latents_refined.safetensors" if (out / "vae_refined" / "config.json").exists() else "latents.safetensors")
+    # one cache per latent space: stages 1c and 1e move it
+    path = out / next(f for d, f in LATENT_CACHES if d is None or (out / d / "config.json").exists())
     means, stds = [], []
     if path.exists():
         d = load_file(str(path))
@@ -154,6 +158,50 @@ def encode_latents(out: Path, vae, imgs: np.ndarray):
     mean, std = torch.cat(means), torch.cat(stds)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(path))
     return mean, std
+
+
+def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
+    """Stage 1e: the last autoencoder (vae_dir) with its latent space shifted to zero channel means over the
+    training data (autoencoder.centre_vae, exact), its latent cache shifted alike (no re-encode) and
+    scaling_factor re-measured as 1/std on the held-apart scenes. Written to vae_centred/.
+
+    Why: SD's noise schedule never reaches zero SNR; x_T keeps sqrt(alpha_bar_T) ~ 0.07 of the latent
+    (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). A UNet trained on
+    latents whose channel means are far from 0 learns to read them off x_T, and pure noise carries none:
+    recipe v5's first samples came out colour-cast (data means -0.99, 0.90, 0.43, -0.49 in scaled units,
+    sample means within 0.15 of 0); adding sqrt(alpha_bar_T) * mean to x_T restored the colours. With
+    centred latents pure noise is what training saw at T. A run whose stage 2 had started before this
+    stage continues on the centred latents, as history.json records."""
+    from diffusers import AutoencoderKL
+
+    final = out / "vae_centred"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(str(final)).eval().requires_grad_(False)
+    t0 = time.time()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir(out))).eval().requires_grad_(False)
+    mean, std = encode_latents(out, vae, imgs)
+    mu = mean.double().mean((0, 2, 3)).float()
+    autoencoder.centre_vae(vae, mu)
+    z, mse = autoencoder.held_apart_recon(vae, scenes, seed)
+    vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    tmp = out / "latents_centred.tmp"
+    save_file({"mean": (mean.float() - mu.view(1, -1, 1, 1)).half().contiguous(), "std": std.contiguous()}, str(tmp))
+    tmp.replace(out / "latents_centred.safetensors")
+    shutil.rmtree(final.with_suffix(".tmp"), ignore_errors=True)
+    vae.save_pretrained(str(final.with_suffix(".tmp")))
+    final.with_suffix(".tmp").rename(final)  # last: its config.json is what says the stage is done
+    add_time(out, "centre_seconds", time.time() - t0, {"centre_latent_means": (mu * vae.config.scaling_factor).tolist(),
+                                  "centre_recon_mse": mse, "centre_scaling_factor": vae.config.scaling_factor})
+    state = out / "unet_ckpt" / "state.json"
+    if state.is_file():
+        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+        step = json.loads(state.read_text())["step"]
+        write_json(out / "history.json", history + [
+            f"stage 2 trained steps 0-{step} on uncentred latents ({vae_dir(out).name}); stage 1e (centred latents) "
+            f"was added to the recipe then, and stage 2 continued from step {step} on centred ones"])
+    log.info("stage 1e: latents centred (raw channel means %s), scaling_factor %.4f, recon mse %.5f",
+             [round(v, 3) for v in mu.tolist()], vae.config.scaling_factor, mse)
+    return vae
 
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
@@ -182,8 +230,8 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
 
 # -------------------------------------------------------------------- export
 def vae_dir(out: Path) -> Path:
-    """The autoencoder a run ships: its last stage's (1d's decoder on 1c's encoder, ..., stage 1's)."""
-    return next(out / d for d in ("vae_refined_dec", "vae_refined", "vae_dec", "vae") if (out / d / "config.json").exists())
+    """The autoencoder a run ships: its last stage's (1e's centring of 1d, 1d's decoder on 1c's encoder, ...)."""
+    return next(out / d for d in ("vae_centred", "vae_refined_dec", "vae_refined", "vae_dec", "vae") if (out / d / "config.json").exists())
 
 
 def build_pipeline(out: Path, use_ema: bool = True):
@@ -236,7 +284,7 @@ RECIPES = {
     # threads of an AVX2 EPYC; stage 2 ~2.7 s a step on 1 thread of an AVX-512 EPYC (bf16), 3.5 s on 2
     # threads of the AVX2 one (fp32), so 9000 steps are 7-9 h.
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
-               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1),
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, centre_latents=True),
 }
 
 
@@ -269,6 +317,8 @@ def main(argv=None):
     p.add_argument("--vae-refine-subjects", type=int, default=800, help="stages 1c/1d: subjects (x5 poses) in the mix")
     p.add_argument("--decoder-refine-steps", type=int, default=600,
                    help="stage 1d: stage 1c's decoder alone, object weighted harder (latents unchanged)")
+    p.add_argument("--centre-latents", action=argparse.BooleanOptionalAction, default=False,
+                   help="stage 1e: shift the latent space to zero channel means before stage 2 (see centre_latents)")
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
@@ -314,6 +364,8 @@ def main(argv=None):
                            a.vae_refine_subjects)
         if a.stage == "decoder-refine":
             return 0
+        if a.centre_latents:
+            vae = centre_latents(out, scenes, imgs, a.seed)
         train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
                    native_bf16() if a.bf16 is None else a.bf16)
     log.info("pretraining done: %s", json.dumps(timings(out)))
