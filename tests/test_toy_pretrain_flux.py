@@ -35,6 +35,8 @@ def test_twin_exports_a_flux_pipeline_that_samples_as_trained(toy_v5_base, tmp_p
     shipped = AutoencoderKL.from_pretrained(str(pretrain.vae_dir(base)))
     assert pipe.vae.config.scaling_factor == shipped.config.scaling_factor and pipe.vae.config.shift_factor == 0.0
     assert torch.allclose(pipe.vae.decoder.conv_out.weight, shipped.decoder.conv_out.weight.half().float())  # the same VAE
+    assert pretrain.vae_dir(base).name == "vae_centred"  # recipe v5's: its latents have zero channel means
+    assert torch.allclose(pipe.vae.quant_conv.bias, shipped.quant_conv.bias.half().float())
     assert pipe.vae_scale_factor == 2 and pipe.tokenizer_2.model_max_length == pretrain_flux.T5_LENGTH
     ema = load_file(str(a / "flux_ckpt" / "ema.safetensors"))
     assert torch.equal(pipe.transformer.proj_out.weight, ema["transformer.proj_out.weight"].half().float())  # EMA weights ship
