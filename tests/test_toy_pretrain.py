@@ -186,7 +186,8 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
         assert torch.allclose(vae.encode(x).latent_dist.mean, centred[:2], atol=2e-3)
         before = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decode(raw[:2]).sample
         assert torch.allclose(vae.decode(centred[:2]).sample, before, atol=1e-2)
-    assert "continued from step 1 on centred ones" in json.loads((out / "history.json").read_text())[-1]
+    history = json.loads((out / "history.json").read_text())[-1]
+    assert "steps 0-1 on uncentred latents (vae_refined_dec)" in history and "continued from step 1 on centred ones" in history
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]

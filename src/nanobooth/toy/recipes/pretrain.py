@@ -177,8 +177,8 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
     final = out / "vae_centred"
     if (final / "config.json").exists():
         return AutoencoderKL.from_pretrained(str(final)).eval().requires_grad_(False)
-    t0 = time.time()
-    vae = AutoencoderKL.from_pretrained(str(vae_dir(out))).eval().requires_grad_(False)
+    t0, src = time.time(), vae_dir(out)
+    vae = AutoencoderKL.from_pretrained(str(src)).eval().requires_grad_(False)
     mean, std = encode_latents(out, vae, imgs)
     mu = mean.double().mean((0, 2, 3)).float()
     autoencoder.centre_vae(vae, mu)
@@ -190,14 +190,14 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
     shutil.rmtree(final.with_suffix(".tmp"), ignore_errors=True)
     vae.save_pretrained(str(final.with_suffix(".tmp")))
     final.with_suffix(".tmp").rename(final)  # last: its config.json is what says the stage is done
-    add_time(out, "centre_seconds", time.time() - t0, {"centre_latent_means": (mu * vae.config.scaling_factor).tolist(),
+    add_time(out, "centre_seconds", time.time() - t0, {"centre_raw_latent_means": mu.tolist(),
                                   "centre_recon_mse": mse, "centre_scaling_factor": vae.config.scaling_factor})
     state = out / "unet_ckpt" / "state.json"
     if state.is_file():
         history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         step = json.loads(state.read_text())["step"]
         write_json(out / "history.json", history + [
-            f"stage 2 trained steps 0-{step} on uncentred latents ({vae_dir(out).name}); stage 1e (centred latents) "
+            f"stage 2 trained steps 0-{step} on uncentred latents ({src.name}); stage 1e (centred latents) "
             f"was added to the recipe then, and stage 2 continued from step {step} on centred ones"])
     log.info("stage 1e: latents centred (raw channel means %s), scaling_factor %.4f, recon mse %.5f",
              [round(v, 3) for v in mu.tolist()], vae.config.scaling_factor, mse)
