@@ -90,3 +90,27 @@ def test_shipped_probe_reads_subjects():
     assert pred["class"].count(s.cls) >= 3
     assert pred["scene"][0] == probe_mod.PLAIN and pred["scene"][2] == "on the beach" and pred["scene"][3] == "at night"
     assert pred["mark"].count(s.mark) >= 3
+
+
+@shipped
+def test_identity_is_all_three_subject_heads_at_once():
+    # toy eval's subject_identity asks class, pattern and mark of one image at once; on renders of subjects
+    # that rate is the instrument's own ceiling, which `toy probe` now reports (subjects_renders)
+    p = load_probe()
+    imgs, tg = probe_mod.make_dataset(48, seed=12, subject_frac=1.0, degrade=False)
+    acc = probe_mod.accuracy(p, imgs, tg)
+    pred = p.predict(imgs)
+    L = probe_mod.label_space()
+    hits = [all(pred[k][i] == L[k][int(tg[k][i])] for k in ("class", "pattern", "mark")) for i in range(len(imgs))]
+    assert acc["identity"] == pytest.approx(sum(hits) / len(hits))
+    assert acc["identity"] <= min(acc["class"], acc["pattern"], acc["mark"]) and acc["identity"] > 0.5
+    ho_imgs, ho_tg = probe_mod.make_dataset(20, seed=13, held_out_only=True, degrade=False)
+    assert "identity" not in probe_mod.accuracy(p, ho_imgs, ho_tg)  # no subjects, no identity
+
+
+def test_training_data_cache_is_keyed_by_the_subject_share(tmp_path):
+    _, tg = probe_mod._cached_dataset(30, 0, tmp_path, subject_frac=1.0)
+    assert (tmp_path / "probe_data_all_seed0_n30_subjects1_vae-none.safetensors").is_file()
+    assert bool((tg["pattern"] > 0).all())  # every image a subject
+    _, tg = probe_mod._cached_dataset(30, 0, tmp_path)  # the default share keeps the cache names from before the option
+    assert (tmp_path / "probe_data_all_seed0_n30_vae-none.safetensors").is_file() and bool((tg["pattern"] == 0).any())
