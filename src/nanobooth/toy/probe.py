@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from nanobooth.toy import world
 
@@ -134,7 +135,8 @@ def vae_roundtrip(images, vae, batch: int = 200) -> list[Image.Image]:
     """Encode and decode through an AutoencoderKL (latent mean): what every generation has been
     through, and what the probe must read past (a 4x VAE smears small marks and fine patterns)."""
     out, w = [], next(vae.parameters())
-    for i in range(0, len(images), batch):
+    for i in tqdm(range(0, len(images), batch), desc="VAE round trips", unit="batch", mininterval=10,
+                  disable=len(images) <= batch):
         x = to_batch(images[i:i + batch]).to(w.device, w.dtype)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
@@ -152,7 +154,7 @@ def make_dataset(n: int, seed: int, held_out_only: bool = False, subject_frac: f
     imgs, tg = [], {k: [] for k in list(L) + ["palette"]}
     through_vae, degrade_seeds = [], []
     ho = sorted(world.HELD_OUT)
-    for i in range(n):
+    for i in tqdm(range(n), desc="probe data", unit="img", mininterval=10, disable=n < 1000):
         if not held_out_only and rng.random() < subject_frac:
             s = world.make_subject(int(rng.integers(10**9)))
             scene = None if rng.random() < 0.5 else world.SCENES[rng.integers(len(world.SCENES))]
@@ -252,6 +254,7 @@ def train(out: Path, n: int = 16000, epochs: int = 10, seed: int = 0, width: int
     g = torch.Generator().manual_seed(seed)
     step = 0
     net.train()
+    bar = tqdm(total=steps, desc="probe", unit="step", mininterval=10)
     for ep in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n - 127, 128):
@@ -266,9 +269,11 @@ def train(out: Path, n: int = 16000, epochs: int = 10, seed: int = 0, width: int
             opt.step()
             sched.step()
             step += 1
+            bar.update(1)
             if step % 50 == 0:
                 log.info("probe epoch %d step %d/%d loss %.4f", ep, step, steps, loss.item())
     probe = Probe(net, L)
+    bar.close()
     ev = evaluate(probe, seed=seed + 1, vae=vae)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in net.state_dict().items()},
