@@ -48,9 +48,9 @@ def error_lines(capsys) -> list[str]:
 
 def failing_render(fail_on: dict):
     """A stand-in for generate.render that raises fail_on[call number] on those calls."""
-    import nanobooth.core.train as tr
+    import nanobooth.core.validation_grid as vg
 
-    real, calls = tr.render, [0]
+    real, calls = vg.render, [0]
 
     def render(*a, **k):
         calls[0] += 1
@@ -64,10 +64,10 @@ def failing_render(fail_on: dict):
 # --- the result is written before anything optional -------------------------------------------------------------
 
 def test_failed_renders_are_warnings_and_the_weights_are_written(tiny_model, subject_dir, tmp_path, monkeypatch, caplog):
-    import nanobooth.core.train as tr
+    import nanobooth.core.validation_grid as vg
 
     # the "before" grid and the final grid fail (a GPU OOM, a size the sampler refuses); the step-2 grid works
-    monkeypatch.setattr(tr, "render", failing_render({1: RuntimeError("CUDA out of memory"), 3: ValueError("bad size")}))
+    monkeypatch.setattr(vg, "render", failing_render({1: RuntimeError("CUDA out of memory"), 3: ValueError("bad size")}))
     run = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="nanobooth"):
         assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "max_train_steps=4",
@@ -89,9 +89,9 @@ def test_full_finetune_writes_the_pipeline_then_renders_the_final_grid(tiny_mode
 
 
 def test_ctrl_c_during_the_final_render_keeps_the_weights(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.core.train as tr
+    import nanobooth.core.validation_grid as vg
 
-    monkeypatch.setattr(tr, "render", failing_render({2: KeyboardInterrupt()}))
+    monkeypatch.setattr(vg, "render", failing_render({2: KeyboardInterrupt()}))
     run = tmp_path / "run"
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "validation_prompts=[a sks dog]")]) == 130
     err = error_lines(capsys)
@@ -100,12 +100,12 @@ def test_ctrl_c_during_the_final_render_keeps_the_weights(tiny_model, subject_di
 
 
 def test_ctrl_c_during_a_midrun_render_checkpoints_and_resumes_exactly(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
-    import nanobooth.core.train as tr
+    import nanobooth.core.validation_grid as vg
 
     common = ["max_train_steps=5", "learning_rate=1e-3", "validation_prompts=[a sks dog]", "validation_steps=2"]
     ref = tmp_path / "ref"
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, ref, *common)]) == 0
-    monkeypatch.setattr(tr, "render", failing_render({2: KeyboardInterrupt()}))  # the step-2 grid
+    monkeypatch.setattr(vg, "render", failing_render({2: KeyboardInterrupt()}))  # the step-2 grid
     run = tmp_path / "run"
     args = train_args(tiny_model, subject_dir, run, *common)
     assert main(["train", "dreambooth-lora", *args]) == 130

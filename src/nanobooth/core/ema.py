@@ -10,7 +10,11 @@ update count (state.json), so a resumed run averages bit-exactly as an uninterru
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from .errors import CheckpointError
 
 EMA_FILE = "ema.safetensors"
 
@@ -48,3 +52,11 @@ class EMA:
         for i, s in enumerate(self.shadow):
             s.copy_(tensors[f"ema.{i:05d}"])
         self.updates = int(updates)
+
+    def load_checkpoint(self, folder: Path, updates: int) -> None:
+        """Restore the averages a checkpoint folder holds; CheckpointError (one line) if it was saved without use_ema."""
+        from safetensors.torch import load_file
+
+        if not (folder / EMA_FILE).is_file():
+            raise CheckpointError(f"{folder} holds no {EMA_FILE} (saved without use_ema); resume with use_ema=false")
+        self.load_state_dict(load_file(folder / EMA_FILE), updates)

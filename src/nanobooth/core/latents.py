@@ -3,11 +3,14 @@ encoded per step; sampling from them happens in the loop, from its own checkpoin
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import ImageSet, latent_masks
+from .data import ImageSet, drop_captions, latent_masks
 
 
 def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,3 +66,34 @@ class LatentSource:
         pixels, coords, masks = self.images.sample(idx, self.cfg.resolution, flips, crop_gen, with_masks=True, size=size)
         mean, std = encode_dist(self.vae, pixels)
         return mean, std, coords, latent_masks(masks, mean.shape[-2:]) if self.masked else None
+
+
+@dataclasses.dataclass
+class BatchDraw:
+    """Draws a training step's rows of one image set: `draw(kind, n_global, size)`. Every rank draws the whole
+    global batch from the same generators (so all stay in step) and keeps its own rows."""
+
+    cfg: TrainConfig
+    sets: dict[str, ImageSet]  # "instance", "class"
+    sources: dict[str, LatentSource]
+    gens: Any  # generators.Generators
+    family: Any  # families.base.Family: latents_from_vae
+    vae_config: Any
+    rank: int
+    device: torch.device
+
+    def __call__(self, kind: str, n_global: int, size: tuple[int, int] | None = None):
+        """This rank's latents (N, C, h, w) sampled from the posteriors, their coords (N, 4: original size, crop),
+        prompts, masks (None unless masked_loss) and (w, h) size (`size`, else the batch's own)."""
+        cfg, gens = self.cfg, self.gens
+        idx = gens.samplers[kind].take(n_global)
+        flips = (torch.rand(n_global, generator=gens.aug) < 0.5).tolist() if cfg.random_flip else [False] * n_global
+        mine = slice(self.rank * cfg.train_batch_size, (self.rank + 1) * cfg.train_batch_size)
+        size = size or self.sets[kind].size_of(idx[0], cfg.resolution)
+        mean, std, coords, masks = self.sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else gens.aug, size)
+        eps = torch.randn((n_global, *mean.shape[1:]), generator=gens.noise)
+        prompts = [self.sets[kind].prompt_of(i) for i in idx]
+        if kind == "instance" and cfg.caption_dropout:
+            prompts = drop_captions(prompts, cfg.caption_dropout, gens.caption)
+        latents = mean.to(self.device) + std.to(self.device) * eps[mine].to(self.device)
+        return self.family.latents_from_vae(latents, self.vae_config), coords, prompts[mine], masks, size

@@ -332,3 +332,10 @@ def check_resume_request(run_dir: Path, spec: str | None, max_train_steps: int) 
         check_steps_left(resume, int(json.loads((resume / "state.json").read_text())["step"]), max_train_steps)
         check_finished(run_dir, max_train_steps)
 
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the lines of a train_log.jsonl past `step`: a resumed run redoes those steps and logs them again."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept))

@@ -2,7 +2,8 @@
 
 Read top to bottom: run folder -> models -> class images -> data caches -> optimizer -> loop ->
 outputs. Randomness comes from explicit generators (data order, augmentation, noise/timesteps, ToMe),
-each checkpointed, so resume is bit-exact and validation renders cannot perturb training.
+each checkpointed (generators.py), so resume is bit-exact and validation renders (validation_grid.py)
+cannot perturb training.
 """
 
 from __future__ import annotations
@@ -23,16 +24,16 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import step_scores, trackers, validation_loss
-from .buckets import make_sampler
 from .config import ConfigError, TrainConfig, check_mixed_precision, check_resolution, save_config
-from .data import drop_captions, read_subject_meta, resolve_data_dir
+from .data import read_subject_meta, resolve_data_dir
 from .ema import EMA, EMA_FILE
-from .latents import LatentSource
-from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, SampleGrid, Step, Stopped, TimeToModel, ValidationLoss, ValidationScores
-from ..inference.generate import grid, render, save_png
+from .latents import BatchDraw, LatentSource
+from .events import Callback, CheckpointSaved, ClassImagesProgress, Done, Emitter, Failed, Step, Stopped, TimeToModel, ValidationLoss
+from .generators import Generators
 from .losses import dreambooth_loss
 from .prepare import class_provenance, input_record, prepare_run
 from .optimizers import eval_weights, final_weights, make_optimizer, make_schedule, step_size
+from .validation_grid import ValidationGrids
 from ..families import cond_batch, cond_to
 from ..methods import METHODS
 from ..methods import embeddings
@@ -40,8 +41,7 @@ from .models import apply_tome, load_components, make_pipeline
 from .prior import class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .run_folder import (CONFIG, SAMPLES, TIME_TO_MODEL, check_finished, class_images_dir,
-                         clear_outputs, make_readable)
+from .run_folder import CONFIG, TIME_TO_MODEL, check_finished, class_images_dir, clear_outputs, make_readable, truncate_log
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -227,110 +227,25 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     unet_fwd = torch.compile(unet_fwd) if cfg.torch_compile else unet_fwd
     te_fwd = [wrapped.get(n, te) for n, te in zip(fam.text_encoder_names, text_encoders)]
 
-    # --- randomness: one generator per purpose, all checkpointed -----------------------------------------------
-    samplers = {k: make_sampler(s, cfg.seed + 17 * (i + 1)) for i, (k, s) in enumerate(sets.items())}
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    aug_gen = torch.Generator().manual_seed(cfg.seed + 2)
-    tome_gen = torch.Generator(device).manual_seed(cfg.seed + 3)  # tomesd wants it on the UNet's device
-    caption_gen = torch.Generator().manual_seed(cfg.seed + 5)  # caption_dropout's draws (+4 is validation's ToMe)
-
-    def rng_state() -> dict[str, torch.Tensor]:
-        out = {"noise": noise_gen.get_state(), "aug": aug_gen.get_state(), "tome": tome_gen.get_state(),
-               "caption": caption_gen.get_state(), "torch": torch.get_rng_state()}
-        out.update({f"sampler.{k}": s.generator.get_state() for k, s in samplers.items()})
-        return out
+    # --- randomness: one generator per purpose, all checkpointed (generators.py) ------------------------------
+    gens = Generators.seeded(sets, cfg.seed, device)
 
     start_step = 0
     if resume:
         state, rng = ckpt.load_checkpoint(resume, trained, optimizer, lr_scheduler)
         start_step = state["step"]
         if ema:
-            from safetensors.torch import load_file
-
-            if not (resume / EMA_FILE).is_file():
-                raise ckpt.CheckpointError(f"{resume} holds no {EMA_FILE} (saved without use_ema); resume with use_ema=false")
-            ema.load_state_dict(load_file(resume / EMA_FILE), state["ema_updates"])
-        for k, s in samplers.items():
-            s.load_state_dict({**state["samplers"][k], "generator": rng[f"sampler.{k}"]})
-        noise_gen.set_state(rng["noise"]), aug_gen.set_state(rng["aug"]), tome_gen.set_state(rng["tome"])
-        if "caption" in rng:  # checkpoints from before caption_dropout have none (and drew none)
-            caption_gen.set_state(rng["caption"])
-        torch.set_rng_state(rng["torch"])
+            ema.load_checkpoint(resume, state["ema_updates"])
+        gens.load(rng, state["samplers"])
         log.info("resumed from %s at step %d", resume, start_step)
         if keeper:  # the scores so far and keep_best's best step so far
             keeper.load(state.get("keep_best"), resume, start_step)
     log_path = run_dir / "train_log.jsonl"
-    if main and log_path.exists():  # drop log lines of steps that the resumed run will redo
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+    if main:
+        truncate_log(log_path, start_step)  # the steps that the resumed run will redo
 
-    def validate(step: int, final: bool = False) -> None:
-        """Render the validation grid; optional, so a failure is a warning and Ctrl-C stops the run
-        (mid-run: checkpoint at this step; final: the weights are already saved)."""
-        if not (main and cfg.validation_prompts):
-            return
-        try:
-            stop.raising = True  # a render can take minutes: Ctrl-C should not wait for it
-            if final and stop.requested():
-                raise KeyboardInterrupt  # asked during the last step: the weights are saved, skip the grid
-            with eval_weights(optimizer):  # schedule-free: its averaged weights, as the result will be
-                _render_grid(step)
-        except TrainingInterrupted:  # a second Ctrl-C: at once
-            raise
-        except KeyboardInterrupt:
-            if final:
-                raise TrainingInterrupted(f"{stop.source or 'Ctrl-C'} during the final validation render: the trained weights "
-                                          f"are saved in {run_dir} (no step-{step:06d} grid)", stop.signum or 2, step) from None
-            stop.request()
-            log.warning("validation render at step %d interrupted; stopping", step)
-        except Exception as e:  # noqa: BLE001 - GPU OOM, a size the sampler refuses...: the grid is optional
-            log.warning("validation render at step %d failed and was skipped (%s: %s)%s", step, type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "", "" if final else "; training goes on")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        finally:
-            stop.raising = False
-
-    def _render_grid(step: int) -> None:
-        # the raw modules: DDP/compile wrap these very parameters
-        info = getattr(unet, "_tome_info", None)
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), accelerator.autocast():
-            if info:  # its own merge generator, so rendering leaves training's ToMe draws alone
-                info["args"]["generator"] = torch.Generator(device).manual_seed(cfg.seed + 4)
-            try:
-                unet.eval(), [te.eval() for te in text_encoders], [m.to(device) for m in dict.fromkeys((vae, *idle))]
-                pipe = make_pipeline(c, unet=unet, text_encoders=text_encoders)
-                setattr(pipe, embeddings.TOKEN_MAP, tokens)  # render() rewrites the identifier
-                pipe.set_progress_bar_config(desc=f"validation step {step}", leave=False)  # runs on rank 0 only
-                rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images, cfg.validation_seed if cfg.validation_seed is not None else cfg.seed,
-                              cfg.validation_inference_steps, cfg.validation_guidance_scale, cfg.resolution,
-                              guidance_cutoff=cfg.validation_guidance_cutoff)
-                scores = step_score(pipe, rows, step)
-            finally:  # also after a failed or interrupted render: training goes on from here
-                unet.train(), [te.train(te_trained) for te in text_encoders], [m.to("cpu") for m in idle]
-                if info:
-                    info["args"]["generator"] = tome_gen
-        path = run_dir / SAMPLES / f"step-{step:06d}.png"
-        save_png(grid(rows, cfg.validation_prompts, title=f"{run_dir.name} step {step}"), path)
-        emit(SampleGrid(step, path))
-        if scores:  # validation_scores: logged, plotted and (keep_best) the weights kept if this step is the best
-            with log_path.open("a") as f:
-                f.write(json.dumps({"step": step, **scores}) + "\n")
-            keeper.add(step, scores, trained)
-            emit(ValidationScores(step, scores))
-
-    def step_score(pipe, rows, step: int) -> dict[str, float]:
-        """validation_scores of the weights the grid shows; {} without a scorer or when scoring fails (a warning)."""
-        if not scorer:
-            return {}
-        try:
-            scores = scorer(pipe, rows)
-        except Exception as e:  # noqa: BLE001 - optional like the grid: this step is just not scored
-            log.warning("validation scores at step %d failed and were skipped (%s: %s)", step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-            return {}
-        log.info("step %d validation scores: %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-        return scores
+    validate = ValidationGrids(cfg, c, unet, text_encoders, idle, tokens, te_trained, device, accelerator, optimizer, stop, emit,
+                               main, run_dir, log_path, scorer, keeper, trained, gens.tome)  # validate(step): the grid
 
     def score(step: int) -> dict[str, float]:
         """{set: validation loss} of the current weights, logged; {} when not due (validation_loss.py)."""
@@ -342,19 +257,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         log.info("step %d validation loss %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         return scores
 
-    def draw(kind: str, n_global: int, size: tuple[int, int] | None = None):
-        """This rank's latents (sampled from the posteriors) of one image set's global batch, their coords
-        (original size, crop), prompts, masks and (w, h) size (`size`, else the batch's own); every rank draws it all."""
-        idx = samplers[kind].take(n_global)
-        flips = (torch.rand(n_global, generator=aug_gen) < 0.5).tolist() if cfg.random_flip else [False] * n_global
-        mine = slice(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size)
-        size = size or sets[kind].size_of(idx[0], cfg.resolution)
-        mean, std, coords, masks = sources[kind].dist(idx[mine], flips[mine], None if cfg.center_crop else aug_gen, size)
-        eps = torch.randn((n_global, *mean.shape[1:]), generator=noise_gen)
-        prompts = [sets[kind].prompt_of(i) for i in idx]
-        if kind == "instance" and cfg.caption_dropout:
-            prompts = drop_captions(prompts, cfg.caption_dropout, caption_gen)
-        return fam.latents_from_vae(mean.to(device) + std.to(device) * eps[mine].to(device), vae.config), coords, prompts[mine], masks, size
+    draw = BatchDraw(cfg, sets, sources, gens, fam, vae.config, rank, device)  # draw(kind, n): a step's rows (latents.py)
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     if inputs is None:  # a new run: its class images exist only now
@@ -365,10 +268,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         nonlocal saved_step, saved_path
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
-            extra = {"samplers": {k: {"order": s.order, "pos": s.pos} for k, s in samplers.items()}, "inputs": inputs,
+            extra = {"samplers": gens.sampler_positions(), "inputs": inputs,
                      **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": keeper.state()} if keeper else {})}
             files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(keeper.files() if keeper else {})}
-            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, rng_state(), extra, cfg.checkpoints_total_limit,
+            ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, gens.rng_state(), extra, cfg.checkpoints_total_limit,
                                  files=files or None)
             log.info("%s saved", saved_path.name)
             emit(CheckpointSaved(done, saved_path))
@@ -392,7 +295,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     if cfg.tome_ratio:  # tomesd would otherwise fork the global RNG, invisibly to checkpoints
-        unet._tome_info["args"]["generator"] = tome_gen
+        unet._tome_info["args"]["generator"] = gens.tome
     unet_fwd.train()
     for te in te_fwd:
         te.train(te_trained)
@@ -418,7 +321,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                     drawn.append(draw(k, n_global, drawn[0][4] if drawn else None))
                 latents = torch.cat([d[0] for d in drawn])
                 # the whole global batch's noise and timesteps, drawn alike on every rank; this rank trains its rows
-                noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), noise_gen, cfg.noise_offset)
+                noise_all, t_all = objective.sample((n_global * len(kinds), *latents.shape[1:]), gens.noise, cfg.noise_offset)
                 rows = torch.cat([torch.arange(rank * cfg.train_batch_size, (rank + 1) * cfg.train_batch_size) + j * n_global
                                   for j in range(len(kinds))])
                 noise, timesteps = noise_all[rows].to(device), t_all[rows].to(device)
