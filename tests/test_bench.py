@@ -36,15 +36,19 @@ def test_summary_gives_medians_per_tool_and_their_ratio():
 def test_issue_24_targets_read_the_right_sections_and_margins():
     import aids_toy
 
-    def res(ident, ctx, prompt, drift, base_prompt=0.9):
+    def res(ident, ctx, prompt, drift, base_prompt=0.9, base_drift=0.1):
         return {"tuned": {"subject_identity": ident, "subject_in_context": ctx, "prompt_fidelity": prompt, "prior_drift": drift},
-                "base": {"prompt_fidelity": base_prompt}}
+                "base": {"prompt_fidelity": base_prompt, "prior_drift": base_drift}}
 
     prior = {1: res(0.7, 0.6, 0.88, 0.2), 2: res(0.5, 0.5, 0.86, 0.3)}
     no_prior = {1: res(0.8, 0.4, 0.7, 0.4), 2: res(0.8, 0.4, 0.7, 0.5)}
     assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [True, True, True, True, True]
-    prior[2] = res(0.25, 0.3, 0.80, 0.36)  # identity 0.475, context 0.45, a subject below 0.3, prompt 0.84 < 0.85, 0.36 > 0.35
+    prior[2] = res(0.25, 0.3, 0.80, 0.4)  # identity 0.475, context 0.45, a subject below 0.3, prompt 0.84 < 0.85, 0.3 > 0.7 * 0.4
     assert [ok for _, ok in aids_toy.targets(prior, no_prior, prior)] == [False, False, False, False, False]
+    # drift counts from the base model's: 0.75 vs 0.9 is 0.05 vs 0.2 above a base of 0.7 (met), though 0.75 > 0.7 * 0.9
+    prior = {1: res(0.7, 0.6, 0.88, 0.75, base_drift=0.7)}
+    assert aids_toy.targets(prior, {1: res(0.8, 0.4, 0.7, 0.9)}, prior)[-1][1]
+    assert not aids_toy.targets(prior, {1: res(0.8, 0.4, 0.7, 0.76)}, prior)[-1][1]  # 0.05 > 0.7 * 0.06
 
 
 def test_aids_toy_reuses_a_runs_scores_only_at_the_same_eval_settings(tmp_path):
