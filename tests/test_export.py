@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanobooth.interop import export as ex
+from nanobooth.interop import kohya
 from nanobooth.interop import ldm
 from nanobooth.cli import main
 
@@ -144,15 +145,15 @@ def test_kohya_alpha_follows_peft_patterns_and_rslora():
     state = {"unet.a.to_q.lora_A.weight": torch.zeros(4, 8), "unet.a.to_q.lora_B.weight": torch.zeros(8, 4),
              "unet.a.to_k.lora_A.weight": torch.zeros(2, 8), "unet.a.to_k.lora_B.weight": torch.zeros(8, 2)}
     conf = {"unet": {"r": 4, "lora_alpha": 8, "rank_pattern": {"to_k": 2}, "alpha_pattern": {"to_k": 1}}}
-    out = ex.lora_to_kohya(state, conf)
+    out = kohya.lora_to_kohya(state, conf)
     assert out["lora_unet_a_to_q.alpha"].item() == 8 and out["lora_unet_a_to_k.alpha"].item() == 1
-    rs = ex.lora_to_kohya(state, {"unet": {**conf["unet"], "use_rslora": True}})
+    rs = kohya.lora_to_kohya(state, {"unet": {**conf["unet"], "use_rslora": True}})
     assert rs["lora_unet_a_to_q.alpha"].item() == pytest.approx(8 * 2)  # kohya alpha/r == rsLoRA alpha/sqrt(r)
     # a DoRA magnitude becomes LyCORIS's dora_scale, one value per output row
-    dora = ex.lora_to_kohya({**state, "unet.a.to_q.lora_magnitude_vector": torch.arange(8.0)}, conf)
+    dora = kohya.lora_to_kohya({**state, "unet.a.to_q.lora_magnitude_vector": torch.arange(8.0)}, conf)
     assert torch.equal(dora["lora_unet_a_to_q.dora_scale"], torch.arange(8.0).reshape(8, 1))
     with pytest.raises(ex.ExportError, match="DoRA magnitude"):  # a conv layer's: not exported
-        ex.lora_to_kohya({"unet.a.conv.lora_magnitude_vector": torch.zeros(1, 8, 1, 1)}, conf)
+        kohya.lora_to_kohya({"unet.a.conv.lora_magnitude_vector": torch.zeros(1, 8, 1, 1)}, conf)
 
 
 def lycoris_dora_merge(base_weight, down, up, alpha, dora_scale):
@@ -543,7 +544,7 @@ def test_sdxl_lokr_export_uses_the_sgm_names_and_both_text_encoder_prefixes(tiny
     names = {k.split(".")[0] for k in tensors}
     assert {n.split("_text_model")[0] for n in names if n.startswith("lora_te")} == {"lora_te1", "lora_te2"}
     unet = [n for n in names if n.startswith("lora_unet_")]
-    # the names kohya's SDXL LoRAs use (export.kohya_name, as for a LoRA run), which ComfyUI/A1111 map to SGM blocks
+    # the names kohya's SDXL LoRAs use (kohya.kohya_name, as for a LoRA run), which ComfyUI/A1111 map to SGM blocks
     assert unet and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in unet)
     assert all({f"{n}.lokr_w1", f"{n}.lokr_w2_a", f"{n}.lokr_w2_b", f"{n}.alpha"} <= tensors.keys() for n in names)
     assert {tensors[f"{n}.alpha"].item() for n in names} == {2.0} and meta["ss_base_model_version"] == "sdxl_base_v1-0"

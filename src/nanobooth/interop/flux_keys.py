@@ -111,7 +111,7 @@ def flux_lora_to_kohya(modules: dict[str, tuple[torch.Tensor, torch.Tensor, floa
 def flux_run_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
     """A FLUX run's LoRA -> kohya/ComfyUI/Forge names: the transformer on BFL's fused modules
     (flux_keys), CLIP-L as `lora_te1_` (kohya's lora_flux prefix for it)."""
-    from .export import _LORA_KEY, _pattern_value, lora_to_kohya  # export imports this module lazily: no cycle
+    from .kohya import _LORA_KEY, _pattern_value, lora_to_kohya  # kohya imports nothing of this module: no cycle
 
     conf = configs.get("transformer")
     pairs: dict[str, dict[str, torch.Tensor]] = {}

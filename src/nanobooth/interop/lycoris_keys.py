@@ -1,6 +1,6 @@
 """LoKr and LoHa runs (peft's parameters) in LyCORIS's key layout, which A1111, ComfyUI, Forge and LyCORIS load.
 
-Each module is named as kohya names a LoRA's (export.kohya_name: `lora_unet_...`, SGM blocks for SDXL,
+Each module is named as kohya names a LoRA's (kohya.kohya_name: `lora_unet_...`, SGM blocks for SDXL,
 `lora_te_` / `lora_te1_` / `lora_te2_`) and holds LyCORIS's tensors:
 
 - LoKr: `.lokr_w1` or `.lokr_w1_a` + `.lokr_w1_b`, `.lokr_w2` or `.lokr_w2_a` + `.lokr_w2_b`, `.alpha`. The loaders
