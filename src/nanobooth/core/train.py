@@ -244,8 +244,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if main:
         truncate_log(log_path, start_step)  # the steps that the resumed run will redo
 
-    validate = ValidationGrids(cfg, c, unet, text_encoders, idle, tokens, te_trained, device, accelerator, optimizer, stop, emit,
-                               main, run_dir, log_path, scorer, keeper, trained, gens.tome)  # validate(step): the grid
+    validate = ValidationGrids(  # validate(step): that step's grid (and validation_scores), validation_grid.py
+        cfg=cfg, components=c, unet=unet, text_encoders=text_encoders, idle=idle, tokens=tokens, te_trained=te_trained,
+        device=device, accelerator=accelerator, optimizer=optimizer, stop=stop, emit=emit, main=main, run_dir=run_dir,
+        log_path=log_path, scorer=scorer, keeper=keeper, trained=trained, tome_gen=gens.tome)
 
     def score(step: int) -> dict[str, float]:
         """{set: validation loss} of the current weights, logged; {} when not due (validation_loss.py)."""
@@ -257,7 +259,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         log.info("step %d validation loss %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
         return scores
 
-    draw = BatchDraw(cfg, sets, sources, gens, fam, vae.config, rank, device)  # draw(kind, n): a step's rows (latents.py)
+    draw = BatchDraw(cfg=cfg, sets=sets, sources=sources, gens=gens, family=fam, vae_config=vae.config, rank=rank,
+                     device=device)  # draw(kind, n_global, size): a step's rows of one image set (latents.py)
 
     # --- stopping: at a step boundary, where a checkpoint is consistent (see stop.py) --------------------------
     if inputs is None:  # a new run: its class images exist only now
