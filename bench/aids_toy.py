@@ -140,7 +140,8 @@ def targets(prior: dict, no_prior: dict, with_base: dict) -> list[tuple[str, boo
     prompt = mean({s: pick(r, "prompt_fidelity") for s, r in prior.items()})
     base_prompt = mean({s: pick(r, "prompt_fidelity", "base") for s, r in with_base.items()})
     # drift is measured from the base model's own (its plain class images already resemble the subject: 0.3-0.7 on v4),
-    # so perfect prior preservation scores 0 and "0.7x the no-prior run's" is reachable on every subject
+    # so perfect prior preservation scores 0 and "0.7x the no-prior run's" is reachable on every subject; where the
+    # no-prior run did not drift above the base model either, the prior run must not
     drift = {s: (pick(r, "prior_drift") - pick(with_base[s], "prior_drift", "base"),
                  pick(no_prior[s], "prior_drift") - pick(with_base[s], "prior_drift", "base")) for s, r in prior.items()}
     return [(f"subject identity mean {mean(ident):.3f} >= 0.6", mean(ident) >= 0.6),
@@ -148,7 +149,7 @@ def targets(prior: dict, no_prior: dict, with_base: dict) -> list[tuple[str, boo
             (f"no subject's identity below 0.3 (lowest {min(ident.values()):.3f})", min(ident.values()) >= 0.3),
             (f"prompt fidelity {prompt:.3f} within 0.05 of the base model's {base_prompt:.3f}", prompt >= base_prompt - 0.05),
             ("prior drift above the base model's <= 0.7x the no-prior run's on every subject (with/without prior): "
-             + ", ".join(f"{s} {d:+.3f}/{n:+.3f}" for s, (d, n) in drift.items()), all(d <= 0.7 * n for d, n in drift.values()))]
+             + ", ".join(f"{s} {d:+.3f}/{n:+.3f}" for s, (d, n) in drift.items()), all(d <= max(0.7 * n, 0.0) for d, n in drift.values()))]
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ def test_issue_24_targets_read_the_right_sections_and_margins():
     prior = {1: res(0.7, 0.6, 0.88, 0.75, base_drift=0.7)}
     assert aids_toy.targets(prior, {1: res(0.8, 0.4, 0.7, 0.9)}, prior)[-1][1]
     assert not aids_toy.targets(prior, {1: res(0.8, 0.4, 0.7, 0.76)}, prior)[-1][1]  # 0.05 > 0.7 * 0.06
+    # a no-prior run below the base model's drift: the prior run must not be above it
+    assert not aids_toy.targets(prior, {1: res(0.8, 0.4, 0.7, 0.65)}, prior)[-1][1]
+    below = {1: res(0.7, 0.6, 0.88, 0.69, base_drift=0.7)}
+    assert aids_toy.targets(below, {1: res(0.8, 0.4, 0.7, 0.65)}, below)[-1][1]
 
 
 def test_aids_toy_reuses_a_runs_scores_only_at_the_same_eval_settings(tmp_path):

@@ -234,7 +234,7 @@ def caption_of(image: Path, fallback: str, fill: dict[str, str] | None = None) -
 
 def drop_captions(prompts: list[str], p: float, generator: torch.Generator) -> list[str]:
     """caption_dropout: each prompt replaced by "" with probability p, one uniform draw per prompt from
-    `generator` (train.py calls it only when p > 0, so runs without dropout draw nothing)."""
+    `generator` (latents.BatchDraw calls it only when p > 0, so runs without dropout draw nothing)."""
     import torch
 
     drop = (torch.rand(len(prompts), generator=generator) < p).tolist()

@@ -1,5 +1,6 @@
 """VAE latents of an image set for training: posteriors (mean, std) cached once per image and size, or
-encoded per step; sampling from them happens in the loop, from its own checkpointed generator."""
+encoded per step (LatentSource); a step's rows sampled from them with the loop's checkpointed generators
+(BatchDraw, generators.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import ImageSet, drop_captions, latent_masks
+from .generators import Generators
 
 
 def encode_dist(vae, pixels: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +70,7 @@ class LatentSource:
         return mean, std, coords, latent_masks(masks, mean.shape[-2:]) if self.masked else None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)  # holds models: no field-by-field compare or repr
 class BatchDraw:
     """Draws a training step's rows of one image set: `draw(kind, n_global, size)`. Every rank draws the whole
     global batch from the same generators (so all stay in step) and keeps its own rows."""
@@ -76,7 +78,7 @@ class BatchDraw:
     cfg: TrainConfig
     sets: dict[str, ImageSet]  # "instance", "class"
     sources: dict[str, LatentSource]
-    gens: Any  # generators.Generators
+    gens: Generators
     family: Any  # families.base.Family: latents_from_vae
     vae_config: Any
     rank: int

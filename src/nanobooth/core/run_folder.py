@@ -333,7 +333,6 @@ def check_resume_request(run_dir: Path, spec: str | None, max_train_steps: int) 
         check_finished(run_dir, max_train_steps)
 
 
-
 def truncate_log(path: Path, step: int) -> None:
     """Drop the lines of a train_log.jsonl past `step`: a resumed run redoes those steps and logs them again."""
     if path.exists():

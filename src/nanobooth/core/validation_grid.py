@@ -18,6 +18,7 @@ import torch
 
 from ..inference.generate import grid, render, save_png
 from ..methods import embeddings
+from .config import TrainConfig
 from .events import Emitter, SampleGrid, ValidationScores
 from .models import make_pipeline
 from .optimizers import eval_weights
@@ -27,12 +28,13 @@ from .stop import StopRequest, TrainingInterrupted
 log = logging.getLogger("nanobooth")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False, repr=False)  # holds models: no field-by-field compare or repr
 class ValidationGrids:
-    """Renders `samples/step-NNNNNN.png` for a step (`grids(step)`, `grids(step, final=True)` after the weights
-    are written). Holds the loop's raw modules (DDP and torch.compile wrap these very parameters)."""
+    """Renders `samples/step-NNNNNN.png` for a step: train.py calls it `validate(step)`, and
+    `validate(step, final=True)` after the weights are written. Holds the loop's raw modules (DDP and
+    torch.compile wrap these very parameters)."""
 
-    cfg: Any  # TrainConfig
+    cfg: TrainConfig
     components: Any  # models.Components: the pipeline's other parts
     unet: torch.nn.Module
     text_encoders: list

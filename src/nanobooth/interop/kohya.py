@@ -139,6 +139,8 @@ def addnet_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def kohya_metadata(tensors: dict, cfg: dict, info: dict, configs: dict, title: str) -> dict[str, str]:
+    """The `ss_*` keys kohya's sd-scripts write (A1111 and kohya's tools show them; LyCORIS networks say so in
+    `ss_network_module`/`ss_network_args`), then the model-spec keys: all strings, as safetensors metadata must be."""
     unet_conf = configs.get("unet") or configs.get("transformer") or {}
     rank = unet_conf.get("r", cfg.get("lora_rank"))
     alpha = unet_conf.get("lora_alpha", unet_conf.get("alpha", cfg.get("lora_alpha") or rank))  # peft's LoKr/LoHa: `alpha`
