@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .kohya import _pattern_value, adapter_configs, kohya_metadata, kohya_name, lora_to_kohya, modelspec, sgm_unet_pairs
+from .kohya import pattern_value, adapter_configs, kohya_metadata, kohya_name, lora_to_kohya, modelspec, sgm_unet_pairs
 from .ldm import ExportError, pipeline_to_checkpoint
 from .lycoris_keys import ALGOS, delta_shapes, is_lycoris, lycoris_to_kohya
 from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
@@ -262,7 +262,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
                 log.warning("base model %s's UNet config is not available offline: SDXL UNet LoRA keys keep diffusers names", cfg["model"])
             if lycoris:
                 tensors = lycoris_to_kohya(state, configs, lambda comp, module: kohya_name(comp, module, info["sdxl"], pairs),
-                                           _pattern_value)
+                                           pattern_value)
             else:
                 tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
         tensors = _cast(tensors, torch_dtype)

@@ -21,6 +21,7 @@ import re
 
 import torch
 
+from .kohya import LORA_KEY, lora_to_kohya, pattern_value
 from .ldm import ExportError
 
 # module inside a double / single block -> (BFL module, index of this part in the fused module or None)
@@ -111,14 +112,12 @@ def flux_lora_to_kohya(modules: dict[str, tuple[torch.Tensor, torch.Tensor, floa
 def flux_run_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict]) -> dict[str, torch.Tensor]:
     """A FLUX run's LoRA -> kohya/ComfyUI/Forge names: the transformer on BFL's fused modules
     (flux_keys), CLIP-L as `lora_te1_` (kohya's lora_flux prefix for it)."""
-    from .kohya import _LORA_KEY, _pattern_value, lora_to_kohya  # kohya imports nothing of this module: no cycle
-
     conf = configs.get("transformer")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         if not key.startswith("transformer."):
             continue
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if not m:
             raise ExportError(f"LoRA key '{key}' is not a LoRA down/up weight (other adapters cannot be expressed in kohya's format)")
         if m.group(3) == "lora_magnitude_vector":
@@ -131,10 +130,10 @@ def flux_run_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict]) 
     for module, p in pairs.items():
         if p.keys() != {"down", "up"}:
             raise ExportError(f"FLUX LoRA module '{module}' has no {'up' if 'down' in p else 'down'} weight; the LoRA file is incomplete")
-        rank = int(_pattern_value(conf.get("rank_pattern"), module, conf.get("r", p["down"].shape[0])))
+        rank = int(pattern_value(conf.get("rank_pattern"), module, conf.get("r", p["down"].shape[0])))
         if rank != p["down"].shape[0]:
             raise ExportError(f"'transformer.{module}' has rank {p['down'].shape[0]} but its adapter config says {rank}")
-        alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
+        alpha = float(pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
         modules[module] = (p["down"], p["up"], alpha / (math.sqrt(rank) if conf.get("use_rslora") else rank))
     rest = {k: v for k, v in state.items() if not k.startswith("transformer.")}
     return dict(sorted({**flux_lora_to_kohya(modules), **lora_to_kohya(rest, configs, sdxl=True)}.items()))

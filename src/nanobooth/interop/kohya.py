@@ -40,12 +40,12 @@ from .lycoris_keys import ALGOS
 
 # diffusers writes peft adapters as lora_A/lora_B, or in its older spellings (lora.down for the UNet,
 # lora_linear_layer.down for text encoders); all mean the same down/up pair.
-_LORA_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
+LORA_KEY = re.compile(r"^(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|lora\.up|"
                        r"lora_linear_layer\.down|lora_linear_layer\.up|lora_magnitude_vector)(\.weight)?$")
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
-def _pattern_value(pattern: dict, module: str, default):
+def pattern_value(pattern: dict, module: str, default):
     """peft's rank_pattern/alpha_pattern lookup: a key matches a module path or its dotted suffix."""
     return next((v for k, v in (pattern or {}).items() if re.fullmatch(rf"(.*\.)?{k}", module)), default)
 
@@ -103,7 +103,7 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
     (SDXL), UNet modules are named by their SGM blocks."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if not m:
             raise ExportError(f"LoRA key '{key}' is not a LoRA down/up weight or DoRA magnitude (other adapters cannot be "
                               "expressed in kohya's format)")
@@ -120,10 +120,10 @@ def lora_to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict], sdxl
         down = part in ("lora_A", "lora.down", "lora_linear_layer.down")
         out[f"{name}.{'lora_down' if down else 'lora_up'}.weight"] = tensor.contiguous()
         if down:
-            rank = int(_pattern_value(conf.get("rank_pattern"), module, conf.get("r", tensor.shape[0])))
+            rank = int(pattern_value(conf.get("rank_pattern"), module, conf.get("r", tensor.shape[0])))
             if rank != tensor.shape[0]:
                 raise ExportError(f"'{key}' has rank {tensor.shape[0]} but its adapter config says {rank}")
-            alpha = float(_pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
+            alpha = float(pattern_value(conf.get("alpha_pattern"), module, conf.get("lora_alpha", rank)))
             # kohya scales by alpha/rank; rsLoRA by alpha/sqrt(rank): this alpha gives rsLoRA's scale
             out[f"{name}.alpha"] = torch.tensor(alpha * math.sqrt(rank) if conf.get("use_rslora") else alpha)
     return dict(sorted(out.items()))
