@@ -142,8 +142,8 @@ def targets(prior: dict, no_prior: dict, with_base: dict) -> list[tuple[str, boo
     # drift is measured from the base model's own (its plain class images already resemble the subject: 0.3-0.7 on v4),
     # so perfect prior preservation scores 0 and "0.7x the no-prior run's" is reachable on every subject; where the
     # no-prior run did not drift above the base model either, the prior run must not
-    drift = {s: (pick(r, "prior_drift") - pick(with_base[s], "prior_drift", "base"),
-                 pick(no_prior[s], "prior_drift") - pick(with_base[s], "prior_drift", "base")) for s, r in prior.items()}
+    base_drift = {s: pick(r, "prior_drift", "base") for s, r in with_base.items()}
+    drift = {s: (pick(r, "prior_drift") - base_drift[s], pick(no_prior[s], "prior_drift") - base_drift[s]) for s, r in prior.items()}
     return [(f"subject identity mean {mean(ident):.3f} >= 0.6", mean(ident) >= 0.6),
             (f"subject-in-context mean {mean(ctx):.3f} >= 0.5", mean(ctx) >= 0.5),
             (f"no subject's identity below 0.3 (lowest {min(ident.values()):.3f})", min(ident.values()) >= 0.3),
