@@ -160,7 +160,14 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     tiny = ["--recipe", "v5", "--out", str(out), "--n-images", "30", "--n-plain", "10", "--n-patterned", "20",
             "--vae-steps", "1", "--vae-batch", "4", "--vae-refine-steps", "1", "--vae-refine-subjects", "1",
             "--decoder-refine-steps", "1", "--unet-batch", "2"]
-    assert pretrain.main(tiny + ["--unet-steps", "1", "--no-centre-latents"]) == 0
+    from nanobooth.families.objective import DDPMObjective
+
+    offsets = []
+    sample = DDPMObjective.sample
+    monkeypatch.setattr(DDPMObjective, "sample", lambda self, shape, g, offset=0.0: offsets.append(offset)
+                        or sample(self, shape, g, offset))
+    assert pretrain.main(tiny + ["--unet-steps", "1", "--no-centre-latents", "--noise-offset", "0"]) == 0
+    assert offsets == [0.0]
     args = json.loads((out / "args_all.json").read_text())
     assert args["vae_factor"] == 2 and args["unet_arch"] == "v5" and args["unet_steps"] == 1  # flags beat the recipe
     assert not (out / "vae_centred").exists()
@@ -171,7 +178,8 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     assert load_file(str(out / "latents_refined.safetensors"))["mean"].shape == (60, 4, 32, 32)
     assert json.loads((out / "unet_ckpt" / "unet_config.json").read_text())["sample_size"] == 32
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0  # resumes the v5 UNet
-    assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
+    state = json.loads((out / "unet_ckpt" / "state.json").read_text())
+    assert state["step"] == 2 and state["noise_offset"] == 0.1 and offsets == [0.0, 0.1]  # the recipe's offset
     # stage 1e: the recipe's default centres the latents (zero channel means over the data); stage 2
     # continues on them, and history.json says where the latent space changed under it
     from diffusers import AutoencoderKL
@@ -186,8 +194,9 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
         assert torch.allclose(vae.encode(x).latent_dist.mean, centred[:2], atol=2e-3)
         before = AutoencoderKL.from_pretrained(str(out / "vae_refined_dec")).decode(raw[:2]).sample
         assert torch.allclose(vae.decode(centred[:2]).sample, before, atol=1e-2)
-    history = json.loads((out / "history.json").read_text())[-1]
-    assert "steps 0-1 on uncentred latents (vae_refined_dec)" in history and "continued from step 1 on centred ones" in history
+    centring, offset = json.loads((out / "history.json").read_text())
+    assert "steps 0-1 on uncentred latents (vae_refined_dec)" in centring and "continued from step 1 on centred ones" in centring
+    assert "up to step 1 with noise offset 0;" in offset and "from step 1 with noise offset 0.1" in offset
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]

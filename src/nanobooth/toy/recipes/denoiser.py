@@ -56,6 +56,8 @@ class Stage:
     """Posterior samples, noise and timesteps from torch.Generator seeded seed * 1_000_003 + noise_seed + step."""
     snr_gamma: float | None = None
     """Min-SNR-gamma weights (DDPM objectives only)."""
+    noise_offset: float = 0.0
+    """Std of a per-image, per-channel constant added to the noise (Objective.sample; DDPM objectives)."""
     configs: dict = field(default_factory=dict)
     """File name -> dict, written as json into every checkpoint (what export rebuilds a module from)."""
     state: dict = field(default_factory=dict)
@@ -167,7 +169,7 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
             g = torch.Generator().manual_seed(seed * 1_000_003 + stage.noise_seed + step)
             it = torch.from_numpy(idx)
             z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
-            noise, t = obj.sample(z.shape, g)
+            noise, t = obj.sample(z.shape, g, stage.noise_offset)
             for pg in opt.param_groups:
                 pg["lr"] = lr_at(step, steps, lr)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

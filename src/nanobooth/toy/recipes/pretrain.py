@@ -205,9 +205,18 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
 
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
-               arch: str = "v4", bf16: bool = False):
+               arch: str = "v4", bf16: bool = False, noise_offset: float = 0.0):
     """UNet + CLIP text encoder by SD's objective (epsilon, min-SNR-5 weights: the same optimum, markedly faster
-    convergence in short runs), in the shared stage-2 loop (denoiser.train)."""
+    convergence in short runs), in the shared stage-2 loop (denoiser.train).
+
+    noise_offset (recipe v5: 0.1): offset noise (Guttenberg 2023; diffusers' and kohya's `noise_offset`). Centring
+    (stage 1e) zeroes the data's mean, not each image's: x_T still carries sqrt(alpha_bar_T) ~ 0.07 of every
+    image's channel means, and on a 32x32 grid pure noise's own channel means are only 1/32 ~ 0.031 wide, so the
+    UNet learns to read the scene's brightness and colour off x_T. v5 at step 5179 without it drew "at night"
+    in 0 of 6 images and "on a red rug" in 2 of 6 (wrong colours); starting the same samples from x_T plus the
+    scene's leaked mean, 6 of 6 each. The leaked means' std over the data is 0.057 / 0.046 / 0.025 / 0.019 per
+    channel; an offset of 0.1 makes the noise's channel means 0.105 wide, so the prompt, not x_T, must say the
+    scene. A run whose stage 2 started without it continues with it, as history.json records."""
     from diffusers import DDPMScheduler
 
     from nanobooth.families import FAMILIES, DDPMObjective
@@ -224,8 +233,26 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     stage = denoiser.Stage("unet", FAMILIES["StableDiffusionPipeline"],
                            DDPMObjective(DDPMScheduler(**SD_BETAS, prediction_type="epsilon")),
                            {"unet": unet, "text_encoder": te}, encode, stream=2, noise_seed=7, snr_gamma=5.0,
-                           configs={"unet_config.json": dict(unet.config)})  # what export rebuilds
+                           noise_offset=noise_offset, configs={"unet_config.json": dict(unet.config)},  # what export rebuilds
+                           state={"noise_offset": noise_offset})
+    note_noise_offset_change(out, noise_offset)
     denoiser.train(out, stage, specs, mean, std, dict(vae.config), seed, steps, batch, ckpt_s, lr, bf16)
+
+
+def note_noise_offset_change(out: Path, noise_offset: float) -> None:
+    """A stage 2 resumed with another noise offset than its checkpoint's (checkpoints from before the option:
+    0) continues with the new one; history.json says from which step."""
+    state = out / "unet_ckpt" / "state.json"
+    if not state.is_file():
+        return
+    st = json.loads(state.read_text())
+    was = st.get("noise_offset", 0.0)
+    line = (f"stage 2 trained up to step {st['step']} with noise offset {was:g}; the recipe's offset changed then, "
+            f"and stage 2 continued from step {st['step']} with noise offset {noise_offset:g}")
+    history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+    if was != noise_offset and line not in history:  # a stop before the next checkpoint resumes here again
+        write_json(out / "history.json", history + [line])
+        log.info("stage 2: noise offset %g -> %g from step %d (history.json)", was, noise_offset, st["step"])
 
 
 # -------------------------------------------------------------------- export
@@ -282,9 +309,11 @@ RECIPES = {
     # marked objects in the world the captions describe, so the base model already draws what subjects
     # are made of; stage 1b is dropped (1c and 1d cover it). Measured: the autoencoder stages 1.4 h on 2
     # threads of an AVX2 EPYC; stage 2 ~2.7 s a step on 1 thread of an AVX-512 EPYC (bf16), 3.5 s on 2
-    # threads of the AVX2 one (fp32), so 9000 steps are 7-9 h.
+    # threads of the AVX2 one (fp32), so 9000 steps are 7-9 h. Centred latents and offset noise: see
+    # centre_latents and train_unet.
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
-               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, centre_latents=True),
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, centre_latents=True,
+               noise_offset=0.1),
 }
 
 
@@ -319,6 +348,8 @@ def main(argv=None):
                    help="stage 1d: stage 1c's decoder alone, object weighted harder (latents unchanged)")
     p.add_argument("--centre-latents", action=argparse.BooleanOptionalAction, default=False,
                    help="stage 1e: shift the latent space to zero channel means before stage 2 (see centre_latents)")
+    p.add_argument("--noise-offset", type=float, default=0.0,
+                   help="stage 2: std of a per-image, per-channel constant added to the noise (see train_unet)")
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
@@ -367,7 +398,7 @@ def main(argv=None):
         if a.centre_latents:
             vae = centre_latents(out, scenes, imgs, a.seed)
         train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
-                   native_bf16() if a.bf16 is None else a.bf16)
+                   native_bf16() if a.bf16 is None else a.bf16, a.noise_offset)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 
