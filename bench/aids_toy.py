@@ -34,6 +34,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # issue #25: fewer sampler steps for the class images vs the prior they keep (own class folder each)
     "lora-prior-cls10": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=10"]),
     "lora-prior-cls15": ("toy/dreambooth-lora-prior-pre", ["class_generation_steps=15"]),
+    # offset noise in the fine-tune too, as toy recipe v5's stage 2 trained with it (toy/recipes/pretrain.train_unet)
+    "lora-prior-offset": ("toy/dreambooth-lora-prior-pre", ["noise_offset=0.1"]),
+    "lora-offset": ("toy/dreambooth-lora", ["noise_offset=0.1"]),
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
     "full-prior": ("toy/dreambooth-prior-pre", []),
@@ -109,10 +112,14 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[4242, 5000, 5001, 7001])
     p.add_argument("--images-per-prompt", type=int, default=8)
     p.add_argument("--model", default=None, help="every arm on this model (a candidate toy model's folder) instead of the variant's")
-    p.add_argument("--targets", action="store_true", help="check issue #24's targets (arms lora-prior and lora needed)")
+    p.add_argument("--targets", action="store_true", help="check issue #24's targets (the --target-arms needed)")
+    p.add_argument("--target-arms", nargs=2, default=["lora-prior", "lora"], choices=sorted(ARMS), metavar=("PRIOR", "NO_PRIOR"),
+                   help="the arms --targets reads: the shipped recipe's twins with and without prior preservation")
     p.add_argument("--eval-sampler", choices=["model", "dpm++"], default="model", help="toy eval's --sampler")
     p.add_argument("--eval-steps", type=int, default=25, help="toy eval's --steps")
     a = p.parse_args()
+    if a.targets and not set(a.target_arms) <= set(a.arms):
+        p.error(f"--targets reads arms {' and '.join(a.target_arms)}: add them to --arms")
     # the base model's scores depend on the subject only: the first arm of each subject scores them
     rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model, a.eval_sampler, a.eval_steps)
             for s in a.seeds for arm in a.arms}
@@ -126,8 +133,9 @@ def main() -> None:
     for (arm, s), r in rows.items():
         print(f"| {arm} | {s} | " + " | ".join(f"{pick(r, m):.3f}" if pick(r, m) is not None else "–" for m in METRICS) + " |")
     if a.targets:
-        print("\nissue #24's targets (toy/dreambooth-lora-prior-pre)\n")
-        for line, ok in targets({s: rows["lora-prior", s] for s in a.seeds}, {s: rows["lora", s] for s in a.seeds},
+        prior, no_prior = a.target_arms
+        print(f"\nissue #24's targets ({prior}, drift vs {no_prior})\n")
+        for line, ok in targets({s: rows[prior, s] for s in a.seeds}, {s: rows[no_prior, s] for s in a.seeds},
                                 {s: rows[a.arms[0], s] for s in a.seeds}):
             print(f"- {'PASS' if ok else 'FAIL'}: {line}")
 
