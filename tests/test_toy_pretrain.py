@@ -166,8 +166,14 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     sample = DDPMObjective.sample
     monkeypatch.setattr(DDPMObjective, "sample", lambda self, shape, g, offset=0.0: offsets.append(offset)
                         or sample(self, shape, g, offset))
-    assert pretrain.main(tiny + ["--unet-steps", "1", "--no-centre-latents", "--noise-offset", "0"]) == 0
-    assert offsets == [0.0]
+    from nanobooth.toy.recipes import denoiser
+
+    biased = []
+    later = denoiser.later_biased_timesteps
+    monkeypatch.setattr(denoiser, "later_biased_timesteps", lambda *a: biased.append(a[:4]) or later(*a))
+    assert pretrain.main(tiny + ["--unet-steps", "1", "--no-centre-latents", "--noise-offset", "0",
+                                 "--timestep-bias", "0", "1"]) == 0
+    assert offsets == [0.0] and biased == []
     args = json.loads((out / "args_all.json").read_text())
     assert args["vae_factor"] == 2 and args["unet_arch"] == "v5" and args["unet_steps"] == 1  # flags beat the recipe
     assert not (out / "vae_centred").exists()
@@ -179,7 +185,9 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     assert json.loads((out / "unet_ckpt" / "unet_config.json").read_text())["sample_size"] == 32
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0  # resumes the v5 UNet
     state = json.loads((out / "unet_ckpt" / "state.json").read_text())
-    assert state["step"] == 2 and state["noise_offset"] == 0.1 and offsets == [0.0, 0.1]  # the recipe's offset
+    assert state["step"] == 2 and state["noise_offset"] == 0.1 and offsets == [0.0, 0.1]  # the recipe's objective
+    assert (state["timestep_bias_portion"], state["timestep_bias_multiplier"]) == (0.15, 3.0)
+    assert biased == [(1000, 2, 0.15, 3.0)]
     # stage 1e: the recipe's default centres the latents (zero channel means over the data); stage 2
     # continues on them, and history.json says where the latent space changed under it
     from diffusers import AutoencoderKL
@@ -196,7 +204,8 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
         assert torch.allclose(vae.decode(centred[:2]).sample, before, atol=1e-2)
     centring, offset = json.loads((out / "history.json").read_text())
     assert "steps 0-1 on uncentred latents (vae_refined_dec)" in centring and "continued from step 1 on centred ones" in centring
-    assert "up to step 1 with noise offset 0;" in offset and "from step 1 with noise offset 0.1" in offset
+    assert "up to step 1 with noise_offset 0, timestep_bias_portion 0, timestep_bias_multiplier 1;" in offset
+    assert "from step 1 with noise_offset 0.1, timestep_bias_portion 0.15, timestep_bias_multiplier 3" in offset
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]
@@ -234,3 +243,14 @@ def test_resuming_with_another_architecture_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--vae-factor 4 --unet-arch v4" in err and "args_all.json" in err
     assert sorted(p.name for p in out.iterdir()) == ["args_all.json"]  # nothing rendered, nothing overwritten
+
+
+def test_later_biased_timesteps_weight_the_noisiest_portion():
+    from nanobooth.toy.recipes.denoiser import later_biased_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    t = later_biased_timesteps(1000, 20000, 0.15, 3.0, g)
+    assert t.min() >= 0 and t.max() <= 999
+    # 150 of 1000 timesteps at weight 3: 450 / (850 + 450) = 34.6% of the draws, vs 15% uniform
+    assert abs((t >= 850).float().mean().item() - 450 / 1300) < 0.01
+    assert abs((later_biased_timesteps(1000, 20000, 0.15, 1.0, g) >= 850).float().mean().item() - 0.15) < 0.01

@@ -58,6 +58,9 @@ class Stage:
     """Min-SNR-gamma weights (DDPM objectives only)."""
     noise_offset: float = 0.0
     """Std of a per-image, per-channel constant added to the noise (Objective.sample; DDPM objectives)."""
+    timestep_bias: tuple[float, float] = (0.0, 1.0)
+    """(portion, multiplier): the last `portion` of a DDPM objective's timesteps (the noisiest) drawn `multiplier`
+    times as often (diffusers' --timestep_bias_strategy later, later_biased_timesteps); (0, 1): uniform."""
     configs: dict = field(default_factory=dict)
     """File name -> dict, written as json into every checkpoint (what export rebuilds a module from)."""
     state: dict = field(default_factory=dict)
@@ -81,6 +84,15 @@ def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
     if u < 0.40:
         return world.caption(spec, scene=False)
     return world.caption(spec)
+
+
+def later_biased_timesteps(num_timesteps: int, n: int, portion: float, multiplier: float,
+                           generator: torch.Generator) -> torch.Tensor:
+    """n timesteps in [0, num_timesteps) with the last `portion` of them `multiplier` times as likely as the rest,
+    as diffusers' generate_timestep_weights (strategy "later") weights them (train_text_to_image_sdxl.py)."""
+    weights = torch.ones(num_timesteps)
+    weights[num_timesteps - int(portion * num_timesteps):] *= multiplier
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
 def named_parameters(modules: dict) -> dict:
@@ -170,6 +182,8 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
             it = torch.from_numpy(idx)
             z = fam.latents_from_vae(mean[it].float() + std[it].float() * torch.randn(mean[it].shape, generator=g), vae_config)
             noise, t = obj.sample(z.shape, g, stage.noise_offset)
+            if stage.timestep_bias[0] > 0:
+                t = later_biased_timesteps(obj.scheduler.config.num_train_timesteps, len(t), *stage.timestep_bias, g)
             for pg in opt.param_groups:
                 pg["lr"] = lr_at(step, steps, lr)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
