@@ -194,11 +194,9 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
                                   "centre_recon_mse": mse, "centre_scaling_factor": vae.config.scaling_factor})
     state = out / "unet_ckpt" / "state.json"
     if state.is_file():
-        history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
         step = json.loads(state.read_text())["step"]
-        write_json(out / "history.json", history + [
-            f"stage 2 trained steps 0-{step} on uncentred latents ({src.name}); stage 1e (centred latents) "
-            f"was added to the recipe then, and stage 2 continued from step {step} on centred ones"])
+        add_history(out, f"stage 2 trained steps 0-{step} on uncentred latents ({src.name}); stage 1e (centred latents) "
+                         f"was added to the recipe then, and stage 2 continued from step {step} on centred ones")
     log.info("stage 1e: latents centred (raw channel means %s), scaling_factor %.4f, recon mse %.5f",
              [round(v, 3) for v in mu.tolist()], vae.config.scaling_factor, mse)
     return vae
@@ -223,7 +221,7 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     drawn 3x as often (35% of each batch). That is where a sample's scene and colours are settled, and where
     the UNet must learn them from the caption rather than off x_T: 376 steps of offset noise alone left v5's
     first-step x0 prediction for "at night" at the same channel means as for "on the beach" (-0.14, -0.09 vs
-    -0.11, -0.03 at t=961), where v4's differ by 3 (-3.14 vs 2.60 on channel 0, guidance 4)."""
+    -0.11, -0.03 at t=961), where v4's differ by 5.7 on channel 0 (-3.14 vs 2.60, guidance 4)."""
     from diffusers import DDPMScheduler
 
     from nanobooth.families import FAMILIES, DDPMObjective
@@ -267,10 +265,22 @@ def note_objective_change(out: Path, settings: dict) -> None:
     line = (f"stage 2 trained up to step {st['step']} with " + ", ".join(f"{k} {was[k]:g}" for k in changed)
             + f"; the recipe changed then, and stage 2 continued from step {st['step']} with "
             + ", ".join(f"{k} {settings[k]:g}" for k in changed))
-    history = json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
-    if line not in history:  # a stop before the next checkpoint resumes here again
-        write_json(out / "history.json", history + [line])
+    if add_history(out, line):  # False: a stop before the next checkpoint resumed here again
         log.info("stage 2: %s (history.json)", line)
+
+
+def read_history(out: Path) -> list[str]:
+    """history.json: how a run's weights were actually reached, where that differs from one run of the defaults."""
+    return json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+
+
+def add_history(out: Path, line: str) -> bool:
+    """Append `line` to history.json unless it is there already; whether it was added."""
+    history = read_history(out)
+    if line in history:
+        return False
+    write_json(out / "history.json", history + [line])
+    return True
 
 
 # -------------------------------------------------------------------- export
@@ -311,7 +321,7 @@ def save_pipeline(pipe, dest: Path, out: Path, stage: str, use_ema: bool, note: 
         f"{stage}_steps": state["step"], "ema": use_ema, "timings": timings(out),
         "world": {"classes": world.CLASSES, "colours": world.COLOURS, "scenes": world.SCENES}, "note": note,
         # how the shipped weights were actually reached, where that differs from one run of the defaults
-        **({"history": json.loads((out / "history.json").read_text())} if (out / "history.json").exists() else {}),
+        **({"history": history} if (history := read_history(out)) else {}),
     }, indent=2))
     log.info("exported the %s stage (step %d) to %s", stage, state["step"], dest)
 
