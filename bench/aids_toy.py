@@ -7,7 +7,7 @@ and one row per (arm, subject). Runs already scored are reused, so an interrupte
     python bench/aids_toy.py --out /tmp/aids --seeds 4242 5000 5001 7001
     python bench/aids_toy.py --out /tmp/aids --arms lora-prior dora-prior --seeds 4242
     python bench/aids_toy.py --out /tmp/v5 --model toy_v5_export --arms lora-prior lora full-prior --targets --seeds ...
-    python bench/aids_toy.py --out /tmp/v5 ... --eval-sampler dpm++ --eval-steps 15   # the same runs, another eval
+    python bench/aids_toy.py --out /tmp/v5 ... --eval-sampler model --eval-steps 25   # the same runs, scored at DDIM 25
 
 Every arm shares one class-image folder per subject (same base, class prompt and resolution: the
 provenance check allows it), so class images are generated once per subject, not once per arm.
@@ -74,7 +74,7 @@ def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int) -> d
 
 
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
-          sampler: str = "model", steps: int = 25) -> dict:
+          sampler: str = "dpm++", steps: int = 15) -> dict:
     variant, overrides = ARMS[arm]
     overrides = overrides + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
@@ -115,8 +115,9 @@ def main() -> None:
     p.add_argument("--targets", action="store_true", help="check issue #24's targets (the --target-arms needed)")
     p.add_argument("--target-arms", nargs=2, default=["lora-prior", "lora"], choices=sorted(ARMS), metavar=("PRIOR", "NO_PRIOR"),
                    help="the arms --targets reads: the shipped recipe's twins with and without prior preservation")
-    p.add_argument("--eval-sampler", choices=["model", "dpm++"], default="model", help="toy eval's --sampler")
-    p.add_argument("--eval-steps", type=int, default=25, help="toy eval's --steps")
+    p.add_argument("--eval-sampler", choices=["model", "dpm++"], default="dpm++",
+                   help="toy eval's --sampler (dpm++: its default on the UNet; model for the FLUX twin)")
+    p.add_argument("--eval-steps", type=int, default=15, help="toy eval's --steps (15: its default for dpm++)")
     a = p.parse_args()
     if a.targets and not set(a.target_arms) <= set(a.arms):
         p.error(f"--targets reads arms {' and '.join(a.target_arms)}: add them to --arms")

@@ -31,7 +31,11 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert (run / "toy_eval.png").is_file() and str(run / "toy_eval.png") in out  # base vs tuned, side by side
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
     assert "4 class images, 4 LoRA steps" in out
-    assert res["settings"]["sampler"] == "model"
+    # toy eval's default on the UNet: 15 DPM-Solver++ steps (toy/evaluate.EVAL_STEPS), as the demo's estimate counts
+    assert (res["settings"]["sampler"], res["settings"]["steps"]) == ("dpm++", 15)
+    from nanobooth import demo
+    from nanobooth.toy.evaluate import EVAL_STEPS
+    assert demo.EVAL_STEPS == {"toy": EVAL_STEPS["dpm++"], "toy-flux": EVAL_STEPS["model"]}
     assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1",
                  "--sampler", "dpm++", "--steps", "10"]) == 0
     settings = json.loads((run / "toy_eval.json").read_text())["settings"]

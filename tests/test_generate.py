@@ -36,10 +36,14 @@ def test_dpm_sampler_is_a_copy_that_samples_differently_and_flow_matching_is_ref
     assert dpm.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule  # the model's noise schedule
     a, b = (render(p, ["a sks dog"], num_images=1, seed=3, steps=3)[0][0] for p in (pipe, dpm))
     assert np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).max() > 0
+    flux = load_pipeline(str(tiny_flux_model))
     with pytest.raises(ModelError, match="flow matching.*--sampler model"):
-        with_sampler(load_pipeline(str(tiny_flux_model)), "dpm++")
+        with_sampler(flux, "dpm++")
     with pytest.raises(ValueError, match="model, dpm\\+\\+"):
         with_sampler(pipe, "euler")
+    # auto: DPM-Solver++ for the DDPM model, the flow-matching model's own Euler
+    assert type(with_sampler(pipe, "auto").scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert with_sampler(flux, "auto") is flux
 
 def _unet_batches(pipe):
     sizes = []

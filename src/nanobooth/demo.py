@@ -17,8 +17,9 @@ from .core.data import read_subject_meta
 
 log = logging.getLogger("nanobooth")
 
-# toy eval's defaults (toy/evaluate.py): images per prompt, sampler steps
-EVAL_IMAGES, EVAL_STEPS = 4, 25
+# toy eval's defaults (toy/evaluate.py): images per prompt; sampler steps per model (DPM-Solver++ on the UNet,
+# the FLUX twin's own Euler: toy/evaluate.EVAL_STEPS)
+EVAL_IMAGES, EVAL_STEPS = 4, {"toy": 15, "toy-flux": 25}
 
 
 def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
@@ -39,7 +40,7 @@ def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
         out["sample grids"] = (renders * len(cfg.validation_prompts) * cfg.num_validation_images
                                * cfg.validation_inference_steps * guided)
     # toy eval: base and tuned model, each "sks <noun>", one prompt per scene and the plain class prompt
-    out["toy eval"] = 2 * (2 + n_scenes) * EVAL_IMAGES * EVAL_STEPS * guided
+    out["toy eval"] = 2 * (2 + n_scenes) * EVAL_IMAGES * EVAL_STEPS.get(cfg.model, 25) * guided
     return out
 
 

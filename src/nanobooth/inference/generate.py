@@ -90,20 +90,35 @@ def _cfg_cutoff(steps: int, fraction: float):
     return callback
 
 
-SAMPLERS = ("model", "dpm++")
+SAMPLERS = ("model", "dpm++", "auto")
+
+
+def _flow_matching(pipe) -> bool:
+    return "FlowMatch" in type(pipe.scheduler).__name__
+
+
+def resolve_sampler(pipe, sampler: str) -> str:
+    """The sampler `with_sampler` uses for `pipe`: "auto" is "dpm++" for a DDPM model (SD, SDXL, the toy UNet) and
+    "model" for a flow-matching one (FLUX, SD3), whose Euler sampler is its own; "model" and "dpm++" stay as they
+    are. Raises ValueError for another name."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if sampler == "auto":
+        return "model" if _flow_matching(pipe) else "dpm++"
+    return sampler
 
 
 def with_sampler(pipe, sampler: str = "model"):
     """`pipe` sampling with `sampler`: "model" returns the pipeline itself (its own scheduler); "dpm++" a copy
     sharing its modules, with DPM-Solver++ 2M (diffusers' DPMSolverMultistepScheduler; Lu et al. 2022,
-    arXiv:2211.01095) built from its scheduler's config, so the caller's pipeline keeps its sampler. On the toy
-    model 10-15 DPM++ steps score like 25 DDIM steps (docs/evaluation.md). Raises ModelError for a
-    flow-matching pipeline (FLUX, SD3: their Euler sampler is the model's own) and ValueError for another name."""
+    arXiv:2211.01095) built from its scheduler's config, so the caller's pipeline keeps its sampler; "auto" the
+    one `resolve_sampler` picks. On the toy model 10-15 DPM++ steps score like 25 DDIM steps (docs/evaluation.md).
+    Raises ModelError for "dpm++" on a flow-matching pipeline (FLUX, SD3: their Euler sampler is the model's own)
+    and ValueError for another name."""
+    sampler = resolve_sampler(pipe, sampler)
     if sampler == "model":
         return pipe
-    if sampler != "dpm++":
-        raise ValueError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    if "FlowMatch" in type(pipe.scheduler).__name__:
+    if _flow_matching(pipe):
         raise ModelError(f"sampler dpm++: {type(pipe).__name__} samples by flow matching ({type(pipe.scheduler).__name__}), "
                          "which DPM-Solver++ for DDPM models does not; use --sampler model (its own Euler sampler)")
     from diffusers import DPMSolverMultistepScheduler

@@ -47,9 +47,11 @@ def add_parser(sub) -> None:
     e.add_argument("--images-per-prompt", type=_at_least_two, default=4,
                    help="images per prompt (at least 2: diversity compares the subject's images pairwise)")
     e.add_argument("--seed", type=int, default=1234)
-    e.add_argument("--steps", type=int, default=25, help="sampler steps per image")
-    e.add_argument("--sampler", choices=["model", "dpm++"], default="model",  # inference.generate.SAMPLERS (torch-free here)
-                   help="the model's own sampler (DDIM for the toy UNet) or DPM-Solver++ 2M (UNet models only)")
+    e.add_argument("--steps", type=int, default=None,
+                   help="sampler steps per image (default: 15 for dpm++, 25 for the model's own)")
+    e.add_argument("--sampler", choices=["auto", "model", "dpm++"], default="auto",  # inference.generate.SAMPLERS (torch-free here)
+                   help="the model's own sampler (DDIM for the toy UNet, Euler for the FLUX twin), DPM-Solver++ 2M "
+                        "(UNet models only), or auto: DPM-Solver++ where the model allows it (default)")
     e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
     e.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance; default: the run's validation_guidance_cutoff")
