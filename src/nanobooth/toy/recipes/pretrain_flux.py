@@ -171,7 +171,9 @@ def main(argv=None):
     p.add_argument("--base", default="toy_pretrain", help="the UNet recipe's run folder: data, captions, latents, VAE")
     p.add_argument("--out", default="toy_flux", help="this run's folder (checkpoints, timings); re-run to resume")
     p.add_argument("--seed", type=int, default=0, help="batches, noise and noise levels are a function of (seed, step)")
-    p.add_argument("--steps", type=int, default=9000, help="optimizer steps (the UNet recipe v5's stage 2 count)")
+    # two thirds of the UNet's stage 2 (9000), for CPU time: 2.7 s a step on 2 AVX2 threads (docs/performance.md),
+    # 4.6 h; its rectified flow ends at pure noise, so it has no terminal-SNR leak to unlearn as stage 2 had
+    p.add_argument("--steps", type=int, default=6000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="images a step")
     p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW lr (100 warm-up steps, cosine to a tenth)")
     p.add_argument("--threads", type=int, default=1,
