@@ -227,9 +227,12 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
     assert set(work) == {"training", "class images", "sample grids", "toy eval"}
     # 300 steps x (2 instance + 2 class images) x (forward + backward = 3 forwards)
     assert work["training"] == 300 * 4 * 3
-    assert work["class images"] == 50 * 25 * 2  # guided: two forwards per step
+    assert work["class images"] == 50 * 10 * 2  # the toy variants' 10 steps, guided: two forwards per step
+    # base and tuned model x (subject + 5 scenes + class prompts) x 4 images x 15 DPM++ steps x 1.5 forwards (guidance
+    # on the first half of the steps)
+    assert work["toy eval"] == 2 * 7 * 4 * 15 * 1.5
     slow, fast = plan(cfg, 5, 0.05), plan(cfg, 5, 0.005)
-    assert "about 8 min" in slow and "about 64 s" in fast and "300 LoRA steps" in slow
+    assert "about 6 min" in slow and "about 52 s" in fast and "300 LoRA steps" in slow
 
 
 def test_demo_plan_counts_only_the_class_images_the_cache_lacks(tmp_path):
@@ -244,7 +247,7 @@ def test_demo_plan_counts_only_the_class_images_the_cache_lacks(tmp_path):
     folder.mkdir(parents=True)
     for i in range(30):  # an earlier run of this class made 30 of the 50
         Image.new("RGB", (8, 8)).save(folder / f"class-{i:05d}.png")
-    assert unet_evaluations(cfg, n_scenes=5)["class images"] == 20 * 25 * 2
+    assert unet_evaluations(cfg, n_scenes=5)["class images"] == 20 * 10 * 2
 
 
 def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsys):
@@ -259,7 +262,7 @@ def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(train, "train", interrupted)
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 130
     out = capsys.readouterr().out
-    assert "demo: a new toy subject" in out and "demo: about 3 min on this machine" in out
+    assert "demo: a new toy subject" in out and "demo: about 2 min on this machine" in out
 
 
 def test_output_piped_into_head_ends_without_a_traceback():

@@ -71,7 +71,7 @@ def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, cap
     first = capsys.readouterr().out
     demo_mod.demo(str(tmp_path / "demo"))
     second = capsys.readouterr().out
-    assert "class images ~25 s" in first  # 50 images x 25 steps x 2 forwards x 0.01 s
+    assert "class images ~10 s" in first  # 50 images x 10 steps (the toy variants' class_generation_steps) x 2 forwards x 0.01 s
     assert "class images ~0 s" in second
 
 
