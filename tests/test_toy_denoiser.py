@@ -5,12 +5,14 @@ import os
 import shutil
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import TOY_V5_FLAGS
 from nanobooth import cli as nanobooth_cli
+from nanobooth.toy import world
 from nanobooth.toy.recipes import autoencoder, denoiser, pretrain, pretrain_flux
 
 
@@ -161,3 +163,14 @@ def test_the_recipes_take_bf16_from_the_cpu_unless_told(native, toy_v5_base, tmp
         run_unet(toy_v5_base, tmp_path / f"unet{len(seen)}", 2, flag)
         run_flux(toy_v5_base, tmp_path / f"flux{len(seen)}", 2, flag)
     assert seen == [native, native, True, True, False, False]
+
+
+def test_patterned_weight_draws_patterned_objects_more_often():
+    plain = [world.sample_spec(np.random.default_rng(i)) for i in range(30)]
+    specs = plain + [world.sample_patterned_spec(np.random.default_rng(i)) for i in range(10)]
+    assert denoiser.draw_probabilities(specs, 1.0) is None  # rng.choice's draws as before the option
+    p = denoiser.draw_probabilities(specs, 3.0)
+    assert p.sum() == pytest.approx(1.0) and p[30] == pytest.approx(3 * p[0]) and p[0] == pytest.approx(p[29])
+    rng = np.random.default_rng(0)
+    share = np.mean([(rng.choice(40, 8, replace=False, p=p) >= 30).mean() for _ in range(400)])
+    assert 0.4 < share < 0.55  # a quarter of the images, drawn as about half of each batch (uniform: 0.25)

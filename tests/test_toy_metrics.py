@@ -186,3 +186,36 @@ def test_reference_scores_the_subject_through_the_given_vae():
     wiped, _ = reference(FakeVAE(True), subject, inst, probe, n=4, seed=0)
     assert len(imgs) == 4 and exact["subject_identity"] >= 0.6 and exact["subject_in_context"] >= 0.6
     assert wiped["subject_identity"] == 0.0 and wiped["subject_fidelity"] < exact["subject_fidelity"] - 0.2
+
+
+def test_described_subject_accuracy_reads_each_subject_against_its_own_description(monkeypatch):
+    # the model draws each description (the render stand-in records the prompt behind every image), and the probe
+    # stand-in reads chosen attributes wrong: the rates must follow, subject by subject, attribute by attribute
+    from nanobooth.inference import generate
+
+    subjects = [world.make_subject(s) for s in range(1000, 1004)]
+    drawn, calls = {}, []
+
+    def fake_render(pipe, prompts, n, seed, steps, guidance, guidance_cutoff=1.0):
+        calls.append((prompts, n, steps, guidance, guidance_cutoff))
+        rows = [[solid((i, j, 0)) for j in range(n)] for i in range(len(prompts))]
+        drawn.update({id(im): prompts[i] for i, row in enumerate(rows) for im in row})
+        return rows
+
+    wrong = {0: {"pattern"}, 1: {"pattern", "mark"}, 2: set(), 3: {"mark"}}  # subject index -> misread attributes
+
+    class Probe:
+        def predict(self, images):
+            out = {"class": [], "pattern": [], "mark": []}
+            for im in images:
+                i = [world.described_caption(s) for s in subjects].index(drawn[id(im)])
+                for k, key in metrics.IDENTITY.items():
+                    out[k].append("misread" if k in wrong[i] else getattr(subjects[i], key))
+            return out
+
+    monkeypatch.setattr(generate, "render", fake_render)
+    monkeypatch.setattr(generate, "with_sampler", lambda pipe, sampler: pipe)
+    monkeypatch.setattr(metrics, "_pipeline", lambda d: None)
+    acc = metrics.described_subject_accuracy(subject_seeds=range(1000, 1004), images_per_subject=3, probe=Probe())
+    assert calls == [([world.described_caption(s) for s in subjects], 3, 15, 4.0, 0.5)]  # toy eval's sampling
+    assert (acc["class"], acc["pattern"], acc["mark"], acc["identity"], acc["n"]) == (1.0, 0.5, 0.5, 0.25, 12)

@@ -206,6 +206,13 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     assert "steps 0-1 on uncentred latents (vae_refined_dec)" in centring and "continued from step 1 on centred ones" in centring
     assert "up to step 1 with noise_offset 0, timestep_bias_portion 0, timestep_bias_multiplier 1;" in offset
     assert "from step 1 with noise_offset 0.1, timestep_bias_portion 0.15, timestep_bias_multiplier 3" in offset
+    assert state["patterned_weight"] == 3.0 and "patterned_weight" not in offset  # the recipe's, from step 0
+    # a resume with other draws continues with them, and says so
+    assert pretrain.main(tiny + ["--unet-steps", "3", "--patterned-weight", "1"]) == 0
+    assert json.loads((out / "unet_ckpt" / "state.json").read_text())["patterned_weight"] == 1.0
+    assert json.loads((out / "history.json").read_text())[2] == (
+        "stage 2 trained up to step 2 with patterned_weight 3; the recipe changed then, and stage 2 continued from "
+        "step 2 with patterned_weight 1")
     assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "model")]) == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), torch_dtype=torch.float32)
     assert pipe.vae_scale_factor == 2 and pipe.unet.config.block_out_channels == [32, 96, 160, 192]
@@ -254,3 +261,4 @@ def test_later_biased_timesteps_weight_the_noisiest_portion():
     # 150 of 1000 timesteps at weight 3: 450 / (850 + 450) = 34.6% of the draws, vs 15% uniform
     assert abs((t >= 850).float().mean().item() - 450 / 1300) < 0.01
     assert abs((later_biased_timesteps(1000, 20000, 0.15, 1.0, g) >= 850).float().mean().item() - 0.15) < 0.01
+

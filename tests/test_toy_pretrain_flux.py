@@ -1,6 +1,8 @@
 """The toy FLUX twin's recipe (toy/recipes/pretrain_flux.py) at toy scale: its tokenizer covers the world, and
 what it exports (its resume: test_toy_denoiser.py) is a FluxPipeline that samples as the family trains it."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,8 @@ def test_twin_exports_a_flux_pipeline_that_samples_as_trained(toy_v5_base, tmp_p
     assert pretrain.vae_dir(base).name == "vae_centred"  # recipe v5's: its latents have zero channel means
     assert torch.allclose(pipe.vae.quant_conv.bias, shipped.quant_conv.bias.half().float())
     assert pipe.vae_scale_factor == 2 and pipe.tokenizer_2.model_max_length == pretrain_flux.T5_LENGTH
+    # the twin draws its batches as the base run's stage 2 does (recipe v5: patterned objects 3x as often)
+    assert json.loads((a / "flux_ckpt" / "state.json").read_text())["patterned_weight"] == 3.0
     ema = load_file(str(a / "flux_ckpt" / "ema.safetensors"))
     assert torch.equal(pipe.transformer.proj_out.weight, ema["transformer.proj_out.weight"].half().float())  # EMA weights ship
     kw = FAMILIES["FluxPipeline"].sampling_kwargs(pipe, 1, 4.0)

@@ -111,6 +111,13 @@ def test_write_subject(tmp_path):
     assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
 
 
+def test_described_caption_names_the_subject_as_pretraining_captions_do():
+    s = world.make_subject(7)
+    words = f"{s.colour1} and {s.colour2} {world.PATTERN_WORDS[s.pattern]} {s.cls} with {world.MARK_WORDS[s.mark]}"
+    assert world.described_caption(s) == f"a photo of a {words}"
+    assert world.described_caption(s, "at night") == f"a photo of a {words} at night"
+
+
 # ------------------------------------------------- recipe v5: patterned, marked objects in pretraining
 def test_patterned_captions_name_colours_pattern_and_mark_together():
     s = Spec("cube", "red", "on grass", 16, 32, 32, colour2="blue", pattern="stripes", scale=2.0, mark="eye")

@@ -392,6 +392,13 @@ def render_subject(subject: Subject, pose: int | np.random.Generator = 0, scene:
     )
 
 
+def described_caption(subject: Subject, scene: str | None = None) -> str:
+    """The subject in the words of recipe v5's pretraining captions ("a photo of a red and blue striped cube with an
+    eye"): what the base model can be asked to draw of it without an identifier (metrics.described_subject_accuracy)."""
+    return caption(Spec(subject.cls, subject.colour1, scene, 0.0, 0.0, 0.0, colour2=subject.colour2,
+                        pattern=subject.pattern, mark=subject.mark))
+
+
 def subject_caption(subject: Subject, scene: str | None = None, identifier: str = IDENTIFIER) -> str:
     return f"a photo of a {identifier} {subject.cls}" + (f" {scene}" if scene else "")
 

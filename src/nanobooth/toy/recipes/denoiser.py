@@ -61,6 +61,9 @@ class Stage:
     timestep_bias: tuple[float, float] = (0.0, 1.0)
     """(portion, multiplier): the last `portion` of a DDPM objective's timesteps (the noisiest) drawn `multiplier`
     times as often (diffusers' --timestep_bias_strategy later, later_biased_timesteps); (0, 1): uniform."""
+    patterned_weight: float = 1.0
+    """Images of patterned or marked objects (world.Spec.pattern set) drawn this many times as often as the rest
+    (draw_probabilities); 1: every image alike, the draws of runs from before this option."""
     configs: dict = field(default_factory=dict)
     """File name -> dict, written as json into every checkpoint (what export rebuilds a module from)."""
     state: dict = field(default_factory=dict)
@@ -84,6 +87,16 @@ def training_caption(spec: world.Spec, rng: np.random.Generator) -> str:
     if u < 0.40:
         return world.caption(spec, scene=False)
     return world.caption(spec)
+
+
+def draw_probabilities(specs: list, patterned_weight: float) -> np.ndarray | None:
+    """Per-image probabilities of a batch draw: patterned/marked objects `patterned_weight` times as likely as
+    the rest. None for 1.0, so that rng.choice draws exactly as it did before the option existed (a resumed
+    run from then continues bit-exactly)."""
+    if patterned_weight == 1.0:
+        return None
+    w = np.array([patterned_weight if s.pattern is not None else 1.0 for s in specs])
+    return w / w.sum()
 
 
 def later_biased_timesteps(num_timesteps: int, n: int, portion: float, multiplier: float,
@@ -170,13 +183,14 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
         m.train()
     denoiser = next(iter(stage.modules.values()))
     fam, obj, n = stage.family, stage.objective, len(mean)
+    draw_p = draw_probabilities(specs, stage.patterned_weight)
     t0 = last = time.time()
     ema_loss = None
     bar = tqdm(total=steps, initial=step, desc=stage.name, mininterval=15)
     with checkpointed_loop():
         while step < steps:
             rng = np.random.default_rng([seed, stage.stream, step])
-            idx = rng.choice(n, batch, replace=False)
+            idx = rng.choice(n, batch, replace=False, p=draw_p)
             caps = [training_caption(specs[i], rng) for i in idx]
             g = torch.Generator().manual_seed(seed * 1_000_003 + stage.noise_seed + step)
             it = torch.from_numpy(idx)

@@ -204,7 +204,7 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
                arch: str = "v4", bf16: bool = False, noise_offset: float = 0.0,
-               timestep_bias: tuple[float, float] = (0.0, 1.0)):
+               timestep_bias: tuple[float, float] = (0.0, 1.0), patterned_weight: float = 1.0):
     """UNet + CLIP text encoder by SD's objective (epsilon, min-SNR-5 weights: the same optimum, markedly faster
     convergence in short runs), in the shared stage-2 loop (denoiser.train).
 
@@ -221,7 +221,13 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     drawn 3x as often (35% of each batch). That is where a sample's scene and colours are settled, and where
     the UNet must learn them from the caption rather than off x_T: 376 steps of offset noise alone left v5's
     first-step x0 prediction for "at night" at the same channel means as for "on the beach" (-0.14, -0.09 vs
-    -0.11, -0.03 at t=961), where v4's differ by 5.7 on channel 0 (-3.14 vs 2.60, guidance 4)."""
+    -0.11, -0.03 at t=961), where v4's differ by 5.7 on channel 0 (-3.14 vs 2.60, guidance 4).
+
+    patterned_weight (recipe v5: 3.0, denoiser.draw_probabilities): patterned/marked objects drawn 3x as often, half
+    of each batch instead of a quarter. What limits DreamBooth on v5 at 9000 steps with uniform draws was the base
+    model's patterns: drawing 40 described subjects ("a photo of a red and blue striped cube with an eye"), the
+    probe read the class right 100% of the time, the mark 63%, the pattern 31% (metrics.described_subject_accuracy;
+    docs/evaluation.md)."""
     from diffusers import DDPMScheduler
 
     from nanobooth.families import FAMILIES, DDPMObjective
@@ -239,16 +245,19 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
                            DDPMObjective(DDPMScheduler(**SD_BETAS, prediction_type="epsilon")),
                            {"unet": unet, "text_encoder": te}, encode, stream=2, noise_seed=7, snr_gamma=5.0,
                            noise_offset=noise_offset, timestep_bias=tuple(timestep_bias),
+                           patterned_weight=patterned_weight,
                            configs={"unet_config.json": dict(unet.config)},  # what export rebuilds
-                           state=objective_settings(noise_offset, timestep_bias))
+                           state=objective_settings(noise_offset, timestep_bias, patterned_weight))
     note_objective_change(out, stage.state)
     denoiser.train(out, stage, specs, mean, std, dict(vae.config), seed, steps, batch, ckpt_s, lr, bf16)
 
 
-def objective_settings(noise_offset: float = 0.0, timestep_bias: tuple[float, float] = (0.0, 1.0)) -> dict:
-    """Stage 2's objective options as its checkpoints record them (checkpoints from before an option: its default)."""
+def objective_settings(noise_offset: float = 0.0, timestep_bias: tuple[float, float] = (0.0, 1.0),
+                       patterned_weight: float = 1.0) -> dict:
+    """Stage 2's objective and data options as its checkpoints record them (checkpoints from before an option: its
+    default)."""
     return {"noise_offset": noise_offset, "timestep_bias_portion": timestep_bias[0],
-            "timestep_bias_multiplier": timestep_bias[1]}
+            "timestep_bias_multiplier": timestep_bias[1], "patterned_weight": patterned_weight}
 
 
 def note_objective_change(out: Path, settings: dict) -> None:
@@ -337,11 +346,11 @@ RECIPES = {
     # marked objects in the world the captions describe, so the base model already draws what subjects
     # are made of; stage 1b is dropped (1c and 1d cover it). Measured: the autoencoder stages 1.4 h on 2
     # threads of an AVX2 EPYC; stage 2 ~2.7 s a step on 1 thread of an AVX-512 EPYC (bf16), 3.5 s on 2
-    # threads of the AVX2 one (fp32), so 9000 steps are 7-9 h. Centred latents and offset noise: see
-    # centre_latents and train_unet.
+    # threads of the AVX2 one (fp32), so 12000 steps are 9-12 h. Centred latents, offset noise and patterned
+    # objects drawn 3x as often: see centre_latents and train_unet.
     "v5": dict(vae_factor=2, unet_arch="v5", n_patterned=12000, decoder_steps=0, vae_refine_steps=800,
-               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=9000, threads=1, centre_latents=True,
-               noise_offset=0.1, timestep_bias=(0.15, 3.0)),
+               vae_refine_subjects=1500, decoder_refine_steps=300, unet_steps=12000, threads=1, centre_latents=True,
+               noise_offset=0.1, timestep_bias=(0.15, 3.0), patterned_weight=3.0),
 }
 
 
@@ -380,6 +389,8 @@ def main(argv=None):
                    help="stage 2: std of a per-image, per-channel constant added to the noise (see train_unet)")
     p.add_argument("--timestep-bias", type=float, nargs=2, default=(0.0, 1.0), metavar=("PORTION", "MULTIPLIER"),
                    help="stage 2: the noisiest PORTION of the timesteps drawn MULTIPLIER times as often (see train_unet)")
+    p.add_argument("--patterned-weight", type=float, default=1.0,
+                   help="stage 2: images of patterned/marked objects drawn this many times as often (see train_unet)")
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
@@ -428,7 +439,7 @@ def main(argv=None):
         if a.centre_latents:
             vae = centre_latents(out, scenes, imgs, a.seed)
         train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
-                   native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias)
+                   native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias, a.patterned_weight)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 

@@ -95,13 +95,15 @@ def load_vae(base: Path):
 
 
 def base_data(base: Path):
-    """The images, specs and cached latents of the UNet recipe's run folder `base`."""
+    """The images, specs and cached latents of the UNet recipe's run folder `base`, and the weight its stage 2
+    draws patterned objects with (args_all.json's patterned_weight; 1.0 for runs from before the option), so the
+    twin sees the same mix."""
     check_base(base)
     a = json.loads((base / "args_all.json").read_text())
     imgs, specs = load_or_render_data(base, a["n_images"], a["seed"], a["n_plain"], a.get("n_patterned", 0))
     vae = load_vae(base)
     mean, std = encode_latents(base, vae, imgs)
-    return vae, specs, mean, std
+    return vae, specs, mean, std, float(a.get("patterned_weight", 1.0))
 
 
 def check_base(base: Path) -> None:
@@ -123,7 +125,7 @@ def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: floa
     from nanobooth.families import FAMILIES
     from nanobooth.families.objective import FlowMatchObjective
 
-    vae, specs, mean, std = base_data(base)
+    vae, specs, mean, std, patterned_weight = base_data(base)
     clip_tok, t5_tok = make_tokenizer(), make_t5_tokenizer()
     torch.manual_seed(seed + 2)
     transformer, clip, t5 = make_transformer(), make_text_encoder(), make_t5(len(t5_tok))
@@ -140,7 +142,8 @@ def train(out: Path, base: Path, seed: int, steps: int, batch: int, ckpt_s: floa
         "flux", FAMILIES["FluxPipeline"],
         FlowMatchObjective(FlowMatchEulerDiscreteScheduler(**SCHEDULER), "logit_normal", resolution_shift=True),
         {"transformer": transformer, "text_encoder": clip, "text_encoder_2": t5}, encode,
-        stream=3, noise_seed=11, state={"base": str(base)})  # stream 3: the UNet recipe draws from stream 2
+        stream=3, noise_seed=11, patterned_weight=patterned_weight,  # stream 3: the UNet recipe draws from stream 2
+        state={"base": str(base), "patterned_weight": patterned_weight})
     denoiser.train(out, stage, specs, mean, std, dict(vae.config), seed, steps, batch, ckpt_s, lr, bf16)
 
 
