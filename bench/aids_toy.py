@@ -42,6 +42,12 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "full-prior": ("toy/dreambooth-prior-pre", []),
     "full": ("toy/dreambooth", []),
     "full-te": ("toy/dreambooth-finetune-text-encoder", []),
+    # tuning on toy model v5 (subjects 1-4, not the pre-registered ones): the LoRA twins at twice their lr, the full
+    # fine-tune at 2x / 5x its lr (tuned on v4, where it bound slower than LoRA already)
+    "lora-prior-lr2e3": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3"]),
+    "lora-lr2e3": ("toy/dreambooth-lora", ["learning_rate=2e-3"]),
+    "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4"]),
+    "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

@@ -25,7 +25,7 @@ def test_dataset_labels_match_the_world():
     assert mixed["pattern"].gt(0).all() and mixed["mark"].gt(0).all()
 
 
-def test_dataset_sends_a_share_through_the_vae(tiny_model):
+def test_dataset_sends_a_share_through_the_vae(tiny_model, tmp_path):
     """The probe learns to read past the decoder: with a VAE, about vae_frac of the images are its
     round trips (labels untouched), the rest are the plain renders; without one, nothing changes."""
     from nanobooth.toy.probe import load_vae
@@ -40,6 +40,9 @@ def test_dataset_sends_a_share_through_the_vae(tiny_model):
     alone = np.asarray(probe_mod.vae_roundtrip([plain[changed]], vae)[0]).astype(int)
     assert np.abs(np.asarray(mixed[changed]).astype(int) - alone).max() <= 1  # batch size may move float rounding
     assert load_vae("none") is None
+    vae.save_pretrained(tmp_path / "vae")  # a pretraining run's autoencoder folder: the same weights
+    alone_dir = load_vae(str(tmp_path / "vae"))
+    assert torch.equal(alone_dir.decoder.conv_out.weight, vae.decoder.conv_out.weight) and not alone_dir.training
 
 
 def test_save_load_roundtrip(tmp_path):

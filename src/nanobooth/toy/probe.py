@@ -229,9 +229,15 @@ def _cached_dataset(n: int, seed: int, cache: Path | None, vae=None, vae_tag: st
 
 def load_vae(model: str | None):
     """The autoencoder whose decoder the probe learns to read past: any model name `load_pipeline`
-    takes (default recipe: the shipped toy model), or None."""
+    takes (default recipe: the shipped toy model), an AutoencoderKL folder (a pretraining run's, e.g.
+    toy_v5/vae_refined_dec, so the probe trains while its UNet does), or None."""
     if model in (None, "none"):
         return None
+    config = Path(model) / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "AutoencoderKL":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(model).eval()
     from nanobooth.core.models import load_pipeline
 
     return load_pipeline(model, torch_dtype=torch.float32).vae.eval()

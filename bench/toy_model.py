@@ -1,0 +1,47 @@
+"""A candidate toy model's base-model readings (issue #24), before any DreamBooth: held-out composition and what it
+draws of described subjects, as one markdown table row per model.
+
+    nanobooth toy pretrain --recipe v5 --out toy_v5 --export /tmp/v5          # or --no-ema for the raw weights
+    python bench/toy_model.py /tmp/v5 src/nanobooth/assets/toy_model --captions 200 --threads 2
+
+composition: metrics.base_model_accuracy on --captions held-out (class, colour, scene) captions (DDIM 25, guidance
+7.5; #24's target: >= 0.9 each). described: metrics.described_subject_accuracy on 40 subjects, 2 images each
+(DPM-Solver++ 15, guidance 4 on the first half, as toy eval samples); its identity tracks what DreamBooth reaches
+on the model (docs/evaluation.md, toy model v5). Seconds are wall time on whatever the machine is doing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from nanobooth.toy import metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="+", help="pipeline folders (or 'toy': the shipped model)")
+    p.add_argument("--captions", type=int, default=200, help="held-out captions for the composition reading")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the readings here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    rows = {}
+    print("| model | class | colour | scene | described class | pattern | mark | identity | seconds |\n" + "|---" * 9 + "|")
+    for model in a.models:
+        t0 = time.perf_counter()
+        comp = metrics.base_model_accuracy(model, n_captions=a.captions)
+        desc = metrics.described_subject_accuracy(model)
+        rows[model] = {"composition": comp, "described": desc, "seconds": time.perf_counter() - t0}
+        print(f"| {model} | {comp['class']:.3f} | {comp['colour']:.3f} | {comp['scene']:.3f} | {desc['class']:.3f} | "
+              f"{desc['pattern']:.3f} | {desc['mark']:.3f} | {desc['identity']:.3f} | {rows[model]['seconds']:.0f} |",
+              flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
