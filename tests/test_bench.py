@@ -74,3 +74,15 @@ def test_aids_toy_reuses_a_runs_scores_only_at_the_same_eval_settings(tmp_path):
     # scores from before toy eval recorded its sampler were the model's own
     (tmp_path / "toy_eval.json").write_text(json.dumps({"settings": {"steps": 25, "images_per_prompt": 4}}))
     assert aids_toy.cached(tmp_path, 4, "model", 25) is not None
+
+
+def test_every_aids_toy_arm_is_a_packaged_variant_with_valid_overrides():
+    import aids_toy
+
+    from nanobooth.core.config import load_config
+
+    for arm, (variant, overrides) in aids_toy.ARMS.items():
+        cfg = load_config(variant, overrides)  # an unknown key or a bad value raises, naming it
+        for o in overrides:
+            key, value = o.split("=", 1)
+            assert str(getattr(cfg, key)).lower() == value.lower() or getattr(cfg, key) == float(value), arm
