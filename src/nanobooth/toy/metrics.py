@@ -157,7 +157,7 @@ def described_subject_accuracy(pipeline_dir=None, subject_seeds=range(1000, 1040
     captions' words ("a photo of a red and blue striped cube with an eye", world.described_caption), read by the
     probe. Returns the fraction of images whose class, pattern and mark read as the subject's, and "identity"
     (all three at once, as toy eval's subject_identity), with the settings. DreamBooth binds "sks" to what the
-    model can already draw, so identity here bounds what a fine-tune reaches: on v5 at 9000 steps the pre-registered
+    model can already draw, so identity here tracks what a fine-tune reaches: on v5 at 9000 steps the pre-registered
     subjects' described identity and their LoRA + prior identity correlate at 0.74 (docs/evaluation.md). Sampled as
     toy eval samples (DPM-Solver++ 15 steps, guidance 4 on the first half); `pipeline_dir` as base_model_accuracy's."""
     from nanobooth.inference.generate import render, with_sampler
