@@ -215,7 +215,13 @@ def test_described_subject_accuracy_reads_each_subject_against_its_own_descripti
 
     monkeypatch.setattr(generate, "render", fake_render)
     monkeypatch.setattr(generate, "with_sampler", lambda pipe, sampler: pipe)
-    monkeypatch.setattr(metrics, "_pipeline", lambda d: None)
+    class Pipe:  # stands for the sampler's copy of the model: its own progress bar must be off
+        def set_progress_bar_config(self, **kw):
+            self.bar = kw
+
+    pipe = Pipe()
+    monkeypatch.setattr(metrics, "_pipeline", lambda d: pipe)
     acc = metrics.described_subject_accuracy(subject_seeds=range(1000, 1004), images_per_subject=3, probe=Probe())
     assert calls == [([world.described_caption(s) for s in subjects], 3, 15, 4.0, 0.5)]  # toy eval's sampling
+    assert pipe.bar == {"disable": True}
     assert (acc["class"], acc["pattern"], acc["mark"], acc["identity"], acc["n"]) == (1.0, 0.5, 0.5, 0.25, 12)

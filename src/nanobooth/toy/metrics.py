@@ -165,6 +165,7 @@ def described_subject_accuracy(pipeline_dir=None, subject_seeds=range(1000, 1040
 
     probe = probe or load_probe()
     pipe = with_sampler(_pipeline(pipeline_dir), "dpm++")
+    pipe.set_progress_bar_config(disable=True)  # the sampler's copy has a bar of its own
     subjects = [world.make_subject(s) for s in subject_seeds]
     rows = render(pipe, [world.described_caption(s) for s in subjects], images_per_subject, seed, steps, guidance,
                   guidance_cutoff=guidance_cutoff)
