@@ -215,6 +215,7 @@ def test_described_subject_accuracy_reads_each_subject_against_its_own_descripti
 
     monkeypatch.setattr(generate, "render", fake_render)
     monkeypatch.setattr(generate, "with_sampler", lambda pipe, sampler: pipe)
+
     class Pipe:  # stands for the sampler's copy of the model: its own progress bar must be off
         def set_progress_bar_config(self, **kw):
             self.bar = kw

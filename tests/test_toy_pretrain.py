@@ -261,4 +261,3 @@ def test_later_biased_timesteps_weight_the_noisiest_portion():
     # 150 of 1000 timesteps at weight 3: 450 / (850 + 450) = 34.6% of the draws, vs 15% uniform
     assert abs((t >= 850).float().mean().item() - 450 / 1300) < 0.01
     assert abs((later_biased_timesteps(1000, 20000, 0.15, 1.0, g) >= 850).float().mean().item() - 0.15) < 0.01
-
