@@ -172,7 +172,8 @@ def train(out: Path, stage: Stage, specs: list, mean: torch.Tensor, std: torch.T
     if (ck / "state.json").exists():
         load_weights(stage.modules, ck, use_ema=False)
         load_optimizer(opt, ck / "optim.safetensors")
-        ema = EMA(load_ema(ck))
+        # a carried checkpoint (carry.py) has no EMA: it restarts from the weights, below
+        ema = EMA(load_ema(ck)) if (ck / "ema.safetensors").is_file() else None
         step = json.loads((ck / "state.json").read_text())["step"]
         log.info("resuming %s from step %d", stage.name, step)
     if step >= steps:

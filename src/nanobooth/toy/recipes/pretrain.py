@@ -402,6 +402,9 @@ def main(argv=None):
     if a.export:
         if not (out / "unet_ckpt" / "state.json").is_file():
             p.error(f"--out {out} holds no stage-2 checkpoint to export; train it first (the same command without --export)")
+        if not a.no_ema and not (out / "unet_ckpt" / "ema.safetensors").is_file():
+            p.error(f"--out {out}: its checkpoint has no EMA yet (unpacked from a carry); continue the run to its "
+                    "next checkpoint, or pass --no-ema")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     held = autoencoder.HELD_APART

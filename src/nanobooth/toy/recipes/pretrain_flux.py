@@ -195,6 +195,9 @@ def main(argv=None):
         if not (out / "flux_ckpt" / "state.json").is_file():
             raise SystemExit(f"nanobooth toy pretrain-flux: --out {out} holds no checkpoint to export; train it first "
                              f"(nanobooth toy pretrain-flux --base BASE --out {out})")
+        if not a.no_ema and not (out / "flux_ckpt" / "ema.safetensors").is_file():
+            raise SystemExit(f"nanobooth toy pretrain-flux: --out {out}: its checkpoint has no EMA yet (unpacked from "
+                             "a carry); continue the run to its next checkpoint, or pass --no-ema")
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     check_base(Path(a.base))  # before anything is written
