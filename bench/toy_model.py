@@ -23,7 +23,9 @@ from nanobooth.toy import metrics
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="pipeline folders (or 'toy': the shipped model)")
-    p.add_argument("--captions", type=int, default=200, help="held-out captions for the composition reading")
+    p.add_argument("--captions", type=int, default=200, help="held-out captions for the composition reading (0: skip it)")
+    p.add_argument("--guidance-cutoff", type=float, default=0.5,
+                   help="the described reading's guidance cutoff (toy eval's: 0.5; 1: guidance on every step)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the readings here")
     a = p.parse_args()
@@ -32,8 +34,9 @@ def main() -> None:
     print("| model | class | colour | scene | described class | pattern | mark | identity | seconds |\n" + "|---" * 9 + "|")
     for model in a.models:
         t0 = time.perf_counter()
-        comp = metrics.base_model_accuracy(model, n_captions=a.captions)
-        desc = metrics.described_subject_accuracy(model)
+        comp = (metrics.base_model_accuracy(model, n_captions=a.captions) if a.captions
+                else {"class": float("nan"), "colour": float("nan"), "scene": float("nan")})  # 0: skipped
+        desc = metrics.described_subject_accuracy(model, guidance_cutoff=a.guidance_cutoff)
         rows[model] = {"composition": comp, "described": desc, "seconds": time.perf_counter() - t0}
         print(f"| {model} | {comp['class']:.3f} | {comp['colour']:.3f} | {comp['scene']:.3f} | {desc['class']:.3f} | "
               f"{desc['pattern']:.3f} | {desc['mark']:.3f} | {desc['identity']:.3f} | {rows[model]['seconds']:.0f} |",
