@@ -46,6 +46,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # fine-tune at 2x / 5x its lr (tuned on v4, where it bound slower than LoRA already)
     "lora-prior-lr2e3": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3"]),
     "lora-lr2e3": ("toy/dreambooth-lora", ["learning_rate=2e-3"]),
+    # LoRA on the resnets' convolutions and the transformer blocks' projections too (kohya's LoCon), at 2e-3: v5's
+    # 32x32 level has no attention, so attention-only LoRA leaves where patterns and marks are drawn untouched
+    "lora-prior-conv": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "lora_target_modules=[to_q, to_k, to_v, "
+                        "to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2]"]),
     "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4"]),
     "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),

@@ -79,10 +79,10 @@ def test_aids_toy_reuses_a_runs_scores_only_at_the_same_eval_settings(tmp_path):
 def test_every_aids_toy_arm_is_a_packaged_variant_with_valid_overrides():
     import aids_toy
 
-    from nanobooth.core.config import load_config
+    from nanobooth.core.config import load_config, parse_overrides
 
     for arm, (variant, overrides) in aids_toy.ARMS.items():
         cfg = load_config(variant, overrides)  # an unknown key or a bad value raises, naming it
-        for o in overrides:
-            key, value = o.split("=", 1)
-            assert str(getattr(cfg, key)).lower() == value.lower() or getattr(cfg, key) == float(value), arm
+        for key, value in parse_overrides(overrides).items():
+            got = getattr(cfg, key)  # YAML reads "2e-3" as text; the config makes it the key's number
+            assert got == (float(value) if isinstance(got, float) else value), arm

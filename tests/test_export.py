@@ -128,6 +128,36 @@ def test_kohya_export_keeps_the_trained_alpha_and_reloads_identically(lora_run, 
         assert (a - b).abs().max() > 1e-4
 
 
+def test_a_lora_on_convolutions_too_reloads_whole_and_exports_to_kohya(tiny_model, subject_dir, tmp_path):
+    """kohya's LoCon: LoRA on the resnets' convolutions, proj_in/out and ff as well. diffusers' loader drops the
+    attention adapters of a file that mixes its names with peft's (families/sd._diffusers_or_peft), so this checks
+    that the run's file, its kohya export and ComfyUI's merge formula give one model."""
+    out = tmp_path / "locon"
+    targets = "lora_target_modules=[to_q, to_k, to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2]"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "lora_rank=4", "lora_alpha=8",
+                                                          "learning_rate=1e-2", "max_train_steps=2", targets)]) == 0
+    run_pipe = sd_pipe(tiny_model, out / "pytorch_lora_weights.safetensors")
+    adapted = {n for n, m in run_pipe.unet.named_modules() if hasattr(m, "lora_A")}
+    assert any(n.endswith("attn1.to_q") for n in adapted) and any(n.endswith("resnets.0.conv1") for n in adapted)
+    kohya = tmp_path / "locon.safetensors"
+    assert export_cli(str(out), "--format", "kohya", "--out", str(kohya)) == 0
+    tensors, _ = read(kohya)
+    assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape[1:] == (32, 3, 3)
+    names = {k.split(".")[0] for k in tensors}
+    assert len(names) == len(adapted)
+    comfy = sd_pipe(tiny_model)  # ComfyUI's LoRA merge (comfy/weight_adapter/lora.py): W += alpha / rank * up @ down
+    modules = {"lora_unet_" + n.replace(".", "_"): m for n, m in comfy.unet.named_modules()}
+    with torch.no_grad():
+        for n in names:
+            up, down = tensors[f"{n}.lora_up.weight"], tensors[f"{n}.lora_down.weight"]
+            w = modules[n].weight
+            w += tensors[f"{n}.alpha"] / down.shape[0] * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    trained, base = forward(run_pipe)[1], forward(sd_pipe(tiny_model))[1]
+    assert (trained - base).abs().max() > 1e-2
+    torch.testing.assert_close(forward(sd_pipe(tiny_model, kohya))[1], trained, rtol=0, atol=1e-5)
+    torch.testing.assert_close(forward(comfy)[1], trained, rtol=0, atol=1e-5)
+
+
 def test_kohya_fp16_and_unet_only(tiny_model, subject_dir, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "lora_rank=2", "max_train_steps=1")]) == 0

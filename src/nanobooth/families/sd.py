@@ -66,7 +66,7 @@ class SD(Family):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        kwargs = {f"{self.denoiser_name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        kwargs = {f"{self.denoiser_name}_lora_layers": _diffusers_or_peft(get_peft_model_state_dict(unet)),
                   # rank, alpha and targets ride in the safetensors metadata, so diffusers reloads a
                   # rank != alpha LoRA at the trained scale
                   f"{self.denoiser_name}_lora_adapter_metadata": unet.peft_config["default"].to_dict()}
@@ -74,3 +74,15 @@ class SD(Family):
             kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(te))
             kwargs[f"{name}_lora_adapter_metadata"] = te.peft_config["default"].to_dict()
         self.pipeline_class_obj().save_lora_weights(folder, weight_name=weight_name, **kwargs)
+
+
+def _diffusers_or_peft(peft_state: dict) -> dict:
+    """diffusers' names for a UNet LoRA state (as its DreamBooth scripts save), unless that would mix naming schemes:
+    convert_state_dict_to_diffusers renames the attention projections only (to_q.lora_A -> to_q.lora.down), and
+    diffusers' loader, seeing any peft name (a LoRA on the resnets' convolutions, proj_in or ff: kohya's LoCon),
+    reads the whole file as peft's and drops the renamed adapters without an error. Such a state stays in peft's
+    names, which the loader reads whole."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(peft_state)
+    return peft_state if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
