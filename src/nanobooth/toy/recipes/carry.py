@@ -1,7 +1,7 @@
 """Carry a toy pretraining run to another machine: its irreplaceable part packed into a small folder, and a run
 folder unpacked from one that the same `nanobooth toy pretrain` command continues.
 
-    python -m nanobooth.toy.recipes.carry pack toy_v5_run carry/toy_v5       # ~60 MB for recipe v5
+    python -m nanobooth.toy.recipes.carry pack toy_v5_run carry/toy_v5       # 79 MB for recipe v5
     python -m nanobooth.toy.recipes.carry unpack carry/toy_v5 toy_v5_run     # then the run's own command
 
 Why: the recipes run for more hours than one machine may be kept, and a run folder is gigabytes (renders,
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanobooth.toy.recipes.ckpt import write_json
+from nanobooth.toy.recipes.ckpt import swap_in, write_json
+from nanobooth.toy.recipes.pretrain import add_history
 
 FORMAT = 1
 AUTOENCODERS = ("vae", "vae_dec", "vae_refined", "vae_refined_dec", "vae_centred")
@@ -40,10 +41,6 @@ RUN_FILES = ("timings.json", "history.json")
 
 class CarryError(ValueError):
     """Bad input to pack/unpack: the message is the one line the CLI prints."""
-
-
-def _stage2_step(ck: Path) -> int:
-    return json.loads((ck / "state.json").read_text())["step"]
 
 
 def pack(run: Path, dest: Path) -> dict:
@@ -69,15 +66,11 @@ def pack(run: Path, dest: Path) -> dict:
     for name in STAGE2:
         ck = run / name
         if (ck / "state.json").is_file():
-            steps[name] = _stage2_step(ck)
+            steps[name] = json.loads((ck / "state.json").read_text())["step"]
             _pack_stage2(ck, tmp / name)
     info = {"format": FORMAT, "from": str(run), "autoencoders": autoencoders, "stage2_steps": steps}
     write_json(tmp / "carry.json", info)
-    old = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, dest)
     return info
 
 
@@ -113,14 +106,10 @@ def unpack(src: Path, run: Path) -> dict:
             shutil.copy2(f, run / f.name)
     for d in info["autoencoders"] + (["probe"] if (src / "probe").is_dir() else []):
         shutil.copytree(src / d, run / d)
-    lines = []
     for name, step in info["stage2_steps"].items():
         _unpack_stage2(src / name, run / name)
-        lines.append(f"{name.removesuffix('_ckpt')} stage continued at step {step} from a carry (carry.py: weights "
-                     "rounded to fp16, AdamW first moments and the EMA restarted)")
-    history = run / "history.json"
-    old = json.loads(history.read_text()) if history.is_file() else []
-    write_json(history, old + [line for line in lines if line not in old])
+        add_history(run, f"{name.removesuffix('_ckpt')} stage continued at step {step} from a carry (carry.py: weights "
+                         "rounded to fp16, AdamW first moments and the EMA restarted)")
     return info
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,16 @@ class EMA:
         d = min(decay, (1 + step) / (10 + step))  # warm-up so early steps are not frozen in
         for k, v in named.items():
             self.shadow[k].lerp_(v.detach(), 1 - d)
+
+
+def swap_in(tmp: Path, dest: Path) -> None:
+    """Replace the folder `dest` with the finished folder `tmp`: `dest` moves to `dest`.old first and is deleted
+    last, so a stop between the renames leaves the previous whole folder there (denoiser.recover_checkpoint)."""
+    old = dest.with_name(dest.name + ".old")
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj):

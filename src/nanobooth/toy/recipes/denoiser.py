@@ -31,7 +31,7 @@ from nanobooth.families.base import Family
 from nanobooth.families.objective import Objective
 from nanobooth.toy import world
 from nanobooth.toy.recipes.ckpt import (EMA, add_time, checkpointed_loop, load_optimizer, lr_at, save_optimizer,
-                                       stop_if_requested, stop_requested, write_json)
+                                       stop_if_requested, stop_requested, swap_in, write_json)
 
 log = logging.getLogger("nanobooth.toy.recipes.denoiser")
 
@@ -140,11 +140,7 @@ def save_checkpoint(ck: Path, stage: Stage, ema: EMA, opt, state: dict) -> None:
     for name, config in stage.configs.items():
         write_json(tmp / name, config)
     write_json(tmp / "state.json", {**state, **stage.state})
-    old = ck.with_name(ck.name + ".old")
-    if ck.exists():
-        ck.rename(old)
-    tmp.rename(ck)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, ck)
 
 
 def recover_checkpoint(ck: Path) -> None:
