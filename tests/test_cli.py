@@ -224,15 +224,38 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
 
     cfg = load_config("toy/dreambooth-lora-prior-pre", {"validation_prompts": ["a", "b", "c", "d"]})
     work = unet_evaluations(cfg, n_scenes=5)
-    assert set(work) == {"training", "class images", "sample grids", "toy eval"}
-    # 300 steps x (2 instance + 2 class images) x (forward + backward = 3 forwards)
-    assert work["training"] == 300 * 4 * 3
+    assert set(work) == {"class images", "sample grids", "toy eval"}  # training is timed as whole steps
     assert work["class images"] == 50 * 10 * 2  # the toy variants' 10 steps, guided: two forwards per step
     # base and tuned model x (subject + 5 scenes + class prompts) x 4 images x 15 DPM++ steps x 1.5 forwards (guidance
     # on the first half of the steps)
     assert work["toy eval"] == 2 * 7 * 4 * 15 * 1.5
-    slow, fast = plan(cfg, 5, 0.05), plan(cfg, 5, 0.005)
+    slow, fast = plan(cfg, 5, 0.05, 0.6), plan(cfg, 5, 0.005, 0.06)
     assert "about 6 min" in slow and "about 52 s" in fast and "300 LoRA steps" in slow
+    assert "training ~3 min" in slow and "training ~18 s" in fast  # 300 steps x the step's seconds
+
+
+def test_demo_speed_times_a_real_training_step_of_the_method(monkeypatch):
+    """`demo.speed` times the sampling forward without gradients on the base model, then real training steps: the
+    run's method attached (LoRA adapters, the only trainable weights), the run's rows (2 instance + 2 class),
+    gradients on."""
+    import torch
+
+    from nanobooth.core.config import load_config
+    from nanobooth.demo import speed
+    from nanobooth.families.sd import SD
+
+    calls, denoise = [], SD.denoise
+
+    def recorded(self, model, noisy, timesteps, cond):
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        calls.append((noisy.shape[0], torch.is_grad_enabled(), bool(trainable) and all("lora_" in n for n in trainable)))
+        return denoise(self, model, noisy, timesteps, cond)
+
+    monkeypatch.setattr(SD, "denoise", recorded)
+    torch.manual_seed(0)
+    per_forward, per_step = speed(load_config("toy/dreambooth-lora-prior-pre", {}), sample_batch=3, repeats=2)
+    assert calls == [(3, False, False)] * 3 + [(4, True, True)] * 3  # warm-up + 2 timed, each
+    assert per_forward > 0 and per_step > 0
 
 
 def test_demo_plan_counts_only_the_class_images_the_cache_lacks(tmp_path):
@@ -254,7 +277,7 @@ def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsy
     from nanobooth import demo
     from nanobooth.core import train
 
-    monkeypatch.setattr(demo, "seconds_per_forward", lambda *a: 0.02)
+    monkeypatch.setattr(demo, "speed", lambda *a: (0.02, 0.2))
 
     def interrupted(cfg):  # stop where training would begin
         raise KeyboardInterrupt

@@ -55,7 +55,7 @@ def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, cap
     from nanobooth.core.run_folder import class_images_dir
 
     monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
+    monkeypatch.setattr(demo_mod, "speed", lambda *a: (0.01, 0.1))
     monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
 
     def fake_train(cfg):  # what a real run leaves in the cache: the whole class set, under the run's provenance
@@ -83,7 +83,7 @@ def test_demo_rerun_writes_a_fresh_folder_and_keeps_the_first(tmp_path, monkeypa
     import nanobooth.toy.evaluate as toy_evaluate
 
     monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
+    monkeypatch.setattr(demo_mod, "speed", lambda *a: (0.01, 0.1))
     monkeypatch.setattr(toy_evaluate, "toy_eval", lambda run: None)
     runs = []
 
@@ -117,8 +117,8 @@ def test_demo_on_the_flux_twin_trains_its_recipe(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOBOOTH_CLASS_IMAGE_CACHE", str(tmp_path / "cache"))
     scored = []
     monkeypatch.setattr(toy_evaluate, "toy_eval", scored.append)
-    assert demo_mod.seconds_per_forward("toy-flux", 64, batch=2, repeats=1) > 0
-    monkeypatch.setattr(demo_mod, "seconds_per_forward", lambda *a: 0.01)
+    assert min(demo_mod.speed(demo_mod.load_config("toy-flux/dreambooth-lora-prior-pre", {}), sample_batch=2, repeats=1)) > 0
+    monkeypatch.setattr(demo_mod, "speed", lambda *a: (0.01, 0.1))
     load_config = demo_mod.load_config  # 2 sampler steps, not 25: the test is about which recipe runs on which model
     monkeypatch.setattr(demo_mod, "load_config", lambda variant, over: load_config(
         variant, {**over, "validation_inference_steps": 2, "class_generation_steps": 2, "num_validation_images": 1}))

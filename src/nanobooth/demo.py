@@ -23,11 +23,10 @@ EVAL_IMAGES, EVAL_STEPS = 4, {"toy": 15, "toy-flux": 25}
 
 
 def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
-    """Each phase's work in single-image UNet forward passes (a backward pass counts as two forwards).
-    Guided sampling steps cost two forwards, unguided ones one (validation_guidance_cutoff)."""
+    """Each sampling phase's work in single-image denoiser forward passes (training is timed as whole steps:
+    `speed`). Guided sampling steps cost two forwards, unguided ones one (validation_guidance_cutoff)."""
     guided = 1.0 + cfg.validation_guidance_cutoff
-    batch = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
-    out = {"training": cfg.max_train_steps * batch * 3.0}
+    out = {}
     if cfg.with_prior_preservation:
         from .core.prior import missing_indices
         from .core.run_folder import class_images_dir
@@ -44,33 +43,64 @@ def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
     return out
 
 
-def seconds_per_forward(model: str = "toy", resolution: int = 64, batch: int = 8, repeats: int = 2) -> float:
-    """Measured seconds of one single-image forward pass of the model's denoiser (the toy UNet, or the FLUX
-    twin's transformer through the family's denoise call) at `resolution`, with the current threads."""
+def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 2) -> tuple[float, float]:
+    """(seconds per single-image denoiser forward, seconds per training step) of `cfg`'s model and method, measured
+    now with the current threads. The forward: a no-grad batch of `sample_batch` through the family's denoise call
+    (the toy UNet, or the FLUX twin's transformer), per image. The step: a real one of the run's shape, the method's
+    trainable weights attached as training attaches them (LoRA adapters, or the whole UNet), train_batch_size rows
+    (twice that with prior preservation), forward, MSE, backward, AdamW. Random latents: time does not depend on them.
+    Timing the step rather than counting it as forwards matters: an adapter's backward skips the frozen weights'
+    gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
     import torch
     from diffusers import AutoencoderKL
 
     from .core.models import load_components, resolve_model
+    from .methods import METHODS
 
-    c = load_components(resolve_model(model))
-    vae_scale = 2 ** (len(AutoencoderKL.load_config(resolve_model(model), subfolder="vae")["block_out_channels"]) - 1)
+    c = load_components(resolve_model(cfg.model))
+    fam = c.family
+    vae_scale = 2 ** (len(AutoencoderKL.load_config(resolve_model(cfg.model), subfolder="vae")["block_out_channels"]) - 1)
     gen = torch.Generator().manual_seed(0)
+    size = cfg.resolution // vae_scale
     with torch.no_grad():
-        cond = c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, "a photo", "cpu"), resolution)
-        cond = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and k != "guidance" else v for k, v in cond.items()}
-        size = resolution // vae_scale
-        x = torch.randn(batch, c.vae.config.latent_channels, size, size, generator=gen)
-        t = torch.full((batch,), 500.0)
-        c.family.denoise(c.unet, x, t, cond)  # warm-up: first calls allocate
+        one = fam.encode(c.text_encoders, fam.tokenize(c.tokenizers, "a photo", "cpu"), cfg.resolution)
+
+    def inputs(batch: int):
+        cond = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and k != "guidance" else v for k, v in one.items()}
+        return torch.randn(batch, c.vae.config.latent_channels, size, size, generator=gen), torch.full((batch,), 500.0), cond
+
+    def timed(fn) -> float:
+        fn()  # warm-up: first calls allocate
         start = time.perf_counter()
         for _ in range(repeats):
-            c.family.denoise(c.unet, x, t, cond)
-    return (time.perf_counter() - start) / (repeats * batch)
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    for m in (c.vae, *c.text_encoders, c.unet):
+        m.requires_grad_(False)
+    x, t, cond = inputs(sample_batch)
+    with torch.no_grad():
+        per_forward = timed(lambda: fam.denoise(c.unet, x, t, cond)) / sample_batch
+    method = METHODS[cfg.method]()
+    method.attach(fam, c.unet, c.text_encoders, cfg)
+    optimizer = torch.optim.AdamW([p for g in method.param_groups(c.unet, c.text_encoders, cfg, 1.0) for p in g["params"]], lr=1e-8)
+    xs, ts, conds = inputs(cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1))
+    c.unet.train()
+
+    def step() -> None:
+        fam.denoise(c.unet, xs, ts, conds).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return per_forward, timed(step)
 
 
-def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, variant: str = "toy/dreambooth-lora-prior-pre") -> str:
-    """What the demo will do and roughly how long each part takes at `per_forward` s per denoiser forward."""
-    phases = {k: v * per_forward for k, v in unet_evaluations(cfg, n_scenes).items()}
+def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
+         variant: str = "toy/dreambooth-lora-prior-pre") -> str:
+    """What the demo will do and roughly how long each part takes at `per_forward` s per denoiser forward and
+    `per_step` s per training step (`speed`)."""
+    phases = {"training": cfg.max_train_steps * per_step,
+              **{k: v * per_forward for k, v in unet_evaluations(cfg, n_scenes).items()}}
     total = sum(phases.values()) + 20  # model loads, VAE decodes, probe scoring
     prior = f"{cfg.num_class_images} class images, " if cfg.with_prior_preservation else ""
     lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps ({variant}), "
@@ -127,7 +157,7 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
     meta = read_subject_meta(subject)
     planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")})
-    print(plan(planned, len(world.SCENES), seconds_per_forward(model, cfg.resolution), variant), flush=True)
+    print(plan(planned, len(world.SCENES), *speed(planned), variant), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)
     from .core.run_folder import SAMPLES, TOY_EVAL
