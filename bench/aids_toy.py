@@ -50,6 +50,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # 32x32 level has no attention, so attention-only LoRA leaves where patterns and marks are drawn untouched
     "lora-prior-conv": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "lora_target_modules=[to_q, to_k, to_v, "
                         "to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2]"]),
+    # prompt fidelity, the target lora-prior-lr2e3 missed on the step-5959 export (0.906 vs base 1.000): a lower lr, or
+    # the prior's loss weighted up
+    "lora-prior-lr15e4": ("toy/dreambooth-lora-prior-pre", ["learning_rate=1.5e-3"]),
+    "lora-prior-lr2e3-plw2": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=2.0"]),
     "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4"]),
     "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
