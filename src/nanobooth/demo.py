@@ -52,16 +52,14 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 2) -> tuple[fl
     Timing the step rather than counting it as forwards matters: an adapter's backward skips the frozen weights'
     gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
     import torch
-    from diffusers import AutoencoderKL
 
     from .core.models import load_components, resolve_model
     from .methods import METHODS
 
     c = load_components(resolve_model(cfg.model))
     fam = c.family
-    vae_scale = 2 ** (len(AutoencoderKL.load_config(resolve_model(cfg.model), subfolder="vae")["block_out_channels"]) - 1)
     gen = torch.Generator().manual_seed(0)
-    size = cfg.resolution // vae_scale
+    size = cfg.resolution // 2 ** (len(c.vae.config.block_out_channels) - 1)  # the VAE's downsampling (config_checks)
     with torch.no_grad():
         one = fam.encode(c.text_encoders, fam.tokenize(c.tokenizers, "a photo", "cpu"), cfg.resolution)
 
