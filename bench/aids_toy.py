@@ -56,6 +56,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-lr2e3-plw2": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=2.0"]),
     "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4"]),
     "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4"]),
+    # on the v5 step-9480 export: prompt fidelity (scenes kept) at fewer steps, and the full fine-tune at an lr between
+    "lora-prior-lr2e3-s200": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "max_train_steps=200"]),
+    "full-prior-lr3e4": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
