@@ -65,6 +65,15 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "full-prior-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600"]),
     "full-prior-lr5e4-warmup": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "lr_scheduler=constant_with_warmup",
                                 "lr_warmup_steps=100"]),
+    # the pre-registered subjects lost scenes to the instance images' plain backdrop (prompt fidelity 0.725 on 9202):
+    # LoRA on the cross-attention only, whose keys and values read the prompt (Custom Diffusion, Kumari et al. 2023,
+    # tunes just those), not the self-attention that lays out the whole image, backdrop included
+    "lora-prior-xattn": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "lora_target_modules=[attn2.to_q, "
+                         "attn2.to_k, attn2.to_v, attn2.to_out.0]"]),
+    "lora-xattn": ("toy/dreambooth-lora", ["learning_rate=2e-3", "lora_target_modules=[attn2.to_q, attn2.to_k, "
+                   "attn2.to_v, attn2.to_out.0]"]),
+    "lora-prior-xattn-kv": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "lora_target_modules=[attn2.to_k, "
+                            "attn2.to_v]"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
