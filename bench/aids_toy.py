@@ -44,7 +44,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "full-te": ("toy/dreambooth-finetune-text-encoder", []),
     # tuning on toy model v5 (subjects 1-4, not the pre-registered ones): the LoRA twins at twice their lr, the full
     # fine-tune at 2x / 5x its lr (tuned on v4, where it bound slower than LoRA already)
-    "lora-prior-lr2e3": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3"]),
+    "lora-prior-lr2e3": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=1.0"]),
     "lora-lr2e3": ("toy/dreambooth-lora", ["learning_rate=2e-3"]),
     # LoRA on the resnets' convolutions and the transformer blocks' projections too (kohya's LoCon), at 2e-3: v5's
     # 32x32 level has no attention, so attention-only LoRA leaves where patterns and marks are drawn untouched
@@ -74,9 +74,23 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                    "attn2.to_v, attn2.to_out.0]"]),
     "lora-prior-xattn-kv": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "lora_target_modules=[attn2.to_k, "
                             "attn2.to_v]"]),
+    # identity grew from 200 to 300 steps on subjects 1-4 (0.58 -> 0.69): whether it keeps growing, and at what cost in scenes
+    "lora-prior-lr2e3-s500": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "max_train_steps=500"]),
+    # the pre-registered subjects' lost scenes came back as the plain backdrop (9202 "on the beach": 6 of 8), and
+    # only with prior preservation: 50 class images, mostly on the plain backdrop or the rug, overfitted? or weighed
+    # too much?
+    "lora-prior-cls150": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "num_class_images=150"]),
+    "lora-prior-plw05": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.5"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
+    # the FLUX twin's LoRA at the UNet twin's 1e-3 moved subject 1's colours but bound no pattern or mark
+    "flux-lora-prior-lr4e3": ("toy-flux/dreambooth-lora-prior-pre", ["learning_rate=4e-3"]),
+    # ... which leaves the four single-stream blocks' MLPs (proj_mlp, proj_out: most of the twin's weights) frozen;
+    # SimpleTuner's and ai-toolkit's FLUX LoRAs train them too
+    "flux-lora-prior-mlp": ("toy-flux/dreambooth-lora-prior-pre", ["lora_target_modules=[attn.to_q, attn.to_k, attn.to_v, "
+                            "attn.to_out.0, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, ff.net.0.proj, "
+                            "ff.net.2, ff_context.net.0.proj, ff_context.net.2, proj_mlp, proj_out]"]),
 }
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
@@ -88,9 +102,11 @@ def run(cmd: list[str]) -> None:
 
 def class_dir(out: Path, seed: int, overrides: list[str]) -> Path:
     """One class-image folder per subject, shared by the arms; an arm that changes how class images are made
-    (class_generation_steps) gets its own, as the provenance-keyed cache would."""
-    steps = [o.split("=", 1)[1] for o in overrides if o.startswith("class_generation_steps=")]
-    return out / "class" / (f"{seed}-steps{steps[0]}" if steps else str(seed))
+    (class_generation_steps, num_class_images) gets its own, as the provenance-keyed cache would."""
+    name = str(seed)
+    for key, tag in (("class_generation_steps", "steps"), ("num_class_images", "n")):
+        name += "".join(f"-{tag}{o.split('=', 1)[1]}" for o in overrides if o.startswith(f"{key}="))
+    return out / "class" / name
 
 
 def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int) -> dict | None:

@@ -53,7 +53,7 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path, monkeypatch):
     # stages was most of this test's time; the stages, their caches and resumes are the same
     monkeypatch.setattr(autoencoder, "HELD_APART", 16)
     out = tmp_path / "pre"
-    tiny = ["--out", str(out), "--n-images", "60", "--n-plain", "40", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
+    tiny = ["--recipe", "v4", "--out", str(out), "--n-images", "60", "--n-plain", "40", "--vae-steps", "2", "--vae-batch", "4", "--decoder-steps", "2",
             "--vae-refine-steps", "2", "--vae-refine-subjects", "2", "--decoder-refine-steps", "2", "--unet-batch", "2",
             "--threads", "1"]
     assert pretrain.main(tiny + ["--unet-steps", "2"]) == 0

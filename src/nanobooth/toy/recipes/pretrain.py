@@ -1,8 +1,8 @@
 """Pretrain the tiny Stable-Diffusion-format model of the toy world.
 
-    nanobooth toy pretrain --out toy_pretrain --seed 0        # the defaults are the shipped recipe
+    nanobooth toy pretrain --out toy_pretrain --seed 0        # the defaults are the shipped recipe (v5)
     nanobooth toy pretrain --out toy_pretrain --export src/nanobooth/assets/toy_model
-    nanobooth toy pretrain --recipe v5 --out toy_v5        # opt-in, not yet shipped: see RECIPES
+    nanobooth toy pretrain --recipe v4 --out toy_v4        # the previous model's recipe: see RECIPES
 
 Stages 1/1b/1c/1d train the AutoencoderKL (`toy/autoencoder.py`), 1e (recipe v5) centres its latents;
 stage 2 trains UNet2DConditionModel + CLIPTextModel jointly on latents cached from it.
@@ -339,7 +339,8 @@ def export(out: Path, dest: Path, use_ema: bool = True):
     save_pipeline(build_pipeline(out, use_ema), dest, out, "unet", use_ema, "fp16 weights; on CPU load with torch_dtype=torch.float32")
 
 
-# Opt-in recipes: defaults a --recipe sets (explicit flags still win). "v4" is the shipped model's.
+# Recipes: defaults a --recipe sets (explicit flags still win). "v5" is the shipped model's (the default), "v4"
+# the model before it (the flags' own defaults).
 RECIPES = {
     "v4": {},
     # issue #24: a latent grid fine enough for the subjects' marks (f=2 VAE, 32x32 UNet), and patterned,
@@ -356,8 +357,8 @@ RECIPES = {
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="nanobooth toy pretrain", description=__doc__.split("\n")[0])
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="v4",
-                   help="a set of defaults: v4 (the shipped model) or v5 (f=2 VAE, 32x32 UNet, patterned objects)")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="v5",
+                   help="a set of defaults: v5 (the shipped model: f=2 VAE, 32x32 UNet, patterned objects) or v4 (the one before)")
     p.add_argument("--out", default="toy_pretrain")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=30000)
