@@ -185,6 +185,38 @@ def test_every_provenance_key_names_its_own_cache_folder(tiny_model, tmp_path, m
     assert class_images_dir(TrainConfig(**auto), tmp_path / "run").parent == tmp_path / "xdg" / "nanobooth" / "class_images"
 
 
+def test_other_weights_under_the_same_name_get_their_own_cache_folder(tiny_model, tmp_path, monkeypatch):
+    """The shipped `toy` changed from v4 to v5 under one name, and the cache handed v5 the class images v4 had made:
+    the key holds a fingerprint of the weights, for a folder trained again in place as for a built-in name."""
+    import shutil
+
+    from nanobooth.core import builtin_models
+    from nanobooth.core.config import TrainConfig
+    from nanobooth.core.run_folder import class_cache_provenance, class_images_dir
+
+    def retrain(folder):  # one byte of the UNet's last tensor, as another training run would leave it
+        unet = next((folder / "unet").glob("*.safetensors"))
+        data = bytearray(unet.read_bytes())
+        data[-1] ^= 1
+        unet.write_bytes(bytes(data))
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    cfg = TrainConfig(model=str(folder), method="lora", class_image_cache=str(tmp_path / "cache"))
+    first = class_images_dir(cfg, tmp_path / "run")
+    assert class_images_dir(cfg, tmp_path / "other run") == first  # the same weights: the same folder
+    retrain(folder)
+    assert class_images_dir(cfg, tmp_path / "run") not in (first, None)
+    # a built-in name is keyed by its shipped folder's weights, not by where this build is installed
+    shipped = shutil.copytree(tiny_model, tmp_path / "shipped")
+    monkeypatch.setattr(builtin_models, "shipped_folder", lambda m: shipped if m == "toy" else None)
+    toy = TrainConfig(model="toy", method="lora", class_image_cache=str(tmp_path / "cache"))
+    v4 = class_images_dir(toy, tmp_path / "run")
+    assert class_cache_provenance(toy)["model"] == "toy" and class_cache_provenance(toy)["weights"]
+    retrain(shipped)
+    assert class_images_dir(toy, tmp_path / "run") != v4
+    assert "weights" not in class_cache_provenance(TrainConfig(model="org/hub-model", method="lora"))
+
+
 def test_a_run_killed_while_writing_the_cache_leaves_nothing_half_written(tiny_model, subject_dir, tmp_path, monkeypatch):
     from conftest import train_args
 

@@ -68,8 +68,42 @@ CACHE_KEYS = ("class_prompt", "model", "resolution", "revision", "pretrained_vae
 
 
 def class_cache_provenance(cfg: TrainConfig) -> dict:
-    """The provenance recorded beside generated class images (and hashed to name a cache folder)."""
-    return {k: getattr(cfg, k) for k in CACHE_KEYS}
+    """The provenance recorded beside generated class images (and hashed to name a cache folder), with the model's
+    `weights` fingerprint where its files are here (weights_fingerprint)."""
+    out = {k: getattr(cfg, k) for k in CACHE_KEYS}
+    if (weights := weights_fingerprint(str(cfg.model))) is not None:
+        out["weights"] = weights
+    return out
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".json")
+_MIB = 1 << 20
+
+
+def weights_fingerprint(model: str) -> str | None:
+    """Which weights a local model (folder or single file) or a shipped toy model holds now: 16 hex of a sha256
+    over its weight and config files' paths, sizes and first and last MiB (a few MB read, not gigabytes). A name
+    alone does not say it: `toy` was another model before v5 shipped, and a folder can be trained again, so
+    class images its earlier weights made must not be reused as this model's prior. None for hub ids and the
+    random built-ins (their revision and seed are in the key)."""
+    import hashlib
+
+    from .builtin_models import local_folder
+
+    path = local_folder(model)
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path).as_posix() if f != path else f.name}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_MIB))
+            if size > _MIB:
+                fh.seek(max(_MIB, size - _MIB))
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def class_cache_root(setting: str) -> Path | None:
