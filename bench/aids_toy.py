@@ -81,6 +81,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # too much?
     "lora-prior-cls150": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "num_class_images=150"]),
     "lora-prior-plw05": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.5"]),
+    # weight 0.5 beat 1.0 on subjects 1-8 and the pre-registered eight: whether less is better still
+    "lora-prior-plw025": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.25"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
