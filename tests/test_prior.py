@@ -204,6 +204,8 @@ def test_other_weights_under_the_same_name_get_their_own_cache_folder(tiny_model
     cfg = TrainConfig(model=str(folder), method="lora", class_image_cache=str(tmp_path / "cache"))
     first = class_images_dir(cfg, tmp_path / "run")
     assert class_images_dir(cfg, tmp_path / "other run") == first  # the same weights: the same folder
+    (folder / "toy_eval.json").write_text("{}")  # a run folder's scores are not the model
+    assert class_images_dir(cfg, tmp_path / "run") == first
     retrain(folder)
     assert class_images_dir(cfg, tmp_path / "run") not in (first, None)
     # a built-in name is keyed by its shipped folder's weights, not by where this build is installed

@@ -81,11 +81,12 @@ _MIB = 1 << 20
 
 
 def weights_fingerprint(model: str) -> str | None:
-    """Which weights a local model (folder or single file) or a shipped toy model holds now: 16 hex of a sha256
-    over its weight and config files' paths, sizes and first and last MiB (a few MB read, not gigabytes). A name
-    alone does not say it: `toy` was another model before v5 shipped, and a folder can be trained again, so
-    class images its earlier weights made must not be reused as this model's prior. None for hub ids and the
-    random built-ins (their revision and seed are in the key)."""
+    """Which weights a local model (single file, or a pipeline folder's model_index.json and component folders:
+    pipeline_parts) or a shipped toy model holds now: 16 hex of a sha256 over its weight and config files' paths,
+    sizes and first and last MiB (a few MB read, not gigabytes). A name alone does not say it: `toy` was another
+    model before v5 shipped, and a folder can be trained again, so class images its earlier weights made must not
+    be reused as this model's prior. What else a run folder holds (toy_eval.json, samples, checkpoints) is not
+    the model. None for hub ids and the random built-ins (their revision and seed are in the key)."""
     import hashlib
 
     from .builtin_models import local_folder
@@ -93,7 +94,9 @@ def weights_fingerprint(model: str) -> str | None:
     path = local_folder(model)
     if not path.exists():
         return None
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    parts = [path] if path.is_file() else pipeline_parts(path)
+    files = sorted(f for part in parts for f in ([part] if part.is_file() else part.rglob("*"))
+                   if f.suffix in WEIGHT_SUFFIXES and f.is_file())
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
