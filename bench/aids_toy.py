@@ -82,7 +82,26 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-cls150": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "num_class_images=150"]),
     "lora-prior-plw05": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.5"]),
     # weight 0.5 beat 1.0 on subjects 1-8 and the pre-registered eight: whether less is better still
+    "lora-prior-plw035": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.35"]),
+    # on the fresh subjects (session 27) scenes held (0.938 vs base 0.956) and identity fell short (0.451): more steps
+    "lora-prior-s400": ("toy/dreambooth-lora-prior-pre", ["max_train_steps=400"]),
     "lora-prior-plw025": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=0.25"]),
+    # masked loss (kohya's masked_loss) on the toy subjects' exact masks: the lost scenes came back as the instance
+    # photos' plain backdrop, which the identifier cannot bind to when the backdrop carries no (or little) loss
+    "lora-prior-masked": ("toy/dreambooth-lora-prior-pre", ["masked_loss=true", "unmasked_weight=0.0"]),
+    "lora-prior-masked-uw02": ("toy/dreambooth-lora-prior-pre", ["masked_loss=true", "unmasked_weight=0.2"]),
+    "lora-prior-masked-uw02-plw025": ("toy/dreambooth-lora-prior-pre", ["masked_loss=true", "unmasked_weight=0.2",
+                                      "prior_loss_weight=0.25"]),
+    "lora-masked": ("toy/dreambooth-lora", ["masked_loss=true", "unmasked_weight=0.0"]),
+    "lora-masked-uw02": ("toy/dreambooth-lora", ["masked_loss=true", "unmasked_weight=0.2"]),
+    # timesteps capped (kohya's max_timestep): the steps where the sampler lays out the scene stay untrained
+    "lora-prior-tmax700": ("toy/dreambooth-lora-prior-pre", ["max_timestep=700"]),
+    "lora-prior-tmax500": ("toy/dreambooth-lora-prior-pre", ["max_timestep=500"]),
+    "lora-tmax700": ("toy/dreambooth-lora", ["max_timestep=700"]),
+    # the opposite of Custom Diffusion: no LoRA on the cross-attention's keys and values, so every prompt word (the
+    # scene's too) is read exactly as the base model reads it; the identifier acts through the queries and outputs
+    "lora-prior-nokv": ("toy/dreambooth-lora-prior-pre", ["lora_target_modules=[attn1.to_q, attn1.to_k, attn1.to_v, "
+                        "attn1.to_out.0, attn2.to_q, attn2.to_out.0]"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

@@ -167,3 +167,30 @@ def test_flow_family_contract(name, request):
         cond = fam.micro_conditioning(cond, torch.tensor([[32, 32, 0, 0]] * B), 32)
         pred = fam.denoise(c.unet, noisy, t, cond)
     assert pred.shape == shape and torch.isfinite(pred).all()
+
+
+@pytest.mark.parametrize("name", ["sd", "sd3"])
+def test_timestep_span_min_and_max_timestep(name):
+    # kohya's min_timestep/max_timestep: DDPM families draw uniformly from the span and nowhere else; an empty or
+    # out-of-range span, and any span on a flow-matching family, is refused naming the keys
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from nanobooth.core.config import ConfigError
+
+    fam = FAMILY_MODELS[name][0]()
+    if name == "sd3":
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        with pytest.raises(ConfigError, match="min_timestep'/'max_timestep'.*logit_mean"):
+            fam.objective(sched, TrainConfig(max_timestep=700))
+        return
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    _, t = fam.objective(sched, TrainConfig(min_timestep=200, max_timestep=700)).sample((4000, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert int(t.min()) == 200 and int(t.max()) == 699 and len(t.unique()) == 500
+    _, t = fam.objective(sched, TrainConfig()).sample((4000, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert int(t.min()) < 5 and int(t.max()) > 995
+    # past the model's T: refused when the model is known (before the run folder is written)
+    with pytest.raises(ConfigError, match="'min_timestep'/'max_timestep'.*0 <= min_timestep < max_timestep <= 1000"):
+        fam.objective(sched, TrainConfig(max_timestep=1001))
+    for lo, hi in ((700, 700), (-1, None)):  # empty spans: refused with the config
+        with pytest.raises(ConfigError, match="'min_timestep'/'max_timestep'.*empty span"):
+            TrainConfig(min_timestep=lo, max_timestep=hi)

@@ -102,13 +102,33 @@ def test_subject_is_not_a_plain_world_object():
 
 def test_write_subject(tmp_path):
     out = world.write_subject(7, tmp_path / "subj", n_images=5)
-    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:02d}.png" for i in range(5)]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([f"{i:02d}.png" for i in range(5)]
+                                                              + [f"{i:02d}.mask.png" for i in range(5)])
     meta = json.loads((out / "subject.json").read_text())
     cls = world.make_subject(7).cls
     assert meta["seed"] == 7 and meta["class_noun"] == cls and meta["identifier"] == "sks"
     assert meta["instance_prompt"] == f"a photo of a sks {cls}"
     assert meta["class_prompt"] == f"a photo of a {cls}"
     assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
+
+
+def test_subject_mask_covers_exactly_what_differs_from_the_backdrop(tmp_path):
+    # the mask is the object's coverage: the photo equals the plain backdrop where the mask is 0, and the
+    # loader reads it as the photo's loss mask (masked_loss) and not as a photo
+    from nanobooth.core.data import image_paths, mask_of
+
+    s = world.make_subject(7)
+    out = world.write_subject(7, tmp_path / "subj", n_images=2)
+    for i in range(2):
+        photo = np.asarray(world.render_subject(s, i)).astype(int)
+        bg = world.background(None, world.subject_pose(s, i)["bg_seed"]).round().astype(int)
+        mask = np.asarray(mask_of(out / f"{i:02d}.png"))
+        assert mask.shape == (world.SIZE, world.SIZE) and mask.dtype == np.uint8
+        assert 0.05 < (mask > 0).mean() < 0.6 and (mask == 255).sum() > 0.7 * (mask > 0).sum()
+        assert (photo[mask == 0] == bg[mask == 0]).all()
+        assert (np.abs(photo - bg).max(-1)[mask == 255] > 0).mean() > 0.9
+    assert [p.name for p in image_paths(out)] == ["00.png", "01.png"]
+    assert not list(world.write_subject(7, tmp_path / "bare", n_images=2, masks=False).glob("*.mask.png"))
 
 
 def test_described_caption_names_the_subject_as_pretraining_captions_do():

@@ -165,6 +165,12 @@ class TrainConfig:
     """Min-SNR loss weighting gamma (5.0 is the paper's choice); each example is weighted by its own timestep."""
     noise_offset: float = 0.0
     """Offset noise strength (0 = off)."""
+    min_timestep: int = 0
+    """Train on timesteps from this one up (kohya's `min_timestep`; DDPM models: SD, SDXL). Flow-matching models refuse a
+    range: their weighting_scheme/logit_mean choose the noise levels."""
+    max_timestep: Optional[int] = None
+    """Train on timesteps below this one (kohya's `max_timestep`; None: all of the model's, 1000 for SD). A cap leaves the
+    high-noise steps, where a sampler lays out the scene, to the base model; the adapter is still applied there."""
     weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
     """Flow-matching models (SD3, FLUX): how noise levels are drawn (logit_normal, mode; else uniform) and weighted (sigma_sqrt, cosmap; else 1), as diffusers' flag. DDPM models ignore it."""
     logit_mean: float = 0.0
@@ -281,6 +287,9 @@ class TrainConfig:
             raise ConfigError(f"config key 'ema_decay': must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"config key 'caption_dropout': must be a probability in [0, 1), got {self.caption_dropout}")
+        if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
+            raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {self.min_timestep}..{self.max_timestep} is an empty span; "
+                              "pass 0 <= min_timestep < max_timestep (or leave max_timestep unset: all timesteps)")
         if not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"config key 'unmasked_weight': must be in [0, 1], got {self.unmasked_weight}")
         if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:

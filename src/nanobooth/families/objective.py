@@ -42,15 +42,21 @@ class DDPMObjective(Objective):
     scheduler's own formulas (add_noise, get_velocity), so training and sampling agree by construction.
     """
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, min_timestep: int = 0, max_timestep: int | None = None):
+        """min_timestep, max_timestep: train on the timesteps min_timestep..max_timestep - 1 only, drawn uniformly
+        (kohya's --min_timestep/--max_timestep); None: up to T. ValueError for an empty or out-of-range span."""
         self.scheduler = scheduler  # a DDPMScheduler: alphas_cumprod, num_train_timesteps, prediction_type
         self.prediction_type = scheduler.config.prediction_type
+        T = scheduler.config.num_train_timesteps
+        self.min_timestep, self.max_timestep = min_timestep, T if max_timestep is None else max_timestep
+        if not 0 <= self.min_timestep < self.max_timestep <= T:
+            raise ValueError(f"timesteps {min_timestep}..{max_timestep}: need 0 <= min_timestep < max_timestep <= {T}")
 
     def sample(self, shape: tuple, generator: torch.Generator, noise_offset: float = 0.0):
         noise = torch.randn(shape, generator=generator)
         if noise_offset:  # per-example, per-channel constant: lets the model learn very dark/bright images
             noise += noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+        timesteps = torch.randint(self.min_timestep, self.max_timestep, (shape[0],), generator=generator)
         return noise, timesteps
 
     def noisy(self, latents, noise, timesteps):

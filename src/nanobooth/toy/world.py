@@ -272,14 +272,19 @@ def _down(a: np.ndarray) -> np.ndarray:
     return a.reshape(n, _SS, n, _SS, *a.shape[2:]).mean(axis=(1, 3))
 
 
-def _composite(bg: np.ndarray, cls, cx, cy, r, angle, paint) -> Image.Image:
-    """paint(lx, ly) -> HxWx3 float colours in object-local coordinates."""
+def _coverage(cls, cx, cy, r, angle):
+    """(lx, ly, mask, shade, alpha) on the supersampled grid; alpha covers the object and its outline."""
     lx, ly = _local(cx, cy, r, angle)
     mask, shade = _shape(cls, lx, ly)
     outline = _dilate(mask, _SS) & ~mask
+    return lx, ly, mask, shade, (mask | outline).astype(np.float32)
+
+
+def _composite(bg: np.ndarray, cls, cx, cy, r, angle, paint) -> Image.Image:
+    """paint(lx, ly) -> HxWx3 float colours in object-local coordinates."""
+    lx, ly, mask, shade, alpha = _coverage(cls, cx, cy, r, angle)
     col = paint(lx, ly) * shade[..., None]
     layer = np.where(mask[..., None], col, OUTLINE)
-    alpha = (mask | outline).astype(np.float32)
     a = _down(alpha)[..., None]
     c = _down(layer * alpha[..., None])
     out = c + (1 - a) * bg
@@ -392,6 +397,14 @@ def render_subject(subject: Subject, pose: int | np.random.Generator = 0, scene:
     )
 
 
+def subject_mask(subject: Subject, pose: int | np.random.Generator = 0) -> Image.Image:
+    """The exact loss mask of `render_subject(subject, pose)`: 8-bit greyscale ('L', 64x64), white where the object
+    and its outline cover the pixel, grey at anti-aliased edges (what `masked_loss` reads as NAME.mask.png)."""
+    p = subject_pose(subject, pose)
+    alpha = _coverage(subject.cls, p["x"], p["y"], p["size"], p["angle"])[-1]
+    return Image.fromarray(np.clip(_down(alpha) * 255, 0, 255).round().astype(np.uint8), "L")
+
+
 def described_caption(subject: Subject, scene: str | None = None) -> str:
     """The subject in the words of recipe v5's pretraining captions ("a photo of a red and blue striped cube with an
     eye"): what the base model can be asked to draw of it without an identifier (metrics.described_subject_accuracy)."""
@@ -403,12 +416,16 @@ def subject_caption(subject: Subject, scene: str | None = None, identifier: str 
     return f"a photo of a {identifier} {subject.cls}" + (f" {scene}" if scene else "")
 
 
-def write_subject(seed: int, out_dir, n_images: int = 5) -> Path:
+def write_subject(seed: int, out_dir, n_images: int = 5, masks: bool = True) -> Path:
+    """The subject's n_images photos (NN.png) on the plain backdrop, each with its exact loss mask (NN.mask.png, read
+    only with masked_loss=true), and subject.json (seed, prompts, the subject's description)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = make_subject(seed)
     for i in range(n_images):
         render_subject(s, i).save(out / f"{i:02d}.png")
+        if masks:
+            subject_mask(s, i).save(out / f"{i:02d}.mask.png")
     meta = {
         "seed": seed,
         "class_noun": s.cls,
