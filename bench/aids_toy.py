@@ -106,6 +106,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
     # the FLUX twin's LoRA at the UNet twin's 1e-3 moved subject 1's colours but bound no pattern or mark
+    # the twin was pretrained on logit-normal noise levels shifted by the image size (toy/recipes/pretrain_flux.py);
+    # flux/dreambooth draws them uniformly, unshifted, as diffusers' FLUX script does
+    "flux-lora-prior-ln": ("toy-flux/dreambooth-lora-prior-pre", ["weighting_scheme=logit_normal", "resolution_shift=true"]),
     "flux-lora-prior-lr4e3": ("toy-flux/dreambooth-lora-prior-pre", ["learning_rate=4e-3"]),
     # ... which leaves the four single-stream blocks' MLPs (proj_mlp, proj_out: most of the twin's weights) frozen;
     # SimpleTuner's and ai-toolkit's FLUX LoRAs train them too
