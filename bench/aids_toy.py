@@ -63,6 +63,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # lost the scenes (prompt fidelity 0.39): the higher lr for fewer steps, the lower one for more, and a warm-up
     "full-prior-lr5e4-s200": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "max_train_steps=200"]),
     "full-prior-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600"]),
+    # full-prior-lr3e4-s600 came within 0.1 of the LoRA's identity on subjects 1-4: the other full variants there
+    "full-lr3e4-s600": ("toy/dreambooth", ["learning_rate=3e-4", "max_train_steps=600"]),
+    "full-te-lr3e4-s600": ("toy/dreambooth-finetune-text-encoder", ["learning_rate=3e-4", "max_train_steps=600"]),
     "full-prior-lr5e4-warmup": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "lr_scheduler=constant_with_warmup",
                                 "lr_warmup_steps=100"]),
     # the pre-registered subjects lost scenes to the instance images' plain backdrop (prompt fidelity 0.725 on 9202):
