@@ -95,12 +95,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-masked-uw02": ("toy/dreambooth-lora-prior-pre", ["masked_loss=true", "unmasked_weight=0.2"]),
     "lora-prior-masked-uw02-plw025": ("toy/dreambooth-lora-prior-pre", ["masked_loss=true", "unmasked_weight=0.2",
                                       "prior_loss_weight=0.25"]),
-    "lora-masked": ("toy/dreambooth-lora", ["masked_loss=true", "unmasked_weight=0.0"]),
-    "lora-masked-uw02": ("toy/dreambooth-lora", ["masked_loss=true", "unmasked_weight=0.2"]),
     # timesteps capped (kohya's max_timestep): the steps where the sampler lays out the scene stay untrained
     "lora-prior-tmax700": ("toy/dreambooth-lora-prior-pre", ["max_timestep=700"]),
-    "lora-prior-tmax500": ("toy/dreambooth-lora-prior-pre", ["max_timestep=500"]),
-    "lora-tmax700": ("toy/dreambooth-lora", ["max_timestep=700"]),
     # the opposite of Custom Diffusion: no LoRA on the cross-attention's keys and values, so every prompt word (the
     # scene's too) is read exactly as the base model reads it; the identifier acts through the queries and outputs
     "lora-prior-nokv": ("toy/dreambooth-lora-prior-pre", ["lora_target_modules=[attn1.to_q, attn1.to_k, attn1.to_v, "

@@ -50,7 +50,8 @@ class DDPMObjective(Objective):
         T = scheduler.config.num_train_timesteps
         self.min_timestep, self.max_timestep = min_timestep, T if max_timestep is None else max_timestep
         if not 0 <= self.min_timestep < self.max_timestep <= T:
-            raise ValueError(f"timesteps {min_timestep}..{max_timestep}: need 0 <= min_timestep < max_timestep <= {T}")
+            raise ValueError(f"{min_timestep}..{max_timestep} is not a span of this model's {T} training timesteps; "
+                             f"pass 0 <= min_timestep < max_timestep <= {T}")
 
     def sample(self, shape: tuple, generator: torch.Generator, noise_offset: float = 0.0):
         noise = torch.randn(shape, generator=generator)

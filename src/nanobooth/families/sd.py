@@ -30,14 +30,12 @@ class SD(Family):
     def objective(self, training_scheduler, cfg=None) -> Objective:
         if cfg is None:
             return DDPMObjective(training_scheduler)
-        T = training_scheduler.config.num_train_timesteps
-        hi = T if cfg.max_timestep is None else cfg.max_timestep
-        if not 0 <= cfg.min_timestep < hi <= T:
+        try:  # the span is checked against the model's T where T is known: the objective
+            return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep)
+        except ValueError as e:
             from ..core.config import ConfigError
 
-            raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {cfg.min_timestep}..{cfg.max_timestep} is not a span of "
-                              f"this model's {T} training timesteps; pass 0 <= min_timestep < max_timestep <= {T}")
-        return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep)
+            raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {e}") from None
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return model(noisy, timesteps, **cond).sample
