@@ -39,7 +39,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-offset": ("toy/dreambooth-lora", ["noise_offset=0.1"]),
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
-    "full-prior": ("toy/dreambooth-prior-pre", []),
+    "full-prior": ("toy/dreambooth-prior-pre", []),  # lr 3e-4, 600 steps since session 28 (1e-4, 400 before)
     "full": ("toy/dreambooth", []),
     "full-te": ("toy/dreambooth-finetune-text-encoder", []),
     # tuning on toy model v5 (subjects 1-4, not the pre-registered ones): the LoRA twins at twice their lr, the full
@@ -66,6 +66,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # full-prior-lr3e4-s600 came within 0.1 of the LoRA's identity on subjects 1-4: the other full variants there
     "full-lr3e4-s600": ("toy/dreambooth", ["learning_rate=3e-4", "max_train_steps=600"]),
     "full-te-lr3e4-s600": ("toy/dreambooth-finetune-text-encoder", ["learning_rate=3e-4", "max_train_steps=600"]),
+    # session 28: the prior variant past 600 steps, and at the LoRA twin's prior weight 0.5
+    "full-prior-lr3e4-s900": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=900"]),
+    "full-prior-plw05-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600",
+                                    "prior_loss_weight=0.5"]),
+    # the full fine-tune at 3e-4 leaves grain in the backdrops of its samples: an EMA of its weights (decay warmed up,
+    # about 0.985 at step 600) averages the last steps' noise out
+    "full-prior-lr3e4-s600-ema": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600", "use_ema=true"]),
     "full-prior-lr5e4-warmup": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "lr_scheduler=constant_with_warmup",
                                 "lr_warmup_steps=100"]),
     # the pre-registered subjects lost scenes to the instance images' plain backdrop (prompt fidelity 0.725 on 9202):
