@@ -39,7 +39,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-offset": ("toy/dreambooth-lora", ["noise_offset=0.1"]),
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
-    "full-prior": ("toy/dreambooth-prior-pre", []),  # lr 3e-4, 600 steps since session 28 (1e-4, 400 before)
+    "full-prior": ("toy/dreambooth-prior-pre", []),  # lr 3e-4, 600 steps since session 28: full-prior-lr3e4-s600
+    "full-prior-lr1e4-s400": ("toy/dreambooth-prior-pre", ["learning_rate=1e-4", "max_train_steps=400"]),  # the setting before
     "full": ("toy/dreambooth", []),
     "full-te": ("toy/dreambooth-finetune-text-encoder", []),
     # tuning on toy model v5 (subjects 1-4, not the pre-registered ones): the LoRA twins at twice their lr, the full
