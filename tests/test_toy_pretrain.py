@@ -261,3 +261,49 @@ def test_later_biased_timesteps_weight_the_noisiest_portion():
     # 150 of 1000 timesteps at weight 3: 450 / (850 + 450) = 34.6% of the draws, vs 15% uniform
     assert abs((t >= 850).float().mean().item() - 450 / 1300) < 0.01
     assert abs((later_biased_timesteps(1000, 20000, 0.15, 1.0, g) >= 850).float().mean().item() - 0.15) < 0.01
+
+
+def test_init_from_continues_an_exported_model_in_its_latent_space(tmp_path, capsys):
+    # `--init-from`: stage 2 continues a shipped model (its UNet, text encoder and VAE) with a fresh optimizer,
+    # instead of the hours of stages 1-1e and a random init
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from nanobooth.toy.recipes import pretrain
+
+    model = Path(str(resources.files("nanobooth"))) / "assets" / "toy_model"
+    if not (model / "model_index.json").is_file():
+        pytest.skip("the pretrained toy model is not in this build")
+    out = tmp_path / "cont"
+    flags = ["--out", str(out), "--init-from", str(model), "--n-images", "20", "--n-plain", "4", "--n-patterned", "8",
+             "--unet-batch", "2", "--seed", "3"]
+    assert pretrain.main(flags + ["--unet-steps", "1", "--lr", "0"]) == 0
+    # lr 0: the checkpoint holds the exported weights exactly (fp16 upcast), not a random init
+    for ck_file, src in (("unet", "unet/diffusion_pytorch_model"), ("text_encoder", "text_encoder/model")):
+        ck, exported = load_file(str(out / "unet_ckpt" / f"{ck_file}.safetensors")), load_file(str(model / f"{src}.safetensors"))
+        assert exported and all(torch.equal(ck[k], v.float()) for k, v in exported.items())
+    vae, exported = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out / "vae_centred", model / "vae"))
+    assert all(torch.equal(vae[k], v.float()) for k, v in exported.items())
+    assert not any((out / d).exists() for d in ("vae", "vae_refined", "vae_ckpt"))  # no autoencoder stage ran
+    assert load_file(str(out / "latents_centred.safetensors"))["mean"].shape == (32, 4, 32, 32)
+    (line,) = json.loads((out / "history.json").read_text())
+    assert f"started from the exported model {model} (12000 steps, EMA weights in fp16)" in line and "seed 3" in line
+    # resumed at a real lr it trains on from its checkpoint (the init is not loaded again) and exports
+    assert pretrain.main(flags + ["--unet-steps", "3", "--lr", "1e-3"]) == 0
+    ck = load_file(str(out / "unet_ckpt" / "unet.safetensors"))
+    exported = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 3
+    # (warm-up: steps 1-2 at lr 2e-5 and 3e-5, an Adam update of about lr each)
+    assert max((ck[k] - v.float()).abs().max().item() for k, v in exported.items()) > 3e-5
+    assert pretrain.main(["--out", str(out), "--export", str(tmp_path / "m"), "--no-ema"]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "m"), torch_dtype=torch.float32)
+    assert torch.equal(pipe.unet.conv_in.weight, ck["conv_in.weight"].half().float())
+    # a folder that holds no exported pipeline: one line, nothing written
+    with pytest.raises(SystemExit) as e:
+        pretrain.main(["--out", str(tmp_path / "x"), "--init-from", str(tmp_path)])
+    assert e.value.code == 2 and "--init-from" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "x").exists()

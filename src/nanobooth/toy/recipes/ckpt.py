@@ -82,6 +82,20 @@ def add_time(out: Path, key: str, seconds: float, extra: dict | None = None):
     write_json(out / "timings.json", t)
 
 
+def read_history(out: Path) -> list[str]:
+    """history.json: how a run's weights were actually reached, where that differs from one run of the defaults."""
+    return json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
+
+
+def add_history(out: Path, line: str) -> bool:
+    """Append `line` to history.json unless it is there already; whether it was added."""
+    history = read_history(out)
+    if line in history:
+        return False
+    write_json(out / "history.json", history + [line])
+    return True
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup

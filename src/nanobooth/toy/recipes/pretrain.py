@@ -28,7 +28,9 @@ from nanobooth.toy import world
 from nanobooth.toy.recipes import autoencoder, denoiser
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
 from nanobooth.core.threads import native_bf16
-from nanobooth.toy.recipes.ckpt import add_time, stops_at_checkpoints, timings, to_tensor, write_json
+from nanobooth.toy.recipes.ckpt import (add_history, add_time, read_history, stops_at_checkpoints, timings, to_tensor,
+                                       write_json)
+from nanobooth.toy.recipes.exported import autoencoder_from, load_exported
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
@@ -204,7 +206,8 @@ def centre_latents(out: Path, scenes: np.ndarray, imgs: np.ndarray, seed: int):
 
 def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, ckpt_s: float, lr: float,
                arch: str = "v4", bf16: bool = False, noise_offset: float = 0.0,
-               timestep_bias: tuple[float, float] = (0.0, 1.0), patterned_weight: float = 1.0):
+               timestep_bias: tuple[float, float] = (0.0, 1.0), patterned_weight: float = 1.0,
+               init: Path | None = None):
     """UNet + CLIP text encoder by SD's objective (epsilon, min-SNR-5 weights: the same optimum, markedly faster
     convergence in short runs), in the shared stage-2 loop (denoiser.train).
 
@@ -227,7 +230,10 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     of each batch instead of a quarter. What limits DreamBooth on v5 at 9000 steps with uniform draws was the base
     model's patterns: drawing 40 described subjects ("a photo of a red and blue striped cube with an eye"), the
     probe read the class right 100% of the time, the mark 63%, the pattern 31% (metrics.described_subject_accuracy;
-    docs/evaluation.md)."""
+    docs/evaluation.md).
+
+    init: an exported toy pipeline (`--init-from`) whose UNet and text encoder a new stage 2 starts from instead
+    of a random init (a continuation of a shipped model; ignored once the run has a checkpoint)."""
     from diffusers import DDPMScheduler
 
     from nanobooth.families import FAMILIES, DDPMObjective
@@ -236,6 +242,8 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     tok = make_tokenizer()
     torch.manual_seed(seed + 1)
     unet, te = make_unet(arch), make_text_encoder()
+    if init is not None and not (out / "unet_ckpt" / "state.json").is_file():
+        load_exported(init, unet, te)
 
     def encode(caps):
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -276,20 +284,6 @@ def note_objective_change(out: Path, settings: dict) -> None:
             + ", ".join(f"{k} {settings[k]:g}" for k in changed))
     if add_history(out, line):  # False: a stop before the next checkpoint resumed here again
         log.info("stage 2: %s (history.json)", line)
-
-
-def read_history(out: Path) -> list[str]:
-    """history.json: how a run's weights were actually reached, where that differs from one run of the defaults."""
-    return json.loads((out / "history.json").read_text()) if (out / "history.json").exists() else []
-
-
-def add_history(out: Path, line: str) -> bool:
-    """Append `line` to history.json unless it is there already; whether it was added."""
-    history = read_history(out)
-    if line in history:
-        return False
-    write_json(out / "history.json", history + [line])
-    return True
 
 
 # -------------------------------------------------------------------- export
@@ -395,6 +389,9 @@ def main(argv=None):
     p.add_argument("--stage", choices=["all", "decoder", "decoder-refine"], default="all",
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="continue an exported toy model (a folder such as assets/toy_model): stage 2 starts from its "
+                        "UNet and text encoder, in its VAE's latent space; the autoencoder stages are skipped")
     p.set_defaults(**RECIPES[p.parse_known_args(argv)[0].recipe])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -409,9 +406,13 @@ def main(argv=None):
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     held = autoencoder.HELD_APART
-    if a.n_images < held + a.vae_batch:
+    if a.n_images < held + a.vae_batch and not a.init_from:  # --init-from runs no autoencoder stage
         p.error(f"--n-images {a.n_images}: the autoencoder stages keep the last {held} scenes apart (recon figure, "
                 f"latent scale); pass at least {held + a.vae_batch}")
+    init = Path(a.init_from) if a.init_from else None
+    if init is not None and not all((init / d / "config.json").is_file() for d in ("unet", "text_encoder", "vae")):
+        p.error(f"--init-from {init}: no exported toy pipeline there (needs unet/, text_encoder/ and vae/); pass a "
+                "folder written by --export, such as src/nanobooth/assets/toy_model")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
         was = json.loads(f.read_text())
@@ -425,6 +426,16 @@ def main(argv=None):
         # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
         # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
         scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
+        if init is not None:
+            vae = autoencoder_from(out, init, a.seed)
+            try:
+                train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr,
+                           a.unet_arch, native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias,
+                           a.patterned_weight, init)
+            except ValueError as e:  # load_exported: a model of another layout
+                p.error(str(e))
+            log.info("pretraining done: %s", json.dumps(timings(out)))
+            return 0
         vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
         vae.eval().requires_grad_(False)
         if a.decoder_steps:
