@@ -39,8 +39,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-offset": ("toy/dreambooth-lora", ["noise_offset=0.1"]),
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
-    "full-prior": ("toy/dreambooth-prior-pre", []),  # lr 3e-4, 600 steps since session 28: full-prior-lr3e4-s600
-    "full-prior-lr1e4-s400": ("toy/dreambooth-prior-pre", ["learning_rate=1e-4", "max_train_steps=400"]),  # the setting before
+    # lr 3e-4, 600 steps since session 28, the EMA of its weights since session 29: full-prior-lr3e4-s600-ema
+    "full-prior": ("toy/dreambooth-prior-pre", []),
+    "full-prior-lr1e4-s400": ("toy/dreambooth-prior-pre", ["learning_rate=1e-4", "max_train_steps=400",
+                              "use_ema=false"]),  # the setting before session 28
     "full": ("toy/dreambooth", []),
     "full-te": ("toy/dreambooth-finetune-text-encoder", []),
     # tuning on toy model v5 (subjects 1-4, not the pre-registered ones): the LoRA twins at twice their lr, the full
@@ -55,27 +57,27 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the prior's loss weighted up
     "lora-prior-lr15e4": ("toy/dreambooth-lora-prior-pre", ["learning_rate=1.5e-3"]),
     "lora-prior-lr2e3-plw2": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "prior_loss_weight=2.0"]),
-    "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4"]),
-    "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4"]),
+    "full-prior-lr2e4": ("toy/dreambooth-prior-pre", ["learning_rate=2e-4", "use_ema=false"]),
+    "full-prior-lr5e4": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "use_ema=false"]),
     # on the v5 step-9480 export: prompt fidelity (scenes kept) at fewer steps, and the full fine-tune at an lr between
     "lora-prior-lr2e3-s200": ("toy/dreambooth-lora-prior-pre", ["learning_rate=2e-3", "max_train_steps=200"]),
-    "full-prior-lr3e4": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4"]),
+    "full-prior-lr3e4": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "use_ema=false"]),
     # the full fine-tune, which at 3e-4 stayed short of LoRA's identity (0.44 vs 0.69 on subjects 1-4) and at 5e-4
     # lost the scenes (prompt fidelity 0.39): the higher lr for fewer steps, the lower one for more, and a warm-up
-    "full-prior-lr5e4-s200": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "max_train_steps=200"]),
-    "full-prior-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600"]),
+    "full-prior-lr5e4-s200": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "max_train_steps=200", "use_ema=false"]),
+    "full-prior-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600", "use_ema=false"]),
     # full-prior-lr3e4-s600 came within 0.1 of the LoRA's identity on subjects 1-4: the other full variants there
     "full-lr3e4-s600": ("toy/dreambooth", ["learning_rate=3e-4", "max_train_steps=600"]),
     "full-te-lr3e4-s600": ("toy/dreambooth-finetune-text-encoder", ["learning_rate=3e-4", "max_train_steps=600"]),
     # session 28: the prior variant past 600 steps, and at the LoRA twin's prior weight 0.5
-    "full-prior-lr3e4-s900": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=900"]),
+    "full-prior-lr3e4-s900": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=900", "use_ema=false"]),
     "full-prior-plw05-lr3e4-s600": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600",
-                                    "prior_loss_weight=0.5"]),
+                                    "prior_loss_weight=0.5", "use_ema=false"]),
     # the full fine-tune at 3e-4 leaves grain in the backdrops of its samples: an EMA of its weights (decay warmed up,
     # about 0.985 at step 600) averages the last steps' noise out
     "full-prior-lr3e4-s600-ema": ("toy/dreambooth-prior-pre", ["learning_rate=3e-4", "max_train_steps=600", "use_ema=true"]),
     "full-prior-lr5e4-warmup": ("toy/dreambooth-prior-pre", ["learning_rate=5e-4", "lr_scheduler=constant_with_warmup",
-                                "lr_warmup_steps=100"]),
+                                "lr_warmup_steps=100", "use_ema=false"]),
     # the pre-registered subjects lost scenes to the instance images' plain backdrop (prompt fidelity 0.725 on 9202):
     # LoRA on the cross-attention only, whose keys and values read the prompt (Custom Diffusion, Kumari et al. 2023,
     # tunes just those), not the self-attention that lays out the whole image, backdrop included
