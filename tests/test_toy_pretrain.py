@@ -292,8 +292,11 @@ def test_init_from_continues_an_exported_model_in_its_latent_space(tmp_path, cap
     assert load_file(str(out / "latents_centred.safetensors"))["mean"].shape == (32, 4, 32, 32)
     (line,) = json.loads((out / "history.json").read_text())
     assert f"started from the exported model {model} (12000 steps, EMA weights in fp16)" in line and "seed 3" in line
-    # resumed at a real lr it trains on from its checkpoint (the init is not loaded again) and exports
-    assert pretrain.main(flags + ["--unet-steps", "3", "--lr", "1e-3"]) == 0
+    # resumed at a real lr it trains on from its checkpoint (the init is not loaded again) and exports; a resume
+    # that leaves --init-from off continues what the run started from, with no autoencoder stage either
+    resume = [f for f in flags if f != str(model) and f != "--init-from"]
+    assert pretrain.main(resume + ["--unet-steps", "3", "--lr", "1e-3"]) == 0
+    assert not any((out / d).exists() for d in ("vae", "vae_refined", "vae_ckpt"))
     ck = load_file(str(out / "unet_ckpt" / "unet.safetensors"))
     exported = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 3
@@ -307,3 +310,20 @@ def test_init_from_continues_an_exported_model_in_its_latent_space(tmp_path, cap
         pretrain.main(["--out", str(tmp_path / "x"), "--init-from", str(tmp_path)])
     assert e.value.code == 2 and "--init-from" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "x").exists()
+    # a missing folder, a model of another layout, a --stage that stops before stage 2: refused before anything runs
+    for bad, says in ((["--init-from", str(tmp_path / "nothing")], "no such folder"),
+                      (["--init-from", str(model), "--recipe", "v4"], "pass --recipe v5"),
+                      (["--init-from", str(model), "--unet-arch", "v4"], "pass --recipe v5"),
+                      (["--init-from", str(model), "--vae-factor", "4"], "drop --vae-factor"),
+                      (["--init-from", str(model), "--stage", "decoder"], "drop --stage")):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(["--out", str(tmp_path / "x")] + bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
+        assert not (tmp_path / "x").exists()
+    # a run started from scratch has its own latent space: --init-from does not continue it
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "args_all.json").write_text(json.dumps({"vae_factor": 2, "unet_arch": "v5", "init_from": None}))
+    with pytest.raises(SystemExit):
+        pretrain.main(["--out", str(tmp_path / "y"), "--init-from", str(model)])
+    assert "holds a run started without --init-from" in capsys.readouterr().err.splitlines()[-1]
+    assert [f.name for f in (tmp_path / "y").iterdir()] == ["args_all.json"]

@@ -18,16 +18,12 @@ from nanobooth.toy.recipes.ckpt import add_history
 
 
 def load_exported(model: Path, unet, te) -> None:
-    """Load an exported toy pipeline's UNet and text encoder weights (fp16 files, upcast) into `unet`, `te`.
-    ValueError naming the folder where its UNet's layout is not `unet`'s (another --unet-arch)."""
+    """Load an exported toy pipeline's UNet and text encoder weights (fp16 files, upcast) into `unet`, `te` (of the
+    same layout: pretrain.main checks the UNet's against the recipe's before anything runs)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    src = UNet2DConditionModel.from_pretrained(str(model / "unet"), torch_dtype=torch.float32)
-    if tuple(src.config.block_out_channels) != tuple(unet.config.block_out_channels):
-        raise ValueError(f"--init-from {model}: its UNet has block_out_channels {list(src.config.block_out_channels)},"
-                         f" this recipe's {list(unet.config.block_out_channels)}; pass the matching --recipe")
-    unet.load_state_dict(src.state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model / "unet"), torch_dtype=torch.float32).state_dict())
     te.load_state_dict(CLIPTextModel.from_pretrained(str(model / "text_encoder"), torch_dtype=torch.float32).state_dict())
 
 
@@ -48,3 +44,36 @@ def autoencoder_from(out: Path, model: Path, seed: int):
                          f"{'EMA' if info.get('ema') else 'raw'} weights in fp16) with its VAE, a fresh AdamW and lr "
                          f"schedule, on renders of seed {seed}; autoencoder stages 1-1e skipped")
     return AutoencoderKL.from_pretrained(str(final)).eval().requires_grad_(False)
+
+
+def recorded_init(out: Path) -> str | None:
+    """The --init-from a run in `out` was started with (its args_*.json), or None."""
+    for f in sorted(out.glob("args_*.json")) if out.is_dir() else []:
+        if init := json.loads(f.read_text()).get("init_from"):
+            return init
+    return None
+
+
+def init_error(model: Path, recipe: str, unet_arch: str, vae_factor: int, stage: str) -> str | None:
+    """The one line `--init-from model` is refused with before anything runs, or None: no exported toy pipeline
+    there, a UNet or VAE of another layout than the recipe's, or a --stage that stops before stage 2."""
+    from nanobooth.toy.recipes.pretrain import UNETS
+
+    if not model.exists():
+        return f"--init-from {model}: no such folder; pass an exported toy model, such as src/nanobooth/assets/toy_model"
+    if not all((model / d / "config.json").is_file() for d in ("unet", "text_encoder", "vae")):
+        flux = " (a FLUX twin: continue it with `toy pretrain-flux`)" if (model / "transformer").is_dir() else ""
+        return (f"--init-from {model}: no exported toy pipeline there{flux} (needs unet/, text_encoder/ and vae/); pass a "
+                "folder written by --export, such as src/nanobooth/assets/toy_model")
+    got = json.loads((model / "unet" / "config.json").read_text()).get("block_out_channels")
+    if got != list(UNETS[unet_arch]["block_out_channels"]):
+        arch = next((k for k, v in UNETS.items() if list(v["block_out_channels"]) == got), None)
+        fix = f"pass --recipe {arch} (and no other --unet-arch)" if arch else "it is no toy recipe's UNet"
+        return (f"--init-from {model}: its UNet (block_out_channels {got}) is not --unet-arch {unet_arch} (recipe "
+                f"{recipe}); {fix}")
+    factor = 2 ** (len(json.loads((model / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    if factor != vae_factor:
+        return f"--init-from {model}: its VAE downsamples {factor}x, not --vae-factor {vae_factor}; drop --vae-factor"
+    if stage != "all":
+        return f"--stage {stage}: --init-from runs no autoencoder stage to stop after; drop --stage"
+    return None

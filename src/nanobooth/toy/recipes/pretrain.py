@@ -30,6 +30,7 @@ from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_
 from nanobooth.core.threads import native_bf16
 from nanobooth.toy.recipes.ckpt import (add_history, add_time, read_history, stops_at_checkpoints, timings, to_tensor,
                                        write_json)
+from nanobooth.toy.recipes import exported
 from nanobooth.toy.recipes.exported import autoencoder_from, load_exported
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
@@ -365,7 +366,7 @@ def main(argv=None):
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--unet-steps", type=int, default=7200)
     p.add_argument("--unet-batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-4, help="stage 2's peak AdamW lr (100 warm-up steps, cosine to a tenth)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="stage 2 under CPU bfloat16 autocast (fp32 weights); default: where the CPU has bf16 instructions")
@@ -390,8 +391,10 @@ def main(argv=None):
                    help="stop after stage 1b ('decoder') or 1d ('decoder-refine'): decoder stages can run "
                         "alongside stage 2, since they leave the latents alone")
     p.add_argument("--init-from", default=None, metavar="MODEL",
-                   help="continue an exported toy model (a folder such as assets/toy_model): stage 2 starts from its "
-                        "UNet and text encoder, in its VAE's latent space; the autoencoder stages are skipped")
+                   help="continue an exported toy model (e.g. src/nanobooth/assets/toy_model): stage 2 starts from its "
+                        "UNet and text encoder with a fresh AdamW and lr warm-up, on new renders of --seed, in its VAE's "
+                        "latent space; the autoencoder stages and their options (--vae-*, --decoder-*, --centre-latents, "
+                        "--stage) are skipped. A resume without it continues what the run started from")
     p.set_defaults(**RECIPES[p.parse_known_args(argv)[0].recipe])
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -406,13 +409,18 @@ def main(argv=None):
         export(out, Path(a.export), use_ema=not a.no_ema)
         return 0
     held = autoencoder.HELD_APART
+    if (recorded := exported.recorded_init(out)) and not a.init_from:
+        a.init_from = recorded  # a resume without the flag continues what the run started from (no autoencoder stages)
+        log.info("%s was started with --init-from %s: continuing it", out, recorded)
     if a.n_images < held + a.vae_batch and not a.init_from:  # --init-from runs no autoencoder stage
         p.error(f"--n-images {a.n_images}: the autoencoder stages keep the last {held} scenes apart (recon figure, "
                 f"latent scale); pass at least {held + a.vae_batch}")
     init = Path(a.init_from) if a.init_from else None
-    if init is not None and not all((init / d / "config.json").is_file() for d in ("unet", "text_encoder", "vae")):
-        p.error(f"--init-from {init}: no exported toy pipeline there (needs unet/, text_encoder/ and vae/); pass a "
-                "folder written by --export, such as src/nanobooth/assets/toy_model")
+    if init is not None and (err := exported.init_error(init, a.recipe, a.unet_arch, a.vae_factor, a.stage)):
+        p.error(err)
+    if init is not None and any(out.glob("args_*.json")) and recorded != str(init):  # another latent space
+        p.error(f"{out} holds a run started {f'from {recorded}' if recorded else 'without --init-from'}; resume it "
+                "as it was started, or pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
         was = json.loads(f.read_text())
@@ -428,12 +436,9 @@ def main(argv=None):
         scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
         if init is not None:
             vae = autoencoder_from(out, init, a.seed)
-            try:
-                train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr,
-                           a.unet_arch, native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias,
-                           a.patterned_weight, init)
-            except ValueError as e:  # load_exported: a model of another layout
-                p.error(str(e))
+            train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr,
+                       a.unet_arch, native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias,
+                       a.patterned_weight, init)
             log.info("pretraining done: %s", json.dumps(timings(out)))
             return 0
         vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
