@@ -25,13 +25,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nanobooth.toy import world
-from nanobooth.toy.recipes import autoencoder, denoiser
+from nanobooth.toy.recipes import autoencoder, denoiser, exported
 from nanobooth.toy.recipes.autoencoder import refine_decoder, refine_vae, train_decoder, train_vae
 from nanobooth.core.threads import native_bf16
 from nanobooth.toy.recipes.ckpt import (add_history, add_time, read_history, stops_at_checkpoints, timings, to_tensor,
                                        write_json)
-from nanobooth.toy.recipes import exported
-from nanobooth.toy.recipes.exported import autoencoder_from, load_exported
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain")
 TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "clip_tokenizer"
@@ -244,7 +242,7 @@ def train_unet(out: Path, vae, imgs, specs, seed: int, steps: int, batch: int, c
     torch.manual_seed(seed + 1)
     unet, te = make_unet(arch), make_text_encoder()
     if init is not None and not (out / "unet_ckpt" / "state.json").is_file():
-        load_exported(init, unet, te)
+        exported.load_exported(init, unet, te)
 
     def encode(caps):
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
@@ -350,6 +348,30 @@ RECIPES = {
 }
 
 
+def autoencoder_stages(out: Path, a: argparse.Namespace, imgs: np.ndarray, specs: list):
+    """Stages 1-1e as the parsed flags `a` say; the autoencoder stage 2 trains in, or None where --stage stops
+    before stage 2."""
+    # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
+    # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
+    scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
+    vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
+    vae.eval().requires_grad_(False)
+    if a.decoder_steps:
+        train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
+    if a.stage == "decoder":
+        return None
+    if a.vae_refine_steps:
+        vae = refine_vae(out, scenes, scene_specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                         a.vae_refine_subjects)
+        vae.eval().requires_grad_(False)
+    if a.decoder_refine_steps:
+        refine_decoder(out, scenes, scene_specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
+                       a.vae_refine_subjects)
+    if a.stage == "decoder-refine":
+        return None
+    return centre_latents(out, scenes, imgs, a.seed) if a.centre_latents else vae
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="nanobooth toy pretrain", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default="v5",
@@ -431,35 +453,11 @@ def main(argv=None):
     write_json(out / f"args_{a.stage}.json", vars(a))
     with stops_at_checkpoints():  # a stop mid-stage checkpoints that step: rerun to continue
         imgs, specs = load_or_render_data(out, a.n_images, a.seed, a.n_plain, a.n_patterned)
-        # the autoencoder stages see the scenes only (as the shipped VAE did; stage 1c's subjects bring the
-        # backdrop), which also keeps their held-apart recon images (the last HELD_APART) scenes
-        scenes, scene_specs = imgs[:a.n_images], specs[:a.n_images]
-        if init is not None:
-            vae = autoencoder_from(out, init, a.seed)
-            train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr,
-                       a.unet_arch, native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias,
-                       a.patterned_weight, init)
-            log.info("pretraining done: %s", json.dumps(timings(out)))
+        vae = exported.autoencoder_from(out, init, a.seed) if init is not None else autoencoder_stages(out, a, imgs, specs)
+        if vae is None:  # --stage stopped after an autoencoder stage
             return 0
-        vae = train_vae(out, scenes, a.seed, a.vae_steps, a.vae_batch, a.ckpt_minutes * 60, a.vae_factor)
-        vae.eval().requires_grad_(False)
-        if a.decoder_steps:
-            train_decoder(out, scenes, a.seed, a.decoder_steps, a.vae_batch, a.ckpt_minutes * 60)
-        if a.stage == "decoder":
-            return 0
-        if a.vae_refine_steps:
-            vae = refine_vae(out, scenes, scene_specs, a.seed, a.vae_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
-                             a.vae_refine_subjects)
-            vae.eval().requires_grad_(False)
-        if a.decoder_refine_steps:
-            refine_decoder(out, scenes, scene_specs, a.seed, a.decoder_refine_steps, a.vae_batch, a.ckpt_minutes * 60,
-                           a.vae_refine_subjects)
-        if a.stage == "decoder-refine":
-            return 0
-        if a.centre_latents:
-            vae = centre_latents(out, scenes, imgs, a.seed)
         train_unet(out, vae, imgs, specs, a.seed, a.unet_steps, a.unet_batch, a.ckpt_minutes * 60, a.lr, a.unet_arch,
-                   native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias, a.patterned_weight)
+                   native_bf16() if a.bf16 is None else a.bf16, a.noise_offset, a.timestep_bias, a.patterned_weight, init)
     log.info("pretraining done: %s", json.dumps(timings(out)))
     return 0
 
