@@ -3,9 +3,9 @@ pre-registered subjects (never used in tuning).
 
 Each subject trains the shipped recipe `toy/dreambooth-lora-prior-pre` and its no-prior twin end to end on
 CPU and scores both with `nanobooth toy eval` at its defaults, 8 images a prompt (the base model scored
-alongside): exactly `bench/aids_toy.py --arms lora-prior-plw05 lora-lr2e3 --seeds 9101 9202` (whose arms are
-the shipped settings), so the measured numbers in the comments are that bench's table in docs/evaluation.md. Runs
-are deterministic on CPU; margins leave room for float differences across thread counts.
+alongside): exactly `bench/aids_toy.py --arms lora-prior lora --seeds 9101 9202` (the shipped settings; since
+session 30 the recipe trains a text-encoder LoRA too), so the measured numbers in the comments are that bench's rows in
+docs/evaluation.md. Runs are deterministic on CPU; margins leave room for float differences across thread counts.
 """
 
 import json
@@ -48,7 +48,8 @@ PRIOR, NO_PRIOR = "toy/dreambooth-lora-prior-pre", "toy/dreambooth-lora"
 
 
 def test_subject_fidelity_closes_most_of_the_gap_to_the_reference(scores):
-    # measured (with prior): 9101 0.932 vs base 0.750, reference 0.954; 9202 0.821 vs 0.638, reference 0.926.
+    # measured (with prior): 9101 0.938 vs base 0.750, reference 0.954; 9202 0.790 vs 0.638, reference 0.926 (53% of
+    # the gap; 0.821 before the text-encoder LoRA).
     # The reference row is the subject's own renders through the model's VAE: what the decoder can show.
     for variant in (PRIOR, NO_PRIOR):
         res = scores[variant]
@@ -59,8 +60,9 @@ def test_subject_fidelity_closes_most_of_the_gap_to_the_reference(scores):
 
 
 def test_subject_identity_reaches_issue_24s_floor(scores):
-    # the generation read as the subject exactly (class, pattern and mark). Measured with prior: 9101 0.833,
-    # 9202 0.542 (base 0.021 / 0.042); issue #24 asks no subject below 0.3. v4's recipe: 0.208 on its test subject.
+    # the generation read as the subject exactly (class, pattern and mark). Measured with prior: 9101 0.938,
+    # 9202 0.354 (base 0.021 / 0.042; before the text-encoder LoRA 0.833 / 0.542: of the 18 subjects measured with
+    # and without it, it bound 5 less, this dotted ring most); issue #24 asks no subject below 0.3. v4's recipe: 0.208 on its test subject.
     res = scores[PRIOR]
     assert res["tuned"]["subject_identity"] >= 0.3
     assert res["base"]["subject_identity"] <= 0.1
@@ -68,23 +70,23 @@ def test_subject_identity_reaches_issue_24s_floor(scores):
 
 def test_subject_appears_in_the_requested_scenes(scores):
     # the task as a whole: the subject and the scene "a photo of a sks ring on the beach" asks for, in one image.
-    # Measured with prior: 9101 0.800, 9202 0.425 (base 0.025 on both)
+    # Measured with prior: 9101 0.875, 9202 0.250 (base 0.025 on both)
     res = scores[PRIOR]
     assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.2
 
 
 def test_prompt_fidelity(scores):
-    # issue #24's target is within 0.05 of the base model. Measured: 9101 0.950 vs base 0.950 (met); 9202 0.850 vs
+    # issue #24's target is within 0.05 of the base model. Measured: 9101 0.925 vs base 0.950 (met); 9202 0.875 vs
     # 0.975, NOT met: this dotted ring's pale plain instance backdrop comes back for "on the beach" and "in the snow"
-    # (toy_eval.png). Over the eight pre-registered subjects 0.887 vs 0.956 (docs/evaluation.md): still open.
+    # (toy_eval.png). Met on average over the 16 fresh subjects of sessions 27 and 30 (docs/evaluation.md).
     res = scores[PRIOR]
     allowed = {9101: 0.05, 9202: 0.2}[scores["seed"]]
     assert res["tuned"]["prompt_fidelity"] >= res["base"]["prompt_fidelity"] - allowed
 
 
 def test_prior_preservation_limits_language_drift(scores):
-    # prior drift above the base model's, with vs without prior preservation: 9101 +0.028 vs +0.159, 9202 +0.053 vs
-    # +0.153; issue #24 asks at most 0.7x
+    # prior drift above the base model's, with vs without prior preservation: 9101 +0.013 vs +0.159, 9202 +0.048 vs
+    # +0.152; issue #24 asks at most 0.7x
     base = scores[PRIOR]["base"]["prior_drift"]
     with_prior, without = scores[PRIOR]["tuned"], scores[NO_PRIOR]["tuned"]
     assert with_prior["prior_drift"] - base <= 0.7 * (without["prior_drift"] - base)
