@@ -223,9 +223,10 @@ def main() -> None:
     head = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
     print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt, {a.eval_steps} {a.eval_sampler} "
           f"sampler steps)\n\n{head}")
-    for arm, section in [(None, "base"), *((arm, "tuned") for arm in a.arms)]:
-        vals = [[pick(with_base[s] if arm is None else rows[arm, s], m, section) for s in a.seeds] for m in METRICS]
-        print(f"| {'base model' if section == 'base' else arm} | " + " | ".join(f"{sum(v) / len(v):.3f}" if None not in v else "–" for v in vals) + " |")
+    table = [("base model", "base", with_base), *((arm, "tuned", {s: rows[arm, s] for s in a.seeds}) for arm in a.arms)]
+    for label, section, by_seed in table:
+        vals = [[pick(by_seed[s], m, section) for s in a.seeds] for m in METRICS]
+        print(f"| {label} | " + " | ".join(f"{sum(v) / len(v):.3f}" if None not in v else "–" for v in vals) + " |")
     print("\nper subject\n\n| arm | seed | " + " | ".join(METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
     for (arm, s), r in rows.items():
         print(f"| {arm} | {s} | " + " | ".join(f"{pick(r, m):.3f}" if pick(r, m) is not None else "–" for m in METRICS) + " |")

@@ -62,7 +62,8 @@ def test_subject_fidelity_closes_most_of_the_gap_to_the_reference(scores):
 def test_subject_identity_reaches_issue_24s_floor(scores):
     # the generation read as the subject exactly (class, pattern and mark). Measured with prior: 9101 0.938,
     # 9202 0.354 (base 0.021 / 0.042; before the text-encoder LoRA 0.833 / 0.542: of the 18 subjects measured with
-    # and without it, it bound 5 less, this dotted ring most); issue #24 asks no subject below 0.3. v4's recipe: 0.208 on its test subject.
+    # and without it, it bound 5 less, this dotted ring most); issue #24 asks no subject below 0.3. v4's recipe:
+    # 0.208 on its test subject.
     res = scores[PRIOR]
     assert res["tuned"]["subject_identity"] >= 0.3
     assert res["base"]["subject_identity"] <= 0.1
