@@ -41,7 +41,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-offset": ("toy/dreambooth-lora", ["noise_offset=0.1"]),
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
-    # lr 3e-4, 600 steps since session 28, the EMA of its weights since session 29: full-prior-lr3e4-s600-ema
+    # lr 3e-4, 600 steps since session 28, the EMA of its weights since session 29: full-prior-lr3e4-s600-ema; the
+    # text encoder trained too since session 31: full-prior-te
     "full-prior": ("toy/dreambooth-prior-pre", []),
     "full-prior-lr1e4-s400": ("toy/dreambooth-prior-pre", ["learning_rate=1e-4", "max_train_steps=400",
                               "use_ema=false"]),  # the setting before session 28
@@ -118,6 +119,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-te-lr2e4": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=2e-4"]),
     "lora-prior-te-lr1e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-3"]),
     "lora-te-lr1e3": ("toy/dreambooth-lora", ["train_text_encoder=true", "text_encoder_lr=1e-3"]),
+    # the text-encoder LoRA lifted LoRA + prior's identity (session 30): the full + prior fine-tune with the text
+    # encoder too, at the lr of toy/dreambooth-finetune-text-encoder's
+    "full-prior-te": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
@@ -133,10 +137,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                             "ff.net.2, ff_context.net.0.proj, ff_context.net.2, proj_mlp, proj_out]"]),
 }
 # the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
-# UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md
+# UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
+# text encoder (session 31)
 for _arm, (_variant, _overrides) in ARMS.items():
-    if (_variant == "toy/dreambooth-lora-prior-pre" and _arm != "lora-prior"
-            and not any(o.startswith("train_text_encoder=") for o in _overrides)):
+    if (_variant in ("toy/dreambooth-lora-prior-pre", "toy/dreambooth-prior-pre")
+            and _arm not in ("lora-prior", "full-prior") and not any(o.startswith("train_text_encoder=") for o in _overrides)):
         _overrides.append("train_text_encoder=false")
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 

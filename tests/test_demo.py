@@ -10,6 +10,29 @@ from nanobooth.cli import main
 SHIPPED = (Path(str(resources.files("nanobooth"))) / "assets" / "toy_model" / "model_index.json").is_file()
 
 
+@pytest.mark.skipif(not SHIPPED, reason="the pretrained toy model is not in this build")
+def test_speed_times_the_text_encoder_where_the_recipe_trains_it(monkeypatch):
+    """The plan's step time: the recipe's text-encoder LoRA runs forward (once per prompt: instance and class) and
+    backward inside every timed step, as in training; a frozen text encoder encodes once, before the timing."""
+    import nanobooth.demo as demo_mod
+    from nanobooth.families import SD
+
+    calls = []
+    encode = SD.encode
+    monkeypatch.setattr(SD, "encode", lambda self, *a: calls.append(a) or encode(self, *a))
+    cfg = demo_mod.load_config("toy/dreambooth-lora-prior-pre", {})
+    assert cfg.train_text_encoder and cfg.with_prior_preservation
+    assert min(demo_mod.speed(cfg, sample_batch=2, repeats=2)) > 0
+    assert len(calls) == 1 + 2 * (1 + 2)  # before the timing, then instance and class in the warm-up and 2 timed steps
+    te = calls[-1][0][0]
+    lora_b = [p for n, p in te.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zeros when attached: the steps' gradients reached them
+    calls.clear()
+    assert min(demo_mod.speed(demo_mod.load_config("toy/dreambooth-lora-prior-pre", ["train_text_encoder=false"]),
+                              sample_batch=2, repeats=2)) > 0
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not SHIPPED, reason="the pretrained toy model is not in this build")
 def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):

@@ -46,14 +46,16 @@ def unet_evaluations(cfg: TrainConfig, n_scenes: int) -> dict[str, float]:
 def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[float, float]:
     """(seconds per single-image denoiser forward, seconds per training step) of `cfg`'s model and method, measured
     now with the current threads, each the fastest of `repeats` timed calls after a warm-up. The forward: a no-grad
-    batch of `sample_batch` through the family's denoise call (the toy UNet, or the FLUX twin's transformer), per image. The step: a real one of the run's shape, the method's
-    trainable weights attached as training attaches them (LoRA adapters, or the whole UNet), train_batch_size rows
-    (twice that with prior preservation), forward, MSE, backward, AdamW. Random latents: time does not depend on them.
-    Timing the step rather than counting it as forwards matters: an adapter's backward skips the frozen weights'
+    batch of `sample_batch` through the family's denoise call (the toy UNet, or the FLUX twin's transformer), per
+    image. The step: a real one of the run's shape, the method's trainable weights attached as training attaches them
+    (LoRA adapters, or the whole UNet), train_batch_size rows (twice that with prior preservation), forward, MSE,
+    backward, AdamW, with the text encoders' forward and backward per prompt when they are trained. Random latents:
+    time does not depend on them. Timing the step rather than counting it as forwards matters: an adapter's backward skips the frozen weights'
     gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
     import torch
 
     from .core.models import load_components, resolve_model
+    from .families import cond_batch
     from .methods import METHODS
 
     c = load_components(resolve_model(cfg.model))
@@ -84,11 +86,17 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
     method = METHODS[cfg.method]()
     method.attach(fam, c.unet, c.text_encoders, cfg)
     optimizer = torch.optim.AdamW([p for g in method.param_groups(c.unet, c.text_encoders, cfg, 1.0) for p in g["params"]], lr=1e-8)
-    xs, ts, conds = inputs(cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1))
+    kinds = 2 if cfg.with_prior_preservation else 1
+    xs, ts, conds = inputs(cfg.train_batch_size * kinds)
+    ids = fam.tokenize(c.tokenizers, "a photo", "cpu")
     c.unet.train()
 
     def step() -> None:
-        fam.denoise(c.unet, xs, ts, conds).float().pow(2).mean().backward()
+        # a trained text encoder runs forward and backward once per distinct prompt (instance, class) each step, as
+        # training does; frozen, the prompts were encoded once before the loop
+        cond = cond_batch([fam.encode(c.text_encoders, ids, cfg.resolution) for _ in range(kinds)],
+                          [cfg.train_batch_size] * kinds) if cfg.train_text_encoder else conds
+        fam.denoise(c.unet, xs, ts, cond).float().pow(2).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
