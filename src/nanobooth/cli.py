@@ -170,9 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value")
     c.set_defaults(func=cmd_config)
 
-    d = sub.add_parser("demo", help="the main job: DreamBooth on the embedded toy model, before/after grids")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps")
+    d = sub.add_parser("demo", help="the main job: DreamBooth on the embedded toy model, before/after grids",
+                       description="The main job, offline in minutes: a new toy subject (5 photos of one object), the "
+                       "LoRA + prior recipe (toy/dreambooth-lora-prior-pre; toy-flux/... with --model toy-flux) on "
+                       "the embedded toy model, a before/after sample grid, and toy eval's scores. It prints the plan "
+                       "and the time it expects first, and where everything went last.")
+    d.add_argument("--out", default="runs/demo",
+                   help="the demo's folder (default runs/demo); one holding an earlier demo is kept and the next "
+                   "free name (runs/demo-2, ...) is used")
+    d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps (default 300)")
     d.add_argument("--num-class-images", type=int, default=None,
                    help="override the recipe's num_class_images (prior-preservation class images; default 50)")
     d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
