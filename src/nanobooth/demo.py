@@ -50,8 +50,8 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
     image. The step: a real one of the run's shape, the method's trainable weights attached as training attaches them
     (LoRA adapters, or the whole UNet), train_batch_size rows (twice that with prior preservation), forward, MSE,
     backward, AdamW, with the text encoders' forward and backward per prompt when they are trained. Random latents:
-    time does not depend on them. Timing the step rather than counting it as forwards matters: an adapter's backward skips the frozen weights'
-    gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
+    time does not depend on them. Timing the step rather than counting it as forwards matters: an adapter's
+    backward skips the frozen weights' gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
     import torch
 
     from .core.models import load_components, resolve_model
@@ -63,7 +63,8 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
     gen = torch.Generator().manual_seed(0)
     size = cfg.resolution // 2 ** (len(c.vae.config.block_out_channels) - 1)  # the VAE's downsampling (config_checks)
     with torch.no_grad():
-        one = fam.encode(c.text_encoders, fam.tokenize(c.tokenizers, "a photo", "cpu"), cfg.resolution)
+        ids = fam.tokenize(c.tokenizers, "a photo", "cpu")
+        one = fam.encode(c.text_encoders, ids, cfg.resolution)
 
     def inputs(batch: int):
         cond = {k: v.expand(batch, *v.shape[1:]) if v.shape[0] == 1 and k != "guidance" else v for k, v in one.items()}
@@ -88,7 +89,6 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
     optimizer = torch.optim.AdamW([p for g in method.param_groups(c.unet, c.text_encoders, cfg, 1.0) for p in g["params"]], lr=1e-8)
     kinds = 2 if cfg.with_prior_preservation else 1
     xs, ts, conds = inputs(cfg.train_batch_size * kinds)
-    ids = fam.tokenize(c.tokenizers, "a photo", "cpu")
     c.unet.train()
 
     def step() -> None:
