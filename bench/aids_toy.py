@@ -122,6 +122,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the text-encoder LoRA lifted LoRA + prior's identity (session 30): the full + prior fine-tune with the text
     # encoder too, at the lr of toy/dreambooth-finetune-text-encoder's
     "full-prior-te": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-4"]),
+    # the no-prior full fine-tunes fell short of LoRA + prior's identity (session 31): EMA (which lifted the full + prior
+    # one, session 29), and the text encoder at the UNet's lr (the LoRA recipe's text encoder binds at its UNet's lr)
+    "full-ema": ("toy/dreambooth", ["use_ema=true"]),
+    "full-te-telr3e4": ("toy/dreambooth-finetune-text-encoder", ["text_encoder_lr=3e-4"]),
+    # the toy model was pretrained with Min-SNR weighting at gamma 5 (toy/recipes/pretrain.py); these fine-tune with it
+    "full-snr5": ("toy/dreambooth", ["snr_gamma=5"]),
+    "full-te-telr3e4-snr5": ("toy/dreambooth-finetune-text-encoder", ["text_encoder_lr=3e-4", "snr_gamma=5"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

@@ -130,6 +130,23 @@ def test_a_raising_callback_is_dropped_with_one_warning_and_training_goes_on(tin
     assert (tmp_path / "run" / LORA).is_file()
 
 
+def test_the_console_says_what_the_run_trains_with_the_saved_parameter_counts(tiny_model, subject_dir, tmp_path, caplog):
+    """The toy LoRA + prior recipe trains a text-encoder LoRA, which its name does not say: the line before the first
+    step names each trained module with its parameter count (the saved file's), each group's lr, and EMA."""
+    with caplog.at_level(logging.INFO, logger="nanobooth"):
+        api.train(load_config("dreambooth-lora", train_args(tiny_model, subject_dir, tmp_path / "te", "train_text_encoder=true",
+                                                            "learning_rate=2e-3", "text_encoder_lr=1e-3", "use_ema=true")))
+        api.train(load_config("dreambooth-lora", train_args(tiny_model, subject_dir, tmp_path / "unet")))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    assert len(lines) == 2
+    saved = load_file(tmp_path / "te" / LORA)
+    n = {m: sum(v.numel() for k, v in saved.items() if k.startswith(m + ".")) for m in ("unet", "text_encoder")}
+    assert min(n.values()) > 0
+    assert lines[0].startswith(f"training unet ({n['unet']} parameters), text_encoder ({n['text_encoder']} parameters) with lora;")
+    assert "lr 2.0e-03 / 1.0e-03" in lines[0] and "EMA of the weights" in lines[0]
+    assert "text_encoder" not in lines[1] and "EMA" not in lines[1] and "prior" not in lines[1]
+
+
 # --- train: a callback asks for a stop ---------------------------------------------------------------------------
 
 def test_a_callback_stop_after_step_2_checkpoints_and_resume_gives_the_uninterrupted_run(tiny_model, subject_dir, tmp_path):

@@ -230,8 +230,10 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
     # on the first half of the steps)
     assert work["toy eval"] == 2 * 7 * 4 * 15 * 1.5
     slow, fast = plan(cfg, 5, 0.05, 0.6), plan(cfg, 5, 0.005, 0.06)
-    assert "about 6 min" in slow and "about 52 s" in fast and "300 LoRA steps" in slow
+    assert "about 6 min" in slow and "about 52 s" in fast and "300 LoRA steps on the denoiser and the text encoder" in slow
     assert "training ~3 min" in slow and "training ~18 s" in fast  # 300 steps x the step's seconds
+    frozen = load_config("toy/dreambooth-lora-prior-pre", {"train_text_encoder": False})
+    assert "300 LoRA steps (" in plan(frozen, 5, 0.05, 0.6)  # the text encoder is named only where it trains
 
 
 def test_demo_speed_times_a_real_training_step_of_the_method(monkeypatch):

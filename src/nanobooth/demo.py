@@ -111,7 +111,8 @@ def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
               **{k: v * per_forward for k, v in unet_evaluations(cfg, n_scenes).items()}}
     total = sum(phases.values()) + 20  # model loads, VAE decodes, probe scoring
     prior = f"{cfg.num_class_images} class images, " if cfg.with_prior_preservation else ""
-    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps ({variant}), "
+    on = " on the denoiser and the text encoder" if cfg.train_text_encoder else ""
+    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps{on} ({variant}), "
              "before/after grids, then toy eval (base vs tuned).",
              f"demo: about {_minutes(total)} on this machine now ("
              + ", ".join(f"{k} ~{_minutes(v)}" for k, v in phases.items())

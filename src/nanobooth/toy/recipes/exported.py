@@ -23,8 +23,8 @@ def load_exported(model: Path, unet, te) -> None:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model / "unet"), torch_dtype=torch.float32).state_dict())
-    te.load_state_dict(CLIPTextModel.from_pretrained(str(model / "text_encoder"), torch_dtype=torch.float32).state_dict())
+    unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(model / "unet"), dtype=torch.float32).state_dict())
+    te.load_state_dict(CLIPTextModel.from_pretrained(str(model / "text_encoder"), dtype=torch.float32).state_dict())
 
 
 def autoencoder_from(out: Path, model: Path, seed: int):
@@ -35,7 +35,7 @@ def autoencoder_from(out: Path, model: Path, seed: int):
 
     final = out / "vae_centred"
     if not (final / "config.json").exists():
-        vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(str(model / "vae"), dtype=torch.float32)
         shutil.rmtree(final.with_suffix(".tmp"), ignore_errors=True)
         vae.save_pretrained(str(final.with_suffix(".tmp")))
         final.with_suffix(".tmp").rename(final)

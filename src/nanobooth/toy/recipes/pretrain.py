@@ -329,7 +329,7 @@ def save_pipeline(pipe, dest: Path, out: Path, stage: str, use_ema: bool, note: 
 
 
 def export(out: Path, dest: Path, use_ema: bool = True):
-    save_pipeline(build_pipeline(out, use_ema), dest, out, "unet", use_ema, "fp16 weights; on CPU load with torch_dtype=torch.float32")
+    save_pipeline(build_pipeline(out, use_ema), dest, out, "unet", use_ema, "fp16 weights; on CPU load with dtype=torch.float32")
 
 
 # Recipes: defaults a --recipe sets (explicit flags still win). "v5" is the shipped model's (the default), "v4"

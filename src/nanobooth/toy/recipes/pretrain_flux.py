@@ -16,7 +16,7 @@ Unlike FLUX.1-dev the twin has no guidance embedding (there is no teacher to dis
 nanobooth samples it with true classifier-free guidance (Flux.sampling_kwargs), which the 10% empty
 captions train. Its T5 sequence is 32 tokens (the tokenizer's model_max_length, which the family reads;
 512 would make each step 5x slower for captions of 20 tokens). With diffusers directly (fp16 files, so
-fp32 on a CPU): `FluxPipeline.from_pretrained(DIR, torch_dtype=torch.float32)(prompt, max_sequence_length=32,
+fp32 on a CPU): `FluxPipeline.from_pretrained(DIR, dtype=torch.float32)(prompt, max_sequence_length=32,
 true_cfg_scale=4, negative_prompt="", height=64, width=64)`.
 
 Resumable like stage 2 of the UNet recipe: every batch, noise draw and noise level is a function of
@@ -164,7 +164,7 @@ def build_pipeline(out: Path, use_ema: bool = True):
 
 def export(out: Path, dest: Path, use_ema: bool = True):
     save_pipeline(build_pipeline(out, use_ema), dest, out, "flux", use_ema,
-                  "fp16 weights; on CPU load with torch_dtype=torch.float32. No guidance embedding: sample with "
+                  "fp16 weights; on CPU load with dtype=torch.float32. No guidance embedding: sample with "
                   f"max_sequence_length={T5_LENGTH}, true_cfg_scale > 1 and negative_prompt=''")
 
 
