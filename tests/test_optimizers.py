@@ -3,7 +3,6 @@
 import json
 import logging
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
