@@ -51,7 +51,8 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
     (LoRA adapters, or the whole UNet), train_batch_size rows (twice that with prior preservation), forward, MSE,
     backward, AdamW, with the text encoders' forward and backward per prompt when they are trained. Random latents:
     time does not depend on them. Timing the step rather than counting it as forwards matters: an adapter's
-    backward skips the frozen weights' gradients, so a LoRA step costs about 2 forwards and a full fine-tune's about 3, varying with the model."""
+    backward skips the frozen weights' gradients, so a LoRA step costs about 2 forwards and a full fine-tune's
+    about 3, varying with the model."""
     import torch
 
     from .core.models import load_components, resolve_model
