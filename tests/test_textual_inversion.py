@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from conftest import cond_batch, fixed_noise_batch, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
+from nanobooth.core.run_summary import run_summary
 from nanobooth.core.run_folder import LORA_FILE, MODEL_INDEX, RunFolderError, output_paths, result_kind
 from nanobooth.inference.generate import load_run, render
 from nanobooth.interop.export import ExportError, export
@@ -50,7 +51,12 @@ def test_only_the_new_rows_train_and_the_loss_falls(fixture, request, tmp_path):
     assert [id(p) for p in trainable] == [id(p) for p in embeddings.new_params(c.text_encoders)]  # the rows alone
     groups = method.param_groups(c.unet, c.text_encoders, cfg, 1.0)
     assert len(groups) == 1 and groups[0]["lr"] == 5e-2 and len(groups[0]["params"]) == len(c.text_encoders)
-    assert list(method.trained_modules(c.family, c.unet, c.text_encoders, cfg)) == list(c.family.text_encoder_names)  # no UNet
+    trained = method.trained_modules(c.family, c.unet, c.text_encoders, cfg)
+    assert list(trained) == list(c.family.text_encoder_names)  # no UNet
+    # the console line counts the new rows alone (2 tokens x width per encoder), not the frozen vocabulary table
+    rows = [f"{n} ({p.numel()} parameters)" for n, p in zip(c.family.text_encoder_names, embeddings.new_params(c.text_encoders))]
+    assert all(p.shape[0] == 2 for p in embeddings.new_params(c.text_encoders))
+    assert run_summary(trained, groups, cfg).startswith(f"training {', '.join(rows)} with textual_inversion; lr 5.0e-02")
     init = [p.detach().clone() for p in embeddings.new_params(c.text_encoders)]
 
     opt = torch.optim.AdamW(groups, weight_decay=0.1)  # weight decay would shrink every row it reached

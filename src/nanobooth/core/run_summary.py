@@ -1,0 +1,22 @@
+"""The console line before the first step: what a run trains, with which rates and regularisers."""
+
+from __future__ import annotations
+
+
+def run_summary(trained: dict, groups: list[dict], cfg) -> str:
+    """One line saying what a run trains, for the console before the first step: each trained module's trainable
+    parameter count (for textual inversion and pivotal tuning that includes only the new token rows: the old table is
+    frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, and whether the weights are averaged
+    (EMA) and the prior preserved. Users read from it that e.g. a LoRA recipe trains the text encoder too, which its
+    name does not say. `trained`: the method's `trained_modules` {name: module}; `groups`: its `param_groups` list."""
+    def count(m):
+        n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+    parts = [f"training {', '.join(f'{name} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
+             "lr " + " / ".join(f"{g['lr']:.1e}" for g in groups)]
+    if cfg.use_ema:
+        parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
+    if cfg.with_prior_preservation:
+        parts.append(f"prior preservation (weight {cfg.prior_loss_weight}, {cfg.num_class_images} class images)")
+    return "; ".join(parts)
