@@ -129,6 +129,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the toy model was pretrained with Min-SNR weighting at gamma 5 (toy/recipes/pretrain.py); these fine-tune with it
     "full-snr5": ("toy/dreambooth", ["snr_gamma=5"]),
     "full-te-telr3e4-snr5": ("toy/dreambooth-finetune-text-encoder", ["text_encoder_lr=3e-4", "snr_gamma=5"]),
+    # the LoRA + prior recipe missed #24's targets on the third fresh set (session 32): Min-SNR 5 (which lifted both
+    # no-prior full fine-tunes there) and the text encoder's LoRA at the UNet's lr (1e-3 -> 2e-3 lifted it before)
+    "lora-prior-snr5": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "snr_gamma=5"]),
+    "lora-prior-telr2e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=2e-3"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
