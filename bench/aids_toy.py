@@ -133,6 +133,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # no-prior full fine-tunes there) and the text encoder's LoRA at the UNet's lr (1e-3 -> 2e-3 lifted it before)
     "lora-prior-snr5": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "snr_gamma=5"]),
     "lora-prior-telr2e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=2e-3"]),
+    # more adapter capacity (rank 16 -> 32 on the UNet's and the text encoder's attention; alpha = rank, so the same scale)
+    "lora-prior-r32": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "lora_rank=32", "lora_alpha=32"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
