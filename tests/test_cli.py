@@ -76,6 +76,23 @@ def test_lazy_commands_parse_with_their_real_parsers(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, usage", [(["demo", "--dry"], "usage: nanobooth demo"),
+                                         (["toy", "eval", "--nope", "x"], "usage: nanobooth toy eval"),
+                                         (["train", "toy/dreambooth-lora", "--dry-run"], "usage: nanobooth train")])
+def test_an_unknown_option_shows_its_commands_usage(argv, usage, capsys):
+    # argparse's own error printed the top-level usage ("nanobooth [-h] {toy} ...") for any subcommand
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and f"{usage[7:]}: error: unrecognized arguments: {argv[-1 if argv[-1].startswith('-') else -2]}" in err
+
+
+def test_an_unknown_variant_is_one_short_line_with_the_nearest_name(capsys):
+    assert cli.main(["train", "toy/dreambooth-lora-prio"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "did you mean 'toy/dreambooth-lora-prior-pre'?" in line and "nanobooth config list" in line and len(line) < 250
+
+
 # --- data folders: the error names the real problem -----------------------------------------------------
 
 def test_mistyped_instance_folder_says_so_and_suggests_the_sibling(tmp_path, monkeypatch, capsys):

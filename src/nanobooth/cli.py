@@ -222,10 +222,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "lazy", None) and getattr(args, "func", None) is None:
-        return _real_parser(args.lazy).parse_args(argv)
-    if extra:
-        parser.parse_args(argv)  # argparse's own "unrecognized arguments" error
+        parser = _real_parser(args.lazy)
+        args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse's own error would print the top-level usage; the command's own is the useful one
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     return args
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand's parser that args was parsed with (`nanobooth toy eval` -> toy eval's)."""
+    for dest in ("command", "toy_command"):
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, dest, None) not in sub.choices:
+            break
+        parser = sub.choices[getattr(args, dest)]
+    return parser
 
 
 def _run(args) -> None:

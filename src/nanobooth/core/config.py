@@ -396,8 +396,10 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
         res = resources.files("nanobooth") / "configs" / f"{name_or_path}.yaml"
         if not res.is_file():
             close = difflib.get_close_matches(name_or_path, variant_names(), n=1, cutoff=0.4)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config '{name_or_path}': use one of {', '.join(variant_names())} or a YAML path{hint}")
+            # the did-you-mean first: the full list (46 variants) made the "one line" 1800 characters long
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config '{name_or_path}': {hint}`nanobooth config list` shows the "
+                              f"{len(variant_names())} packaged variants; or give a YAML path")
         text, where = res.read_text(), f"{name_or_path}.yaml"
     try:
         data = yaml.safe_load(text) or {}

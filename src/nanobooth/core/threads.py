@@ -120,7 +120,7 @@ def apply_threads(requested: int | None = None) -> int:
 
     torch.set_num_threads(n)
     if busy is not None:  # auto: say what it saw, since a busy machine gets fewer threads
-        log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N to choose)", n, cpus, busy)
+        log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N or --threads N to choose)", n, cpus, busy)
     return n
 
 
