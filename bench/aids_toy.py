@@ -135,6 +135,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-telr2e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=2e-3"]),
     # more adapter capacity (rank 16 -> 32 on the UNet's and the text encoder's attention; alpha = rank, so the same scale)
     "lora-prior-r32": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "lora_rank=32", "lora_alpha=32"]),
+    # LoCon in the recipe as shipped (text-encoder LoRA kept): the UNet's 32x32 level, where small objects' dots, checkers
+    # and marks are drawn, has no attention, so the recipe's LoRA cannot reach it; the full fine-tunes, which can, bound
+    # the small subjects of set E the LoRA missed (session 35)
+    "lora-prior-conv-te": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "lora_target_modules=[to_q, to_k, "
+                           "to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2]"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
@@ -148,6 +153,15 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "flux-lora-prior-mlp": ("toy-flux/dreambooth-lora-prior-pre", ["lora_target_modules=[attn.to_q, attn.to_k, attn.to_v, "
                             "attn.to_out.0, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, ff.net.0.proj, "
                             "ff.net.2, ff_context.net.0.proj, ff_context.net.2, proj_mlp, proj_out]"]),
+    # session 35: the full fine-tune binds (0.25) where every LoRA above reads as the base model; what it trains that
+    # they freeze is chiefly the AdaLN modulation (norm1.linear, norm1_context.linear, norm.linear: the timestep and
+    # the pooled CLIP vector's path into every block), which BFL's and fal's FLUX LoRAs target too
+    "flux-lora-prior-mod": ("toy-flux/dreambooth-lora-prior-pre", ["lora_target_modules=[attn.to_q, attn.to_k, attn.to_v, "
+                            "attn.to_out.0, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.to_add_out, ff.net.0.proj, "
+                            "ff.net.2, ff_context.net.0.proj, ff_context.net.2, proj_mlp, proj_out, norm1.linear, "
+                            "norm1_context.linear, norm.linear]"]),
+    # ... and CLIP-L's LoRA (diffusers' --train_text_encoder for FLUX), as the UNet twin's recipe trains its text encoder
+    "flux-lora-prior-te": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-3"]),
 }
 # the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
 # UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
