@@ -415,6 +415,27 @@ def test_config_show_points_at_the_help_that_documents_every_key(capsys):
     assert e.value.code == 0 and all(doc in out for doc in field_docs().values())
 
 
+def test_train_help_after_a_variant_lists_that_variants_values(capsys, tmp_path):
+    """`train VARIANT --help` shows what that variant trains with (a newcomer read SD 1.5's lr and model as the
+    toy recipe's), the default beside each key it changes; overrides count; no heavy module loads."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "toy/dreambooth-lora-prior-pre", "lora_rank=8", "--help"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert e.value.code == 0 and "config keys as toy/dreambooth-lora-prior-pre sets them" in out
+    assert "  model = toy   (default: stable-diffusion-v1-5/stable-diffusion-v1-5)" in lines
+    assert "  lora_rank = 8   (default: 4)" in lines and "  learning_rate = 0.002   (default: 5.0e-06)" in lines
+    assert "  seed = 0" in lines  # a key the variant leaves alone shows no default beside it
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    plain = capsys.readouterr().out.splitlines()
+    assert "  lora_rank = 4" in plain and not any("(default:" in line for line in plain)
+    assert cli.main(["train", "toy/dreambooth-lora-pror", "--help"]) == 2  # an unknown variant: its one line
+    assert "did you mean 'toy/dreambooth-lora-prior-pre'" in capsys.readouterr().err
+    (probe,) = run_probe([["train", "toy/dreambooth-lora-prior-pre", "--help"]], tmp_path)
+    assert probe["rc"] == 0 and probe["heavy"] == [] and probe["toy"] == []
+
+
 def test_a_flux_or_sd3_variant_on_another_familys_model_is_warned_about(tmp_path, caplog):
     """`flux/dreambooth-lora model=tiny` (or an SD1.5 folder) trains an SD1.5 UNet: said before training, naming
     both; a matching model, a plain SD variant and a non-folder model say nothing."""

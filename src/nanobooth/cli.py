@@ -129,14 +129,33 @@ def cmd_ui(args) -> None:
     serve(args.workspace, host=args.host, port=args.port, share=args.share)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _train_help_variant(argv: list[str]):
+    """(variant, resolved config) for `nanobooth train VARIANT [key=value ...] --help`, so the help lists the values
+    that variant trains with rather than the dataclass defaults (SD 1.5's); None for any other command line. A
+    variant that does not resolve raises its one-line ConfigError."""
+    if argv[:1] != ["train"] or not {"-h", "--help"} & set(argv):
+        return None
+    rest = [a for a in argv[1:] if a not in ("-h", "--help")]
+    if not rest or rest[0].startswith("-"):
+        return None
+    return rest[0], load_config(rest[0], [a for a in rest[1:] if "=" in a])
+
+
+def build_parser(train_variant=None) -> argparse.ArgumentParser:
+    """The command line's parser; train_variant, a (name, resolved config) pair, makes `train --help` list that
+    variant's values."""
+    if train_variant is None:
+        keys = "config keys (each with its default; `nanobooth train VARIANT --help` shows a variant's values):\n" + describe()
+    else:
+        keys = (f"config keys as {train_variant[0]} sets them (the default beside each one it changes):\n"
+                + describe(train_variant[1]))
     p = argparse.ArgumentParser(prog="nanobooth", description="DreamBooth fine-tuning for diffusion models: SD 1.x/2.x, SDXL, SD3, FLUX.1.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a DreamBooth variant", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train CONFIG (a packaged variant or a YAML path), overriding keys with key=value "
                                    "(values parse as YAML: validation_prompts='[\"a sks dog\"]', lora_rank=8).",
-                       epilog="variants: " + ", ".join(variant_names()) + "\n\nconfig keys:\n" + describe())
+                       epilog="variants: " + ", ".join(variant_names()) + "\n\n" + keys)
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.set_defaults(func=cmd_train)
@@ -219,7 +238,7 @@ def _real_parser(module: str) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = build_parser()
+    parser = build_parser(_train_help_variant(argv))
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "lazy", None) and getattr(args, "func", None) is None:
         parser = _real_parser(args.lazy)

@@ -474,13 +474,20 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
 
 
-def describe() -> str:
-    """Every key with its default and doc, for --help and `config show`."""
+def describe(cfg: Optional["TrainConfig"] = None) -> str:
+    """Every key with its default and doc, for --help and `config show`. With cfg (a resolved variant), each key
+    shows cfg's value, and the default beside it where the variant changes it."""
     docs = field_docs()
     lines = []
+
+    def show(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix('...').strip()
+
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = default if cfg is None else getattr(cfg, f.name)
+        changed = f"   (default: {show(default)})" if value != default else ""
         safe = "   (may change on resume)" if f.metadata.get("resume_safe") else ""
-        lines.append(f"  {f.name} = {yaml.safe_dump(default, default_flow_style=True, width=1000).strip().removesuffix('...').strip()}{safe}")
+        lines.append(f"  {f.name} = {show(value)}{changed}{safe}")
         lines.append(f"      {docs.get(f.name, '')}")
     return "\n".join(lines)
