@@ -162,6 +162,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                             "norm1_context.linear, norm.linear]"]),
     # ... and CLIP-L's LoRA (diffusers' --train_text_encoder for FLUX), as the UNet twin's recipe trains its text encoder
     "flux-lora-prior-te": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-3"]),
+    "flux-lora-prior-te3e4": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=3e-4"]),
 }
 # the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
 # UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
