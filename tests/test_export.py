@@ -25,8 +25,8 @@ def export_cli(*argv: str) -> int:
 
     build = cli.build_parser
 
-    def with_export():
-        parser = build()
+    def with_export(train_variant=None):
+        parser = build(train_variant)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if "export" not in sub.choices:
             ex.add_parser(sub)
