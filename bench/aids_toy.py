@@ -163,6 +163,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # ... and CLIP-L's LoRA (diffusers' --train_text_encoder for FLUX), as the UNet twin's recipe trains its text encoder
     "flux-lora-prior-te": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=1e-3"]),
     "flux-lora-prior-te3e4": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=true", "text_encoder_lr=3e-4"]),
+    # the twin's recipe before session 36 (the transformer's LoRA alone): the flux-lora-prior rows measured before then
+    "flux-lora-prior-transformer": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=false"]),
 }
 # the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
 # UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
@@ -170,6 +172,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 for _arm, (_variant, _overrides) in ARMS.items():
     if (_variant in ("toy/dreambooth-lora-prior-pre", "toy/dreambooth-prior-pre")
             and _arm not in ("lora-prior", "full-prior") and not any(o.startswith("train_text_encoder=") for o in _overrides)):
+        _overrides.append("train_text_encoder=false")
+# likewise CLIP-L's LoRA in toy-flux/dreambooth-lora-prior-pre (session 36)
+for _arm, (_variant, _overrides) in ARMS.items():
+    if (_variant == "toy-flux/dreambooth-lora-prior-pre" and _arm != "flux-lora-prior"
+            and not any(o.startswith("train_text_encoder=") for o in _overrides)):
         _overrides.append("train_text_encoder=false")
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
