@@ -140,6 +140,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the small subjects of set E the LoRA missed (session 35)
     "lora-prior-conv-te": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "lora_target_modules=[to_q, to_k, "
                            "to_v, to_out.0, proj_in, proj_out, ff.net.0.proj, ff.net.2, conv1, conv2]"]),
+    # the full fine-tunes that train the text encoder bound set E's small subjects where the LoRA did not (session 35);
+    # what they train that the recipe's text-encoder LoRA cannot is chiefly the identifier's embedding: pivotal tuning
+    # (new tokens from the class noun's row, at the text encoder's 1e-3 for the first half of the steps) beside it
+    "lora-prior-te-ti": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=true"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

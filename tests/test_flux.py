@@ -143,8 +143,11 @@ def test_toy_flux_variants_are_cpu_sized_twins_of_the_flux_ones():
     for v in VARIANTS:
         toy, real = load_config(f"toy-flux/{v}"), load_config(f"flux/{v}")
         assert (toy.model, toy.resolution, toy.validation_guidance_cutoff) == ("toy-flux", 64, 1.0)
-        assert (toy.method, toy.with_prior_preservation, toy.train_text_encoder) == (real.method, real.with_prior_preservation,
-                                                                                     real.train_text_encoder)
+        assert (toy.method, toy.with_prior_preservation) == (real.method, real.with_prior_preservation)
+        # the one measured departure: the twin's LoRA + prior trains CLIP-L's LoRA too, without which its transformer's
+        # LoRA bound no subject (docs/evaluation.md, session 36); the real variant keeps diffusers' script's default
+        twin_trains_clip = v == "dreambooth-lora-prior-pre"
+        assert toy.train_text_encoder == (real.train_text_encoder or twin_trains_clip), v
         assert (toy.weighting_scheme, toy.class_sampler) == (real.weighting_scheme, real.class_sampler)
         if toy.method == "lora":
             assert toy.lora_target_modules == real.lora_target_modules
