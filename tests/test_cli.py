@@ -422,7 +422,7 @@ def test_train_help_after_a_variant_lists_that_variants_values(capsys, tmp_path)
         cli.main(["train", "toy/dreambooth-lora-prior-pre", "lora_rank=8", "--help"])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert e.value.code == 0 and "config keys as toy/dreambooth-lora-prior-pre sets them" in out
+    assert e.value.code == 0 and "config keys as toy/dreambooth-lora-prior-pre with lora_rank=8 sets them" in out
     assert "  model = toy   (default: stable-diffusion-v1-5/stable-diffusion-v1-5)" in lines
     assert "  lora_rank = 8   (default: 4)" in lines and "  learning_rate = 0.002   (default: 5.0e-06)" in lines
     assert "  seed = 0" in lines  # a key the variant leaves alone shows no default beside it
@@ -430,6 +430,9 @@ def test_train_help_after_a_variant_lists_that_variants_values(capsys, tmp_path)
         cli.main(["train", "--help"])
     plain = capsys.readouterr().out.splitlines()
     assert "  lora_rank = 4" in plain and not any("(default:" in line for line in plain)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "toy/dreambooth-lora-prior-pre", "--help"])
+    assert "config keys as toy/dreambooth-lora-prior-pre sets them" in capsys.readouterr().out
     assert cli.main(["train", "toy/dreambooth-lora-pror", "--help"]) == 2  # an unknown variant: its one line
     assert "did you mean 'toy/dreambooth-lora-prior-pre'" in capsys.readouterr().err
     (probe,) = run_probe([["train", "toy/dreambooth-lora-prior-pre", "--help"]], tmp_path)

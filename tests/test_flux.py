@@ -2,6 +2,7 @@
 the five variants training, saving and reloading."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -67,14 +68,19 @@ def test_flux_matches_its_pipeline(tiny_flux_model):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_flux_variant_trains_and_reloads(variant, tiny_flux_model, subject_dir, tmp_path):
+def test_flux_variant_trains_and_reloads(variant, tiny_flux_model, subject_dir, tmp_path, caplog):
     from diffusers import FluxPipeline
 
     out = tmp_path / "run"
     extra = ["train_text_encoder=true"] if variant == "dreambooth-lora" else []
-    assert main(["train", f"flux/{variant}", *train_args(tiny_flux_model, subject_dir, out, "gradient_checkpointing=false",
-                                                          "learning_rate=1e-3", "validation_prompts=[a sks dog]",
-                                                          "validation_inference_steps=2", *extra)]) == 0
+    with caplog.at_level(logging.INFO, logger="nanobooth"):
+        assert main(["train", f"flux/{variant}", *train_args(tiny_flux_model, subject_dir, out, "gradient_checkpointing=false",
+                                                              "learning_rate=1e-3", "validation_prompts=[a sks dog]",
+                                                              "validation_inference_steps=2", *extra)]) == 0
+    # the console names FLUX's denoiser as what it is (a newcomer read "training unet" on a FLUX run)
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training ")]
+    assert summary.startswith("training transformer (") and "unet" not in summary
+    assert ("text_encoder (" in summary) == bool(extra or variant == "dreambooth-finetune-text-encoder")
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 3 and all(0 < r["loss"] < 1e3 for r in log)
     assert (out / "samples" / "step-000003.png").is_file()

@@ -138,7 +138,8 @@ def _train_help_variant(argv: list[str]):
     rest = [a for a in argv[1:] if a not in ("-h", "--help")]
     if not rest or rest[0].startswith("-"):
         return None
-    return rest[0], load_config(rest[0], [a for a in rest[1:] if "=" in a])
+    overrides = [a for a in rest[1:] if "=" in a]
+    return " with ".join([rest[0], *([" ".join(overrides)] if overrides else [])]), load_config(rest[0], overrides)
 
 
 def build_parser(train_variant=None) -> argparse.ArgumentParser:

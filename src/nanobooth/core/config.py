@@ -72,7 +72,7 @@ class TrainConfig:
     class_sampler: Literal["dpm++", "model"] = "dpm++"
     """Sampler for class images: `dpm++` (DPM-Solver++ 2M, as good at 25 steps as the default PNDM at 50) or the model's own."""
     resolution: int = 512
-    """Training resolution (square): images are resized on the short side, then cropped. Must be a multiple of what the model renders (64 for SD 1.x/2.x, 32 for SDXL, 16 for toy)."""
+    """Training resolution (square): images are resized on the short side, then cropped. Must be a multiple of what the model renders (64 for SD 1.x/2.x, 32 for SDXL, 16 for toy, 8 for toy-flux)."""
     center_crop: bool = True
     """Center crop (true) or random crop (false). Random crops disable latent caching."""
     random_flip: bool = False
@@ -265,8 +265,8 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
         if self.resolution % 8:  # the model may need more (check_resolution, once it is loaded); no model needs less
-            raise ConfigError(f"config key 'resolution': {self.resolution} is not a multiple of 8, which every Stable "
-                              f"Diffusion pipeline needs; use {_nearest_multiples(self.resolution, 8)}")
+            raise ConfigError(f"config key 'resolution': {self.resolution} is not a multiple of 8, which every "
+                              f"pipeline nanobooth trains (SD, SDXL, SD3, FLUX) needs; use {_nearest_multiples(self.resolution, 8)}")
         if not 0 <= self.keep_best_tolerance <= 1:
             raise ConfigError(f"config key 'keep_best_tolerance': must be a fraction in [0, 1], got {self.keep_best_tolerance}")
         if not _is_guidance_fraction(self.validation_guidance_cutoff):

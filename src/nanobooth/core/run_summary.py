@@ -13,7 +13,10 @@ def run_summary(trained: dict, groups: list[dict], cfg) -> str:
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
-    parts = [f"training {', '.join(f'{name} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
+    def label(name, m):  # the methods key the denoiser "unet" in every family; FLUX's and SD3's is a transformer
+        return "transformer" if name == "unet" and "Transformer" in type(m).__name__ else name
+
+    parts = [f"training {', '.join(f'{label(name, m)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
              "lr " + " / ".join(f"{g['lr']:.1e}" for g in groups)]
     if cfg.use_ema:
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
