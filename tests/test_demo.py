@@ -146,8 +146,10 @@ def test_demo_on_the_flux_twin_trains_its_recipe(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_mod, "load_config", lambda variant, over: load_config(
         variant, {**over, "validation_inference_steps": 2, "class_generation_steps": 2, "num_validation_images": 1}))
     run = demo_mod.demo(str(tmp_path / "demo"), steps=2, num_class_images=2, model="toy-flux")
-    assert "toy-flux/dreambooth-lora-prior-pre" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the recipe, and what its after row usually shows (a newcomer read a colours-only row as a broken run)
+    assert "toy-flux/dreambooth-lora-prior-pre" in out and demo_mod.EXPECT["toy-flux"] in out
     cfg = load_run_config(run)
-    assert (cfg.model, cfg.method, cfg.with_prior_preservation) == ("toy-flux", "lora", True)
+    assert (cfg.model, cfg.method, cfg.with_prior_preservation, cfg.train_text_encoder) == ("toy-flux", "lora", True, True)
     assert (run / "pytorch_lora_weights.safetensors").is_file() and scored == [run]
     assert len(sorted((run / "samples").glob("step-*.png"))) == 2  # before and after
