@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 
-def run_summary(trained: dict, groups: list[dict], cfg) -> str:
+def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
     """One line saying what a run trains, for the console before the first step: each trained module's trainable
     parameter count (for textual inversion and pivotal tuning that includes only the new token rows: the old table is
     frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, and whether the weights are averaged
     (EMA) and the prior preserved. Users read from it that e.g. a LoRA recipe trains the text encoder too, which its
-    name does not say. `trained`: the method's `trained_modules` {name: module}; `groups`: its `param_groups` list."""
+    name does not say. `trained`: the method's `trained_modules` {name: module}; `groups`: its `param_groups` list;
+    `denoiser_name`: the family's name for the denoiser, which the methods key `unet` in every family (SD3, FLUX:
+    `transformer`)."""
     def count(m):
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
-    def label(name, m):  # the methods key the denoiser "unet" in every family; FLUX's and SD3's is a transformer
-        return "transformer" if name == "unet" and "Transformer" in type(m).__name__ else name
-
-    parts = [f"training {', '.join(f'{label(name, m)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
+    names = {"unet": denoiser_name}
+    parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
              "lr " + " / ".join(f"{g['lr']:.1e}" for g in groups)]
     if cfg.use_ema:
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")

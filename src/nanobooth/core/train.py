@@ -216,7 +216,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     lr_scheduler = make_schedule(cfg, optimizer)
     ema = EMA([p for g in groups for p in g["params"]], cfg.ema_decay, cfg.offload_ema) if cfg.use_ema else None
     trained = method.trained_modules(fam, unet, text_encoders, cfg)
-    log.info("%s", run_summary(trained, groups, cfg))
+    log.info("%s", run_summary(trained, groups, cfg, fam.denoiser_name))
     if offload and world > 1:  # DDP neither syncs nor broadcasts the offloaded frozen weights (it wants one device)
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(unet, offload.frozen_names(unet))
     # accelerate would move the whole model to the device; offload placed it already
