@@ -172,14 +172,12 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 }
 # the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
 # UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
-# text encoder (session 31)
+# text encoder (session 31) and CLIP-L's LoRA in the FLUX twin's recipe (session 36). Variant -> the arm that runs it
+# as shipped; every other arm on it that does not set the text encoder keeps it frozen.
+_TEXT_ENCODER_JOINED = {"toy/dreambooth-lora-prior-pre": "lora-prior", "toy/dreambooth-prior-pre": "full-prior",
+                        "toy-flux/dreambooth-lora-prior-pre": "flux-lora-prior"}
 for _arm, (_variant, _overrides) in ARMS.items():
-    if (_variant in ("toy/dreambooth-lora-prior-pre", "toy/dreambooth-prior-pre")
-            and _arm not in ("lora-prior", "full-prior") and not any(o.startswith("train_text_encoder=") for o in _overrides)):
-        _overrides.append("train_text_encoder=false")
-# likewise CLIP-L's LoRA in toy-flux/dreambooth-lora-prior-pre (session 36)
-for _arm, (_variant, _overrides) in ARMS.items():
-    if (_variant == "toy-flux/dreambooth-lora-prior-pre" and _arm != "flux-lora-prior"
+    if (_TEXT_ENCODER_JOINED.get(_variant, _arm) != _arm
             and not any(o.startswith("train_text_encoder=") for o in _overrides)):
         _overrides.append("train_text_encoder=false")
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")

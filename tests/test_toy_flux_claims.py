@@ -18,8 +18,8 @@ from nanobooth.cli import main
 
 SHIPPED = (Path(str(resources.files("nanobooth"))) / "assets" / "toy_flux" / "model_index.json").is_file()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not SHIPPED, reason="the pretrained FLUX twin is not in this build")]
-# a purple/orange dotted cube with an eye (set D); the subject the recipe bound most there, 0.19 (0.04-0.17 on five others,
-# 0.02 on two); over set D the transformer's LoRA alone read 0.00 on it and 0.03 on average
+# a purple/orange dotted cube with an eye (set D); the subject the recipe bound most there, 0.19 (0.04-0.17 on six others,
+# 0.02 on one); over set D the transformer's LoRA alone read 0.00 on it and 0.03 on average
 SUBJECT_SEED = 9838
 
 
