@@ -139,7 +139,7 @@ def _train_help_variant(argv: list[str]):
     if not rest or rest[0].startswith("-"):
         return None
     overrides = [a for a in rest[1:] if "=" in a]
-    return " with ".join([rest[0], *([" ".join(overrides)] if overrides else [])]), load_config(rest[0], overrides)
+    return rest[0] + (f" with {' '.join(overrides)}" if overrides else ""), load_config(rest[0], overrides)
 
 
 def build_parser(train_variant=None) -> argparse.ArgumentParser:
