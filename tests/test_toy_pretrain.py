@@ -327,3 +327,61 @@ def test_init_from_continues_an_exported_model_in_its_latent_space(tmp_path, cap
         pretrain.main(["--out", str(tmp_path / "y"), "--init-from", str(model)])
     assert "holds a run started without --init-from" in capsys.readouterr().err.splitlines()[-1]
     assert [f.name for f in (tmp_path / "y").iterdir()] == ["args_all.json"]
+
+
+def test_vae_from_trains_a_new_unet_in_an_exported_models_latent_space(tmp_path, capsys):
+    # `--vae-from`: a recipe that changes only stage 2 (v6's wider UNet) takes an exported model's VAE in place of
+    # stages 1-1e, and trains its UNet and text encoder from a random init, not from the model's
+    import json
+    from importlib import resources
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from nanobooth.toy.recipes import pretrain
+
+    model = Path(str(resources.files("nanobooth"))) / "assets" / "toy_model"
+    if not (model / "model_index.json").is_file():
+        pytest.skip("the pretrained toy model is not in this build")
+    out = tmp_path / "v6"
+    flags = ["--recipe", "v6", "--out", str(out), "--n-images", "20", "--n-plain", "4", "--n-patterned", "8",
+             "--unet-batch", "2", "--seed", "3"]
+    assert pretrain.main(flags + ["--vae-from", str(model), "--unet-steps", "1", "--lr", "0"]) == 0
+    vae, exported = (load_file(str(d / "diffusion_pytorch_model.safetensors")) for d in (out / "vae_centred", model / "vae"))
+    assert all(torch.equal(vae[k], v.float()) for k, v in exported.items())
+    assert not any((out / d).exists() for d in ("vae", "vae_refined", "vae_ckpt"))  # no autoencoder stage ran
+    assert json.loads((out / "unet_ckpt" / "unet_config.json").read_text())["block_out_channels"] == [64, 96, 160, 192]
+    # lr 0: the checkpoint holds stage 2's own random init (seeded as a run from scratch), not the model's weights
+    torch.manual_seed(3 + 1)
+    unet, te = pretrain.make_unet("v6"), pretrain.make_text_encoder()
+    for ck_file, fresh in (("unet", unet), ("text_encoder", te)):
+        ck = load_file(str(out / "unet_ckpt" / f"{ck_file}.safetensors"))
+        assert ck.keys() == fresh.state_dict().keys()
+        assert all(torch.equal(ck[k], v) for k, v in fresh.state_dict().items())
+    ck_te = load_file(str(out / "unet_ckpt" / "text_encoder.safetensors"))
+    exported_te = load_file(str(model / "text_encoder" / "model.safetensors"))
+    pos = next(k for k in ck_te if k.endswith("position_embedding.weight"))
+    assert not torch.equal(ck_te[pos], next(v.float() for k, v in exported_te.items() if k.endswith("position_embedding.weight")))
+    (line,) = json.loads((out / "history.json").read_text())
+    assert f"stages 1-1e skipped: the VAE is the exported model {model}'s" in line and "random init" in line
+    # a resume without --vae-from continues the run as it was started: no autoencoder stage, stage 2 from its checkpoint
+    assert pretrain.main(flags + ["--unet-steps", "2", "--lr", "1e-3"]) == 0
+    assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
+    assert not any((out / d).exists() for d in ("vae", "vae_refined", "vae_ckpt"))
+    # refused before anything runs, in one line
+    (tmp_path / "novae").mkdir()
+    for bad, says in ((["--vae-from", str(tmp_path / "nothing")], "no such folder"),
+                      (["--vae-from", str(tmp_path / "novae")], "(needs vae/)"),
+                      (["--vae-from", str(model), "--init-from", str(model)], "pass one of them"),
+                      (["--vae-from", str(model), "--vae-factor", "4"], "drop --vae-factor"),
+                      (["--vae-from", str(model), "--stage", "decoder"], "drop --stage")):
+        with pytest.raises(SystemExit) as e:
+            pretrain.main(["--recipe", "v6", "--out", str(tmp_path / "x")] + bad)
+        assert e.value.code == 2 and says in capsys.readouterr().err.splitlines()[-1]
+        assert not (tmp_path / "x").exists()
+    # a run started from scratch made its own latent space: --vae-from does not swap another one in
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "args_all.json").write_text(json.dumps({"vae_factor": 2, "unet_arch": "v6", "vae_from": None}))
+    with pytest.raises(SystemExit):
+        pretrain.main(["--recipe", "v6", "--out", str(tmp_path / "y"), "--vae-from", str(model)])
+    assert "holds a run started without --vae-from" in capsys.readouterr().err.splitlines()[-1]
