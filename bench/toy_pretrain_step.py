@@ -1,4 +1,4 @@
-"""Seconds per pretraining step of the toy models (recipe v5's UNet + CLIP, the FLUX twin's transformer + CLIP + T5),
+"""Seconds per pretraining step of the toy models (recipes v5's and v6's UNet + CLIP, the FLUX twin's transformer + CLIP + T5),
 fp32 against CPU bfloat16 autocast, measured side by side in one process (the shared CPU's noise hits both alike).
 
     python bench/toy_pretrain_step.py                  # batch 32, 1 thread, 3 rounds
@@ -19,10 +19,10 @@ import torch
 from train_step import print_table
 
 
-def unet_step(batch: int):
+def unet_step(batch: int, arch: str = "v5"):
     from nanobooth.toy.recipes import pretrain
 
-    unet, te = pretrain.make_unet("v5"), pretrain.make_text_encoder()
+    unet, te = pretrain.make_unet(arch), pretrain.make_text_encoder()
     ids, x, t = torch.randint(0, 1000, (batch, 77)), torch.randn(batch, 4, 32, 32), torch.randint(0, 1000, (batch,))
 
     def step(bf16: bool):
@@ -59,7 +59,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rows, lines = [], []
-    for name, make in (("v5 UNet + CLIP", unet_step), ("FLUX twin + CLIP + T5", flux_step)):
+    for name, make in (("v5 UNet + CLIP", unet_step), ("v6 UNet + CLIP", lambda b: unet_step(b, "v6")),
+                       ("FLUX twin + CLIP + T5", flux_step)):
         step = make(a.batch)
         times = {False: [], True: []}
         for r in range(a.rounds + 1):

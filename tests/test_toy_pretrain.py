@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanobooth import cli
-from nanobooth.toy.recipes import autoencoder
+from nanobooth.toy.recipes import autoencoder, data
 from nanobooth.toy import world
 
 
@@ -62,14 +62,14 @@ def test_recipe_runs_every_stage_resumes_and_exports(tmp_path, monkeypatch):
     assert json.loads((out / "unet_ckpt" / "state.json").read_text())["step"] == 2
     lat = load_file(str(out / "latents_refined.safetensors"))
     assert lat["mean"].shape[0] == 100  # the scenes, then the plain-backdrop images
-    imgs, specs = pretrain.load_or_render_data(out, 60, 0, 40)
+    imgs, specs = data.load_or_render_data(out, 60, 0, 40)
     assert specs[59].scene is not None and all(s.scene is None for s in specs[60:])
     # images added to the data later are encoded on top of the cached prefix, not from scratch
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(str(out / "vae_refined"))
     save_file({k: v[:90].contiguous() for k, v in lat.items()}, str(out / "latents_refined.safetensors"))
-    mean, _ = pretrain.encode_latents(out, vae, imgs)
+    mean, _ = data.encode_latents(out, vae, imgs)
     assert mean.shape[0] == 100 and torch.equal(mean[:90], lat["mean"][:90])
     assert torch.allclose(mean[90:].float(), lat["mean"][90:].float(), atol=1e-2)
     refined = json.loads((out / "vae_refined" / "config.json").read_text())["scaling_factor"]
@@ -178,7 +178,7 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
     assert args["vae_factor"] == 2 and args["unet_arch"] == "v5" and args["unet_steps"] == 1  # flags beat the recipe
     assert not (out / "vae_centred").exists()
     assert args["threads"] == 1 and not (out / "vae_dec").exists()  # the recipe's own defaults (no stage 1b)
-    imgs, specs = pretrain.load_or_render_data(out, 30, 0, 10, 20)
+    imgs, specs = data.load_or_render_data(out, 30, 0, 10, 20)
     assert len(imgs) == 60 and all(s.pattern is not None for s in specs[40:])
     assert all(s.pattern is None for s in specs[:40])
     assert load_file(str(out / "latents_refined.safetensors"))["mean"].shape == (60, 4, 32, 32)
@@ -223,15 +223,13 @@ def test_recipe_v5_runs_resumes_and_exports_a_32x32_latent_model(tmp_path, monke
 
 def test_rendering_resumes_from_saved_parts(tmp_path, monkeypatch):
     # rendering the v5 data takes an hour on a busy core: a stopped run must not start it over
-    from nanobooth.toy.recipes import pretrain
-
-    monkeypatch.setattr(pretrain, "RENDER_PART", 4)
+    monkeypatch.setattr(data, "RENDER_PART", 4)
     path = tmp_path / "data.npy"
-    full, specs = pretrain._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
+    full, specs = data._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
     assert full.shape == (10, 64, 64, 3) and sorted(p.name for p in tmp_path.glob("*.npy")) == ["data.npy"]
     path.unlink()
     np.save(tmp_path / "data.part1.npy", np.zeros_like(full[4:8]))  # a part a stopped run left: kept as is
-    again, specs2 = pretrain._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
+    again, specs2 = data._render_set(path, 10, np.random.default_rng(1), False, "t", patterned=True)
     assert specs2 == specs and np.array_equal(again[:4], full[:4]) and np.array_equal(again[8:], full[8:])
     assert not again[4:8].any() and not list(tmp_path.glob("*.part*"))
 

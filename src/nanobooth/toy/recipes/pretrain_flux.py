@@ -36,8 +36,8 @@ from nanobooth.toy import world
 from nanobooth.toy.recipes import denoiser
 from nanobooth.core.threads import native_bf16
 from nanobooth.toy.recipes.ckpt import stops_at_checkpoints, timings, write_json
-from nanobooth.toy.recipes.pretrain import (encode_latents, load_or_render_data, make_text_encoder, make_tokenizer,
-                                            save_pipeline, vae_dir)
+from nanobooth.toy.recipes.data import encode_latents, load_or_render_data
+from nanobooth.toy.recipes.pretrain import make_text_encoder, make_tokenizer, save_pipeline, vae_dir
 
 log = logging.getLogger("nanobooth.toy.recipes.pretrain_flux")
 T5_LENGTH = 32  # the longest world caption, identifier included, is 18 pieces with its end token
