@@ -352,11 +352,11 @@ def test_vae_from_trains_a_new_unet_in_an_exported_models_latent_space(tmp_path,
     # lr 0: the checkpoint holds stage 2's own random init (seeded as a run from scratch), not the model's weights
     torch.manual_seed(3 + 1)
     unet, te = pretrain.make_unet("v6"), pretrain.make_text_encoder()
-    for ck_file, fresh in (("unet", unet), ("text_encoder", te)):
-        ck = load_file(str(out / "unet_ckpt" / f"{ck_file}.safetensors"))
-        assert ck.keys() == fresh.state_dict().keys()
-        assert all(torch.equal(ck[k], v) for k, v in fresh.state_dict().items())
-    ck_te = load_file(str(out / "unet_ckpt" / "text_encoder.safetensors"))
+    ck = {name: load_file(str(out / "unet_ckpt" / f"{name}.safetensors")) for name in ("unet", "text_encoder")}
+    for name, fresh in (("unet", unet), ("text_encoder", te)):
+        assert ck[name].keys() == fresh.state_dict().keys()
+        assert all(torch.equal(ck[name][k], v) for k, v in fresh.state_dict().items())
+    ck_te = ck["text_encoder"]
     exported_te = load_file(str(model / "text_encoder" / "model.safetensors"))
     pos = next(k for k in ck_te if k.endswith("position_embedding.weight"))
     assert not torch.equal(ck_te[pos], next(v.float() for k, v in exported_te.items() if k.endswith("position_embedding.weight")))

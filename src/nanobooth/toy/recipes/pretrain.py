@@ -60,13 +60,10 @@ UNETS = {
                                                  "DownBlock2D"),
                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                block_out_channels=(32, 96, 160, 192)),
-    # v5 with its attention-free 32x32 level twice as wide (64 channels): that level is where the marks and
-    # patterns of small subjects are drawn, and v5 gives it 32 channels. 11.6M parameters, 23.2 MB in fp16.
-    "v6": dict(sample_size=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                                                 "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-               block_out_channels=(64, 96, 160, 192)),
 }
+# v5 with its attention-free 32x32 level twice as wide (64 channels): that level is where the marks and
+# patterns of small subjects are drawn, and v5 gives it 32 channels. 11.6M parameters, 23.2 MB in fp16.
+UNETS["v6"] = dict(UNETS["v5"], block_out_channels=(64, 96, 160, 192))
 
 
 def make_unet(arch: str = "v4"):
@@ -364,21 +361,21 @@ def main(argv=None):
     held = autoencoder.HELD_APART
     if a.init_from and a.vae_from:
         p.error("--init-from continues a model (its VAE included) and --vae-from takes only its VAE: pass one of them")
-    for key in ("init_from", "vae_from"):  # a resume without the flag continues what the run started from
-        if (recorded := exported.recorded_init(out, key)) and not (a.init_from or a.vae_from):
-            setattr(a, key, recorded)
-            log.info("%s was started with --%s %s: continuing it", out, key.replace("_", "-"), recorded)
-    key, source = ("init_from", a.init_from) if a.init_from else ("vae_from", a.vae_from)
-    flag, source = "--" + key.replace("_", "-"), Path(source) if source else None
+    recorded = {k: exported.recorded_init(out, k) for k in ("init_from", "vae_from")}
+    if not (a.init_from or a.vae_from):  # a resume without the flag continues what the run started from
+        if key := next((k for k, v in recorded.items() if v), None):
+            setattr(a, key, recorded[key])
+            log.info("%s was started with --%s %s: continuing it", out, key.replace("_", "-"), recorded[key])
+    key = "init_from" if a.init_from else "vae_from"
+    flag, source = "--" + key.replace("_", "-"), Path(getattr(a, key)) if getattr(a, key) else None
     if a.n_images < held + a.vae_batch and source is None:  # --init-from and --vae-from run no autoencoder stage
         p.error(f"--n-images {a.n_images}: the autoencoder stages keep the last {held} scenes apart (recon figure, "
                 f"latent scale); pass at least {held + a.vae_batch}")
     if source is not None and (err := exported.init_error(source, a.recipe, a.unet_arch, a.vae_factor, a.stage, flag)):
         p.error(err)
-    recorded = exported.recorded_init(out, key)
-    if source is not None and any(out.glob("args_*.json")) and recorded != str(source):  # another latent space
-        p.error(f"{out} holds a run started {f'with {flag} {recorded}' if recorded else f'without {flag}'}; resume it "
-                "as it was started, or pass another --out")
+    if source is not None and any(out.glob("args_*.json")) and recorded[key] != str(source):  # another latent space
+        was = f"with {flag} {recorded[key]}" if recorded[key] else f"without {flag}"
+        p.error(f"{out} holds a run started {was}; resume it as it was started, or pass another --out")
     init = source if a.init_from else None
     out.mkdir(parents=True, exist_ok=True)
     for f in sorted(out.glob("args_*.json")):  # a resume must not mix architectures (load_state_dict would fail)
