@@ -4,7 +4,9 @@ For the base model and for the run, over fixed seeds:
 - subject_fidelity: "a photo of a sks <class> [in scene]" generations vs the instance images, mean
   probe-feature cosine (the paper's DINO score),
 - subject_identity: fraction of those generations the probe identifies as the subject (class, pattern
-  and mark all read right; the base model scores 0; strict, since small marks blur at 64x64),
+  and mark all read right; the base model scores 0; strict, since small marks blur at 64x64), and
+  identity_class / identity_pattern / identity_mark: how often each of the three reads right (which one a
+  run misses),
 - prompt_fidelity: fraction of "a photo of a sks <class> <scene>" generations showing that scene (the
   context the prompt adds; the subject itself is subject_fidelity's business). The base model scores
   high here, since it ignores "sks": the claim is that fine-tuning keeps it,
@@ -78,9 +80,15 @@ def score(pipe, noun: str, instance, probe, identifier: str, n: int, seed: int, 
             subject_identity=metrics.subject_match(subj + scene_imgs, subject, probe),
             subject_in_context=metrics.subject_in_context(scene_imgs, [r["scene"] for r in requested], subject, probe),
             prior_identity=metrics.subject_match(cls, subject, probe),
+            **_parts(subj + scene_imgs, subject, probe),
         )
     rows = {p["subject"][0]: subj, **dict(zip(p["scenes"], scenes)), p["class"][0]: cls}
     return {k: round(float(v), 4) for k, v in result.items()}, rows
+
+
+def _parts(images, subject: dict, probe) -> dict[str, float]:
+    """identity_class, identity_pattern, identity_mark: how often each part of subject_identity reads right."""
+    return {f"identity_{k}": v for k, v in metrics.identity_parts(images, subject, probe).items()}
 
 
 def reference(vae, subject: dict, instance, probe, n: int, seed: int) -> tuple[dict, list]:
@@ -94,6 +102,7 @@ def reference(vae, subject: dict, instance, probe, n: int, seed: int) -> tuple[d
         "subject_identity": metrics.subject_match(imgs, subject, probe),
         "subject_in_context": metrics.subject_in_context(imgs[n:], [sc for sc in scenes[1:] for _ in range(n)],
                                                          subject, probe),
+        **_parts(imgs, subject, probe),
     }
     return {k: round(float(v), 4) for k, v in result.items()}, imgs[:n]
 
@@ -161,4 +170,8 @@ def format_table(res: dict) -> str:
     for who in ("base", "tuned", "reference"):
         if who in res:
             lines.append(f"| {who} | " + " | ".join(f"{res[who][k]:.3f}" if k in res[who] else "–" for k in keys) + " |")
+    parts = [f"{who} " + " / ".join(f"{res[who][f'identity_{k}']:.2f}" for k in metrics.IDENTITY)
+             for who in ("base", "tuned", "reference") if "identity_mark" in res.get(who, {})]
+    if parts:
+        lines.append(f"\nidentity read part by part ({' / '.join(metrics.IDENTITY)}): " + ", ".join(parts))
     return "\n".join(lines)

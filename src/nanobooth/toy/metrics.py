@@ -57,6 +57,16 @@ def subject_match(images, subject: dict, probe) -> float:
     return float(_is_subject(probe.predict(images), subject).mean())
 
 
+def identity_parts(images, subject: dict, probe) -> dict[str, float]:
+    """Per IDENTITY attribute ("class", "pattern", "mark"), the fraction of images whose reading matches the subject's:
+    which part of `subject_match` a run misses (on the subjects the LoRA recipe binds least, the pattern: a checker
+    drawn as camouflage in the subject's colours, docs/evaluation.md). `subject` is subject.json's "subject"."""
+    images = list(images)
+    if not images:
+        raise ValueError("need at least one image")
+    return {k: float(v.mean()) for k, v in _attribute_hits(probe.predict(images), subject).items()}
+
+
 def subject_in_context(images, scenes: list[str], subject: dict, probe) -> float:
     """Fraction of images showing the subject (as `subject_match`) *and* the
     requested scene: DreamBooth's task as a whole ("a sks star on the beach").

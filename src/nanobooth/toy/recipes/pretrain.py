@@ -61,8 +61,8 @@ UNETS = {
                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                block_out_channels=(32, 96, 160, 192)),
 }
-# v5 with its attention-free 32x32 level twice as wide (64 channels): that level is where the marks and
-# patterns of small subjects are drawn, and v5 gives it 32 channels. 11.6M parameters, 23.2 MB in fp16.
+# v5 with its attention-free 32x32 level twice as wide (64 channels): that level is where subjects' marks and
+# patterns are drawn, and v5 gives it 32 channels. 11.6M parameters, 23.2 MB in fp16.
 UNETS["v6"] = dict(UNETS["v5"], block_out_channels=(64, 96, 160, 192))
 
 
