@@ -118,7 +118,9 @@ def test_base_model_accuracy_runs_on_shipped_model():
 
 
 @pytest.mark.skipif(not (ASSETS / "toy_probe" / "config.json").exists(), reason="probe not shipped yet")
-def test_subject_match_identifies_the_subject_only():
+def test_subject_match_and_its_parts_identify_the_subject_only():
+    """A subject of the same class but another pattern and mark reads right on class only (identity_parts); the
+    subject itself on all three, each never less often than all three at once (subject_match)."""
     from dataclasses import asdict
 
     from nanobooth.toy.probe import load_probe
@@ -131,31 +133,15 @@ def test_subject_match_identifies_the_subject_only():
     same = [world.render_subject(s0, i, sc) for i, sc in enumerate([None, *world.SCENES] * 2)]
     assert metrics.subject_match(same, truth, probe) >= 0.7  # 0.75: the probe reads "halves" as checker now and then
     assert metrics.subject_match([world.render_subject(other, i) for i in range(8)], truth, probe) <= 0.1
-    plain = [world.render(world.Spec(s0.cls, c, "on grass", 16, 32, 32, bg_seed=i)) for i, c in enumerate(world.COLOURS)]
-    assert metrics.subject_match(plain, truth, probe) == 0.0
-    with pytest.raises(ValueError):
-        metrics.subject_match([], truth, probe)
-
-
-@pytest.mark.skipif(not (ASSETS / "toy_probe" / "config.json").exists(), reason="probe not shipped yet")
-def test_identity_parts_say_which_attribute_misses():
-    """A subject of the same class but another pattern and mark reads right on class only; the subject itself on all
-    three, and never less often than on all three at once (subject_match)."""
-    from dataclasses import asdict
-
-    from nanobooth.toy.probe import load_probe
-
-    probe = load_probe()
-    s0 = world.make_subject(0)
-    other = next(s for s in map(world.make_subject, range(1, 200))
-                 if s.cls == s0.cls and s.pattern != s0.pattern and s.mark != s0.mark)
-    truth = asdict(s0)
-    same = [world.render_subject(s0, i, sc) for i, sc in enumerate([None, *world.SCENES] * 2)]
     parts = metrics.identity_parts(same, truth, probe)
     assert list(parts) == ["class", "pattern", "mark"]
     assert min(parts.values()) >= 0.7 and min(parts.values()) >= metrics.subject_match(same, truth, probe)
     parts = metrics.identity_parts([world.render_subject(other, i) for i in range(8)], truth, probe)
     assert parts["class"] >= 0.9 and parts["pattern"] <= 0.2 and parts["mark"] <= 0.2
+    plain = [world.render(world.Spec(s0.cls, c, "on grass", 16, 32, 32, bg_seed=i)) for i, c in enumerate(world.COLOURS)]
+    assert metrics.subject_match(plain, truth, probe) == 0.0
+    with pytest.raises(ValueError):
+        metrics.subject_match([], truth, probe)
     with pytest.raises(ValueError):
         metrics.identity_parts([], truth, probe)
 
