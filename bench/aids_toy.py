@@ -178,16 +178,19 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the twin's recipe before session 36 (the transformer's LoRA alone): the flux-lora-prior rows measured before then
     "flux-lora-prior-transformer": ("toy-flux/dreambooth-lora-prior-pre", ["train_text_encoder=false"]),
 }
-# the text-encoder LoRA joined toy/dreambooth-lora-prior-pre in session 30: the arms tuned on it before then keep the
-# UNet's LoRA alone, so they still reproduce their rows in docs/evaluation.md; likewise the full + prior fine-tune's
-# text encoder (session 31) and CLIP-L's LoRA in the FLUX twin's recipe (session 36). Variant -> the arm that runs it
-# as shipped; every other arm on it that does not set the text encoder keeps it frozen.
-_TEXT_ENCODER_JOINED = {"toy/dreambooth-lora-prior-pre": "lora-prior", "toy/dreambooth-prior-pre": "full-prior",
-                        "toy-flux/dreambooth-lora-prior-pre": "flux-lora-prior"}
-for _arm, (_variant, _overrides) in ARMS.items():
-    if (_TEXT_ENCODER_JOINED.get(_variant, _arm) != _arm
-            and not any(o.startswith("train_text_encoder=") for o in _overrides)):
-        _overrides.append("train_text_encoder=false")
+# Settings that joined a variant after arms were tuned on it: (variant, the arm that runs it as shipped, key, the value
+# before). Every other arm on that variant that does not set the key keeps the value before, so it still reproduces its
+# rows in docs/evaluation.md: the text-encoder LoRA of toy/dreambooth-lora-prior-pre (session 30), the full + prior
+# fine-tune's text encoder (session 31), CLIP-L's LoRA in the FLUX twin's recipe (session 36), and min_timestep 200 in
+# the LoRA + prior recipe (session 41; lora-prior-tmin200 is now the recipe as shipped).
+_JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder", "false"),
+                 ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder", "false"),
+                 ("toy-flux/dreambooth-lora-prior-pre", "flux-lora-prior", "train_text_encoder", "false"),
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "min_timestep", "0")]
+for _variant, _shipped, _key, _before in _JOINED_LATER:
+    for _arm, (_arm_variant, _overrides) in ARMS.items():
+        if _arm_variant == _variant and _arm != _shipped and not any(o.startswith(f"{_key}=") for o in _overrides):
+            _overrides.append(f"{_key}={_before}")
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
 
