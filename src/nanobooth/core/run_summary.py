@@ -7,7 +7,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     """One line saying what a run trains, for the console before the first step: each trained module's trainable
     parameter count (for textual inversion and pivotal tuning that includes only the new token rows: the old table is
     frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, and whether the weights are averaged
-    (EMA) and the prior preserved. Users read from it that e.g. a LoRA recipe trains the text encoder too, which its
+    (EMA), the prior preserved and the timesteps restricted (`min_timestep`/`max_timestep`). Users read from it that e.g. a LoRA recipe trains the text encoder too, which its
     name does not say. `trained`: the method's `trained_modules` {name: module}; `groups`: its `param_groups` list;
     `denoiser_name`: the family's name for the denoiser, which the methods key `unet` in every family (SD3, FLUX:
     `transformer`)."""
@@ -22,4 +22,6 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
     if cfg.with_prior_preservation:
         parts.append(f"prior preservation (weight {cfg.prior_loss_weight}, {cfg.num_class_images} class images)")
+    if cfg.min_timestep or cfg.max_timestep is not None:  # e.g. the toy recipe's min_timestep 200: its name does not say
+        parts.append(f"timesteps {cfg.min_timestep} to " + ("the last" if cfg.max_timestep is None else str(cfg.max_timestep - 1)))
     return "; ".join(parts)

@@ -1,0 +1,19 @@
+"""The console line before the first step (core/run_summary.py)."""
+
+import torch
+
+from nanobooth.core.config import TrainConfig
+from nanobooth.core.run_summary import run_summary
+
+
+def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
+    unet = torch.nn.Linear(200, 100)  # 20100 trainable parameters
+    groups = [{"lr": 2e-3}, {"lr": 1e-3}]
+    plain = run_summary({"unet": unet}, groups, TrainConfig(method="lora"), denoiser_name="transformer")
+    assert plain == "training transformer (0.02M parameters) with lora; lr 2.0e-03 / 1.0e-03"
+    cfg = TrainConfig(method="lora", with_prior_preservation=True, prior_loss_weight=0.5, num_class_images=50,
+                      use_ema=True, min_timestep=200)
+    line = run_summary({"unet": unet}, groups, cfg)
+    assert line.startswith("training unet (0.02M parameters) with lora; lr 2.0e-03 / 1.0e-03; EMA of the weights")
+    assert line.endswith("; prior preservation (weight 0.5, 50 class images); timesteps 200 to the last")
+    assert run_summary({"unet": unet}, groups, TrainConfig(max_timestep=700)).endswith("; timesteps 0 to 699")
