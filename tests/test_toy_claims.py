@@ -4,8 +4,9 @@ pre-registered subjects (never used in tuning).
 Each subject trains the shipped recipe `toy/dreambooth-lora-prior-pre` and its no-prior twin end to end on
 CPU and scores both with `nanobooth toy eval` at its defaults, 8 images a prompt (the base model scored
 alongside): exactly `bench/aids_toy.py --arms lora-prior lora --seeds 9101 9202` (the shipped settings; since
-session 30 the recipe trains a text-encoder LoRA too), so the measured numbers in the comments are that bench's rows in
-docs/evaluation.md. Runs are deterministic on CPU; margins leave room for float differences across thread counts.
+session 30 the recipe trains a text-encoder LoRA too, since session 41 on timesteps 200 and up only), so the measured
+numbers in the comments are that bench's rows (docs/evaluation.md, session 41). Runs are deterministic on CPU; margins
+leave room for float differences across thread counts and machines.
 """
 
 import json
@@ -48,8 +49,8 @@ PRIOR, NO_PRIOR = "toy/dreambooth-lora-prior-pre", "toy/dreambooth-lora"
 
 
 def test_subject_fidelity_closes_most_of_the_gap_to_the_reference(scores):
-    # measured (with prior): 9101 0.938 vs base 0.750, reference 0.954; 9202 0.790 vs 0.638, reference 0.926 (53% of
-    # the gap; 0.821 before the text-encoder LoRA).
+    # measured (with prior): 9101 0.947 vs base 0.750, reference 0.954 (97% of the gap); 9202 0.843 vs 0.638,
+    # reference 0.926 (71%; 0.790 before min_timestep 200, 0.821 before the text-encoder LoRA).
     # The reference row is the subject's own renders through the model's VAE: what the decoder can show.
     for variant in (PRIOR, NO_PRIOR):
         res = scores[variant]
@@ -60,34 +61,33 @@ def test_subject_fidelity_closes_most_of_the_gap_to_the_reference(scores):
 
 
 def test_subject_identity_reaches_issue_24s_floor(scores):
-    # the generation read as the subject exactly (class, pattern and mark). Measured with prior: 9101 0.938,
-    # 9202 0.354 (base 0.021 / 0.042; before the text-encoder LoRA 0.833 / 0.542: of the 18 subjects measured with
-    # and without it, it bound 5 less, this dotted ring most); issue #24 asks no subject below 0.3. v4's recipe:
-    # 0.208 on its test subject.
+    # the generation read as the subject exactly (class, pattern and mark). Measured with prior: 9101 1.000,
+    # 9202 0.646 (base 0.021 / 0.042; before min_timestep 200 0.938 / 0.354, before the text-encoder LoRA 0.833 /
+    # 0.542); issue #24 asks 0.6 on average and no subject below 0.3. v4's recipe: 0.208 on its test subject.
     res = scores[PRIOR]
-    assert res["tuned"]["subject_identity"] >= 0.3
+    assert res["tuned"]["subject_identity"] >= {9101: 0.85, 9202: 0.5}[scores["seed"]]
     assert res["base"]["subject_identity"] <= 0.1
 
 
 def test_subject_appears_in_the_requested_scenes(scores):
     # the task as a whole: the subject and the scene "a photo of a sks ring on the beach" asks for, in one image.
-    # Measured with prior: 9101 0.875, 9202 0.250 (base 0.025 on both)
+    # Measured with prior: 9101 0.975, 9202 0.625 (base 0.025 on both; before min_timestep 200 0.875 / 0.250);
+    # issue #24 asks 0.5 on average
     res = scores[PRIOR]
-    assert res["tuned"]["subject_in_context"] >= res["base"]["subject_in_context"] + 0.2
+    assert res["tuned"]["subject_in_context"] >= 0.5
 
 
 def test_prompt_fidelity(scores):
-    # issue #24's target is within 0.05 of the base model. Measured: 9101 0.925 vs base 0.950 (met); 9202 0.875 vs
-    # 0.975, NOT met: this dotted ring's pale plain instance backdrop comes back for "on the beach" and "in the snow"
-    # (toy_eval.png). Met on average over the 16 fresh subjects of sessions 27 and 30 (docs/evaluation.md).
+    # issue #24's target is within 0.05 of the base model. Measured: 9101 0.975 vs base 0.950, 9202 0.975 vs 0.975
+    # (before min_timestep 200 9202 kept 0.875: this dotted ring's pale plain instance backdrop came back for "on the
+    # beach" and "in the snow")
     res = scores[PRIOR]
-    allowed = {9101: 0.05, 9202: 0.2}[scores["seed"]]
-    assert res["tuned"]["prompt_fidelity"] >= res["base"]["prompt_fidelity"] - allowed
+    assert res["tuned"]["prompt_fidelity"] >= res["base"]["prompt_fidelity"] - 0.05
 
 
 def test_prior_preservation_limits_language_drift(scores):
-    # prior drift above the base model's, with vs without prior preservation: 9101 +0.013 vs +0.159, 9202 +0.048 vs
-    # +0.152; issue #24 asks at most 0.7x
+    # prior drift above the base model's, with vs without prior preservation: 9101 -0.039 vs +0.159, 9202 +0.015 vs
+    # +0.152 (before min_timestep 200 +0.013 / +0.048 with prior); issue #24 asks at most 0.7x
     base = scores[PRIOR]["base"]["prior_drift"]
     with_prior, without = scores[PRIOR]["tuned"], scores[NO_PRIOR]["tuned"]
     assert with_prior["prior_drift"] - base <= 0.7 * (without["prior_drift"] - base)
