@@ -152,6 +152,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # drawn as camouflage, in the subject's colours); max_timestep 700 lost identity, so the pattern's layout is learnt at
     # high noise: train the LoRA on the noisier 80% of the timesteps only
     "lora-prior-tmin200": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200"]),
+    # ... which the recipe adopted in session 41: the recipe of sessions 30-40 (the rows labelled lora-prior before then)
+    "lora-prior-tmin0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=0"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
