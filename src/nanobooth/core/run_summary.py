@@ -8,9 +8,9 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     parameter count (for textual inversion and pivotal tuning that includes only the new token rows: the old table is
     frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, and whether the weights are averaged
     (EMA), the prior preserved and the timesteps restricted (`min_timestep`/`max_timestep`). Users read from it that
-    e.g. a LoRA recipe trains the text encoder too, which its name does not say. `trained`: the method's `trained_modules` {name: module}; `groups`: its `param_groups` list;
-    `denoiser_name`: the family's name for the denoiser, which the methods key `unet` in every family (SD3, FLUX:
-    `transformer`)."""
+    e.g. a LoRA recipe trains the text encoder too, which its name does not say. `trained`: the method's
+    `trained_modules` {name: module}; `groups`: its `param_groups` list; `denoiser_name`: the family's name for the
+    denoiser, which the methods key `unet` in every family (SD3, FLUX: `transformer`)."""
     def count(m):
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
