@@ -22,6 +22,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
     if cfg.with_prior_preservation:
         parts.append(f"prior preservation (weight {cfg.prior_loss_weight}, {cfg.num_class_images} class images)")
-    if cfg.min_timestep or cfg.max_timestep is not None:  # e.g. the toy recipe's min_timestep 200: its name does not say
-        parts.append(f"timesteps {cfg.min_timestep} to " + ("the last" if cfg.max_timestep is None else str(cfg.max_timestep - 1)))
+    if cfg.min_timestep or cfg.max_timestep is not None:  # the toy recipe's min_timestep 200: its name does not say
+        last = "the last" if cfg.max_timestep is None else cfg.max_timestep - 1
+        parts.append(f"timesteps {cfg.min_timestep} to {last}")
     return "; ".join(parts)
