@@ -144,6 +144,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # what they train that the recipe's text-encoder LoRA cannot is chiefly the identifier's embedding: pivotal tuning
     # (new tokens from the class noun's row, at the text encoder's 1e-3 for the first half of the steps) beside it
     "lora-prior-te-ti": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=true"]),
+    # the same pivotal tuning on the recipe as shipped since session 41 (min_timestep 200), rescored in session 42 after the
+    # fix of toy eval's DPM-Solver++ copy, which had dropped the identifier's rewrite: the rows of lora-prior-te-ti and
+    # pivotal-prior rendered the untrained "sks" (docs/evaluation.md)
+    "lora-prior-ti": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                                                         "train_text_encoder_ti=true"]),
     # the second continuation of v5 (session 36's pre-registered rule, docs/evaluation.md "Continuing v5"): the
     # recipe's UNet lr was tuned to v5, so a continued model is tuned at 2e-3 (lora-prior) against 3e-3
     "lora-prior-lr3e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "learning_rate=3e-3"]),

@@ -26,6 +26,7 @@ def test_render_is_seeded_per_prompt_and_leaves_global_rng_alone(tiny_model):
 def test_dpm_sampler_is_a_copy_that_samples_differently_and_flow_matching_is_refused(tiny_model, tiny_flux_model):
     from nanobooth.core.errors import ModelError
     from nanobooth.inference.generate import with_sampler
+    from nanobooth.methods import embeddings
 
     pipe = load_pipeline(str(tiny_model))
     pipe.set_progress_bar_config(disable=True)
@@ -34,6 +35,10 @@ def test_dpm_sampler_is_a_copy_that_samples_differently_and_flow_matching_is_ref
     assert type(dpm.scheduler).__name__ == "DPMSolverMultistepScheduler" and dpm.unet is pipe.unet
     assert type(pipe.scheduler).__name__ != "DPMSolverMultistepScheduler"  # the caller's pipeline keeps its sampler
     assert dpm.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule  # the model's noise schedule
+    # a textual-inversion or pivotal run's identifier rewrite goes with the copy (toy eval and generate sample with it)
+    setattr(pipe, embeddings.TOKEN_MAP, {"sks": "<s0><s1>"})
+    assert getattr(with_sampler(pipe, "dpm++"), embeddings.TOKEN_MAP) == {"sks": "<s0><s1>"}
+    delattr(pipe, embeddings.TOKEN_MAP)
     a, b = (render(p, ["a sks dog"], num_images=1, seed=3, steps=3)[0][0] for p in (pipe, dpm))
     assert np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).max() > 0
     flux = load_pipeline(str(tiny_flux_model))
@@ -117,6 +122,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
 
     monkeypatch.setattr(G, "load_run", lambda *a, **k: Pipe())
     monkeypatch.setattr(G, "render", fake_render)
+    monkeypatch.setattr(G, "with_sampler", lambda pipe, sampler: calls.update(sampler=sampler) or pipe)
     weights = ["--weights", str(run)] if run else []
     assert main(["generate", "--model", "tiny", *weights, "--prompt", "a sks dog", "--num-images", "1",
                  "--out", str(tmp_path / "out"), *flags]) == 0
@@ -131,13 +137,15 @@ def test_generate_defaults_to_the_runs_sampling_settings_and_flags_override(monk
     save_config(load_config("toy/dreambooth-lora-prior-pre", ["validation_inference_steps=17", "validation_guidance_scale=3.5",
                                                                "validation_guidance_cutoff=0.5", "resolution=48"]),
                 run / "config.yaml")
-    assert _generate_with(monkeypatch, tmp_path, run) == dict(steps=17, guidance=3.5, resolution=48, guidance_cutoff=0.5)
+    ran = dict(steps=17, guidance=3.5, resolution=48, guidance_cutoff=0.5, sampler="dpm++")  # the toy variants' dpm++
+    assert _generate_with(monkeypatch, tmp_path, run) == ran
     assert _generate_with(monkeypatch, tmp_path, run, "--steps", "9", "--guidance", "2", "--guidance-cutoff", "1",
-                          "--resolution", "64") == dict(steps=9, guidance=2.0, resolution=64, guidance_cutoff=1.0)
-    assert _generate_with(monkeypatch, tmp_path, run, "--guidance", "6") == dict(steps=17, guidance=6.0, resolution=48,
-                                                                                  guidance_cutoff=0.5)
+                          "--resolution", "64", "--sampler", "model") == dict(steps=9, guidance=2.0, resolution=64,
+                                                                            guidance_cutoff=1.0, sampler="model")
+    assert _generate_with(monkeypatch, tmp_path, run, "--guidance", "6") == {**ran, "guidance": 6.0}
     # a base model without a run: generate's own defaults
-    assert _generate_with(monkeypatch, tmp_path, None) == dict(steps=30, guidance=7.5, resolution=None, guidance_cutoff=1.0)
+    assert _generate_with(monkeypatch, tmp_path, None) == dict(steps=30, guidance=7.5, resolution=None, guidance_cutoff=1.0,
+                                                               sampler="model")
 
 
 # --- grid labels ------------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, ca
 
     args = SimpleNamespace(model="toy", prompt=["a sks dog"], weights=None, num_images=1, seed=0, steps=2, guidance=4.0,
                            guidance_cutoff=None, resolution=None, out=str(tmp_path), device=None, dtype=None, tome_ratio=0.0,
-                           allow_pickle=False, single_file_config=None)
+                           allow_pickle=False, single_file_config=None, sampler=None)
     for n, said in ((1, "wrote 1 image and grid.png"), (2, "wrote 2 images and grid.png")):
         monkeypatch.setattr(gen, "generate", lambda *a, n=n, **k: [Image.new("RGB", (8, 8))] * n)
         gen.generate_cli(args)

@@ -45,7 +45,8 @@ def test_sd3_refuses_ddpm_only_settings_in_one_line(tiny_sd3_model):
     fam = FAMILIES["StableDiffusion3Pipeline"]
     sched = fam.training_scheduler(load_components(str(tiny_sd3_model)).scheduler.config)
     for bad, key in ((dict(snr_gamma=5.0), "snr_gamma"), (dict(tome_ratio=0.5), "tome_ratio"),
-                     (dict(with_prior_preservation=True, class_sampler="dpm++"), "class_sampler")):
+                     (dict(with_prior_preservation=True, class_sampler="dpm++"), "class_sampler"),
+                     (dict(validation_prompts=["a sks dog"], validation_sampler="dpm++"), "validation_sampler")):
         with pytest.raises(ConfigError, match=f"config key '{key}'"):
             fam.objective(sched, TrainConfig(**bad))
 

@@ -4,8 +4,10 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import train_args
 from safetensors.torch import load_file
 
@@ -175,6 +177,21 @@ def test_validation_does_not_change_training(tiny_model, subject_dir, tmp_path):
     assert ["val_loss_heldout" in json.loads(x) for x in (b / "train_log.jsonl").read_text().splitlines()] == [True] * 5
     wa, wb = load_file(a / "pytorch_lora_weights.safetensors"), load_file(b / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_validation_sampler_dpm_renders_the_grids_with_dpm_solver(tiny_model, subject_dir, tmp_path, monkeypatch):
+    from diffusers import DPMSolverMultistepScheduler
+
+    calls = []
+    step = DPMSolverMultistepScheduler.step
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "step", lambda self, *a, **k: calls.append(1) or step(self, *a, **k))
+    grids = ["validation_prompts=[a sks dog]", "validation_steps=0", "validation_inference_steps=3"]
+    a = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "a", *grids)
+    assert calls == []  # the default: the model's own sampler
+    b = run("dreambooth-lora", tiny_model, subject_dir, tmp_path / "b", *grids, "validation_sampler=dpm++")
+    assert len(calls) == 2 * 3  # the grids at the start and the end, 3 steps each
+    pixels = [np.asarray(Image.open(x / "samples" / "step-000003.png"), dtype=float) for x in (a, b)]
+    assert np.abs(pixels[0] - pixels[1]).max() > 0
 
 
 def test_same_seed_same_run_other_seed_other_run(tiny_model, subject_dir, tmp_path):

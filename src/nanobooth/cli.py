@@ -175,6 +175,9 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                    help="fraction of the steps that use guidance; the rest sample without it (default: the run's "
                         "validation_guidance_cutoff, else 1.0: all)")
     g.add_argument("--resolution", type=int, default=None, help="default: the run's resolution, else the model's native size")
+    g.add_argument("--sampler", choices=["auto", "model", "dpm++"], default=None,  # inference.generate.SAMPLERS
+                   help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto (DPM-Solver++ where the model "
+                        "allows it); default: the run's validation_sampler, else model")
     g.add_argument("--out", required=True)
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")

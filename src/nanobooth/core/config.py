@@ -211,6 +211,8 @@ class TrainConfig:
     """Images per validation prompt."""
     validation_inference_steps: int = 25
     """Sampler steps for validation images."""
+    validation_sampler: Literal["dpm++", "model"] = "model"
+    """Sampler for validation images (and validation_scores): the model's own (PNDM for SD 1.x, Euler for SDXL, FLUX and SD3, DDIM for the toy UNet) or `dpm++` (DPM-Solver++ 2M, diffusers' --validation_scheduler default; DDPM models only). The toy variants use dpm++ at 15 steps, which scores like 25 DDIM steps there (docs/evaluation.md)."""
     validation_guidance_scale: float = 7.5
     """Classifier-free guidance scale for validation images."""
     validation_guidance_cutoff: float = 1.0

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..inference.generate import grid, render, save_png
+from ..inference.generate import grid, render, save_png, with_sampler
 from ..methods import embeddings
 from .config import TrainConfig
 from .events import Emitter, SampleGrid, ValidationScores
@@ -91,7 +91,7 @@ class ValidationGrids:
             try:
                 unet.eval(), [te.eval() for te in self.text_encoders]
                 [m.to(device) for m in dict.fromkeys((self.components.vae, *self.idle))]
-                pipe = make_pipeline(self.components, unet=unet, text_encoders=self.text_encoders)
+                pipe = with_sampler(make_pipeline(self.components, unet=unet, text_encoders=self.text_encoders), cfg.validation_sampler)
                 setattr(pipe, embeddings.TOKEN_MAP, self.tokens)  # render() rewrites the identifier
                 pipe.set_progress_bar_config(desc=f"validation step {step}", leave=False)  # runs on rank 0 only
                 rows = render(pipe, cfg.validation_prompts, cfg.num_validation_images,

@@ -55,6 +55,9 @@ class SD3(SD):
         if cfg.with_prior_preservation and cfg.class_sampler == "dpm++":
             raise ConfigError(f"config key 'class_sampler': dpm++ is a DDPM sampler and {self.name} samples by flow matching; pass "
                               "class_sampler=model (the model's own flow-matching Euler sampler)")
+        if cfg.validation_sampler == "dpm++" and cfg.validation_prompts:
+            raise ConfigError(f"config key 'validation_sampler': dpm++ is a DDPM sampler and {self.name} samples by flow matching; "
+                              "pass validation_sampler=model (the model's own flow-matching Euler sampler)")
         if cfg.tome_ratio:
             raise ConfigError(f"config key 'tome_ratio': ToMe (tomesd) patches UNet blocks and {self.name} has a transformer; pass tome_ratio=0")
         if cfg.snr_gamma:

@@ -123,7 +123,10 @@ def with_sampler(pipe, sampler: str = "model"):
                          "which DPM-Solver++ for DDPM models does not; use --sampler model (its own Euler sampler)")
     from diffusers import DPMSolverMultistepScheduler
 
-    return type(pipe)(**{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)})
+    copy = type(pipe)(**{**pipe.components, "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)})
+    if hasattr(pipe, embeddings.TOKEN_MAP):  # a textual-inversion or pivotal run's identifier -> new tokens: without it
+        setattr(copy, embeddings.TOKEN_MAP, getattr(pipe, embeddings.TOKEN_MAP))  # "sks" would render untrained
+    return copy
 
 
 def render(pipe, prompts: list[str], num_images: int = 1, seed: int = 0, steps: int = 25, guidance: float = 7.5,
@@ -217,23 +220,25 @@ def save_png(img: Image.Image, path: Path) -> None:
 
 
 # generate's own sampling defaults, for flags left unset and a base model without a run
-SAMPLING_DEFAULTS = {"steps": 30, "guidance": 7.5, "guidance_cutoff": 1.0, "resolution": None}
+SAMPLING_DEFAULTS = {"steps": 30, "guidance": 7.5, "guidance_cutoff": 1.0, "resolution": None, "sampler": "model"}
 
 
 def sampling_settings(weights: str | Path | None = None, **flags) -> dict[str, object]:
-    """steps, guidance, guidance_cutoff, resolution: a value given in `flags` (not None) wins; else the run's
-    own settings (its config.yaml's validation_inference_steps, validation_guidance_scale,
-    validation_guidance_cutoff and resolution: what its sample grids used); else SAMPLING_DEFAULTS."""
+    """steps, guidance, guidance_cutoff, resolution, sampler: a value given in `flags` (not None) wins; else the
+    run's own settings (its config.yaml's validation_inference_steps, validation_guidance_scale,
+    validation_guidance_cutoff, resolution and validation_sampler: what its sample grids used); else
+    SAMPLING_DEFAULTS."""
     cfg = load_run_config(weights) if weights else None
     run = {} if cfg is None else {"steps": cfg.validation_inference_steps, "guidance": cfg.validation_guidance_scale,
-                                  "guidance_cutoff": cfg.validation_guidance_cutoff, "resolution": cfg.resolution}
+                                  "guidance_cutoff": cfg.validation_guidance_cutoff, "resolution": cfg.resolution,
+                                  "sampler": cfg.validation_sampler}
     out = {}
     for key, default in SAMPLING_DEFAULTS.items():
         flag = flags.get(key)
         out[key] = flag if flag is not None else run.get(key, default)
     if run:
-        log.info("sampling with steps=%s guidance=%s guidance_cutoff=%s resolution=%s (the run's settings unless a flag "
-                 "set them)", *out.values())
+        log.info("sampling with steps=%s guidance=%s guidance_cutoff=%s resolution=%s sampler=%s (the run's settings "
+                 "unless a flag set them)", *out.values())
     return out
 
 
@@ -243,25 +248,28 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def generate(model: str, prompts: str | Sequence[str], *, weights: str | Path | None = None, num_images: int = 1,
              seed: int = 0, steps: int | None = None, guidance: float | None = None, guidance_cutoff: float | None = None,
              resolution: int | None = None, out: str | Path | None = None, device: str | None = None, dtype: str = "fp32",
-             tome_ratio: float = 0.0, allow_pickle: bool = False, single_file_config: str | None = None) -> list[Image.Image]:
+             tome_ratio: float = 0.0, allow_pickle: bool = False, single_file_config: str | None = None,
+             sampler: str | None = None) -> list[Image.Image]:
     """Render `num_images` images of each prompt from `model` (hub id, diffusers folder, .safetensors, toy, tiny)
     plus the nanobooth run folder `weights` (LoRA or full; None: the base model alone).
 
     Returns the images prompt by prompt: image j of prompt i is at i * num_images + j, seeded
     `seed + 1000*i + j` (render's scheme: the same pixels whatever else is rendered). steps, guidance,
-    guidance_cutoff (fraction of the steps that use guidance, in (0, 1]) and resolution (pixels; square) left
-    None take the run's validation settings, else SAMPLING_DEFAULTS (sampling_settings). `out`: a folder to
+    guidance_cutoff (fraction of the steps that use guidance, in (0, 1]), resolution (pixels; square) and sampler
+    ("model", "dpm++" or "auto": with_sampler) left None take the run's validation settings, else SAMPLING_DEFAULTS
+    (sampling_settings). `out`: a folder to
     write promptII-JJ.png and grid.png into. device: default cuda if available, else cpu; dtype: fp32, fp16
     or bf16. Raises ModelError for a model or weights folder that cannot be loaded.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     sampling = sampling_settings(weights, steps=steps, guidance=guidance, guidance_cutoff=guidance_cutoff,
-                                 resolution=resolution)
+                                 resolution=resolution, sampler=sampler)
     pipe = load_run(model, weights, allow_pickle=allow_pickle, single_file_config=single_file_config,
                     torch_dtype=DTYPES[dtype])
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if tome_ratio:
         apply_tome(pipe.unet, tome_ratio)
+    pipe = with_sampler(pipe, sampling["sampler"])
     rows = render(pipe, prompts, num_images, seed, sampling["steps"], sampling["guidance"], sampling["resolution"],
                   guidance_cutoff=sampling["guidance_cutoff"])
     if out is not None:
@@ -277,7 +285,8 @@ def generate_cli(args) -> Path:
     images = generate(args.model, args.prompt, weights=args.weights, num_images=args.num_images, seed=args.seed,
                       steps=args.steps, guidance=args.guidance, guidance_cutoff=args.guidance_cutoff,
                       resolution=args.resolution, out=args.out, device=args.device, dtype=args.dtype,
-                      tome_ratio=args.tome_ratio, allow_pickle=args.allow_pickle, single_file_config=args.single_file_config)
+                      tome_ratio=args.tome_ratio, allow_pickle=args.allow_pickle, single_file_config=args.single_file_config,
+                      sampler=args.sampler)
     out = Path(args.out)
     print(f"wrote {len(images)} image{'' if len(images) == 1 else 's'} and grid.png to {out}")
     return out

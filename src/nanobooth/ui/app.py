@@ -266,7 +266,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             run = run_dir(name)
             cfg = load_run_config(run)
             same = dict(seed=int(seed), steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
-                        guidance_cutoff=cfg.validation_guidance_cutoff, resolution=cfg.resolution)
+                        guidance_cutoff=cfg.validation_guidance_cutoff, resolution=cfg.resolution,
+                        sampler=cfg.validation_sampler)
             base = api.generate(cfg.model, [prompt], **same)[0]
             tuned = api.generate(cfg.model, [prompt], weights=str(run), **same)[0]
             return base, tuned
