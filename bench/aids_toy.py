@@ -149,6 +149,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # pivotal-prior rendered the untrained "sks" (docs/evaluation.md)
     "lora-prior-ti": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                                                          "train_text_encoder_ti=true"]),
+    # the text encoder's MLPs too (kohya's text-encoder LoRA targets CLIPAttention and CLIPMLP; diffusers' the attention
+    # alone): with the embeddings (lora-prior-ti) ruled out, the rest of what the full text-encoder fine-tunes train
+    "lora-prior-te-mlp": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                                                             "text_encoder_lora_target_modules=[q_proj, k_proj, v_proj, "
+                                                             "out_proj, fc1, fc2]"]),
     # the second continuation of v5 (session 36's pre-registered rule, docs/evaluation.md "Continuing v5"): the
     # recipe's UNet lr was tuned to v5, so a continued model is tuned at 2e-3 (lora-prior) against 3e-3
     "lora-prior-lr3e3": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "learning_rate=3e-3"]),
