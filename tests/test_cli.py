@@ -246,8 +246,10 @@ def test_demo_plan_counts_every_phase_and_scales_with_speed():
     # base and tuned model x (subject + 5 scenes + class prompts) x 4 images x 15 DPM++ steps x 1.5 forwards (guidance
     # on the first half of the steps)
     assert work["toy eval"] == 2 * 7 * 4 * 15 * 1.5
+    # the start and end grids x 4 prompts x 2 images x the toy grids' 15 DPM++ steps x 1.5 forwards
+    assert work["sample grids"] == 2 * 4 * 2 * 15 * 1.5
     slow, fast = plan(cfg, 5, 0.05, 0.6), plan(cfg, 5, 0.005, 0.06)
-    assert "about 6 min" in slow and "about 52 s" in fast and "300 LoRA steps on the denoiser and the text encoder" in slow
+    assert "about 6 min" in slow and "about 51 s" in fast and "300 LoRA steps on the denoiser and the text encoder" in slow
     assert "training ~3 min" in slow and "training ~18 s" in fast  # 300 steps x the step's seconds
     frozen = load_config("toy/dreambooth-lora-prior-pre", {"train_text_encoder": False})
     assert "300 LoRA steps (" in plan(frozen, 5, 0.05, 0.6)  # the text encoder is named only where it trains
