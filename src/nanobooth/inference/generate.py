@@ -257,9 +257,8 @@ def generate(model: str, prompts: str | Sequence[str], *, weights: str | Path | 
     `seed + 1000*i + j` (render's scheme: the same pixels whatever else is rendered). steps, guidance,
     guidance_cutoff (fraction of the steps that use guidance, in (0, 1]), resolution (pixels; square) and sampler
     ("model", "dpm++" or "auto": with_sampler) left None take the run's validation settings, else SAMPLING_DEFAULTS
-    (sampling_settings). `out`: a folder to
-    write promptII-JJ.png and grid.png into. device: default cuda if available, else cpu; dtype: fp32, fp16
-    or bf16. Raises ModelError for a model or weights folder that cannot be loaded.
+    (sampling_settings). `out`: a folder to write promptII-JJ.png and grid.png into. device: default cuda if
+    available, else cpu; dtype: fp32, fp16 or bf16. Raises ModelError for a model or weights folder that cannot be loaded.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     sampling = sampling_settings(weights, steps=steps, guidance=guidance, guidance_cutoff=guidance_cutoff,

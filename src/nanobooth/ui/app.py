@@ -262,12 +262,11 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         def on_generate(name, prompt, seed):
             from .. import api
             from ..core.run_folder import load_run_config
+            from ..inference.generate import sampling_settings
 
             run = run_dir(name)
             cfg = load_run_config(run)
-            same = dict(seed=int(seed), steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
-                        guidance_cutoff=cfg.validation_guidance_cutoff, resolution=cfg.resolution,
-                        sampler=cfg.validation_sampler)
+            same = dict(seed=int(seed), **sampling_settings(run))  # the run's grid settings, for base and tuned alike
             base = api.generate(cfg.model, [prompt], **same)[0]
             tuned = api.generate(cfg.model, [prompt], weights=str(run), **same)[0]
             return base, tuned
