@@ -164,6 +164,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-tmin200": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200"]),
     # ... which the recipe adopted in session 41: the recipe of sessions 30-40 (the rows labelled lora-prior before then)
     "lora-prior-tmin0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=0"]),
+    # session 43: the recipe's misses over sets G and H are mostly a spot read wrong, which the full fine-tunes bind; the
+    # UNet's 32x32 level (no attention on v5) is what they train and the attention-only LoRA cannot reach. A LoRA on that
+    # level's resnets alone (down_blocks.0, up_blocks.3: their conv1/conv2 by full module path), not session 35's LoCon
+    # on every level's convs and transformer projections
+    "lora-prior-l32": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                       "lora_target_modules=[to_q, to_k, to_v, to_out.0, down_blocks.0.resnets.0.conv1, "
+                       "down_blocks.0.resnets.0.conv2, up_blocks.3.resnets.0.conv1, up_blocks.3.resnets.0.conv2, "
+                       "up_blocks.3.resnets.1.conv1, up_blocks.3.resnets.1.conv2]"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
