@@ -6,6 +6,8 @@ import typing
 import pytest
 import torch
 
+from conftest import train_args
+from nanobooth.cli import main
 from nanobooth.core.config import TrainConfig
 from nanobooth.inference.generate import load_run
 from nanobooth.methods import METHODS, DoRA, Full, LoHa, LoKr, LoRA, Method, TextualInversion
@@ -124,3 +126,30 @@ def test_save_then_load_for_inference_reproduces_the_trained_modules(name, te, t
         assert not torch.allclose(trained[0], untrained[0], atol=1e-3)
     else:
         assert torch.equal(loaded[0], untrained[0])  # a frozen text encoder comes back as the base one
+
+
+@pytest.mark.parametrize("variant,key,target,meant", [
+    ("dreambooth-lora", "lora_target_modules", "down_blocks.0.resnet.0.conv1", "down_blocks.0.resnets.0.conv1"),
+    ("dreambooth-loha", "lora_target_modules", "to_qq", "to_q"),
+    ("dreambooth-lora", "text_encoder_lora_target_modules", "self_attn.qproj", "self_attn.q_proj"),
+])
+def test_a_target_that_names_no_module_is_refused_before_the_run_folder(variant, key, target, meant, tiny_model, subject_dir,
+                                                                         tmp_path, capsys):
+    # peft would add adapters where the other targets match and drop this one silently: fewer modules trained than asked
+    default = TrainConfig.__dataclass_fields__[key].default_factory()
+    out = tmp_path / "run"
+    assert main(["train", variant, *train_args(tiny_model, subject_dir, out, f"{key}=[{', '.join(default + [target])}]",
+                                              "train_text_encoder=true")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "config key" in line]  # beside the loading bars
+    assert len(err) == 1 and f"config key '{key}': '{target}' matches no module" in err[0], err
+    assert f"did you mean '{meant}'?" in err[0] and "Traceback" not in err[0]
+    assert not out.exists()  # refused before anything was written
+
+
+def test_full_module_paths_put_adapters_on_exactly_those_modules(tiny_model):
+    c = load_components(str(tiny_model))
+    cfg = TrainConfig(model=str(tiny_model), method="lora", lora_target_modules=["to_q", "down_blocks.0.resnets.0.conv1"])
+    LoRA().check(c.family, c.unet, c.text_encoders, cfg)  # every target names a module: no error
+    LoRA().attach(c.family, c.unet, c.text_encoders, cfg)
+    convs = {n.rsplit(".lora_A", 1)[0] for n, _ in c.unet.named_modules() if n.endswith("lora_A") and "conv" in n}
+    assert convs == {"down_blocks.0.resnets.0.conv1"}  # not down_blocks.0.resnets.0.conv2, nor another block's conv1

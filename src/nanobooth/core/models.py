@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError  # noqa: F401 (defined torch-free: the run folder's checks raise it before torch loads)
+from .errors import ConfigError, ModelError  # noqa: F401 (defined torch-free: the run folder's checks raise it before torch loads)
 
 log = logging.getLogger("nanobooth")
 
@@ -193,6 +193,22 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, lay
     where = dict(layers_to_transform=list(layers), layers_pattern="layers") if layers is not None else {}
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=list(targets),
                       use_dora=use_dora, **where)
+
+
+def check_targets(model, targets: list[str], key: str, what: str) -> None:
+    """Raise ConfigError naming `key` for each entry of `targets` that matches no module of `model` the way peft
+    matches a list of target modules: a module's full name, or its ending after a dot (`to_q`,
+    `down_blocks.0.resnets.0.conv1`); with the nearest name that would match."""
+    import difflib
+
+    names = [n for n, _ in model.named_modules() if n]
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            depth = target.count(".") + 1
+            endings = sorted({".".join(n.split(".")[-depth:]) for n in names if n.count(".") + 1 >= depth})
+            near = difflib.get_close_matches(target, endings, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"name a module of the {what} (its full name or its last parts)"
+            raise ConfigError(f"config key '{key}': '{target}' matches no module of the {what}; {hint}")
 
 
 def train_layers_read(text_encoder, layers: list[int]) -> None:

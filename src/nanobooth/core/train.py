@@ -109,6 +109,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         embeddings.check_family(c.family, cfg)  # SD/SDXL only: refused before the run folder is made
     objective = c.family.objective(c.noise_scheduler, cfg)  # noise, timesteps, noisy input, target, loss weights; may refuse cfg
     c.family.check_sampling(cfg, c.unet.config)  # validation renders that this model cannot sample as asked: refused now
+    method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
+    method.check(c.family, c.unet, c.text_encoders, cfg)  # e.g. a LoRA target that names no module: refused now
     if cfg.keep_best and accelerator.distributed_type == "FSDP":
         raise ConfigError("config key 'keep_best': not supported with FSDP (rank 0 holds only a shard of the weights to keep); "
                           "use keep_best=false or a DDP launch")
@@ -166,7 +168,6 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         accelerator.wait_for_everyone()  # generated once, on rank 0; the others read the files
     t_class = time.time() - t_class
 
-    method = METHODS[cfg.method]()  # what trains, optimizer groups, what is saved (methods/base.py)
     te_trained = cfg.train_text_encoder or cfg.trains_embeddings
     method.attach(fam, unet, text_encoders, cfg)
     # pivotal tuning / textual inversion: the identifier becomes new tokens, rewritten in every prompt (methods/embeddings.py)

@@ -13,6 +13,8 @@ class Method:
 
     Instances hold no state; train.py takes `METHODS[cfg.method]()` and calls, in this order:
 
+    0. `check(family, unet, text_encoders, cfg)`, once, after the model loads and before the run folder is
+       made: raise ConfigError (one line naming the key) for settings this model cannot take. Default: none.
     1. `attach(family, unet, text_encoders, cfg)`, once, after the class images are made (they must come
        from the base model) and with every module frozen (`requires_grad_(False)`) and on its device. It
        sets requires_grad on what trains, or adds adapters (new trainable parameters, fp32; their random
@@ -37,6 +39,9 @@ class Method:
     """
 
     name = ""
+
+    def check(self, family, unet, text_encoders: list, cfg) -> None:
+        return None
 
     def attach(self, family, unet, text_encoders: list, cfg) -> None:
         raise NotImplementedError

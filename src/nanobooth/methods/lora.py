@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.models import lora_config
+from ..core.models import check_targets, lora_config
 from ..core.run_folder import LORA_FILE
 from . import embeddings
 from .base import Method
@@ -14,6 +14,15 @@ class LoRA(Method):
 
     name = "lora"
     use_dora = False  # methods/dora.py: the same adapters with a trained magnitude
+
+    def check(self, family, unet, text_encoders, cfg):
+        # peft adds adapters where any target matches and says nothing of a target that matched nothing (a full
+        # module path with a typo): the run would train fewer modules than asked
+        check_targets(unet, cfg.lora_target_modules, "lora_target_modules", family.denoiser_name)
+        for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
+            if family.layers_read(i, te.config.num_hidden_layers):
+                check_targets(te, cfg.text_encoder_lora_target_modules, "text_encoder_lora_target_modules",
+                              family.text_encoder_names[i])
 
     def attach(self, family, unet, text_encoders, cfg):
         unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout,
