@@ -122,7 +122,7 @@ class TrainConfig:
     lokr_decompose_both: bool = False
     """method=lokr: also split the first (small) Kronecker factor into a rank-lora_rank product when the rank allows (LyCORIS's `decompose_both`)."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet modules that get LoRA adapters (the seed's attention projections; peft matches name suffixes). Adding `conv1, conv2` (the resnets' convolutions), `proj_in, proj_out, ff.net.0.proj, ff.net.2` is kohya's LoCon; such runs save in peft's key names and export to kohya's conv LoRA layout."""
+    """UNet modules that get LoRA adapters (the seed's attention projections; peft matches a module's full name or its ending after a dot, so a full path such as `down_blocks.0.resnets.0.conv1` picks one module; an entry that matches no module is refused before training). Adding `conv1, conv2` (the resnets' convolutions), `proj_in, proj_out, ff.net.0.proj, ff.net.2` is kohya's LoCon; such runs save in peft's key names and export to kohya's conv LoRA layout."""
     text_encoder_lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     """Text-encoder modules that get LoRA adapters when train_text_encoder=true and method=lora."""
     train_batch_size: int = 1
