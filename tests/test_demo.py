@@ -1,5 +1,6 @@
 """The README's main command, shortened: `nanobooth demo` end to end on the shipped toy model."""
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert str(samples[0]) in out and str(samples[-1]) in out and str(run / "toy_eval.json") in out
     assert (run / "toy_eval.png").is_file() and str(run / "toy_eval.png") in out  # base vs tuned, side by side
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
+    assert re.search(r"demo finished in (\d+ min )?\d+ s\n", out)  # measured to the second, not rounded to minutes
     assert "4 class images, 4 LoRA steps on the denoiser and the text encoder" in out
     # toy eval's default on the UNet: 15 DPM-Solver++ steps (toy/evaluate.EVAL_STEPS), as the demo's estimate counts
     assert (res["settings"]["sampler"], res["settings"]["steps"]) == ("dpm++", 15)
