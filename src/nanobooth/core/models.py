@@ -196,7 +196,7 @@ def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, lay
 
 
 def check_targets(model, targets: list[str], key: str, what: str) -> None:
-    """Raise ConfigError naming `key` for each entry of `targets` that matches no module of `model` the way peft
+    """Raise ConfigError naming `key` for the first entry of `targets` that matches no module of `model` the way peft
     matches a list of target modules: a module's full name, or its ending after a dot (`to_q`,
     `down_blocks.0.resnets.0.conv1`); with the nearest name that would match."""
     import difflib
