@@ -8,6 +8,17 @@ from . import embeddings
 from .base import Method
 
 
+def adapted_text_encoders(family, text_encoders: list, cfg):
+    """(index, text encoder, layers or None for all) for each encoder that gets adapters with train_text_encoder: only
+    on the layers whose output reaches the denoiser (others would be saved untrained), and none on an encoder the
+    family never trains (SD3's T5)."""
+    for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
+        n = te.config.num_hidden_layers
+        read = family.layers_read(i, n)
+        if read:
+            yield i, te, (read if len(read) < n else None)
+
+
 class LoRA(Method):
     """Base weights stay untouched; the result is one file, LORA_FILE (`pipe.load_lora_weights(run_dir)`),
     plus the new tokens' embeddings with train_text_encoder_ti (embeddings.py)."""
@@ -19,22 +30,16 @@ class LoRA(Method):
         # peft adds adapters where any target matches and says nothing of a target that matched nothing (a full
         # module path with a typo): the run would train fewer modules than asked
         check_targets(unet, cfg.lora_target_modules, "lora_target_modules", family.denoiser_name)
-        for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
-            if family.layers_read(i, te.config.num_hidden_layers):
-                check_targets(te, cfg.text_encoder_lora_target_modules, "text_encoder_lora_target_modules",
-                              family.text_encoder_names[i])
+        for i, te, _ in adapted_text_encoders(family, text_encoders, cfg):
+            check_targets(te, cfg.text_encoder_lora_target_modules, "text_encoder_lora_target_modules",
+                          family.text_encoder_names[i])
 
     def attach(self, family, unet, text_encoders, cfg):
         unet.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_target_modules, cfg.lora_dropout,
                                      use_dora=self.use_dora))
-        for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
-            # only on the layers whose output reaches the UNet: others would be saved untrained
-            n = te.config.num_hidden_layers
-            read = family.layers_read(i, n)
-            if not read:  # an encoder the family never trains (SD3's T5)
-                continue
+        for _, te, layers in adapted_text_encoders(family, text_encoders, cfg):
             te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
-                                       layers=read if len(read) < n else None, use_dora=self.use_dora))
+                                       layers=layers, use_dora=self.use_dora))
 
     def save(self, folder, components, unet, text_encoders, cfg):
         components.family.save_lora(folder, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)

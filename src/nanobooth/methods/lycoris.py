@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..core.run_folder import LORA_FILE
-from .lora import LoRA
+from .lora import LoRA, adapted_text_encoders
 
 # peft_type in the saved adapter config -> METHODS key
 PEFT_TYPES = {"LOKR": "lokr", "LOHA": "loha"}
@@ -50,12 +50,8 @@ class LycorisAdapter(LoRA):
 
     def attach(self, family, unet, text_encoders, cfg):
         unet.add_adapter(self.peft_config(cfg, cfg.lora_target_modules, None))
-        for i, te in enumerate(text_encoders if cfg.train_text_encoder else []):
-            n = te.config.num_hidden_layers
-            read = family.layers_read(i, n)
-            if not read:  # an encoder the family never trains (SD3's T5)
-                continue
-            te.add_adapter(self.peft_config(cfg, cfg.text_encoder_lora_target_modules, read if len(read) < n else None))
+        for _, te, layers in adapted_text_encoders(family, text_encoders, cfg):
+            te.add_adapter(self.peft_config(cfg, cfg.text_encoder_lora_target_modules, layers))
 
     def save(self, folder, components, unet, text_encoders, cfg):
         from peft.utils import get_peft_model_state_dict
