@@ -252,8 +252,12 @@ def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, mo
         run([sys.executable, "-m", "nanobooth", "toy", "subject", "--seed", str(seed), "--out", str(subj)])
     t0 = time.perf_counter()
     if not (run_dir / "config.yaml").is_file() or not any(run_dir.glob("*.safetensors")):
-        # an interrupted run continues from its last checkpoint (train refuses to reuse its folder otherwise)
-        resume = ["resume_from_checkpoint=latest"] if (run_dir / "config.yaml").is_file() else []
+        # an interrupted run continues from its last checkpoint (train refuses to reuse its folder otherwise); one
+        # stopped before its first checkpoint is trained again from step 0, which train does only when told to
+        resume = []
+        if (run_dir / "config.yaml").is_file():
+            resume = ["resume_from_checkpoint=latest"] if any((run_dir / "checkpoints").glob("checkpoint-*/state.json")) \
+                else ["overwrite=true"]
         run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
              f"class_data_dir={class_dir(out, seed, overrides)}", *overrides, *resume])
     run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
