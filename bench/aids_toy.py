@@ -172,6 +172,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                        "lora_target_modules=[to_q, to_k, to_v, to_out.0, down_blocks.0.resnets.0.conv1, "
                        "down_blocks.0.resnets.0.conv2, up_blocks.3.resnets.0.conv1, up_blocks.3.resnets.0.conv2, "
                        "up_blocks.3.resnets.1.conv1, up_blocks.3.resnets.1.conv2]"]),
+    # session 44: toy/dreambooth (full, no prior) is the one full variant under the recipe's identity on most sets;
+    # min_timestep 200 lifted the LoRA's identity and scenes together (session 41), so the same on the full fine-tune
+    "full-tmin200": ("toy/dreambooth", ["min_timestep=200"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
