@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 # arm -> (packaged variant, overrides); every arm keeps the variant's steps, lr and guidance cutoff
 ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior": ("toy/dreambooth-lora-prior-pre", []),
@@ -231,25 +233,32 @@ def class_dir(out: Path, seed: int, overrides: list[str]) -> Path:
     return out / "class" / name
 
 
-def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int) -> dict | None:
+def eval_name(sampler: str, steps: int, images_per_prompt: int, cutoff: float | None) -> str:
+    return f"toy_eval-{sampler}-{steps}-{images_per_prompt}" + ("" if cutoff is None else f"-gc{cutoff:g}") + ".json"
+
+
+def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int, cutoff: float | None = None) -> dict | None:
     """The run's scores at these eval settings, if it has them: toy_eval.json holds the latest eval only, so each
-    is also kept as toy_eval-SAMPLER-STEPS-N.json."""
-    for f in (run_dir / "toy_eval.json", run_dir / f"toy_eval-{sampler}-{steps}-{images_per_prompt}.json"):
+    is also kept as toy_eval-SAMPLER-STEPS-N[-gcCUTOFF].json. `cutoff` None: the run's validation_guidance_cutoff."""
+    if cutoff is None and (run_dir / "config.yaml").is_file():
+        cutoff = yaml.safe_load((run_dir / "config.yaml").read_text()).get("validation_guidance_cutoff")
+    for f in (run_dir / "toy_eval.json", run_dir / eval_name(sampler, steps, images_per_prompt, cutoff)):
         if f.is_file():
             result = json.loads(f.read_text())
             st = result.get("settings", {})
-            if (st.get("sampler", "model"), st.get("steps"), st.get("images_per_prompt")) == (sampler, steps, images_per_prompt):
+            if (st.get("sampler", "model"), st.get("steps"), st.get("images_per_prompt")) == (sampler, steps, images_per_prompt) \
+                    and (cutoff is None or st.get("guidance_cutoff") == cutoff):
                 return result
     return None
 
 
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
-          sampler: str = "dpm++", steps: int = 15) -> dict:
+          sampler: str = "dpm++", steps: int = 15, cutoff: float | None = None) -> dict:
     variant, overrides = ARMS[arm]
     overrides = overrides + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
-    if (result := cached(run_dir, images_per_prompt, sampler, steps)) is not None:
+    if (result := cached(run_dir, images_per_prompt, sampler, steps, cutoff)) is not None:
         return result
     if not subj.is_dir():
         run([sys.executable, "-m", "nanobooth", "toy", "subject", "--seed", str(seed), "--out", str(subj)])
@@ -264,10 +273,11 @@ def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, mo
         run([sys.executable, "-m", "nanobooth", "train", variant, f"instance_data_dir={subj}", f"output_dir={run_dir}",
              f"class_data_dir={class_dir(out, seed, overrides)}", *overrides, *resume])
     run([sys.executable, "-m", "nanobooth", "toy", "eval", str(run_dir), "--images-per-prompt", str(images_per_prompt),
-         "--sampler", sampler, "--steps", str(steps), *([] if base else ["--no-base"])])
+         "--sampler", sampler, "--steps", str(steps), *([] if base else ["--no-base"]),
+         *([] if cutoff is None else ["--guidance-cutoff", str(cutoff)])])
     result = json.loads(scores.read_text())
     result["_seconds"] = time.perf_counter() - t0
-    for f in (scores, run_dir / f"toy_eval-{sampler}-{steps}-{images_per_prompt}.json"):
+    for f in (scores, run_dir / eval_name(sampler, steps, images_per_prompt, cutoff)):
         f.write_text(json.dumps(result, indent=2))
     return result
 
@@ -292,17 +302,20 @@ def main() -> None:
     p.add_argument("--eval-sampler", choices=["model", "dpm++"], default="dpm++",
                    help="toy eval's --sampler (dpm++: its default on the UNet; model for the FLUX twin)")
     p.add_argument("--eval-steps", type=int, default=15, help="toy eval's --steps (15: its default for dpm++)")
+    p.add_argument("--eval-guidance-cutoff", type=float, default=None,
+                   help="toy eval's --guidance-cutoff (default: each run's validation_guidance_cutoff)")
     a = p.parse_args()
     if a.targets and not set(a.target_arms) <= set(a.arms):
         p.error(f"--targets reads arms {' and '.join(a.target_arms)}: add them to --arms")
     # the base model's scores depend on the subject only: the first arm of each subject scores them
-    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model, a.eval_sampler, a.eval_steps)
+    rows = {(arm, s): score(a.out, arm, s, a.images_per_prompt, arm == a.arms[0], a.model, a.eval_sampler, a.eval_steps,
+                              a.eval_guidance_cutoff)
             for s in a.seeds for arm in a.arms}
     # a cached run scored beside another first arm may lack the base section: any arm's base of the subject will do
     with_base = {s: next((rows[arm, s] for arm in a.arms if "base" in rows[arm, s]), rows[a.arms[0], s]) for s in a.seeds}
     head = "| arm | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS)
     print(f"\nmeans over subjects {a.seeds} ({a.images_per_prompt} images per prompt, {a.eval_steps} {a.eval_sampler} "
-          f"sampler steps)\n\n{head}")
+          f"sampler steps{'' if a.eval_guidance_cutoff is None else f', guidance cutoff {a.eval_guidance_cutoff:g}'})\n\n{head}")
     table = [("base model", "base", with_base), *((arm, "tuned", {s: rows[arm, s] for s in a.seeds}) for arm in a.arms)]
     for label, section, by_seed in table:
         vals = [[pick(by_seed[s], m, section) for s in a.seeds] for m in METRICS]
