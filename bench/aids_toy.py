@@ -177,6 +177,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # session 44: toy/dreambooth (full, no prior) is the one full variant under the recipe's identity on most sets;
     # min_timestep 200 lifted the LoRA's identity and scenes together (session 41), so the same on the full fine-tune
     "full-tmin200": ("toy/dreambooth", ["min_timestep=200"]),
+    # session 44: LoRA+ (the B matrices, which start at zero, at 4x the lr; kohya users' common ratio) on the recipe
+    "lora-prior-lp4": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                       "loraplus_lr_ratio=4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

@@ -1,14 +1,16 @@
 """The training-method contract (methods/base.py), checked on every method in METHODS with the tiny models."""
 
+import dataclasses
 import re
 import typing
 
 import pytest
+import safetensors.torch
 import torch
 
 from conftest import train_args
 from nanobooth.cli import main
-from nanobooth.core.config import TrainConfig
+from nanobooth.core.config import ConfigError, TrainConfig
 from nanobooth.inference.generate import load_run
 from nanobooth.methods import METHODS, DoRA, Full, LoHa, LoKr, LoRA, Method, TextualInversion
 from nanobooth.core.models import load_components, load_pipeline
@@ -153,3 +155,38 @@ def test_full_module_paths_put_adapters_on_exactly_those_modules(tiny_model):
     LoRA().attach(c.family, c.unet, c.text_encoders, cfg)
     convs = {n.rsplit(".lora_A", 1)[0] for n, _ in c.unet.named_modules() if n.endswith("lora_A") and "conv" in n}
     assert convs == {"down_blocks.0.resnets.0.conv1"}  # not down_blocks.0.resnets.0.conv2, nor another block's conv1
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_loraplus_puts_each_groups_b_matrices_at_ratio_times_its_lr(name, tiny_model):
+    c, cfg = _attached(tiny_model, name, te=True)
+    plus = dataclasses.replace(cfg, loraplus_lr_ratio=4.0)
+    groups = METHODS[name]().param_groups(c.unet, c.text_encoders, plus, scale=2)
+    # UNet A, UNet B, text encoder A, text encoder B: the configured rates (x2 for scale), B's x4
+    assert [g["lr"] for g in groups] == pytest.approx([2e-3, 8e-3, 4e-3, 16e-3])
+    names = {id(p): n for m in (c.unet, *c.text_encoders) for n, p in m.named_parameters()}
+    for g, side in zip(groups, "ABAB"):
+        got = [names[id(p)] for p in g["params"]]
+        b_side = [".lora_B."] + ([".lora_magnitude_vector."] if name == "dora" else [])  # peft's rule: B and 1-D
+        assert got and all(any(k in n for k in b_side) == (side == "B") for n in got), (side, got[:3])
+    plain = METHODS[name]().param_groups(c.unet, c.text_encoders, cfg, scale=2)
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for g in plain for p in g["params"])
+
+
+def test_loraplus_steps_b_at_ratio_times_the_lr_in_training(tiny_model, subject_dir, tmp_path):
+    # Adam's first step moves each weight by about lr (m / sqrt(v) = sign(g)); B starts at zero, so after one step
+    # its largest entry is B's lr: the ratio reaches the optimizer the train loop builds, not only param_groups
+    def trained_b(out, *extra):
+        assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "max_train_steps=1",
+                                                             "learning_rate=1e-3", "lr_scheduler=constant", *extra)]) == 0
+        sd = safetensors.torch.load_file(str(out / "pytorch_lora_weights.safetensors"))
+        b = [v for k, v in sd.items() if "lora_B" in k or "lora.up" in k]
+        assert b
+        return max(v.abs().max().item() for v in b)
+    assert trained_b(tmp_path / "plain") == pytest.approx(1e-3, rel=0.02)
+    assert trained_b(tmp_path / "plus", "loraplus_lr_ratio=4") == pytest.approx(4e-3, rel=0.02)
+
+
+def test_loraplus_on_an_adapter_without_b_matrices_is_refused(tiny_model):
+    with pytest.raises(ConfigError, match="'loraplus_lr_ratio'.*method=lora or dora.*method=loha"):
+        TrainConfig(model=str(tiny_model), method="loha", loraplus_lr_ratio=4)

@@ -117,6 +117,8 @@ class TrainConfig:
     """LoRA alpha (scale = alpha / rank). Default: equal to lora_rank."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA branch."""
+    loraplus_lr_ratio: Optional[float] = None
+    """LoRA+ (Hayou et al. 2024, arXiv:2402.12354): the adapters' B matrices, which start at zero, train at this multiple of their group's lr (learning_rate, or text_encoder_lr for the text encoders' adapters), the A matrices at the lr itself; 1-D parameters (DoRA's magnitudes) go with B, as peft's `create_loraplus_optimizer` groups them. kohya's and peft's `loraplus_lr_ratio`; the paper uses 16, with a learning_rate lower than plain LoRA's. None (default): one lr per group. method=lora or dora."""
     lokr_factor: int = -1
     """method=lokr: split each weight's sides into a factor pair near this value (LyCORIS's `factor`); -1 picks the pair nearest the square root. The second (larger) factor is a full matrix when lora_rank >= half its larger side (LyCORIS's "full dimension": any large rank, e.g. 10000; then keep lora_alpha = lora_rank), else a rank-lora_rank product."""
     lokr_decompose_both: bool = False
@@ -304,6 +306,10 @@ class TrainConfig:
         if self.method in ("lokr", "loha") and self.lora_dropout:
             raise ConfigError(f"config key 'lora_dropout': method={self.method} has no dropout on its branch (LyCORIS's LoKr/LoHa "
                               "do not implement it); set lora_dropout=0")
+        if self.loraplus_lr_ratio is not None and (self.loraplus_lr_ratio <= 0 or self.method not in ("lora", "dora")):
+            raise ConfigError(f"config key 'loraplus_lr_ratio': LoRA+ scales the lr of peft LoRA's B matrices, so it needs "
+                              f"method=lora or dora and a ratio > 0 (got method={self.method}, {self.loraplus_lr_ratio}); "
+                              "drop the key or set loraplus_lr_ratio=null")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"config key 'lokr_factor': must be -1 (near the square root) or >= 1, got {self.lokr_factor}")
         if self.method == "textual_inversion" and self.train_text_encoder:

@@ -18,6 +18,8 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     names = {"unet": denoiser_name}
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
              "lr " + " / ".join(f"{g['lr']:.1e}" for g in groups)]
+    if cfg.loraplus_lr_ratio:  # the lrs above then come in (A, B) pairs
+        parts.append(f"LoRA+ (B matrices at {cfg.loraplus_lr_ratio:g}x)")
     if cfg.use_ema:
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
     if cfg.with_prior_preservation:

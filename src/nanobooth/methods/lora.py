@@ -41,6 +41,24 @@ class LoRA(Method):
             te.add_adapter(lora_config(cfg.lora_rank, cfg.effective_lora_alpha, cfg.text_encoder_lora_target_modules, cfg.lora_dropout,
                                        layers=layers, use_dora=self.use_dora))
 
+    def param_groups(self, unet, text_encoders, cfg, scale):
+        """The default groups; with loraplus_lr_ratio each adapter group splits in two: its A matrices at the group's
+        lr, its B matrices and 1-D parameters (DoRA's magnitudes) at ratio x that lr (LoRA+, peft's grouping rule)."""
+        groups = super().param_groups(unet, text_encoders, cfg, scale)
+        if cfg.loraplus_lr_ratio is None:
+            return groups
+        names = {id(p): n for m in (unet, *text_encoders) for n, p in m.named_parameters()}
+        split = []
+        for g in groups:
+            if g.get("name") == embeddings.TI_GROUP:  # the new token rows: not an adapter
+                split.append(g)
+                continue
+            b_side = [p for p in g["params"] if "lora_B" in names[id(p)] or p.ndim == 1]
+            ids = {id(p) for p in b_side}
+            split += [{**g, "params": [p for p in g["params"] if id(p) not in ids]},
+                      {**g, "params": b_side, "lr": g["lr"] * cfg.loraplus_lr_ratio}]
+        return split
+
     def save(self, folder, components, unet, text_encoders, cfg):
         components.family.save_lora(folder, LORA_FILE, unet, text_encoders if cfg.train_text_encoder else None)
         if cfg.train_text_encoder_ti:  # pivotal tuning: the new tokens' rows beside the LoRA
