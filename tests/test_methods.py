@@ -2,6 +2,7 @@
 
 import dataclasses
 import re
+import shutil
 import typing
 
 import pytest
@@ -190,3 +191,21 @@ def test_loraplus_steps_b_at_ratio_times_the_lr_in_training(tiny_model, subject_
 def test_loraplus_on_an_adapter_without_b_matrices_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="'loraplus_lr_ratio'.*method=lora or dora.*method=loha"):
         TrainConfig(model=str(tiny_model), method="loha", loraplus_lr_ratio=4)
+
+
+def test_loraplus_resumes_bit_exact(tiny_model, subject_dir, tmp_path):
+    # four optimizer groups (UNet A/B, text encoder A/B) saved and restored in the order the config rebuilds them
+    def run(out, *extra):
+        assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "learning_rate=1e-2",
+                                                             "max_train_steps=4", "checkpointing_steps=2",
+                                                             "train_text_encoder=true", "loraplus_lr_ratio=4", *extra)]) == 0
+        return safetensors.torch.load_file(str(out / "pytorch_lora_weights.safetensors"))
+    full = run(tmp_path / "full")
+    part = tmp_path / "part"
+    ck = tmp_path / "full" / "checkpoints" / "checkpoint-000002"
+    part.mkdir()
+    shutil.copy(tmp_path / "full" / "config.yaml", part / "config.yaml")
+    shutil.copytree(ck, part / "checkpoints" / ck.name)
+    resumed = run(part, "resume_from_checkpoint=latest")
+    assert full.keys() == resumed.keys() and any("text_encoder" in k for k in full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
