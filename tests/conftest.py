@@ -125,6 +125,16 @@ def subject_dir(tmp_path_factory) -> Path:
     return out
 
 
+def step2_resume_folder(full, part, class_images: bool = False):
+    """A new run folder holding `full`'s config and its step-2 checkpoint (and class images), to resume from."""
+    part.mkdir()
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    if class_images:
+        shutil.copytree(full / "class_images", part / "class_images")
+    return part
+
+
 def train_args(model: Path, subject: Path, out: Path, *extra: str) -> list[str]:
     """Overrides that make any packaged variant a seconds-long CPU run on the tiny model."""
     return [f"model={model}", f"instance_data_dir={subject}", f"output_dir={out}", "resolution=32",

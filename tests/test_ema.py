@@ -2,11 +2,10 @@
 the saved result is the average, decay 0 is the plain run, resume is bit-exact."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
@@ -53,9 +52,6 @@ def test_ema_is_the_result_and_resumes_bit_exact(tiny_model, subject_dir, tmp_pa
     b = next(k for k in plain if "lora_B" in k or "lora.up" in k)
     assert 0 < ema[b].norm() < plain[b].norm() * 1.5 and not torch.equal(ema[b], plain[b])
     # resumed from step 2 (the EMA from the checkpoint): bit-exact
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(ck, part / "checkpoints" / ck.name)
+    part = step2_resume_folder(full, tmp_path / "part")
     resumed = _run(tiny_model, subject_dir, part, "use_ema=true", "ema_decay=0.9", "offload_ema=true", "resume_from_checkpoint=latest")
     assert all(torch.equal(ema[k], resumed[k]) for k in ema)

@@ -2,14 +2,13 @@
 
 import dataclasses
 import re
-import shutil
 import typing
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from nanobooth.cli import main
 from nanobooth.core.config import ConfigError, TrainConfig
 from nanobooth.inference.generate import load_run
@@ -201,11 +200,6 @@ def test_loraplus_resumes_bit_exact(tiny_model, subject_dir, tmp_path):
                                                              "train_text_encoder=true", "loraplus_lr_ratio=4", *extra)]) == 0
         return safetensors.torch.load_file(str(out / "pytorch_lora_weights.safetensors"))
     full = run(tmp_path / "full")
-    part = tmp_path / "part"
-    ck = tmp_path / "full" / "checkpoints" / "checkpoint-000002"
-    part.mkdir()
-    shutil.copy(tmp_path / "full" / "config.yaml", part / "config.yaml")
-    shutil.copytree(ck, part / "checkpoints" / ck.name)
-    resumed = run(part, "resume_from_checkpoint=latest")
+    resumed = run(step2_resume_folder(tmp_path / "full", tmp_path / "part"), "resume_from_checkpoint=latest")
     assert full.keys() == resumed.keys() and any("text_encoder" in k for k in full)
     assert all(torch.equal(full[k], resumed[k]) for k in full)

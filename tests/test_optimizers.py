@@ -2,11 +2,10 @@
 
 import json
 import logging
-import shutil
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
@@ -29,11 +28,7 @@ def test_resume_is_bit_exact_and_validation_changes_nothing(opt, lr, tiny_model,
              "lr_warmup_steps=2"]
     full = run(tmp_path / "full", tiny_model, subject_dir, *extra, "validation_prompts=[a sks dog]", "validation_steps=1",
                "validation_loss_steps=1")
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
-    shutil.copytree(full / "class_images", part / "class_images")
+    part = step2_resume_folder(full, tmp_path / "part", class_images=True)
     run(part, tiny_model, subject_dir, *extra, "resume_from_checkpoint=latest")
     wa, wb = load_file(full / LORA), load_file(part / LORA)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from safetensors.torch import load_file
 
 import nanobooth.core.train as train_mod
@@ -117,15 +117,10 @@ def test_nf4_with_a_bitsandbytes_that_cannot_quantize_on_the_cpu_is_one_line_bef
 
 def test_resume_on_quantized_base_is_bit_exact(tiny_flux_model, subject_dir, tmp_path):
     """Quantizing is deterministic and checkpoints hold the adapters only, so a resumed run re-quantizes the same base."""
-    import shutil
-
     extra = ["base_quantization=int8", "gradient_checkpointing=false", "learning_rate=1e-3", "max_train_steps=4", "checkpointing_steps=2"]
     full = tmp_path / "full"
     assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, full, *extra)]) == 0
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    part = step2_resume_folder(full, tmp_path / "part")
     assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, part, *extra,
                                                                "resume_from_checkpoint=latest")]) == 0
     wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
@@ -25,16 +25,6 @@ def weights(folder, sub):
 def run(variant, tiny_model, subject_dir, out, *extra):
     assert main(["train", variant, *train_args(tiny_model, subject_dir, out, *extra)]) == 0
     return out
-
-def step2_resume_folder(full, part, class_images: bool = False):
-    """A new run folder holding `full`'s config and its step-2 checkpoint (and class images), to resume from."""
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
-    if class_images:
-        shutil.copytree(full / "class_images", part / "class_images")
-    return part
-
 
 def resumed_losses_match(full, part) -> bool:
     """The resumed run logged the same losses as steps 3.. of the uninterrupted one."""
