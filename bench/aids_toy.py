@@ -180,6 +180,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # session 44: LoRA+ (the B matrices, which start at zero, at 4x the lr; kohya users' common ratio) on the recipe
     "lora-prior-lp4": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                        "loraplus_lr_ratio=4"]),
+    # session 45: min_timestep 200 was the one recipe lever that moved identity past its noise; two points further along it
+    "lora-prior-tmin300": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=300"]),
+    "lora-prior-tmin400": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=400"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
