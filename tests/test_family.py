@@ -194,3 +194,35 @@ def test_timestep_span_min_and_max_timestep(name):
     for lo, hi in ((700, 700), (-1, None)):  # empty spans: refused with the config
         with pytest.raises(ConfigError, match="'min_timestep'/'max_timestep'.*empty span"):
             TrainConfig(min_timestep=lo, max_timestep=hi)
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
+def test_timestep_bias_draws_the_biased_timesteps_multiplier_times_as_often(name):
+    # diffusers' SDXL script's timestep_bias_*: through the family's objective (what the train loop calls), within
+    # kohya's span; "none" keeps the uniform draws bit for bit; flow-matching families refuse it naming the key
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from nanobooth.core.config import ConfigError
+
+    fam = FAMILY_MODELS[name][0]()
+    if name == "flux":
+        with pytest.raises(ConfigError, match="'timestep_bias_strategy'.*logit_mean"):
+            fam.objective(FlowMatchEulerDiscreteScheduler(shift=3.0), TrainConfig(timestep_bias_strategy="later"))
+        return
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    draw = lambda **kw: fam.objective(sched, TrainConfig(**kw)).sample((40000, 1, 1, 1), torch.Generator().manual_seed(0))[1]
+    t = draw(timestep_bias_strategy="later", timestep_bias_multiplier=3, timestep_bias_portion=0.4, min_timestep=200)
+    assert int(t.min()) == 200 and int(t.max()) == 999
+    # 400 timesteps at weight 3 against 400 (200..599) at 1: three quarters of the draws are 600 and up
+    assert abs(float((t >= 600).float().mean()) - 0.75) < 0.01
+    assert abs(float((t < 400).float().mean()) - 0.125) < 0.01  # and the 200 below them evenly
+    t = draw(timestep_bias_strategy="earlier", timestep_bias_multiplier=0.5, timestep_bias_portion=0.5)
+    assert abs(float((t < 500).float().mean()) - 1 / 3) < 0.01  # below 1: drawn less often
+    t = draw(timestep_bias_strategy="range", timestep_bias_multiplier=9, timestep_bias_begin=100, timestep_bias_end=200)
+    assert abs(float(((t >= 100) & (t < 200)).float().mean()) - 0.5) < 0.01  # 100 at 9 against 900 at 1
+    uniform = draw(min_timestep=200)
+    assert torch.equal(uniform, draw(min_timestep=200, timestep_bias_strategy="none", timestep_bias_multiplier=3))
+    for bad, key in ((dict(timestep_bias_multiplier=0), "'timestep_bias_multiplier'"), (dict(timestep_bias_portion=1.5), "'timestep_bias_portion'"),
+                     (dict(timestep_bias_strategy="range", timestep_bias_begin=500, timestep_bias_end=500), "empty span")):
+        with pytest.raises(ConfigError, match=key):
+            TrainConfig(**{"timestep_bias_strategy": "later", **bad})

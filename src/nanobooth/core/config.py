@@ -173,6 +173,18 @@ class TrainConfig:
     max_timestep: Optional[int] = None
     """Train on timesteps below this one (kohya's `max_timestep`; None: all of the model's, 1000 for SD). A cap leaves the
     high-noise steps, where a sampler lays out the scene, to the base model; the adapter is still applied there."""
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    """DDPM models: draw some timesteps timestep_bias_multiplier times as often as the rest (diffusers' SDXL script's
+    flag): the last timestep_bias_portion of them (later: the noisier, where the layout is drawn), the first (earlier:
+    fine detail), or timestep_bias_begin..timestep_bias_end - 1 (range); within min_timestep/max_timestep."""
+    timestep_bias_multiplier: float = 1.0
+    """How many times as often the biased timesteps are drawn (> 0; below 1 draws them less often)."""
+    timestep_bias_portion: float = 0.25
+    """The share of the timesteps biased by timestep_bias_strategy=earlier/later, in (0, 1]."""
+    timestep_bias_begin: int = 0
+    """First timestep biased by timestep_bias_strategy=range."""
+    timestep_bias_end: int = 1000
+    """The timestep after the last one biased by timestep_bias_strategy=range."""
     weighting_scheme: Literal["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"] = "none"
     """Flow-matching models (SD3, FLUX): how noise levels are drawn (logit_normal, mode; else uniform) and weighted (sigma_sqrt, cosmap; else 1), as diffusers' flag. DDPM models ignore it."""
     logit_mean: float = 0.0
@@ -294,6 +306,14 @@ class TrainConfig:
         if self.min_timestep < 0 or (self.max_timestep is not None and self.max_timestep <= self.min_timestep):
             raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {self.min_timestep}..{self.max_timestep} is an empty span; "
                               "pass 0 <= min_timestep < max_timestep (or leave max_timestep unset: all timesteps)")
+        if self.timestep_bias_strategy != "none":
+            if self.timestep_bias_multiplier <= 0:
+                raise ConfigError(f"config key 'timestep_bias_multiplier': must be > 0, got {self.timestep_bias_multiplier}")
+            if not 0.0 < self.timestep_bias_portion <= 1.0:
+                raise ConfigError(f"config key 'timestep_bias_portion': must be in (0, 1], got {self.timestep_bias_portion}")
+            if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+                raise ConfigError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {self.timestep_bias_begin}.."
+                                  f"{self.timestep_bias_end} is an empty span; pass 0 <= begin < end")
         if not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"config key 'unmasked_weight': must be in [0, 1], got {self.unmasked_weight}")
         if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:

@@ -42,9 +42,11 @@ class DDPMObjective(Objective):
     scheduler's own formulas (add_noise, get_velocity), so training and sampling agree by construction.
     """
 
-    def __init__(self, scheduler, min_timestep: int = 0, max_timestep: int | None = None):
+    def __init__(self, scheduler, min_timestep: int = 0, max_timestep: int | None = None, bias: tuple | None = None):
         """min_timestep, max_timestep: train on the timesteps min_timestep..max_timestep - 1 only, drawn uniformly
-        (kohya's --min_timestep/--max_timestep); None: up to T. ValueError for an empty or out-of-range span."""
+        (kohya's --min_timestep/--max_timestep); None: up to T. ValueError for an empty or out-of-range span.
+        bias: (strategy, multiplier, portion, begin, end), diffusers' SDXL script's timestep bias (see timestep_bias);
+        None or strategy "none": uniform."""
         self.scheduler = scheduler  # a DDPMScheduler: alphas_cumprod, num_train_timesteps, prediction_type
         self.prediction_type = scheduler.config.prediction_type
         T = scheduler.config.num_train_timesteps
@@ -52,12 +54,16 @@ class DDPMObjective(Objective):
         if not 0 <= self.min_timestep < self.max_timestep <= T:
             raise ValueError(f"{min_timestep}..{max_timestep} is not a span of this model's {T} training timesteps; "
                              f"pass 0 <= min_timestep < max_timestep <= {T}")
+        self.timestep_probs = None if bias is None or bias[0] == "none" else timestep_bias(T, *bias, self.min_timestep, self.max_timestep)
 
     def sample(self, shape: tuple, generator: torch.Generator, noise_offset: float = 0.0):
         noise = torch.randn(shape, generator=generator)
         if noise_offset:  # per-example, per-channel constant: lets the model learn very dark/bright images
             noise += noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-        timesteps = torch.randint(self.min_timestep, self.max_timestep, (shape[0],), generator=generator)
+        if self.timestep_probs is None:  # uniform: torch.randint, so runs without a bias draw what they always drew
+            timesteps = torch.randint(self.min_timestep, self.max_timestep, (shape[0],), generator=generator)
+        else:
+            timesteps = torch.multinomial(self.timestep_probs, shape[0], replacement=True, generator=generator)
         return noise, timesteps
 
     def noisy(self, latents, noise, timesteps):
@@ -84,6 +90,21 @@ class DDPMObjective(Objective):
         if self.prediction_type == "v_prediction":
             return clipped / (s + 1.0)
         return clipped / s
+
+
+def timestep_bias(T: int, strategy: str, multiplier: float, portion: float, begin: int, end: int,
+                  min_timestep: int = 0, max_timestep: int | None = None) -> torch.Tensor:
+    """Probabilities (T,) of drawing each training timestep: 1 everywhere, times `multiplier` on the biased ones (the
+    last int(portion * T) for "later", the first for "earlier", begin..end - 1 for "range"), 0 outside
+    min_timestep..max_timestep - 1, normalised. diffusers' `generate_timestep_weights` (examples/text_to_image/
+    train_text_to_image_sdxl.py), with kohya's span on top (a non-empty span and multiplier > 0: the config checks)."""
+    weights = torch.ones(T, dtype=torch.float64)
+    n = int(portion * T)
+    biased = {"later": slice(T - n, T), "earlier": slice(0, n), "range": slice(begin, min(end, T))}[strategy]
+    weights[biased] *= multiplier
+    weights[:min_timestep] = 0
+    weights[T if max_timestep is None else max_timestep:] = 0
+    return (weights / weights.sum()).float()
 
 
 FLOW_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")

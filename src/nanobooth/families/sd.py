@@ -31,7 +31,9 @@ class SD(Family):
         if cfg is None:
             return DDPMObjective(training_scheduler)
         try:  # the span is checked against the model's T where T is known: the objective
-            return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep)
+            return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep,
+                                 (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
+                                  cfg.timestep_bias_begin, cfg.timestep_bias_end))
         except ValueError as e:
             from ..core.config import ConfigError
 

@@ -66,6 +66,9 @@ class SD3(SD):
         if cfg.min_timestep or cfg.max_timestep is not None:
             raise ConfigError(f"config keys 'min_timestep'/'max_timestep' restrict a DDPM model's timesteps; {self.name} draws noise "
                               "levels by flow matching: leave them unset and bias the levels with weighting_scheme=logit_normal, logit_mean")
+        if cfg.timestep_bias_strategy != "none":
+            raise ConfigError(f"config key 'timestep_bias_strategy' biases a DDPM model's timesteps; {self.name} draws noise "
+                              "levels by flow matching: leave it at none and bias the levels with weighting_scheme=logit_normal, logit_mean")
         return FlowMatchObjective(training_scheduler, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale,
                                   cfg.precondition_outputs, cfg.resolution_shift)
 
