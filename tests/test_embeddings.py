@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import cond_batch, fixed_noise_batch, train_args
+from conftest import cond_batch, fixed_noise_batch, step2_resume_folder, train_args
 from nanobooth.core.config import ConfigError, TrainConfig, load_config
 from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
@@ -166,8 +166,6 @@ def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
 
 
 def test_checkpoint_holds_the_new_rows_and_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
-    import shutil
-
     from nanobooth.core.train import train
 
     def run(out, *extra):
@@ -178,10 +176,7 @@ def test_checkpoint_holds_the_new_rows_and_resume_is_bit_exact(tiny_model, subje
         return {**load_file(run_dir / "pytorch_lora_weights.safetensors"), **load_file(run_dir / f"{out.name}_emb.safetensors")}
 
     whole = run(tmp_path / "a")
-    part = tmp_path / "b"
-    part.mkdir()
-    shutil.copy(tmp_path / "a" / "config.yaml", part / "config.yaml")
+    part = step2_resume_folder(tmp_path / "a", tmp_path / "b")
     (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
     resumed = run(part, "resume_from_checkpoint=latest")  # step 3 still trains the rows (pivot at step 3 of 4)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -2,11 +2,10 @@
 change training (SD3 and FLUX LoRA + prior preservation on the tiny models)."""
 
 import json
-import shutil
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from safetensors.torch import load_file
 
 from nanobooth.cli import main
@@ -21,11 +20,7 @@ def test_resume_is_bit_exact_and_validation_changes_nothing(family, fixture, req
     full = tmp_path / "full"  # renders a validation grid and scores the validation loss after every step
     assert main(["train", variant, *train_args(model, subject_dir, full, *extra, "validation_prompts=[a sks dog]",
                                                 "validation_steps=1", "validation_loss_steps=1")]) == 0
-    part = tmp_path / "part"  # no renders; resumed from the full run's step-2 checkpoint
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
-    shutil.copytree(full / "class_images", part / "class_images")
+    part = step2_resume_folder(full, tmp_path / "part", class_images=True)  # no renders; resumed from the step-2 checkpoint
     assert main(["train", variant, *train_args(model, subject_dir, part, *extra, "resume_from_checkpoint=latest")]) == 0
     wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

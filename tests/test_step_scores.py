@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -75,11 +75,8 @@ def test_scores_logged_plotted_and_the_best_step_published(tiny_model, subject_d
 def test_resume_keeps_the_best_step(tiny_model, subject_dir, tmp_path, monkeypatch):
     fake(monkeypatch, [0, 1, 2, 3, 4])
     full = train(tiny_model, subject_dir, tmp_path / "full", "keep_best=true", "checkpointing_steps=2")
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
+    part = step2_resume_folder(full, tmp_path / "part")
     shutil.copy(full / "train_log.jsonl", part / "train_log.jsonl")  # as a stopped run leaves it (cut back to step 2)
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
     assert (part / "checkpoints" / "checkpoint-000002" / "keep_best.safetensors").is_file()  # step 1's weights
     fake(monkeypatch, [3, 4])  # the resumed run renders steps 3 and 4 only
     train(tiny_model, subject_dir, part, "keep_best=true", "checkpointing_steps=2", "resume_from_checkpoint=latest")

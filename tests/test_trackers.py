@@ -4,7 +4,7 @@ import importlib.util
 import json
 
 import pytest
-from conftest import train_args
+from conftest import step2_resume_folder, train_args
 
 from nanobooth.cli import main
 
@@ -74,10 +74,7 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard(tiny_model, subject_di
     extra = ["report_to=tensorboard", "max_train_steps=4", "checkpointing_steps=2"]
     full = tmp_path / "full"
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, full, *extra)]) == 0
-    part = tmp_path / "part"  # a run stopped after step 4's logs, its newest checkpoint step 2
-    part.mkdir()
-    shutil.copy(full / "config.yaml", part / "config.yaml")
-    shutil.copytree(full / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    part = step2_resume_folder(full, tmp_path / "part")  # a run stopped after step 4's logs, its newest checkpoint step 2
     shutil.copytree(full / "logs", part / "logs")
     (part / "train_log.jsonl").write_text("".join(ln + "\n" for ln in (full / "train_log.jsonl").read_text().splitlines()))
     assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, part, *extra, "resume_from_checkpoint=latest")]) == 0
