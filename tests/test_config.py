@@ -83,6 +83,8 @@ def test_yaml_file_inherits_from_variant(tmp_path):
                                            ("caption_dropout=1.5", "caption_dropout"),
                                            ("lokr_factor=0", "lokr_factor"),
                                            ("learning_rate=-1", "learning_rate"), ("learning_rate=.nan", "learning_rate"),
+                                           ("prior_loss_weight=.nan", "prior_loss_weight"), ("noise_offset=.inf", "noise_offset"),
+                                           ("timestep_bias_multiplier=.inf", "timestep_bias_multiplier"),
                                            ("text_encoder_lr=-5e-6", "text_encoder_lr")])
 def test_wrong_value_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -283,6 +285,15 @@ def test_a_key_set_without_its_switch_is_warned_about_once_naming_both(tmp_path,
     assert warned("toy/dreambooth-lora", ["validation_images_dir=held", "validation_loss_steps=5"]) == []
     assert warned("dreambooth-lora", ["bucket_reso_steps=32", "enable_bucket=true"]) == []
     assert warned("dreambooth-lora", ["bucket_reso_steps=64"]) == []  # the variant's own value: nothing was changed
+    # newcomer46: the timestep bias's keys without the strategy that reads them
+    assert warned("dreambooth", ["timestep_bias_multiplier=3"]) == ["timestep_bias_multiplier=3.0 is used only with a "
+                                                                    "timestep_bias_strategy; set timestep_bias_strategy=later, earlier or range, or remove it"]
+    assert warned("dreambooth", ["timestep_bias_strategy=later", "timestep_bias_multiplier=2", "timestep_bias_begin=100"]) == [
+        "timestep_bias_begin=100 is used only with timestep_bias_strategy=range; set it, or remove it"]
+    assert warned("dreambooth", ["timestep_bias_strategy=range", "timestep_bias_multiplier=2", "timestep_bias_portion=0.5",
+                                 "timestep_bias_begin=100"]) == [
+        "timestep_bias_portion=0.5 is used only with timestep_bias_strategy=earlier or later; set one of them, or remove it"]
+    assert warned("dreambooth", ["timestep_bias_strategy=later", "timestep_bias_multiplier=2", "timestep_bias_portion=0.5"]) == []
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: dreambooth-lora\nbucket_reso_steps: 32\n")
     assert len(warned(str(mine), [])) == 1  # a user YAML's key counts as set when its base has another value

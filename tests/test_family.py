@@ -207,22 +207,35 @@ def test_timestep_bias_draws_the_biased_timesteps_multiplier_times_as_often(name
     fam = FAMILY_MODELS[name][0]()
     if name == "flux":
         with pytest.raises(ConfigError, match="'timestep_bias_strategy'.*logit_mean"):
-            fam.objective(FlowMatchEulerDiscreteScheduler(shift=3.0), TrainConfig(timestep_bias_strategy="later"))
+            fam.objective(FlowMatchEulerDiscreteScheduler(shift=3.0), TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=2))
         return
     sched = DDPMScheduler(num_train_timesteps=1000)
     draw = lambda **kw: fam.objective(sched, TrainConfig(**kw)).sample((40000, 1, 1, 1), torch.Generator().manual_seed(0))[1]
     t = draw(timestep_bias_strategy="later", timestep_bias_multiplier=3, timestep_bias_portion=0.4, min_timestep=200)
     assert int(t.min()) == 200 and int(t.max()) == 999
-    # 400 timesteps at weight 3 against 400 (200..599) at 1: three quarters of the draws are 600 and up
-    assert abs(float((t >= 600).float().mean()) - 0.75) < 0.01
-    assert abs(float((t < 400).float().mean()) - 0.125) < 0.01  # and the 200 below them evenly
+    # the portion is of the trained span 200..999: 320 timesteps (680..999) at weight 3 against 480 at 1, so two thirds
+    # of the draws are 680 and up, and the 480 below share the rest evenly
+    assert abs(float((t >= 680).float().mean()) - 2 / 3) < 0.01
+    assert abs(float((t < 440).float().mean()) - 1 / 6) < 0.01
+    t = draw(timestep_bias_strategy="later", timestep_bias_multiplier=2, max_timestep=500)
+    assert int(t.max()) == 499 and abs(float((t >= 375).float().mean()) - 0.4) < 0.01  # later 25% of 0..499: 250 of 625
     t = draw(timestep_bias_strategy="earlier", timestep_bias_multiplier=0.5, timestep_bias_portion=0.5)
     assert abs(float((t < 500).float().mean()) - 1 / 3) < 0.01  # below 1: drawn less often
     t = draw(timestep_bias_strategy="range", timestep_bias_multiplier=9, timestep_bias_begin=100, timestep_bias_end=200)
     assert abs(float(((t >= 100) & (t < 200)).float().mean()) - 0.5) < 0.01  # 100 at 9 against 900 at 1
     uniform = draw(min_timestep=200)
     assert torch.equal(uniform, draw(min_timestep=200, timestep_bias_strategy="none", timestep_bias_multiplier=3))
-    for bad, key in ((dict(timestep_bias_multiplier=0), "'timestep_bias_multiplier'"), (dict(timestep_bias_portion=1.5), "'timestep_bias_portion'"),
+    for bad, key in ((dict(timestep_bias_multiplier=0), "'timestep_bias_multiplier'"), (dict(timestep_bias_multiplier=1), "biases nothing"),
+                     (dict(timestep_bias_multiplier=float("inf")), "'timestep_bias_multiplier': must be a finite number"),
+                     (dict(timestep_bias_portion=1.5), "'timestep_bias_portion'"),
+                     (dict(timestep_bias_strategy="range", timestep_bias_begin=-100, timestep_bias_end=100), "'timestep_bias_begin': must be >= 0"),
                      (dict(timestep_bias_strategy="range", timestep_bias_begin=500, timestep_bias_end=500), "empty span")):
         with pytest.raises(ConfigError, match=key):
-            TrainConfig(**{"timestep_bias_strategy": "later", **bad})
+            TrainConfig(**{"timestep_bias_strategy": "later", "timestep_bias_multiplier": 2, **bad})
+    # a range is read against the model's timesteps and kohya's span, which the objective knows: outside it, or all of
+    # it (the defaults 0..1000), would bias nothing
+    for span, (begin, end), why in (({"min_timestep": 200}, (0, 100), "reaches outside the trained timesteps 200..1000"),
+                                    ({"max_timestep": 500}, (400, 600), "reaches outside the trained timesteps 0..500"),
+                                    ({}, (900, 1200), "reaches outside"), ({}, (0, 1000), "is the whole trained span")):
+        with pytest.raises(ConfigError, match=f"'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {why}"):
+            draw(timestep_bias_strategy="range", timestep_bias_multiplier=3, timestep_bias_begin=begin, timestep_bias_end=end, **span)

@@ -19,6 +19,8 @@ def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
     assert run_summary({"unet": unet}, groups, TrainConfig(max_timestep=700)).endswith("; timesteps 0 to 699")
     later = TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=2, timestep_bias_portion=0.6)
     assert run_summary({"unet": unet}, groups, later).endswith("; timesteps the later 60% drawn 2x as often")
+    later.min_timestep = 200  # the portion is then of the trained span, and the line says so
+    assert run_summary({"unet": unet}, groups, later).endswith("; timesteps 200 to the last; the later 60% of them drawn 2x as often")
     rng = TrainConfig(timestep_bias_strategy="range", timestep_bias_multiplier=3, timestep_bias_begin=100, timestep_bias_end=400)
     assert run_summary({"unet": unet}, groups, rng).endswith("; timesteps 100 to 399 drawn 3x as often")
     plus = run_summary({"unet": unet}, [{"lr": 2e-3}, {"lr": 8e-3}], TrainConfig(method="lora", loraplus_lr_ratio=4))

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -175,12 +176,13 @@ class TrainConfig:
     high-noise steps, where a sampler lays out the scene, to the base model; the adapter is still applied there."""
     timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
     """DDPM models: draw some timesteps timestep_bias_multiplier times as often as the rest (diffusers' SDXL script's
-    flag): the last timestep_bias_portion of them (later: the noisier, where the layout is drawn), the first (earlier:
-    fine detail), or timestep_bias_begin..timestep_bias_end - 1 (range); within min_timestep/max_timestep."""
+    flag): the last timestep_bias_portion of the trained ones (later: the noisier, where the layout is drawn), the first
+    (earlier: fine detail), or timestep_bias_begin..timestep_bias_end - 1 (range, inside min_timestep..max_timestep)."""
     timestep_bias_multiplier: float = 1.0
     """How many times as often the biased timesteps are drawn (> 0; below 1 draws them less often)."""
     timestep_bias_portion: float = 0.25
-    """The share of the timesteps biased by timestep_bias_strategy=earlier/later, in (0, 1]."""
+    """The share of the trained timesteps (min_timestep..max_timestep - 1; all of them by default) biased by
+    timestep_bias_strategy=earlier/later, in (0, 1]."""
     timestep_bias_begin: int = 0
     """First timestep biased by timestep_bias_strategy=range."""
     timestep_bias_end: int = 1000
@@ -276,6 +278,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"config key '{f.name}': expected {_type_name(hints[f.name])}, got {value!r}")
             setattr(self, f.name, coerced)
+            if isinstance(coerced, float) and not math.isfinite(coerced):  # YAML's .inf/.nan parse as floats; no key wants one
+                raise ConfigError(f"config key '{f.name}': must be a finite number, got {coerced}")
         for key in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "lora_rank", "resolution", "sample_batch_size",
                     "validation_loss_samples"):
             if getattr(self, key) < 1:
@@ -288,9 +292,9 @@ class TrainConfig:
         if not _is_guidance_fraction(self.validation_guidance_cutoff):
             raise ConfigError("config key 'validation_guidance_cutoff': must be a fraction of the sampling steps in "
                               f"(0, 1], got {self.validation_guidance_cutoff}")
-        for key in ("learning_rate", "text_encoder_lr"):  # a negative rate climbs the loss; yaml's .nan/.inf parse as floats
+        for key in ("learning_rate", "text_encoder_lr"):  # a negative rate climbs the loss
             lr = getattr(self, key)
-            if lr is not None and not 0 <= lr < float("inf"):
+            if lr is not None and lr < 0:
                 raise ConfigError(f"config key '{key}': must be a finite number >= 0, got {lr}")
         if self.validation_loss_steps < 0:
             raise ConfigError(f"config key 'validation_loss_steps': must be >= 0 (0 = never), got {self.validation_loss_steps}")
@@ -307,13 +311,16 @@ class TrainConfig:
             raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {self.min_timestep}..{self.max_timestep} is an empty span; "
                               "pass 0 <= min_timestep < max_timestep (or leave max_timestep unset: all timesteps)")
         if self.timestep_bias_strategy != "none":
-            if self.timestep_bias_multiplier <= 0:
-                raise ConfigError(f"config key 'timestep_bias_multiplier': must be > 0, got {self.timestep_bias_multiplier}")
+            if self.timestep_bias_multiplier <= 0 or self.timestep_bias_multiplier == 1:
+                raise ConfigError(f"config key 'timestep_bias_multiplier': {self.timestep_bias_multiplier} biases nothing; pass a "
+                                  "multiplier > 1 to draw the biased timesteps more often, or between 0 and 1 to draw them less")
             if not 0.0 < self.timestep_bias_portion <= 1.0:
                 raise ConfigError(f"config key 'timestep_bias_portion': must be in (0, 1], got {self.timestep_bias_portion}")
-            if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            if self.timestep_bias_begin < 0:
+                raise ConfigError(f"config key 'timestep_bias_begin': must be >= 0 (the first timestep is 0), got {self.timestep_bias_begin}")
+            if self.timestep_bias_begin >= self.timestep_bias_end:
                 raise ConfigError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {self.timestep_bias_begin}.."
-                                  f"{self.timestep_bias_end} is an empty span; pass 0 <= begin < end")
+                                  f"{self.timestep_bias_end} is an empty span; pass begin < end")
         if not 0.0 <= self.unmasked_weight <= 1.0:
             raise ConfigError(f"config key 'unmasked_weight': must be in [0, 1], got {self.unmasked_weight}")
         if self.bucket_reso_steps < 8 or self.bucket_reso_steps % 8:

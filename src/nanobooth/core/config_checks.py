@@ -22,6 +22,12 @@ BUCKET_KEYS = ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")  # ine
 IDLE_WITHOUT_SWITCH = {
     "validation_images_dir": (lambda c: c.validation_loss_steps > 0, "validation_loss_steps > 0; set validation_loss_steps=N"),
     **{key: (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true") for key in BUCKET_KEYS},
+    "timestep_bias_multiplier": (lambda c: c.timestep_bias_strategy != "none",
+                                 "a timestep_bias_strategy; set timestep_bias_strategy=later, earlier or range"),
+    "timestep_bias_portion": (lambda c: c.timestep_bias_strategy in ("earlier", "later"),
+                              "timestep_bias_strategy=earlier or later; set one of them"),
+    **{key: (lambda c: c.timestep_bias_strategy == "range", "timestep_bias_strategy=range; set it")
+       for key in ("timestep_bias_begin", "timestep_bias_end")},
 }
 
 

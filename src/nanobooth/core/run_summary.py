@@ -27,8 +27,10 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     if cfg.min_timestep or cfg.max_timestep is not None:  # the toy recipe's min_timestep 200: its name does not say
         last = "the last" if cfg.max_timestep is None else cfg.max_timestep - 1
         parts.append(f"timesteps {cfg.min_timestep} to {last}")
-    if cfg.timestep_bias_strategy != "none":
-        where = (f"{cfg.timestep_bias_begin} to {cfg.timestep_bias_end - 1}" if cfg.timestep_bias_strategy == "range"
-                 else f"the {cfg.timestep_bias_strategy} {cfg.timestep_bias_portion:.0%}")
-        parts.append(f"timesteps {where} drawn {cfg.timestep_bias_multiplier:g}x as often")
+    if cfg.timestep_bias_strategy != "none":  # earlier/later take their portion of the span above, where there is one
+        spanned = cfg.min_timestep or cfg.max_timestep is not None
+        where = (f"timesteps {cfg.timestep_bias_begin} to {cfg.timestep_bias_end - 1}" if cfg.timestep_bias_strategy == "range"
+                 else f"{'the' if spanned else 'timesteps the'} {cfg.timestep_bias_strategy} {cfg.timestep_bias_portion:.0%}"
+                      + (" of them" if spanned else ""))
+        parts.append(f"{where} drawn {cfg.timestep_bias_multiplier:g}x as often")
     return "; ".join(parts)

@@ -52,7 +52,8 @@ class DDPMObjective(Objective):
         T = scheduler.config.num_train_timesteps
         self.min_timestep, self.max_timestep = min_timestep, T if max_timestep is None else max_timestep
         if not 0 <= self.min_timestep < self.max_timestep <= T:
-            raise ValueError(f"{min_timestep}..{max_timestep} is not a span of this model's {T} training timesteps; "
+            raise ValueError(f"config keys 'min_timestep'/'max_timestep': {min_timestep}..{max_timestep} is not a span of this "
+                             f"model's {T} training timesteps; "
                              f"pass 0 <= min_timestep < max_timestep <= {T}")
         self.timestep_probs = None if bias is None or bias[0] == "none" else timestep_bias(T, *bias, self.min_timestep, self.max_timestep)
 
@@ -94,16 +95,22 @@ class DDPMObjective(Objective):
 
 def timestep_bias(T: int, strategy: str, multiplier: float, portion: float, begin: int, end: int,
                   min_timestep: int = 0, max_timestep: int | None = None) -> torch.Tensor:
-    """Probabilities (T,) of drawing each training timestep: 1 everywhere, times `multiplier` on the biased ones (the
-    last int(portion * T) for "later", the first for "earlier", begin..end - 1 for "range"), 0 outside
-    min_timestep..max_timestep - 1, normalised. diffusers' `generate_timestep_weights` (examples/text_to_image/
-    train_text_to_image_sdxl.py), with kohya's span on top (a non-empty span and multiplier > 0: the config checks)."""
-    weights = torch.ones(T, dtype=torch.float64)
-    n = int(portion * T)
-    biased = {"later": slice(T - n, T), "earlier": slice(0, n), "range": slice(begin, min(end, T))}[strategy]
-    weights[biased] *= multiplier
-    weights[:min_timestep] = 0
-    weights[T if max_timestep is None else max_timestep:] = 0
+    """Probabilities (T,) of drawing each training timestep: 1 on the trained span min_timestep..max_timestep - 1 (kohya's;
+    all T by default), times `multiplier` on the biased ones (the last int(portion * span) of it for "later", the first
+    for "earlier", begin..end - 1 for "range"), 0 outside it, normalised. diffusers' `generate_timestep_weights`
+    (examples/text_to_image/train_text_to_image_sdxl.py), which takes the portion of all T: the same without a span.
+    ValueError, naming the config keys, for a range that reaches outside the span or covers all of it (nothing
+    biased); the config checks the multiplier and portion."""
+    lo, hi = min_timestep, T if max_timestep is None else max_timestep
+    if strategy == "range" and not (lo <= begin < end <= hi and (begin, end) != (lo, hi)):
+        where = "is the whole trained span, so nothing is biased" if (begin, end) == (lo, hi) else f"reaches outside the trained timesteps {lo}..{hi}"
+        narrower = "a narrower range" if (begin, end) == (lo, hi) else "a range"
+        raise ValueError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {where}; pass {narrower} "
+                         f"inside {lo}..{hi} (min_timestep/max_timestep; this model has {T} timesteps)")
+    weights = torch.zeros(T, dtype=torch.float64)
+    weights[lo:hi] = 1.0
+    n = int(portion * (hi - lo))
+    weights[{"later": slice(hi - n, hi), "earlier": slice(lo, lo + n), "range": slice(begin, end)}[strategy]] *= multiplier
     return (weights / weights.sum()).float()
 
 

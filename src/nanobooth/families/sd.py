@@ -30,14 +30,14 @@ class SD(Family):
     def objective(self, training_scheduler, cfg=None) -> Objective:
         if cfg is None:
             return DDPMObjective(training_scheduler)
-        try:  # the span is checked against the model's T where T is known: the objective
+        try:  # the span and a bias range are checked against the model's T where T is known: the objective
             return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep,
                                  (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
                                   cfg.timestep_bias_begin, cfg.timestep_bias_end))
-        except ValueError as e:
+        except ValueError as e:  # its message names the keys
             from ..core.config import ConfigError
 
-            raise ConfigError(f"config keys 'min_timestep'/'max_timestep': {e}") from None
+            raise ConfigError(str(e)) from None
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         return model(noisy, timesteps, **cond).sample
