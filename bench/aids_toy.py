@@ -177,6 +177,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # session 44: toy/dreambooth (full, no prior) is the one full variant under the recipe's identity on most sets;
     # min_timestep 200 lifted the LoRA's identity and scenes together (session 41), so the same on the full fine-tune
     "full-tmin200": ("toy/dreambooth", ["min_timestep=200"]),
+    # session 46: the same variant between its 1e-4 and the 3e-4 x 600 steps that bound subjects 1-2 but lost half the
+    # scenes (session 27): the lr axis of the no-prior full fine-tune on v5
+    "full-lr2e4": ("toy/dreambooth", ["learning_rate=2e-4"]),
     # session 44: LoRA+ (the B matrices, which start at zero, at 4x the lr; kohya users' common ratio) on the recipe
     "lora-prior-lp4": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                        "loraplus_lr_ratio=4"]),
