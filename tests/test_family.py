@@ -239,3 +239,7 @@ def test_timestep_bias_draws_the_biased_timesteps_multiplier_times_as_often(name
                                     ({}, (900, 1200), "reaches outside"), ({}, (0, 1000), "is the whole trained span")):
         with pytest.raises(ConfigError, match=f"'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {why}"):
             draw(timestep_bias_strategy="range", timestep_bias_multiplier=3, timestep_bias_begin=begin, timestep_bias_end=end, **span)
+    with pytest.raises(ConfigError, match=r"'timestep_bias_portion': 0.01 of the 20 trained timesteps \(200..220\) is none of them"):
+        draw(timestep_bias_strategy="later", timestep_bias_multiplier=3, timestep_bias_portion=0.01, min_timestep=200, max_timestep=220)
+    with pytest.raises(ConfigError, match="'timestep_bias_portion': must be in"):
+        TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3, timestep_bias_portion=1.0)

@@ -182,7 +182,7 @@ class TrainConfig:
     """How many times as often the biased timesteps are drawn (> 0; below 1 draws them less often)."""
     timestep_bias_portion: float = 0.25
     """The share of the trained timesteps (min_timestep..max_timestep - 1; all of them by default) biased by
-    timestep_bias_strategy=earlier/later, in (0, 1]."""
+    timestep_bias_strategy=earlier/later, in (0, 1)."""
     timestep_bias_begin: int = 0
     """First timestep biased by timestep_bias_strategy=range."""
     timestep_bias_end: int = 1000
@@ -314,8 +314,8 @@ class TrainConfig:
             if self.timestep_bias_multiplier <= 0 or self.timestep_bias_multiplier == 1:
                 raise ConfigError(f"config key 'timestep_bias_multiplier': {self.timestep_bias_multiplier} biases nothing; pass a "
                                   "multiplier > 1 to draw the biased timesteps more often, or between 0 and 1 to draw them less")
-            if not 0.0 < self.timestep_bias_portion <= 1.0:
-                raise ConfigError(f"config key 'timestep_bias_portion': must be in (0, 1], got {self.timestep_bias_portion}")
+            if not 0.0 < self.timestep_bias_portion < 1.0:  # 1 biases every timestep: as uniform as 0
+                raise ConfigError(f"config key 'timestep_bias_portion': must be in (0, 1), got {self.timestep_bias_portion}")
             if self.timestep_bias_begin < 0:
                 raise ConfigError(f"config key 'timestep_bias_begin': must be >= 0 (the first timestep is 0), got {self.timestep_bias_begin}")
             if self.timestep_bias_begin >= self.timestep_bias_end:

@@ -99,17 +99,20 @@ def timestep_bias(T: int, strategy: str, multiplier: float, portion: float, begi
     all T by default), times `multiplier` on the biased ones (the last int(portion * span) of it for "later", the first
     for "earlier", begin..end - 1 for "range"), 0 outside it, normalised. diffusers' `generate_timestep_weights`
     (examples/text_to_image/train_text_to_image_sdxl.py), which takes the portion of all T: the same without a span.
-    ValueError, naming the config keys, for a range that reaches outside the span or covers all of it (nothing
-    biased); the config checks the multiplier and portion."""
+    ValueError, naming the config keys, for a range that reaches outside the span or covers all of it, or a portion
+    that is none or all of it (nothing biased); the config checks the multiplier."""
     lo, hi = min_timestep, T if max_timestep is None else max_timestep
     if strategy == "range" and not (lo <= begin < end <= hi and (begin, end) != (lo, hi)):
         where = "is the whole trained span, so nothing is biased" if (begin, end) == (lo, hi) else f"reaches outside the trained timesteps {lo}..{hi}"
         narrower = "a narrower range" if (begin, end) == (lo, hi) else "a range"
         raise ValueError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {where}; pass {narrower} "
                          f"inside {lo}..{hi} (min_timestep/max_timestep; this model has {T} timesteps)")
+    n = int(portion * (hi - lo))
+    if strategy != "range" and not 0 < n < hi - lo:
+        raise ValueError(f"config key 'timestep_bias_portion': {portion} of the {hi - lo} trained timesteps ({lo}..{hi}) is "
+                         f"{'none' if n == 0 else 'all'} of them, so nothing is biased; pass a portion that leaves some on each side")
     weights = torch.zeros(T, dtype=torch.float64)
     weights[lo:hi] = 1.0
-    n = int(portion * (hi - lo))
     weights[{"later": slice(hi - n, hi), "earlier": slice(lo, lo + n), "range": slice(begin, end)}[strategy]] *= multiplier
     return (weights / weights.sum()).float()
 
