@@ -30,6 +30,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the shipped recipe before session 30 (the UNet's LoRA alone): every row measured before then
     "lora-prior-unet": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=false"]),
     "lora-prior+ema": ("toy/dreambooth-lora-prior-pre", ["use_ema=true"]),
+    # session 46, on v5 (16 and 8 spent subjects): DoRA binds as the recipe's LoRA does, LoHa less (docs/evaluation.md)
     "dora-prior": ("toy/dreambooth-dora-prior-pre", []),
     "lokr-prior": ("toy/dreambooth-lokr-prior-pre", []),
     "loha-prior": ("toy/dreambooth-loha-prior-pre", []),
@@ -178,7 +179,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # min_timestep 200 lifted the LoRA's identity and scenes together (session 41), so the same on the full fine-tune
     "full-tmin200": ("toy/dreambooth", ["min_timestep=200"]),
     # session 46: the same variant between its 1e-4 and the 3e-4 x 600 steps that bound subjects 1-2 but lost half the
-    # scenes (session 27): the lr axis of the no-prior full fine-tune on v5
+    # scenes (session 27): the lr axis of the no-prior full fine-tune on v5. Failed: more identity, fewer scenes (0.881)
     "full-lr2e4": ("toy/dreambooth", ["learning_rate=2e-4"]),
     # session 44: LoRA+ (the B matrices, which start at zero, at 4x the lr; kohya users' common ratio) on the recipe
     "lora-prior-lp4": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
