@@ -30,7 +30,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the shipped recipe before session 30 (the UNet's LoRA alone): every row measured before then
     "lora-prior-unet": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=false"]),
     "lora-prior+ema": ("toy/dreambooth-lora-prior-pre", ["use_ema=true"]),
-    # session 46, on v5 (16 and 8 spent subjects): DoRA binds as the recipe's LoRA does, LoHa less (docs/evaluation.md)
+    # session 46, on v5 (spent subjects): DoRA binds as the recipe's LoRA does, LoHa less, LoKr least (docs/evaluation.md)
     "dora-prior": ("toy/dreambooth-dora-prior-pre", []),
     "lokr-prior": ("toy/dreambooth-lokr-prior-pre", []),
     "loha-prior": ("toy/dreambooth-loha-prior-pre", []),
