@@ -24,11 +24,11 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
         parts.append(f"EMA of the weights (decay {cfg.ema_decay})")
     if cfg.with_prior_preservation:
         parts.append(f"prior preservation (weight {cfg.prior_loss_weight}, {cfg.num_class_images} class images)")
-    if cfg.min_timestep or cfg.max_timestep is not None:  # the toy recipe's min_timestep 200: its name does not say
+    spanned = cfg.min_timestep or cfg.max_timestep is not None
+    if spanned:  # the toy recipe's min_timestep 200: its name does not say
         last = "the last" if cfg.max_timestep is None else cfg.max_timestep - 1
         parts.append(f"timesteps {cfg.min_timestep} to {last}")
     if cfg.timestep_bias_strategy != "none":  # earlier/later take their portion of the span above, where there is one
-        spanned = cfg.min_timestep or cfg.max_timestep is not None
         where = (f"timesteps {cfg.timestep_bias_begin} to {cfg.timestep_bias_end - 1}" if cfg.timestep_bias_strategy == "range"
                  else f"{'the' if spanned else 'timesteps the'} {cfg.timestep_bias_strategy} {cfg.timestep_bias_portion:.0%}"
                       + (" of them" if spanned else ""))

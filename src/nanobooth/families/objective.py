@@ -102,11 +102,12 @@ def timestep_bias(T: int, strategy: str, multiplier: float, portion: float, begi
     ValueError, naming the config keys, for a range that reaches outside the span or covers all of it, or a portion
     that is none or all of it (nothing biased); the config checks the multiplier."""
     lo, hi = min_timestep, T if max_timestep is None else max_timestep
-    if strategy == "range" and not (lo <= begin < end <= hi and (begin, end) != (lo, hi)):
-        where = "is the whole trained span, so nothing is biased" if (begin, end) == (lo, hi) else f"reaches outside the trained timesteps {lo}..{hi}"
-        narrower = "a narrower range" if (begin, end) == (lo, hi) else "a range"
-        raise ValueError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {where}; pass {narrower} "
-                         f"inside {lo}..{hi} (min_timestep/max_timestep; this model has {T} timesteps)")
+    whole = (begin, end) == (lo, hi)
+    if strategy == "range" and (whole or not lo <= begin < end <= hi):
+        where = "is the whole trained span, so nothing is biased" if whole else f"reaches outside the trained timesteps {lo}..{hi}"
+        raise ValueError(f"config keys 'timestep_bias_begin'/'timestep_bias_end': {begin}..{end} {where}; pass "
+                         f"{'a narrower range' if whole else 'a range'} inside {lo}..{hi} (min_timestep/max_timestep; this "
+                         f"model has {T} timesteps)")
     n = int(portion * (hi - lo))
     if strategy != "range" and not 0 < n < hi - lo:
         raise ValueError(f"config key 'timestep_bias_portion': {portion} of the {hi - lo} trained timesteps ({lo}..{hi}) is "
