@@ -188,6 +188,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # Both failed (300 in tuning; 400 on set L, where it kept 0.875 of the scenes against the base's 0.959)
     "lora-prior-tmin300": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=300"]),
     "lora-prior-tmin400": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=400"]),
+    # session 47: pivotal tuning whose four new tokens start from the subject's own words (colour, colour, pattern,
+    # mark: "blue purple dotted eye"), as a user types a few words of what the subject looks like ("{words}": the
+    # subject's, filled in per seed); prompted with sks as the recipe is
+    "lora-prior-ti-words": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                            "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
@@ -230,6 +235,14 @@ for _variant, _shipped, _key, _before in _JOINED_LATER:
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
 
+def subject_words(seed: int) -> str:
+    """The toy subject's look in its pretraining captions' words: colour, colour, pattern, mark ("blue purple dotted eye")."""
+    from nanobooth.toy import world
+
+    s = world.make_subject(seed)
+    return f"{s.colour1} {s.colour2} {world.PATTERN_WORDS[s.pattern]} {s.mark}"
+
+
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -266,7 +279,7 @@ def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int, cuto
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
           sampler: str = "dpm++", steps: int = 15, cutoff: float | None = None) -> dict:
     variant, overrides = ARMS[arm]
-    overrides = overrides + ([f"model={model}"] if model else [])
+    overrides = [o.replace("{words}", subject_words(seed)) for o in overrides] + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
     if (result := cached(run_dir, images_per_prompt, sampler, steps, cutoff)) is not None:
