@@ -243,6 +243,11 @@ def subject_words(seed: int) -> str:
     return f"{s.colour1} {s.colour2} {world.PATTERN_WORDS[s.pattern]} {s.mark}"
 
 
+def arm_overrides(arm: str, seed: int) -> list[str]:
+    """The arm's overrides for one subject: "{words}" in a value becomes the subject's words (subject_words)."""
+    return [o.replace("{words}", subject_words(seed)) for o in ARMS[arm][1]]
+
+
 def run(cmd: list[str]) -> None:
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -279,7 +284,7 @@ def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int, cuto
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
           sampler: str = "dpm++", steps: int = 15, cutoff: float | None = None) -> dict:
     variant, overrides = ARMS[arm]
-    overrides = [o.replace("{words}", subject_words(seed)) for o in overrides] + ([f"model={model}"] if model else [])
+    overrides = arm_overrides(arm, seed) + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
     if (result := cached(run_dir, images_per_prompt, sampler, steps, cutoff)) is not None:

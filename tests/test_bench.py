@@ -81,8 +81,11 @@ def test_every_aids_toy_arm_is_a_packaged_variant_with_valid_overrides():
 
     from nanobooth.core.config import load_config, parse_overrides
 
-    for arm, (variant, overrides) in aids_toy.ARMS.items():
+    for arm, (variant, _) in aids_toy.ARMS.items():
+        overrides = aids_toy.arm_overrides(arm, 9101)  # with a subject's words where an arm takes them
         cfg = load_config(variant, overrides)  # an unknown key or a bad value raises, naming it
         for key, value in parse_overrides(overrides).items():
             got = getattr(cfg, key)  # YAML reads "2e-3" as text; the config makes it the key's number
             assert got == (float(value) if isinstance(got, float) else value), arm
+    # 9101 is an orange/red two-tone ball with a spot
+    assert "initializer_concept=orange red two-tone spot" in aids_toy.arm_overrides("lora-prior-ti-words", 9101)
