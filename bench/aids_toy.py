@@ -193,6 +193,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # subject's, filled in per seed); prompted with sks as the recipe is
     "lora-prior-ti-words": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                             "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
+    "lora-prior-ti0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                       "train_text_encoder_ti=false"]),  # the recipe of sessions 41-46
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
@@ -223,11 +225,17 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # before). Every other arm on that variant that does not set the key keeps the value before, so it still reproduces its
 # rows in docs/evaluation.md: the text-encoder LoRA of toy/dreambooth-lora-prior-pre (session 30), the full + prior
 # fine-tune's text encoder (session 31), CLIP-L's LoRA in the FLUX twin's recipe (session 36), and min_timestep 200 in
-# the LoRA + prior recipe (session 41; lora-prior-tmin200 is now the recipe as shipped).
+# the LoRA + prior recipe (session 41; lora-prior-tmin200 is now the recipe as shipped), and pivotal tuning from the
+# subject's words in it (session 47; lora-prior-ti-words is now the recipe as shipped, lora-prior-ti0 the recipe of
+# sessions 41-46; a toy subject's subject.json fills initializer_concept, so the arms that tuned embeddings before
+# start them from the class noun, as then).
 _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder", "false"),
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder", "false"),
                  ("toy-flux/dreambooth-lora-prior-pre", "flux-lora-prior", "train_text_encoder", "false"),
-                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "min_timestep", "0")]
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "min_timestep", "0"),
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder_ti", "false"),
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "num_new_tokens_per_abstraction", "2"),
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "initializer_concept", "{class}")]
 for _variant, _shipped, _key, _before in _JOINED_LATER:
     for _arm, (_arm_variant, _overrides) in ARMS.items():
         if _arm_variant == _variant and _arm != _shipped and not any(o.startswith(f"{_key}=") for o in _overrides):
@@ -235,17 +243,13 @@ for _variant, _shipped, _key, _before in _JOINED_LATER:
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
 
-def subject_words(seed: int) -> str:
-    """The toy subject's look in its pretraining captions' words: colour, colour, pattern, mark ("blue purple dotted eye")."""
+def arm_overrides(arm: str, seed: int) -> list[str]:
+    """The arm's overrides for one subject: "{words}" in a value becomes the subject's look in words
+    (world.look_words: "blue purple dotted eye"), "{class}" its class noun."""
     from nanobooth.toy import world
 
     s = world.make_subject(seed)
-    return f"{s.colour1} {s.colour2} {world.PATTERN_WORDS[s.pattern]} {s.mark}"
-
-
-def arm_overrides(arm: str, seed: int) -> list[str]:
-    """The arm's overrides for one subject: "{words}" in a value becomes the subject's words (subject_words)."""
-    return [o.replace("{words}", subject_words(seed)) for o in ARMS[arm][1]]
+    return [o.replace("{words}", world.look_words(s)).replace("{class}", s.cls) for o in ARMS[arm][1]]
 
 
 def run(cmd: list[str]) -> None:

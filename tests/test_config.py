@@ -201,6 +201,27 @@ def test_fill_prompts_logs_each_prompt_it_fills_and_names_the_file_when_it_canno
         fill_prompts(load_config("toy/dreambooth", ["instance_prompt=a sks dog"]), {"class_prompt": 3}, src)
 
 
+def test_subject_json_starts_the_identifiers_new_tokens_only_where_they_train(tmp_path, caplog):
+    from nanobooth.core.config import fill_prompts
+
+    src, meta = tmp_path / "subject.json", {"instance_prompt": "a photo of a sks ball", "class_prompt": "a photo of a ball",
+                                            "initializer_concept": "blue purple dotted eye"}
+    cfg = load_config("toy/dreambooth-lora-prior-pre")  # pivotal tuning (train_text_encoder_ti)
+    with caplog.at_level("INFO", logger="nanobooth"):
+        fill_prompts(cfg, meta, src)
+    assert cfg.initializer_concept == "blue purple dotted eye"
+    assert f"initializer_concept from {src}: 'blue purple dotted eye'" in [r.getMessage() for r in caplog.records]
+    given = load_config("toy/dreambooth-lora-prior-pre", ["initializer_concept=dog"])
+    fill_prompts(given, meta, src)
+    assert given.initializer_concept == "dog"  # what was given stays
+    plain = load_config("toy/dreambooth-lora")  # no new tokens: the key stays unset
+    fill_prompts(plain, meta, src)
+    assert plain.initializer_concept is None
+    no_words = load_config("toy/dreambooth-lora-prior-pre")  # your own photos: the class noun (embeddings.attach)
+    fill_prompts(no_words, {k: v for k, v in meta.items() if k != "initializer_concept"}, src)
+    assert no_words.initializer_concept is None
+
+
 def test_fp16_without_cuda_is_refused_before_anything_is_written(tiny_model, subject_dir, tmp_path, capsys):
     import torch
     from conftest import train_args

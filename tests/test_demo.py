@@ -56,6 +56,9 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert out.index("demo: about") < out.index("demo finished")  # the plan and its estimate come first
     assert re.search(r"demo finished in (\d+ min )?\d+ s\n", out)  # measured to the second, not rounded to minutes
     assert "4 class images, 4 LoRA steps on the denoiser and the text encoder" in out
+    from nanobooth.toy import world  # pivotal tuning from the subject's words, which its subject.json names
+    assert f"sks as new tokens from '{world.look_words(world.make_subject(0))}'" in out
+    assert (run / "run_emb.safetensors").is_file()
     # toy eval's default on the UNet: 15 DPM-Solver++ steps (toy/evaluate.EVAL_STEPS), as the demo's estimate counts
     assert (res["settings"]["sampler"], res["settings"]["steps"]) == ("dpm++", 15)
     from nanobooth import demo

@@ -4,7 +4,8 @@ pre-registered subjects (never used in tuning).
 Each subject trains the shipped recipe `toy/dreambooth-lora-prior-pre` and its no-prior twin end to end on
 CPU and scores both with `nanobooth toy eval` at its defaults, 8 images a prompt (the base model scored
 alongside): exactly `bench/aids_toy.py --arms lora-prior lora --seeds 9101 9202` (the shipped settings; since
-session 30 the recipe trains a text-encoder LoRA too, since session 41 on timesteps 200 and up only), so the measured
+session 30 the recipe trains a text-encoder LoRA too, since session 41 on timesteps 200 and up only, since session 47
+with pivotal tuning from the subject's words, which `toy subject` writes to subject.json), so the measured
 numbers in the comments are that bench's rows (docs/evaluation.md, session 41). Runs are deterministic on CPU; margins
 leave room for float differences across thread counts and machines.
 """

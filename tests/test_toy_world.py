@@ -109,6 +109,9 @@ def test_write_subject(tmp_path):
     assert meta["seed"] == 7 and meta["class_noun"] == cls and meta["identifier"] == "sks"
     assert meta["instance_prompt"] == f"a photo of a sks {cls}"
     assert meta["class_prompt"] == f"a photo of a {cls}"
+    s = world.make_subject(7)  # its look in the pretraining captions' words, which pivotal tuning starts from
+    assert meta["initializer_concept"] == world.look_words(s) == f"{s.colour1} {s.colour2} {world.PATTERN_WORDS[s.pattern]} {s.mark}"
+    assert all(w in world.described_caption(s) for w in meta["initializer_concept"].split())
     assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
 
 

@@ -113,6 +113,8 @@ def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
     total = sum(phases.values()) + 20  # model loads, VAE decodes, probe scoring
     prior = f"{cfg.num_class_images} class images, " if cfg.with_prior_preservation else ""
     on = " on the denoiser and the text encoder" if cfg.train_text_encoder else ""
+    if cfg.trains_embeddings and cfg.initializer_concept:  # pivotal tuning from the subject's words (subject.json)
+        on += f", sks as new tokens from '{cfg.initializer_concept}'"
     lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps{on} ({variant}), "
              "before/after grids, then toy eval (base vs tuned).",
              f"demo: about {_minutes(total)} on this machine now ("
@@ -166,7 +168,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     world.write_subject(subject_seed, subject)
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
     meta = read_subject_meta(subject)
-    planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")})
+    keys = ("instance_prompt", "class_prompt") + (("initializer_concept",) if cfg.trains_embeddings else ())
+    planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in keys})
     print(plan(planned, len(world.SCENES), *speed(planned), variant), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)

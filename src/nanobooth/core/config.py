@@ -109,7 +109,7 @@ class TrainConfig:
     num_new_tokens_per_abstraction: int = 2
     """New tokens (`<s0><s1>`...) the identifier becomes with train_text_encoder_ti or method=textual_inversion (diffusers' TI script: num_vectors)."""
     initializer_concept: Optional[str] = None
-    """Words whose token embeddings start the new tokens (cycled over them; diffusers' TI script: initializer_token). Default: the class noun, class_prompt's last word."""
+    """Words whose token embeddings start the new tokens (cycled over them; diffusers' TI script: initializer_token). Default: `subject.json`'s beside the photos if it names one (a toy subject's look: "blue purple dotted eye"), else the class noun, class_prompt's last word."""
     train_text_encoder_ti_frac: float = 0.5
     """Fraction of max_train_steps during which the new embeddings train (diffusers' pivot); the adapters train on to the end. Not used by method=textual_inversion (the embeddings are all that trains)."""
     lora_rank: int = 4
@@ -395,7 +395,8 @@ def resume_safe_keys() -> set[str]:
 def fill_prompts(cfg: TrainConfig, meta: dict, source) -> None:
     """Fill an empty instance_prompt / class_prompt from the subject's `subject.json` (`meta`, read from
     `source`), logging each one filled: a prompt nobody typed should be visible. ConfigError when the
-    file does not set one that is empty."""
+    file does not set one that is empty. An empty initializer_concept is filled too where new token embeddings
+    train and the file names one (a toy subject's look in words); else it stays the class noun."""
     for key in ("instance_prompt", "class_prompt"):
         if getattr(cfg, key):
             continue
@@ -405,6 +406,10 @@ def fill_prompts(cfg: TrainConfig, meta: dict, source) -> None:
             raise ConfigError(f"config key '{key}' is empty and {source} {what}; pass {key}=\"...\"")
         setattr(cfg, key, value)
         log.info("%s from %s: %r", key, source, value)
+    words = meta.get("initializer_concept")
+    if cfg.trains_embeddings and not cfg.initializer_concept and isinstance(words, str) and words.strip():
+        cfg.initializer_concept = words
+        log.info("initializer_concept from %s: %r", source, words)
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:

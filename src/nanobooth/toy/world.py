@@ -412,13 +412,20 @@ def described_caption(subject: Subject, scene: str | None = None) -> str:
                         pattern=subject.pattern, mark=subject.mark))
 
 
+def look_words(subject: Subject) -> str:
+    """The subject's look in the pretraining captions' words, colour, colour, pattern, mark ("blue purple dotted eye"):
+    what a user would say of it, and what its identifier's new tokens start from (subject.json's initializer_concept)."""
+    return f"{subject.colour1} {subject.colour2} {PATTERN_WORDS[subject.pattern]} {subject.mark}"
+
+
 def subject_caption(subject: Subject, scene: str | None = None, identifier: str = IDENTIFIER) -> str:
     return f"a photo of a {identifier} {subject.cls}" + (f" {scene}" if scene else "")
 
 
 def write_subject(seed: int, out_dir, n_images: int = 5, masks: bool = True) -> Path:
     """The subject's n_images photos (NN.png) on the plain backdrop, each with its exact loss mask (NN.mask.png, read
-    only with masked_loss=true), and subject.json (seed, prompts, the subject's description)."""
+    only with masked_loss=true), and subject.json (seed, prompts, the words pivotal tuning starts the identifier
+    from, the subject's description)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = make_subject(seed)
@@ -432,6 +439,7 @@ def write_subject(seed: int, out_dir, n_images: int = 5, masks: bool = True) -> 
         "identifier": IDENTIFIER,
         "instance_prompt": subject_caption(s),
         "class_prompt": f"a photo of a {s.cls}",
+        "initializer_concept": look_words(s),
         "subject": asdict(s),
         "n_images": n_images,
     }
