@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from .core.config import TrainConfig, load_config
+from .core.config import TrainConfig, load_config, subject_initializer
 from .core.data import read_subject_meta
 
 log = logging.getLogger("nanobooth")
@@ -168,8 +168,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     world.write_subject(subject_seed, subject)
     # the plan's class prompt must be the run's (from subject.json): it names the cached class set, reused when complete
     meta = read_subject_meta(subject)
-    keys = ("instance_prompt", "class_prompt") + (("initializer_concept",) if cfg.trains_embeddings else ())
-    planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in keys})
+    planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")},
+                                  initializer_concept=subject_initializer(cfg, meta) or cfg.initializer_concept)
     print(plan(planned, len(world.SCENES), *speed(planned), variant), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)

@@ -406,10 +406,18 @@ def fill_prompts(cfg: TrainConfig, meta: dict, source) -> None:
             raise ConfigError(f"config key '{key}' is empty and {source} {what}; pass {key}=\"...\"")
         setattr(cfg, key, value)
         log.info("%s from %s: %r", key, source, value)
-    words = meta.get("initializer_concept")
-    if cfg.trains_embeddings and not cfg.initializer_concept and isinstance(words, str) and words.strip():
+    if words := subject_initializer(cfg, meta):
         cfg.initializer_concept = words
         log.info("initializer_concept from %s: %r", source, words)
+
+
+def subject_initializer(cfg: TrainConfig, meta: dict) -> Optional[str]:
+    """The words subject.json (`meta`) gives an empty initializer_concept where new token embeddings train (a toy
+    subject's look: "blue purple dotted eye"); None where it gives none or cfg needs none (fill_prompts)."""
+    words = meta.get("initializer_concept")
+    if cfg.trains_embeddings and not cfg.initializer_concept and isinstance(words, str) and words.strip():
+        return words
+    return None
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
