@@ -195,6 +195,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                             "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
     "lora-prior-ti0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                        "train_text_encoder_ti=false"]),  # the recipe of sessions 41-46
+    # The full fine-tunes with the recipe's identifier (session 48): pivotal tuning from the subject's words (four new
+    # tokens, trained for the first half of the steps at the variant's text_encoder_lr, 1e-4), prompted with sks
+    "full-prior-ti-words": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=true",
+                            "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
+    "full-te-ti-words": ("toy/dreambooth-finetune-text-encoder", ["train_text_encoder_ti=true", "initializer_concept={words}",
+                         "num_new_tokens_per_abstraction=4"]),
+    "full-ti-words": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
+                      "num_new_tokens_per_abstraction=4"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),

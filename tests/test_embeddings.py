@@ -12,19 +12,20 @@ from nanobooth.core.models import load_components, load_pipeline, make_pipeline
 from nanobooth.core.run_folder import output_paths
 from nanobooth.inference.generate import generate, load_run, render
 from nanobooth.interop.export import ExportError, export
-from nanobooth.methods import LoRA, embeddings
+from nanobooth.core.run_folder import RunFolderError, result_kind
+from nanobooth.methods import Full, LoRA, embeddings
 
 PROMPT = "a photo of sks dog"
 
 
-def _pivotal(model, tmp_path, **kw):
+def _pivotal(model, tmp_path, method=LoRA, **kw):
     c = load_components(str(model))
     for m in (c.vae, *c.text_encoders, c.unet):
         m.requires_grad_(False)
-    cfg = TrainConfig(model=str(model), method="lora", train_text_encoder_ti=True, instance_prompt=PROMPT,
+    cfg = TrainConfig(model=str(model), method=method.name, train_text_encoder_ti=True, instance_prompt=PROMPT,
                       class_prompt="a photo of dog", output_dir=str(tmp_path / "run"), **kw)
     torch.manual_seed(0)
-    LoRA().attach(c.family, c.unet, c.text_encoders, cfg)
+    method().attach(c.family, c.unet, c.text_encoders, cfg)
     tables = [embeddings._token_embedding(te).token_embedding.weight.clone() for te in c.text_encoders]
     tokens = embeddings.attach(c.family, c.tokenizers, c.text_encoders, cfg)
     return c, cfg, tokens, tables
@@ -128,7 +129,7 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     run = train(cfg)
     emb = run / "run_emb.safetensors"
     with safe_open(str(emb), "pt") as f:
-        assert f.metadata() == {"token_abstraction": "sks", "tokens": "<s0>,<s1>"}
+        assert f.metadata() == {"token_abstraction": "sks", "tokens": "<s0>,<s1>", "method": "lora"}
     base = load_pipeline(str(tiny_model))
     dog = base.tokenizer("dog", add_special_tokens=False).input_ids[0]
     start = base.text_encoder.get_input_embeddings().weight[dog].expand(2, -1)
@@ -152,8 +153,8 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
 
 
 def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match="train_text_encoder_ti.*method=lora"):
-        TrainConfig(method="full", train_text_encoder_ti=True)
+    with pytest.raises(ConfigError, match="train_text_encoder_ti.*method=lora, dora or full"):
+        TrainConfig(method="loha", train_text_encoder_ti=True)
     with pytest.raises(ConfigError, match="train_text_encoder_ti_frac"):
         TrainConfig(method="lora", train_text_encoder_ti=True, train_text_encoder_ti_frac=0.0)
     cfg = TrainConfig(method="lora", train_text_encoder_ti=True, instance_prompt="a photo of my sks dog", class_prompt="a photo of dog")
@@ -179,4 +180,90 @@ def test_checkpoint_holds_the_new_rows_and_resume_is_bit_exact(tiny_model, subje
     part = step2_resume_folder(tmp_path / "a", tmp_path / "b")
     (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
     resumed = run(part, "resume_from_checkpoint=latest")  # step 3 still trains the rows (pivot at step 3 of 4)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model"])
+def test_a_full_fine_tune_saves_a_plain_pipeline_with_its_new_tokens_beside(fixture, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    c, cfg, tokens, tables = _pivotal(model, tmp_path, method=Full, train_text_encoder=True)
+    vocab = [len(tok) for tok in c.tokenizers]  # the new tokens included
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training: move the new rows, the old ones and the UNet
+        for p in [*embeddings.new_params(c.text_encoders), *(p for te in c.text_encoders for p in te.parameters() if p.requires_grad),
+                  *c.unet.parameters()]:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    Full().save(folder, c, c.unet, c.text_encoders, cfg)
+    assert result_kind(folder) == "full" and embeddings.find(folder) == folder / "run_emb.safetensors"
+    with safe_open(str(folder / "run_emb.safetensors"), "pt") as f:
+        assert f.metadata()["method"] == "full"
+    # the folder is the base vocabulary (any tool loads it as a plain model); training left the modules as they were
+    plain = load_pipeline(str(folder))
+    tes = [plain.text_encoder, *([plain.text_encoder_2] if fixture == "tiny_sdxl_model" else [])]
+    toks = [plain.tokenizer, *([plain.tokenizer_2] if fixture == "tiny_sdxl_model" else [])]
+    for te, tok, table, trained in zip(tes, toks, tables, c.text_encoders):
+        assert len(tok) == table.shape[0] and "<s0>" not in tok.get_vocab()
+        assert torch.equal(te.get_input_embeddings().weight, embeddings._token_embedding(trained).token_embedding.base.weight)
+        assert not torch.equal(te.get_input_embeddings().weight, table)  # the old rows trained too (train_text_encoder)
+    assert [len(tok) for tok in c.tokenizers] == vocab
+    assert all(isinstance(embeddings._token_embedding(te).token_embedding, embeddings.NewTokenEmbedding) for te in c.text_encoders)
+
+    pipe = make_pipeline(c, unet=c.unet, text_encoders=c.text_encoders)
+    setattr(pipe, embeddings.TOKEN_MAP, tokens)
+    during = render(pipe, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    loaded = load_run(str(model), str(folder))  # what `nanobooth generate RUN "a photo of sks dog"` renders with
+    after = render(loaded, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    assert np.abs(np.asarray(during, dtype=int) - np.asarray(after, dtype=int)).max() <= 1
+    spelled = render(loaded, ["a photo of <s0><s1> dog"], seed=3, steps=2, resolution=32)[0][0]
+    assert np.array_equal(np.asarray(after), np.asarray(spelled))  # "sks" was rewritten into the new tokens
+    bare = render(plain, [PROMPT], seed=3, steps=2, resolution=32)[0][0]  # the folder without the new tokens
+    assert not np.array_equal(np.asarray(after), np.asarray(bare))  # so the checks above can fail
+
+
+def test_a_folder_mixing_a_pipeline_with_another_runs_embeddings_is_still_refused(tiny_model, tmp_path):
+    c, cfg, _, _ = _pivotal(tiny_model, tmp_path, method=Full)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    Full().save(folder, c, c.unet, c.text_encoders, cfg)
+    tensors, _ = embeddings.read(folder / "run_emb.safetensors")
+    save_file(tensors, str(folder / "run_emb.safetensors"), metadata={"token_abstraction": "sks", "tokens": "<s0>,<s1>"})
+    with pytest.raises(RunFolderError, match="two results"):  # a textual-inversion file (no method=full) beside a pipeline
+        result_kind(folder)
+
+
+def test_full_fine_tune_with_pivotal_tuning_trains_exports_and_resumes_bit_exact(tiny_model, subject_dir, tmp_path):
+    from nanobooth.core.train import train
+
+    def run(out, *extra):
+        cfg = load_config("dreambooth-finetune-text-encoder", train_args(
+            tiny_model, subject_dir, out, "train_text_encoder_ti=true", "learning_rate=1e-3", "text_encoder_lr=1e-2",
+            "max_train_steps=4", "checkpointing_steps=2", "train_text_encoder_ti_frac=0.75", "initializer_concept=brown fluffy",
+            *extra))
+        run_dir = train(cfg)
+        return run_dir, {**load_file(run_dir / "unet" / "diffusion_pytorch_model.safetensors"),
+                         **{f"te.{k}": v for k, v in load_file(run_dir / "text_encoder" / "model.safetensors").items()},
+                         **load_file(run_dir / f"{out.name}_emb.safetensors")}
+
+    run_dir, whole = run(tmp_path / "a")
+    base = load_pipeline(str(tiny_model))
+    words = base.tokenizer("brown fluffy", add_special_tokens=False).input_ids
+    start = base.text_encoder.get_input_embeddings().weight[words]
+    assert not torch.equal(whole["clip_l"], start)  # the rows trained away from the words'
+    table = [v for k, v in whole.items() if k.startswith("te.") and k.endswith("token_embedding.weight")]
+    assert [t.shape for t in table] == [base.text_encoder.get_input_embeddings().weight.shape]  # the base vocabulary
+    images = generate(str(tiny_model), PROMPT, weights=run_dir, steps=2)
+    assert len(images) == 1 and images[0].size == (32, 32)
+    # `nanobooth export`: an A1111/ComfyUI checkpoint at the base vocabulary, the new tokens beside it
+    export(run_dir, "single-file", tmp_path / "out" / "full.safetensors")
+    rows = [v.shape[0] for k, v in load_file(tmp_path / "out" / "full.safetensors").items() if k.endswith("token_embedding.weight")]
+    assert rows == [base.text_encoder.get_input_embeddings().weight.shape[0]]
+    assert torch.equal(load_file(tmp_path / "out" / "full_emb.safetensors")["emb_params"], whole["clip_l"])
+    export(run_dir, "diffusers", tmp_path / "out" / "pipe")
+    assert (tmp_path / "out" / "pipe_emb.safetensors").read_bytes() == (run_dir / "a_emb.safetensors").read_bytes()
+
+    part = step2_resume_folder(tmp_path / "a", tmp_path / "b")
+    (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
+    _, resumed = run(part, "resume_from_checkpoint=latest")  # step 3 still trains the rows (pivot at step 3 of 4)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -103,7 +103,7 @@ class TrainConfig:
     train_text_encoder: bool = False
     """Also train the text encoder (its full weights, or LoRA adapters on it when method=lora)."""
     train_text_encoder_ti: bool = False
-    """Pivotal tuning (method=lora/dora): the identifier becomes new tokens whose embedding rows train with the adapters (textual inversion), diffusers' advanced DreamBooth flag; only those rows train. method=textual_inversion trains those rows alone (implied there; no pivot)."""
+    """Pivotal tuning (method=lora/dora/full): the identifier becomes new tokens whose embedding rows train with the adapters or the full weights (textual inversion), diffusers' advanced DreamBooth flag; of the text encoder only those rows train, unless train_text_encoder. A full fine-tune saves its pipeline at the base vocabulary with the rows beside it. method=textual_inversion trains those rows alone (implied there; no pivot)."""
     token_abstraction: Optional[str] = None
     """The identifier word that train_text_encoder_ti (or method=textual_inversion) replaces with new tokens in every prompt (diffusers' TI script: placeholder_token). Default: the one word of instance_prompt that class_prompt lacks (`sks`)."""
     num_new_tokens_per_abstraction: int = 2
@@ -342,9 +342,9 @@ class TrainConfig:
         if self.method == "textual_inversion" and self.train_text_encoder:
             raise ConfigError("config key 'train_text_encoder': method=textual_inversion trains only the new token embeddings, "
                               "no text-encoder weight; set train_text_encoder=false (or use method=lora with train_text_encoder_ti=true)")
-        if self.train_text_encoder_ti and self.method not in ("lora", "dora", "textual_inversion"):
-            raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning trains new token embeddings beside adapters; "
-                              f"use method=lora (or dora), not method={self.method}")
+        if self.train_text_encoder_ti and self.method not in ("lora", "dora", "full", "textual_inversion"):
+            raise ConfigError(f"config key 'train_text_encoder_ti': pivotal tuning trains new token embeddings beside LoRA, DoRA "
+                              f"or a full fine-tune; use method=lora, dora or full, not method={self.method}")
         if self.num_new_tokens_per_abstraction < 1:
             raise ConfigError(f"config key 'num_new_tokens_per_abstraction': must be >= 1, got {self.num_new_tokens_per_abstraction}")
         if not 0.0 < self.train_text_encoder_ti_frac <= 1.0:

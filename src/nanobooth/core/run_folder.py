@@ -2,7 +2,8 @@
 its config read back.
 
 A finished run holds exactly one result: a LoRA (`pytorch_lora_weights.safetensors`, with pivotal tuning's
-`<run>_emb.safetensors` beside it), a full diffusers pipeline (`model_index.json` + component folders), or
+`<run>_emb.safetensors` beside it), a full diffusers pipeline (`model_index.json` + component folders; with
+pivotal tuning, its `<run>_emb.safetensors` beside it too), or
 textual inversion's `<run>_emb.safetensors` alone. Every reader (generate, export, eval,
 toy eval) asks `result_kind`, which refuses a folder holding both: that folder mixes two runs, and
 reading either half would silently render something nobody trained.
@@ -138,14 +139,29 @@ class RunFolderError(ModelError):
 
 
 # --- which result ----------------------------------------------------------------------------------------
+def _emb_method(path: Path) -> str | None:
+    """The method an embedding file's metadata names (embeddings.save writes it; None in files from before).
+    Read from the safetensors header itself (8-byte little-endian length, then JSON): no torch import."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else {}
+        return (header.get("__metadata__") or {}).get("method")
+    except (OSError, ValueError, AttributeError):  # unreadable: the mixed-folder refusal names it
+        return None
+
+
 def result_kind(folder) -> str | None:
     """'lora', 'full', 'textual_inversion' (an `*_emb.safetensors` alone: new token embeddings, no weights) or
-    None (no finished result). A LoRA with an embedding file is pivotal tuning ('lora'). Raises RunFolderError
+    None (no finished result). A LoRA with an embedding file is pivotal tuning ('lora'), and so is a pipeline
+    with one its full fine-tune wrote (the file's metadata says method=full): 'full'. Raises RunFolderError
     when the folder holds a pipeline beside a LoRA or an embedding file: two runs' outputs, and neither can be
     trusted to be the last."""
     folder = Path(folder)
     lora, full = (folder / LORA_FILE).is_file(), (folder / MODEL_INDEX).is_file()
     emb = next((p for p in sorted(folder.glob("*" + EMB_SUFFIX)) if p.is_file()), None) if folder.is_dir() else None
+    if full and emb and not lora and _emb_method(emb) == "full":
+        return "full"  # a full fine-tune with pivotal tuning: its new tokens beside the pipeline, as a LoRA run's
     if full and (lora or emb):
         other = f"a LoRA ({LORA_FILE})" if lora else f"token embeddings ({emb.name})"
         raise RunFolderError(f"'{folder}' holds two results, {other} and a full pipeline ({MODEL_INDEX}): "

@@ -225,7 +225,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
     _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full")
-    emb = embeddings.find(run) if kind == "lora" else None  # pivotal tuning: the new tokens go beside the LoRA
+    emb = embeddings.find(run)  # pivotal tuning: the new tokens go beside the LoRA or the checkpoint
     emb_out = out.with_name(out.stem + EMB_SUFFIX)
     if emb is not None:
         _check_out(emb_out, overwrite, folder=False)

@@ -4,7 +4,8 @@ As diffusers' `train_dreambooth_lora_sdxl_advanced.py` does it: the identifier (
 `sks`) is rewritten in every prompt into `num_new_tokens_per_abstraction` new tokens (`<s0><s1>`), added to
 each CLIP tokenizer; their embedding rows start from `initializer_concept`'s (default: the class noun) and
 train together with the LoRA adapters for the first `train_text_encoder_ti_frac` of the steps (then their
-learning rate is 0: the "pivot"). Any adapter method honours the switch through this module.
+learning rate is 0: the "pivot"). LoRA, DoRA and the full fine-tune honour the switch through this module (a full
+fine-tune's pipeline is saved with the base vocabulary, `base_vocabulary`, and the new tokens go beside it).
 
 Only the new rows train, and the rest of each embedding matrix stays bit-identical: the new rows live in a
 separate parameter (`NewTokenEmbedding.new`) beside the untouched frozen table, so neither the optimizer's
@@ -19,7 +20,9 @@ A1111/ComfyUI embedding (webui_tensors) beside the LoRA (`emb_params` for SD 1.x
 
 from __future__ import annotations
 
+import copy
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,10 +40,11 @@ class NewTokenEmbedding(nn.Module):
     """A CLIP token embedding with `n` rows appended: ids < V read the frozen `base` table, ids V..V+n-1
     read the trainable `new` (n, dim). Output (..., dim) in the base table's dtype."""
 
-    def __init__(self, base: nn.Embedding, init: torch.Tensor):
+    def __init__(self, base: nn.Embedding, init: torch.Tensor, base_tokenizer=None):
         super().__init__()
         self.base = base
         self.new = nn.Parameter(init.detach().clone().float())
+        self.base_tokenizer = base_tokenizer  # the tokenizer before the new tokens (base_vocabulary saves it)
 
     @property
     def weight(self) -> torch.Tensor:  # what transformers' resize/inspection code reads (a copy: no training through it)
@@ -125,11 +129,35 @@ def attach(family, tokenizers: list, text_encoders: list, cfg) -> dict[str, str]
         init_ids = tok.encode(concept or "", add_special_tokens=False)
         if not init_ids:
             raise ConfigError(f"config key 'initializer_concept': '{concept}' encodes to no token; give a word such as the class noun")
+        before = copy.deepcopy(tok)
         tok.add_tokens(toks)
         with torch.no_grad():
             init = base.weight[torch.tensor([init_ids[k % len(init_ids)] for k in range(len(toks))], device=base.weight.device)]
-        emb.token_embedding = NewTokenEmbedding(base, init)
+        emb.token_embedding = NewTokenEmbedding(base, init, before)
     return tmap
+
+
+@contextmanager
+def base_vocabulary(pipe):
+    """Inside, `pipe` (sharing the training modules) is its base model's vocabulary again: each encoder's
+    NewTokenEmbedding swapped back to its frozen-or-trained base table and each tokenizer to its copy from
+    before the new tokens; restored on exit. A full fine-tune saves its pipeline this way, so the folder is a
+    plain SD/SDXL model that any tool loads, with the new tokens beside it in the embedding file."""
+    swapped = []
+    for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        te = getattr(pipe, te_name, None)
+        holder = _token_embedding(te) if te is not None else None
+        m = getattr(holder, "token_embedding", None)
+        if isinstance(m, NewTokenEmbedding):
+            swapped.append((holder, m, tok_name, getattr(pipe, tok_name)))
+            holder.token_embedding = m.base
+            setattr(pipe, tok_name, m.base_tokenizer)
+    try:
+        yield pipe
+    finally:
+        for holder, m, tok_name, tok in swapped:
+            holder.token_embedding = m
+            setattr(pipe, tok_name, tok)
 
 
 def new_params(text_encoders: list) -> list[nn.Parameter]:
@@ -169,7 +197,8 @@ def save(folder: Path, family, text_encoders: list, cfg) -> Path:
     from safetensors.torch import save_file
 
     path = Path(folder) / emb_file_name(cfg)
-    meta = {"token_abstraction": identifier(cfg), "tokens": ",".join(new_tokens(cfg))}
+    # method: a full fine-tune's file beside its pipeline is its own (run_folder.result_kind), not a second run's
+    meta = {"token_abstraction": identifier(cfg), "tokens": ",".join(new_tokens(cfg)), "method": cfg.method}
     save_file(trained_rows(family, text_encoders), str(path), metadata=meta)
     return path
 

@@ -1,15 +1,18 @@
-"""Full fine-tune: every UNet weight trains (and the text encoders' read layers with train_text_encoder)."""
+"""Full fine-tune: every UNet weight trains (and the text encoders' read layers with train_text_encoder; the
+identifier's new tokens with train_text_encoder_ti, pivotal tuning as embeddings.py does it for LoRA)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..core.models import load_pipeline, make_pipeline, train_layers_read
+from . import embeddings
 from .base import Method
 
 
 class Full(Method):
-    """The result is a whole diffusers pipeline folder (`from_pretrained(run_dir)`)."""
+    """The result is a whole diffusers pipeline folder (`from_pretrained(run_dir)`); with pivotal tuning, at the
+    base model's vocabulary, with the new tokens' rows beside it in `<run name>_emb.safetensors` (as a LoRA run's)."""
 
     name = "full"
 
@@ -23,13 +26,21 @@ class Full(Method):
     def save(self, folder, components, unet, text_encoders, cfg):
         pipe = make_pipeline(components, unet=unet, text_encoders=text_encoders)
         modules = (unet, *text_encoders, components.vae)
+        # each is uniform here (no adapters; pivotal tuning's fp32 new rows are saved apart, below)
         placed = [next(m.parameters()) for m in modules]
-        placed = [(p.device, p.dtype) for p in placed]  # each is uniform here (no adapters in a full fine-tune)
+        placed = [(p.device, p.dtype) for p in placed]
         for m in modules:
             m.to("cpu", torch.float32)
-        pipe.save_pretrained(folder, safe_serialization=True)
+        with embeddings.base_vocabulary(pipe):  # a plain SD/SDXL folder; the new tokens go beside it
+            pipe.save_pretrained(folder, safe_serialization=True)
         for m, (dev, dtype) in zip(modules, placed):  # back where they were, for the final validation render
             m.to(dev, dtype)
+        if cfg.train_text_encoder_ti:
+            embeddings.save(folder, components.family, text_encoders, cfg)
 
     def load_for_inference(self, run_dir, load_base, torch_dtype=None):
-        return load_pipeline(str(run_dir), torch_dtype=torch_dtype)  # the run folder is a pipeline itself
+        pipe = load_pipeline(str(run_dir), torch_dtype=torch_dtype)  # the run folder is a pipeline itself
+        emb = embeddings.find(run_dir)
+        if emb is not None:  # pivotal tuning: tokens added, the identifier rewritten in every prompt render() gets
+            embeddings.load_into(pipe, emb)
+        return pipe
