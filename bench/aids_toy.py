@@ -45,7 +45,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # issue #24's targets: the full fine-tunes, and the FLUX twin's recipes (a family per --out: the first
     # arm scores the base model for all)
     # lr 3e-4, 600 steps since session 28, the EMA of its weights since session 29: full-prior-lr3e4-s600-ema; the
-    # text encoder trained too since session 31: full-prior-te
+    # text encoder trained too since session 31: full-prior-te; pivotal tuning from the subject's words since session 48:
+    # full-prior-ti-words
     "full-prior": ("toy/dreambooth-prior-pre", []),
     "full-prior-lr1e4-s400": ("toy/dreambooth-prior-pre", ["learning_rate=1e-4", "max_train_steps=400",
                               "use_ema=false"]),  # the setting before session 28
@@ -197,6 +198,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                        "train_text_encoder_ti=false"]),  # the recipe of sessions 41-46
     # The full fine-tunes with the recipe's identifier (session 48): pivotal tuning from the subject's words (four new
     # tokens, trained for the first half of the steps at the variant's text_encoder_lr, 1e-4), prompted with sks
+    # full-prior-ti-words is `full-prior` as shipped since session 48; full-prior-ti0 the variant of sessions 31-47
+    "full-prior-ti0": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=false"]),
     "full-prior-ti-words": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=true",
                             "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
     "full-te-ti-words": ("toy/dreambooth-finetune-text-encoder", ["train_text_encoder_ti=true", "initializer_concept={words}",
@@ -236,14 +239,15 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # the LoRA + prior recipe (session 41; lora-prior-tmin200 is now the recipe as shipped), and pivotal tuning from the
 # subject's words in it (session 47; lora-prior-ti-words is now the recipe as shipped, lora-prior-ti0 the recipe of
 # sessions 41-46; a toy subject's subject.json fills initializer_concept, so the arms that tuned embeddings before
-# start them from the class noun, as then).
+# start them from the class noun, as then), and the same pivotal tuning in the full + prior fine-tune (session 48).
 _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder", "false"),
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder", "false"),
                  ("toy-flux/dreambooth-lora-prior-pre", "flux-lora-prior", "train_text_encoder", "false"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "min_timestep", "0"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder_ti", "false"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "num_new_tokens_per_abstraction", "2"),
-                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "initializer_concept", "{class}")]
+                 ("toy/dreambooth-lora-prior-pre", "lora-prior", "initializer_concept", "{class}"),
+                 ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder_ti", "false")]
 for _variant, _shipped, _key, _before in _JOINED_LATER:
     for _arm, (_arm_variant, _overrides) in ARMS.items():
         if _arm_variant == _variant and _arm != _shipped and not any(o.startswith(f"{_key}=") for o in _overrides):

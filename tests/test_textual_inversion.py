@@ -119,7 +119,7 @@ def test_training_writes_only_the_embeddings_and_exports_them(fixture, request, 
     emb = run / "run_emb.safetensors"
     assert not (run / LORA_FILE).exists() and not (run / MODEL_INDEX).exists() and result_kind(run) == "textual_inversion"
     with safe_open(str(emb), "pt") as f:
-        assert f.metadata() == {"token_abstraction": "sks", "tokens": "<s0>"}
+        assert f.metadata() == {"token_abstraction": "sks", "tokens": "<s0>", "method": "textual_inversion"}
     sdxl = fixture == "tiny_sdxl_model"
     state = load_file(emb)
     assert set(state) == ({"clip_l", "clip_g"} if sdxl else {"clip_l"})

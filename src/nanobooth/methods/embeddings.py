@@ -146,7 +146,7 @@ def base_vocabulary(pipe):
     swapped = []
     for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         te = getattr(pipe, te_name, None)
-        holder = _token_embedding(te) if te is not None else None
+        holder = getattr(getattr(te, "text_model", te), "embeddings", None)  # None for T5 (FLUX/SD3): never has new rows
         m = getattr(holder, "token_embedding", None)
         if isinstance(m, NewTokenEmbedding):
             swapped.append((holder, m, tok_name, getattr(pipe, tok_name)))
