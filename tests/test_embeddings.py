@@ -35,6 +35,21 @@ def _encode(c, tokens, prompt=PROMPT):
     return c.family.encode(c.text_encoders, c.family.tokenize(c.tokenizers, embeddings.rewrite(prompt, tokens), "cpu"), 32)
 
 
+def _reloads_as_trained(model, folder, c, tokens, untuned):
+    """The saved run, loaded as `nanobooth generate` loads it, renders "sks" as the in-memory trained pipeline does
+    (and as the spelled-out new tokens do), and unlike `untuned` (so the checks can fail)."""
+    pipe = make_pipeline(c, unet=c.unet, text_encoders=c.text_encoders)
+    setattr(pipe, embeddings.TOKEN_MAP, tokens)
+    during = render(pipe, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    loaded = load_run(str(model), str(folder))
+    after = render(loaded, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    assert np.abs(np.asarray(during, dtype=int) - np.asarray(after, dtype=int)).max() <= 1
+    spelled = render(loaded, ["a photo of <s0><s1> dog"], seed=3, steps=2, resolution=32)[0][0]
+    assert np.array_equal(np.asarray(after), np.asarray(spelled))  # "sks" was rewritten into the new tokens
+    other = render(untuned, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
+    assert not np.array_equal(np.asarray(after), np.asarray(other))
+
+
 @pytest.mark.parametrize("fixture", ["tiny_model", "tiny_sdxl_model"])
 def test_only_the_new_rows_train_the_loss_falls_and_they_stop_at_the_pivot(fixture, request, tmp_path):
     c, cfg, tokens, tables = _pivotal(request.getfixturevalue(fixture), tmp_path, learning_rate=0.0, text_encoder_lr=5e-2,
@@ -93,16 +108,7 @@ def test_save_then_generate_reproduces_the_trained_pipeline_and_exports_load(fix
     sdxl = fixture == "tiny_sdxl_model"
     assert set(load_file(emb)) == ({"clip_l", "clip_g"} if sdxl else {"clip_l"})  # diffusers' advanced-script keys
 
-    pipe = make_pipeline(c, unet=c.unet, text_encoders=c.text_encoders)
-    setattr(pipe, embeddings.TOKEN_MAP, tokens)
-    during = render(pipe, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
-    loaded = load_run(str(model), str(folder))  # what `nanobooth generate RUN "a photo of sks dog"` renders with
-    after = render(loaded, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
-    assert np.abs(np.asarray(during, dtype=int) - np.asarray(after, dtype=int)).max() <= 1
-    spelled = render(loaded, ["a photo of <s0><s1> dog"], seed=3, steps=2, resolution=32)[0][0]
-    assert np.array_equal(np.asarray(after), np.asarray(spelled))  # "sks" was rewritten into the new tokens
-    base = render(load_run(str(model)), [PROMPT], seed=3, steps=2, resolution=32)[0][0]
-    assert not np.array_equal(np.asarray(after), np.asarray(base))  # so the checks above can fail
+    _reloads_as_trained(model, folder, c, tokens, untuned=load_run(str(model)))
 
     # A1111 / ComfyUI: SD one tensor `emb_params`, SDXL `clip_l` + `clip_g`; diffusers loads both
     out = tmp_path / "subj.safetensors"
@@ -210,16 +216,7 @@ def test_a_full_fine_tune_saves_a_plain_pipeline_with_its_new_tokens_beside(fixt
     assert [len(tok) for tok in c.tokenizers] == vocab
     assert all(isinstance(embeddings._token_embedding(te).token_embedding, embeddings.NewTokenEmbedding) for te in c.text_encoders)
 
-    pipe = make_pipeline(c, unet=c.unet, text_encoders=c.text_encoders)
-    setattr(pipe, embeddings.TOKEN_MAP, tokens)
-    during = render(pipe, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
-    loaded = load_run(str(model), str(folder))  # what `nanobooth generate RUN "a photo of sks dog"` renders with
-    after = render(loaded, [PROMPT], seed=3, steps=2, resolution=32)[0][0]
-    assert np.abs(np.asarray(during, dtype=int) - np.asarray(after, dtype=int)).max() <= 1
-    spelled = render(loaded, ["a photo of <s0><s1> dog"], seed=3, steps=2, resolution=32)[0][0]
-    assert np.array_equal(np.asarray(after), np.asarray(spelled))  # "sks" was rewritten into the new tokens
-    bare = render(plain, [PROMPT], seed=3, steps=2, resolution=32)[0][0]  # the folder without the new tokens
-    assert not np.array_equal(np.asarray(after), np.asarray(bare))  # so the checks above can fail
+    _reloads_as_trained(model, folder, c, tokens, untuned=plain)  # plain: the folder without the new tokens
 
 
 def test_a_folder_mixing_a_pipeline_with_another_runs_embeddings_is_still_refused(tiny_model, tmp_path):
