@@ -84,8 +84,9 @@ def rewrite(prompt: str, tokens: dict[str, str] | None) -> str:
     return prompt
 
 
-def _token_embedding(te) -> nn.Module:
-    return (te.text_model if hasattr(te, "text_model") else te).embeddings
+def _token_embedding(te) -> nn.Module | None:
+    """A CLIP encoder's `embeddings` (holding `token_embedding`); None for an encoder without one (T5)."""
+    return getattr(getattr(te, "text_model", te), "embeddings", None)
 
 
 def trained_encoders(family, text_encoders: list) -> list[int]:
@@ -146,7 +147,7 @@ def base_vocabulary(pipe):
     swapped = []
     for te_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         te = getattr(pipe, te_name, None)
-        holder = getattr(getattr(te, "text_model", te), "embeddings", None)  # None for T5 (FLUX/SD3): never has new rows
+        holder = _token_embedding(te)  # None for T5 (FLUX/SD3): it never has new rows
         m = getattr(holder, "token_embedding", None)
         if isinstance(m, NewTokenEmbedding):
             swapped.append((holder, m, tok_name, getattr(pipe, tok_name)))
@@ -235,6 +236,15 @@ def load_into(pipe, path: Path) -> None:
             pipe.load_textual_inversion(tensors[key], token=toks, text_encoder=getattr(pipe, te_name),
                                         tokenizer=getattr(pipe, tok_name))
     setattr(pipe, TOKEN_MAP, tmap)
+
+
+def load_beside(pipe, run_dir):
+    """`pipe` with the run's `*_emb.safetensors` loaded into it (load_into) where the run has one (pivotal tuning
+    beside a LoRA or a full fine-tune); unchanged otherwise. Returns `pipe`."""
+    emb = find(run_dir)
+    if emb is not None:  # tokens added, the identifier rewritten in every prompt render() gets
+        load_into(pipe, emb)
+    return pipe
 
 
 def unload(pipe) -> None:

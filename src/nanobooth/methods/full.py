@@ -39,8 +39,5 @@ class Full(Method):
             embeddings.save(folder, components.family, text_encoders, cfg)
 
     def load_for_inference(self, run_dir, load_base, torch_dtype=None):
-        pipe = load_pipeline(str(run_dir), torch_dtype=torch_dtype)  # the run folder is a pipeline itself
-        emb = embeddings.find(run_dir)
-        if emb is not None:  # pivotal tuning: tokens added, the identifier rewritten in every prompt render() gets
-            embeddings.load_into(pipe, emb)
-        return pipe
+        # the run folder is a pipeline itself; pivotal tuning's new tokens beside it
+        return embeddings.load_beside(load_pipeline(str(run_dir), torch_dtype=torch_dtype), run_dir)

@@ -67,7 +67,4 @@ class LoRA(Method):
     def load_for_inference(self, run_dir, load_base, torch_dtype=None):
         pipe = load_base()
         pipe.load_lora_weights(str(run_dir), weight_name=LORA_FILE)
-        emb = embeddings.find(run_dir)
-        if emb is not None:  # tokens added, the identifier rewritten in every prompt render() gets
-            embeddings.load_into(pipe, emb)
-        return pipe
+        return embeddings.load_beside(pipe, run_dir)  # pivotal tuning's new tokens
