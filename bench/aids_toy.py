@@ -254,7 +254,9 @@ _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_enc
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder_ti", "false")]
 for _variant, _shipped, _key, _before in _JOINED_LATER:
     for _arm, (_arm_variant, _overrides) in ARMS.items():
-        if _arm_variant == _variant and _arm != _shipped and not any(o.startswith(f"{_key}=") for o in _overrides):
+        # the shipped arm and its reruns at another training seed (<shipped>-seedN) follow the variant as shipped
+        if _arm_variant == _variant and _arm.split("-seed")[0] != _shipped \
+                and not any(o.startswith(f"{_key}=") for o in _overrides):
             _overrides.append(f"{_key}={_before}")
 METRICS = ("subject_fidelity", "subject_identity", "prompt_fidelity", "subject_in_context", "prior_drift")
 
