@@ -202,6 +202,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "full-prior-ti0": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=false"]),
     "full-prior-ti-words": ("toy/dreambooth-prior-pre", ["train_text_encoder=true", "train_text_encoder_ti=true",
                             "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
+    # full-te-ti-words is `full-te` as shipped since session 49; full-te-ti0 the variant before
+    "full-te-ti0": ("toy/dreambooth-finetune-text-encoder", ["train_text_encoder_ti=false"]),
     "full-te-ti-words": ("toy/dreambooth-finetune-text-encoder", ["train_text_encoder_ti=true", "initializer_concept={words}",
                          "num_new_tokens_per_abstraction=4"]),
     "full-ti-words": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
@@ -243,7 +245,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # the LoRA + prior recipe (session 41; lora-prior-tmin200 is now the recipe as shipped), and pivotal tuning from the
 # subject's words in it (session 47; lora-prior-ti-words is now the recipe as shipped, lora-prior-ti0 the recipe of
 # sessions 41-46; a toy subject's subject.json fills initializer_concept, so the arms that tuned embeddings before
-# start them from the class noun, as then), and the same pivotal tuning in the full + prior fine-tune (session 48).
+# start them from the class noun, as then), and the same pivotal tuning in the full + prior fine-tune (session 48) and
+# the full + text-encoder fine-tune (session 49).
 _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder", "false"),
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder", "false"),
                  ("toy-flux/dreambooth-lora-prior-pre", "flux-lora-prior", "train_text_encoder", "false"),
@@ -251,7 +254,8 @@ _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_enc
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder_ti", "false"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "num_new_tokens_per_abstraction", "2"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "initializer_concept", "{class}"),
-                 ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder_ti", "false")]
+                 ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder_ti", "false"),
+                 ("toy/dreambooth-finetune-text-encoder", "full-te", "train_text_encoder_ti", "false")]
 for _variant, _shipped, _key, _before in _JOINED_LATER:
     for _arm, (_arm_variant, _overrides) in ARMS.items():
         # the shipped arm and its reruns at another training seed (<shipped>-seedN) follow the variant as shipped
