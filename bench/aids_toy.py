@@ -209,7 +209,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "full-ti-words": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
                       "num_new_tokens_per_abstraction=4"]),
     # the UNet alone keeps its text encoder frozen, so the new rows are all the text side can move: at the variant's lr
-    # (1e-4) they barely leave the words; -telr1e3 trains them at the LoRA + prior recipe's text_encoder_lr (session 49)
+    # (1e-4) they stay near the words; -telr1e3 trains them at the LoRA + prior recipe's text_encoder_lr (session 49)
     "full-ti-words-telr1e3": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
                               "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3"]),
     # the recipe as shipped with another training seed (weights init, data order, noise; the class images are the
