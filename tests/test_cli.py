@@ -471,3 +471,16 @@ def test_a_flux_or_sd3_variant_on_another_familys_model_is_warned_about(tmp_path
         cli.warn_variant_family("toy/dreambooth-lora", "toy-flux")
         cli.warn_variant_family("toy-flux/dreambooth-lora", "toy")
     assert [r.getMessage().split(" is a ")[1].split(" ")[0] for r in caplog.records] == ["StableDiffusionPipeline", "FluxPipeline"]
+
+
+def test_ui_without_gradio_is_one_line_naming_the_extra_and_makes_no_workspace(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` raises, as where it is not installed
+    ws = tmp_path / "booth"
+    assert cli.main(["ui", "--workspace", str(ws)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and '.[ui]' in err and "gradio" in err and "Traceback" not in err
+    assert not ws.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -124,6 +125,11 @@ def cmd_demo(args) -> None:
 
 
 def cmd_ui(args) -> None:
+    if importlib.util.find_spec("gradio") is None:  # checked before the workspace's folders are made
+        from .core.errors import ConfigError
+
+        raise ConfigError('nanobooth ui needs gradio, which this environment lacks: pip install -e ".[ui]" in a '
+                          'clone (pip install "nanobooth[ui]" otherwise), then run it again')
     from .ui.app import serve
 
     serve(args.workspace, host=args.host, port=args.port, share=args.share)
