@@ -229,3 +229,14 @@ def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, ca
         monkeypatch.setattr(gen, "generate", lambda *a, n=n, **k: [Image.new("RGB", (8, 8))] * n)
         gen.generate_cli(args)
         assert capsys.readouterr().out.startswith(said + f" to {tmp_path}")
+
+
+def test_weights_that_are_not_there_or_not_a_run_are_one_line_each(tmp_path):
+    from nanobooth.core.models import ModelError
+    from nanobooth.inference.generate import load_run
+
+    with pytest.raises(ModelError, match="--weights '.*gone': nothing is there; pass a finished nanobooth run folder"):
+        load_run("toy", str(tmp_path / "gone"))
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ModelError, match="--weights '.*notes': no pytorch_lora_weights.safetensors, model_index.json"):
+        load_run("toy", str(tmp_path / "notes"))

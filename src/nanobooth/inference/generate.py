@@ -27,6 +27,8 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     if weights is None:
         return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     run = Path(weights)
+    if not run.exists():
+        raise ModelError(f"--weights '{weights}': nothing is there; pass a finished nanobooth run folder")
     kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
     if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
         if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -355,6 +356,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, share: bool
     ws = Workspace(workspace)
     os.environ["GRADIO_TEMP_DIR"] = str(ws.root / ".gradio")  # before gradio reads it: nothing outside the workspace
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup requests are not the user's news
     page = build(ws)
     page.queue(default_concurrency_limit=2)
     _, url, _ = page.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ws.root)],
