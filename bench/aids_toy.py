@@ -215,7 +215,6 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the recipe as shipped with another training seed (weights init, data order, noise; the class images are the
     # subject's shared folder): how much of a subject's identity is the run's draw (session 49)
     "lora-prior-seed1": ("toy/dreambooth-lora-prior-pre", ["seed=1"]),
-    "lora-prior-seed2": ("toy/dreambooth-lora-prior-pre", ["seed=2"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
