@@ -215,6 +215,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the recipe as shipped with another training seed (weights init, data order, noise; the class images are the
     # subject's shared folder): how much of a subject's identity is the run's draw (session 49)
     "lora-prior-seed1": ("toy/dreambooth-lora-prior-pre", ["seed=1"]),
+    # session 50: the new rows train beside the LoRAs for all the steps (the recipe pivots at half, diffusers' default)
+    "lora-prior-tifrac1": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                           "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4",
+                           "train_text_encoder_ti_frac=1.0"]),
+    # the UNet alone: its rows (its whole text side) at the recipe's 1e-3 for all 400 steps
+    "full-ti-words-frac1": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
+                            "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3", "train_text_encoder_ti_frac=1.0"]),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
