@@ -219,6 +219,13 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-tifrac1": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                            "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4",
                            "train_text_encoder_ti_frac=1.0"]),
+    # the recipe as shipped (the subject's words bound) with session 43's LoRA on the 32x32 level's resnets too, where the
+    # subject's mark and dots are drawn
+    "lora-prior-l32-ti": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                          "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4",
+                          "lora_target_modules=[to_q, to_k, to_v, to_out.0, down_blocks.0.resnets.0.conv1, "
+                          "down_blocks.0.resnets.0.conv2, up_blocks.3.resnets.0.conv1, up_blocks.3.resnets.0.conv2, "
+                          "up_blocks.3.resnets.1.conv1, up_blocks.3.resnets.1.conv2]"]),
     # the UNet alone: its rows (its whole text side) at the recipe's 1e-3 for all 400 steps
     "full-ti-words-frac1": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
                             "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3", "train_text_encoder_ti_frac=1.0"]),
