@@ -226,6 +226,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                           "lora_target_modules=[to_q, to_k, to_v, to_out.0, down_blocks.0.resnets.0.conv1, "
                           "down_blocks.0.resnets.0.conv2, up_blocks.3.resnets.0.conv1, up_blocks.3.resnets.0.conv2, "
                           "up_blocks.3.resnets.1.conv1, up_blocks.3.resnets.1.conv2]"]),
+    # the UNet alone at 2e-4 (more identity, fewer scenes in session 46) with the EMA that kept the full + prior
+    # variant's scenes (session 29), and the rows at 1e-3
+    "full-ti-words-lr2e4-ema": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
+                                "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3", "learning_rate=2e-4",
+                                "use_ema=true"]),
     # the UNet alone: its rows (its whole text side) at the recipe's 1e-3 for all 400 steps
     "full-ti-words-frac1": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
                             "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3", "train_text_encoder_ti_frac=1.0"]),
