@@ -367,11 +367,16 @@ def pick(result: dict, key: str, section: str = "tuned") -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path,
+                   help="the bench's folder: subjects/SEED, class/..., runs/ARM-SEED (finished runs are reused, not retrained)")
     p.add_argument("--arms", nargs="+", default=["lora-prior", "lora-prior+ema", "dora-prior", "lokr-prior", "pivotal-prior"],
-                   choices=sorted(ARMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[4242, 5000, 5001, 7001])
-    p.add_argument("--images-per-prompt", type=int, default=8)
+                   choices=sorted(ARMS), metavar="ARM",
+                   help="the ARMS table at the top of this file: a variant and its overrides, each commented there; "
+                        "lora-prior is the README's toy recipe as shipped, lora its no-prior twin")
+    p.add_argument("--seeds", nargs="+", type=int, default=[4242, 5000, 5001, 7001],
+                   help="toy subject seeds, each trained once per arm (docs/evaluation.md names its sets: G, H, ... O)")
+    p.add_argument("--images-per-prompt", type=int, default=8,
+                   help="toy eval's --images-per-prompt (8, as in the recent tables of docs/evaluation.md; toy eval alone uses 4)")
     p.add_argument("--model", default=None, help="every arm on this model (a candidate toy model's folder) instead of the variant's")
     p.add_argument("--targets", action="store_true", help="check issue #24's targets (the --target-arms needed)")
     p.add_argument("--target-arms", nargs=2, default=["lora-prior", "lora"], choices=sorted(ARMS), metavar=("PRIOR", "NO_PRIOR"),

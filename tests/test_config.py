@@ -315,6 +315,15 @@ def test_a_key_set_without_its_switch_is_warned_about_once_naming_both(tmp_path,
                                  "timestep_bias_begin=100"]) == [
         "timestep_bias_portion=0.5 is used only with timestep_bias_strategy=earlier or later; set one of them, or remove it"]
     assert warned("dreambooth", ["timestep_bias_strategy=later", "timestep_bias_multiplier=2", "timestep_bias_portion=0.5"]) == []
+    # newcomer50: initializer_concept with pivotal tuning off trained to the end and was recorded in config.yaml, unused
+    assert warned("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=false", "initializer_concept=red ball"]) == [
+        "initializer_concept=red ball is used only with train_text_encoder_ti=true (pivotal tuning) or "
+        "method=textual_inversion; set one, or remove it"]
+    assert warned("toy/dreambooth-lora", ["train_text_encoder_ti_frac=1.0"]) == [
+        "train_text_encoder_ti_frac=1.0 is used only with train_text_encoder_ti=true (pivotal tuning); set it, or remove it"]
+    assert warned("toy/dreambooth-lora-prior-pre", ["initializer_concept=red ball", "train_text_encoder_ti_frac=1.0"]) == []
+    assert warned("toy/textual-inversion", ["initializer_concept=red ball", "num_new_tokens_per_abstraction=2"]) == []
+    assert warned("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=false"]) == []  # the variant's own values
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: dreambooth-lora\nbucket_reso_steps: 32\n")
     assert len(warned(str(mine), [])) == 1  # a user YAML's key counts as set when its base has another value

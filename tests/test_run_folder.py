@@ -154,6 +154,18 @@ def test_output_dir_check_refuses_a_file_and_a_foreign_folder_but_not_an_empty_o
         rf.check_output_dir(cfg(tmp_path / "busy"))
     rf.check_output_dir(cfg(tmp_path / "busy", "overwrite=true"))
     rf.check_output_dir(cfg(tmp_path / "busy", "resume_from_checkpoint=latest"))  # no config.yaml to compare with
+    # newcomer50: a finished run's folder said "pass resume_from_checkpoint=latest to continue it", which then refused
+    # the resume (the run was finished); it says so at once, with the way on
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / rf.LORA_FILE).write_bytes(b"")
+    (done / rf.TRAIN_LOG).write_text('{"step": 10}\n{"step": 300}\n')
+    with pytest.raises(ConfigError, match=r"holds a run finished at step 300: pass another output_dir, overwrite=true to "
+                                          r"replace it, or resume_from_checkpoint=latest with max_train_steps above 300"):
+        rf.check_output_dir(cfg(done))
+    (done / rf.LORA_FILE).unlink()  # logged steps without a result: an interrupted run, which can be continued
+    with pytest.raises(ConfigError, match="is not empty: pass resume_from_checkpoint=latest to continue it"):
+        rf.check_output_dir(cfg(done))
 
 
 # --- B: a run folder never mixes two runs ---------------------------------------------------------------------
@@ -211,6 +223,16 @@ def test_every_reader_refuses_a_folder_mixing_two_runs(runs, tiny_model, subject
     with pytest.raises(rf.RunFolderError, match="two results"):
         toy_eval(mixed)
     assert not (runs["mixed"] / "toy_eval.json").exists()
+
+
+def test_toy_eval_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):
+    # newcomer50: a path with nothing there was called "not a finished nanobooth run (no config.yaml ...)"
+    assert main(["toy", "eval", str(tmp_path / "nowhere")]) == 2
+    line = _one_error_line(capsys)
+    assert "nowhere' does not exist; pass the output_dir of a completed `nanobooth train`" in line
+    (tmp_path / "notarun").mkdir()
+    assert main(["toy", "eval", str(tmp_path / "notarun")]) == 2
+    assert "is not a finished nanobooth run" in _one_error_line(capsys)
 
 
 def test_readers_still_read_a_single_result(runs):

@@ -23,5 +23,12 @@ def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
     assert run_summary({"unet": unet}, groups, later).endswith("; timesteps 200 to the last; the later 60% of them drawn 2x as often")
     rng = TrainConfig(timestep_bias_strategy="range", timestep_bias_multiplier=3, timestep_bias_begin=100, timestep_bias_end=400)
     assert run_summary({"unet": unet}, groups, rng).endswith("; timesteps 100 to 399 drawn 3x as often")
+    # newcomer50: "lr 2.0e-03 / 1.0e-03 / 1.0e-03" did not say which rate was whose; named groups (Method.param_groups)
+    # are labelled, the denoiser by the family's name
+    named = [{"lr": 2e-3, "name": "unet"}, {"lr": 1e-3, "name": "text_encoder"}, {"lr": 5e-4, "name": "text_encoder_ti"}]
+    assert run_summary({"unet": unet}, named, TrainConfig(method="lora"), denoiser_name="transformer") == \
+        "training transformer (0.02M parameters) with lora; lr transformer 2.0e-03, text encoder 1.0e-03, new tokens 5.0e-04"
+    pairs = [{"lr": 2e-3, "name": "unet"}, {"lr": 8e-3, "name": "unet"}]  # LoRA+'s A and B groups
+    assert "; lr unet 2.0e-03 / 8.0e-03; LoRA+" in run_summary({"unet": unet}, pairs, TrainConfig(method="lora", loraplus_lr_ratio=4))
     plus = run_summary({"unet": unet}, [{"lr": 2e-3}, {"lr": 8e-3}], TrainConfig(method="lora", loraplus_lr_ratio=4))
     assert plus == "training unet (0.02M parameters) with lora; lr 2.0e-03 / 8.0e-03; LoRA+ (B matrices at 4x)"

@@ -115,6 +115,26 @@ def test_write_subject(tmp_path):
     assert world.subject_caption(world.make_subject(7), "on the beach") == f"a photo of a sks {cls} on the beach"
 
 
+def test_a_subject_is_never_written_over_or_beside_other_photos(tmp_path, capsys):
+    # newcomer50: `toy subject --seed 999` into subject 12345's folder replaced its photos and subject.json, and a
+    # 3-image subject into a 5-image folder left two photos of the other subject beside its own
+    from nanobooth.cli import main
+
+    first = world.write_subject(7, tmp_path / "subj", n_images=5)
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    for seed, n in ((999, 5), (8, 3)):
+        assert main(["toy", "subject", "--seed", str(seed), "--num-images", str(n), "--out", str(first)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "already holds 11 files (00.mask.png, 00.png, 01.mask.png, ...)" in err
+        assert "new or empty folder" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    (tmp_path / "a-file").write_text("x")
+    assert main(["toy", "subject", "--seed", "7", "--out", str(tmp_path / "a-file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["toy", "subject", "--seed", "7", "--out", str(tmp_path / "empty")]) == 0  # an empty folder is fine
+
+
 def test_subject_mask_covers_exactly_what_differs_from_the_backdrop(tmp_path):
     # the mask is the object's coverage: the photo equals the plain backdrop where the mask is 0, and the
     # loader reads it as the photo's loss mask (masked_loss) and not as a photo

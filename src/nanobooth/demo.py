@@ -115,7 +115,7 @@ def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
     on = " on the denoiser and the text encoder" if cfg.train_text_encoder else ""
     if cfg.trains_embeddings and cfg.initializer_concept:  # pivotal tuning from the subject's words (subject.json)
         on += f", sks as new tokens from '{cfg.initializer_concept}'"
-    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA steps{on} ({variant}), "
+    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA step{'' if cfg.max_train_steps == 1 else 's'}{on} ({variant}), "
              "before/after grids, then toy eval (base vs tuned).",
              f"demo: about {_minutes(total)} on this machine now ("
              + ", ".join(f"{k} ~{_minutes(v)}" for k, v in phases.items())

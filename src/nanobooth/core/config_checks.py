@@ -28,6 +28,10 @@ IDLE_WITHOUT_SWITCH = {
                               "timestep_bias_strategy=earlier or later; set one of them"),
     **{key: (lambda c: c.timestep_bias_strategy == "range", "timestep_bias_strategy=range; set it")
        for key in ("timestep_bias_begin", "timestep_bias_end")},
+    # the identifier's new token embeddings (pivotal tuning, or method=textual_inversion, which has no pivot)
+    **{key: (lambda c: c.trains_embeddings, "train_text_encoder_ti=true (pivotal tuning) or method=textual_inversion; set one")
+       for key in ("initializer_concept", "num_new_tokens_per_abstraction")},
+    "train_text_encoder_ti_frac": (lambda c: c.train_text_encoder_ti, "train_text_encoder_ti=true (pivotal tuning); set it"),
 }
 
 

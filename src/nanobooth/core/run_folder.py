@@ -249,6 +249,11 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if not run_dir.is_dir() or not any(run_dir.iterdir()) or cfg.overwrite:
         return
     if not cfg.resume_from_checkpoint:
+        done = logged_steps(run_dir)
+        if done and _finished(run_dir):  # "continue it" would only meet check_finished's refusal (newcomer50)
+            raise ConfigError(f"output_dir '{run_dir}' holds a run finished at step {done}: pass another output_dir, "
+                              f"overwrite=true to replace it, or resume_from_checkpoint=latest with max_train_steps above "
+                              f"{done} to train it on")
         raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, "
                           "overwrite=true to reuse it, or another output_dir")
     saved = load_run_config(run_dir)
@@ -325,6 +330,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and CKPT.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
+
+
+def _finished(run_dir: Path) -> bool:
+    """The folder holds a finished result (result_kind); a folder with two results counts as finished too."""
+    try:
+        return result_kind(run_dir) is not None
+    except RunFolderError:
+        return True
 
 
 def logged_steps(run_dir: Path) -> int:

@@ -17,7 +17,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
 
     names = {"unet": denoiser_name}
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
-             "lr " + " / ".join(f"{g['lr']:.1e}" for g in groups)]
+             "lr " + _rates(groups, {**names, "text_encoder": "text encoder", "text_encoder_ti": "new tokens"})]
     if cfg.loraplus_lr_ratio:  # the lrs above then come in (A, B) pairs
         parts.append(f"LoRA+ (B matrices at {cfg.loraplus_lr_ratio:g}x)")
     if cfg.use_ema:
@@ -34,3 +34,14 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
                       + (" of them" if spanned else ""))
         parts.append(f"{where} drawn {cfg.timestep_bias_multiplier:g}x as often")
     return "; ".join(parts)
+
+
+def _rates(groups: list[dict], labels: dict) -> str:
+    """Each group's lr, labelled by the group's name where every group has one ("unet 2.0e-03, text encoder 1.0e-03,
+    new tokens 1.0e-03"; LoRA+'s A/B pairs share a name: "unet 2.0e-03 / 8.0e-03"), else in group order."""
+    if not all(g.get("name") for g in groups):
+        return " / ".join(f"{g['lr']:.1e}" for g in groups)
+    by_name: dict[str, list[str]] = {}
+    for g in groups:
+        by_name.setdefault(labels.get(g["name"], g["name"]), []).append(f"{g['lr']:.1e}")
+    return ", ".join(f"{name} {' / '.join(lrs)}" for name, lrs in by_name.items())

@@ -50,11 +50,13 @@ class Method:
         """Default: the UNet's trainable parameters at learning_rate, then (train_text_encoder) all text
         encoders' at text_encoder_lr (default learning_rate), each in module order, then (train_text_encoder_ti)
         the new token rows (embeddings.param_group)."""
-        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale}]
+        # each group named: the console's run summary labels its lr (run_summary.py)
+        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate * scale, "name": "unet"}]
         new_rows = {id(p) for p in embeddings.new_params(text_encoders)}  # their own group, which pivots
         if cfg.train_text_encoder:
             groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad and id(p) not in new_rows],
-                           "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale})
+                           "lr": (cfg.learning_rate if cfg.text_encoder_lr is None else cfg.text_encoder_lr) * scale,
+                           "name": "text_encoder"})
         if cfg.train_text_encoder_ti:  # pivotal tuning: the new token rows (embeddings.py)
             groups.append(embeddings.param_group(text_encoders, cfg, scale))
         return groups

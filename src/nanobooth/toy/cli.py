@@ -37,15 +37,17 @@ def add_parser(sub) -> None:
     tsub = toy.add_subparsers(dest="toy_command", required=True)
 
     s = tsub.add_parser("subject", help="write a fresh toy subject's instance images and subject.json")
-    s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--num-images", type=int, default=5)
+    s.add_argument("--seed", type=int, required=True,
+                   help="which subject: class, two colours, pattern, mark and poses all follow from it")
+    s.add_argument("--out", required=True, help="a new or empty folder for NN.png, NN.mask.png and subject.json")
+    s.add_argument("--num-images", type=int, default=5, help="instance photos to render (default 5)")
     s.set_defaults(func=cmd_subject)
 
     e = tsub.add_parser("eval", help="subject/prompt fidelity, prior drift and diversity of a toy run -> RUN_DIR/toy_eval.json")
     e.add_argument("run_dir")
     e.add_argument("--images-per-prompt", type=_at_least_two, default=4,
-                   help="images per prompt (at least 2: diversity compares the subject's images pairwise)")
+                   help="images per prompt (at least 2: diversity compares the subject's images pairwise; "
+                        "docs/evaluation.md's tables use 8, less noisy than 4)")
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--steps", type=int, default=None,
                    help="sampler steps per image (default: 15 for dpm++, 25 for the model's own)")

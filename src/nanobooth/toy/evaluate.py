@@ -116,6 +116,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     EVAL_STEPS of the sampler used); settings records the sampler used. Raises ModelError for a folder that is not a
     finished run."""
     run = Path(run_dir)
+    if not run.exists():
+        raise ModelError(f"RUN_DIR '{run}' does not exist; pass the output_dir of a completed `nanobooth train`")
     cfg = load_run_config(run)
     if cfg is None or result_kind(run) is None:  # result_kind also refuses a folder mixing two runs
         raise ModelError(f"RUN_DIR '{run}' is not a finished nanobooth run (no {CONFIG}, or no trained weights); "
@@ -160,6 +162,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / TOY_EVAL[1])
     (run / TOY_EVAL[0]).write_text(json.dumps(out, indent=2))
     print(format_table(out))
+    print(f"wrote {run / TOY_EVAL[0]} and the before/after sheet {run / TOY_EVAL[1]} ({images_per_prompt} images a prompt; "
+          "the columns: docs/evaluation.md, `nanobooth toy eval RUN_DIR`)")
     return out
 
 

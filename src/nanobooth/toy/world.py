@@ -425,8 +425,17 @@ def subject_caption(subject: Subject, scene: str | None = None, identifier: str 
 def write_subject(seed: int, out_dir, n_images: int = 5, masks: bool = True) -> Path:
     """The subject's n_images photos (NN.png) on the plain backdrop, each with its exact loss mask (NN.mask.png, read
     only with masked_loss=true), and subject.json (seed, prompts, the words pivotal tuning starts the identifier
-    from, the subject's description)."""
+    from, the subject's description). ConfigError if `out_dir` is a file or a folder that holds anything: another
+    subject's photos left beside these (or replaced by them) would train and score the wrong subject."""
+    from ..core.errors import ConfigError
+
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"toy subject: '{out}' is a file; write the subject into a new or empty folder (--out)")
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        raise ConfigError(f"toy subject: '{out}' already holds {len(held)} file{'s' if len(held) > 1 else ''} "
+                          f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); a subject's photos are never mixed "
+                          "with or written over others: write it into a new or empty folder (--out)")
     out.mkdir(parents=True, exist_ok=True)
     s = make_subject(seed)
     for i in range(n_images):
