@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ..methods.embeddings import TI_GROUP
-
 
 def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
     """One line saying what a run trains, for the console before the first step: each trained module's trainable
@@ -19,7 +17,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
 
     names = {"unet": denoiser_name}
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
-             "lr " + _rates(groups, {**names, "text_encoder": "text encoder", TI_GROUP: "new tokens"})]
+             "lr " + _rates(groups, {**names, "text_encoder": "text encoder", "text_encoder_ti": "new tokens"})]
     if cfg.loraplus_lr_ratio:  # the lrs above then come in (A, B) pairs
         parts.append(f"LoRA+ (B matrices at {cfg.loraplus_lr_ratio:g}x)")
     if cfg.use_ema:
