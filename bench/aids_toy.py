@@ -234,6 +234,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # the UNet alone: its rows (its whole text side) at the recipe's 1e-3 for all 400 steps
     "full-ti-words-frac1": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
                             "num_new_tokens_per_abstraction=4", "text_encoder_lr=1e-3", "train_text_encoder_ti_frac=1.0"]),
+    # toy/dreambooth before it shipped with full-ti-words-frac1 (session 51): "sks", no new rows
+    "full-ti0": ("toy/dreambooth", []),
     "flux-lora-prior": ("toy-flux/dreambooth-lora-prior-pre", []),
     "flux-lora": ("toy-flux/dreambooth-lora", []),
     "flux-full-prior": ("toy-flux/dreambooth-prior-pre", []),
@@ -268,7 +270,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
 # subject's words in it (session 47; lora-prior-ti-words is now the recipe as shipped, lora-prior-ti0 the recipe of
 # sessions 41-46; a toy subject's subject.json fills initializer_concept, so the arms that tuned embeddings before
 # start them from the class noun, as then), and the same pivotal tuning in the full + prior fine-tune (session 48) and
-# the full + text-encoder fine-tune (session 49).
+# the full + text-encoder fine-tune (session 49), and in the UNet alone, its rows at 1e-3 for the whole run (session 51;
+# full-ti-words-frac1 is now toy/dreambooth as shipped, full-ti0 the variant before).
 _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_encoder", "false"),
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder", "false"),
                  ("toy-flux/dreambooth-lora-prior-pre", "flux-lora-prior", "train_text_encoder", "false"),
@@ -277,7 +280,10 @@ _JOINED_LATER = [("toy/dreambooth-lora-prior-pre", "lora-prior", "train_text_enc
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "num_new_tokens_per_abstraction", "2"),
                  ("toy/dreambooth-lora-prior-pre", "lora-prior", "initializer_concept", "{class}"),
                  ("toy/dreambooth-prior-pre", "full-prior", "train_text_encoder_ti", "false"),
-                 ("toy/dreambooth-finetune-text-encoder", "full-te", "train_text_encoder_ti", "false")]
+                 ("toy/dreambooth-finetune-text-encoder", "full-te", "train_text_encoder_ti", "false"),
+                 *(("toy/dreambooth", "full", key, before) for key, before in (
+                     ("train_text_encoder_ti", "false"), ("num_new_tokens_per_abstraction", "2"),
+                     ("text_encoder_lr", "null"), ("train_text_encoder_ti_frac", "0.5")))]
 for _variant, _shipped, _key, _before in _JOINED_LATER:
     for _arm, (_arm_variant, _overrides) in ARMS.items():
         # the shipped arm and its reruns at another training seed (<shipped>-seedN) follow the variant as shipped
@@ -329,12 +335,36 @@ def cached(run_dir: Path, images_per_prompt: int, sampler: str, steps: int, cuto
     return None
 
 
+# keys a run's saved config.yaml holds filled in for its subject (or its place), not as the arm sets them
+_PER_RUN_KEYS = {"instance_data_dir", "output_dir", "class_data_dir", "instance_prompt", "class_prompt", "initializer_concept",
+                 "resume_from_checkpoint", "overwrite"}
+
+
+def stale_keys(run_dir: Path, variant: str, overrides: list[str]) -> list[str]:
+    """The scalar keys where the run in `run_dir` (its config.yaml) was trained otherwise than `variant` with
+    `overrides` trains now, as "key=saved (now new)": a variant that shipped a change since (toy/dreambooth in
+    session 51) would otherwise have its old runs' scores read as the arm's."""
+    import dataclasses
+
+    from nanobooth.core.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    now = dataclasses.asdict(load_config(variant, overrides))
+    return [f"{k}={saved[k]} (now {v})" for k, v in now.items() if k not in _PER_RUN_KEYS and k in saved
+            and isinstance(v, (int, float, bool, str, type(None))) and saved[k] != v]
+
+
 def score(out: Path, arm: str, seed: int, images_per_prompt: int, base: bool, model: str | None = None,
           sampler: str = "dpm++", steps: int = 15, cutoff: float | None = None) -> dict:
     variant, overrides = ARMS[arm]
     overrides = arm_overrides(arm, seed) + ([f"model={model}"] if model else [])
     subj, run_dir = out / "subjects" / str(seed), out / "runs" / f"{arm}-{seed}"
     scores = run_dir / "toy_eval.json"
+    if stale := stale_keys(run_dir, variant, overrides):
+        sys.exit(f"{run_dir} was trained otherwise than arm {arm} trains now ({', '.join(stale)}): "
+                 f"move it away or pass another --out")
     if (result := cached(run_dir, images_per_prompt, sampler, steps, cutoff)) is not None:
         return result
     if not subj.is_dir():

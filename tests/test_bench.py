@@ -89,3 +89,22 @@ def test_every_aids_toy_arm_is_a_packaged_variant_with_valid_overrides():
             assert got == (float(value) if isinstance(got, float) else value), arm
     # 9101 is an orange/red two-tone ball with a spot
     assert "initializer_concept=orange red two-tone spot" in aids_toy.arm_overrides("lora-prior-ti-words", 9101)
+
+
+def test_aids_toy_refuses_a_run_folder_trained_otherwise_than_its_arm_trains_now(tmp_path):
+    import aids_toy
+    import pytest
+
+    from nanobooth.core.config import load_config, save_config
+
+    run_dir = tmp_path / "runs" / "full-9101"
+    run_dir.mkdir(parents=True)
+    before = aids_toy.arm_overrides("full-ti0", 9101)  # toy/dreambooth before session 51
+    save_config(load_config("toy/dreambooth", before + [f"output_dir={run_dir}", "instance_prompt=a sks ball"]),
+                run_dir / "config.yaml")
+    assert aids_toy.stale_keys(run_dir, "toy/dreambooth", before) == []
+    stale = aids_toy.stale_keys(run_dir, "toy/dreambooth", aids_toy.arm_overrides("full", 9101))
+    assert any(s.startswith("train_text_encoder_ti=False (now True)") for s in stale), stale
+    (run_dir / "toy_eval.json").write_text("{}")  # its scores are not read as the arm's
+    with pytest.raises(SystemExit, match="full-9101 was trained otherwise than arm full trains now"):
+        aids_toy.score(tmp_path, "full", 9101, 8, base=False)
