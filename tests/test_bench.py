@@ -93,7 +93,6 @@ def test_every_aids_toy_arm_is_a_packaged_variant_with_valid_overrides():
 
 def test_aids_toy_refuses_a_run_folder_trained_otherwise_than_its_arm_trains_now(tmp_path):
     import aids_toy
-    import pytest
 
     from nanobooth.core.config import load_config, save_config
 
