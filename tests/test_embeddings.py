@@ -127,7 +127,7 @@ def test_save_then_generate_reproduces_the_trained_pipeline_and_exports_load(fix
         assert torch.equal(rows, trained["clip_l"])
 
 
-def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_model, subject_dir, tmp_path):
+def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_model, subject_dir, tmp_path, caplog):
     from nanobooth.core.train import train
 
     cfg = load_config("dreambooth-lora", train_args(tiny_model, subject_dir, tmp_path / "run", "train_text_encoder_ti=true",
@@ -140,8 +140,10 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     dog = base.tokenizer("dog", add_special_tokens=False).input_ids[0]
     start = base.text_encoder.get_input_embeddings().weight[dog].expand(2, -1)
     assert not torch.equal(load_file(emb)["clip_l"], start)  # they trained away from the class noun's row
-    images = generate(str(tiny_model), PROMPT, weights=run, steps=2)
+    with caplog.at_level("INFO", logger="nanobooth"):
+        images = generate(str(tiny_model), PROMPT, weights=run, steps=2)
     assert len(images) == 1 and images[0].size == (32, 32)
+    assert "new tokens from run_emb.safetensors: 'sks' in every prompt becomes <s0><s1>" in caplog.text  # said, not silent
     # `nanobooth export`: the embedding goes beside the LoRA, in A1111's/ComfyUI's keys or the run's own
     export(run, "kohya", tmp_path / "out" / "subj.safetensors")
     assert load_file(tmp_path / "out" / "subj_emb.safetensors").keys() == {"emb_params"}

@@ -32,3 +32,23 @@ def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
     assert "; lr unet 2.0e-03 / 8.0e-03; LoRA+" in run_summary({"unet": unet}, pairs, TrainConfig(method="lora", loraplus_lr_ratio=4))
     plus = run_summary({"unet": unet}, [{"lr": 2e-3}, {"lr": 8e-3}], TrainConfig(method="lora", loraplus_lr_ratio=4))
     assert plus == "training unet (0.02M parameters) with lora; lr 2.0e-03 / 8.0e-03; LoRA+ (B matrices at 4x)"
+
+
+def test_summary_says_what_the_identifiers_new_tokens_are_and_for_how_long():
+    """newcomer51: toy/dreambooth's pivotal tuning printed as "text_encoder (512 parameters)", with nothing on the new
+    tokens, their start or how long they train (its rows train all the steps, the other variants' the first half)."""
+    rows = torch.nn.Linear(128, 4, bias=False)  # 512 trainable parameters, as four new rows of a 128-wide table
+    unet = torch.nn.Linear(200, 100)
+    groups = [{"lr": 1e-4, "name": "unet"}, {"lr": 1e-3, "name": "text_encoder_ti"}]
+    words = dict(instance_prompt="a photo of a sks ball", class_prompt="a photo of a ball", train_text_encoder_ti=True,
+                 num_new_tokens_per_abstraction=4, initializer_concept="yellow white striped spot")
+    alone = run_summary({"unet": unet, "text_encoder": rows}, groups, TrainConfig(method="full", train_text_encoder_ti_frac=1.0, **words))
+    assert alone.startswith("training unet (0.02M parameters), text_encoder's new tokens (512 parameters) with full; lr unet 1.0e-04, new tokens 1.0e-03; ")
+    assert "; 'sks' becomes <s0><s1><s2><s3> in every prompt, new tokens started from 'yellow white striped spot' and trained all the steps" in alone
+    half = run_summary({"unet": unet, "text_encoder": rows}, groups, TrainConfig(method="lora", train_text_encoder=True, **words))
+    assert "text_encoder (512 parameters)" in half and "trained the first 50% of the steps" in half  # the encoder trains too
+    ti = run_summary({"text_encoder": rows}, [{"lr": 5e-2, "name": "text_encoder_ti"}],
+                     TrainConfig(method="textual_inversion", instance_prompt="a photo of a sks ball",
+                                 class_prompt="a photo of a ball", num_new_tokens_per_abstraction=1))
+    assert ti.endswith("; 'sks' becomes <s0> in every prompt, new tokens started from the class noun and trained all the steps")
+    assert "ball" not in run_summary({"unet": unet}, groups, TrainConfig(method="full", **{**words, "train_text_encoder_ti": False}))

@@ -54,7 +54,7 @@ def test_only_the_new_rows_train_and_the_loss_falls(fixture, request, tmp_path):
     trained = method.trained_modules(c.family, c.unet, c.text_encoders, cfg)
     assert list(trained) == list(c.family.text_encoder_names)  # no UNet
     # the console line counts the new rows alone (2 tokens x width per encoder), not the frozen vocabulary table
-    rows = [f"{n} ({p.numel()} parameters)" for n, p in zip(c.family.text_encoder_names, embeddings.new_params(c.text_encoders))]
+    rows = [f"{n}'s new tokens ({p.numel()} parameters)" for n, p in zip(c.family.text_encoder_names, embeddings.new_params(c.text_encoders))]
     assert all(p.shape[0] == 2 for p in embeddings.new_params(c.text_encoders))
     assert run_summary(trained, groups, cfg).startswith(f"training {', '.join(rows)} with textual_inversion; lr new tokens 5.0e-02")
     init = [p.detach().clone() for p in embeddings.new_params(c.text_encoders)]

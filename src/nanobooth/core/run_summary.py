@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from .config_values import one_identifier
+
 
 def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
     """One line saying what a run trains, for the console before the first step: each trained module's trainable
     parameter count (for textual inversion and pivotal tuning that includes only the new token rows: the old table is
-    frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, and whether the weights are averaged
-    (EMA), the prior preserved and the timesteps restricted (`min_timestep`/`max_timestep`). Users read from it that
-    e.g. a LoRA recipe trains the text encoder too, which its name does not say. `trained`: the method's
+    frozen, embeddings.NewTokenEmbedding), the method, each optimizer group's lr, the identifier's new tokens (pivotal
+    tuning, textual inversion: how many, their start, for how many steps), and whether the weights are averaged (EMA),
+    the prior preserved and the timesteps restricted (`min_timestep`/`max_timestep`). Users read from it that e.g. a
+    LoRA recipe trains the text encoder too, which its name does not say. `trained`: the method's
     `trained_modules` {name: module}; `groups`: its `param_groups` list; `denoiser_name`: the family's name for the
     denoiser, which the methods key `unet` in every family (SD3, FLUX: `transformer`)."""
     def count(m):
@@ -16,8 +19,17 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
         return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
 
     names = {"unet": denoiser_name}
+    if cfg.trains_embeddings and not cfg.train_text_encoder:  # the encoders are frozen: their trained parameters are the rows
+        names.update({te: f"{te}'s new tokens" for te in trained if te.startswith("text_encoder")})
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
              "lr " + _rates(groups, {**names, "text_encoder": "text encoder", "text_encoder_ti": "new tokens"})]
+    if cfg.trains_embeddings:  # newcomer51: what pivotal tuning does was said nowhere before the first step
+        toks = "".join(f"<s{i}>" for i in range(cfg.num_new_tokens_per_abstraction))
+        start = f"'{cfg.initializer_concept}'" if cfg.initializer_concept else "the class noun"
+        frac = 1.0 if cfg.method == "textual_inversion" else cfg.train_text_encoder_ti_frac
+        when = "all the steps" if frac >= 1 else f"the first {frac:.0%} of the steps"
+        parts.append(f"'{one_identifier(cfg) or 'the identifier'}' becomes {toks} in every prompt, new tokens started "
+                     f"from {start} and trained {when}")
     if cfg.loraplus_lr_ratio:  # the lrs above then come in (A, B) pairs
         parts.append(f"LoRA+ (B matrices at {cfg.loraplus_lr_ratio:g}x)")
     if cfg.use_ema:

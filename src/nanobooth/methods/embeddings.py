@@ -21,6 +21,7 @@ A1111/ComfyUI embedding (webui_tensors) beside the LoRA (`emb_params` for SD 1.x
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,8 @@ from ..core.run_folder import EMB_SUFFIX
 ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2: the names A1111, ComfyUI and diffusers' script use
 TI_GROUP = "text_encoder_ti"  # the optimizer group holding the new rows (pivot() finds it by this name)
 TOKEN_MAP = "nanobooth_token_map"  # the pipeline attribute render() rewrites prompts with
+
+log = logging.getLogger("nanobooth")
 
 
 class NewTokenEmbedding(nn.Module):
@@ -236,6 +239,8 @@ def load_into(pipe, path: Path) -> None:
             pipe.load_textual_inversion(tensors[key], token=toks, text_encoder=getattr(pipe, te_name),
                                         tokenizer=getattr(pipe, tok_name))
     setattr(pipe, TOKEN_MAP, tmap)
+    for word, tokens in tmap.items():  # newcomer51: nothing said the run's new tokens were in use
+        log.info("new tokens from %s: '%s' in every prompt becomes %s", path.name, word, tokens)
 
 
 def load_beside(pipe, run_dir):
