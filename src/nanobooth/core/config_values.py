@@ -1,6 +1,6 @@
 """Value checks of config keys: the type check and coercion of a YAML or `key=value` value against a
 TrainConfig field's annotation, the guidance-cutoff fraction (also the type of --guidance-cutoff), and the
-identifier words that instance_prompt and class_prompt imply."""
+identifier words that instance_prompt and class_prompt imply, and the new tokens that stand for the identifier."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def one_identifier(cfg) -> str | None:
     """token_abstraction, else the identifier when identifier_words finds exactly one word; None otherwise (the
     caller refuses or leaves it out: embeddings.identifier, caption_words)."""
     return getattr(cfg, "token_abstraction", None) or (w[0] if len(w := identifier_words(cfg)) == 1 else None)
+
+
+def new_tokens(cfg) -> list[str]:
+    """The identifier's new tokens, diffusers' advanced script's names: ["<s0>", "<s1>", ...], one per
+    num_new_tokens_per_abstraction (pivotal tuning, textual inversion: methods/embeddings.py; the run summary)."""
+    return [f"<s{i}>" for i in range(cfg.num_new_tokens_per_abstraction)]
 
 
 def caption_words(cfg) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config_values import one_identifier
+from .config_values import new_tokens, one_identifier
 
 
 def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
@@ -24,7 +24,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
              "lr " + _rates(groups, {**names, "text_encoder": "text encoder", "text_encoder_ti": "new tokens"})]
     if cfg.trains_embeddings:  # newcomer51: what pivotal tuning does was said nowhere before the first step
-        toks = "".join(f"<s{i}>" for i in range(cfg.num_new_tokens_per_abstraction))
+        toks = "".join(new_tokens(cfg))
         start = f"'{cfg.initializer_concept}'" if cfg.initializer_concept else "the class noun"
         frac = 1.0 if cfg.method == "textual_inversion" else cfg.train_text_encoder_ti_frac
         when = "all the steps" if frac >= 1 else f"the first {frac:.0%} of the steps"

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config_values import identifier_words, one_identifier
+from ..core.config_values import identifier_words, new_tokens, one_identifier
 from ..core.run_folder import EMB_SUFFIX
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2: the names A1111, ComfyUI and diffusers' script use
@@ -69,10 +69,6 @@ def identifier(cfg) -> str:
     extra = identifier_words(cfg)
     raise ConfigError(f"config key 'token_abstraction': instance_prompt '{cfg.instance_prompt}' has {len(extra)} words that "
                       f"class_prompt lacks ({', '.join(extra) or 'none'}); set token_abstraction=<the identifier word>")
-
-
-def new_tokens(cfg) -> list[str]:
-    return [f"<s{i}>" for i in range(cfg.num_new_tokens_per_abstraction)]
 
 
 def token_map(cfg) -> dict[str, str]:
