@@ -228,7 +228,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
                           "up_blocks.3.resnets.1.conv1, up_blocks.3.resnets.1.conv2]"]),
     # session 52: the recipe as shipped with the LoRAs on every timestep again. min_timestep 200 (session 41) was tuned
     # before the words bound the pattern's layout (session 47); the misses left are marks and dots drawn at the wrong size
-    # or as blotches, which the full fine-tunes (every timestep) draw right
+    # or as blotches, which the full fine-tunes (every timestep) draw right. Failed its tuning step (docs/evaluation.md)
     "lora-prior-ti-tmin0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=0",
                             "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
     # the UNet alone at 2e-4 (more identity, fewer scenes in session 46) with the EMA that kept the full + prior

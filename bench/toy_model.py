@@ -8,6 +8,11 @@ composition: metrics.base_model_accuracy on --captions held-out (class, colour, 
 7.5; #24's target: >= 0.9 each). described: metrics.described_subject_accuracy on 40 subjects, 2 images each
 (DPM-Solver++ 15, guidance 4 on the first half, as toy eval samples); its identity tracks what DreamBooth reaches
 on the model (docs/evaluation.md, toy model v5). Seconds are wall time on whatever the machine is doing.
+
+    python bench/toy_model.py toy --captions 0 --subjects 10423 9181 --images-per-subject 16
+
+--subjects reads the described subjects one by one (a row each, after the model's row): which of a DreamBooth set's
+subjects the model draws when told (docs/evaluation.md, "Set Q").
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ def main() -> None:
     p.add_argument("--captions", type=int, default=200, help="held-out captions for the composition reading (0: skip it)")
     p.add_argument("--guidance-cutoff", type=float, default=0.5,
                    help="the described reading's guidance cutoff (toy eval's: 0.5; 1: guidance on every step)")
+    p.add_argument("--subjects", type=int, nargs="+", default=None,
+                   help="toy subject seeds for the described reading, each read alone (default: 40 subjects, 1000-1039)")
+    p.add_argument("--images-per-subject", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the readings here")
     a = p.parse_args()
@@ -36,11 +44,22 @@ def main() -> None:
         t0 = time.perf_counter()
         comp = (metrics.base_model_accuracy(model, n_captions=a.captions) if a.captions
                 else {"class": float("nan"), "colour": float("nan"), "scene": float("nan")})  # 0: skipped
-        desc = metrics.described_subject_accuracy(model, guidance_cutoff=a.guidance_cutoff)
-        rows[model] = {"composition": comp, "described": desc, "seconds": time.perf_counter() - t0}
+        kw = dict(guidance_cutoff=a.guidance_cutoff, images_per_subject=a.images_per_subject)
+        if a.subjects:  # one pipeline for every subject; the model's row is their mean (the same images each)
+            pipe = metrics._pipeline(model)
+            per_subject = {s: metrics.described_subject_accuracy(pipe, subject_seeds=[s], **kw) for s in a.subjects}
+            desc = {k: sum(d[k] for d in per_subject.values()) / len(per_subject)
+                    for k in ("class", "pattern", "mark", "identity")}
+        else:
+            per_subject, desc = {}, metrics.described_subject_accuracy(model, **kw)
+        rows[model] = {"composition": comp, "described": desc, "per_subject": per_subject,
+                       "seconds": time.perf_counter() - t0}
         print(f"| {model} | {comp['class']:.3f} | {comp['colour']:.3f} | {comp['scene']:.3f} | {desc['class']:.3f} | "
               f"{desc['pattern']:.3f} | {desc['mark']:.3f} | {desc['identity']:.3f} | {rows[model]['seconds']:.0f} |",
               flush=True)
+        for seed, d in per_subject.items():
+            print(f"| {model}, subject {seed} | | | | {d['class']:.3f} | {d['pattern']:.3f} | {d['mark']:.3f} | "
+                  f"{d['identity']:.3f} | |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

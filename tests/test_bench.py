@@ -107,3 +107,25 @@ def test_aids_toy_refuses_a_run_folder_trained_otherwise_than_its_arm_trains_now
     (run_dir / "toy_eval.json").write_text("{}")  # its scores are not read as the arm's
     with pytest.raises(SystemExit, match="full-9101 was trained otherwise than arm full trains now"):
         aids_toy.score(tmp_path, "full", 9101, 8, base=False)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "src/nanobooth/assets/toy_model/model_index.json").is_file(),
+                    reason="toy model not shipped")
+def test_toy_model_reads_described_subjects_one_by_one_and_their_mean(tmp_path, monkeypatch):
+    import json
+
+    import toy_model
+
+    from nanobooth.toy import metrics
+
+    out = tmp_path / "readings.json"
+    monkeypatch.setattr(sys, "argv", ["toy_model.py", "toy", "--captions", "0", "--subjects", "10423", "9181",
+                                      "--images-per-subject", "2", "--json", str(out)])
+    toy_model.main()
+    row = json.loads(out.read_text())["toy"]
+    per = row["per_subject"]
+    assert sorted(per) == ["10423", "9181"]
+    for k in ("class", "pattern", "mark", "identity"):
+        assert row["described"][k] == pytest.approx((per["10423"][k] + per["9181"][k]) / 2)
+    alone = metrics.described_subject_accuracy("toy", subject_seeds=[10423], images_per_subject=2)
+    assert {k: per["10423"][k] for k in ("class", "pattern", "mark")} == {k: alone[k] for k in ("class", "pattern", "mark")}
