@@ -23,6 +23,7 @@ import time
 import torch
 
 from nanobooth.toy import metrics
+from nanobooth.toy.probe import load_probe
 
 
 def main() -> None:
@@ -39,19 +40,19 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     rows = {}
+    probe = load_probe()
     print("| model | class | colour | scene | described class | pattern | mark | identity | seconds |\n" + "|---" * 9 + "|")
     for model in a.models:
         t0 = time.perf_counter()
-        comp = (metrics.base_model_accuracy(model, n_captions=a.captions) if a.captions
+        pipe = metrics._pipeline(model)  # loaded once for every reading of it (each sampler is set on a copy)
+        comp = (metrics.base_model_accuracy(pipe, n_captions=a.captions, probe=probe) if a.captions
                 else {"class": float("nan"), "colour": float("nan"), "scene": float("nan")})  # 0: skipped
-        kw = dict(guidance_cutoff=a.guidance_cutoff, images_per_subject=a.images_per_subject)
-        if a.subjects:  # one pipeline for every subject; the model's row is their mean (the same images each)
-            pipe = metrics._pipeline(model)
+        kw = dict(guidance_cutoff=a.guidance_cutoff, images_per_subject=a.images_per_subject, probe=probe)
+        if a.subjects:  # the model's row is the subjects' mean (the same number of images each)
             per_subject = {s: metrics.described_subject_accuracy(pipe, subject_seeds=[s], **kw) for s in a.subjects}
-            desc = {k: sum(d[k] for d in per_subject.values()) / len(per_subject)
-                    for k in ("class", "pattern", "mark", "identity")}
+            desc = {k: sum(d[k] for d in per_subject.values()) / len(per_subject) for k in (*metrics.IDENTITY, "identity")}
         else:
-            per_subject, desc = {}, metrics.described_subject_accuracy(model, **kw)
+            per_subject, desc = {}, metrics.described_subject_accuracy(pipe, **kw)
         rows[model] = {"composition": comp, "described": desc, "per_subject": per_subject,
                        "seconds": time.perf_counter() - t0}
         print(f"| {model} | {comp['class']:.3f} | {comp['colour']:.3f} | {comp['scene']:.3f} | {desc['class']:.3f} | "
