@@ -364,6 +364,12 @@ class TrainConfig:
         return self.train_text_encoder_ti or self.method == "textual_inversion"
 
     @property
+    def new_tokens_frac(self) -> float:
+        """Fraction of max_train_steps the new token rows train: train_text_encoder_ti_frac with pivotal tuning
+        (diffusers' pivot), all of them with method=textual_inversion (the rows are all that trains)."""
+        return 1.0 if self.method == "textual_inversion" else self.train_text_encoder_ti_frac
+
+    @property
     def effective_lora_alpha(self) -> float:
         return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 

@@ -26,7 +26,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     if cfg.trains_embeddings:  # newcomer51: what pivotal tuning does was said nowhere before the first step
         toks = "".join(new_tokens(cfg))
         start = f"'{cfg.initializer_concept}'" if cfg.initializer_concept else "the class noun"
-        frac = 1.0 if cfg.method == "textual_inversion" else cfg.train_text_encoder_ti_frac
+        frac = cfg.new_tokens_frac
         when = "all the steps" if frac >= 1 else f"the first {frac:.0%} of the steps"
         parts.append(f"'{one_identifier(cfg) or 'the identifier'}' becomes {toks} in every prompt, new tokens started "
                      f"from {start} and trained {when}")

@@ -359,8 +359,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(clipped, cfg.max_grad_norm)
-                if cfg.train_text_encoder_ti and cfg.method != "textual_inversion":  # TI: the rows are all that trains
-                    embeddings.pivot(optimizer, step, cfg)  # the new rows stop after train_text_encoder_ti_frac
+                if cfg.trains_embeddings:
+                    embeddings.pivot(optimizer, step, cfg)  # the new rows stop after cfg.new_tokens_frac of the steps
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             sums["loss"] += loss_v / cfg.gradient_accumulation_steps

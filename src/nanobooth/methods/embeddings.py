@@ -171,9 +171,9 @@ def param_group(text_encoders: list, cfg, scale: float) -> dict:
 
 
 def pivot(optimizer, step: int, cfg) -> None:
-    """From step int(train_text_encoder_ti_frac * max_train_steps) on, the new rows stop training (lr 0; the
-    LR scheduler sets it back after each step, so this runs before every optimizer step)."""
-    if step >= int(cfg.train_text_encoder_ti_frac * cfg.max_train_steps):
+    """From step int(new_tokens_frac * max_train_steps) on, the new rows stop training (lr 0; the LR scheduler
+    sets it back after each step, so this runs before every optimizer step). Textual inversion's rows train to the end."""
+    if step >= int(cfg.new_tokens_frac * cfg.max_train_steps):
         for g in optimizer.param_groups:
             if g.get("name") == TI_GROUP:
                 g["lr"] = 0.0
