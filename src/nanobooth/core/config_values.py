@@ -1,12 +1,17 @@
 """Value checks of config keys: the type check and coercion of a YAML or `key=value` value against a
 TrainConfig field's annotation, the guidance-cutoff fraction (also the type of --guidance-cutoff), and the
-identifier words that instance_prompt and class_prompt imply, and the new tokens that stand for the identifier."""
+identifier words that instance_prompt and class_prompt imply, and the new tokens that stand for the identifier (and the
+optimizer group that trains them)."""
 
 from __future__ import annotations
 
 import argparse
 import typing
 from typing import Literal
+
+# The optimizer group holding the new token rows (pivotal tuning, textual inversion): the methods name their group so,
+# the pivot finds it by this name and the run summary labels it "new tokens"
+TI_GROUP = "text_encoder_ti"
 
 
 def _is_guidance_fraction(value: float) -> bool:

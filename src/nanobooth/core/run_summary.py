@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config_values import new_tokens, one_identifier
+from .config_values import TI_GROUP, new_tokens, one_identifier
 
 
 def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
@@ -22,7 +22,7 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     if cfg.trains_embeddings and not cfg.train_text_encoder:  # the encoders are frozen: their trained parameters are the rows
         names.update({te: f"{te}'s new tokens" for te in trained if te.startswith("text_encoder")})
     parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
-             "lr " + _rates(groups, {**names, "text_encoder": "text encoder", "text_encoder_ti": "new tokens"})]
+             "lr " + _rates(groups, {**names, "text_encoder": "text encoder", TI_GROUP: "new tokens"})]
     if cfg.trains_embeddings:  # newcomer51: what pivotal tuning does was said nowhere before the first step
         toks = "".join(new_tokens(cfg))
         start = f"'{cfg.initializer_concept}'" if cfg.initializer_concept else "the class noun"

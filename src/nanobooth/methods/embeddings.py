@@ -29,11 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.config_values import identifier_words, new_tokens, one_identifier
+from ..core.config_values import TI_GROUP, identifier_words, new_tokens, one_identifier
 from ..core.run_folder import EMB_SUFFIX
 
 ENCODER_KEYS = ("clip_l", "clip_g")  # text_encoder, text_encoder_2: the names A1111, ComfyUI and diffusers' script use
-TI_GROUP = "text_encoder_ti"  # the optimizer group holding the new rows (pivot() finds it by this name)
 TOKEN_MAP = "nanobooth_token_map"  # the pipeline attribute render() rewrites prompts with
 
 log = logging.getLogger("nanobooth")
