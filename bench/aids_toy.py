@@ -231,6 +231,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     # or as blotches, which the full fine-tunes (every timestep) draw right. Failed its tuning step (docs/evaluation.md)
     "lora-prior-ti-tmin0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=0",
                             "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
+    # session 54: the recipe as shipped publishing the EMA of its trained weights (adapters, text-encoder LoRA, new rows):
+    # are the blotched dots of its floor subjects the last steps' weight noise at 2e-3? (docs/evaluation.md)
+    "lora-prior-ema": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
+                       "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4",
+                       "use_ema=true"]),
     # the UNet alone at 2e-4 (more identity, fewer scenes in session 46) with the EMA that kept the full + prior
     # variant's scenes (session 29), and the rows at 1e-3
     "full-ti-words-lr2e4-ema": ("toy/dreambooth", ["train_text_encoder_ti=true", "initializer_concept={words}",
