@@ -232,7 +232,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     "lora-prior-ti-tmin0": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=0",
                             "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4"]),
     # session 54: the recipe as shipped publishing the EMA of its trained weights (adapters, text-encoder LoRA, new rows):
-    # are the blotched dots of its floor subjects the last steps' weight noise at 2e-3? (docs/evaluation.md)
+    # are the blotched dots of its floor subjects the last steps' weight noise at 2e-3? No: failed step 1 (docs/evaluation.md)
     "lora-prior-ema": ("toy/dreambooth-lora-prior-pre", ["train_text_encoder=true", "min_timestep=200",
                        "train_text_encoder_ti=true", "initializer_concept={words}", "num_new_tokens_per_abstraction=4",
                        "use_ema=true"]),
