@@ -306,7 +306,7 @@ def test_demo_says_what_it_will_do_before_it_starts(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(train, "train", interrupted)
     assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 130
     out = capsys.readouterr().out
-    assert "demo: a new toy subject" in out and "demo: about 2 min on this machine" in out
+    assert "demo: toy subject 0 (--seed N draws another)" in out and "demo: about 2 min on this machine" in out
 
 
 def test_output_piped_into_head_ends_without_a_traceback():
@@ -336,6 +336,8 @@ def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_s
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("someone else's")
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "partial").mkdir()  # a run stopped before its first checkpoint: its log, no result
+    (tmp_path / "partial" / "train_log.jsonl").write_text(json.dumps({"step": 3, "loss": 0.1}) + "\n")
     # a run of the same config but lora_rank=8, prompts filled from subject.json as train fills them
     prev = tmp_path / "prev"
     prev.mkdir()
@@ -344,11 +346,13 @@ def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_s
     save_config(saved, prev / "config.yaml")
     base = ["train", "toy/dreambooth", f"instance_data_dir={toy_subject}"]
     results = run_probe([[*base, "output_dir=full"], [*base, f"output_dir={prev}", "resume_from_checkpoint=latest"],
-                         [*base, "output_dir=afile"], [*base, "resolution=100"]], tmp_path)
+                         [*base, "output_dir=afile"], [*base, "resolution=100"], [*base, "output_dir=partial"]], tmp_path)
     for r in results:
         assert r["rc"] == 2 and r["heavy"] == [], r
-    full, resumed, afile, resolution = (r["err"][0] for r in results)
-    assert "output_dir 'full' is not empty" in full and "resume_from_checkpoint=latest" in full
+    full, resumed, afile, resolution, partial = (r["err"][0] for r in results)
+    # a folder of other files has nothing to resume: the line does not offer it (newcomer54)
+    assert "output_dir 'full' holds other files and no nanobooth run" in full and "resume" not in full
+    assert "output_dir 'partial' is not empty" in partial and "resume_from_checkpoint=latest" in partial
     # the key that differs, with both values; not the prompts (the CLI fills them from subject.json first)
     assert "different config" in resumed and "lora_rank: 8 there, 4 now" in resumed and "instance_prompt" not in resumed
     assert "output_dir 'afile' is a file" in afile
@@ -484,3 +488,48 @@ def test_ui_without_gradio_is_one_line_naming_the_extra_and_makes_no_workspace(t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and '.[ui]' in err and "gradio" in err and "Traceback" not in err
     assert not ws.exists()
+
+
+def test_ui_port_taken_or_invalid_is_one_line_and_makes_no_workspace(tmp_path, capsys):
+    """A second `nanobooth ui` on the same port, or a port that is not one, was gradio's traceback (newcomer54)."""
+    import socket
+
+    pytest.importorskip("gradio")
+    ws = tmp_path / "booth"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["ui", "--workspace", str(ws), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--port {port}: 127.0.0.1:{port} cannot be used" in err
+    assert f"--port {port + 1}" in err and not ws.exists()
+    for bad in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["ui", "--workspace", str(ws), "--port", bad])
+        assert e.value.code == 2
+        assert "is not a port number (1-65535)" in capsys.readouterr().err
+    assert not ws.exists()
+
+
+def test_bare_train_says_what_it_needs_and_demo_seed_picks_the_subject(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a variant or a YAML file" in err and "required" not in err  # the overrides are optional
+    from nanobooth import demo
+    from nanobooth.core import train
+
+    monkeypatch.setattr(demo, "speed", lambda *a: (0.02, 0.2))
+    monkeypatch.setattr(train, "train", lambda cfg: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--seed", "7"]) == 130
+    assert "demo: toy subject 7" in capsys.readouterr().out
+    assert json.loads((tmp_path / "demo" / "subject" / "subject.json").read_text())["seed"] == 7
+
+
+def test_unknown_model_name_suggests_the_built_in_one():
+    from nanobooth.core.models import ModelError, _check_path
+
+    with pytest.raises(ModelError, match=r"model 'toyy': .*did you mean 'toy'\? built-in names: toy, toy-flux, tiny"):
+        _check_path("toyy", False)

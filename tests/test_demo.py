@@ -58,6 +58,8 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert "4 class images, 4 LoRA steps on the denoiser and the text encoder" in out
     from nanobooth.toy import world  # pivotal tuning from the subject's words, which its subject.json names
     assert f"sks as new tokens from '{world.look_words(world.make_subject(0))}'" in out
+    # step 0's grid already draws the words, so it is not called the base model (newcomer54); the sheet's base rows are
+    assert f"sample grid before training (sks already the words '{world.look_words(world.make_subject(0))}')" in out
     assert (run / "run_emb.safetensors").is_file()
     # toy eval's default on the UNet: 15 DPM-Solver++ steps (toy/evaluate.EVAL_STEPS), as the demo's estimate counts
     assert (res["settings"]["sampler"], res["settings"]["steps"]) == ("dpm++", 15)

@@ -64,6 +64,50 @@ def test_missing_path_and_offline_hub_id_are_one_line(tmp_path):
     assert "\n" not in str(e.value) and "nobody-at-all/no-such-model-xyz" in str(e.value)
 
 
+def test_an_unreachable_hub_is_named_at_once_and_a_cached_model_still_loads(tiny_model, tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE: the hub client retried for about 30 s and then blamed the id (newcomer54).
+    Now an uncached id fails at once naming the hub, and a cached one loads from the cache alone."""
+    import shutil
+    import time
+
+    from huggingface_hub import constants
+
+    from nanobooth.core import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelError) as e:
+        load_pipeline("someone/not-cached")
+    assert time.perf_counter() - start < 5  # no retries
+    assert "cannot be reached (no network?) and the model is not in the hub cache" in str(e.value)
+    assert "\n" not in str(e.value) and "check the id" not in str(e.value)
+    # the hub cache's own layout (huggingface_hub): refs/main names the snapshot folder that holds the files
+    repo = tmp_path / "hub" / "models--someone--cached"
+    shutil.copytree(tiny_model, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    pipe = load_pipeline("someone/cached")
+    assert pipe.unet.config.sample_size == 16
+
+
+def test_hub_reachable_defers_to_a_proxy(monkeypatch):
+    import socket
+
+    from nanobooth.core import models
+
+    def no_network(*a, **k):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    assert models.hub_reachable() is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # the proxy decides: the hub client tries
+    assert models.hub_reachable() is True
+
+
 def test_single_file_without_config_offline_explains(tmp_path):
     f = tmp_path / "m.safetensors"
     save_file({"x": torch.zeros(1)}, f)

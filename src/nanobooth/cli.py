@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 
@@ -38,9 +39,13 @@ def _setup_logging() -> None:
     # hides the torchvision-missing chatter; set by environment so neither library is imported here
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    for lib in ("transformers", "diffusers"):
+    # the hub client's retry lines printed twice (its own handler, then ours); a load that fails says why in one line
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    for lib in ("transformers", "diffusers", "huggingface_hub"):
         if lib in sys.modules:  # already imported (a caller's own import): the variable came too late
-            sys.modules[lib].utils.logging.set_verbosity_error()
+            importlib.import_module(f"{lib}.utils.logging").set_verbosity_error()
+    # diffusers (0.42) still passes hf_hub_download an argument the hub client deprecated: not the user's to fix
+    warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
     # bitsandbytes (the quant extra) logs a CPU-kernel notice on import, whichever method the run uses
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
@@ -121,15 +126,48 @@ def cmd_demo(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .demo import demo
 
-    demo(args.out, args.steps, threads=args.threads, num_class_images=args.num_class_images, model=args.model)
+    demo(args.out, args.steps, subject_seed=args.seed, threads=args.threads, num_class_images=args.num_class_images,
+         model=args.model)
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: an int in 1-65535 (argparse turns the error into its one usage line)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ConfigError naming --host/--port when the page could not bind there (taken by another `nanobooth ui`,
+    or a host this machine does not have), before the workspace is made; gradio's own error is a traceback."""
+    import socket
+
+    from .core.errors import ConfigError
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror:
+        raise ConfigError(f"--host {host}: not an address of this machine; pass --host 127.0.0.1 (the default)") from None
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--port {port}: {host}:{port} cannot be used ({e.strerror or e}; another `nanobooth ui` "
+                              f"may be running there); pass another, e.g. --port {port + 1 if port < 65535 else 7860}") from None
 
 
 def cmd_ui(args) -> None:
-    if importlib.util.find_spec("gradio") is None:  # checked before the workspace's folders are made
-        from .core.errors import ConfigError
+    from .core.errors import ConfigError
 
+    if importlib.util.find_spec("gradio") is None:  # checked before the workspace's folders are made
         raise ConfigError('nanobooth ui needs gradio, which this environment lacks: pip install -e ".[ui]" in a '
                           'clone (pip install "nanobooth[ui]" otherwise), then run it again')
+    check_port_free(args.host, args.port)
     from .ui.app import serve
 
     serve(args.workspace, host=args.host, port=args.port, share=args.share)
@@ -163,9 +201,12 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                        description="Train CONFIG (a packaged variant or a YAML path), overriding keys with key=value "
                                    "(values parse as YAML: validation_prompts='[\"a sks dog\"]', lora_rank=8).",
                        epilog="variants: " + ", ".join(variant_names()) + "\n\n" + keys)
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
-    t.set_defaults(func=cmd_train)
+    # optional to argparse, so a bare `nanobooth train` gets the line below rather than "required: config, key=value"
+    # (argparse lists a nargs="*" positional as required too)
+    t.add_argument("config", nargs="?", help="a packaged variant (nanobooth config list) or a YAML file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="optional: config keys to change")
+    t.set_defaults(func=cmd_train, missing_config="nanobooth train needs a variant or a YAML file: nanobooth train "
+                   "toy/dreambooth-lora-prior-pre instance_data_dir=PHOTOS (nanobooth config list names the variants)")
 
     g = sub.add_parser("generate", help="render images from a base model and a run")
     g.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, or a built-in name: "
@@ -193,10 +234,13 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("config", help="list variants or show a resolved config")
+    c = sub.add_parser("config", help="list variants or show a resolved config",
+                       description="`config list`: the packaged variants. `config show VARIANT [key=value ...]`: every key "
+                       "of that variant as it would train, overrides applied (a YAML file works too). `config show` "
+                       "alone: every key with its default and meaning.")
     c.add_argument("action", choices=["show", "list"])
-    c.add_argument("variant", nargs="?")
-    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("variant", nargs="?", help="with show: a packaged variant or a YAML file")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="with show: config keys to change")
     c.set_defaults(func=cmd_config)
 
     d = sub.add_parser("demo", help="the main job: DreamBooth on the embedded toy model, before/after grids",
@@ -210,14 +254,18 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps (default 300)")
     d.add_argument("--num-class-images", type=int, default=None,
                    help="override the recipe's num_class_images (prior-preservation class images; default 50)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="which toy subject (default 0, the one the README shows; any other draws another subject)")
     d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
                    help="the toy model: toy (UNet, the default) or toy-flux (its FLUX-shaped twin)")
     d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
 
-    u = sub.add_parser("ui", help="the whole workflow in a local browser page (needs gradio: pip install nanobooth[ui])")
-    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    u.add_argument("--port", type=int, default=7860)
+    u = sub.add_parser("ui", help="the whole workflow in a local browser page (needs gradio: pip install nanobooth[ui])",
+                       description="Serve nanobooth's page (photos, training, samples, evaluation, exports) at "
+                       "http://HOST:PORT until Ctrl-C. It reads and writes only under --workspace.")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    u.add_argument("--port", type=port_number, default=7860, help="port to serve on (default 7860)")
     u.add_argument("--workspace", default="nanobooth-workspace",
                    help="folder for subjects, runs and exports; nothing outside it is read or written")
     u.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
@@ -255,6 +303,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args, extra = parser.parse_known_args(argv)
     if extra:  # argparse's own error would print the top-level usage; the command's own is the useful one
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "missing_config", None) and args.config is None:
+        _command_parser(parser, args).error(args.missing_config)
     return args
 
 

@@ -1,6 +1,6 @@
 """`nanobooth demo`: the README's main job. The whole DreamBooth loop on the embedded default model, on a CPU.
 
-Writes a fresh toy-world subject, trains `toy/dreambooth-lora-prior-pre` on it with the embedded toy
+Writes a toy-world subject (seed 0 unless asked for another), trains `toy/dreambooth-lora-prior-pre` on it with the embedded toy
 model (`--model toy-flux`: `toy-flux/dreambooth-lora-prior-pre` on the FLUX twin), writes before/after sample grids and scores the run and the base model (`toy_eval.json`, and
 `toy_eval.png`: base vs tuned side by side, prompt by prompt).
 """
@@ -105,7 +105,7 @@ def speed(cfg: TrainConfig, sample_batch: int = 8, repeats: int = 3) -> tuple[fl
 
 
 def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
-         variant: str = "toy/dreambooth-lora-prior-pre") -> str:
+         variant: str = "toy/dreambooth-lora-prior-pre", subject: str = "a toy subject") -> str:
     """What the demo will do and roughly how long each part takes at `per_forward` s per denoiser forward and
     `per_step` s per training step (`speed`)."""
     phases = {"training": cfg.max_train_steps * per_step,
@@ -115,7 +115,7 @@ def plan(cfg: TrainConfig, n_scenes: int, per_forward: float, per_step: float,
     on = " on the denoiser and the text encoder" if cfg.train_text_encoder else ""
     if cfg.trains_embeddings and cfg.initializer_concept:  # pivotal tuning from the subject's words (subject.json)
         on += f", sks as new tokens from '{cfg.initializer_concept}'"
-    lines = [f"demo: a new toy subject, {prior}{cfg.max_train_steps} LoRA step{'' if cfg.max_train_steps == 1 else 's'}{on} ({variant}), "
+    lines = [f"demo: {subject}, {prior}{cfg.max_train_steps} LoRA step{'' if cfg.max_train_steps == 1 else 's'}{on} ({variant}), "
              "before/after grids, then toy eval (base vs tuned).",
              f"demo: about {_minutes(total)} on this machine now ("
              + ", ".join(f"{k} ~{_minutes(v)}" for k, v in phases.items())
@@ -170,7 +170,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     meta = read_subject_meta(subject)
     planned = dataclasses.replace(cfg, **{k: getattr(cfg, k) or meta.get(k) for k in ("instance_prompt", "class_prompt")},
                                   initializer_concept=subject_initializer(cfg, meta) or cfg.initializer_concept)
-    print(plan(planned, len(world.SCENES), *speed(planned), variant), flush=True)
+    print(plan(planned, len(world.SCENES), *speed(planned), variant,
+               subject=f"toy subject {subject_seed} (--seed N draws another)"), flush=True)
     run_dir = train(cfg)
     toy_eval(run_dir)
     from .core.run_folder import SAMPLES, TOY_EVAL
@@ -182,7 +183,9 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     if sheet.is_file():
         print(f"base vs tuned, prompt by prompt: {sheet}")
     if samples:
-        print(f"before: {samples[0]}\nafter:  {samples[-1]}")
+        # with pivotal tuning sks starts from the subject's words, so step 0 is not the base model: the sheet's base rows are
+        words = f" (sks already the words '{planned.initializer_concept}')" if planned.trains_embeddings and planned.initializer_concept else ""
+        print(f"sample grid before training{words}: {samples[0]}\nsample grid after training: {samples[-1]}")
     if scores.is_file():
         print(f"scores: {scores}")
     if model in EXPECT:

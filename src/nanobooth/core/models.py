@@ -89,7 +89,14 @@ def _check_path(model: str, allow_pickle: bool) -> str:
             raise ModelError(f"model '{model}': not a checkpoint file (expected .safetensors); pass a diffusers folder, a .safetensors checkpoint or a hub id")
         return "file"
     if model.startswith((".", "/", "~")) or model.endswith(SINGLE_FILE_EXTS) or model.count("/") != 1:
-        raise ModelError(f"model '{model}': no such file or folder, and not a hub id (owner/name)")
+        import difflib
+
+        from .builtin_models import PIPELINES
+
+        near = difflib.get_close_matches(model, list(PIPELINES), n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ModelError(f"model '{model}': no such file or folder, and not a hub id (owner/name); {hint}built-in "
+                         f"names: {', '.join(PIPELINES)}")
     return "hub"
 
 
@@ -97,8 +104,9 @@ def _one_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def pipeline_class_name(model: str, kind: str, revision: str | None, single_file_config: str | None) -> str:
-    """Which pipeline a model is, without loading its weights."""
+def pipeline_class_name(model: str, kind: str, revision: str | None, single_file_config: str | None,
+                        files_only: bool = False) -> str:
+    """Which pipeline a model is, without loading its weights (files_only: from the hub cache alone)."""
     import json
 
     if kind == "folder":
@@ -107,7 +115,7 @@ def pipeline_class_name(model: str, kind: str, revision: str | None, single_file
     if kind == "hub":
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.load_config(model, revision=revision)["_class_name"]
+        return DiffusionPipeline.load_config(model, revision=revision, local_files_only=files_only)["_class_name"]
     if single_file_config:
         return pipeline_class_name(single_file_config, _check_path(single_file_config, False), None, None)
     from safetensors import safe_open
@@ -123,6 +131,42 @@ def pipeline_class_name(model: str, kind: str, revision: str | None, single_file
     return "StableDiffusionPipeline"
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint (HF_ENDPOINT, default huggingface.co:443). True behind a proxy
+    (HTTPS_PROXY/ALL_PROXY set): the proxy decides, so the hub client tries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_files_only(model: str, revision: str | None) -> bool:
+    """Whether a hub id loads from the hub cache alone (local_files_only): HF_HUB_OFFLINE=1, or the hub cannot be
+    reached and the model is cached. Uncached and unreachable raises a ModelError saying so: the hub client would
+    retry for about 30 s and then report the model's model_index.json missing, which reads as a wrong id."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if hub_reachable():
+        return False
+    if not isinstance(try_to_load_from_cache(model, "model_index.json", revision=revision), str):
+        raise ModelError(f"model '{model}': {constants.ENDPOINT} cannot be reached (no network?) and the model is not in "
+                         "the hub cache; load it once on a machine that is online (it is cached then), or pass a local "
+                         "diffusers folder or .safetensors file")
+    log.info("%s cannot be reached: model %s loads from the hub cache", constants.ENDPOINT, model)
+    return True
+
+
 def load_pipeline(model: str, revision: str | None = None, single_file_config: str | None = None,
                   allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """An SD or SDXL pipeline without safety checker, from any way a user names a model."""
@@ -130,8 +174,9 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
 
     model = resolve_model(model)
     kind = _check_path(model, allow_pickle)
+    files_only = kind == "hub" and hub_files_only(model, revision)
     try:
-        name = pipeline_class_name(model, kind, revision, single_file_config)
+        name = pipeline_class_name(model, kind, revision, single_file_config, files_only)
         try:
             fam = family_for(name)
         except ValueError:
@@ -146,7 +191,7 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
             kwargs = dict(config=single_file_config) if single_file_config else {}
             pipe = cls.from_single_file(model, **kwargs, **common)
         else:
-            pipe = cls.from_pretrained(model, revision=revision, **common)
+            pipe = cls.from_pretrained(model, revision=revision, **({"local_files_only": True} if files_only else {}), **common)
     except ModelError:
         raise
     except Exception as e:  # diffusers/hub raise many types; the user needs one line, not a traceback

@@ -254,6 +254,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
             raise ConfigError(f"output_dir '{run_dir}' holds a run finished at step {done}: pass another output_dir, "
                               f"overwrite=true to replace it, or resume_from_checkpoint=latest with max_train_steps above "
                               f"{done} to train it on")
+        if not ((run_dir / CONFIG).is_file() or (run_dir / TRAIN_LOG).is_file() or list_checkpoints(run_dir)):
+            # nothing to resume: say what overwrite=true does to a folder of someone else's files
+            raise ConfigError(f"output_dir '{run_dir}' holds other files and no nanobooth run: pass a new or empty "
+                              "output_dir (overwrite=true would write the run beside those files)")
         raise ConfigError(f"output_dir '{run_dir}' is not empty: pass resume_from_checkpoint=latest to continue it, "
                           "overwrite=true to reuse it, or another output_dir")
     saved = load_run_config(run_dir)

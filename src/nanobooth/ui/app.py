@@ -359,6 +359,11 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, share: bool
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup requests are not the user's news
     page = build(ws)
     page.queue(default_concurrency_limit=2)
-    _, url, _ = page.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ws.root)],
-                            max_file_size="20mb", prevent_thread_lock=not block, show_error=True, quiet=not block)
+    # quiet: gradio's own lines name its Python API ("set `share=True` in `launch()`"); ours name the CLI's flags
+    _, url, share_url = page.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ws.root)],
+                                    max_file_size="20mb", prevent_thread_lock=True, show_error=True, quiet=True)
+    if block:
+        print(f"nanobooth ui: open {url} (workspace {ws.root}; Ctrl-C stops it)"
+              + (f"; public link {share_url}" if share_url else "; --share for a public link"), flush=True)
+        page.block_thread()
     return page, url
