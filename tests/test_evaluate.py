@@ -185,6 +185,30 @@ def test_metric_models_refuse_what_cannot_load(tmp_path, monkeypatch):
         M.load_backends("toy", "", None)
 
 
+def test_metric_models_off_the_hub_name_it_at_once(metric_models, tmp_path, monkeypatch):
+    """No network and no HF_HUB_OFFLINE: an uncached DINO is one line naming --dino and the hub at once (the hub
+    client retried for about 30 s first); a cached one loads from the cache (newcomer54)."""
+    import shutil
+    import time
+
+    from huggingface_hub import constants
+
+    from nanobooth.core import models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match="--dino 'someone/dino': .* cannot be reached .* not in the hub cache"):
+        M.DinoBackend("someone/dino")
+    assert time.perf_counter() - start < 5
+    repo = tmp_path / "hub" / "models--someone--dino"  # huggingface_hub's cache layout
+    shutil.copytree(metric_models / "dino", repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert M.DinoBackend("someone/dino").model.config.image_size > 0
+
+
 # ------------------------------------------------------------------ command lines, end to end on the tiny SD model
 def test_eval_cli_end_to_end(lora_run, tiny_model, subject_dir, metric_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"

@@ -81,7 +81,7 @@ def test_an_unreachable_hub_is_named_at_once_and_a_cached_model_still_loads(tiny
     with pytest.raises(ModelError) as e:
         load_pipeline("someone/not-cached")
     assert time.perf_counter() - start < 5  # no retries
-    assert "cannot be reached (no network?) and the model is not in the hub cache" in str(e.value)
+    assert "model 'someone/not-cached': https://huggingface.co cannot be reached (no network?) and it is not in the hub cache" in str(e.value)
     assert "\n" not in str(e.value) and "check the id" not in str(e.value)
     # the hub cache's own layout (huggingface_hub): refs/main names the snapshot folder that holds the files
     repo = tmp_path / "hub" / "models--someone--cached"

@@ -149,21 +149,21 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def hub_files_only(model: str, revision: str | None) -> bool:
-    """Whether a hub id loads from the hub cache alone (local_files_only): HF_HUB_OFFLINE=1, or the hub cannot be
-    reached and the model is cached. Uncached and unreachable raises a ModelError saying so: the hub client would
-    retry for about 30 s and then report the model's model_index.json missing, which reads as a wrong id."""
+def hub_files_only(repo: str, revision: str | None, index: str = "model_index.json", what: str = "model",
+                   local: str = "diffusers folder or .safetensors file") -> bool:
+    """Whether a hub repo loads from the hub cache alone (local_files_only): HF_HUB_OFFLINE=1, or the hub cannot be
+    reached and the repo's `index` file is cached. Uncached and unreachable raises a ModelError naming `what` and the
+    hub: the hub client would retry for about 30 s and then report `index` missing, which reads as a wrong id."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if constants.HF_HUB_OFFLINE:
         return True
     if hub_reachable():
         return False
-    if not isinstance(try_to_load_from_cache(model, "model_index.json", revision=revision), str):
-        raise ModelError(f"model '{model}': {constants.ENDPOINT} cannot be reached (no network?) and the model is not in "
-                         "the hub cache; load it once on a machine that is online (it is cached then), or pass a local "
-                         "diffusers folder or .safetensors file")
-    log.info("%s cannot be reached: model %s loads from the hub cache", constants.ENDPOINT, model)
+    if not isinstance(try_to_load_from_cache(repo, index, revision=revision), str):
+        raise ModelError((f"{what} " if what else "") + f"'{repo}': {constants.ENDPOINT} cannot be reached (no network?) and it is not in the "
+                         f"hub cache; load it once on a machine that is online (it is cached then), or pass a local {local}")
+    log.info("%s cannot be reached: %s %s loads from the hub cache", constants.ENDPOINT, what, repo)
     return True
 
 

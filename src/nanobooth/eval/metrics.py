@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..core.models import ModelError
+from ..core.models import ModelError, hub_files_only
 
 log = logging.getLogger("nanobooth")
 
@@ -134,17 +134,25 @@ def preprocess(images: list[Image.Image], size: int, mean_std, resample=Image.Re
     return (x - m) / s
 
 
-def _image_settings(src: str, revision: str | None, default) -> tuple:
+def _image_settings(src: str, revision: str | None, default, files_only: bool = False) -> tuple:
     """The model's own normalisation (preprocessor_config.json), else the family default."""
     from transformers.image_processing_base import ImageProcessingMixin
 
     try:
-        cfg, _ = ImageProcessingMixin.get_image_processor_dict(src, revision=revision)
+        cfg, _ = ImageProcessingMixin.get_image_processor_dict(src, revision=revision, local_files_only=files_only)
     except OSError:
         log.info("%s: no preprocessor_config.json; normalising with the standard mean/std", src)
         return default, Image.Resampling.BICUBIC
     mean_std = (cfg.get("image_mean", default[0]), cfg.get("image_std", default[1]))
     return mean_std, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
+
+
+def _files_only(src: str, revision: str | None = None, flag: str | None = None) -> bool:
+    """A hub id loads from the hub cache alone when the hub cannot be reached (models.hub_files_only, which raises a
+    ModelError naming `flag` when it is not cached either); a local folder is never looked up."""
+    if Path(src).expanduser().exists() or src.count("/") != 1:
+        return False
+    return hub_files_only(src, revision, "config.json", flag or "", "folder")
 
 
 def _load(cls, src: str, revision: str | None, flag: str | None, **kw):
@@ -156,7 +164,7 @@ def _load(cls, src: str, revision: str | None, flag: str | None, **kw):
     err = None
     for rev in tries:
         try:
-            model = cls.from_pretrained(src, revision=rev, use_safetensors=True, **kw)
+            model = cls.from_pretrained(src, revision=rev, use_safetensors=True, local_files_only=_files_only(src), **kw)
             if rev and not revision:
                 log.info("%s: main has no safetensors weights; loaded the hub's conversion at %s", f"{flag} {src}" if flag else src, rev)
             return model, rev
@@ -183,11 +191,12 @@ class DinoBackend(FeatureBackend):
     def __init__(self, src: str = "facebook/dino-vits16", revision: str | None = None, device="cpu", flag: str | None = "--dino"):
         from transformers import ViTModel
 
+        _files_only(src, revision, flag)  # uncached with no hub: one line now, not the hub client's retries
         self.model, rev = _load(ViTModel, src, revision, flag, add_pooling_layer=False)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         self.device, self.size = device, self.model.config.image_size
-        self.mean_std, self.resample = _image_settings(src, rev, IMAGENET_MEAN_STD)
+        self.mean_std, self.resample = _image_settings(src, rev, IMAGENET_MEAN_STD, _files_only(src))
         n = self.model.config.num_hidden_layers
         self.layers = sorted({round(n * k / 4) for k in (1, 2, 3, 4)} - {0})  # LPIPS-like: shallow to deep
 
@@ -211,15 +220,16 @@ class ClipBackend(FeatureBackend):
     def __init__(self, src: str = "openai/clip-vit-base-patch32", revision: str | None = None, device="cpu", flag: str | None = "--clip"):
         from transformers import AutoTokenizer, CLIPModel
 
+        _files_only(src, revision, flag)
         self.model, rev = _load(CLIPModel, src, revision, flag)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(src, revision=rev)
+            self.tokenizer = AutoTokenizer.from_pretrained(src, revision=rev, local_files_only=_files_only(src))
         except (OSError, ValueError) as e:
             raise ModelError(f"{flag + ' ' if flag else ''}'{src}': no tokenizer there ({e}); CLIP-T needs the model's tokenizer files") from None
         self.device, self.size = device, self.model.config.vision_config.image_size
-        self.mean_std, self.resample = _image_settings(src, rev, CLIP_MEAN_STD)
+        self.mean_std, self.resample = _image_settings(src, rev, CLIP_MEAN_STD, _files_only(src))
 
     @staticmethod
     def _projected(out) -> torch.Tensor:
