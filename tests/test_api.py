@@ -106,7 +106,7 @@ def test_bad_input_is_a_failed_event_before_anything_loads(tiny_model, subject_d
     run.mkdir()
     (run / "keep.txt").write_text("someone's file")
     rec = Recorder()
-    with pytest.raises(Exception, match="is not empty"):
+    with pytest.raises(Exception, match="holds other files and no nanobooth run"):
         api.train(load_config("dreambooth-lora", train_args(tiny_model, subject_dir, run)), callbacks=[rec])
     assert len(rec.events) == 1 and rec.events[0].message.startswith("ConfigError: output_dir")
     assert [p.name for p in run.iterdir()] == ["keep.txt"]

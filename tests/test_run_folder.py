@@ -150,7 +150,9 @@ def test_output_dir_check_refuses_a_file_and_a_foreign_folder_but_not_an_empty_o
         rf.check_output_dir(cfg(tmp_path / "afile"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("x")
-    with pytest.raises(ConfigError, match="is not empty: pass resume_from_checkpoint=latest"):
+    # a folder of other files has nothing to resume: the refusal does not offer it (newcomer54)
+    with pytest.raises(ConfigError, match=r"holds other files and no nanobooth run: pass a new or empty output_dir "
+                                          r"\(overwrite=true would write the run beside those files\)"):
         rf.check_output_dir(cfg(tmp_path / "busy"))
     rf.check_output_dir(cfg(tmp_path / "busy", "overwrite=true"))
     rf.check_output_dir(cfg(tmp_path / "busy", "resume_from_checkpoint=latest"))  # no config.yaml to compare with
