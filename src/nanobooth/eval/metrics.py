@@ -147,7 +147,7 @@ def _image_settings(src: str, revision: str | None, default, files_only: bool = 
     return mean_std, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
 
 
-def _files_only(src: str, revision: str | None = None, flag: str | None = None) -> bool:
+def _files_only(src: str, revision: str | None, flag: str | None) -> bool:
     """A hub id loads from the hub cache alone when the hub cannot be reached (models.hub_files_only, which raises a
     ModelError naming `flag` when it is not cached either); a local folder is never looked up."""
     if Path(src).expanduser().exists() or src.count("/") != 1:
@@ -155,7 +155,7 @@ def _files_only(src: str, revision: str | None = None, flag: str | None = None) 
     return hub_files_only(src, revision, "config.json", flag or "", "folder")
 
 
-def _load(cls, src: str, revision: str | None, flag: str | None, **kw):
+def _load(cls, src: str, revision: str | None, flag: str | None, files_only: bool = False, **kw):
     """safetensors only. Hub repos that ship only pickles often have the bot's safetensors PR; try it.
     `flag`: the `nanobooth eval` option that chose `src`, named in the ModelError with its fix; None (training's
     validation_scores, where no flag was typed): the error says only what failed and the caller says what to do."""
@@ -164,7 +164,7 @@ def _load(cls, src: str, revision: str | None, flag: str | None, **kw):
     err = None
     for rev in tries:
         try:
-            model = cls.from_pretrained(src, revision=rev, use_safetensors=True, local_files_only=_files_only(src), **kw)
+            model = cls.from_pretrained(src, revision=rev, use_safetensors=True, local_files_only=files_only, **kw)
             if rev and not revision:
                 log.info("%s: main has no safetensors weights; loaded the hub's conversion at %s", f"{flag} {src}" if flag else src, rev)
             return model, rev
@@ -191,12 +191,12 @@ class DinoBackend(FeatureBackend):
     def __init__(self, src: str = "facebook/dino-vits16", revision: str | None = None, device="cpu", flag: str | None = "--dino"):
         from transformers import ViTModel
 
-        _files_only(src, revision, flag)  # uncached with no hub: one line now, not the hub client's retries
-        self.model, rev = _load(ViTModel, src, revision, flag, add_pooling_layer=False)
+        files_only = _files_only(src, revision, flag)  # uncached with no hub: one line now, not the hub client's retries
+        self.model, rev = _load(ViTModel, src, revision, flag, files_only, add_pooling_layer=False)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         self.device, self.size = device, self.model.config.image_size
-        self.mean_std, self.resample = _image_settings(src, rev, IMAGENET_MEAN_STD, _files_only(src))
+        self.mean_std, self.resample = _image_settings(src, rev, IMAGENET_MEAN_STD, files_only)
         n = self.model.config.num_hidden_layers
         self.layers = sorted({round(n * k / 4) for k in (1, 2, 3, 4)} - {0})  # LPIPS-like: shallow to deep
 
@@ -220,16 +220,16 @@ class ClipBackend(FeatureBackend):
     def __init__(self, src: str = "openai/clip-vit-base-patch32", revision: str | None = None, device="cpu", flag: str | None = "--clip"):
         from transformers import AutoTokenizer, CLIPModel
 
-        _files_only(src, revision, flag)
-        self.model, rev = _load(CLIPModel, src, revision, flag)
+        files_only = _files_only(src, revision, flag)
+        self.model, rev = _load(CLIPModel, src, revision, flag, files_only)
         self.source = f"{src}@{rev}" if rev else src
         self.model.to(device).eval()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(src, revision=rev, local_files_only=_files_only(src))
+            self.tokenizer = AutoTokenizer.from_pretrained(src, revision=rev, local_files_only=files_only)
         except (OSError, ValueError) as e:
             raise ModelError(f"{flag + ' ' if flag else ''}'{src}': no tokenizer there ({e}); CLIP-T needs the model's tokenizer files") from None
         self.device, self.size = device, self.model.config.vision_config.image_size
-        self.mean_std, self.resample = _image_settings(src, rev, CLIP_MEAN_STD, _files_only(src))
+        self.mean_std, self.resample = _image_settings(src, rev, CLIP_MEAN_STD, files_only)
 
     @staticmethod
     def _projected(out) -> torch.Tensor:
