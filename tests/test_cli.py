@@ -533,3 +533,21 @@ def test_unknown_model_name_suggests_the_built_in_one():
 
     with pytest.raises(ModelError, match=r"model 'toyy': .*did you mean 'toy'\? built-in names: toy, toy-flux, tiny"):
         _check_path("toyy", False)
+
+
+def test_toy_eval_of_a_run_moved_away_from_its_relative_subject_says_where_it_looks(tmp_path, monkeypatch):
+    """newcomer54: a copied demo run failed with only "instance_data_dir=runs/demo/subject: this folder does not
+    exist"; the line now says the path is relative to where the run was trained and how to point it."""
+    from nanobooth.core.config import load_config, save_config
+    from nanobooth.core.data import DataError
+    from nanobooth.toy.evaluate import toy_eval
+
+    run = tmp_path / "copied"
+    run.mkdir()
+    save_config(load_config("toy/dreambooth-lora", ["instance_data_dir=runs/demo/subject", f"output_dir={run}"]),
+                run / "config.yaml")
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"runs/demo/subject.*relative to the folder the run was trained from: run toy "
+                                        r"eval there, or set an absolute instance_data_dir in .*copied/config.yaml"):
+        toy_eval(run)

@@ -526,8 +526,14 @@ def test_bad_input_is_one_line_naming_it(lora_run, full_run, tmp_path, capsys):
     assert export_cli(str(full_run), "--format", "kohya", "--out", str(tmp_path / "x.safetensors")) == 2
     assert "full fine-tune" in capsys.readouterr().err
     assert export_cli(str(lora_run), "--format", "kohya", "--out", str(tmp_path / "x.ckpt")) == 2
-    assert "safetensors" in capsys.readouterr().err
+    assert "name it x.ckpt.safetensors" in capsys.readouterr().err  # newcomer54: it said "name it ....safetensors"
     assert not any(tmp_path.glob("x.*"))
+    # a folder where a file goes: --overwrite cannot help, so the line names a file instead (newcomer54)
+    (tmp_path / "exp").mkdir()
+    for extra in ([], ["--overwrite"]):
+        assert export_cli(str(lora_run), "--format", "kohya", "--out", str(tmp_path / "exp"), *extra) == 2
+        err = capsys.readouterr().err
+        assert "is a folder; this export writes a file: pass a file name, e.g." in err and "--overwrite" not in err
 
 
 def test_existing_out_is_kept_unless_overwrite_and_writes_are_atomic(lora_run, tmp_path, capsys):

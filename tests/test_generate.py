@@ -125,7 +125,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
     monkeypatch.setattr(G, "with_sampler", lambda pipe, sampler: calls.update(sampler=sampler) or pipe)
     weights = ["--weights", str(run)] if run else []
     assert main(["generate", "--model", "tiny", *weights, "--prompt", "a sks dog", "--num-images", "1",
-                 "--out", str(tmp_path / "out"), *flags]) == 0
+                 "--out", str(tmp_path / "out"), "--overwrite", *flags]) == 0  # each call replaces the last one's
     return calls
 
 
@@ -224,7 +224,7 @@ def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, ca
 
     args = SimpleNamespace(model="toy", prompt=["a sks dog"], weights=None, num_images=1, seed=0, steps=2, guidance=4.0,
                            guidance_cutoff=None, resolution=None, out=str(tmp_path), device=None, dtype=None, tome_ratio=0.0,
-                           allow_pickle=False, single_file_config=None, sampler=None)
+                           allow_pickle=False, single_file_config=None, sampler=None, overwrite=False)
     for n, said in ((1, "wrote 1 image and grid.png"), (2, "wrote 2 images and grid.png")):
         monkeypatch.setattr(gen, "generate", lambda *a, n=n, **k: [Image.new("RGB", (8, 8))] * n)
         gen.generate_cli(args)
@@ -240,3 +240,32 @@ def test_weights_that_are_not_there_or_not_a_run_are_one_line_each(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(ModelError, match="--weights '.*notes': no pytorch_lora_weights.safetensors, model_index.json"):
         load_run("toy", str(tmp_path / "notes"))
+
+
+def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_kept(tmp_path, capsys):
+    """newcomer54: --num-images 0 was an IndexError traceback, --steps 0 wrote noise, --resolution 50 was diffusers'
+    traceback, --out FILE a FileExistsError, and a second run into the same --out left the first one's images beside
+    its own."""
+    from nanobooth import cli
+    from nanobooth.inference.generate import check_out_folder
+
+    base = ["generate", "--model", "toy", "--prompt", "a sks dog"]
+    for flag, value, said in (("--num-images", "0", "must be at least 1"), ("--steps", "-3", "must be at least 1"),
+                              ("--resolution", "50", "50 is not a multiple of 8; try 48 or 56"),
+                              ("--resolution", "0", "must be at least 1")):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*base, "--out", str(tmp_path / "g"), flag, value])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert cli.main([*base, "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{tmp_path / 'afile'}' is a file; pass a folder" in err and "Traceback" not in err
+    out = tmp_path / "earlier"
+    out.mkdir()
+    for name in ("prompt00-00.png", "prompt00-01.png", "grid.png", "notes.txt"):
+        (out / name).write_text("x")
+    assert cli.main([*base, "--out", str(out)]) == 2
+    assert "holds an earlier generate's images (3 files)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "prompt00-00.png", "prompt00-01.png"]
+    check_out_folder(out, overwrite=True)  # --overwrite: only what generate writes goes
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]

@@ -66,6 +66,19 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         # the page is ready once its load event has listed the workspace; an upload before that would be
         # undone by the load's (older) answer on a busy machine
         sync_api.expect(page.locator("#nb-header")).to_contain_text("0 subjects")
+        # 0. a toy subject brings its own class noun, and a reloaded page keeps it with the subject (newcomer54: the
+        # form went back to "dog" and Start trained the ball as a dog)
+        from nanobooth.toy import world
+
+        toy_noun = world.make_subject(7).class_noun
+        page.locator("#nb-toy").click()
+        sync_api.expect(page.locator("#nb-noun textarea, #nb-noun input").first).to_have_value(toy_noun)
+        page.get_by_role("tab", name="2 Train").click()
+        sync_api.expect(page.locator("#nb-val textarea")).to_have_value(
+            f"a photo of a sks {toy_noun}\na photo of a sks {toy_noun} on the beach")
+        page.reload()
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("1 subject,")
+        sync_api.expect(page.locator("#nb-noun textarea, #nb-noun input").first).to_have_value(toy_noun)
         # 1. subject: the five dog photos, thumbnails and their prompts
         page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg")))
         page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")

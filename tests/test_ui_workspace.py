@@ -97,3 +97,35 @@ def test_the_newest_subject_is_the_last_made_and_a_missing_name_is_one_line(tmp_
     for name in (None, "", "no-such-subject"):
         with pytest.raises(W.DataError, match="no such subject"):
             ws.subject_folder(name)
+
+
+def test_a_subject_keeps_the_words_its_run_started_with_and_the_form_follows_the_variant(tmp_path):
+    """newcomer54: a reloaded page kept the subject (a toy ball) but reset the class noun to "dog", and Start trained
+    "a photo of a sks dog" on it; the prior box stayed unticked for a -prior-pre variant and overrode it."""
+    pytest.importorskip("gradio")
+    from nanobooth.ui.app import variant_fields
+
+    ws = W.Workspace(tmp_path / "ws")
+    ball = ws.toy_subject(3)
+    ident, noun = W.subject_names(ball)
+    from nanobooth.toy import world
+
+    assert (ident, noun) == ("sks", world.make_subject(3).class_noun) != ("sks", "dog")  # its subject.json's words
+    photos = ws.save_uploads([p for p in sorted(ball.iterdir()) if p.suffix == ".png"][:3])[0]
+    assert W.subject_names(photos) == ("sks", "dog")  # an upload: the form's default until a run names it
+    before = (photos / "subject.json").read_text() if (photos / "subject.json").exists() else None
+    W.remember_names(photos, "zwx", "teapot")
+    assert W.subject_names(photos) == ("zwx", "teapot") and before is None
+    W.remember_names(ball, "sks", "toy ball")  # other keys of a toy subject's subject.json are kept
+    import json
+
+    meta = json.loads((ball / "subject.json").read_text())
+    assert meta["class_noun"] == "toy ball" and meta["seed"] == 3 and "subject" in meta
+    assert W.suggested_prompts("zwx", "teapot") == ("a photo of a zwx teapot\na photo of a zwx teapot on the beach",
+                                                    "a photo of a zwx teapot on the beach")
+    fam = "toy (embedded, CPU)"
+    prior, steps, rank, res, n_class = variant_fields(fam, "dreambooth-lora-prior-pre")
+    assert prior is True and res == 64 and n_class == load_config("toy/dreambooth-lora-prior-pre").num_class_images
+    assert variant_fields(fam, "dreambooth-lora")[0] is False
+    assert variant_fields(fam, "dreambooth-prior-pre")[1] == load_config("toy/dreambooth-prior-pre").max_train_steps
+    assert variant_fields("SDXL", "dreambooth-prior-pre")[3] == load_config("sdxl/dreambooth-prior-pre").resolution

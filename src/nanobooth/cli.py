@@ -130,6 +130,36 @@ def cmd_demo(args) -> None:
          model=args.model)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be at least 1 (--num-images, --steps)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
+def _subject_seed(text: str) -> int:
+    """argparse type of demo --seed: a toy subject's seed, >= 0 (numpy seeds no negative number)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n}: a subject seed is 0 or more")
+    return n
+
+
+def resolution_px(text: str) -> int:
+    """argparse type of --resolution: a positive multiple of 8 (the VAE's downsampling; the model may ask more)."""
+    n = positive_int(text)
+    if n % 8:
+        raise argparse.ArgumentTypeError(f"{n} is not a multiple of 8; try {n - n % 8 or 8} or {n - n % 8 + 8}")
+    return n
+
+
 def port_number(text: str) -> int:
     """argparse type of --port: an int in 1-65535 (argparse turns the error into its one usage line)."""
     try:
@@ -213,19 +243,21 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                                                   "toy, toy-flux, tiny, tiny-sdxl, tiny-sd3, tiny-flux)")
     g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    g.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
     # unset flags take the --weights run's own validation settings (generate.sampling_settings)
-    g.add_argument("--steps", type=int, default=None, help="default: the run's validation_inference_steps, else 30")
+    g.add_argument("--steps", type=positive_int, default=None, help="default: the run's validation_inference_steps, else 30")
     g.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale, else 7.5")
     g.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance; the rest sample without it (default: the run's "
                         "validation_guidance_cutoff, else 1.0: all)")
-    g.add_argument("--resolution", type=int, default=None, help="default: the run's resolution, else the model's native size")
+    g.add_argument("--resolution", type=resolution_px, default=None,
+                   help="pixels, a multiple of 8 (default: the run's resolution, else the model's native size)")
     g.add_argument("--sampler", choices=["auto", "model", "dpm++"], default=None,  # inference.generate.SAMPLERS
                    help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto (DPM-Solver++ where the model "
                         "allows it); default: the run's validation_sampler, else model")
-    g.add_argument("--out", required=True)
+    g.add_argument("--out", required=True, help="folder for promptII-JJ.png and grid.png (created if missing)")
+    g.add_argument("--overwrite", action="store_true", help="replace the images an earlier generate left in --out")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     g.add_argument("--tome-ratio", type=float, default=0.0)
@@ -254,7 +286,7 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps (default 300)")
     d.add_argument("--num-class-images", type=int, default=None,
                    help="override the recipe's num_class_images (prior-preservation class images; default 50)")
-    d.add_argument("--seed", type=int, default=0,
+    d.add_argument("--seed", type=_subject_seed, default=0,
                    help="which toy subject (default 0, the one the README shows; any other draws another subject)")
     d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
                    help="the toy model: toy (UNet, the default) or toy-flux (its FLUX-shaped twin)")

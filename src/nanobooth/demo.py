@@ -157,7 +157,8 @@ def demo(out: str, steps: int | None = None, subject_seed: int = 0, threads: int
     prompts = [f"a photo of a sks {noun}", f"a photo of a sks {noun} on the beach", f"a photo of a sks {noun} in the snow",
                f"a photo of a {noun}"]
     subject = out_dir / "subject"
-    overrides = {"instance_data_dir": str(subject), "output_dir": str(out_dir / "run"), "validation_prompts": prompts,
+    # absolute: `toy eval` and `generate` of the run then work from any folder
+    overrides = {"instance_data_dir": str(subject.resolve()), "output_dir": str(out_dir / "run"), "validation_prompts": prompts,
                  "num_threads": threads}
     if steps:
         overrides["max_train_steps"] = steps

@@ -282,7 +282,24 @@ def generate(model: str, prompts: str | Sequence[str], *, weights: str | Path | 
     return [img for row in rows for img in row]
 
 
+def check_out_folder(out: Path, overwrite: bool) -> None:
+    """`generate --out`: refuse a file, and a folder holding an earlier generate's images (a second run with fewer
+    images would leave the first one's beside its own, with nothing to tell them apart) unless overwrite, which
+    removes only those images and grid.png first."""
+    from ..core.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; pass a folder (created if missing)")
+    earlier = sorted(out.glob("prompt[0-9][0-9]-[0-9][0-9].png")) + ([out / "grid.png"] if (out / "grid.png").is_file() else [])
+    if earlier and not overwrite:
+        raise ConfigError(f"--out '{out}' holds an earlier generate's images ({len(earlier)} files); pass another --out, "
+                          "or --overwrite to replace them")
+    for p in earlier:
+        p.unlink()
+
+
 def generate_cli(args) -> Path:
+    check_out_folder(Path(args.out), args.overwrite)
     images = generate(args.model, args.prompt, weights=args.weights, num_images=args.num_images, seed=args.seed,
                       steps=args.steps, guidance=args.guidance, guidance_cutoff=args.guidance_cutoff,
                       resolution=args.resolution, out=args.out, device=args.device, dtype=args.dtype,

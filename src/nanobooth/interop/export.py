@@ -157,12 +157,16 @@ def _flux_single_file(run: Path, kind: str, cfg: dict, info: dict, out: Path, dt
 # --- writing --------------------------------------------------------------------------------------------------
 
 def _check_out(out: Path, overwrite: bool, folder: bool) -> None:
+    # the kind first: --overwrite cannot turn a folder into a file, so it is not offered there
+    if out.exists() and out.is_dir() != folder:
+        raise ExportError(f"--out '{out}' is a {'folder' if out.is_dir() else 'file'}; this export writes a "
+                          f"{'folder' if folder else 'file'}: pass " + ("a new folder name" if folder else
+                                                                       f"a file name, e.g. {out / 'lora.safetensors'}"))
     if out.exists() and not overwrite:
         raise ExportError(f"--out '{out}' already exists; pass --overwrite to replace it")
-    if out.exists() and out.is_dir() != folder:
-        raise ExportError(f"--out '{out}' is a {'folder' if out.is_dir() else 'file'}; this export writes a {'folder' if folder else 'file'}")
     if not folder and out.suffix != ".safetensors":
-        raise ExportError(f"--out '{out}': exports are .safetensors files (never pickles); name it ....safetensors")
+        raise ExportError(f"--out '{out}': exports are .safetensors files (never pickles); name it "
+                          f"{out.with_name(out.name + '.safetensors').name}")
 
 
 def _load(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:

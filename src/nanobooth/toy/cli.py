@@ -18,16 +18,22 @@ def cmd_eval(args) -> None:
              guidance_cutoff=args.guidance_cutoff, sampler=args.sampler)
 
 
-def _at_least_two(text: str) -> int:
+def at_least(least: int):
+    """argparse type: a whole number >= `least` (a subject seed >= 0: numpy seeds no negative number)."""
     import argparse
 
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 2:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a whole number of at least 2")
-    return n
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: pass a whole number of at least {least}")
+        return n
+    return parse
+
+
+_at_least_two = at_least(2)
 
 
 def add_parser(sub) -> None:
@@ -37,10 +43,10 @@ def add_parser(sub) -> None:
     tsub = toy.add_subparsers(dest="toy_command", required=True)
 
     s = tsub.add_parser("subject", help="write a fresh toy subject's instance images and subject.json")
-    s.add_argument("--seed", type=int, required=True,
+    s.add_argument("--seed", type=at_least(0), required=True,
                    help="which subject: class, two colours, pattern, mark and poses all follow from it")
     s.add_argument("--out", required=True, help="a new or empty folder for NN.png, NN.mask.png and subject.json")
-    s.add_argument("--num-images", type=int, default=5, help="instance photos to render (default 5)")
+    s.add_argument("--num-images", type=at_least(1), default=5, help="instance photos to render (default 5)")
     s.set_defaults(func=cmd_subject)
 
     e = tsub.add_parser("eval", help="subject/prompt fidelity, prior drift and diversity of a toy run -> RUN_DIR/toy_eval.json")

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from .jobs import FINAL, JobManager, one_line
-from .workspace import MAX_PHOTOS, MIN_PHOTOS, Workspace, photo_warnings, run_status, subject_names, subject_prompts
+from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, photo_warnings, remember_names, run_status, subject_names,
+                        subject_prompts, suggested_prompts)
 
 FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
@@ -38,6 +39,24 @@ def _guard(fn):
         except BaseException as e:  # noqa: BLE001 - a page shows a line, not a traceback
             raise gr.Error(one_line(e), duration=None) from None
     return wrapper
+
+
+def header_md(ws: Workspace, n_runs: int) -> str:
+    n = len(ws.subjects())
+    return (f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {n} subject{'' if n == 1 else 's'}, "
+            f"{n_runs} run{'' if n_runs == 1 else 's'}")
+
+
+def variant_fields(family: str, variant: str) -> tuple:
+    """The Train tab's form values for a variant as it trains (prior preservation, max_train_steps, lora_rank,
+    resolution, num_class_images), so the form shows the variant's recipe rather than overriding it with the last one's."""
+    from ..core.config import load_config, variant_names
+
+    name = FAMILIES[family] + variant
+    if name not in variant_names():
+        return (None,) * 5  # no such variant in this family: the form stays; Start says so
+    cfg = load_config(name, [])
+    return cfg.with_prior_preservation, cfg.max_train_steps, cfg.lora_rank, cfg.resolution, cfg.num_class_images
 
 
 def progress_html(job, queued: list[str] = ()) -> str:
@@ -100,7 +119,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                         toy_btn = gr.Button("generate a toy subject", elem_id="nb-toy")
                 with gr.Row():
                     identifier = gr.Textbox("sks", label="identifier")
-                    noun = gr.Textbox("dog", label="class noun")
+                    noun = gr.Textbox("dog", label="class noun", elem_id="nb-noun")
                 upload_msg = gr.Markdown(elem_id="nb-upload-msg")
                 thumbs = gr.Gallery(label="photos (caption: warnings)", columns=6, height=220, elem_id="nb-thumbs")
                 warnings = gr.Markdown(elem_id="nb-warnings")
@@ -149,7 +168,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 exp_run = gr.Dropdown(run_names(), label="run", elem_id="nb-exp-run")
                 exp_fmt = gr.Radio(list(EXPORTS), value="kohya / A1111 LoRA", label="format")
                 exp_btn = gr.Button("Export", elem_id="nb-export")
-                exp_file = gr.File(label="download", elem_id="nb-export-file")
+                exp_file = gr.File(label="download (with pivotal tuning: the LoRA and its new tokens' _emb file)",
+                                   file_count="multiple", elem_id="nb-export-file")
             with gr.Tab("6 Runs"):
                 runs_df = gr.Dataframe(headers=["run", "status", "steps", "method", "model"], interactive=False)
                 runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
@@ -161,7 +181,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         # --- subject ---------------------------------------------------------------------------------------------
         def subject_choice(folder, msg=""):
             ident, n = subject_names(folder)
-            return gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, ident, n
+            return ((gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, ident, n) + suggested_prompts(ident, n)
+                    + (header_md(ws, len(run_names())),))
 
         @_guard
         def on_upload(files):
@@ -171,11 +192,24 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 raise gr.Error("no usable photo in the upload: " + "; ".join(refused))
             return subject_choice(folder, msg)
 
-        sub_out = [subject, upload_msg, identifier, noun]
+        sub_out = [subject, upload_msg, identifier, noun, val_prompts, try_prompt, header]
         uploads.upload(on_upload, uploads, sub_out)
         dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out)
         toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out)
-        for trigger in (subject.change, identifier.submit, noun.submit, resolution.submit):
+        @_guard
+        def on_subject(name, res):
+            # the subject's own words (subject.json: a toy subject's, or those a run was started with), not the
+            # form's last ones: a reloaded page keeps the subject and would otherwise train it as a "dog"
+            if not name:
+                return "sks", "dog", *suggested_prompts("sks", "dog"), [], "", ""
+            ident, n = subject_names(ws.subject_folder(name))
+            return ident, n, *suggested_prompts(ident, n), *show_subject(name, res, ident, n)
+
+        subject.change(on_subject, [subject, resolution], [identifier, noun, val_prompts, try_prompt, thumbs, warnings,
+                                                           prompts_md])
+        for trigger in (identifier.input, noun.input):  # typed by the user, not set by a subject
+            trigger(lambda i, n: suggested_prompts(i.strip(), n.strip()), [identifier, noun], [val_prompts, try_prompt])
+        for trigger in (identifier.submit, noun.submit, resolution.submit):
             trigger(_guard(lambda *a: show_subject(*a) if a[0] else ([], "", "")), [subject, resolution, identifier, noun],
                     [thumbs, warnings, prompts_md])
 
@@ -207,16 +241,24 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)  # ours and empty: nothing is left behind by a refusal
                 raise
+            remember_names(folder, ident.strip(), n.strip())
             return cfg
+
+        def on_variant(fam, var):
+            return [gr.update() if v is None else v for v in variant_fields(fam, var)]
+
+        for trigger in (family.change, variant.change):
+            trigger(_guard(on_variant), [family, variant], [prior, steps, rank, resolution, n_class])
 
         @_guard
         def on_start(*a):
             job = jm.submit(build_cfg(*a))
             names = run_names()
-            return [job.message or f"started {job.name}"] + [gr.Dropdown(choices=names, value=job.name)] * 4
+            return ([job.message or f"started {job.name}"] + [gr.Dropdown(choices=names, value=job.name)] * 4
+                    + [header_md(ws, len(names))])
 
         start.click(on_start, [subject, identifier, noun, family, variant, model, steps, lr, rank, resolution, prior,
-                               n_class, val_prompts, advanced], [train_msg, runs_pick, try_run, eval_run, exp_run])
+                               n_class, val_prompts, advanced], [train_msg, runs_pick, try_run, eval_run, exp_run, header])
 
         @_guard
         def on_stop():
@@ -308,7 +350,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             path = api.export(run, fmt, out, overwrite=True)
             if path.is_dir():  # a download is one file
                 path = Path(shutil.make_archive(str(path), "zip", path))
-            return str(path)
+            from ..core.run_folder import EMB_SUFFIX
+
+            emb = out.with_name(out.stem + EMB_SUFFIX)  # pivotal tuning's new tokens, which the LoRA needs beside it
+            return [str(path)] + ([str(emb)] if emb.is_file() and emb != path else [])
 
         exp_btn.click(on_export, [exp_run, exp_fmt], exp_file)
 
@@ -342,10 +387,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         def on_load():
             # a reloaded page lists what was made since launch and shows the newest subject; the header's
             # counts say the page is ready (a busy server can answer this after a very quick first upload)
-            names = ws.subjects()
-            return (gr.Dropdown(choices=names, value=ws.newest_subject()),
-                    f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {len(names)} subjects, "
-                    f"{len(run_names())} runs")
+            return gr.Dropdown(choices=ws.subjects(), value=ws.newest_subject()), header_md(ws, len(run_names()))
 
         page.load(on_load, None, [subject, header])
     return page

@@ -160,6 +160,24 @@ def subject_names(folder: Path) -> tuple[str, str]:
     return meta.get("identifier", "sks"), meta.get("class_noun", "dog")
 
 
+def remember_names(folder: Path, identifier: str, noun: str) -> None:
+    """Keep the identifier and class noun a run was started with in the subject's subject.json (other keys kept),
+    so a reloaded page, which shows the newest subject, shows its words too rather than the form's sks / dog."""
+    meta = read_subject_meta(folder)
+    if (meta.get("identifier"), meta.get("class_noun")) == (identifier, noun):
+        return
+    path = folder / "subject.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**meta, "identifier": identifier, "class_noun": noun}, indent=2))
+    tmp.replace(path)
+
+
+def suggested_prompts(identifier: str, noun: str) -> tuple[str, str]:
+    """(validation prompts, one a line; the Try-it prompt) for a subject called `identifier noun`."""
+    subject = f"a photo of a {identifier} {noun}"
+    return f"{subject}\n{subject} on the beach", f"{subject} on the beach"
+
+
 def run_status(run: Path) -> dict:
     """A run folder's state read from disk: status, steps logged, config (a dict), final grid (or None)."""
     from ..core.run_folder import CONFIG, SAMPLES, TRAIN_LOG, list_checkpoints, result_kind
