@@ -551,3 +551,13 @@ def test_toy_eval_of_a_run_moved_away_from_its_relative_subject_says_where_it_lo
     with pytest.raises(DataError, match=r"runs/demo/subject.*relative to the folder the run was trained from: run toy "
                                         r"eval there, or set an absolute instance_data_dir in .*copied/config.yaml"):
         toy_eval(run)
+
+
+def test_seeds_and_counts_below_their_least_are_argparse_errors(capsys):
+    """newcomer54: `toy subject --seed -1` was numpy's traceback (and left an empty folder), --num-images 0 wrote a
+    subject without photos; demo --seed -1 the same traceback."""
+    for argv in (["toy", "subject", "--seed", "-1", "--out", "x"], ["toy", "subject", "--seed", "3", "--out", "x",
+                                                                     "--num-images", "0"], ["demo", "--seed", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2 and "pass a whole number of at least" in capsys.readouterr().err

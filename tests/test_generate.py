@@ -250,9 +250,9 @@ def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_ke
     from nanobooth.inference.generate import check_out_folder
 
     base = ["generate", "--model", "toy", "--prompt", "a sks dog"]
-    for flag, value, said in (("--num-images", "0", "must be at least 1"), ("--steps", "-3", "must be at least 1"),
+    for flag, value, said in (("--num-images", "0", "pass a whole number of at least 1"), ("--steps", "-3", "of at least 1"),
                               ("--resolution", "50", "50 is not a multiple of 8; try 48 or 56"),
-                              ("--resolution", "0", "must be at least 1")):
+                              ("--resolution", "0", "of at least 1")):
         with pytest.raises(SystemExit) as e:
             cli.main([*base, "--out", str(tmp_path / "g"), flag, value])
         assert e.value.code == 2 and said in capsys.readouterr().err

@@ -17,6 +17,7 @@ import sys
 import warnings
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
+from .core.config_values import at_least
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
 USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.errors", "ModelError"),
@@ -130,26 +131,7 @@ def cmd_demo(args) -> None:
          model=args.model)
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts that must be at least 1 (--num-images, --steps)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
-    return n
-
-
-def _subject_seed(text: str) -> int:
-    """argparse type of demo --seed: a toy subject's seed, >= 0 (numpy seeds no negative number)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n}: a subject seed is 0 or more")
-    return n
+positive_int = at_least(1)  # --num-images, --steps
 
 
 def resolution_px(text: str) -> int:
@@ -286,7 +268,7 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="override the recipe's max_train_steps (default 300)")
     d.add_argument("--num-class-images", type=int, default=None,
                    help="override the recipe's num_class_images (prior-preservation class images; default 50)")
-    d.add_argument("--seed", type=_subject_seed, default=0,
+    d.add_argument("--seed", type=at_least(0), default=0,
                    help="which toy subject (default 0, the one the README shows; any other draws another subject)")
     d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
                    help="the toy model: toy (UNet, the default) or toy-flux (its FLUX-shaped twin)")

@@ -1,5 +1,6 @@
 """Value checks of config keys: the type check and coercion of a YAML or `key=value` value against a
-TrainConfig field's annotation, the guidance-cutoff fraction (also the type of --guidance-cutoff), and the
+TrainConfig field's annotation, the guidance-cutoff fraction (also the type of --guidance-cutoff), whole-number
+flags (at_least), and the
 identifier words that instance_prompt and class_prompt imply, and the new tokens that stand for the identifier (and the
 optimizer group that trains them)."""
 
@@ -28,6 +29,19 @@ def guidance_fraction(text: str) -> float:
     if not _is_guidance_fraction(value):
         raise argparse.ArgumentTypeError(f"{text!r}: pass a fraction of the sampling steps in (0, 1], e.g. 0.5")
     return value
+
+
+def at_least(least: int):
+    """argparse type: a whole number >= `least` (image and step counts 1, subject seeds 0: numpy seeds no negative)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = least - 1
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: pass a whole number of at least {least}")
+        return n
+    return parse
 
 
 def identifier_words(cfg) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..core.config_values import at_least
+
 
 def cmd_subject(args) -> None:
     from . import world
@@ -18,22 +20,7 @@ def cmd_eval(args) -> None:
              guidance_cutoff=args.guidance_cutoff, sampler=args.sampler)
 
 
-def at_least(least: int):
-    """argparse type: a whole number >= `least` (a subject seed >= 0: numpy seeds no negative number)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            n = least - 1
-        if n < least:
-            raise argparse.ArgumentTypeError(f"{text!r}: pass a whole number of at least {least}")
-        return n
-    return parse
-
-
-_at_least_two = at_least(2)
+_at_least_two = at_least(2)  # toy eval's images per prompt: diversity needs a pair
 
 
 def add_parser(sub) -> None:

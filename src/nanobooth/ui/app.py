@@ -196,6 +196,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         uploads.upload(on_upload, uploads, sub_out)
         dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out)
         toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out)
+
         @_guard
         def on_subject(name, res):
             # the subject's own words (subject.json: a toy subject's, or those a run was started with), not the
