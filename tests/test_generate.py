@@ -252,6 +252,7 @@ def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_ke
     base = ["generate", "--model", "toy", "--prompt", "a sks dog"]
     for flag, value, said in (("--num-images", "0", "pass a whole number of at least 1"), ("--steps", "-3", "of at least 1"),
                               ("--resolution", "50", "50 is not a multiple of 8; try 48 or 56"),
+                              ("--resolution", "4", "4 is not a multiple of 8; try 8\n"),  # not "try 8 or 8"
                               ("--resolution", "0", "of at least 1")):
         with pytest.raises(SystemExit) as e:
             cli.main([*base, "--out", str(tmp_path / "g"), flag, value])

@@ -136,9 +136,11 @@ positive_int = at_least(1)  # --num-images, --steps
 
 def resolution_px(text: str) -> int:
     """argparse type of --resolution: a positive multiple of 8 (the VAE's downsampling; the model may ask more)."""
+    from .core.config_checks import _nearest_multiples  # the config key's own suggestion
+
     n = positive_int(text)
     if n % 8:
-        raise argparse.ArgumentTypeError(f"{n} is not a multiple of 8; try {n - n % 8 or 8} or {n - n % 8 + 8}")
+        raise argparse.ArgumentTypeError(f"{n} is not a multiple of 8; try {_nearest_multiples(n, 8)}")
     return n
 
 

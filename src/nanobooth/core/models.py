@@ -191,7 +191,7 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
             kwargs = dict(config=single_file_config) if single_file_config else {}
             pipe = cls.from_single_file(model, **kwargs, **common)
         else:
-            pipe = cls.from_pretrained(model, revision=revision, **({"local_files_only": True} if files_only else {}), **common)
+            pipe = cls.from_pretrained(model, revision=revision, local_files_only=files_only, **common)
     except ModelError:
         raise
     except Exception as e:  # diffusers/hub raise many types; the user needs one line, not a traceback

@@ -147,20 +147,22 @@ def _image_settings(src: str, revision: str | None, default, files_only: bool = 
     return mean_std, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
 
 
+def _hub_id(src: str) -> bool:
+    """`src` names a hub repo (owner/name), not a local folder."""
+    return not Path(src).expanduser().exists() and src.count("/") == 1
+
+
 def _files_only(src: str, revision: str | None, flag: str | None) -> bool:
     """A hub id loads from the hub cache alone when the hub cannot be reached (models.hub_files_only, which raises a
     ModelError naming `flag` when it is not cached either); a local folder is never looked up."""
-    if Path(src).expanduser().exists() or src.count("/") != 1:
-        return False
-    return hub_files_only(src, revision, "config.json", flag or "", "folder")
+    return _hub_id(src) and hub_files_only(src, revision, "config.json", flag or "", "folder")
 
 
 def _load(cls, src: str, revision: str | None, flag: str | None, files_only: bool = False, **kw):
     """safetensors only. Hub repos that ship only pickles often have the bot's safetensors PR; try it.
     `flag`: the `nanobooth eval` option that chose `src`, named in the ModelError with its fix; None (training's
     validation_scores, where no flag was typed): the error says only what failed and the caller says what to do."""
-    local = Path(src).expanduser().exists()
-    tries = [revision] if revision or local or src.count("/") != 1 else [None, SAFETENSORS_PR]
+    tries = [None, SAFETENSORS_PR] if _hub_id(src) and not revision else [revision]
     err = None
     for rev in tries:
         try:
