@@ -180,9 +180,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         # --- subject ---------------------------------------------------------------------------------------------
         def subject_choice(folder, msg=""):
-            ident, n = subject_names(folder)
-            return ((gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, ident, n) + suggested_prompts(ident, n)
-                    + (header_md(ws, len(run_names())),))
+            # a new folder name every time (Workspace.new_folder), so the dropdown's change (on_subject) fills its words
+            return gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, header_md(ws, len(run_names()))
 
         @_guard
         def on_upload(files):
@@ -192,7 +191,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 raise gr.Error("no usable photo in the upload: " + "; ".join(refused))
             return subject_choice(folder, msg)
 
-        sub_out = [subject, upload_msg, identifier, noun, val_prompts, try_prompt, header]
+        sub_out = [subject, upload_msg, header]
         uploads.upload(on_upload, uploads, sub_out)
         dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out)
         toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out)
