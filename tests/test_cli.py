@@ -175,6 +175,31 @@ def test_thread_count_fits_the_free_cores():
     assert choose_threads(None, cpus=8, busy=0.0, env="junk") == 8
 
 
+def test_thread_line_only_when_other_work_takes_cores(monkeypatch, caplog):
+    import torch
+
+    from nanobooth.core import threads
+
+    old = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    try:
+        for busy, line in ((0.1, False), (1.0, True)):
+            monkeypatch.setattr(threads, "measure_busy_cpus", lambda: busy)
+            caplog.clear()
+            with caplog.at_level("INFO", logger="nanobooth"):
+                threads.apply_threads(None)
+            assert ("CPU threads: 1 of 2" in caplog.text) == line  # an idle machine's every-command line is noise
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_threads_flag_refuses_zero(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["generate", "--model", "toy", "--prompt", "a dog", "--threads", "0"])
+    assert "--threads: '0': pass a whole number of at least 1" in capsys.readouterr().err
+
+
 def _stat(*cpus):
     """/proc/stat text with per-core (busy, idle) jiffies."""
     lines = [f"cpu  {sum(b for b, _ in cpus)} 0 0 {sum(i for _, i in cpus)} 0 0 0 0 0 0"]

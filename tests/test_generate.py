@@ -177,6 +177,17 @@ def test_grid_labels_keep_their_spaces():
     assert sum(w >= 4 for w in _gaps(squeezed)) == label.count(" ") - 1
 
 
+def test_a_long_title_wraps_within_the_grid():
+    from PIL import Image
+
+    one = [[Image.new("RGB", (64, 64), "white")]]
+    short = grid(one, ["a dog"], title="run step 20")
+    long = grid(one, ["a dog"], title="photos-dreambooth-lora-20261206-182538 step 20 of a longer run name")
+    assert long.size[0] == short.size[0] and long.size[1] >= short.size[1] + 12  # another line, not cut at the edge
+    ink = [x for x in range(long.size[0]) for y in range(28) if long.getpixel((x, y)) != (255, 255, 255)]
+    assert max(ink) < long.size[0] - 2
+
+
 def test_long_labels_wrap_at_spaces_and_keep_every_word():
     from nanobooth.inference.generate import label_font, wrap_label
 

@@ -179,6 +179,7 @@ def test_overwrite_removes_every_output_of_the_earlier_run_but_keeps_class_image
     assert main(["train", "dreambooth-lora-prior-pre", *args]) == 0
     assert (out / rf.LORA_FILE).is_file() and (out / rf.CHECKPOINTS).is_dir()
     (out / "toy_eval.json").write_text("{}")  # scores of the earlier run
+    (out / "toy_eval-dpm++-15-2-seed1234-g4.0-gc0.5-nobase.json").write_text("{}")  # and an eval toy eval kept aside
     (out / "notes.txt").write_text("mine")  # not nanobooth's: stays
     class_images = {p.name: p.stat().st_mtime_ns for p in (out / rf.CLASS_IMAGES).iterdir()}
     assert class_images
@@ -186,6 +187,7 @@ def test_overwrite_removes_every_output_of_the_earlier_run_but_keeps_class_image
     assert main(["train", "dreambooth-prior-pre", *train_args(tiny_model, subject_dir, out, "overwrite=true")]) == 0
     assert rf.result_kind(out) == "full" and not (out / rf.LORA_FILE).exists()
     assert not (out / rf.SAMPLES).exists() and not (out / rf.CHECKPOINTS).exists() and not (out / "toy_eval.json").exists()
+    assert not list(out.glob("toy_eval-*"))
     assert {p.name: p.stat().st_mtime_ns for p in (out / rf.CLASS_IMAGES).iterdir()} == class_images  # reused, not regenerated
     assert (out / "notes.txt").read_text() == "mine"
     # and back to a LoRA: the pipeline's components go too
@@ -225,6 +227,29 @@ def test_every_reader_refuses_a_folder_mixing_two_runs(runs, tiny_model, subject
     with pytest.raises(rf.RunFolderError, match="two results"):
         toy_eval(mixed)
     assert not (runs["mixed"] / "toy_eval.json").exists()
+
+
+def test_toy_eval_keeps_an_earlier_eval_at_other_settings(tmp_path, capsys):
+    # newcomer54: a quick `toy eval RUN --images-per-prompt 2 --no-base` replaced the demo's full scores and sheet
+    import json
+
+    from nanobooth.toy.evaluate import _keep_earlier
+
+    def scores(n, base=True):
+        st = {"images_per_prompt": n, "seed": 1234, "steps": 15, "sampler": "dpm++", "guidance": 4.0, "guidance_cutoff": 0.5}
+        return {"settings": st, "tuned": {"subject_identity": n / 10}, **({"base": {}} if base else {})}
+
+    full = scores(8)
+    (tmp_path / "toy_eval.json").write_text(json.dumps(full))
+    (tmp_path / "toy_eval.png").write_bytes(b"sheet")
+    _keep_earlier(tmp_path, scores(8))  # the same settings score the same: replaced, nothing kept
+    assert not list(tmp_path.glob("toy_eval-*"))
+    _keep_earlier(tmp_path, scores(2, base=False))
+    kept_json, kept_png = (tmp_path / f"toy_eval-dpm++-15-8-seed1234-g4.0-gc0.5.{ext}" for ext in ("json", "png"))
+    assert json.loads(kept_json.read_text()) == full and kept_png.read_bytes() == b"sheet"
+    assert not (tmp_path / "toy_eval.json").exists()  # toy_eval then writes the new one there
+    assert str(kept_json) in capsys.readouterr().out
+    assert set(rf.output_paths(tmp_path)) >= {kept_json, kept_png}  # an overwriting run clears it
 
 
 def test_toy_eval_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):

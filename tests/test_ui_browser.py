@@ -66,6 +66,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         # the page is ready once its load event has listed the workspace; an upload before that would be
         # undone by the load's (older) answer on a busy machine
         sync_api.expect(page.locator("#nb-header")).to_contain_text("0 subjects")
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("Start here")  # a first visit says where to begin
         # 0. a toy subject brings its own class noun, and a reloaded page keeps it with the subject (newcomer54: the
         # form went back to "dog" and Start trained the ball as a dog)
         from nanobooth.toy import world
@@ -107,6 +108,8 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.locator("#nb-generate").click()
         page.wait_for_function("(document.querySelector('#nb-tuned-img img')||{}).src", timeout=90_000)
         page.wait_for_function("(document.querySelector('#nb-base-img img')||{}).src")
+        # the toy model's 64-px images fill their box (newcomer54: shown at 64 px in a corner)
+        assert min(page.locator(f"#nb-{w}-img img").bounding_box()["width"] for w in ("base", "tuned")) >= 200
         page.screenshot(path=str(shots / "4-try.png"), full_page=True)
         times["generated"] = round(time.time() - t0)
         # 5. export: the kohya file, downloaded through the page

@@ -247,7 +247,7 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     g.add_argument("--tome-ratio", type=float, default=0.0)
     g.add_argument("--allow-pickle", action="store_true")
     g.add_argument("--single-file-config", default=None)
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
+    g.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: the cores not busy with other work)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("config", help="list variants or show a resolved config",
@@ -274,7 +274,7 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                    help="which toy subject (default 0, the one the README shows; any other draws another subject)")
     d.add_argument("--model", choices=["toy", "toy-flux"], default="toy",
                    help="the toy model: toy (UNet, the default) or toy-flux (its FLUX-shaped twin)")
-    d.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
+    d.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: the cores not busy with other work)")
     d.set_defaults(func=cmd_demo)
 
     u = sub.add_parser("ui", help="the whole workflow in a local browser page (needs gradio: pip install nanobooth[ui])",

@@ -44,6 +44,7 @@ EMB_SUFFIX = "_emb.safetensors"  # `<run name>_emb.safetensors`: pivotal tuning'
 MODEL_INDEX = "model_index.json"
 TMP_OUTPUT = ".tmp-output"  # the result while it is written; published into the run folder when complete
 TOY_EVAL = ("toy_eval.json", "toy_eval.png")  # `nanobooth toy eval` scores a run into its own folder
+TOY_EVAL_KEPT = "toy_eval-*"  # and keeps an earlier eval at other settings under a settings-named copy
 VALIDATION_SCORES = "validation_scores.png"  # validation_scores: subject vs prompt fidelity per step (step_scores.py)
 KEEP_BEST = "keep_best.json"  # keep_best: which step was published and why
 # diffusers pipeline components a full run can save (model_index.json names the ones it did)
@@ -193,7 +194,9 @@ def output_paths(folder) -> list[Path]:
     folder = Path(folder)
     # the results first (model_index.json before its components): a folder cleared halfway holds no result
     rest = [CONFIG, TRAIN_LOG, TIME_TO_MODEL, SAMPLES, TRACKER_LOGS, CHECKPOINTS, TMP_OUTPUT, *TOY_EVAL, VALIDATION_SCORES, KEEP_BEST]
-    return [folder / LORA_FILE] + sorted(folder.glob("*" + EMB_SUFFIX)) + pipeline_parts(folder) + [folder / n for n in rest]
+    kept_evals = sorted(folder.glob(TOY_EVAL_KEPT))  # earlier toy evals at other settings (toy/evaluate.py)
+    return ([folder / LORA_FILE] + sorted(folder.glob("*" + EMB_SUFFIX)) + pipeline_parts(folder) + [folder / n for n in rest]
+            + kept_evals)
 
 
 def clear_outputs(folder) -> list[Path]:

@@ -119,7 +119,7 @@ def apply_threads(requested: int | None = None) -> int:
     import torch
 
     torch.set_num_threads(n)
-    if busy is not None:  # auto: say what it saw, since a busy machine gets fewer threads
+    if busy is not None and n < cpus:  # auto on a busy machine: say why it got fewer threads than cores
         log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N or --threads N to choose)", n, cpus, busy)
     return n
 

@@ -191,18 +191,21 @@ def wrap_label(text: str, font, width: int) -> list[str]:
 
 
 def grid(rows: list[list[Image.Image]], labels: list[str], title: str | None = None) -> Image.Image:
-    """One row per prompt, its label (wrapped to the grid's width) above the row; readable even for 64x64 images."""
+    """One row per prompt, its label (wrapped to the grid's width) above the row, the title (wrapped too) on top;
+    readable even for 64x64 images."""
     cell = max(rows[0][0].size[0], 128)
     font = label_font()
-    line_h, title_h = 12, (16 if title else 0)
+    line_h = 12
     ncol = max(len(r) for r in rows)
     width = max(ncol * cell, 256)
     wrapped = [wrap_label(label, font, width - 8) for label in labels]
+    title_lines = wrap_label(title, font, width - 8) if title else []
+    title_h = 4 + line_h * len(title_lines) if title else 0
     height = title_h + sum(cell + 2 + line_h * len(lines) for lines in wrapped)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((4, 2), title, fill="black", font=font)
+    for k, line in enumerate(title_lines):
+        draw.text((4, 2 + k * line_h), line, fill="black", font=font)
     y = title_h
     for row, lines in zip(rows, wrapped):
         for k, line in enumerate(lines):

@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     e.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance; default: the run's validation_guidance_cutoff")
     e.add_argument("--no-base", action="store_true", help="skip scoring the base model")
-    e.add_argument("--threads", type=int, default=None, help="CPU threads (default: the cores not busy with other work)")
+    e.add_argument("--threads", type=at_least(1), default=None, help="CPU threads (default: the cores not busy with other work)")
     e.set_defaults(func=cmd_eval)
 
     # listed for --help only: nanobooth.cli.main hands these words straight to the recipe's own parser

@@ -111,7 +111,7 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
              guidance: float | None = None, with_base: bool = True, guidance_cutoff: float | None = None,
              sampler: str = "auto") -> dict:
     """Score a finished toy run (and the base model, `with_base`) on fixed seeds and prompts; writes RUN_DIR/toy_eval.json
-    and the before/after sheet RUN_DIR/toy_eval.png. `sampler`: "model" (the model's own, DDIM for the toy UNet),
+    and the before/after sheet RUN_DIR/toy_eval.png (an earlier pair at other settings is kept: _keep_earlier). `sampler`: "model" (the model's own, DDIM for the toy UNet),
     "dpm++" or "auto" (DPM++ where the model allows it: inference.generate.with_sampler), `steps` of it (default
     EVAL_STEPS of the sampler used); settings records the sampler used. Raises ModelError for a folder that is not a
     finished run."""
@@ -164,12 +164,39 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
         out["reference"], through_vae = reference(tuned_pipe.vae, meta["subject"], instance, probe, images_per_prompt, seed)
         sheet_rows.append(through_vae)
         labels.append("reference: the subject itself, through the model's VAE")
+    _keep_earlier(run, out)
     save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / TOY_EVAL[1])
     (run / TOY_EVAL[0]).write_text(json.dumps(out, indent=2))
     print(format_table(out))
     print(f"wrote {run / TOY_EVAL[0]} and the before/after sheet {run / TOY_EVAL[1]} ({images_per_prompt} images a prompt; "
           "the columns: docs/evaluation.md, `nanobooth toy eval RUN_DIR`)")
     return out
+
+
+def _settings_name(res: dict) -> str:
+    """toy_eval-SAMPLER-STEPS-N-seedS-gG-gcC[-nobase]: the file stem an eval with these settings (toy eval's flags) is
+    kept under."""
+    st = res.get("settings", {})
+    return (f"toy_eval-{st.get('sampler')}-{st.get('steps')}-{st.get('images_per_prompt')}-seed{st.get('seed')}"
+            f"-g{st.get('guidance')}-gc{st.get('guidance_cutoff')}" + ("" if "base" in res else "-nobase"))
+
+
+def _keep_earlier(run: Path, new: dict) -> None:
+    """Before `new` replaces RUN/toy_eval.json: an earlier eval at other settings (a quick `--images-per-prompt 2
+    --no-base` after the demo's full one) is moved to its settings-named copy, json and sheet, so no score is lost.
+    The same settings score the same (fixed seeds), so that one is simply replaced."""
+    old_json, old_png = (run / name for name in TOY_EVAL)
+    try:
+        old = json.loads(old_json.read_text())
+    except (OSError, ValueError):
+        return  # none, or unreadable: nothing worth keeping
+    if not isinstance(old, dict) or _settings_name(old) == _settings_name(new):
+        return
+    stem = _settings_name(old)
+    old_json.replace(run / f"{stem}.json")
+    if old_png.is_file():
+        old_png.replace(run / f"{stem}.png")
+    print(f"kept the earlier eval (other settings) as {run / stem}.json and its sheet as {stem}.png")
 
 
 def format_table(res: dict) -> str:

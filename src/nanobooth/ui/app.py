@@ -42,9 +42,22 @@ def _guard(fn):
 
 
 def header_md(ws: Workspace, n_runs: int) -> str:
+    """The page's title, what the workspace holds, and the next step for where the user is (a first visit: start here)."""
     n = len(ws.subjects())
+    if n == 0:
+        step = (f"**Start here**: in *1 Subject*, upload {MIN_PHOTOS}-{MAX_PHOTOS} photos of one subject, or use the "
+                "example dog or a toy subject; then *2 Train*.")
+    elif n_runs == 0:
+        step = "**Next**: *2 Train*, then Start (the toy model trains on this CPU in minutes)."
+    else:
+        step = "**Next**: *3 Try it* shows the base model and your run side by side; *5 Export* writes files for A1111, ComfyUI or kohya."
     return (f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {n} subject{'' if n == 1 else 's'}, "
-            f"{n_runs} run{'' if n_runs == 1 else 's'}")
+            f"{n_runs} run{'' if n_runs == 1 else 's'}\n\n{step}")
+
+
+# the toy models draw 64x64 images: shown at the box's size, pixels kept sharp, not at 64 px in a corner
+CSS = ("#nb-base-img img, #nb-tuned-img img, #nb-grid img {width: 100%; height: 100%; object-fit: contain; "
+       "image-rendering: pixelated;}")
 
 
 def variant_fields(family: str, variant: str) -> tuple:
@@ -157,8 +170,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                     try_seed = gr.Number(0, label="seed", precision=0)
                 try_btn = gr.Button("Generate", elem_id="nb-generate")
                 with gr.Row():
-                    base_img = gr.Image(label="base model", type="pil", elem_id="nb-base-img")
-                    tuned_img = gr.Image(label="trained", type="pil", elem_id="nb-tuned-img")
+                    base_img = gr.Image(label="base model", type="pil", height=320, elem_id="nb-base-img")
+                    tuned_img = gr.Image(label="trained", type="pil", height=320, elem_id="nb-tuned-img")
             with gr.Tab("4 Measure"):
                 eval_run = gr.Dropdown(run_names(), label="run")
                 eval_btn = gr.Button("Evaluate", elem_id="nb-eval")
@@ -403,7 +416,7 @@ def serve(workspace: str, host: str = "127.0.0.1", port: int = 7860, share: bool
     page.queue(default_concurrency_limit=2)
     # quiet: gradio's own lines name its Python API ("set `share=True` in `launch()`"); ours name the CLI's flags
     _, url, share_url = page.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(ws.root)],
-                                    max_file_size="20mb", prevent_thread_lock=True, show_error=True, quiet=True)
+                                    max_file_size="20mb", prevent_thread_lock=True, show_error=True, quiet=True, css=CSS)
     if block:
         print(f"nanobooth ui: open {url} (workspace {ws.root}; Ctrl-C stops it)"
               + (f"; public link {share_url}" if share_url else "; --share for a public link"), flush=True)
