@@ -381,7 +381,7 @@ def test_output_dir_and_resolution_refusals_load_no_heavy_module(tmp_path, toy_s
     # the key that differs, with both values; not the prompts (the CLI fills them from subject.json first)
     assert "different config" in resumed and "lora_rank: 8 there, 4 now" in resumed and "instance_prompt" not in resumed
     assert "output_dir 'afile' is a file" in afile
-    assert "'resolution': 100 is not a multiple of 8" in resolution and "96 or 104" in resolution
+    assert "'resolution': 100 is not a multiple of 8" in resolution and "96 or 112 (this model needs multiples of 16)" in resolution
 
 
 def test_photo_resume_and_model_resolution_refusals_load_no_heavy_module(tmp_path, toy_subject):

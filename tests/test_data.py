@@ -301,3 +301,19 @@ def test_a_mask_without_its_photo_is_refused_in_one_line(tmp_path):
     with pytest.raises(DataError, match=r"09\.mask\.png: a loss mask with no photo 09\.\* beside it") as e:
         list_images(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_every_unreadable_photo_is_named_at_once(tmp_path):
+    # newcomer55: b.jpg was named, fixed, and only the rerun named c.png
+    from nanobooth.core.data import check_images
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError) as e:
+        check_images(tmp_path)
+    line = str(e.value)
+    assert line.startswith("2 photos cannot be read as images: ") and "b.jpg" in line and "c.png" in line and "a.png" not in line
+    (tmp_path / "b.jpg").unlink()
+    with pytest.raises(DataError, match=r"c\.png: cannot read this image"):  # one: its own line, as before
+        check_images(tmp_path)

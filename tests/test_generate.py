@@ -186,6 +186,13 @@ def test_a_long_title_wraps_within_the_grid():
     assert long.size[0] == short.size[0] and long.size[1] >= short.size[1] + 12  # another line, not cut at the edge
     ink = [x for x in range(long.size[0]) for y in range(28) if long.getpixel((x, y)) != (255, 255, 255)]
     assert max(ink) < long.size[0] - 2
+    # one word longer than the grid (a run's name, newcomer55's "...20261206-184") is cut into lines, every letter kept
+    from nanobooth.inference.generate import label_font, wrap_label
+
+    name = "toy-dreambooth-lora-prior-pre-20261206-184350-and-some-more"
+    lines = wrap_label(name, label_font(), 248)
+    assert len(lines) >= 2 and "".join(lines) == name
+    assert all(label_font().getlength(ln) <= 248 for ln in lines)
 
 
 def test_long_labels_wrap_at_spaces_and_keep_every_word():
@@ -251,6 +258,9 @@ def test_weights_that_are_not_there_or_not_a_run_are_one_line_each(tmp_path):
     (tmp_path / "notes").mkdir()
     with pytest.raises(ModelError, match="--weights '.*notes': no pytorch_lora_weights.safetensors, model_index.json"):
         load_run("toy", str(tmp_path / "notes"))
+    (tmp_path / "mine-kohya.safetensors").write_bytes(b"")  # newcomer55: an exported LoRA file
+    with pytest.raises(ModelError, match="mine-kohya.safetensors' is a file; --weights takes a nanobooth run folder"):
+        load_run("toy", str(tmp_path / "mine-kohya.safetensors"))
 
 
 def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_kept(tmp_path, capsys):
@@ -281,3 +291,15 @@ def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_ke
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "notes.txt", "prompt00-00.png", "prompt00-01.png"]
     check_out_folder(out, overwrite=True)  # --overwrite: only what generate writes goes
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_generate_takes_the_base_model_from_the_run_when_model_is_not_given(tmp_path):
+    # newcomer55: --model was required though the run's config.yaml records it
+    from nanobooth.core.config import ConfigError, load_config, save_config
+    from nanobooth.inference.generate import base_model_of
+
+    save_config(load_config("toy/dreambooth-lora", ["model=toy-flux"]), tmp_path / "config.yaml")
+    assert base_model_of(None, str(tmp_path)) == "toy-flux"
+    assert base_model_of("tiny", str(tmp_path)) == "tiny"  # given wins
+    with pytest.raises(ConfigError, match="--model: pass the base model to render.*defaults to the model the run trained on"):
+        base_model_of(None, None)

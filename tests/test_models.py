@@ -147,9 +147,30 @@ def test_trains_from_a_single_file_checkpoint(tiny_model, subject_dir, tmp_path)
     pipe = load_pipeline(str(ckpt), single_file_config=str(tiny_model))
     run_unet = load_pipeline(str(full)).unet.state_dict()
     assert all(torch.equal(v, run_unet[k]) for k, v in pipe.unet.state_dict().items())
+    # a built-in name describes it too (newcomer55: `--single-file-config toy` was "no such file or folder")
+    named = load_pipeline(str(ckpt), single_file_config="tiny").unet.state_dict()  # the builder tiny_model comes from
+    assert all(torch.equal(v, run_unet[k]) for k, v in named.items())
+    # offline without it: one line naming the flag as each command spells it
+    with pytest.raises(ModelError) as e:
+        load_pipeline(str(ckpt))
+    assert "--single-file-config (generate, eval) or the config key single_file_config (train)" in str(e.value)
     lora = tmp_path / "lora"
     assert main(["train", "dreambooth-lora", *train_args(str(ckpt), subject_dir, lora), f"single_file_config={tiny_model}"]) == 0
     assert (lora / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_checkpoint_with_its_identifiers_embeddings_beside_it_says_the_identifier_needs_them(tmp_path, caplog):
+    from nanobooth.core.models import _warn_unbound_identifier
+
+    ckpt = tmp_path / "mine.safetensors"
+    ckpt.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        _warn_unbound_identifier(ckpt)
+    assert caplog.text == ""  # no embeddings beside it: nothing to say
+    (tmp_path / "mine_emb.safetensors").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        _warn_unbound_identifier(ckpt)
+    assert "mine_emb.safetensors" in caplog.text and "--weights RUN_DIR" in caplog.text and "'mine_emb'" in caplog.text
 
 
 def test_an_unsupported_pipeline_is_refused_naming_every_family_nanobooth_trains(tmp_path):
@@ -158,3 +179,15 @@ def test_an_unsupported_pipeline_is_refused_naming_every_family_nanobooth_trains
         load_pipeline(str(tmp_path))
     for family in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"):
         assert family in str(e.value)
+
+
+def test_a_local_model_loads_without_the_libraries_loading_bars(tiny_model, capsys):
+    # newcomer55: the demo's output held half-drawn "Loading weights: 0/68" lines of nested loading bars
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    capsys.readouterr()
+    load_pipeline(str(tiny_model))
+    err = capsys.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+    assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()  # back on: a hub model's download shows its bar

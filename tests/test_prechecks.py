@@ -21,3 +21,21 @@ def test_a_library_train_runs_the_cli_prechecks_before_loading_a_model(tiny_mode
     with pytest.raises(DataError, match=f"class_data_dir={a_file}: this is a file, not a folder"):
         train_mod.train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_toy_run_on_a_class_outside_the_toy_world_is_warned(caplog):
+    # newcomer55: the UI's example dog on the default toy family trained without a word, and toy eval scored it
+    from nanobooth.core.config import load_config
+    from nanobooth.core.prechecks import warn_class_outside_toy_world
+
+    def warned(*overrides):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nanobooth"):
+            warn_class_outside_toy_world(load_config(overrides[0], list(overrides[1:])))
+        return caplog.text
+
+    dog = ["instance_prompt=a photo of sks dog", "class_prompt=a photo of dog"]
+    assert "'a photo of dog' names none of them" in warned("toy/dreambooth-lora", *dog)
+    assert "balls, cubes, stars, rings, cups" in caplog.text
+    assert warned("toy/dreambooth-lora", "instance_prompt=a photo of sks star", "class_prompt=a photo of a star") == ""
+    assert warned("dreambooth-lora", *dog) == ""  # a real model knows dogs

@@ -162,8 +162,15 @@ def test_output_dir_check_refuses_a_file_and_a_foreign_folder_but_not_an_empty_o
     done.mkdir()
     (done / rf.LORA_FILE).write_bytes(b"")
     (done / rf.TRAIN_LOG).write_text('{"step": 10}\n{"step": 300}\n')
-    with pytest.raises(ConfigError, match=r"holds a run finished at step 300: pass another output_dir, overwrite=true to "
-                                          r"replace it, or resume_from_checkpoint=latest with max_train_steps above 300"):
+    # newcomer55: with no checkpoint there is nothing to train on from; with an older one, the steps after it are redone
+    with pytest.raises(ConfigError, match=r"holds a run finished at step 300: pass another output_dir, or overwrite=true "
+                                          r"to replace it \(it has no checkpoint to train on from"):
+        rf.check_output_dir(cfg(done))
+    (done / rf.CHECKPOINTS / "checkpoint-100").mkdir(parents=True)
+    (done / rf.CHECKPOINTS / "checkpoint-100" / "state.json").write_text('{"step": 100}')
+    with pytest.raises(ConfigError, match=r"overwrite=true to replace it, or resume_from_checkpoint=latest with "
+                                          r"max_train_steps above 300 to train it on; its last checkpoint is at step 100, "
+                                          r"so steps 101-300 are trained again"):
         rf.check_output_dir(cfg(done))
     (done / rf.LORA_FILE).unlink()  # logged steps without a result: an interrupted run, which can be continued
     with pytest.raises(ConfigError, match="is not empty: pass resume_from_checkpoint=latest to continue it"):
@@ -250,6 +257,21 @@ def test_toy_eval_keeps_an_earlier_eval_at_other_settings(tmp_path, capsys):
     assert not (tmp_path / "toy_eval.json").exists()  # toy_eval then writes the new one there
     assert str(kept_json) in capsys.readouterr().out
     assert set(rf.output_paths(tmp_path)) >= {kept_json, kept_png}  # an overwriting run clears it
+
+
+def test_a_resume_before_a_finished_step_says_so_and_keeps_the_toy_eval_of_the_weights_it_replaces(tmp_path, caplog):
+    (tmp_path / rf.LORA_FILE).write_bytes(b"")
+    (tmp_path / rf.TRAIN_LOG).write_text("".join(f'{{"step": {k}}}\n' for k in range(1, 151)))
+    (tmp_path / "toy_eval.json").write_text('{"tuned": {}}')
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        rf.redo_after(tmp_path, 44)
+    assert "finished weights (step 150) are replaced at the end; steps 45-150 are trained again" in caplog.text
+    assert (tmp_path / "toy_eval-step150.json").read_text() == '{"tuned": {}}' and not (tmp_path / "toy_eval.json").exists()
+    assert rf.logged_steps(tmp_path) == 44
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        rf.redo_after(tmp_path, 44)  # an interrupted run resumed where its log ends: nothing to say
+    assert caplog.text == ""
 
 
 def test_toy_eval_of_a_missing_folder_says_it_does_not_exist(tmp_path, capsys):

@@ -223,8 +223,9 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                    "toy/dreambooth-lora-prior-pre instance_data_dir=PHOTOS (nanobooth config list names the variants)")
 
     g = sub.add_parser("generate", help="render images from a base model and a run")
-    g.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, or a built-in name: "
-                                                  "toy, toy-flux, tiny, tiny-sdxl, tiny-sd3, tiny-flux)")
+    g.add_argument("--model", default=None, help="base model (hub id, diffusers folder, .safetensors, or a built-in name: "
+                                                 "toy, toy-flux, tiny, tiny-sdxl, tiny-sd3, tiny-flux); default with --weights: "
+                                                 "the model the run trained on")
     g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings)")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from .config_checks import _nearest_multiples, check_mixed_precision, check_offload, check_resolution, check_resolution_before_loading, local_denoiser_blocks  # noqa: F401 (importable from here)
+from .config_checks import _nearest_multiples, check_mixed_precision, resolution_suggestion, check_offload, check_resolution, check_resolution_before_loading, local_denoiser_blocks  # noqa: F401 (importable from here)
 from .config_checks import warn_idle_keys
 from .config_values import _check_type, _is_guidance_fraction, _type_name, _wants_str, guidance_fraction  # noqa: F401
 from .errors import ConfigError  # noqa: F401 (importable from here)
@@ -286,7 +286,7 @@ class TrainConfig:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {getattr(self, key)}")
         if self.resolution % 8:  # the model may need more (check_resolution, once it is loaded); no model needs less
             raise ConfigError(f"config key 'resolution': {self.resolution} is not a multiple of 8, which every "
-                              f"pipeline nanobooth trains (SD, SDXL, SD3, FLUX) needs; use {_nearest_multiples(self.resolution, 8)}")
+                              f"pipeline nanobooth trains (SD, SDXL, SD3, FLUX) needs; use {resolution_suggestion(self)}")
         if not 0 <= self.keep_best_tolerance <= 1:
             raise ConfigError(f"config key 'keep_best_tolerance': must be a fraction in [0, 1], got {self.keep_best_tolerance}")
         if not _is_guidance_fraction(self.validation_guidance_cutoff):

@@ -50,36 +50,58 @@ def check_resolution(resolution: int, vae_config, unet_config, latent_patch: int
     model loads (the factors are the model's), before the run folder is written. `latent_patch`: the
     family's own patching of latents before the denoiser (FLUX packs 2x2 patches: family.latent_patch).
     Returns that multiple (bucket sides must be multiples of it too)."""
-    vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
-    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
-    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
-    unet_f *= latent_patch
-    step = math.lcm(8, vae_f * unet_f)
+    vae_f, unet_f, step = _factors(vae_config, unet_config, latent_patch)
     if resolution % step:
         raise ConfigError(f"config key 'resolution': {resolution} is not a multiple of {step}, which this model needs "
                           f"(VAE x{vae_f}, UNet x{unet_f}, pipelines multiples of 8); use {_nearest_multiples(resolution, step)}")
     return step
 
 
+def _factors(vae_config, unet_config, latent_patch: int = 1) -> tuple[int, int, int]:
+    """(VAE factor, denoiser factor, the multiple a resolution must be): see check_resolution."""
+    vae_f = 2 ** (len(vae_config.block_out_channels) - 1)
+    # a UNet halves the latent per level; a transformer (SD3, FLUX) cuts it into patch_size patches
+    unet_f = 2 ** (len(unet_config.block_out_channels) - 1) if hasattr(unet_config, "block_out_channels") else unet_config.patch_size
+    unet_f *= latent_patch
+    return vae_f, unet_f, math.lcm(8, vae_f * unet_f)
+
+
 def check_resolution_before_loading(cfg: "TrainConfig") -> None:
     """check_resolution with the factors read from a local diffusers folder's (or the shipped toy model's)
     vae/ and unet/ or transformer/ config.json, so the CLI refuses before the training stack loads. Hub ids
     and single files are checked after loading (train.py); so is a family's own patching (FLUX's 2x2)."""
+    configs = _local_vae_and_denoiser(cfg)
+    if configs:
+        check_resolution(cfg.resolution, *configs)
+
+
+def _local_vae_and_denoiser(cfg: "TrainConfig"):
+    """(vae config, denoiser config) as namespaces from a local folder's (or the shipped toy model's) config.json
+    files, None when unknown before loading (hub ids, single files, another VAE, an unreadable folder)."""
     from types import SimpleNamespace
 
     if cfg.pretrained_vae_model_name_or_path:
-        return  # another VAE: its factor is known once it loads
+        return None  # another VAE: its factor is known once it loads
     folder = local_folder(cfg.model)
     denoiser = next((folder / d / "config.json" for d in ("unet", "transformer") if (folder / d / "config.json").is_file()), None)
     vae = folder / "vae" / "config.json"
     if denoiser is None or not vae.is_file():
-        return
+        return None
     try:
         vae_cfg, den_cfg = (SimpleNamespace(**json.loads(p.read_text())) for p in (vae, denoiser))
     except (OSError, ValueError, TypeError):
-        return  # a broken folder is the loader's to report, with its own message
+        return None  # a broken folder is the loader's to report, with its own message
     if hasattr(vae_cfg, "block_out_channels") and (hasattr(den_cfg, "block_out_channels") or hasattr(den_cfg, "patch_size")):
-        check_resolution(cfg.resolution, vae_cfg, den_cfg)
+        return vae_cfg, den_cfg
+    return None
+
+
+def resolution_suggestion(cfg: "TrainConfig") -> str:
+    """'56 or 64' for a resolution that is not a multiple of 8, in the multiple the model needs where that is known
+    before loading (the toy model: 16, so '48 or 64'; newcomer55: it was offered 56, then refused it)."""
+    configs = _local_vae_and_denoiser(cfg)
+    step = _factors(*configs)[2] if configs else 8
+    return _nearest_multiples(cfg.resolution, step) + (f" (this model needs multiples of {step})" if step != 8 else "")
 
 
 def local_denoiser_blocks(cfg: "TrainConfig") -> int | None:

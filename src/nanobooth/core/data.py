@@ -164,9 +164,19 @@ def mask_of(image: Path) -> Image.Image | None:
 def check_images(folder: Path, key: str = "instance_data_dir") -> None:
     """Refuse, in one line, a folder with no photos or with a photo that cannot be read, without decoding
     at full size (JPEG draft mode): the CLI calls this before any model loads, and before the prompts,
-    which an empty folder's missing subject.json would otherwise be blamed for."""
+    which an empty folder's missing subject.json would otherwise be blamed for. Every unreadable photo is named in
+    that line, not the first one alone (newcomer55 fixed one, reran, and met the next)."""
+    bad = {}
     for p in _some_images(image_paths(folder), folder, key):
-        load_image(p, draft=(64, 64))
+        try:
+            load_image(p, draft=(64, 64))
+        except DataError as e:
+            bad[p] = e
+    if len(bad) == 1:
+        raise next(iter(bad.values()))
+    if bad:
+        raise DataError(f"{len(bad)} photos cannot be read as images: {', '.join(map(str, bad))}; replace or remove them "
+                        f"(the first: {next(iter(bad.values()))})")
 
 
 def list_images(folder: Path, key: str = "instance_data_dir", warn: bool = True) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,10 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
     model = resolve_model(model)
     kind = _check_path(model, allow_pickle)
     files_only = kind == "hub" and hub_files_only(model, revision)
+    if single_file_config:  # a built-in name ("toy") describes a checkpoint as well as a folder does
+        single_file_config = resolve_model(single_file_config)
+    if kind == "file":
+        _warn_unbound_identifier(Path(model))
     try:
         name = pipeline_class_name(model, kind, revision, single_file_config, files_only)
         try:
@@ -187,15 +192,17 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
         # fp32 unless asked: weights saved in fp16 (the toy model, many hub "fp16" folders) would otherwise
         # load as fp16, which CPUs run slowly or not at all and training must not use as master weights
         common["dtype"] = torch_dtype or torch.float32
-        if kind == "file":
-            kwargs = dict(config=single_file_config) if single_file_config else {}
-            pipe = cls.from_single_file(model, **kwargs, **common)
-        else:
-            pipe = cls.from_pretrained(model, revision=revision, local_files_only=files_only, **common)
+        with _no_loading_bars(kind != "hub"):
+            if kind == "file":
+                kwargs = dict(config=single_file_config) if single_file_config else {}
+                pipe = cls.from_single_file(model, **kwargs, **common)
+            else:
+                pipe = cls.from_pretrained(model, revision=revision, local_files_only=files_only, **common)
     except ModelError:
         raise
     except Exception as e:  # diffusers/hub raise many types; the user needs one line, not a traceback
-        hint = ("pass single_file_config=DIFFUSERS_FOLDER_OR_HUB_ID describing the checkpoint" if kind == "file"
+        hint = ("name a diffusers folder, hub id or built-in model describing the checkpoint: --single-file-config "
+                "(generate, eval) or the config key single_file_config (train)" if kind == "file"
                 else "check the id, or run once online to cache it (HF_HUB_OFFLINE=1 only reads the cache)" if kind == "hub"
                 else "check the folder is a complete diffusers pipeline")
         raise ModelError(f"model '{model}': could not load ({_one_line(e)}); {hint}") from e
@@ -206,6 +213,42 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
             tok.model_max_length = te.config.max_position_embeddings
     pipe.nanobooth_family = fam
     return pipe
+
+
+@contextmanager
+def _no_loading_bars(quiet: bool):
+    """diffusers' and transformers' per-component loading bars off while `quiet` (a local model loads in a second:
+    their bars, nested, left half-drawn lines such as "Loading weights: 0/68" in the demo's output; newcomer55), then
+    back as they were. A hub model keeps them: its first load downloads gigabytes."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dlog.enable_progress_bar()
+        if was[1]:
+            tlog.enable_progress_bar()
+
+
+def _warn_unbound_identifier(checkpoint: Path) -> None:
+    """A single-file checkpoint exported from a pivotal-tuning run has its identifier's new tokens beside it
+    (`<stem>_emb.safetensors`, interop/export.py): loaded alone, the identifier means nothing, so say so."""
+    from .run_folder import EMB_SUFFIX
+
+    emb = checkpoint.with_name(checkpoint.stem + EMB_SUFFIX)
+    if emb.is_file():
+        log.warning("%s: its identifier's embeddings are in %s, which a single-file checkpoint cannot hold; loaded "
+                    "alone the identifier is an unknown word. Render the run itself (--model BASE --weights RUN_DIR), "
+                    "or in A1111/ComfyUI load %s as an embedding and write '%s' where the prompts said the identifier",
+                    checkpoint, emb.name, emb.name, emb.stem)
 
 
 def load_components(model: str, revision: str | None = None, single_file_config: str | None = None,

@@ -4,12 +4,15 @@ here), and train() runs them again for library callers, before anything is writt
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .config import check_resolution_before_loading, fill_prompts
 from .errors import ConfigError
 from .data import check_images, read_subject_meta, resolve_data_dir
 from .run_folder import check_output_dir, check_resume_request
+
+log = logging.getLogger("nanobooth")
 
 
 def check_train_input(cfg) -> None:
@@ -22,6 +25,7 @@ def check_train_input(cfg) -> None:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     check_token_abstraction(cfg, instance_dir)
+    warn_class_outside_toy_world(cfg)
     check_output_dir(cfg)
     check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
     check_resolution_before_loading(cfg)
@@ -39,3 +43,21 @@ def check_token_abstraction(cfg, instance_dir: Path) -> None:
     raise ConfigError(f"config key 'token_abstraction': '{word}' is not a word of instance_prompt '{cfg.instance_prompt}' "
                       "(nor of any caption file), so its new tokens would never be trained; set token_abstraction to the "
                       "identifier the prompt uses, or put it in instance_prompt")
+
+
+def warn_class_outside_toy_world(cfg) -> None:
+    """A toy model knows five kinds of object; a class prompt naming none of them ("a photo of a dog": the UI's example
+    dog on the default toy family) trains, but its class images and the base are no prior for the subject, and the
+    toy eval's probe reads only the toy world. One warning line saying so (newcomer55)."""
+    from . import builtin_models
+
+    if not builtin_models.is_toy(cfg.model):
+        return
+    from ..toy.world import CLASSES  # lazily: only a toy run pays for the toy world's import
+
+    words = {w.strip(".,").lower() for w in f"{cfg.class_prompt or ''} {cfg.instance_prompt or ''}".split()}
+    if words and not words & {form for c in CLASSES for form in (c, c + "s")}:
+        log.warning("model=%s draws %s only; '%s' names none of them, so its class images and base model are no prior "
+                    "for this subject (fine to try the pipeline; for a result use a toy subject, `nanobooth toy subject "
+                    "--seed N --out DIR`, or a real model)", cfg.model, ", ".join(c + "s" for c in CLASSES),
+                    cfg.class_prompt or cfg.instance_prompt)

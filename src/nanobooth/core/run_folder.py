@@ -255,8 +255,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         done = logged_steps(run_dir)
         if done and _finished(run_dir):  # "continue it" would only meet check_finished's refusal (newcomer50)
             raise ConfigError(f"output_dir '{run_dir}' holds a run finished at step {done}: pass another output_dir, "
-                              f"overwrite=true to replace it, or resume_from_checkpoint=latest with max_train_steps above "
-                              f"{done} to train it on")
+                              f"or overwrite=true to replace it{_train_on(run_dir, done)}")
         if not ((run_dir / CONFIG).is_file() or (run_dir / TRAIN_LOG).is_file() or list_checkpoints(run_dir)):
             # nothing to resume: say what overwrite=true does to a folder of someone else's files
             raise ConfigError(f"output_dir '{run_dir}' holds other files and no nanobooth run: pass a new or empty "
@@ -339,6 +338,39 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CKPT.match(p.name).group(1)))
 
 
+def _train_on(run_dir: Path, done: int) -> str:
+    """How a finished run can train on, as the end of a sentence: only from a checkpoint, and a checkpoint older than
+    the finished step means the steps after it are trained again (newcomer55: the advice was given with no checkpoint
+    to resume from, and a resume from step 44 of a 150-step run said nothing)."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return " (it has no checkpoint to train on from: checkpointing_steps was 0 or above its steps)"
+    step = checkpoint_step(ckpts[-1])
+    redo = f"; its last checkpoint is at step {step}, so steps {step + 1}-{done} are trained again" if step < done else ""
+    return f", or resume_from_checkpoint=latest with max_train_steps above {done} to train it on{redo}"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder holds (its state.json's)."""
+    return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+
+
+def redo_after(run_dir: Path, step: int) -> None:
+    """A resume at `step`: drop the log's lines past it (those steps are trained again and logged again), and when the
+    folder holds a finished result of later steps say so and keep its toy evals aside as toy_eval-stepN.* (they scored
+    the weights this run replaces)."""
+    done = logged_steps(run_dir)
+    if done > step and _finished(run_dir):
+        log.warning("resuming %s from step %d: its finished weights (step %d) are replaced at the end; steps %d-%d are "
+                    "trained again", run_dir, step, done, step + 1, done)
+        for name in TOY_EVAL:
+            if (run_dir / name).is_file():
+                kept = run_dir / f"toy_eval-step{done}{Path(name).suffix}"
+                (run_dir / name).replace(kept)
+                log.warning("%s scored the step-%d weights: kept as %s", name, done, kept.name)
+    truncate_log(run_dir / TRAIN_LOG, step)
+
+
 def _finished(run_dir: Path) -> bool:
     """The folder holds a finished result (result_kind); a folder with two results counts as finished too."""
     try:
@@ -402,7 +434,7 @@ def check_resume_request(run_dir: Path, spec: str | None, max_train_steps: int) 
     a finished run's weights), without torch, for the CLI; train then also checks the input images."""
     resume = resolve_resume(run_dir, spec, warn=False)
     if resume:
-        check_steps_left(resume, int(json.loads((resume / "state.json").read_text())["step"]), max_train_steps)
+        check_steps_left(resume, checkpoint_step(resume), max_train_steps)
         check_finished(run_dir, max_train_steps)
 
 

@@ -42,7 +42,7 @@ from .run_summary import run_summary
 from .prior import class_image_set, generate_class_images, missing_indices
 from .offload import BlockOffload
 from .quantize import quantize_base
-from .run_folder import CONFIG, TIME_TO_MODEL, check_finished, class_images_dir, clear_outputs, make_readable, truncate_log
+from .run_folder import CONFIG, TIME_TO_MODEL, check_finished, class_images_dir, clear_outputs, make_readable, redo_after
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
 
 log = logging.getLogger("nanobooth")
@@ -245,7 +245,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             keeper.load(state.get("keep_best"), resume, start_step)
     log_path = run_dir / "train_log.jsonl"
     if main:
-        truncate_log(log_path, start_step)  # the steps that the resumed run will redo
+        redo_after(run_dir, start_step)  # the log past the checkpoint goes: the resumed run redoes those steps
 
     validate = ValidationGrids(  # validate(step): that step's grid (and validation_scores), validation_grid.py
         cfg=cfg, components=c, unet=unet, text_encoders=text_encoders, idle=idle, tokens=tokens, te_trained=te_trained,

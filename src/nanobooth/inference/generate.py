@@ -29,6 +29,10 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     run = Path(weights)
     if not run.exists():
         raise ModelError(f"--weights '{weights}': nothing is there; pass a finished nanobooth run folder")
+    if run.is_file():  # newcomer55: an exported LoRA or checkpoint passed as --weights
+        raise ModelError(f"--weights '{weights}' is a file; --weights takes a nanobooth run folder (the one it was exported "
+                         "from). Exported files are for A1111, ComfyUI, kohya or diffusers' load_lora_weights; a single-file "
+                         "checkpoint goes to --model")
     kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
     if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
         if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type
@@ -177,10 +181,17 @@ def label_font():
 
 
 def wrap_label(text: str, font, width: int) -> list[str]:
-    """`text` as lines no wider than `width` pixels in `font`, broken at spaces (a longer word gets a line of
-    its own); words stay separated by single spaces."""
+    """`text` as lines no wider than `width` pixels in `font`, broken at spaces (a word longer than a line, such as a
+    run's name, is cut into pieces that fit); words stay separated by single spaces."""
     lines, line = [], ""
+    words = []
     for word in text.split():
+        while font.getlength(word) > width and len(word) > 1:
+            cut = max(k for k in range(1, len(word)) if k == 1 or font.getlength(word[:k]) <= width)
+            words.append(word[:cut])
+            word = word[cut:]
+        words.append(word)
+    for word in words:
         joined = f"{line} {word}" if line else word
         if line and font.getlength(joined) > width:
             lines.append(line)
@@ -301,8 +312,23 @@ def check_out_folder(out: Path, overwrite: bool) -> None:
         p.unlink()
 
 
+def base_model_of(model: str | None, weights: str | None) -> str:
+    """generate's --model: as given, else the model the --weights run trained on (its config.yaml; newcomer55 had to
+    repeat what the run already records). ConfigError when neither names one."""
+    from ..core.errors import ConfigError
+
+    if model:
+        return model
+    cfg = load_run_config(weights) if weights and Path(weights).is_dir() else None
+    if cfg is None:
+        raise ConfigError("--model: pass the base model to render (a hub id, a folder, a .safetensors file or a built-in "
+                          "name such as toy); with --weights RUN_DIR it defaults to the model the run trained on")
+    return cfg.model
+
+
 def generate_cli(args) -> Path:
     check_out_folder(Path(args.out), args.overwrite)
+    args.model = base_model_of(args.model, args.weights)
     images = generate(args.model, args.prompt, weights=args.weights, num_images=args.num_images, seed=args.seed,
                       steps=args.steps, guidance=args.guidance, guidance_cutoff=args.guidance_cutoff,
                       resolution=args.resolution, out=args.out, device=args.device, dtype=args.dtype,
