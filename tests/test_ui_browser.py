@@ -84,10 +84,19 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg")))
         page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")
         sync_api.expect(page.locator("#nb-prompts")).to_contain_text("a photo of a sks dog")
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("Next: 2 Train, then Start")
         page.screenshot(path=str(shots / "1-subject.png"), full_page=True)
         times["subject"] = round(time.time() - t0)
-        # 2. train: 20 steps of the toy LoRA, no prior, one validation prompt
+        # 2. train: 20 steps of the toy LoRA, no prior, one validation prompt. The form opens on the README's recipe
+        # (LoRA + prior preservation, newcomer: it opened on the plain LoRA); the plain one skips making class images,
+        # and picking it puts its recipe in the form
         page.get_by_role("tab", name="2 Train").click()
+        variant, prior = page.locator("#nb-variant input"), page.locator("#nb-prior input")
+        sync_api.expect(variant).to_have_value("dreambooth-lora-prior-pre")
+        sync_api.expect(prior).to_be_checked()
+        variant.click()
+        page.get_by_role("option", name="dreambooth-lora", exact=True).click()
+        sync_api.expect(prior).not_to_be_checked()
         page.locator("#nb-steps input").fill("20")
         page.locator("#nb-val textarea").fill("a photo of a sks dog")
         # fewer sampler steps for the grids and the Try-it images (generate takes the run's setting)
@@ -118,6 +127,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         link = page.locator("#nb-export-file a").first
         link.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "5-export.png"), full_page=True)
+        sync_api.expect(page.locator("#nb-export-msg")).not_to_contain_text("_emb")  # a plain LoRA: nothing to add
         with page.expect_download() as dl:
             link.click()
         got = tmp_path / "downloaded.safetensors"
@@ -140,3 +150,48 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
     kohya, trained = unet_out(base), unet_out(own)
     assert (kohya - before).abs().max() > 1e-4  # the download changes the model...
     torch.testing.assert_close(kohya, trained, atol=1e-4, rtol=1e-4)  # ...as the run trained it
+
+
+def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app, capfd, caplog):
+    """newcomer: every refused action (a config key misspelt in the advanced box) printed a traceback in the server's
+    terminal; one uploaded photo read "1 photos" while the header said to train, and Start trained it; a run whose
+    model could not load (a hub id, offline) stayed in the Runs tab as "incomplete, 0 steps"."""
+    url, ws = app
+
+    def refused(text):  # gradio's error toast, one line
+        sync_api.expect(page.locator(".toast-body.error", has_text=text)).to_be_visible()
+        page.locator(".toast-body.error [data-testid=toast-close]").first.click()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("0 subjects")
+        page.set_input_files("#nb-upload input[type=file]", [str(sorted(DOG.glob("*.jpg"))[0])])
+        sync_api.expect(page.locator("#nb-warnings")).to_contain_text("1 photo: DreamBooth needs 3-20 photos")
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("this subject has 1 photo: ")
+        sync_api.expect(page.locator("#nb-header")).not_to_contain_text("then Start")
+        page.get_by_role("tab", name="2 Train").click()
+        page.locator("#nb-start").click()
+        refused("has 1 photo: DreamBooth needs 3-20 photos of one subject")
+        page.get_by_role("tab", name="1 Subject").click()
+        page.locator("#nb-dog").click()
+        sync_api.expect(page.locator("#nb-header")).to_contain_text("Next: 2 Train, then Start")
+        page.get_by_role("tab", name="2 Train").click()
+        page.locator("#nb-advanced textarea").fill("validaton_prompts=[]")
+        page.locator("#nb-start").click()
+        refused("did you mean 'validation_prompts'?")
+        page.locator("#nb-advanced textarea").fill("")
+        page.locator("#nb-model textarea, #nb-model input").first.fill("runwayml/stable-diffusion-v1-5")
+        page.locator("#nb-start").click()  # passes the checks, then cannot load the model offline
+        page.wait_for_selector("#nb-progress[data-status=failed]", timeout=120_000)
+        sync_api.expect(page.locator("#nb-message")).to_contain_text("could not load")
+        page.get_by_role("tab", name="5 Export").click()
+        page.locator("#nb-export").click()
+        refused("pick a run first")  # a gr.Error of the page's own
+        browser.close()
+    assert list((ws / "runs").iterdir()) == []  # the failed start wrote nothing and left no folder behind
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err + caplog.text
+    assert "validaton_prompts" not in out + err  # a refusal is the page's news: the terminal stays quiet

@@ -85,3 +85,46 @@ def test_stop_on_a_queued_job_cancels_it_and_one_output_dir_takes_one_job(tiny_m
     assert queued.status == CANCELLED and queued.finished.is_set()
     assert first.finished.wait(300) and first.status == DONE
     assert not (tmp_path / "b").exists()
+
+
+def test_a_start_that_wrote_nothing_leaves_no_empty_run_folder_and_a_failed_run_reads_failed(tiny_model, subject_dir,
+                                                                                              tmp_path):
+    """newcomer: a run whose model could not load (runwayml/stable-diffusion-v1-5 offline) stayed in the Runs tab as
+    "incomplete, 0 steps". Its empty folder goes; one with something in it stays and reads "failed: <why>"."""
+    import threading
+
+    from nanobooth.ui.jobs import shown_status
+
+    release = threading.Event()
+
+    def train(cfg, **kw):
+        if cfg.output_dir.endswith("wait"):
+            release.wait(60)
+        if cfg.output_dir.endswith("wrote"):
+            (tmp_path / "wrote" / "train_log.jsonl").write_text("")
+            raise RuntimeError("died in step 1")
+        return api.train(cfg, **kw)
+
+    jm = JobManager(train=train)
+    folders = {n: tmp_path / n for n in ("offline", "wrote", "wait", "cancelled", "resumed")}
+    for f in folders.values():
+        f.mkdir()  # as the page makes them (Workspace.new_folder) before the job starts
+    offline = jm.submit(cfg_for(tmp_path / "no-such-model", subject_dir, folders["offline"]))  # the real loader refuses
+    wrote = jm.submit(cfg_for(tiny_model, subject_dir, folders["wrote"]))
+    waiting = jm.submit(cfg_for(tiny_model, subject_dir, folders["wait"]))
+    cancelled = jm.submit(cfg_for(tiny_model, subject_dir, folders["cancelled"]))
+    jm.stop(cancelled)
+    resumed = jm.resume(cfg_for(tmp_path / "no-such-model", subject_dir, folders["resumed"]))
+    release.set()
+    assert resumed.finished.wait(300) and wrote.finished.is_set()
+    assert offline.status == FAILED and not folders["offline"].exists()
+    assert cancelled.status == CANCELLED and not folders["cancelled"].exists()
+    assert wrote.status == FAILED and (folders["wrote"] / "train_log.jsonl").is_file()
+    assert shown_status(wrote, "incomplete") == "failed: RuntimeError: died in step 1"
+    assert resumed.status == FAILED and folders["resumed"].is_dir()  # a resume's folder is the user's run: never removed
+    assert waiting.status == DONE and shown_status(waiting, "finished") == "finished"
+    assert shown_status(None, "stopped (checkpoint at step 2)") == "stopped (checkpoint at step 2)"
+    running = jm.submit(cfg_for(tiny_model, subject_dir, tmp_path / "live", "max_train_steps=50"))
+    assert shown_status(running, "incomplete") in ("queued", "running")
+    jm.stop(running)
+    assert running.finished.wait(300)

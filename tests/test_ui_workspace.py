@@ -129,3 +129,52 @@ def test_a_subject_keeps_the_words_its_run_started_with_and_the_form_follows_the
     assert variant_fields(fam, "dreambooth-lora")[0] is False
     assert variant_fields(fam, "dreambooth-prior-pre")[1] == load_config("toy/dreambooth-prior-pre").max_train_steps
     assert variant_fields("SDXL", "dreambooth-prior-pre")[3] == load_config("sdxl/dreambooth-prior-pre").resolution
+
+
+def test_a_subject_outside_3_to_20_photos_is_named_with_its_count_and_what_to_do(tmp_path):
+    """newcomer: one uploaded photo showed "1 photos: use 3-20" while the header said "Next: 2 Train, then Start"."""
+    assert W.photo_count_problem(1).startswith("1 photo: DreamBooth needs 3-20 photos of one subject; upload them")
+    assert W.photo_count_problem(0).startswith("0 photos: ")
+    assert W.photo_count_problem(W.MIN_PHOTOS) is W.photo_count_problem(W.MAX_PHOTOS) is None
+    assert W.photo_count_problem(W.MAX_PHOTOS + 1) == "21 photos: use 3-20; move the extra ones out of the subject's folder"
+    ws = W.Workspace(tmp_path / "ws")
+    dog = ws.example_dog()
+    one = ws.save_uploads(sorted(dog.glob("*.jpg"))[:1])[0]
+    said = W.header_md(ws, 0, one)
+    assert "2 subjects, 0 runs" in said and "this subject has 1 photo: " in said and "then Start" not in said
+    assert "**Next**: *2 Train*, then Start" in W.header_md(ws, 0, dog) == W.header_md(ws, 0)
+
+
+def test_the_export_tab_gives_the_emb_file_and_says_how_to_use_it_in_exports_own_words(tiny_model, subject_dir, tmp_path):
+    """newcomer: the Export tab gave a pivotal-tuning run's _emb file without saying what to do with it; the CLI says
+    "write 'NAME_emb' where the run's prompts say 'sks'" (interop.export's line, taken as it says it)."""
+    from conftest import train_args
+
+    from nanobooth import api
+
+    ws = W.Workspace(tmp_path / "ws")
+    run = ws.runs / "pt"
+    api.train(load_config("dreambooth-lora", train_args(tiny_model, subject_dir, run, "train_text_encoder_ti=true",
+                                                        "train_text_encoder_ti_frac=1.0")))
+    files, note = W.export_run(ws, run, "kohya")
+    assert [os.path.basename(f) for f in files] == ["pt-kohya.safetensors", "pt-kohya_emb.safetensors"]
+    assert all(os.path.isfile(f) and W.Workspace(tmp_path / "ws").inside(f) for f in files)
+    assert "write 'pt-kohya_emb' (ComfyUI: 'embedding:pt-kohya_emb') where the run's prompts say 'sks'" in note
+    assert "the run's new tokens are in pt-kohya_emb.safetensors: put it in A1111's embeddings/" in note
+    assert str(ws.root) not in note and "\n" not in note  # the file's name, as the download gives it; one line
+    # (a plain LoRA's export says nothing: the browser test's)
+
+
+def test_export_notes_are_this_threads_warnings_only(caplog):
+    import logging
+    import threading
+
+    log = logging.getLogger("nanobooth.somewhere")
+    with W.warnings_said() as said:
+        log.warning("mine %s", 1)
+        log.info("not a warning")
+        t = threading.Thread(target=lambda: log.warning("a training job's"))
+        t.start()
+        t.join()
+    log.warning("after")
+    assert said == ["mine 1"]

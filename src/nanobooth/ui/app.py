@@ -15,44 +15,34 @@ import os
 import shutil
 from pathlib import Path
 
-from .jobs import FINAL, JobManager, one_line
-from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, photo_warnings, remember_names, run_status, subject_names,
-                        subject_prompts, suggested_prompts)
+from .jobs import FINAL, JobManager, one_line, shown_status
+from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, photo_warnings,
+                        remember_names, run_status, subject_names, subject_prompts, suggested_prompts)
 
 FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
             "dreambooth-finetune-text-encoder"]
+DEFAULT = ("toy (embedded, CPU)", "dreambooth-lora-prior-pre")  # the form opens on the README's recipe: LoRA + prior
 EXPORTS = {"kohya / A1111 LoRA": "kohya", "ComfyUI LoRA": "comfyui", "single-file checkpoint": "single-file",
            "diffusers": "diffusers"}
 
 
 def _guard(fn):
-    """Run a handler; any exception becomes a gr.Error with the CLI's one line (the page shows it)."""
+    """Run a handler; any exception becomes a gr.Error with the CLI's one line (the page shows it). Gradio's queue
+    prints a traceback for every gr.Error unless it says print_exception=False: a refusal is the user's news, shown
+    on the page, and leaves the server's terminal quiet."""
     @functools.wraps(fn)
     def wrapper(*args):
         import gradio as gr
 
         try:
             return fn(*args)
-        except gr.Error:
+        except gr.Error as e:  # ours (run_dir, build_cfg): already one line
+            e.print_exception = False
             raise
         except BaseException as e:  # noqa: BLE001 - a page shows a line, not a traceback
-            raise gr.Error(one_line(e), duration=None) from None
+            raise gr.Error(one_line(e), duration=None, print_exception=False) from None
     return wrapper
-
-
-def header_md(ws: Workspace, n_runs: int) -> str:
-    """The page's title, what the workspace holds, and the next step for where the user is (a first visit: start here)."""
-    n = len(ws.subjects())
-    if n == 0:
-        step = (f"**Start here**: in *1 Subject*, upload {MIN_PHOTOS}-{MAX_PHOTOS} photos of one subject, or use the "
-                "example dog or a toy subject; then *2 Train*.")
-    elif n_runs == 0:
-        step = "**Next**: *2 Train*, then Start (the toy model trains on this CPU in minutes)."
-    else:
-        step = "**Next**: *3 Try it* shows the base model and your run side by side; *5 Export* writes files for A1111, ComfyUI or kohya."
-    return (f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {n} subject{'' if n == 1 else 's'}, "
-            f"{n_runs} run{'' if n_runs == 1 else 's'}\n\n{step}")
 
 
 # the toy models draw 64x64 images: shown at the box's size, pixels kept sharp, not at 64 px in a corner
@@ -113,8 +103,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             warns = photo_warnings(p, int(resolution))
             items.append((str(p), "; ".join(warns) or "ok"))
             lines += [f"- {p.name}: {w}" for w in warns]
-        if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
-            lines.insert(0, f"- {len(photos)} photos: use {MIN_PHOTOS}-{MAX_PHOTOS}")
+        if problem := photo_count_problem(len(photos)):
+            lines.insert(0, f"- {problem}")
         inst, cls = subject_prompts(folder, identifier, noun)
         return items, "\n".join(lines) or "all photos ok", f"instance prompt: `{inst}`  \nclass prompt: `{cls}`"
 
@@ -139,17 +129,19 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 prompts_md = gr.Markdown(elem_id="nb-prompts")
             with gr.Tab("2 Train"):
                 with gr.Row():
-                    family = gr.Dropdown(list(FAMILIES), value="toy (embedded, CPU)", label="family")
-                    variant = gr.Dropdown(VARIANTS, value="dreambooth-lora", label="variant")
-                    model = gr.Textbox("toy", label="model (hub id, local folder or .safetensors in the workspace)")
+                    family = gr.Dropdown(list(FAMILIES), value=DEFAULT[0], label="family")
+                    variant = gr.Dropdown(VARIANTS, value=DEFAULT[1], label="variant", elem_id="nb-variant")
+                    model = gr.Textbox("toy", label="model (hub id, local folder or .safetensors in the workspace)",
+                                       elem_id="nb-model")
+                prior0, steps0, rank0, res0, n_class0 = variant_fields(*DEFAULT)  # the variant's recipe, as picking it gives
                 with gr.Row():
-                    steps = gr.Number(300, label="max_train_steps", precision=0, elem_id="nb-steps")
+                    steps = gr.Number(steps0, label="max_train_steps", precision=0, elem_id="nb-steps")
                     lr = gr.Textbox("", label="learning_rate (empty: the variant's)")
-                    rank = gr.Number(16, label="lora_rank", precision=0)
-                    resolution = gr.Number(64, label="resolution", precision=0)
+                    rank = gr.Number(rank0, label="lora_rank", precision=0)
+                    resolution = gr.Number(res0, label="resolution", precision=0)
                 with gr.Row():
-                    prior = gr.Checkbox(False, label="prior preservation", elem_id="nb-prior")
-                    n_class = gr.Number(50, label="num_class_images", precision=0)
+                    prior = gr.Checkbox(prior0, label="prior preservation", elem_id="nb-prior")
+                    n_class = gr.Number(n_class0, label="num_class_images", precision=0)
                 val_prompts = gr.Textbox("a photo of a sks dog\na photo of a sks dog on the beach", lines=2,
                                          label="validation prompts (one a line)", elem_id="nb-val")
                 advanced = gr.Textbox("", lines=3, label="advanced: any key=value, one a line (as on the CLI)",
@@ -183,6 +175,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 exp_btn = gr.Button("Export", elem_id="nb-export")
                 exp_file = gr.File(label="download (with pivotal tuning: the LoRA and its new tokens' _emb file)",
                                    file_count="multiple", elem_id="nb-export-file")
+                exp_msg = gr.Markdown(elem_id="nb-export-msg")  # export's own words on using the _emb file
             with gr.Tab("6 Runs"):
                 runs_df = gr.Dataframe(headers=["run", "status", "steps", "method", "model"], interactive=False)
                 runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
@@ -194,7 +187,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         # --- subject ---------------------------------------------------------------------------------------------
         def subject_choice(folder, msg=""):
             # a new folder name every time (Workspace.new_folder), so the dropdown's change (on_subject) fills its words
-            return gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, header_md(ws, len(run_names()))
+            return gr.Dropdown(choices=ws.subjects(), value=folder.name), msg, header_md(ws, len(run_names()), folder)
 
         @_guard
         def on_upload(files):
@@ -214,12 +207,14 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             # the subject's own words (subject.json: a toy subject's, or those a run was started with), not the
             # form's last ones: a reloaded page keeps the subject and would otherwise train it as a "dog"
             if not name:
-                return "sks", "dog", *suggested_prompts("sks", "dog"), [], "", ""
-            ident, n = subject_names(ws.subject_folder(name))
-            return ident, n, *suggested_prompts(ident, n), *show_subject(name, res, ident, n)
+                return "sks", "dog", *suggested_prompts("sks", "dog"), [], "", "", header_md(ws, len(run_names()))
+            folder = ws.subject_folder(name)
+            ident, n = subject_names(folder)
+            return (ident, n, *suggested_prompts(ident, n), *show_subject(name, res, ident, n),
+                    header_md(ws, len(run_names()), folder))  # its next step: more photos, or Train
 
         subject.change(on_subject, [subject, resolution], [identifier, noun, val_prompts, try_prompt, thumbs, warnings,
-                                                           prompts_md])
+                                                           prompts_md, header])
         for trigger in (identifier.input, noun.input):  # typed by the user, not set by a subject
             trigger(lambda i, n: suggested_prompts(i.strip(), n.strip()), [identifier, noun], [val_prompts, try_prompt])
         for trigger in (identifier.submit, noun.submit, resolution.submit):
@@ -229,6 +224,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         # --- train -----------------------------------------------------------------------------------------------
         def build_cfg(sub, ident, n, fam, var, mdl, st, rate, rk, res, pri, ncls, vals, adv):
             folder = ws.subject_folder(sub)
+            from ..core.data import image_paths
+
+            if problem := photo_count_problem(len(image_paths(folder))):
+                raise gr.Error(f"subject '{folder.name}' has {problem}")
             name = FAMILIES[fam] + var
             if name not in variant_names():
                 raise gr.Error(f"no variant {name} for {fam}")
@@ -353,31 +352,16 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         eval_btn.click(on_eval, eval_run, [eval_md, eval_img])
 
-        @_guard
-        def on_export(name, fmt_label):
-            from .. import api
-
-            run, fmt = run_dir(name), EXPORTS[fmt_label]
-            folder = run_status(run)["kind"] == "full" and fmt == "diffusers"
-            out = ws.root / "exports" / f"{run.name}-{fmt}{'' if folder else '.safetensors'}"
-            path = api.export(run, fmt, out, overwrite=True)
-            if path.is_dir():  # a download is one file
-                path = Path(shutil.make_archive(str(path), "zip", path))
-            from ..core.run_folder import EMB_SUFFIX
-
-            emb = out.with_name(out.stem + EMB_SUFFIX)  # pivotal tuning's new tokens, which the LoRA needs beside it
-            return [str(path)] + ([str(emb)] if emb.is_file() and emb != path else [])
-
-        exp_btn.click(on_export, [exp_run, exp_fmt], exp_file)
+        exp_btn.click(_guard(lambda name, fmt: export_run(ws, run_dir(name), EXPORTS[fmt])), [exp_run, exp_fmt],
+                      [exp_file, exp_msg])
 
         # --- runs ----------------------------------------------------------------------------------------------------
         def runs_table():
             rows = []
             for name in run_names():
-                job = jm.for_dir(ws.runs / name)
                 st = run_status(ws.runs / name)
-                status = job.status if job and job.status not in FINAL else st["status"]
-                rows.append([name, status, st["steps"], st["config"].get("method", ""), st["config"].get("model", "")])
+                rows.append([name, shown_status(jm.for_dir(ws.runs / name), st["status"]), st["steps"],
+                             st["config"].get("method", ""), st["config"].get("model", "")])
             names = run_names()
             pick = [gr.Dropdown(choices=names, value=(names[0] if names else None)) for _ in range(4)]
             return [rows] + pick
@@ -400,7 +384,9 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         def on_load():
             # a reloaded page lists what was made since launch and shows the newest subject; the header's
             # counts say the page is ready (a busy server can answer this after a very quick first upload)
-            return gr.Dropdown(choices=ws.subjects(), value=ws.newest_subject()), header_md(ws, len(run_names()))
+            newest = ws.newest_subject()
+            return (gr.Dropdown(choices=ws.subjects(), value=newest),
+                    header_md(ws, len(run_names()), ws.subject_folder(newest) if newest else None))
 
         page.load(on_load, None, [subject, header])
     return page

@@ -4,11 +4,13 @@ No gradio here: the page polls `JobManager.snapshot()` (so a reloaded or reopene
 run: the state lives in the manager, not in a browser session). A stop is `train(should_stop=...)`: the
 run checkpoints at the next step boundary (or ends setup at once) and `TrainingInterrupted` arrives,
 which marks the job "stopped"; `resume(job)` queues the same config with resume_from_checkpoint=latest.
-A job that raises is "failed" with a one-line message; the worker goes on with the next job.
+A job that raises is "failed" with a one-line message; the worker goes on with the next job. A fresh start
+that wrote nothing (failed loading its model, or cancelled in the queue) takes its empty run folder with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import logging
@@ -36,6 +38,21 @@ def one_line(e: BaseException) -> str:
     if isinstance(e, KeyboardInterrupt):
         return f"interrupted: {e}"
     return f"error: {type(e).__name__}: {e}".splitlines()[0]
+
+
+def shown_status(job: Job | None, on_disk: str) -> str:
+    """A run's status for the Runs tab: the live job's, "failed: <its line>" for a job that failed in this session
+    (its folder would read "incomplete"), else what the run folder says (`on_disk`, workspace.run_status)."""
+    if job is not None and job.status == FAILED:
+        return f"failed: {job.message.removeprefix('error: ')}"
+    return job.status if job is not None and job.status not in FINAL else on_disk
+
+
+def _drop_if_empty(job: Job) -> None:
+    """Remove a fresh start's run folder if nothing was written in it (only an empty folder goes: os.rmdir)."""
+    if not job.cfg.resume_from_checkpoint:
+        with contextlib.suppress(OSError):
+            job.output_dir.rmdir()
 
 
 @dataclass
@@ -135,6 +152,7 @@ class JobManager:
         job.stop_flag.set()
         if job.status == QUEUED:
             job.status, job.message = CANCELLED, "cancelled before it started"
+            _drop_if_empty(job)
             job.finished.set()
         elif job.status == RUNNING:
             job.status, job.message = STOPPING, "stopping: a checkpoint is written at the next step"
@@ -173,6 +191,7 @@ class JobManager:
             except BaseException as e:  # noqa: BLE001 - whatever one job does, the next one runs
                 job.status, job.message = FAILED, one_line(e)
                 log.warning("ui job %s failed: %s", job.name, job.message)
+                _drop_if_empty(job)
             finally:
                 job.ended = time.time()
                 job.finished.set()

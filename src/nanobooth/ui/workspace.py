@@ -8,8 +8,11 @@ orientation, CMYK, unreadable), from the same reader the CLI trains with (core.d
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -125,6 +128,35 @@ class Workspace:
         return max(folders, key=lambda p: (p.stat().st_mtime_ns, p.name)).name if folders else None
 
 
+def photo_count_problem(n: int) -> str | None:
+    """None for a subject of MIN_PHOTOS-MAX_PHOTOS photos, else its count and what to do (the Subject tab's note,
+    the header's next step and Start's refusal say the same)."""
+    if n < MIN_PHOTOS:
+        return (f"{n} photo{'' if n == 1 else 's'}: DreamBooth needs {MIN_PHOTOS}-{MAX_PHOTOS} photos of one subject; "
+                f"upload them together (one upload is one subject), or use the example dog or a toy subject")
+    if n > MAX_PHOTOS:
+        return f"{n} photos: use {MIN_PHOTOS}-{MAX_PHOTOS}; move the extra ones out of the subject's folder"
+    return None
+
+
+def header_md(ws: Workspace, n_runs: int, subject: Path | None = None) -> str:
+    """The page's title, what the workspace holds, and the next step for where the user is (a first visit: start
+    here; a subject with too few or too many photos: fix that first)."""
+    n = len(ws.subjects())
+    problem = photo_count_problem(len(image_paths(subject))) if subject is not None else None
+    if n == 0:
+        step = (f"**Start here**: in *1 Subject*, upload {MIN_PHOTOS}-{MAX_PHOTOS} photos of one subject, or use the "
+                "example dog or a toy subject; then *2 Train*.")
+    elif problem:
+        step = f"**Next**: *1 Subject*: this subject has {problem}; then *2 Train*."
+    elif n_runs == 0:
+        step = "**Next**: *2 Train*, then Start (the toy model trains on this CPU in minutes)."
+    else:
+        step = "**Next**: *3 Try it* shows the base model and your run side by side; *5 Export* writes files for A1111, ComfyUI or kohya."
+    return (f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {n} subject{'' if n == 1 else 's'}, "
+            f"{n_runs} run{'' if n_runs == 1 else 's'}\n\n{step}")
+
+
 def photo_warnings(path: Path, resolution: int) -> list[str]:
     """What a user should know about one photo before training on it at `resolution` pixels."""
     try:
@@ -204,3 +236,42 @@ def run_status(run: Path) -> dict:
     grids = sorted((run / SAMPLES).glob("step-*.png"))
     return {"status": status, "steps": steps, "config": cfg, "grid": grids[-1] if grids else None, "kind": kind,
             "toy_eval": json.loads((run / "toy_eval.json").read_text()) if (run / "toy_eval.json").is_file() else None}
+
+
+@contextlib.contextmanager
+def warnings_said(logger: str = "nanobooth"):
+    """The warning lines `logger` (and its children) says in this thread while the block runs, as a list filled
+    in place; they reach the terminal as before. Another thread's lines (a training job's) are not taken."""
+    lines, me = [], threading.get_ident()
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.thread == me:
+                lines.append(record.getMessage())
+
+    keep, log = Keep(logging.WARNING), logging.getLogger(logger)
+    log.addHandler(keep)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(keep)
+
+
+def export_run(ws: Workspace, run: Path, fmt: str) -> tuple[list[str], str]:
+    """Export `run` as `fmt` (interop.export's formats) under the workspace's exports/; returns the files to
+    download (a folder zipped; a pivotal-tuning run's `_emb` file beside its LoRA) and what export said about
+    them (how to use the `_emb` file: export's own line, with the file's name for its server path)."""
+    from .. import api
+    from ..core.run_folder import EMB_SUFFIX
+
+    folder = run_status(run)["kind"] == "full" and fmt == "diffusers"
+    out = ws.root / "exports" / f"{run.name}-{fmt}{'' if folder else '.safetensors'}"
+    with warnings_said() as said:
+        path = api.export(run, fmt, out, overwrite=True)
+    if path.is_dir():  # a download is one file
+        path = Path(shutil.make_archive(str(path), "zip", path))
+    emb = out.with_name(out.stem + EMB_SUFFIX)  # pivotal tuning's new tokens, which the LoRA needs beside it
+    files = [path] + ([emb] if emb.is_file() and emb != path else [])
+    for f in (out, *files):
+        said = [line.replace(str(f), f.name) for line in said]
+    return [str(f) for f in files], "\n".join(said)
