@@ -8,7 +8,7 @@ from conftest import train_args
 
 from nanobooth import api
 from nanobooth.core.config import load_config
-from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, JobManager
+from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, JobManager, logged_losses
 
 
 def cfg_for(tiny_model, subject_dir, out, *extra):
@@ -52,7 +52,11 @@ def test_stop_checkpoints_and_resume_finishes_the_run(tiny_model, subject_dir, t
     again = jm.resume(job)
     assert again.cfg.resume_from_checkpoint == "latest" and job.cfg.resume_from_checkpoint is None
     assert again.finished.wait(300) and again.status == DONE, again.message
-    assert [s for s, _ in again.losses] == [3, 4, 5]
+    # the plot keeps the steps before the resume (newcomer55: it began at step 3), with the losses the log holds
+    assert [s for s, _ in again.losses] == [1, 2, 3, 4, 5]
+    assert again.losses[:2] == logged_losses(run, before=3)
+    assert [s for s, _ in job.losses] == [1, 2]
+    assert [v for _, v in again.losses[:2]] == pytest.approx([v for _, v in job.losses], abs=1e-5)  # the log rounds
     assert logged_steps(run) == [1, 2, 3, 4, 5]
     assert (run / "pytorch_lora_weights.safetensors").is_file()
 

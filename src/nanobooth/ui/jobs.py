@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -53,6 +54,21 @@ def _drop_if_empty(job: Job) -> None:
     if not job.cfg.resume_from_checkpoint:
         with contextlib.suppress(OSError):
             job.output_dir.rmdir()
+
+
+def logged_losses(run_dir: Path, before: int) -> list[tuple[int, float]]:
+    """(step, loss) of the run's train_log.jsonl for the steps before `before` (newcomer55: after Stop and Resume the
+    loss plot began at the resumed step, the history gone). [] for no log; unreadable lines are skipped."""
+    from ..core.run_folder import TRAIN_LOG
+
+    out = []
+    path = Path(run_dir) / TRAIN_LOG
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            rec = json.loads(line)
+            if int(rec["step"]) < before and rec.get("loss") is not None:
+                out.append((int(rec["step"]), float(rec["loss"])))
+    return out
 
 
 @dataclass
@@ -102,6 +118,8 @@ class Job:
             if self.phase != "training":
                 self.phase, self.phase_started = "training", now
             self.done, self.total = e.step, e.total
+            if not self.losses and self.cfg.resume_from_checkpoint:  # a resumed run's plot keeps the steps before it
+                self.losses = logged_losses(self.output_dir, before=e.step)
             self.losses = self.losses + [(e.step, e.loss)]
             recent = getattr(self, "_recent", [])[-9:] + [e.seconds_per_step]
             self._recent = recent
