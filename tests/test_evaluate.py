@@ -260,6 +260,10 @@ def test_eval_dataset_summarises_subjects_and_reuses_finished_ones(lora_run, tin
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| dog (dog) |" in md and "mean over 2 subjects" in md and "backpack" in md
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["mean"] == summary["mean"]
+    # each run's own sampling settings where no flag is given (train_args: resolution 32), recorded per subject
+    assert summary["subjects"]["dog"]["sampling"] == {"steps": 2, "guidance": 7.5, "guidance_cutoff": 1.0, "resolution": 32,
+                                                      "sampler": "model"}
+    assert summary["settings"]["steps"] == 2 and summary["settings"]["backend"] == "real" and summary["paper"] == M.PAPER
 
     def no_render(*a, **k):
         raise AssertionError("finished subjects must not be rendered again")
@@ -315,3 +319,116 @@ def test_toy_prompt_match_judges_only_what_the_prompt_names():
         "a photo of a sks ball",  # wrong class
     ])
     assert match.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+# ------------------------------------------------------------------ defaults: the toy model's backend, the run's sampling
+def test_the_embedded_toy_model_is_recognised_by_name_and_folder(tiny_model, tmp_path):
+    from nanobooth.core.builtin_models import shipped_folder
+    from nanobooth.eval import defaults as D
+
+    assert D.toy_model("toy") and D.toy_model("toy-flux")
+    if shipped_folder("toy") is not None:  # this build ships it: its folder, however the path is spelt, is the toy model
+        assert D.toy_model(str(shipped_folder("toy"))) and D.toy_model(str(shipped_folder("toy")) + "/")
+    assert not D.toy_model(str(tiny_model)) and not D.toy_model("tiny") and not D.toy_model(str(tmp_path / "toy"))
+    assert D.choose_backend("toy", None) == "toy" and D.choose_backend(str(tiny_model), None) == "real"
+    assert D.choose_backend("toy", "real") == "real" and D.choose_backend(str(tiny_model), "toy") == "toy"  # a flag wins
+
+
+def test_eval_of_the_toy_model_scores_with_the_probe_by_default(tiny_model, subject_dir, toy_probe, tmp_path, monkeypatch,
+                                                                 caplog, capsys):
+    """The newcomer's command, without --backend: the toy backend (said in one line), its own column names, no paper rows."""
+    load_run = E.load_run
+    monkeypatch.setattr(E, "load_run", lambda model, weights, **kw: load_run(str(tiny_model), weights, **kw))  # speed only
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a {0} {1} on the beach\n")
+    with caplog.at_level("INFO", logger="nanobooth"):
+        res = cli(["eval", "--model", "toy", "--subject-dir", str(subject_dir), "--class-noun", "star", "--prompts", str(prompts),
+                   "--images-per-prompt", "2", "--steps", "1", "--pres-prompts", "1", "--toy-probe", str(toy_probe),
+                   "--out", str(tmp_path / "e")])
+    assert res["settings"]["backend"] == "toy" and res["settings"]["metric_models"] == {"dino": str(toy_probe)}
+    assert res["mean"]["prompt_acc"] is not None and res["mean"]["clip_i"] is None  # the probe, not DINO/CLIP
+    said = [r.getMessage() for r in caplog.records if "--backend toy" in r.getMessage()]
+    assert len(said) == 1 and "embedded toy model" in said[0]
+    written = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert written["paper"] is None and written["columns"]["dino"] == "probe" and "clip_i" not in written["columns"]
+    assert written["mean"].keys() == {"dino", "clip_i", "clip_t", "pres", "div", "prompt_acc"}  # keys stay as they were
+    out = capsys.readouterr().out
+    head = out.splitlines()[0]
+    assert "| probe |" in head and "DINO" not in head and "CLIP" not in head
+    assert "paper:" not in out and "0.668" not in out
+
+
+def test_toy_model_with_the_real_backend_names_the_toy_backend_when_dino_fails(subject_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"--dino '.*nothing'.*--backend toy"):  # an explicit --backend real is kept
+        cli(["eval", "--model", "toy", "--backend", "real", "--dino", str(tmp_path / "nothing"), "--subject-dir",
+             str(subject_dir), "--class-noun", "star", "--out", str(tmp_path / "e")])
+    with pytest.raises(ModelError, match=r"--dino '.*nothing'") as e:  # other models: the toy probe is no fix
+        M.load_backends("real", str(tmp_path / "nothing"), None)
+    assert "--backend toy" not in str(e.value)
+
+
+def test_real_backend_table_keeps_the_papers_rows_and_toy_table_drops_them():
+    row = {"dino": 0.5, "clip_i": 0.6, "clip_t": 0.3, "pres": 0.4, "div": 0.1, "prompt_acc": 1.0}
+    real, toy = E.format_table([("run", row)], "real"), E.format_table([("run", row)], "toy")
+    assert "| | DINO | CLIP-I | CLIP-T |" in real and "paper: DreamBooth (Stable Diffusion) | 0.668" in real
+    assert toy.splitlines()[0] == "| | probe | PRES (probe, lower=better) | DIV (probe) | prompt acc (probe) |"
+    assert "paper" not in toy and "0.600" not in toy  # no CLIP column: the probe measures none
+
+
+def test_eval_sampling_defaults(lora_run):
+    """No run config: eval's own defaults (50 steps, guidance 7.5); a run: its validation settings (generate's sampling_settings); a flag wins."""
+    from nanobooth.eval.defaults import eval_sampling
+
+    assert eval_sampling(None) == {"steps": 50, "guidance": 7.5, "guidance_cutoff": 1.0, "resolution": None, "sampler": "model"}
+    assert eval_sampling(None, steps=3, sampler="dpm++")["steps"] == 3 and eval_sampling(None, sampler="dpm++")["sampler"] == "dpm++"
+    run = eval_sampling(lora_run)
+    assert run["steps"] == 2 and run["resolution"] == 32  # train_args' validation_inference_steps and resolution
+    assert eval_sampling(lora_run, steps=7, resolution=48) == {**run, "steps": 7, "resolution": 48}
+
+
+@pytest.fixture
+def dpm_run(lora_run, tmp_path):
+    """lora_run with the sampling settings of the newcomer's run: 3 DPM-Solver++ steps at guidance 4."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg.update(validation_inference_steps=3, validation_guidance_scale=4.0, validation_sampler="dpm++")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+def test_eval_samples_with_the_runs_settings_unless_flags_say_otherwise(dpm_run, tiny_model, subject_dir, metric_models,
+                                                                        tmp_path, monkeypatch, capsys):
+    seen = []
+    render = E.render
+
+    def spy(pipe, prompts, *a, **kw):
+        seen.append({"scheduler": type(pipe.scheduler).__name__, **kw})
+        return render(pipe, prompts, *a, **kw)
+
+    monkeypatch.setattr(E, "render", spy)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a {0} {1} on the beach\n")
+    argv = ["eval", "--model", str(tiny_model), "--weights", str(dpm_run), "--subject-dir", str(subject_dir), "--class-noun",
+            "dog", "--prompts", str(prompts), "--images-per-prompt", "1", "--pres-prompts", "0", "--dino",
+            str(metric_models / "dino"), "--clip", "none"]
+    res = cli(argv + ["--out", str(tmp_path / "run")])
+    s = res["settings"]
+    assert (s["steps"], s["guidance"], s["sampler"], s["guidance_cutoff"], s["resolution"]) == (3, 4.0, "dpm++", 1.0, 32)
+    assert seen[-1]["scheduler"] == "DPMSolverMultistepScheduler"
+    assert (seen[-1]["steps"], seen[-1]["guidance"], seen[-1]["resolution"]) == (3, 4.0, 32)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["settings"]["sampler"] == "dpm++"
+    out = capsys.readouterr().out
+    assert "sampling: steps 3, guidance 4.0, guidance cutoff 1.0, resolution 32, sampler dpm++ (the run's config.yaml)" in out
+
+    res = cli(argv + ["--steps", "2", "--guidance", "6", "--sampler", "model", "--guidance-cutoff", "0.5",
+                      "--out", str(tmp_path / "flags")])  # explicit flags win
+    s = res["settings"]
+    assert (s["steps"], s["guidance"], s["sampler"], s["guidance_cutoff"], s["resolution"]) == (2, 6.0, "model", 0.5, 32)
+    assert seen[-1]["scheduler"] != "DPMSolverMultistepScheduler"
+    assert (seen[-1]["steps"], seen[-1]["guidance"], seen[-1]["guidance_cutoff"]) == (2, 6.0, 0.5)
+    assert "(--steps --guidance --guidance-cutoff --sampler as given, the rest from the run's config.yaml)" in capsys.readouterr().out

@@ -5,6 +5,11 @@ render the plain class prompt with the same seeds (for PRES), and score them aga
 with DINO, CLIP-I, CLIP-T, PRES and DIV (definitions in `eval_metrics`). Writes `eval.json` and
 `contact_sheet.png` and prints the numbers next to the paper's. `eval-dataset` does that for every
 subject folder of the 30-subject DreamBooth dataset and writes one summary table.
+
+Sampling flags left out take the run's own settings (its config.yaml's validation sampler, steps and
+guidance, as `nanobooth generate`), else 50 steps at guidance 7.5. The embedded toy model is
+scored by the toy world's probe (--backend toy, offline) unless --backend says otherwise; its columns
+are named for the probe, and the paper's numbers, on another scale, are not shown beside them.
 """
 
 from __future__ import annotations
@@ -13,9 +18,7 @@ import argparse
 import json
 import logging
 import os
-import re
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,61 +26,27 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .defaults import EVAL_SAMPLING, choose_backend, eval_sampling, sampling_line, toy_model
+from .prompts import LIVE_CLASSES, choose_prompts, fill, protocol_file, read_protocol  # noqa: F401 (their old home)
+from ..core.config_values import guidance_fraction
 from ..core.data import DataError, load_folder, read_subject_meta
-from ..inference.generate import DTYPES, grid, load_run, render, save_png
+from ..core.models import ModelError
+from ..inference.generate import DTYPES, grid, load_run, render, save_png, with_sampler
 from ..core.run_folder import result_kind
 
 log = logging.getLogger("nanobooth")
-LIVE_CLASSES = ("dog", "cat")  # the paper gives its live-subject prompts to dogs and cats only
 SHEET_CELL = 160
+# eval.json's metric keys with the table's column heads: named for what measured them. The keys are the metric
+# models' roles (metrics.load_backends), the same for both backends, so readers of eval.json need no branch.
 COLUMNS = [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"), ("pres", "PRES (lower=better)"),
            ("div", "DIV"), ("prompt_acc", "prompt acc")]
+# --backend toy: the probe's features in the DINO role (no CLIP): not the paper's metrics, so not its names
+TOY_COLUMNS = [("dino", "probe"), ("pres", "PRES (probe, lower=better)"), ("div", "DIV (probe)"),
+               ("prompt_acc", "prompt acc (probe)")]
 
 
-def protocol_file() -> Path:
-    return Path(str(resources.files("nanobooth") / "assets" / "examples" / "prompts_and_classes.txt"))
-
-
-def read_protocol(path: str | Path | None = None) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """The dataset's own prompts_and_classes.txt: the subject -> class table, and the object and live prompt
-    lists as `{0}`/`{1}` templates. Parsed rather than copied so the file stays the single source."""
-    path = Path(path or protocol_file())
-    try:
-        text = path.read_text()
-        table = re.search(r"subject_name,class\n(.*?)(?:\n\s*\n|$)", text, re.S).group(1)
-        classes = dict(tuple(x.strip() for x in line.split(",", 1)) for line in table.splitlines() if "," in line)
-        sets = {}
-        for key, header in (("object", "Object Prompts"), ("live", "Live Subject Prompts")):
-            start = text.index(header)
-            sets[key] = re.findall(r"'([^']*)'\.format", text[start:text.index("]", start)])
-    except (OSError, AttributeError, ValueError) as e:
-        raise DataError(f"{path}: not a DreamBooth prompts_and_classes.txt ({e})") from None
-    return classes, sets
-
-
-def fill(template: str, identifier: str, noun: str) -> str:
-    # replace, not str.format: a user's prompt may contain other braces
-    for k, v in (("{0}", identifier), ("{identifier}", identifier), ("{1}", noun), ("{class}", noun)):
-        template = template.replace(k, v)
-    return template
-
-
-def choose_prompts(spec: str | None, class_noun: str, backend: M.FeatureBackend) -> tuple[str, list[str]]:
-    if spec in (None, "auto"):
-        if backend.prompt_templates:
-            return "toy", backend.prompt_templates
-        spec = "live" if class_noun in LIVE_CLASSES else "object"
-    if spec in ("object", "live"):
-        return spec, read_protocol()[1][spec]
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"--prompts '{spec}': expected object, live or a file of prompts (one per line, {{0}}=identifier, {{1}}=class)")
-    text = path.read_text()
-    templates = (re.findall(r"'([^']*)'\.format", text) if ".format(" in text
-                 else [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")])
-    if not templates:
-        raise DataError(f"--prompts '{spec}': no prompts in the file")
-    return str(path), templates
+def columns(backend: str) -> list[tuple[str, str]]:
+    return TOY_COLUMNS if backend == "toy" else COLUMNS
 
 
 @dataclass
@@ -90,12 +59,15 @@ class Protocol:
     batch_size: int = 8
     pres_prompts: int | None = None  # class-prompt rows, one per prompt's seeds; None: all, 0: no PRES
     class_prompt: str | None = None  # template; default: the backend's ("a {1}" as in the paper)
+    guidance_cutoff: float = 1.0
+    sampler: str = "model"  # inference.generate.with_sampler: model, dpm++ or auto
 
 
 def generate(pipe, prompts: list[str], class_prompt: str, p: Protocol):
     """Prompt i's image j is seeded seed + 1000*i + j (render's scheme), so any prompt can be re-rendered
     alone; class row i reuses prompt i's seeds, so PRES compares like with like."""
-    kw = dict(steps=p.steps, guidance=p.guidance, resolution=p.resolution, batch_size=p.batch_size)
+    kw = dict(steps=p.steps, guidance=p.guidance, resolution=p.resolution, batch_size=p.batch_size,
+              guidance_cutoff=p.guidance_cutoff)
     k = len(prompts) if p.pres_prompts is None else min(p.pres_prompts, len(prompts))
     gen, cls = [], []
     with tqdm(total=(len(prompts) + k) * p.images_per_prompt, desc="eval: rendering", unit="img") as bar:
@@ -181,7 +153,7 @@ def evaluate_subject(load_pipe, backends: dict, subject_dir, class_noun: str, id
             return old
     real = load_folder(subject_dir, 0, key="--subject-dir")
     gen, class_rows = generate(load_pipe(), prompts, class_prompt, proto)
-    res = {"settings": settings, **score(gen, prompts, real, class_rows, backends, identifier), "paper": M.PAPER}
+    res = {"settings": settings, **score(gen, prompts, real, class_rows, backends, identifier), **_labels(_kind(backends))}
     _write_json(res, out / "eval.json")
     save_png(contact_sheet(gen, prompts, class_rows, class_prompt, real, f"{subject_dir.name}: {class_noun}"),
              out / "contact_sheet.png")
@@ -200,26 +172,46 @@ def _div_doc(backends) -> str:
     return f"1 - cosine of {d.name} image features"
 
 
-def format_table(rows: list[tuple[str, dict]]) -> str:
-    cols = [(k, h) for k, h in COLUMNS if k != "prompt_acc" or any(r.get(k) is not None for _, r in rows)]
+def _kind(backends) -> str:
+    return "toy" if isinstance(backends["dino"], M.ProbeBackend) else "real"
+
+
+def _labels(backend: str) -> dict:
+    """eval.json's `columns` (metric key -> what measured it) and `paper` (the paper's numbers; None for the toy
+    probe, whose scores are on another scale)."""
+    return {"columns": dict(columns(backend)), "paper": M.PAPER if backend == "real" else None}
+
+
+def format_table(rows: list[tuple[str, dict]], backend: str = "real") -> str:
+    """A markdown table of `rows` with `backend`'s column heads; the paper's rows are added for the real backend only,
+    so the toy probe's numbers never stand beside the paper's DINO."""
+    if backend == "real":
+        rows = rows + [(f"paper: {k}", v) for k, v in M.PAPER.items()]
+    cols = [(k, h) for k, h in columns(backend) if k != "prompt_acc" or any(r.get(k) is not None for _, r in rows)]
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| | " + " | ".join(h for _, h in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for name, r in rows]
     return "\n".join(lines)
 
 
-def _paper_rows() -> list[tuple[str, dict]]:
-    return [(f"paper: {k}", v) for k, v in M.PAPER.items()]
-
-
 # ------------------------------------------------------------------ the library function, then the command lines
+def _load_backends(model: str, backend: str, dino: str, clip: str | None, device: str | None, dino_revision: str | None,
+                   clip_revision: str | None, toy_probe: str | None) -> dict:
+    try:
+        return M.load_backends(backend, dino, clip, _device(device), dino_revision, clip_revision, toy_probe)
+    except ModelError as e:
+        if backend == "real" and toy_model(model):  # DINO/CLIP out of reach, and the toy model needs neither
+            raise ModelError(f"{e}; or pass --backend toy to score the toy model with its world's probe, offline") from None
+        raise
+
+
 def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _pipe_loader(model: str, weights, dtype: str, device: str | None):
+def _pipe_loader(model: str, weights, dtype: str, device: str | None, sampler: str = "model"):
     def load():
-        pipe = load_run(model, weights, torch_dtype=DTYPES[dtype]).to(_device(device))
+        pipe = with_sampler(load_run(model, weights, torch_dtype=DTYPES[dtype]).to(_device(device)), sampler)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return load
@@ -238,23 +230,26 @@ def _settings(model: str, weights, dtype: str, metric: dict) -> dict:
 
 def evaluate(model: str, subject_dir: str | Path, out: str | Path, *, weights: str | Path | None = None,
              class_noun: str | None = None, identifier: str | None = None, prompts: str | None = None,
-             images_per_prompt: int = 4, seed: int = 0, steps: int = 50, guidance: float = 7.5,
+             images_per_prompt: int = 4, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              resolution: int | None = None, class_prompt: str | None = None, pres_prompts: int | None = None,
              batch_size: int = 8, device: str | None = None, dtype: str = "fp32", save_images: bool = False,
-             backend: str = "real", dino: str = "facebook/dino-vits16", dino_revision: str | None = None,
+             backend: str | None = None, dino: str = "facebook/dino-vits16", dino_revision: str | None = None,
              clip: str | None = "openai/clip-vit-base-patch32", clip_revision: str | None = None,
-             toy_probe: str | None = None) -> dict:
+             toy_probe: str | None = None, guidance_cutoff: float | None = None, sampler: str | None = None) -> dict:
     """The DreamBooth paper's protocol for one subject: what `nanobooth eval` does, without printing.
 
     Renders every prompt of `prompts` (object, live, a file of templates, or None: live for dog/cat, else
     object; the toy world's scenes with backend="toy") `images_per_prompt` times from `model` plus the run
     folder `weights` (None: the base model), and the class prompt with the first `pres_prompts` prompts'
     seeds (None: all, 0: no PRES), then scores them against the photos in `subject_dir`. class_noun and
-    identifier default to the folder's subject.json (identifier: else "sks"). Metric models: backend "real"
-    (DINO `dino` + CLIP `clip`, hub ids or folders; clip None or "none" skips CLIP) or "toy" (the probe).
-    Writes `out`/eval.json and contact_sheet.png (and every image with save_images) and returns eval.json's
-    content: per_prompt rows and their mean (dino, clip_i, clip_t, pres, div, prompt_acc: cosines in
-    [-1, 1], None where not measured), real (the photos' own pairwise similarity), settings, paper.
+    identifier default to the folder's subject.json (identifier: else "sks"). steps, guidance, guidance_cutoff,
+    resolution and sampler left None take the run's own settings as `generate` does, else 50 steps
+    at guidance 7.5 (eval_sampling). Metric models: backend "real" (DINO `dino` + CLIP `clip`, hub ids or
+    folders; clip None or "none" skips CLIP), "toy" (the toy world's probe), or None: toy for the embedded toy
+    model, else real. Writes `out`/eval.json and contact_sheet.png (and every image with save_images) and
+    returns eval.json's content: per_prompt rows and their mean (dino, clip_i, clip_t, pres, div, prompt_acc:
+    cosines in [-1, 1], None where not measured; with the toy backend `dino` is the probe's), real (the photos'
+    own pairwise similarity), settings, columns (key -> what measured it), paper (None with the toy backend).
     Raises DataError (no class noun, bad prompts, unreadable photos) or ModelError before rendering.
     """
     subject = Path(subject_dir)
@@ -265,35 +260,33 @@ def evaluate(model: str, subject_dir: str | Path, out: str | Path, *, weights: s
     identifier = identifier or meta.get("identifier", "sks")
     if weights:
         result_kind(weights)  # a folder mixing two runs is refused before any metric model loads
-    backends = M.load_backends(backend, dino, clip, _device(device), dino_revision, clip_revision, toy_probe)
-    proto = Protocol(images_per_prompt, seed, steps, guidance, resolution, batch_size, pres_prompts, class_prompt)
+    sampling = eval_sampling(weights, steps=steps, guidance=guidance, guidance_cutoff=guidance_cutoff,
+                             resolution=resolution, sampler=sampler)
+    backend = choose_backend(model, backend)
+    backends = _load_backends(model, backend, dino, clip, device, dino_revision, clip_revision, toy_probe)
+    proto = Protocol(images_per_prompt, seed, batch_size=batch_size, pres_prompts=pres_prompts, class_prompt=class_prompt,
+                     **sampling)
     settings = _settings(model, weights, dtype, _metric_settings(backend, dino, clip, dino_revision, clip_revision, toy_probe))
-    return evaluate_subject(_pipe_loader(model, weights, dtype, device), backends, subject, noun, identifier, prompts,
-                            proto, out, settings, save_images=save_images)
+    return evaluate_subject(_pipe_loader(model, weights, dtype, device, proto.sampler), backends, subject, noun, identifier,
+                            prompts, proto, out, settings, save_images=save_images)
 
 
-def _backends(args):
-    return M.load_backends(args.backend, args.dino, args.clip, _device(args.device), args.dino_revision, args.clip_revision,
-                           args.toy_probe)
-
-
-def _protocol(args) -> Protocol:
-    return Protocol(args.images_per_prompt, args.seed, args.steps, args.guidance, args.resolution, args.batch_size,
-                    args.pres_prompts, args.class_prompt)
+def _sampling_flags(args) -> dict:
+    return {k: getattr(args, k) for k in EVAL_SAMPLING}
 
 
 def eval_cli(args) -> dict:
     res = evaluate(args.model, args.subject_dir, args.out, weights=args.weights, class_noun=args.class_noun,
                    identifier=args.identifier, prompts=args.prompts, images_per_prompt=args.images_per_prompt,
-                   seed=args.seed, steps=args.steps, guidance=args.guidance, resolution=args.resolution,
-                   class_prompt=args.class_prompt, pres_prompts=args.pres_prompts, batch_size=args.batch_size,
+                   seed=args.seed, class_prompt=args.class_prompt, pres_prompts=args.pres_prompts, batch_size=args.batch_size,
                    device=args.device, dtype=args.dtype, save_images=args.save_images, backend=args.backend,
                    dino=args.dino, dino_revision=args.dino_revision, clip=args.clip, clip_revision=args.clip_revision,
-                   toy_probe=args.toy_probe)
+                   toy_probe=args.toy_probe, **_sampling_flags(args))
     subject = Path(args.subject_dir)
     n = sum(r["n"] for r in res["per_prompt"])
     print(format_table([(f"this run ({subject.name}, {n} images)", res["mean"]),
-                        (f"real images of {subject.name}, pairwise", res["real"])] + _paper_rows()))
+                        (f"real images of {subject.name}, pairwise", res["real"])], res["settings"]["backend"]))
+    print(sampling_line(res["settings"], args.weights, _sampling_flags(args)))
     print(f"wrote {Path(args.out) / 'eval.json'} and contact_sheet.png")
     return res
 
@@ -307,16 +300,21 @@ def eval_dataset_cli(args) -> dict:
     unknown = [s for s in subjects if s not in classes]
     if unknown:
         raise DataError(f"subjects {unknown} are not in the class table of {args.classes_file or protocol_file()}; pass --classes-file or --subjects")
-    backends, results, missing = _backends(args), {}, []
+    backend = choose_backend(args.model, args.backend)
+    backends = _load_backends(args.model, backend, args.dino, args.clip, args.device, args.dino_revision, args.clip_revision,
+                              args.toy_probe)
+    metric = _metric_settings(backend, args.dino, args.clip, args.dino_revision, args.clip_revision, args.toy_probe)
+    results, missing = {}, []
     for s in subjects:
         if not (runs / s).is_dir():
             log.warning("eval-dataset: no run folder %s; %s is left out", runs / s, s)
             missing.append(s)
             continue
         result_kind(runs / s)  # refuses a folder mixing two runs, even when its scores would be reused
-        metric = _metric_settings(args.backend, args.dino, args.clip, args.dino_revision, args.clip_revision, args.toy_probe)
-        results[s] = evaluate_subject(_pipe_loader(args.model, runs / s, args.dtype, args.device), backends, root / s,
-                                      classes[s], args.identifier or "sks", args.prompts, _protocol(args), out / s,
+        proto = Protocol(args.images_per_prompt, args.seed, batch_size=args.batch_size, pres_prompts=args.pres_prompts,
+                         class_prompt=args.class_prompt, **eval_sampling(runs / s, **_sampling_flags(args)))
+        results[s] = evaluate_subject(_pipe_loader(args.model, runs / s, args.dtype, args.device, proto.sampler), backends,
+                                      root / s, classes[s], args.identifier or "sks", args.prompts, proto, out / s,
                                       _settings(args.model, runs / s, args.dtype, metric),
                                       resume=not args.overwrite, save_images=args.save_images)
         if torch.cuda.is_available():
@@ -324,17 +322,20 @@ def eval_dataset_cli(args) -> dict:
     if not results:
         raise DataError(f"--runs-root '{runs}': no run folder named after any subject of {root}")
     keys = [k for k, _ in COLUMNS]
+    settings = [r["settings"] for r in results.values()]
     summary = {
-        "subjects": {s: {"class": classes[s], "mean": r["mean"], "real": r["real"]} for s, r in results.items()},
+        "subjects": {s: {"class": classes[s], "mean": r["mean"], "real": r["real"],
+                         "sampling": {k: r["settings"].get(k) for k in EVAL_SAMPLING}} for s, r in results.items()},
         "mean": {k: M.mean(r["mean"][k] for r in results.values()) for k in keys},
         "real": {k: M.mean(r["real"][k] for r in results.values()) for k in ("dino", "clip_i")},
-        "missing": missing, "paper": M.PAPER,
-        "settings": {k: v for k, v in next(iter(results.values()))["settings"].items()
-                     if k not in ("subject_dir", "class_noun", "prompt_set", "class_prompt", "weights")},
+        "missing": missing, **_labels(backend),
+        # what every subject shared (each run's own sampling settings are under subjects)
+        "settings": {k: v for k, v in settings[0].items() if all(st.get(k) == v for st in settings)
+                     and k not in ("subject_dir", "class_noun", "prompt_set", "class_prompt", "weights")},
     }
     table = format_table([(f"{s} ({classes[s]})", r["mean"]) for s, r in results.items()]
                          + [(f"**mean over {len(results)} subjects**", summary["mean"]),
-                            ("real images, pairwise (mean)", summary["real"])] + _paper_rows())
+                            ("real images, pairwise (mean)", summary["real"])], backend)
     _write_json(summary, out / "summary.json")
     note = f"\n\nMissing runs (left out): {', '.join(missing)}\n" if missing else "\n"
     (out / "summary.md").write_text(f"# DreamBooth evaluation: {len(results)} subjects\n\n{table}{note}")
@@ -350,9 +351,17 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "dog/cat, else object (the paper's choice); the toy world's scene prompts with --backend toy")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--resolution", type=int, default=None, help="default: the model's native size")
+    # unset sampling flags take the run's own validation settings, as `nanobooth generate` does (eval_sampling)
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: the run's validation_inference_steps, else 50")
+    p.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale, else 7.5")
+    p.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
+                   help="fraction of the steps that use guidance (default: the run's validation_guidance_cutoff, else 1.0)")
+    p.add_argument("--sampler", choices=["auto", "model", "dpm++"], default=None,  # inference.generate.SAMPLERS
+                   help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto; default: the run's "
+                        "validation_sampler, else model")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="pixels (default: the run's resolution, else the model's native size)")
     p.add_argument("--class-prompt", default=None, help='PRES prompt template (default "a {1}"; toy: "a photo of a {1}")')
     p.add_argument("--pres-prompts", type=int, default=None,
                    help="render the class prompt with the seeds of the first K prompts (default: all; 0 skips PRES)")
@@ -361,8 +370,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="for the diffusion model")
     p.add_argument("--save-images", action="store_true", help="also write every generated image")
     m = p.add_argument_group("metric models")
-    m.add_argument("--backend", choices=["real", "toy"], default="real",
-                   help="real: DINO + CLIP; toy: the toy world's probe (offline, no CLIP-I/CLIP-T, adds prompt acc)")
+    m.add_argument("--backend", choices=["real", "toy"], default=None,
+                   help="real: DINO + CLIP; toy: the toy world's probe (offline, no CLIP-I/CLIP-T, adds prompt acc); "
+                        "default: toy for the embedded toy model (toy, toy-flux or its shipped folder), else real")
     m.add_argument("--dino", default="facebook/dino-vits16", help="ViTModel hub id or local folder (safetensors)")
     m.add_argument("--dino-revision", default=None)
     m.add_argument("--clip", default="openai/clip-vit-base-patch32", help="CLIPModel hub id or local folder; none skips CLIP")
