@@ -103,6 +103,8 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.locator("#nb-advanced textarea").fill("validation_inference_steps=8\nnum_validation_images=1")
         page.locator("#nb-start").click()
         page.wait_for_selector("#nb-progress[data-status=running]")
+        # the CLI's warnings reach the page: the example dog on the toy model (newcomer55 trained it without a word)
+        sync_api.expect(page.locator("#nb-train-msg")).to_contain_text("names none of them")
         page.screenshot(path=str(shots / "2-training.png"), full_page=True)
         page.wait_for_selector("#nb-progress[data-status=done]", timeout=150_000)
         sync_api.expect(page.locator("#nb-progress")).to_contain_text("training: 20/20 (100%)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .jobs import FINAL, JobManager, one_line, shown_status
 from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, photo_warnings,
-                        remember_names, run_status, subject_names, subject_prompts, suggested_prompts)
+                        remember_names, run_status, subject_names, subject_prompts, suggested_prompts, warnings_said)
 
 FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
@@ -249,12 +249,13 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 ws.check_paths(cfg)
                 from ..cli import check_train_input
 
-                check_train_input(cfg)
+                with warnings_said() as said:  # the CLI's warnings (e.g. a class the toy model never saw) go on the page too
+                    check_train_input(cfg)
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)  # ours and empty: nothing is left behind by a refusal
                 raise
             remember_names(folder, ident.strip(), n.strip())
-            return cfg
+            return cfg, said
 
         def on_variant(fam, var):
             return [gr.update() if v is None else v for v in variant_fields(fam, var)]
@@ -264,9 +265,11 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         @_guard
         def on_start(*a):
-            job = jm.submit(build_cfg(*a))
+            cfg, said = build_cfg(*a)
+            job = jm.submit(cfg)
             names = run_names()
-            return ([job.message or f"started {job.name}"] + [gr.Dropdown(choices=names, value=job.name)] * 4
+            msg = "\n".join([job.message or f"started {job.name}"] + [f"- warning: {line}" for line in said])
+            return ([msg] + [gr.Dropdown(choices=names, value=job.name)] * 4
                     + [header_md(ws, len(names))])
 
         start.click(on_start, [subject, identifier, noun, family, variant, model, steps, lr, rank, resolution, prior,
