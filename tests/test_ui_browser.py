@@ -120,7 +120,9 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.wait_for_function("(document.querySelector('#nb-tuned-img img')||{}).src", timeout=90_000)
         page.wait_for_function("(document.querySelector('#nb-base-img img')||{}).src")
         # the toy model's 64-px images fill their box (newcomer54: shown at 64 px in a corner)
-        assert min(page.locator(f"#nb-{w}-img img").bounding_box()["width"] for w in ("base", "tuned")) >= 200
+        # (waited for: an img with its src set may not be laid out yet on a busy machine)
+        page.wait_for_function("['base', 'tuned'].every(w => { const i = document.querySelector(`#nb-${w}-img img`); "
+                               "return i && i.complete && i.getBoundingClientRect().width >= 200; })", timeout=15_000)
         page.screenshot(path=str(shots / "4-try.png"), full_page=True)
         times["generated"] = round(time.time() - t0)
         # 5. export: the kohya file, downloaded through the page
