@@ -303,3 +303,18 @@ def test_generate_takes_the_base_model_from_the_run_when_model_is_not_given(tmp_
     assert base_model_of("tiny", str(tmp_path)) == "tiny"  # given wins
     with pytest.raises(ConfigError, match="--model: pass the base model to render.*defaults to the model the run trained on"):
         base_model_of(None, None)
+
+
+def test_a_runs_adapters_load_without_the_libraries_loading_bars(tiny_model, subject_dir, tmp_path, capsys):
+    # newcomer55: the demo's toy eval printed transformers' "Loading weights: 0/32" for the text encoder's LoRA
+    from conftest import train_args
+
+    from nanobooth.cli import main
+    from nanobooth.inference.generate import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "max_train_steps=1",
+                                                           "train_text_encoder=true")]) == 0
+    capsys.readouterr()
+    load_run(str(tiny_model), str(run))
+    assert "Loading weights" not in capsys.readouterr().err

@@ -192,7 +192,7 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
         # fp32 unless asked: weights saved in fp16 (the toy model, many hub "fp16" folders) would otherwise
         # load as fp16, which CPUs run slowly or not at all and training must not use as master weights
         common["dtype"] = torch_dtype or torch.float32
-        with _no_loading_bars(kind != "hub"):
+        with no_loading_bars(kind != "hub"):
             if kind == "file":
                 kwargs = dict(config=single_file_config) if single_file_config else {}
                 pipe = cls.from_single_file(model, **kwargs, **common)
@@ -216,10 +216,10 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
 
 
 @contextmanager
-def _no_loading_bars(quiet: bool):
-    """diffusers' and transformers' per-component loading bars off while `quiet` (a local model loads in a second:
-    their bars, nested, left half-drawn lines such as "Loading weights: 0/68" in the demo's output; newcomer55), then
-    back as they were. A hub model keeps them: its first load downloads gigabytes."""
+def no_loading_bars(quiet: bool):
+    """diffusers' and transformers' per-component loading bars off while `quiet` (a local model, or a run's adapters,
+    loads in a second: their bars, nested, left half-drawn lines such as "Loading weights: 0/68" in the demo's output;
+    newcomer55), then back as they were. A hub model keeps them: its first load downloads gigabytes."""
     if not quiet:
         yield
         return

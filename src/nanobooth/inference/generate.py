@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..methods import METHODS
 from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
-from ..core.models import ModelError, apply_tome, load_pipeline
+from ..core.models import ModelError, apply_tome, load_pipeline, no_loading_bars
 from ..families import sampling_kwargs
 from ..core.run_folder import EMB_SUFFIX, LORA_FILE, load_run_config, result_kind
 
@@ -50,7 +50,8 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
         level = peft_log.level
         peft_log.setLevel(logging.CRITICAL)
         try:
-            return METHODS[kind]().load_for_inference(run, base, torch_dtype)
+            with no_loading_bars(True):  # the run's files are local: the adapters' loading bars are noise (newcomer55)
+                return METHODS[kind]().load_for_inference(run, base, torch_dtype)
         except (RuntimeError, ValueError) as e:  # peft: "size mismatch ..."; load_textual_inversion: "incorrect shape"
             if not loaded or not any(m in str(e) for m in ("size mismatch", "incorrect shape")):
                 raise
