@@ -174,3 +174,15 @@ def test_toy_variants_bucket_in_steps_the_toy_model_renders(wide_and_tall, tmp_p
     wide = instance.sizes[4]
     assert wide[0] > wide[1] and wide[0] % 16 == 0 and wide[1] % 16 == 0
     assert instance.sizes[2][0] < instance.sizes[2][1]  # c.png, 36x48: a tall bucket
+
+
+def test_a_bucket_step_above_the_resolution_names_that_key(tiny_model, subject_dir, tmp_path, capsys):
+    # newcomer55: a FLUX variant's bucket_reso_steps 64 at resolution 32 read "both sides in [None, None]; widen them"
+    out = tmp_path / "run"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "resolution=32", "enable_bucket=true",
+                                                           "bucket_reso_steps=64")]) == 2
+    err = capsys.readouterr().err
+    assert "'bucket_reso_steps': 64 is above resolution 32" in err and "None" not in err
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "resolution=32", "enable_bucket=true",
+                                                           "bucket_reso_steps=8", "min_bucket_reso=48")]) == 2
+    assert "both sides in [48, 64]" in capsys.readouterr().err  # the defaults filled in, not None

@@ -335,3 +335,14 @@ def test_a_key_set_without_its_switch_is_warned_about_once_naming_both(tmp_path,
     save_config(load_config("dreambooth-lora", ["bucket_reso_steps=32"]), tmp_path / "resolved.yaml")
     assert warned(str(tmp_path / "resolved.yaml"), []) == []  # a saved config.yaml: every key resolved, none changed
     assert len(warned(str(tmp_path / "resolved.yaml"), ["bucket_reso_steps=16"])) == 1
+
+
+def test_settings_that_cannot_train_as_asked_are_refused_when_the_config_is_read():
+    # newcomer55: snr_gamma=-5 trained with a negative loss (gradient ascent); LoRA+ under prodigy crashed after loading
+    with pytest.raises(ConfigError, match="'snr_gamma': min-SNR's gamma must be > 0 .* got -5.0; snr_gamma=null turns"):
+        load_config("toy/dreambooth-lora", ["snr_gamma=-5"])
+    with pytest.raises(ConfigError, match="'snr_gamma'.*got 0"):
+        load_config("toy/dreambooth-lora", ["snr_gamma=0"])
+    assert load_config("toy/dreambooth-lora", ["snr_gamma=5"]).snr_gamma == 5.0
+    with pytest.raises(ConfigError, match="'loraplus_lr_ratio': optimizer=prodigy estimates one step size"):
+        load_config("toy/dreambooth-lora", ["optimizer=prodigy", "learning_rate=1.0", "loraplus_lr_ratio=16"])

@@ -191,3 +191,17 @@ def test_a_local_model_loads_without_the_libraries_loading_bars(tiny_model, caps
     err = capsys.readouterr().err
     assert "Loading pipeline components" not in err and "Loading weights" not in err
     assert dlog.is_progress_bar_enabled() and tlog.is_progress_bar_enabled()  # back on: a hub model's download shows its bar
+
+
+def test_building_a_tiny_model_on_first_use_leaves_the_runs_random_draws_alone(tmp_path, monkeypatch):
+    # newcomer55: the first run on a fresh cache built the model after its set_seed, and the builders reseed torch,
+    # so its LoRA init and noise differed from every later run of the same command (weights up to 1.19 apart)
+    from nanobooth.core.models import resolve_model
+
+    monkeypatch.setenv("NANOBOOTH_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    resolve_model("tiny")  # built now: the cache is empty
+    assert (tmp_path / "tiny-v1" / "model_index.json").is_file()
+    assert torch.equal(torch.rand(4), expected)

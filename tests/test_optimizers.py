@@ -156,3 +156,14 @@ def test_use_8bit_adam_is_adamw8bit_and_conflicts_with_another_optimizer():
     assert optimizers.optimizer_name(TrainConfig(optimizer="prodigy")) == "prodigy"
     with pytest.raises(ConfigError, match="use_8bit_adam"):
         TrainConfig(use_8bit_adam=True, optimizer="prodigy")
+
+
+def test_prodigy_trains_a_recipe_whose_text_encoder_has_its_own_lr(tiny_model, subject_dir, tmp_path, caplog):
+    # newcomer55: the toy recipe with optimizer=prodigy crashed after loading ("Setting different lr values in different
+    # parameter groups is only supported for values of 0"); every group now trains at learning_rate, as in diffusers
+    with caplog.at_level(logging.WARNING, logger="nanobooth"):
+        out = run(tmp_path / "p", tiny_model, subject_dir, "optimizer=prodigy", "learning_rate=1.0", "max_train_steps=2",
+                  "train_text_encoder=true", "text_encoder_lr=5e-5", variant="dreambooth-lora")
+    assert (out / LORA).is_file()
+    assert "every group trains at learning_rate=1 (prodigy estimates one step size for all); text_encoder_lr=5e-05 is not used" \
+        in caplog.text

@@ -52,4 +52,9 @@ def test_summary_says_what_the_identifiers_new_tokens_are_and_for_how_long():
                                  class_prompt="a photo of a ball", num_new_tokens_per_abstraction=1))
     assert ti.endswith("; 'sks' becomes <s0> in every prompt, new tokens started from the class noun "
                        "(initializer_concept=\"a few words of its look\" binds the subject sooner) and trained all the steps")
+    one = run_summary({"text_encoder": rows}, [{"lr": 5e-2, "name": "text_encoder_ti"}],
+                      TrainConfig(method="textual_inversion", instance_prompt="a photo of a sks ball", class_prompt="a photo of a ball",
+                                  num_new_tokens_per_abstraction=1, initializer_concept="blue red dotted eye"))
+    assert "new tokens started from 'blue red dotted eye' (its first 1 token, one a new token)" in one  # newcomer55
+    assert "its first" not in alone  # four tokens, four words: every word starts one
     assert "ball" not in run_summary({"unet": unet}, groups, TrainConfig(method="full", **{**words, "train_text_encoder_ti": False}))

@@ -337,6 +337,12 @@ class TrainConfig:
             raise ConfigError(f"config key 'loraplus_lr_ratio': LoRA+ scales the lr of peft LoRA's B matrices, so it needs "
                               f"method=lora or dora and a ratio > 0 (got method={self.method}, {self.loraplus_lr_ratio}); "
                               "drop the key or set loraplus_lr_ratio=null")
+        if self.snr_gamma is not None and not self.snr_gamma > 0:  # newcomer55: -5 made the loss negative, 0 was off unsaid
+            raise ConfigError(f"config key 'snr_gamma': min-SNR's gamma must be > 0 (5.0 is the paper's), got {self.snr_gamma}; "
+                              "snr_gamma=null turns the weighting off")
+        if self.loraplus_lr_ratio is not None and self.optimizer == "prodigy":
+            raise ConfigError("config key 'loraplus_lr_ratio': optimizer=prodigy estimates one step size for every parameter "
+                              "group, and LoRA+ needs the B matrices at another lr; drop loraplus_lr_ratio or use optimizer=adamw")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"config key 'lokr_factor': must be -1 (near the square root) or >= 1, got {self.lokr_factor}")
         if self.method == "textual_inversion" and self.train_text_encoder:

@@ -71,7 +71,10 @@ def resolve_model(model: str) -> str:
         name, build = builders[model]
         path = cache_dir() / name
         if not (path / "model_index.json").is_file():
-            build(path)
+            # the builders seed torch's RNG: without the fork, a run that builds the model first (after its set_seed) drew
+            # other LoRA inits and noise than every later run of the same command (newcomer55)
+            with torch.random.fork_rng(devices=[]):
+                build(path)
         return str(path)
     return model
 

@@ -60,6 +60,9 @@ def warn_prodigy_lr(cfg) -> None:
     if bad:
         log.warning("optimizer=prodigy: %s scales prodigy's own step size; use %s (prodigy's default; %g to %g is not warned about)",
                     " and ".join(bad), " and ".join(b.split("=")[0] + "=1.0" for b in bad), lo, hi)
+    if cfg.text_encoder_lr is not None and cfg.text_encoder_lr != cfg.learning_rate and (cfg.train_text_encoder or cfg.trains_embeddings):
+        log.warning("optimizer=prodigy: every group trains at learning_rate=%g (prodigy estimates one step size for all); "
+                    "text_encoder_lr=%g is not used, as in diffusers' DreamBooth scripts", cfg.learning_rate, cfg.text_encoder_lr)
 
 
 def make_optimizer(cfg, groups: list[dict], device: torch.device):
@@ -73,6 +76,11 @@ def make_optimizer(cfg, groups: list[dict], device: torch.device):
         return bnb.optim.AdamW8bit(groups, betas=betas, weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     if name == "prodigy":
         from prodigyopt import Prodigy
+
+        # prodigy refuses groups at different lrs (newcomer55: the recipe's text_encoder_lr crashed it after loading);
+        # diffusers' scripts train the text encoder at learning_rate with it too (warn_prodigy_lr said so)
+        if len({g["lr"] for g in groups}) > 1:
+            groups = [{**g, "lr": cfg.learning_rate} for g in groups]
 
         # prodigyopt print()s "Using decoupled weight decay" whenever weight_decay > 0 (AdamW's kind, as adamw uses; it
         # has no option to stop it): a stray stdout line in the middle of the progress output

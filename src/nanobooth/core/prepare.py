@@ -46,8 +46,12 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, ImageSet]:
     trackers.check_trackers(cfg)
     buckets = bucket_sizes(cfg.resolution, cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso) if cfg.enable_bucket else None
     if buckets == []:
+        if cfg.bucket_reso_steps > cfg.resolution:  # newcomer55: a FLUX variant's 64 at resolution 32 read "[None, None]"
+            raise ConfigError(f"config key 'bucket_reso_steps': {cfg.bucket_reso_steps} is above resolution {cfg.resolution}, so no "
+                              f"bucket fits; set bucket_reso_steps to a multiple the model takes at or below it (e.g. 16)")
+        lo, hi = cfg.min_bucket_reso or cfg.resolution // 2, cfg.max_bucket_reso or cfg.resolution * 2  # bucket_sizes' defaults
         raise ConfigError(f"config keys 'min_bucket_reso'/'max_bucket_reso': no bucket of about {cfg.resolution}x{cfg.resolution} pixels "
-                          f"has both sides in [{cfg.min_bucket_reso}, {cfg.max_bucket_reso}] (multiples of {cfg.bucket_reso_steps}); widen them")
+                          f"has both sides in [{lo}, {hi}] (multiples of {cfg.bucket_reso_steps}); widen them")
     instance = ImageSet.from_folder(instance_dir, cfg.instance_prompt, cfg.resolution, "instance_data_dir", captions=True,
                                     masks=cfg.masked_loss, buckets=buckets, fill=caption_words(cfg))
     if buckets is not None and len(buckets) == 1:

@@ -27,7 +27,12 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
         toks = "".join(new_tokens(cfg))
         # newcomer55: own photos (no subject.json) bound little and nothing said why; started from a few words of the
         # subject's look, the toy recipe's identity rose 0.490 -> 0.622 on 16 subjects (docs/evaluation.md, session 47)
-        start = (f"'{cfg.initializer_concept}'" if cfg.initializer_concept else
+        n_new = len(new_tokens(cfg))
+        # each new token starts from one of the concept's tokens in turn (methods/embeddings.py): fewer new tokens than
+        # words leave the rest unused (newcomer55: one token "from 'blue red dotted eye'" started from 'blue' alone)
+        fewer = cfg.initializer_concept and n_new < len(cfg.initializer_concept.split())
+        start = (f"'{cfg.initializer_concept}'" + (f" (its first {n_new} token{'s' if n_new > 1 else ''}, one a new token)"
+                                                  if fewer else "") if cfg.initializer_concept else
                  "the class noun (initializer_concept=\"a few words of its look\" binds the subject sooner)")
         frac = cfg.new_tokens_frac
         when = "all the steps" if frac >= 1 else f"the first {frac:.0%} of the steps"
