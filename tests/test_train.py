@@ -371,3 +371,12 @@ def test_masked_loss_weights_instance_rows_by_their_alpha_on_the_latent_grid(var
         seen.clear()
         assert main(["train", variant, *train_args(model, masked_subject, tmp_path / "uncached", *extra, "cache_latents=false")]) == 0
         assert all(torch.equal(a, b) for a, (_, b) in zip(cached, seen))
+
+
+def test_the_last_steps_line_is_logged_when_it_is_not_a_multiple_of_log_every(tiny_model, subject_dir, tmp_path, caplog):
+    # newcomer55: 12 steps at log_every 10 showed step 10 and never the final one
+    with caplog.at_level(logging.INFO, logger="nanobooth"):
+        assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, tmp_path / "r", "max_train_steps=3",
+                                                               "log_every=2")]) == 0
+    steps = [r.getMessage().split()[1] for r in caplog.records if r.getMessage().startswith("step ")]
+    assert steps == ["2/3", "3/3"]

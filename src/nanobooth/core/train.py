@@ -385,7 +385,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             if scores:
                 emit(ValidationLoss(done, scores["train"], scores.get("heldout")))
             t_last = now
-            if done % cfg.log_every == 0:
+            if done % cfg.log_every == 0 or done == cfg.max_train_steps:  # the last step's line too (12 steps: 10 and 12)
                 log.info("step %d/%d loss %.4f (instance %.4f%s) lr %.2e", done, cfg.max_train_steps, sums["loss"], sums["instance_loss"],
                          "" if not prior else f", prior {sums['prior_loss']:.4f}", record["lr"])
         due = bool(cfg.validation_steps and done % cfg.validation_steps == 0 and done < cfg.max_train_steps)
