@@ -584,3 +584,97 @@ def test_sdxl_lokr_export_uses_the_sgm_names_and_both_text_encoder_prefixes(tiny
     assert unet and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")) for n in unet)
     assert all({f"{n}.lokr_w1", f"{n}.lokr_w2_a", f"{n}.lokr_w2_b", f"{n}.alpha"} <= tensors.keys() for n in names)
     assert {tensors[f"{n}.alpha"].item() for n in names} == {2.0} and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+# --- built-in model names, FLUX/SD3 LoRAs and --out shapes (tester's findings) ---------------------------------------
+
+def test_single_file_of_a_flux_lora_on_a_built_in_model_is_the_base_plus_the_lora(subject_dir, tmp_path, capsys):
+    """model=tiny-flux (a built-in name, as a user writes it): the run fuses into the transformer, not a `unet`."""
+    from diffusers import FluxTransformer2DModel
+    from test_flux_keys import from_bfl_file
+
+    from nanobooth.core.models import resolve_model
+
+    run = tmp_path / "flux-lora"
+    assert main(["train", "flux/dreambooth-lora", *train_args("tiny-flux", subject_dir, run, "gradient_checkpointing=false",
+                                                               "lora_rank=4", "lora_alpha=8", "learning_rate=1e-2",
+                                                               "max_train_steps=1")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "flux_dog.safetensors"
+    assert export_cli(str(run), "--format", "single-file", "--out", str(out)) == 0
+    assert "double_blocks.0.img_attn.qkv.weight" in read(out)[0]  # BFL's layout, as for a full FLUX run
+    base = resolve_model("tiny-flux")
+    fused = from_bfl_file(out, base).state_dict()
+    expected = FluxTransformer2DModel.from_pretrained(base, subfolder="transformer").state_dict()
+    lora = load_file(run / "pytorch_lora_weights.safetensors")
+    modules = {k[len("transformer."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")}
+    assert modules
+    for m in modules:  # W + alpha/r * B @ A
+        a, b = lora[f"transformer.{m}.lora_A.weight"], lora[f"transformer.{m}.lora_B.weight"]
+        expected[f"{m}.weight"] = expected[f"{m}.weight"] + 2.0 * b @ a
+    assert fused.keys() == expected.keys()
+    for k in fused:
+        torch.testing.assert_close(fused[k], expected[k], rtol=0, atol=1e-6, msg=k)
+    assert any((fused[f"{m}.weight"] - FluxTransformer2DModel.from_pretrained(base, subfolder="transformer")
+                .state_dict()[f"{m}.weight"]).abs().max() > 1e-4 for m in modules)  # the LoRA trained: not the base
+
+
+def test_single_file_of_an_sd3_lora_is_refused_in_one_line(subject_dir, tmp_path, capsys):
+    run = tmp_path / "sd3-lora"
+    assert main(["train", "sd3/dreambooth-lora", *train_args("tiny-sd3", subject_dir, run, "gradient_checkpointing=false",
+                                                              "max_train_steps=1")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "sd3.safetensors"
+    assert export_cli(str(run), "--format", "single-file", "--out", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    # the same line an SD3 full run's single-file export gets
+    assert len(err.splitlines()) == 1 and "is an SD3 run: single-file" in err and "--format diffusers" in err
+    assert "Traceback" not in err and not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sd3-lora"]
+
+
+def test_flux_lokr_kohya_is_refused_naming_the_formats_that_work_and_single_file_is_the_run(tiny_flux_model, subject_dir, tmp_path, capsys):
+    from diffusers import FluxPipeline
+    from test_flux_keys import flux_outputs, from_bfl_file
+
+    from nanobooth.inference.generate import load_run
+
+    run = tmp_path / "flokr"
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, run, "gradient_checkpointing=false",
+                                                               "method=lokr", "learning_rate=1e-2", "max_train_steps=1")]) == 0
+    capsys.readouterr()
+    for fmt in ("kohya", "comfyui"):
+        assert export_cli(str(run), "--format", fmt, "--out", str(tmp_path / f"{fmt}.safetensors")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "FLUX LoKr run" in err and f"--format {fmt}" in err
+        assert "use --format diffusers or single-file" in err and "re-train" not in err
+        assert not (tmp_path / f"{fmt}.safetensors").exists()
+    out = ex.export(run, "single-file", tmp_path / "fused.safetensors")  # what the line offers works, and is the run
+    trained = load_run(str(tiny_flux_model), str(run))
+    fused = FluxPipeline.from_pretrained(tiny_flux_model)
+    fused.transformer = from_bfl_file(out, tiny_flux_model)
+    (_, a), (_, b) = flux_outputs(trained), flux_outputs(fused)
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    assert (a - flux_outputs(FluxPipeline.from_pretrained(tiny_flux_model))[1]).abs().max() > 1e-4
+
+
+def test_a_run_on_built_in_tiny_sdxl_is_tagged_sdxl(subject_dir, tmp_path):
+    run = tmp_path / "xl"
+    assert main(["train", "dreambooth-lora", *train_args("tiny-sdxl", subject_dir, run, "max_train_steps=1")]) == 0
+    meta = read(ex.export(run, "kohya", tmp_path / "xl.safetensors"))[1]
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+
+def test_out_that_does_not_fit_the_format_is_one_line_saying_what_to_pass(lora_run, full_run, tmp_path, capsys):
+    # a full run as diffusers is a pipeline folder: a file name is refused, nothing made
+    assert export_cli(str(full_run), "--format", "diffusers", "--out", str(tmp_path / "X.safetensors")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "pass a folder path, e.g. " + str(tmp_path / "X") in err
+    assert not (tmp_path / "X.safetensors").exists()
+    # a LoRA export is one .safetensors file: a suffix-less --out is told so (not about pickles)
+    for fmt in ("kohya", "diffusers", "single-file"):
+        assert export_cli(str(lora_run), "--format", fmt, "--out", str(tmp_path / "exp" / "dd")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"--format {fmt} writes one .safetensors file" in err
+        assert "e.g. " + str(tmp_path / "exp" / "dd.safetensors") in err and "pickle" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -19,7 +19,11 @@
   `first_stage_model.`, `cond_stage_model.` / `conditioner.embedders.`), as A1111, ComfyUI and diffusers'
   `from_single_file` read it. A LoRA run is fused into its base model first. A FLUX run gives its transformer
   in BFL's original layout (`double_blocks.0.img_attn.qkv.weight`, ...), as flux1-dev.safetensors ships it
-  (ComfyUI's Load Diffusion Model, Forge, `FluxTransformer2DModel.from_single_file`); SD3 runs are refused.
+  (ComfyUI's Load Diffusion Model, Forge, `FluxTransformer2DModel.from_single_file`); SD3 runs (full or LoRA) are refused.
+- LoKr/LoHa runs of FLUX and SD3 are refused for kohya/comfyui (LyCORIS's layout is written for SD/SDXL): diffusers
+  works for both, single-file for FLUX.
+- --out: a .safetensors file, except a full run as diffusers (a pipeline folder); the other shape is refused.
+  A built-in model name in the run's config (tiny-sdxl, toy-flux, ...) is resolved to its folder to tell the family.
 
 Everything is safetensors; every output is written under a temporary name and renamed into place.
 """
@@ -38,6 +42,7 @@ import torch
 from .kohya import pattern_value, adapter_configs, kohya_metadata, kohya_name, lora_to_kohya, modelspec, sgm_unet_pairs
 from .ldm import ExportError, pipeline_to_checkpoint
 from .lycoris_keys import ALGOS, delta_shapes, is_lycoris, lycoris_to_kohya
+from ..core.builtin_models import PIPELINES
 from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
 from ..methods import embeddings
 
@@ -80,6 +85,10 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
     tools read and the text-encoder layout. From the run's or the base model's configs where they can be
     read offline, else from the adapter shapes (cross-attention width 768 / 1024 / 2048)."""
     model = str(cfg.get("model") or "")
+    if kind != "full" and model in PIPELINES:  # a built-in name (tiny-sdxl, toy-flux, ...): its folder holds the configs
+        from ..core.models import resolve_model
+
+        model = resolve_model(model)
     folder = run if kind == "full" else Path(model).expanduser()
     if folder.is_file() and cfg.get("single_file_config"):
         folder = Path(cfg["single_file_config"]).expanduser()
@@ -115,6 +124,17 @@ def _base_info(kind: str, run: Path, cfg: dict, shapes: dict[str, torch.Size]) -
     return dict(family="sdxl" if sdxl else "sd", sdxl=sdxl, v2=v2, vpred=vpred, resolution=res, arch=arch, version=version)
 
 
+_FAMILY_NAMES = {"flux": "FLUX", "sd3": "SD3"}
+
+
+def _lora_shapes(state: dict) -> dict:
+    """A run's LoRA file as _base_info reads it: each module's weight shape (LoKr/LoHa: the delta's, for SD/SDXL's
+    width guess); transformer runs (FLUX, SD3) are told apart by their key names alone."""
+    if is_lycoris(state) and not any(k.startswith("transformer.") for k in state):
+        return delta_shapes(state)
+    return {k: v.shape for k, v in state.items()}
+
+
 def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
     """A LoRA run merged into its base model (W + alpha/r * B A): the whole model a checkpoint must hold."""
     from ..inference.generate import load_run
@@ -123,8 +143,14 @@ def _fused_components(run: Path, cfg: dict) -> tuple[dict, dict, list[dict]]:
         raise ExportError(f"RUN_DIR '{run}' has no config.yaml naming its base model; a LoRA run needs it to export a checkpoint")
     pipe = load_run(str(cfg["model"]), str(run), allow_pickle=bool(cfg.get("allow_pickle")),
                     single_file_config=cfg.get("single_file_config"))
+    from ..families import FAMILIES
+
+    family = FAMILIES.get(type(pipe).__name__)
+    if family is None or family.denoiser_name != "unet":  # transformers go through _flux_single_file
+        raise ExportError(f"RUN_DIR '{run}': its base model {cfg['model']} is a {type(pipe).__name__}, not SD or SDXL; "
+                          "single-file export of it is not written: use --format diffusers")
     names = [n for n in ("text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
-    pipe.fuse_lora(components=["unet", *names], lora_scale=1.0)
+    pipe.fuse_lora(components=[family.denoiser_name, *names], lora_scale=1.0)
     pipe.unload_lora_weights()  # after fuse_lora this keeps the merged weights and drops the adapters
     embeddings.unload(pipe)  # pivotal tuning: the base vocabulary; the new tokens go beside (<out>_emb.safetensors)
     return pipe.unet.state_dict(), pipe.vae.state_dict(), [getattr(pipe, n).state_dict() for n in names]
@@ -156,7 +182,16 @@ def _flux_single_file(run: Path, kind: str, cfg: dict, info: dict, out: Path, dt
 
 # --- writing --------------------------------------------------------------------------------------------------
 
-def _check_out(out: Path, overwrite: bool, folder: bool) -> None:
+FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")  # what names a weights file, not a folder
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _check_out(out: Path, overwrite: bool, folder: bool, fmt: str = "") -> None:
+    what = f"--format {fmt}" if fmt else "this export"
+    if folder and not out.exists() and out.suffix.lower() in FILE_SUFFIXES:
+        # a full run as diffusers is a pipeline folder (model_index.json + one folder per part), never one file
+        raise ExportError(f"--out '{out}': {what} of a full run writes a diffusers pipeline folder, not a {out.suffix} file; "
+                          f"pass a folder path, e.g. {out.with_suffix('')}")
     # the kind first: --overwrite cannot turn a folder into a file, so it is not offered there
     if out.exists() and out.is_dir() != folder:
         raise ExportError(f"--out '{out}' is a {'folder' if out.is_dir() else 'file'}; this export writes a "
@@ -164,9 +199,12 @@ def _check_out(out: Path, overwrite: bool, folder: bool) -> None:
                                                                        f"a file name, e.g. {out / 'lora.safetensors'}"))
     if out.exists() and not overwrite:
         raise ExportError(f"--out '{out}' already exists; pass --overwrite to replace it")
-    if not folder and out.suffix != ".safetensors":
-        raise ExportError(f"--out '{out}': exports are .safetensors files (never pickles); name it "
+    if not folder and out.suffix.lower() in PICKLE_SUFFIXES:
+        raise ExportError(f"--out '{out}': {what} writes a .safetensors file (never a pickle); name it "
                           f"{out.with_name(out.name + '.safetensors').name}")
+    if not folder and out.suffix != ".safetensors":
+        raise ExportError(f"--out '{out}': {what} writes one .safetensors file; pass a file path ending in .safetensors, "
+                          f"e.g. {out.with_name(out.name + '.safetensors')}")
 
 
 def _load(path: Path, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -228,7 +266,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
     if fmt in ("kohya", "comfyui") and kind != "lora":
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
-    _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full")
+    _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full", fmt=fmt)
     emb = embeddings.find(run)  # pivotal tuning: the new tokens go beside the LoRA or the checkpoint
     emb_out = out.with_name(out.stem + EMB_SUFFIX)
     if emb is not None:
@@ -246,10 +284,12 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         state, meta = _load(run / LORA_FILE)
         configs = adapter_configs(meta, cfg)
         lycoris = is_lycoris(state)  # a LoKr/LoHa run
-        info = _base_info(kind, run, cfg, delta_shapes(state) if lycoris else {k: v.shape for k, v in state.items()})
+        info = _base_info(kind, run, cfg, _lora_shapes(state))
         if lycoris and info["family"] in ("sd3", "flux"):
-            raise ExportError(f"RUN_DIR '{run_dir}' is a {info['family'].upper()} {ALGOS.get(configs.get('transformer', {}).get('peft_type'), 'LyCORIS')} "
-                              "run: LyCORIS's layout is written for SD and SDXL only; use --format diffusers or single-file")
+            algo = {"LOKR": "LoKr", "LOHA": "LoHa"}.get(configs.get("transformer", {}).get("peft_type"), "LoKr/LoHa")
+            works = "--format diffusers or single-file" if info["family"] == "flux" else "--format diffusers"
+            raise ExportError(f"--format {fmt}: RUN_DIR '{run_dir}' is a {_FAMILY_NAMES[info['family']]} {algo} run, and LyCORIS's "
+                              f"{fmt} layout is written for SD and SDXL runs only; use {works}")
         if info["family"] == "sd3":
             if fmt == "kohya":
                 raise ExportError(f"RUN_DIR '{run_dir}' is an SD3 LoRA: kohya's SD3 layout is not written (diffusers cannot load it); "
@@ -271,7 +311,7 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
                 tensors = lora_to_kohya(state, configs, sdxl=info["sdxl"], unet_pairs=pairs)
         tensors = _cast(tensors, torch_dtype)
         save_atomic(tensors, out, kohya_metadata(tensors, cfg, info, configs, out.stem))
-    elif (info := _base_info(kind, run, cfg, {})).get("family") in ("flux", "sd3"):
+    elif (info := _base_info(kind, run, cfg, _lora_shapes(_load(run / LORA_FILE)[0]) if kind == "lora" else {})).get("family") in ("flux", "sd3"):
         _flux_single_file(run, kind, cfg, info, out, torch_dtype)
     else:
         from tqdm.auto import tqdm
@@ -308,7 +348,7 @@ def _export_embedding(run: Path, fmt: str, out: Path, dtype: str | None, overwri
         raise ExportError(f"RUN_DIR '{run}' is a textual-inversion run: it changes no model weight, so a checkpoint would be the "
                           "base model unchanged; use --format kohya or comfyui (the A1111/ComfyUI embedding) or diffusers")
     emb = embeddings.find(run)
-    _check_out(out, overwrite, folder=False)
+    _check_out(out, overwrite, folder=False, fmt=fmt)
     torch_dtype = DTYPES[dtype] if dtype else None
     if fmt == "diffusers" and torch_dtype is None:
         save_atomic(None, out, copy_from=emb)  # byte for byte, its token metadata kept
