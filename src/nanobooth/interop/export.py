@@ -41,7 +41,7 @@ import torch
 
 from .kohya import pattern_value, adapter_configs, kohya_metadata, kohya_name, lora_to_kohya, modelspec, sgm_unet_pairs
 from .ldm import ExportError, pipeline_to_checkpoint
-from .lycoris_keys import ALGOS, delta_shapes, is_lycoris, lycoris_to_kohya
+from .lycoris_keys import delta_shapes, is_lycoris, lycoris_to_kohya
 from ..core.builtin_models import PIPELINES
 from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
 from ..methods import embeddings
