@@ -232,6 +232,120 @@ def test_weights_of_another_base_model_are_one_line_naming_the_run(tiny_model, t
         load_run(str(tiny_model), str(lora))
 
 
+def _lora_keys(run):
+    from safetensors import safe_open
+
+    with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("method", ["lora", "lokr"])
+def test_a_run_of_another_model_family_is_one_line_not_the_base_models_images(method, tiny_model, tiny_flux_model,
+                                                                                subject_dir, tmp_path, capsys):
+    """A FLUX run rendered with --model an SD model: diffusers loads only the LoRA keys of components the pipeline has
+    (no transformer here) and peft only those of modules it finds, so generate wrote the base model's images as the
+    run's ("wrote 4 images", no warning). Its adapter attaching to nothing is now the one line naming the run's model."""
+    from conftest import train_args
+
+    from nanobooth.cli import main
+
+    run, out = tmp_path / "run", tmp_path / "g"
+    assert main(["train", "flux/dreambooth-lora", *train_args(tiny_flux_model, subject_dir, run, "max_train_steps=1",
+                                                               "gradient_checkpointing=false", f"method={method}")]) == 0
+    n = len(_lora_keys(run))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_model), "--weights", str(run), "--prompt", "a sks dog", "--steps", "1",
+                 "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    said = (f"--weights '{run}' does not fit --model '{tiny_model}' (none of its adapter's {n} tensors matched the model's "
+            f"modules); pass the base model the run was trained on: --model {tiny_flux_model} (its config.yaml)")
+    assert said in captured.err and "wrote" not in captured.out
+    assert not list(out.glob("*.png"))
+    # on its own base model the same run renders
+    assert main(["generate", "--weights", str(run), "--prompt", "a sks dog", "--steps", "1", "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file()
+
+
+def test_a_run_that_attaches_to_part_of_the_model_is_one_line_without_the_libraries_key_lists(
+        tiny_model, tiny_sdxl_model, tiny_flux_model, tiny_sd3_model, subject_dir, tmp_path, recwarn):
+    """An SD3 run (transformer and both CLIPs) on FLUX: peft puts the adapters whose module names FLUX shares and warns
+    of the others in one long line of module names; on SDXL (the tester's case) its CLIP adapters go into text encoders
+    with more layers, transformers logs two MISSING-key tables, and the transformer's adapters go nowhere; on SD
+    nothing attaches. Each is now load_run's one line, and the libraries' lists are not shown."""
+    import logging
+    import re
+
+    from conftest import train_args
+    from transformers.utils import logging as tlog
+
+    from nanobooth.cli import main
+    from nanobooth.core.models import ModelError
+    from nanobooth.inference.generate import load_run
+
+    run = tmp_path / "run"
+    assert main(["train", "sd3/dreambooth-lora", *train_args(tiny_sd3_model, subject_dir, run, "max_train_steps=1",
+                                                              "gradient_checkpointing=false", "train_text_encoder=true")]) == 0
+    n = len(_lora_keys(run))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    verbosity = tlog.get_verbosity()
+    tlog.set_verbosity_warning()  # the CLI's error level would hide transformers' table anyway
+    for lib in ("transformers", "diffusers"):
+        logging.getLogger(lib).addHandler(handler)
+    recwarn.clear()
+    try:
+        for model in (tiny_flux_model, tiny_sdxl_model):
+            with pytest.raises(ModelError) as e:
+                load_run(str(model), str(run))
+            m = re.search(r"\((\d+) of its adapter's (\d+) tensors matched none of the model's modules\); pass the base "
+                          r"model the run was trained on: --model (\S+) \(its config.yaml\)", str(e.value))
+            assert m and 0 < int(m[1]) < int(m[2]) == n and m[3] == str(tiny_sd3_model), str(e.value)
+        with pytest.raises(ModelError, match=f"\\(none of its adapter's {n} tensors matched the model's modules\\)"):
+            load_run(str(tiny_model), str(run))
+    finally:
+        for lib in ("transformers", "diffusers"):
+            logging.getLogger(lib).removeHandler(handler)
+        tlog.set_verbosity(verbosity)
+    assert not [w for w in recwarn if "PEFT" in str(w.message)]
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage()[:200] for r in records]
+
+
+def test_library_output_held_during_a_load_comes_out_when_the_run_fits():
+    """The hold that keeps peft's and transformers' key lists back for a run that does not fit replays them otherwise."""
+    import logging
+    import warnings
+
+    from nanobooth.inference.generate import _HeldLibraryOutput
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    lib = logging.getLogger("diffusers")
+    lib.addHandler(handler)
+    level = logging.getLogger("diffusers.loaders.peft").level
+    logging.getLogger("diffusers.loaders.peft").setLevel(logging.WARNING)
+    try:
+        for keep in (True, False):
+            records.clear()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                held = _HeldLibraryOutput()
+                with held:
+                    warnings.warn("peft's notice", RuntimeWarning)
+                    logging.getLogger("diffusers.loaders.peft").warning("diffusers' notice")
+                assert not seen and not records  # held while loading
+                if not keep:
+                    held.drop()
+                held.replay()
+            assert [str(w.message) for w in seen] == (["peft's notice"] if keep else [])
+            assert [r.getMessage() for r in records] == (["diffusers' notice"] if keep else [])
+        assert lib.handlers[-1] is handler  # the library's handlers are back
+    finally:
+        lib.removeHandler(handler)
+        logging.getLogger("diffusers.loaders.peft").setLevel(level)
+
+
 def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, capsys):
     """newcomer12: `--num-images 1` printed "wrote 1 images"."""
     from types import SimpleNamespace

@@ -130,6 +130,70 @@ def test_save_then_load_for_inference_reproduces_the_trained_modules(name, te, t
         assert torch.equal(loaded[0], untrained[0])  # a frozen text encoder comes back as the base one
 
 
+ADAPTERS = [n for n in WEIGHTS if n != "full"]
+
+
+def _saved_adapters(model, name, folder):
+    """An adapter run's LORA_FILE (text encoder too) in `folder`, every trainable tensor moved off its init."""
+    c, cfg = _attached(model, name, te=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # stand-in for training, as above
+        for m in (c.unet, *c.text_encoders):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=g))
+    METHODS[name]().save(folder, c, c.unet, c.text_encoders, cfg)
+    return safetensors.torch.load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapters_that_attach_to_nothing_or_part_of_the_model_are_refused(name, tiny_model, tiny_sd3_model, tmp_path):
+    """An SD run's adapters loaded onto SD3 (another family: a transformer, no UNet) found no module for their UNet
+    tensors; diffusers and peft drop those without an error, so the pipeline was the base model's."""
+    from nanobooth.methods.lora import AdapterMismatch
+
+    saved = _saved_adapters(tiny_model, name, tmp_path)
+    unet_tensors = sum(k.startswith("unet.") for k in saved)
+    assert 0 < unet_tensors < len(saved)  # the text encoder's are there too
+    with pytest.raises(AdapterMismatch) as e:
+        METHODS[name]().load_for_inference(tmp_path, lambda: load_pipeline(str(tiny_sd3_model)))
+    # SD3's first text encoder is a CLIP whose layers have the tiny SD one's names: only the UNet's tensors are left out
+    assert (e.value.unmatched, e.value.total) == (unet_tensors, len(saved))
+    assert e.value.detail == f"{unet_tensors} of its adapter's {len(saved)} tensors matched none of the model's modules"
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    with safetensors.safe_open(str(file), "pt") as f:
+        meta = f.metadata()  # LoKr's/LoHa's adapter configs
+    unet_only = {k: v for k, v in saved.items() if k.startswith("unet.")}
+    safetensors.torch.save_file(unet_only, str(file), metadata=meta)
+    with pytest.raises(AdapterMismatch, match=f"none of its adapter's {len(unet_only)} tensors matched the model's modules"):
+        METHODS[name]().load_for_inference(tmp_path, lambda: load_pipeline(str(tiny_sd3_model)))
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapters_load_onto_another_checkpoint_of_the_same_architecture(name, tiny_model, tmp_path):
+    """A run applied to another fine-tune of its base (same module names and shapes, other weights) is not refused:
+    every tensor attaches, and the result differs from that checkpoint alone."""
+    from nanobooth.tiny import build_tiny_pipeline
+
+    other = build_tiny_pipeline(tmp_path / "other", seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    _saved_adapters(tiny_model, name, run)
+    pipe = load_run(str(other), str(run))
+    base = load_pipeline(str(other))
+    assert not torch.equal(next(base.unet.parameters()), next(load_pipeline(str(tiny_model)).unet.parameters()))
+    ids = base.tokenizer("a sks dog", padding="max_length", max_length=base.tokenizer.model_max_length, return_tensors="pt").input_ids
+    x, t = torch.randn(1, base.unet.config.in_channels, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+
+    def outputs(p):
+        with torch.no_grad():
+            h = p.text_encoder(ids)[0]
+            return h, p.unet(x, t, encoder_hidden_states=h).sample
+
+    for a, b in zip(outputs(pipe), outputs(base)):  # the text encoder's adapters and the UNet's both took effect
+        assert not torch.allclose(a, b, atol=1e-4)
+
+
 @pytest.mark.parametrize("variant,key,target,meant", [
     ("dreambooth-lora", "lora_target_modules", "down_blocks.0.resnet.0.conv1", "down_blocks.0.resnets.0.conv1"),
     ("dreambooth-loha", "lora_target_modules", "to_qq", "to_q"),

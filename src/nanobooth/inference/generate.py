@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..methods import METHODS
+from ..methods.lora import AdapterMismatch
 from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline, no_loading_bars
@@ -49,17 +51,65 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
         peft_log = logging.getLogger("diffusers.loaders.peft")
         level = peft_log.level
         peft_log.setLevel(logging.CRITICAL)
+        held = _HeldLibraryOutput()  # peft's and transformers' key lists of a run that does not fit: the one line says it
         try:
-            with no_loading_bars(True):  # the run's files are local: the adapters' loading bars are noise (newcomer55)
-                return METHODS[kind]().load_for_inference(run, base, torch_dtype)
+            with no_loading_bars(True), held:  # the run's files are local: the adapters' loading bars are noise (newcomer55)
+                pipe = METHODS[kind]().load_for_inference(run, base, torch_dtype)
+        except AdapterMismatch as e:  # a run of another model family: its adapter attached to nothing, or to part
+            held.drop()
+            raise ModelError(f"--weights '{weights}' does not fit --model '{model}' ({e.detail}){_trained_on(run)}") from None
         except (RuntimeError, ValueError) as e:  # peft: "size mismatch ..."; load_textual_inversion: "incorrect shape"
             if not loaded or not any(m in str(e) for m in ("size mismatch", "incorrect shape")):
                 raise
+            held.drop()
             raise ModelError(f"--weights '{weights}' does not fit --model '{model}' (its tensors' shapes differ from the "
                              f"model's){_trained_on(run)}") from None
         finally:
             peft_log.setLevel(level)
+            held.replay()
+        return pipe
     raise ModelError(f"--weights '{weights}': no {LORA_FILE}, model_index.json or *{EMB_SUFFIX} there; pass a finished nanobooth run folder")
+
+
+class _HeldLibraryOutput:
+    """Python warnings and diffusers'/transformers' log records raised inside, held back: `replay()` emits them as
+    they would have been (the load went through, or failed otherwise), unless `drop()` came first (load_run's one
+    line replaces peft's "inconsistency ... state_dict contained these additional target modules: [...]" and
+    transformers' MISSING-key report for a run that does not fit the model)."""
+
+    LIBRARIES = ("diffusers", "transformers")
+
+    def __enter__(self):
+        self.records: list[logging.LogRecord] = []
+        self._warnings = warnings.catch_warnings(record=True)
+        self.warned = self._warnings.__enter__()
+        self._saved = []
+        for name in self.LIBRARIES:
+            lib = logging.getLogger(name)
+            self._saved.append((lib, lib.handlers[:], lib.propagate))
+            handler = logging.Handler()
+            handler.emit = self.records.append
+            lib.handlers[:] = [handler]
+            lib.propagate = False
+        return self
+
+    def __exit__(self, *exc):
+        for lib, handlers, propagate in self._saved:
+            lib.handlers[:] = handlers
+            lib.propagate = propagate
+        self._warnings.__exit__(*exc)
+        return False
+
+    def drop(self) -> None:
+        self.records.clear()
+        self.warned.clear()
+
+    def replay(self) -> None:
+        for w in self.warned:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
+        self.drop()
 
 
 def _trained_on(run: Path) -> str:

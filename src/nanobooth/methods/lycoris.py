@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from ..core.run_folder import LORA_FILE
-from .lora import LoRA, adapted_text_encoders
+from .lora import LoRA, adapted_text_encoders, check_attached
 
 # peft_type in the saved adapter config -> METHODS key
 PEFT_TYPES = {"LOKR": "lokr", "LOHA": "loha"}
@@ -78,19 +78,29 @@ class LycorisAdapter(LoRA):
         configs = adapter_metadata(path)
         state = load_file(str(path))
         pipe = load_base()
+        unfit = []
         for comp, conf in configs.items():
             model = getattr(pipe, comp, None)
             prefix = comp + "."
             tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-            if model is None or not tensors:
+            if model is None or not tensors:  # a component this pipeline lacks: check_attached counts its tensors
                 continue
-            model.add_adapter(PeftConfig.from_peft_type(**conf))
+            try:
+                model.add_adapter(PeftConfig.from_peft_type(**conf))
+            except ValueError as e:  # peft: none of the config's targets is in this model (check_attached says so)
+                if "not found in the base model" not in str(e):
+                    raise
+                continue
             result = set_peft_model_state_dict(model, tensors)
             missing = [k for k in result.missing_keys if any(p in k for p in ("lokr_", "hada_"))]
             if result.unexpected_keys or missing:
-                from ..core.run_folder import RunFolderError
+                unfit.append((comp, conf, result, missing))
+        check_attached(pipe, path)  # tensors of a run of another model (unexpected keys) have no adapter: one line
+        if unfit:  # what is left: names that fit but a tensor missing (a damaged file)
+            from ..core.run_folder import RunFolderError
 
-                raise RunFolderError(f"'{path}': its {comp} tensors do not fit the {conf.get('peft_type')} adapters they were "
-                                     f"saved with ({len(result.unexpected_keys)} unexpected, {len(missing)} missing); "
-                                     "the file is damaged or from another model: retrain or pass the right model")
+            comp, conf, result, missing = unfit[0]
+            raise RunFolderError(f"'{path}': its {comp} tensors do not fit the {conf.get('peft_type')} adapters they were "
+                                 f"saved with ({len(result.unexpected_keys)} unexpected, {len(missing)} missing); "
+                                 "the file is damaged or from another model: retrain or pass the right model")
         return pipe
