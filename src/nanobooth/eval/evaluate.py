@@ -31,7 +31,7 @@ from .prompts import LIVE_CLASSES, choose_prompts, fill, protocol_file, read_pro
 from ..core.config_values import guidance_fraction
 from ..core.data import DataError, load_folder, read_subject_meta
 from ..core.models import ModelError
-from ..inference.generate import DTYPES, grid, load_run, render, save_png, with_sampler
+from ..inference.generate import DTYPES, SAMPLERS, grid, load_run, render, save_png, with_sampler
 from ..core.run_folder import result_kind
 
 log = logging.getLogger("nanobooth")
@@ -357,7 +357,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale, else 7.5")
     p.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance (default: the run's validation_guidance_cutoff, else 1.0)")
-    p.add_argument("--sampler", choices=["auto", "model", "dpm++"], default=None,  # inference.generate.SAMPLERS
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,  # generate's own list (imported here already)
                    help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto; default: the run's "
                         "validation_sampler, else model")
     p.add_argument("--resolution", type=int, default=None,
