@@ -427,8 +427,9 @@ def test_train_says_which_prompts_it_took_from_subject_json(tmp_path, toy_subjec
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="nanobooth"):  # a prompt given on the command line is not "filled in"
         cli.main(["train", "toy/dreambooth", f"instance_data_dir={toy_subject}", "output_dir=full", "instance_prompt=a sks pup"])
-    assert [r.getMessage() for r in caplog.records if "subject.json" in r.getMessage()] == [
-        f"class_prompt from {toy_subject}/subject.json: 'a photo of dog'"]
+    assert [r.getMessage() for r in caplog.records if "subject.json" in r.getMessage()] == [  # named, not taken
+        f"instance_prompt='a sks pup' is used, not {toy_subject}/subject.json's 'a photo of sks dog' (leave instance_prompt "
+        "out to use the file's)", f"class_prompt from {toy_subject}/subject.json: 'a photo of dog'"]
 
 
 def test_config_show_points_at_the_help_that_documents_every_key(capsys):

@@ -191,22 +191,45 @@ def test_the_models_own_resolution_check_runs_after_it_loads_and_before_anything
 
 
 def test_fill_prompts_logs_each_prompt_it_fills_and_names_the_file_when_it_cannot(tmp_path, caplog):
-    from nanobooth.core.config import fill_prompts
+    from nanobooth.core.subject_prompts import fill_prompts
 
     src = tmp_path / "subject.json"
     cfg = load_config("toy/dreambooth", ["instance_prompt=a sks pup"])
     with caplog.at_level("INFO", logger="nanobooth"):
         fill_prompts(cfg, {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}, src)
     assert cfg.instance_prompt == "a sks pup" and cfg.class_prompt == "a photo of dog"  # what was given stays
-    assert [r.getMessage() for r in caplog.records] == [f"class_prompt from {src}: 'a photo of dog'"]
+    assert [r.getMessage() for r in caplog.records] == [  # the file's other prompt is named where the config's wins
+        f"instance_prompt='a sks pup' is used, not {src}'s 'a photo of sks dog' (leave instance_prompt out to use the file's)",
+        f"class_prompt from {src}: 'a photo of dog'"]
     with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and {src} does not set it"):
         fill_prompts(load_config("toy/dreambooth"), {"class_prompt": "a dog"}, src)
     with pytest.raises(ConfigError, match=f"'class_prompt' is empty and {src} sets it to 3"):
         fill_prompts(load_config("toy/dreambooth", ["instance_prompt=a sks dog"]), {"class_prompt": 3}, src)
 
 
+def test_subject_json_replaces_the_example_dogs_prompts_the_real_families_inherit(tmp_path, caplog):
+    """sdxl/dreambooth-lora carries configs/dreambooth.yaml's 'a photo of sks dog' for example:dog; trained on a folder
+    whose subject.json names a cat, the file's prompts are the run's (newcomer55: the dog's prompts trained the cat)."""
+    from nanobooth.core.subject_prompts import fill_prompts
+
+    src, meta = tmp_path / "subject.json", {"instance_prompt": "a photo of zwx cat", "class_prompt": "a photo of cat"}
+    cfg = load_config("sdxl/dreambooth-lora", [f"instance_data_dir={tmp_path}"])
+    assert cfg.instance_prompt == "a photo of sks dog"  # the inherited example's
+    with caplog.at_level("INFO", logger="nanobooth"):
+        fill_prompts(cfg, meta, src)
+    assert (cfg.instance_prompt, cfg.class_prompt) == ("a photo of zwx cat", "a photo of cat")
+    assert f"instance_prompt from {src}: 'a photo of zwx cat' (not the shipped example dog's 'a photo of sks dog')" in caplog.messages
+    example = load_config("sdxl/dreambooth-lora")  # the example dog itself keeps its prompts
+    fill_prompts(example, meta, src)
+    assert example.instance_prompt == "a photo of sks dog"
+    same = load_config("sdxl/dreambooth-lora", [f"instance_data_dir={tmp_path}", "instance_prompt=a photo of zwx cat"])
+    caplog.clear()
+    fill_prompts(same, meta, src)  # nothing to say where they agree
+    assert not [m for m in caplog.messages if "instance_prompt" in m]
+
+
 def test_subject_json_starts_the_identifiers_new_tokens_only_where_they_train(tmp_path, caplog):
-    from nanobooth.core.config import fill_prompts
+    from nanobooth.core.subject_prompts import fill_prompts
 
     src, meta = tmp_path / "subject.json", {"instance_prompt": "a photo of a sks ball", "class_prompt": "a photo of a ball",
                                             "initializer_concept": "blue purple dotted eye"}
@@ -329,6 +352,33 @@ def test_a_key_set_without_its_switch_is_warned_about_once_naming_both(tmp_path,
     assert warned("toy/dreambooth-lora-prior-pre", ["initializer_concept=red ball", "train_text_encoder_ti_frac=1.0"]) == []
     assert warned("toy/textual-inversion", ["initializer_concept=red ball", "num_new_tokens_per_abstraction=2"]) == []
     assert warned("toy/dreambooth-lora-prior-pre", ["train_text_encoder_ti=false"]) == []  # the variant's own values
+    # newcomer55: keys a method or a switch does not read trained without a word (session 56)
+    assert warned("dreambooth", ["lora_rank=8"]) == [
+        "lora_rank=8 is used only with an adapter: method=lora, dora, lokr or loha; set one, or remove it"]
+    assert warned("dreambooth-lora", ["lokr_factor=8"]) == ["lokr_factor=8 is used only with method=lokr; set it, or remove it"]
+    assert warned("dreambooth-lora", ["ema_decay=0.99"]) == ["ema_decay=0.99 is used only with use_ema=true; set it, or remove it"]
+    assert warned("dreambooth-lora", ["text_encoder_lr=1e-4"]) == [
+        "text_encoder_lr=0.0001 is used only with train_text_encoder=true or train_text_encoder_ti=true (pivotal tuning); "
+        "set one, or remove it"]
+    assert warned("dreambooth-lora", ["lr_warmup_steps=100"]) == [  # diffusers' constant schedule drops the warm-up
+        "lr_warmup_steps=100 is used only with an lr_scheduler that warms up (lr_scheduler=constant ignores it); "
+        "set lr_scheduler=constant_with_warmup, or remove it"]
+    assert warned("dreambooth-lora", ["num_class_images=10", "prior_loss_weight=0.5"]) == [
+        f"{k} is used only with with_prior_preservation=true; set it, or remove it" for k in ("prior_loss_weight=0.5", "num_class_images=10")]
+    assert warned("sd3/dreambooth", ["weighting_scheme=none", "logit_mean=0.5"]) == [
+        "logit_mean=0.5 is used only with weighting_scheme=logit_normal; set it, or remove it"]
+    for name, keys in (("dreambooth-lora", ["lora_rank=8", "lora_dropout=0.1"]), ("dreambooth-lokr", ["lokr_factor=8", "lora_rank=8"]),
+                       ("dreambooth-lora", ["use_ema=true", "ema_decay=0.99", "offload_ema=true"]),
+                       ("dreambooth-lora", ["train_text_encoder=true", "text_encoder_lr=1e-4", "text_encoder_lora_target_modules=[q_proj]"]),
+                       ("dreambooth-lora", ["lr_scheduler=cosine", "lr_warmup_steps=100"]),
+                       ("dreambooth-lora", ["optimizer=schedulefree", "lr_warmup_steps=100"]),
+                       ("dreambooth-lora-prior-pre", ["num_class_images=10", "prior_loss_weight=0.5", "sample_batch_size=2"]),
+                       ("toy/dreambooth-lora-prior-pre", ["text_encoder_lr=1e-4"]),  # its pivotal tuning's new rows read it
+                       ("sd3/dreambooth", ["logit_mean=0.5"]), ("toy/textual-inversion", ["token_abstraction=sks"])):
+        assert warned(name, keys) == [], (name, keys)  # each key with its switch on
+    assert warned("dreambooth", ["text_encoder_lora_target_modules=[q_proj]", "train_text_encoder=true"]) == [
+        "text_encoder_lora_target_modules=['q_proj'] is used only with train_text_encoder=true and an adapter method "
+        "(lora, dora, lokr, loha); set both, or remove it"]
     mine = tmp_path / "mine.yaml"
     mine.write_text("base: dreambooth-lora\nbucket_reso_steps: 32\n")
     assert len(warned(str(mine), [])) == 1  # a user YAML's key counts as set when its base has another value

@@ -80,7 +80,7 @@ def test_demo_plan_counts_cached_class_images_as_done(tmp_path, monkeypatch, cap
     import nanobooth.core.train as core_train
     import nanobooth.demo as demo_mod
     import nanobooth.toy.evaluate as toy_evaluate
-    from nanobooth.core.config import fill_prompts
+    from nanobooth.core.subject_prompts import fill_prompts
     from nanobooth.core.data import read_subject_meta
     from nanobooth.core.run_folder import class_images_dir
 

@@ -196,6 +196,22 @@ def test_timestep_span_min_and_max_timestep(name):
             TrainConfig(min_timestep=lo, max_timestep=hi)
 
 
+@pytest.mark.parametrize("name", DDPM_FAMILIES)
+def test_a_ddpm_family_refuses_the_flow_matching_weighting_keys(name):
+    # session 56: weighting_scheme=logit_normal on SD trained uniform timesteps without a word (the flow families refuse
+    # snr_gamma the other way round); the message names every flow key set
+    from diffusers import DDPMScheduler
+
+    from nanobooth.core.config import ConfigError
+
+    fam, sched = FAMILY_MODELS[name][0](), DDPMScheduler(num_train_timesteps=1000)
+    with pytest.raises(ConfigError, match="'weighting_scheme': weighting_scheme=logit_normal is for flow-matching models"):
+        fam.objective(sched, TrainConfig(weighting_scheme="logit_normal"))
+    with pytest.raises(ConfigError, match="'precondition_outputs': precondition_outputs=true and resolution_shift=true are for"):
+        fam.objective(sched, TrainConfig(precondition_outputs=True, resolution_shift=True))
+    fam.objective(sched, TrainConfig(snr_gamma=5.0))  # its own weighting still builds
+
+
 @pytest.mark.parametrize("name", ["sd", "sdxl", "flux"])
 def test_timestep_bias_draws_the_biased_timesteps_multiplier_times_as_often(name):
     # diffusers' SDXL script's timestep_bias_*: through the family's objective (what the train loop calls), within

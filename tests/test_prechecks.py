@@ -39,3 +39,35 @@ def test_a_toy_run_on_a_class_outside_the_toy_world_is_warned(caplog):
     assert "balls, cubes, stars, rings, cups" in caplog.text
     assert warned("toy/dreambooth-lora", "instance_prompt=a photo of sks star", "class_prompt=a photo of a star") == ""
     assert warned("dreambooth-lora", *dog) == ""  # a real model knows dogs
+
+
+def test_a_heldout_folder_holding_training_photos_is_warned(subject_dir, tmp_path, caplog):
+    # newcomer55: validation_images_dir pointed at the training photos drew a "held-out" curve that followed the
+    # training loss; compared by content, so a renamed copy counts and another photo does not
+    import shutil
+
+    from PIL import Image
+
+    from nanobooth.core.prechecks import warn_heldout_is_trained_on
+
+    held = tmp_path / "held"
+    held.mkdir()
+    first = sorted(subject_dir.glob("*.png"))[0]
+    shutil.copy(first, held / "renamed.png")
+    Image.new("RGB", (48, 48), (10, 200, 30)).save(held / "other.png")
+
+    def warned(folder, *extra):
+        cfg = load_config("toy/dreambooth-lora", [f"validation_images_dir={folder}", *extra])
+        caplog.clear()  # load_config's own warnings are another test's
+        with caplog.at_level("WARNING", logger="nanobooth"):
+            warn_heldout_is_trained_on(cfg, subject_dir)
+        return caplog.messages
+
+    assert warned(subject_dir, "validation_loss_steps=5") == [
+        f"validation_images_dir={subject_dir}: 3 of its 3 photos are training photos ({', '.join(p.name for p in sorted(subject_dir.glob('*.png')))}), "
+        "so val_loss_heldout follows the training loss and cannot show overfitting; point it at photos of the subject that "
+        "the run does not train on"]
+    assert warned(held, "validation_loss_steps=5")[0].startswith(f"validation_images_dir={held}: 1 of its 2 photos are training photos (renamed.png)")
+    (held / "renamed.png").unlink()
+    assert warned(held, "validation_loss_steps=5") == []  # photos the run does not train on
+    assert warned(subject_dir) == []  # no validation loss: the folder is not read (its own idle-key warning says so)

@@ -12,7 +12,8 @@ import logging
 import time
 from pathlib import Path
 
-from .core.config import TrainConfig, load_config, subject_initializer
+from .core.config import TrainConfig, load_config
+from .core.subject_prompts import subject_initializer
 from .core.data import read_subject_meta
 
 log = logging.getLogger("nanobooth")

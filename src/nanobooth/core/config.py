@@ -404,34 +404,6 @@ def resume_safe_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume_safe")}
 
 
-def fill_prompts(cfg: TrainConfig, meta: dict, source) -> None:
-    """Fill an empty instance_prompt / class_prompt from the subject's `subject.json` (`meta`, read from
-    `source`), logging each one filled: a prompt nobody typed should be visible. ConfigError when the
-    file does not set one that is empty. An empty initializer_concept is filled too where new token embeddings
-    train and the file names one (a toy subject's look in words); else it stays the class noun."""
-    for key in ("instance_prompt", "class_prompt"):
-        if getattr(cfg, key):
-            continue
-        value = meta.get(key)
-        if not isinstance(value, str) or not value.strip():
-            what = "does not set it" if value is None else f"sets it to {value!r}"
-            raise ConfigError(f"config key '{key}' is empty and {source} {what}; pass {key}=\"...\"")
-        setattr(cfg, key, value)
-        log.info("%s from %s: %r", key, source, value)
-    if words := subject_initializer(cfg, meta):
-        cfg.initializer_concept = words
-        log.info("initializer_concept from %s: %r", source, words)
-
-
-def subject_initializer(cfg: TrainConfig, meta: dict) -> Optional[str]:
-    """The words subject.json (`meta`) gives an empty initializer_concept where new token embeddings train (a toy
-    subject's look: "blue purple dotted eye"); None where it gives none or cfg needs none (fill_prompts)."""
-    words = meta.get("initializer_concept")
-    if cfg.trains_embeddings and not cfg.initializer_concept and isinstance(words, str) and words.strip():
-        return words
-    return None
-
-
 def _unknown_key(key: str, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, field_names(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `nanobooth config show`"
@@ -513,7 +485,8 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
         if isinstance(extra.get(key), str):
             extra[key] = [extra[key]]
     cfg = TrainConfig(**{**data, **extra})
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
     warn_idle_keys(cfg, {**defaults, **_packaged_values(name_or_path)})
     return cfg
 

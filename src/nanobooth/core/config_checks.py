@@ -19,6 +19,7 @@ log = logging.getLogger("nanobooth")
 
 # key -> (its switch is on, what to set): keys that do nothing unless another key turns their feature on
 BUCKET_KEYS = ("bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")  # inert unless enable_bucket
+ADAPTER_METHODS = ("lora", "dora", "lokr", "loha")
 IDLE_WITHOUT_SWITCH = {
     "validation_images_dir": (lambda c: c.validation_loss_steps > 0, "validation_loss_steps > 0; set validation_loss_steps=N"),
     **{key: (lambda c: c.enable_bucket, "enable_bucket=true; set enable_bucket=true") for key in BUCKET_KEYS},
@@ -32,6 +33,31 @@ IDLE_WITHOUT_SWITCH = {
     **{key: (lambda c: c.trains_embeddings, "train_text_encoder_ti=true (pivotal tuning) or method=textual_inversion; set one")
        for key in ("initializer_concept", "num_new_tokens_per_abstraction")},
     "train_text_encoder_ti_frac": (lambda c: c.train_text_encoder_ti, "train_text_encoder_ti=true (pivotal tuning); set it"),
+    "token_abstraction": (lambda c: c.trains_embeddings, "train_text_encoder_ti=true (pivotal tuning) or method=textual_inversion; set one"),
+    # what a method trains: the adapter's shape keys mean nothing to a full fine-tune or to textual inversion
+    **{key: (lambda c: c.method in ADAPTER_METHODS, "an adapter: method=lora, dora, lokr or loha; set one")
+       for key in ("lora_rank", "lora_alpha", "lora_target_modules")},
+    "lora_dropout": (lambda c: c.method in ("lora", "dora"), "method=lora or dora; set one"),  # lokr/loha refuse it (config.py)
+    "text_encoder_lora_target_modules": (lambda c: c.method in ADAPTER_METHODS and c.train_text_encoder,
+                                         "train_text_encoder=true and an adapter method (lora, dora, lokr, loha); set both"),
+    **{key: (lambda c: c.method == "lokr", "method=lokr; set it") for key in ("lokr_factor", "lokr_decompose_both")},
+    # textual inversion trains its rows at learning_rate, as diffusers' textual_inversion.py (methods/textual_inversion.py)
+    "text_encoder_lr": (lambda c: c.train_text_encoder or c.train_text_encoder_ti,
+                        "train_text_encoder=true or train_text_encoder_ti=true (pivotal tuning); set one"),
+    **{key: (lambda c: c.use_ema, "use_ema=true; set it") for key in ("ema_decay", "offload_ema")},
+    "keep_best_tolerance": (lambda c: c.keep_best, "keep_best=true; set it"),
+    "validation_loss_samples": (lambda c: c.validation_loss_steps > 0, "validation_loss_steps > 0; set validation_loss_steps=N"),
+    "unmasked_weight": (lambda c: c.masked_loss, "masked_loss=true; set it"),
+    **{key: (lambda c: c.with_prior_preservation, "with_prior_preservation=true; set it")
+       for key in ("prior_loss_weight", "num_class_images", "class_data_dir", "class_generation_steps", "class_sampler",
+                   "sample_batch_size")},
+    # diffusers' get_scheduler("constant") drops num_warmup_steps without a word (its DreamBooth scripts default to
+    # constant with lr_warmup_steps=500); schedule-free warms up by itself (core/optimizers.py)
+    "lr_warmup_steps": (lambda c: c.lr_scheduler != "constant" or c.optimizer == "schedulefree",
+                        "an lr_scheduler that warms up (lr_scheduler=constant ignores it); set lr_scheduler=constant_with_warmup"),
+    **{key: (lambda c: c.weighting_scheme == "logit_normal", "weighting_scheme=logit_normal; set it")
+       for key in ("logit_mean", "logit_std")},
+    "mode_scale": (lambda c: c.weighting_scheme == "mode", "weighting_scheme=mode; set it"),
 }
 
 

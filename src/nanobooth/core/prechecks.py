@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import check_resolution_before_loading, fill_prompts
+from .config import check_resolution_before_loading
+from .subject_prompts import fill_prompts
 from .errors import ConfigError
-from .data import check_images, read_subject_meta, resolve_data_dir
+from .data import check_images, image_paths, read_subject_meta, resolve_data_dir
 from .run_folder import check_output_dir, check_resume_request
 
 log = logging.getLogger("nanobooth")
@@ -25,6 +26,7 @@ def check_train_input(cfg) -> None:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
     check_token_abstraction(cfg, instance_dir)
+    warn_heldout_is_trained_on(cfg, instance_dir)
     warn_class_outside_toy_world(cfg)
     check_output_dir(cfg)
     check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
@@ -43,6 +45,29 @@ def check_token_abstraction(cfg, instance_dir: Path) -> None:
     raise ConfigError(f"config key 'token_abstraction': '{word}' is not a word of instance_prompt '{cfg.instance_prompt}' "
                       "(nor of any caption file), so its new tokens would never be trained; set token_abstraction to the "
                       "identifier the prompt uses, or put it in instance_prompt")
+
+
+def warn_heldout_is_trained_on(cfg, instance_dir: Path) -> None:
+    """validation_images_dir holding the training photos (the same folder, or copies of its files) gives a "held-out"
+    curve that follows the training one, so it can never show overfitting, the one thing it is for (newcomer55). One
+    warning line naming how many are shared and a few of them; compared by content, so renamed copies count."""
+    if not (cfg.validation_loss_steps and cfg.validation_images_dir):
+        return
+    held = resolve_data_dir(cfg.validation_images_dir, "validation_images_dir")
+    trained = {_digest(p) for p in image_paths(instance_dir)}
+    photos = image_paths(held)
+    shared = [p.name for p in photos if _digest(p) in trained]
+    if shared:
+        log.warning("validation_images_dir=%s: %d of its %d photos are training photos (%s%s), so val_loss_heldout follows "
+                    "the training loss and cannot show overfitting; point it at photos of the subject that the run does not "
+                    "train on", cfg.validation_images_dir, len(shared), len(photos), ", ".join(shared[:3]),
+                    ", ..." if len(shared) > 3 else "")
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def warn_class_outside_toy_world(cfg) -> None:

@@ -245,7 +245,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     CLI calls it before importing the training stack; train.prepare_run calls it again for library
     callers). A non-empty folder needs resume_from_checkpoint or overwrite=true; a resume of a run whose
     config.yaml differs in a key that is not resume-safe (config.resume_safe_keys) is refused naming the
-    keys. `cfg`'s prompts must be filled in first (config.fill_prompts): the saved config has them."""
+    keys. `cfg`'s prompts must be filled in first (subject_prompts.fill_prompts): the saved config has them."""
     run_dir = Path(cfg.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir '{run_dir}' is a file, not a folder; pass a folder (created if missing)")

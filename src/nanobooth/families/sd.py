@@ -30,13 +30,23 @@ class SD(Family):
     def objective(self, training_scheduler, cfg=None) -> Objective:
         if cfg is None:
             return DDPMObjective(training_scheduler)
+        from ..core.config import ConfigError
+
+        # the flow-matching families' weighting keys (sd3.py refuses snr_gamma the other way): set here they would train
+        # as if unset, a run that looks fine
+        flow = {"weighting_scheme": cfg.weighting_scheme != "none", "precondition_outputs": cfg.precondition_outputs,
+                "resolution_shift": cfg.resolution_shift}
+        if set_keys := [k for k, on in flow.items() if on]:
+            keys = " and ".join(f"{k}={str(getattr(cfg, k)).lower()}" for k in set_keys)
+            is_, it = ("is", "it") if len(set_keys) == 1 else ("are", "them")
+            raise ConfigError(f"config key '{set_keys[0]}': {keys} {is_} for flow-matching models (SD3, FLUX); {self.name} "
+                              f"trains by DDPM, where {it} would change nothing: leave {it} unset (min-SNR is snr_gamma here, "
+                              "and timestep_bias_strategy biases the timesteps)")
         try:  # the span and a bias range are checked against the model's T where T is known: the objective
             return DDPMObjective(training_scheduler, cfg.min_timestep, cfg.max_timestep,
                                  (cfg.timestep_bias_strategy, cfg.timestep_bias_multiplier, cfg.timestep_bias_portion,
                                   cfg.timestep_bias_begin, cfg.timestep_bias_end))
         except ValueError as e:  # its message names the keys
-            from ..core.config import ConfigError
-
             raise ConfigError(str(e)) from None
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
