@@ -39,7 +39,7 @@ def fill_prompts(cfg: "TrainConfig", meta: dict, source) -> None:
 def _keep_or_take(cfg: "TrainConfig", key: str, value, source) -> None:
     """A prompt set in the config beside a subject.json that names another: the SD/SDXL/SD3/FLUX variants carry the
     shipped example dog's prompts, which are no one's guess about a user's own subject, so the file's prompt replaces
-    them (said in one line); any other prompt was the user's choice and wins, said in one warning line."""
+    them (said in one line); any other prompt was the user's choice and wins, said in one info line."""
     current = getattr(cfg, key)
     if not isinstance(value, str) or not value.strip() or value == current:
         return
@@ -47,7 +47,8 @@ def _keep_or_take(cfg: "TrainConfig", key: str, value, source) -> None:
         setattr(cfg, key, value)
         log.info("%s from %s: %r (not the shipped example dog's %r)", key, source, value, current)
     else:
-        log.warning("%s=%r is used, not %s's %r (leave %s out to use the file's)", key, current, source, value, key)
+        # info, not a warning: a prompt the user typed winning is what they asked for (the UI builds its own from the form)
+        log.info("%s=%r is used, not %s's %r (leave %s out to use the file's)", key, current, source, value, key)
 
 
 @functools.cache
