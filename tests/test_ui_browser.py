@@ -84,6 +84,9 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg")))
         page.wait_for_function("document.querySelectorAll('#nb-thumbs img').length >= 5")
         sync_api.expect(page.locator("#nb-prompts")).to_contain_text("a photo of a sks dog")
+        # saved: the upload box empties (its file chips read as still waiting) and the page says where they went
+        sync_api.expect(page.locator("#nb-upload-msg")).to_contain_text("saved 5 photos as subject photos-")
+        sync_api.expect(page.locator("#nb-upload")).not_to_contain_text("00.jpg")
         sync_api.expect(page.locator("#nb-header")).to_contain_text("Next: 2 Train, then Start")
         page.screenshot(path=str(shots / "1-subject.png"), full_page=True)
         times["subject"] = round(time.time() - t0)
@@ -137,6 +140,15 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
         got = tmp_path / "downloaded.safetensors"
         dl.value.save_as(got)
         times["exported"] = round(time.time() - t0)
+        # 6. runs: the row says which subject it trained and when (a workspace of ten runs told apart by more than a
+        # name); the table refreshes with the page's once-a-second poll, so it is waited for
+        page.get_by_role("tab", name="6 Runs").click()
+        page.wait_for_function("/sks dog \\(photos-[^)]*\\)/.test(document.querySelector('#nb-runs').innerText) && "
+                               "/20\\d\\d-\\d\\d-\\d\\d \\d\\d:\\d\\d/.test(document.querySelector('#nb-runs').innerText)",
+                               timeout=15_000)
+        # the run picked at Start (before it had written config.yaml) shows its config once the tab opens
+        sync_api.expect(page.locator("#nb-runs-cfg")).to_contain_text("instance_data_dir")
+        page.screenshot(path=str(shots / "6-runs.png"), full_page=True)
         browser.close()
     print(f"seconds since the page opened: {times}")
 
@@ -186,6 +198,9 @@ def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app,
         page.locator("#nb-advanced textarea").fill("validaton_prompts=[]")
         page.locator("#nb-start").click()
         refused("did you mean 'validation_prompts'?")
+        # gradio's "Error" badge goes on the message box, not over the page's title (the header is an output too)
+        sync_api.expect(page.locator("#nb-train-msg .error")).to_be_visible()
+        sync_api.expect(page.locator("#nb-header .error")).to_have_count(0)
         page.locator("#nb-advanced textarea").fill("")
         page.locator("#nb-model textarea, #nb-model input").first.fill("runwayml/stable-diffusion-v1-5")
         page.locator("#nb-start").click()  # passes the checks, then cannot load the model offline

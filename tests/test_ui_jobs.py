@@ -2,13 +2,14 @@
 that crashes leaves the manager working. Real training runs on the tiny model, through api.train."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import train_args
 
 from nanobooth import api
 from nanobooth.core.config import load_config
-from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, JobManager, logged_losses
+from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, Job, JobManager, logged_losses, progress_html
 
 
 def cfg_for(tiny_model, subject_dir, out, *extra):
@@ -132,3 +133,13 @@ def test_a_start_that_wrote_nothing_leaves_no_empty_run_folder_and_a_failed_run_
     assert shown_status(running, "incomplete") in ("queued", "running")
     jm.stop(running)
     assert running.finished.wait(300)
+
+
+def test_the_progress_box_shows_a_failed_jobs_line_as_text_and_names_the_queue():
+    """An error line may name a token such as <s0> (pivotal tuning): shown as text, not swallowed as an HTML tag."""
+    job = Job(1, SimpleNamespace(output_dir="/ws/runs/dog-lora"), status=FAILED, phase="training", done=3, total=10,
+              message="error: token <s0> is not in the tokenizer")
+    box = progress_html(job, ["cat-lora"])
+    assert 'data-status="failed"' in box and "dog-lora</b>: failed, training: 3/10 (30%)" in box
+    assert "token &lt;s0&gt; is not" in box and "<s0>" not in box and "queued: cat-lora" in box
+    assert 'data-status="none"' in progress_html(None)

@@ -15,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from .jobs import FINAL, JobManager, one_line, shown_status
+from .jobs import FINAL, JobManager, one_line, progress_html
+from .runs import HEADERS, WIDTHS, newest_first, runs_rows
 from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, photo_warnings,
                         remember_names, run_status, subject_names, subject_prompts, suggested_prompts, warnings_said)
 
@@ -62,19 +63,6 @@ def variant_fields(family: str, variant: str) -> tuple:
     return cfg.with_prior_preservation, cfg.max_train_steps, cfg.lora_rank, cfg.resolution, cfg.num_class_images
 
 
-def progress_html(job, queued: list[str] = ()) -> str:
-    waiting = f'<div id="nb-queued">queued: {", ".join(queued)}</div>' if queued else ""
-    if job is None:
-        return '<div id="nb-progress" data-status="none">no training run yet</div>'
-    pct = round(100 * job.fraction())
-    eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None and job.status not in FINAL else ""
-    phase = f"{job.phase}: {job.done}/{job.total}" if job.phase else "loading models"
-    return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
-            f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
-            f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
-            f'<div id="nb-message">{job.message}</div>{waiting}</div>')
-
-
 def build(workspace: Workspace, manager: JobManager | None = None):
     import gradio as gr
     import pandas as pd
@@ -84,8 +72,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
     jm = manager or JobManager()
     ws = workspace
 
-    def run_names():
-        return sorted((p.name for p in ws.runs.iterdir() if p.is_dir()), reverse=True)
+    run_names = functools.partial(newest_first, ws.runs)  # the newest first: every run dropdown opens on it
 
     def run_dir(name):
         folder = (ws.runs / (name or "")).resolve()
@@ -176,11 +163,12 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 exp_file = gr.File(label="download (with pivotal tuning: the LoRA and its new tokens' _emb file)",
                                    file_count="multiple", elem_id="nb-export-file")
                 exp_msg = gr.Markdown(elem_id="nb-export-msg")  # export's own words on using the _emb file
-            with gr.Tab("6 Runs"):
-                runs_df = gr.Dataframe(headers=["run", "status", "steps", "method", "model"], interactive=False)
+            with gr.Tab("6 Runs") as runs_tab:
+                runs_df = gr.Dataframe(headers=HEADERS, interactive=False, wrap=True, column_widths=WIDTHS,
+                                       elem_id="nb-runs")
                 runs_pick = gr.Dropdown(run_names(), label="run", elem_id="nb-runs-pick")
                 reopen = gr.Button("Reopen (select it in every tab)")
-                runs_cfg = gr.Code(language="yaml", label="config.yaml")
+                runs_cfg = gr.Code(language="yaml", label="config.yaml", elem_id="nb-runs-cfg")
                 runs_grid = gr.Image(label="final grid", type="filepath")
         timer = gr.Timer(1.0)
 
@@ -192,15 +180,19 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         @_guard
         def on_upload(files):
             folder, refused = ws.save_uploads([getattr(f, "name", f) for f in files or []])
-            msg = "\n".join(f"- {r}" for r in refused)
             if folder is None:
                 raise gr.Error("no usable photo in the upload: " + "; ".join(refused))
-            return subject_choice(folder, msg)
+            # the photos are the subject's now (its thumbnails below): the box empties, or its file chips would read as
+            # waiting to be saved, and the next subject's upload would start beside them
+            n = len(list(folder.iterdir()))
+            saved = f"saved {n} photo{'' if n == 1 else 's'} as subject `{folder.name}`"
+            return *subject_choice(folder, "\n".join([saved] + [f"- {r}" for r in refused])), None
 
-        sub_out = [subject, upload_msg, header]
-        uploads.upload(on_upload, uploads, sub_out)
-        dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out)
-        toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out)
+        # spinners and gradio's "Error" badge go on the message box only: on the header they covered the page's title
+        sub_out, shown = [subject, upload_msg, header], dict(show_progress_on=upload_msg)
+        uploads.upload(on_upload, uploads, sub_out + [uploads], **shown)
+        dog_btn.click(_guard(lambda: subject_choice(ws.example_dog())), None, sub_out, **shown)
+        toy_btn.click(_guard(lambda s: subject_choice(ws.toy_subject(int(s)))), toy_seed, sub_out, **shown)
 
         @_guard
         def on_subject(name, res):
@@ -214,7 +206,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                     header_md(ws, len(run_names()), folder))  # its next step: more photos, or Train
 
         subject.change(on_subject, [subject, resolution], [identifier, noun, val_prompts, try_prompt, thumbs, warnings,
-                                                           prompts_md, header])
+                                                           prompts_md, header], show_progress_on=[thumbs, warnings])
         for trigger in (identifier.input, noun.input):  # typed by the user, not set by a subject
             trigger(lambda i, n: suggested_prompts(i.strip(), n.strip()), [identifier, noun], [val_prompts, try_prompt])
         for trigger in (identifier.submit, noun.submit, resolution.submit):
@@ -273,7 +265,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                     + [header_md(ws, len(names))])
 
         start.click(on_start, [subject, identifier, noun, family, variant, model, steps, lr, rank, resolution, prior,
-                               n_class, val_prompts, advanced], [train_msg, runs_pick, try_run, eval_run, exp_run, header])
+                               n_class, val_prompts, advanced], [train_msg, runs_pick, try_run, eval_run, exp_run, header],
+                    show_progress_on=train_msg)
 
         @_guard
         def on_stop():
@@ -360,18 +353,11 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         # --- runs ----------------------------------------------------------------------------------------------------
         def runs_table():
-            rows = []
-            for name in run_names():
-                st = run_status(ws.runs / name)
-                rows.append([name, shown_status(jm.for_dir(ws.runs / name), st["status"]), st["steps"],
-                             st["config"].get("method", ""), st["config"].get("model", "")])
             names = run_names()
-            pick = [gr.Dropdown(choices=names, value=(names[0] if names else None)) for _ in range(4)]
-            return [rows] + pick
+            return [runs_rows(ws.runs, jm)] + [gr.Dropdown(choices=names, value=(names[0] if names else None))] * 4
 
-        run_pickers = [runs_pick, try_run, eval_run, exp_run]
-        page.load(runs_table, None, [runs_df] + run_pickers)
-        timer.tick(lambda: runs_table()[0], None, runs_df)
+        page.load(runs_table, None, [runs_df, runs_pick, try_run, eval_run, exp_run])
+        timer.tick(lambda: runs_rows(ws.runs, jm), None, runs_df)
 
         @_guard
         def on_pick(name):
@@ -382,7 +368,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
             return yaml.safe_dump(st["config"], sort_keys=False), str(st["grid"]) if st["grid"] else None
 
-        runs_pick.change(on_pick, runs_pick, [runs_cfg, runs_grid])
+        # and again on opening the tab: Start picks its run before training has written config.yaml or a grid
+        gr.on([runs_pick.change, runs_tab.select], on_pick, runs_pick, [runs_cfg, runs_grid])
         reopen.click(lambda n: [gr.Dropdown(value=n)] * 3, runs_pick, [try_run, eval_run, exp_run])
         def on_load():
             # a reloaded page lists what was made since launch and shows the newest subject; the header's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import html
 import itertools
 import json
 import logging
@@ -47,6 +48,21 @@ def shown_status(job: Job | None, on_disk: str) -> str:
     if job is not None and job.status == FAILED:
         return f"failed: {job.message.removeprefix('error: ')}"
     return job.status if job is not None and job.status not in FINAL else on_disk
+
+
+def progress_html(job: Job | None, queued: list[str] = ()) -> str:
+    """The Train tab's progress box for `job` (None: none yet): status, phase, percent and ETA, a bar, the job's
+    message and the names of the jobs `queued` behind it. The message is escaped: an error line may hold `<token>`."""
+    waiting = f'<div id="nb-queued">queued: {", ".join(queued)}</div>' if queued else ""
+    if job is None:
+        return '<div id="nb-progress" data-status="none">no training run yet</div>'
+    pct = round(100 * job.fraction())
+    eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None and job.status not in FINAL else ""
+    phase = f"{job.phase}: {job.done}/{job.total}" if job.phase else "loading models"
+    return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
+            f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
+            f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
+            f'<div id="nb-message">{html.escape(job.message)}</div>{waiting}</div>')
 
 
 def _drop_if_empty(job: Job) -> None:

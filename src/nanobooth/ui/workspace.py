@@ -221,6 +221,7 @@ def run_status(run: Path) -> dict:
         cfg = yaml.safe_load((run / CONFIG).read_text()) or {}
     except (OSError, yaml.YAMLError):
         pass
+    cfg = cfg if isinstance(cfg, dict) else {}  # a hand-edited file holding a bare string: no keys to show
     steps = 0
     try:
         steps = len((run / TRAIN_LOG).read_text().splitlines())
@@ -235,7 +236,17 @@ def run_status(run: Path) -> dict:
                                       else "incomplete")
     grids = sorted((run / SAMPLES).glob("step-*.png"))
     return {"status": status, "steps": steps, "config": cfg, "grid": grids[-1] if grids else None, "kind": kind,
-            "toy_eval": json.loads((run / "toy_eval.json").read_text()) if (run / "toy_eval.json").is_file() else None}
+            "toy_eval": read_json(run / "toy_eval.json")}
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`; None when it is missing, unreadable, half-written (an eval writing it as the page
+    polls) or not an object, so that one bad file in a run folder blanks a cell rather than the Runs tab."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError too
+        return None
+    return data if isinstance(data, dict) else None
 
 
 @contextlib.contextmanager
