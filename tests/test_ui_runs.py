@@ -83,6 +83,10 @@ def test_runs_read_newest_first_with_their_start_subject_and_scores(tmp_path):
     assert table["a-toy-run"]["method"] == "lora" and table["a-toy-run"]["model"] == "toy"
     assert table["e-loading"]["subject"] == table["e-loading"]["method"] == ""
     assert W.run_status(ws.runs / "d-broken")["toy_eval"] is None  # the Runs tab's config view reads it too
+    # the last trained step, not the line count: a step-0 validation-loss record, a resume's redone step, a torn line
+    with open(ws.runs / "d-broken" / "train_log.jsonl", "a") as log:
+        log.write('{"step": 0, "val_loss": 0.2}\n{"step": 2, "loss": 0.1, "time": 9}\n{"step": 3, "lo')
+    assert W.run_status(ws.runs / "d-broken")["steps"] == 2
 
 
 def test_a_run_the_page_is_training_shows_its_live_status_and_a_broken_subject_json_its_folder(tmp_path):

@@ -212,7 +212,7 @@ def suggested_prompts(identifier: str, noun: str) -> tuple[str, str]:
 
 def run_status(run: Path) -> dict:
     """A run folder's state read from disk: status, steps logged, config (a dict), final grid (or None)."""
-    from ..core.run_folder import CONFIG, SAMPLES, TRAIN_LOG, list_checkpoints, result_kind
+    from ..core.run_folder import CONFIG, SAMPLES, list_checkpoints, result_kind
 
     import yaml
 
@@ -222,11 +222,12 @@ def run_status(run: Path) -> dict:
     except (OSError, yaml.YAMLError):
         pass
     cfg = cfg if isinstance(cfg, dict) else {}  # a hand-edited file holding a bare string: no keys to show
-    steps = 0
-    try:
-        steps = len((run / TRAIN_LOG).read_text().splitlines())
+    from .jobs import logged_losses  # here: jobs imports this module
+
+    try:  # the last trained step, not the line count: validation-loss records and a resume's redone steps add lines
+        steps = max((step for step, _ in logged_losses(run, 1 << 62)), default=0)
     except OSError:
-        pass
+        steps = 0
     try:
         kind = result_kind(run)
     except Exception:  # noqa: BLE001 - a folder mixing two runs: shown as such, not raised
