@@ -18,6 +18,7 @@ import warnings
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
 from .core.config_values import at_least
+from .core.ranks import launch_rank, rank_tag
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
 USER_ERRORS = (("nanobooth.core.config", "ConfigError"), ("nanobooth.core.data", "DataError"), ("nanobooth.core.errors", "ModelError"),
@@ -35,7 +36,16 @@ def _user_errors(load: bool = True) -> tuple:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="[nanobooth] %(message)s")
+    rank = launch_rank()
+    # under `accelerate launch` every process runs this command: rank 0 prints the run, the others only
+    # their errors, marked with their rank (core/ranks.py says why). The root level, not a handler's:
+    # logging_redirect_tqdm (_run) swaps the console handler for one without the level.
+    logging.basicConfig(level=logging.ERROR if rank else logging.INFO,
+                        format=f"[nanobooth rank {rank}] %(message)s" if rank else "[nanobooth] %(message)s")
+    if rank:
+        os.environ["TQDM_DISABLE"] = "1"  # any bar not gated where it is made; tqdm reads it on import, which comes later
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        warnings.simplefilter("ignore")  # Python warnings: the same on every rank, rank 0 prints them
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # hides the torchvision-missing chatter; set by environment so neither library is imported here
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -60,7 +70,8 @@ def cmd_train(args) -> None:
 
     run_dir = train(cfg)
     samples = run_dir / SAMPLES
-    print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
+    if launch_rank() == 0:  # one copy under a launcher
+        print(f"run finished: {run_dir}" + (f" (sample grids in {samples})" if samples.is_dir() else ""))
 
 
 # a packaged variant's folder -> the pipeline its recipe is for (the others are SD 1.x/2.x recipes)
@@ -364,15 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         _run(args)
     except KeyboardInterrupt as e:
         # one line, no traceback; a training run that saved a checkpoint says so in its message (and its
-        # exit code: 130 for Ctrl-C, 143 for SIGTERM)
-        print(f"\nnanobooth: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        # exit code: 130 for Ctrl-C, 143 for SIGTERM). Under a launcher rank 0 says it for all: the ranks
+        # stop at one step (or, in setup, the launcher stops the others), and only rank 0 writes the checkpoint.
+        if launch_rank() == 0:
+            print(f"\nnanobooth: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # `nanobooth config show X | head`: the reader is gone, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush stays quiet
         return 0
     except Exception as e:
         if isinstance(e, _user_errors(load=False)):
-            print(f"nanobooth: error: {e}", file=sys.stderr)
+            print(f"nanobooth: error{rank_tag()}: {e}", file=sys.stderr)  # every rank: it may be this one's alone
             return 2
         raise
     return 0

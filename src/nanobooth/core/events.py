@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Union
+
+from .ranks import launch_rank
 
 log = logging.getLogger("nanobooth")
 
@@ -170,7 +171,7 @@ class Emitter:
     def __init__(self, callbacks: Iterable[Callback] = (), on_stop: Callable[[], None] | None = None):
         self.callbacks = list(callbacks)
         self.on_stop = on_stop
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = launch_rank() == 0
 
     def __call__(self, event: Event) -> None:
         if not self.main:

@@ -6,9 +6,11 @@ writes a checkpoint there. Raising from the handler instead would land mid-step,
 checkpoint exists. Two phases do want an immediate stop: setup (models loading, class images; nothing
 trained yet, nothing to save) and a validation render (minutes on a big model; its grid is optional).
 A second Ctrl-C stops at once, without a checkpoint, in a single process. Under `accelerate launch`
-the launcher forwards the terminal's Ctrl-C to workers that already got it from the terminal, so there
-a repeated signal is no escalation: the workers keep heading for the checkpoint (the launcher kills
-them 30 s later at the latest, which checkpoints of DreamBooth-sized models fit in).
+a repeated signal is no escalation: the launcher forwards the terminal's Ctrl-C to every worker, which
+may have got it from the terminal too (torch 2.13's torchrun starts workers in their own session; not
+every version does), so the workers keep heading for the checkpoint (the launcher kills them 30 s later
+at the latest, which checkpoints of DreamBooth-sized models fit in). The launcher then prints its own
+traceback (README, "Multi-GPU"): it raises on the signal it got, whatever the workers do.
 """
 
 from __future__ import annotations
@@ -84,7 +86,10 @@ class StopRequest:
             raise KeyboardInterrupt
 
     def _setup_stop(self) -> TrainingInterrupted:
-        return TrainingInterrupted(f"{self.source} before the first training step: nothing trained, nothing to save "
+        # torchrun answers one worker's failure with SIGTERM to the others: that process's error is the story
+        why = " (a launcher also sends it when another process failed: see that error)" \
+            if self.signum == signal.SIGTERM and not self.escalate else ""
+        return TrainingInterrupted(f"{self.source} before the first training step{why}: nothing trained, nothing to save "
                                    "(class images made so far are kept); "
                                    f"{how_to_continue(self.resume_from_checkpoint, saved_now=False)}", self.signum)
 

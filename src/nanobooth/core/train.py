@@ -44,6 +44,7 @@ from .offload import BlockOffload
 from .quantize import quantize_base
 from .run_folder import CONFIG, TIME_TO_MODEL, check_finished, class_images_dir, clear_outputs, make_readable, redo_after
 from .stop import StopRequest, TrainingInterrupted, how_to_continue
+from .ranks import errors_only_off_main, launch_rank
 
 log = logging.getLogger("nanobooth")
 
@@ -60,8 +61,9 @@ def train(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None, callb
     TrainingInterrupted is raised, saying how to continue (resume_from_checkpoint=latest). A validation
     render that fails is skipped with a warning; the weights are written before the final one.
     `callbacks` get the events of events.py on the main process (their order is documented there).
+    Under a launcher only rank 0 logs below ERROR (ranks.py).
     """
-    with StopRequest(should_stop, cfg.resume_from_checkpoint) as stop:
+    with StopRequest(should_stop, cfg.resume_from_checkpoint) as stop, errors_only_off_main(launch_rank() == 0):
         emit = Emitter(callbacks, on_stop=lambda: stop.request(source="stop request"))
         try:
             return _train(cfg, stop, emit)
