@@ -120,6 +120,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
         calls.update(steps=steps, guidance=guidance, resolution=resolution, guidance_cutoff=guidance_cutoff)
         return [[Image.new("RGB", (8, 8))] * num_images for _ in prompts]
 
+    monkeypatch.setattr(G, "check_weights", lambda weights: None)  # the run folder holds a config.yaml alone
     monkeypatch.setattr(G, "load_run", lambda *a, **k: Pipe())
     monkeypatch.setattr(G, "render", fake_render)
     monkeypatch.setattr(G, "with_sampler", lambda pipe, sampler: calls.update(sampler=sampler) or pipe)
@@ -432,3 +433,42 @@ def test_a_runs_adapters_load_without_the_libraries_loading_bars(tiny_model, sub
     capsys.readouterr()
     load_run(str(tiny_model), str(run))
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_an_export_folder_as_weights_is_refused_before_any_model_loads(tiny_model, subject_dir, tmp_path, monkeypatch, capsys):
+    """Tester: `generate --weights EXPORTS` (the folder `nanobooth export` wrote into) loaded the whole base model before
+    refusing (minutes on a real one); with one pivotal run's export there (a kohya LoRA and its A1111 embedding, which
+    looks like a textual-inversion run) it rendered the base model with no tokens loaded. Now one line, nothing loaded."""
+    from conftest import train_args
+
+    from nanobooth.cli import main
+    from nanobooth.core import models
+    from nanobooth.inference import generate as gen
+
+    run, exports, one = tmp_path / "run", tmp_path / "exports", tmp_path / "one-export"
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, run, "max_train_steps=1",
+                                                           "train_text_encoder_ti=true")]) == 0
+    for fmt, folder in (("kohya", exports), ("single-file", exports), ("kohya", one)):
+        assert main(["export", str(run), "--format", fmt, "--out", str(folder / f"dog-{fmt}.safetensors")]) == 0
+    capsys.readouterr()
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model loaded before --weights was refused")
+
+    monkeypatch.setattr(gen, "load_pipeline", no_loading)
+    monkeypatch.setattr(models, "load_pipeline", no_loading)
+    base = ["generate", "--prompt", "a sks dog", "--out", str(tmp_path / "gen")]
+    for folder, model in ((exports, []), (one, ["--model", str(tiny_model)])):
+        assert main([*base, *model, "--weights", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"--weights '{folder}' is an export folder (kohya LoRA dog-kohya.safetensors, A1111/ComfyUI embedding " in err
+        assert "pass the run folder they were exported from" in err
+        # a single-file checkpoint renders as --model (generate takes one)
+        assert (f"pass --model {exports / 'dog-single-file.safetensors'}" in err) == (folder == exports)
+    assert main([*base, "--weights", str(exports / "dog-kohya.safetensors")]) == 2
+    assert f"--weights '{exports / 'dog-kohya.safetensors'}' is a file (kohya LoRA); " in capsys.readouterr().err
+    assert main([*base, "--weights", str(tmp_path)]) == 2  # the folder above the runs: which one holds a result
+    assert "it holds results in its sub-folders run: pass one" in capsys.readouterr().err
+    monkeypatch.undo()
+    gen.load_run(str(tiny_model), str(run))  # the run itself still loads

@@ -9,6 +9,9 @@ its timestep as s in [0, 1] (the pipeline's t / 1000), and, for guidance-distill
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 
 from .sd3 import SD3, t5_length
@@ -37,6 +40,26 @@ def image_ids(h: int, w: int, device=None, dtype=None) -> torch.Tensor:
     ids[..., 1] = torch.arange(h // 2)[:, None]
     ids[..., 2] = torch.arange(w // 2)[None, :]
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+# FLUX's attention normalises q and k with torch.nn.RMSNorm, whose fused kernel needs the input's dtype to match the
+# weight's. Under bf16/fp16 autocast a full fine-tune's trained weights stay fp32 (the optimizer's master copy) while
+# the activations reaching the norm are half precision, so torch takes its composite path, which computes the same
+# norm, and says "Mismatch dtype between input and weight ... Cannot dispatch to fused implementation" once. Nothing
+# is wrong and nothing is for the user to do: only that message, from torch's rms_norm, is silenced.
+_RMS_NORM_MISMATCH = ("ignore", re.compile(r"Mismatch dtype between input and weight: input dtype = c10::(BFloat16|Half), "
+                                           r"weight dtype = float, Cannot dispatch to fused implementation", re.I),
+                      UserWarning, re.compile(r"torch\.nn\.functional\Z"), 0)
+
+
+def quiet_rms_norm_mismatch() -> None:
+    """Put _RMS_NORM_MISMATCH first in warnings.filters unless it is first already: a caller's catch_warnings (pytest's,
+    per test) drops it on exit and a broader filter put in front ("always", "error") would shadow it. Changed only
+    when it is not first: every change to the filters makes the other warnings' "once per place" forget where they
+    were shown."""
+    if warnings.filters[:1] != [_RMS_NORM_MISMATCH]:
+        action, message, category, module, lineno = _RMS_NORM_MISMATCH
+        warnings.filterwarnings(action, message.pattern, category, module.pattern, lineno)
 
 
 class Flux(SD3):
@@ -70,6 +93,7 @@ class Flux(SD3):
         toy FLUX twin, de-distilled FLUX) classifier-free guidance proper: FluxPipeline's true_cfg_scale with
         an empty negative prompt, the unconditional branch caption dropout trains. guidance_scale alone would
         be ignored by such a model. (FLUX.1-schnell samples at guidance <= 1: no second pass.)"""
+        quiet_rms_norm_mismatch()  # training's validation renders run its fp32 transformer under autocast too
         kw = {"max_sequence_length": t5_length(pipe.tokenizer_2, T5_MAX_LENGTH)}
         if not pipe.transformer.config.guidance_embeds and guidance > 1:
             kw.update(true_cfg_scale=guidance, negative_prompt=[""] * num_prompts)
@@ -89,6 +113,7 @@ class Flux(SD3):
 
     def denoise(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict) -> torch.Tensor:
         """Pack, call with s = t / 1000 and the ids, unpack: latents (N, C, h, w) in, velocity (N, C, h, w) out."""
+        quiet_rms_norm_mismatch()  # training's forward, where autocast meets fp32 norm weights
         n, _, h, w = noisy.shape
         config = getattr(model, "module", model).config  # DDP wraps the module
         cond = dict(cond)

@@ -17,7 +17,8 @@ from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
 from ..core.models import ModelError, apply_tome, load_pipeline, no_loading_bars
 from ..families import sampling_kwargs
-from ..core.run_folder import EMB_SUFFIX, LORA_FILE, load_run_config, result_kind
+from ..core.run_folder import LORA_FILE, load_run_config, result_kind
+from .weights_check import check_weights
 
 log = logging.getLogger("nanobooth")
 
@@ -28,47 +29,40 @@ def load_run(model: str, weights: str | None = None, allow_pickle: bool = False,
     a textual-inversion run's embeddings into the base's tokenizers and text encoders (load_textual_inversion)."""
     if weights is None:
         return load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+    check_weights(weights)  # a file, an export folder, a folder of something else: refused before the base loads
     run = Path(weights)
-    if not run.exists():
-        raise ModelError(f"--weights '{weights}': nothing is there; pass a finished nanobooth run folder")
-    if run.is_file():  # newcomer55: an exported LoRA or checkpoint passed as --weights
-        raise ModelError(f"--weights '{weights}' is a file; --weights takes a nanobooth run folder (the one it was exported "
-                         "from). Exported files are for A1111, ComfyUI, kohya or diffusers' load_lora_weights; a single-file "
-                         "checkpoint goes to --model")
-    kind = result_kind(run)  # a folder mixing a LoRA and a pipeline is refused here
-    if kind is not None:  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
-        if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type
-            kind = method_of_lora_file(run / LORA_FILE)
-        loaded = []  # set once the base is in: a shape error after that is the run not fitting this base
+    kind = result_kind(run)  # the result's layout ('lora' file or 'full' pipeline) names the method that reads it
+    if kind == "lora":  # a LoKr/LoHa file is a LORA_FILE too; its adapter config names its peft type
+        kind = method_of_lora_file(run / LORA_FILE)
+    loaded = []  # set once the base is in: a shape error after that is the run not fitting this base
 
-        def base():
-            pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle,
-                                 torch_dtype=torch_dtype)
-            loaded.append(True)
-            return pipe
-
-        # diffusers logs a failed LoRA load's whole state-dict error before raising it; the raise is what we report
-        peft_log = logging.getLogger("diffusers.loaders.peft")
-        level = peft_log.level
-        peft_log.setLevel(logging.CRITICAL)
-        held = _HeldLibraryOutput()  # peft's and transformers' key lists of a run that does not fit: the one line says it
-        try:
-            with no_loading_bars(True), held:  # the run's files are local: the adapters' loading bars are noise (newcomer55)
-                pipe = METHODS[kind]().load_for_inference(run, base, torch_dtype)
-        except AdapterMismatch as e:  # a run of another model family: its adapter attached to nothing, or to part
-            held.drop()
-            raise ModelError(f"--weights '{weights}' does not fit --model '{model}' ({e.detail}){_trained_on(run)}") from None
-        except (RuntimeError, ValueError) as e:  # peft: "size mismatch ..."; load_textual_inversion: "incorrect shape"
-            if not loaded or not any(m in str(e) for m in ("size mismatch", "incorrect shape")):
-                raise
-            held.drop()
-            raise ModelError(f"--weights '{weights}' does not fit --model '{model}' (its tensors' shapes differ from the "
-                             f"model's){_trained_on(run)}") from None
-        finally:
-            peft_log.setLevel(level)
-            held.replay()
+    def base():
+        pipe = load_pipeline(model, single_file_config=single_file_config, allow_pickle=allow_pickle,
+                             torch_dtype=torch_dtype)
+        loaded.append(True)
         return pipe
-    raise ModelError(f"--weights '{weights}': no {LORA_FILE}, model_index.json or *{EMB_SUFFIX} there; pass a finished nanobooth run folder")
+
+    # diffusers logs a failed LoRA load's whole state-dict error before raising it; the raise is what we report
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    level = peft_log.level
+    peft_log.setLevel(logging.CRITICAL)
+    held = _HeldLibraryOutput()  # peft's and transformers' key lists of a run that does not fit: the one line says it
+    try:
+        with no_loading_bars(True), held:  # the run's files are local: the adapters' loading bars are noise (newcomer55)
+            pipe = METHODS[kind]().load_for_inference(run, base, torch_dtype)
+    except AdapterMismatch as e:  # a run of another model family: its adapter attached to nothing, or to part
+        held.drop()
+        raise ModelError(f"--weights '{weights}' does not fit --model '{model}' ({e.detail}){_trained_on(run)}") from None
+    except (RuntimeError, ValueError) as e:  # peft: "size mismatch ..."; load_textual_inversion: "incorrect shape"
+        if not loaded or not any(m in str(e) for m in ("size mismatch", "incorrect shape")):
+            raise
+        held.drop()
+        raise ModelError(f"--weights '{weights}' does not fit --model '{model}' (its tensors' shapes differ from the "
+                         f"model's){_trained_on(run)}") from None
+    finally:
+        peft_log.setLevel(level)
+        held.replay()
+    return pipe
 
 
 class _HeldLibraryOutput:
@@ -379,6 +373,7 @@ def base_model_of(model: str | None, weights: str | None) -> str:
 
 def generate_cli(args) -> Path:
     check_out_folder(Path(args.out), args.overwrite)
+    check_weights(args.weights)  # before base_model_of: an export folder's missing config.yaml is not the problem to report
     args.model = base_model_of(args.model, args.weights)
     images = generate(args.model, args.prompt, weights=args.weights, num_images=args.num_images, seed=args.seed,
                       steps=args.steps, guidance=args.guidance, guidance_cutoff=args.guidance_cutoff,
