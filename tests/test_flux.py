@@ -196,8 +196,6 @@ def test_a_bf16_flux_fine_tune_does_not_warn_about_its_norms_dtype(tiny_flux_mod
     assert not [w for w in said if RMS_NORM_MISMATCH in w or CHECKPOINTING_DEPRECATED in w], said
 
 
-@pytest.mark.xfail(strict=True, reason="core/train.py enables the text encoders' checkpointing with transformers' deprecated "
-                                       "gradient_checkpointing_enable; activation_checkpointing_enable is its name in 5.x")
 def test_checkpointing_a_trained_text_encoder_does_not_warn_of_a_deprecated_call(tiny_flux_model, subject_dir, tmp_path):
     said = _train_recording_warnings(tiny_flux_model, subject_dir, tmp_path / "run", "train_text_encoder=true")
     assert not [w for w in said if RMS_NORM_MISMATCH in w or CHECKPOINTING_DEPRECATED in w], said

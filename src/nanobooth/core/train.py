@@ -184,7 +184,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for te in text_encoders if te_trained else []:
-            te.gradient_checkpointing_enable()
+            # transformers 5.x renamed it (the old name warns of its removal in v6); older 5.x releases have only the old
+            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
 
