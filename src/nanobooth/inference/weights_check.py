@@ -9,7 +9,6 @@ file's header (its tensor names and metadata, no weights) says what it is; readi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..core.errors import ModelError
@@ -33,18 +32,15 @@ _USE_ADAPTER = "exported LoRA and embedding files are for A1111, ComfyUI, Forge,
 
 
 def safetensors_header(path: Path) -> tuple[set[str], dict[str, str]] | None:
-    """(tensor names, metadata) from a .safetensors file's header (8-byte little-endian length, then JSON); None for
-    a file that is not one."""
+    """(tensor names, metadata) from a .safetensors file's header (safetensors reads only the header here, no
+    weights); None for a file that is not one."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 100_000_000 else None
-    except (OSError, ValueError):
+        with safe_open(str(path), "np") as f:
+            return set(f.keys()), dict(f.metadata() or {})
+    except (OSError, ValueError, SafetensorError):
         return None
-    if not isinstance(header, dict):
-        return None
-    meta = header.pop("__metadata__", None)
-    return set(header), meta if isinstance(meta, dict) else {}
 
 
 def describe(path: Path) -> str | None:
