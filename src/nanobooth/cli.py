@@ -237,7 +237,8 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="base model (hub id, diffusers folder, .safetensors, or a built-in name: "
                                                  "toy, toy-flux, tiny, tiny-sdxl, tiny-sd3, tiny-flux); default with --weights: "
                                                  "the model the run trained on")
-    g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings)")
+    g.add_argument("--weights", help="a nanobooth run folder (full pipeline, LoRA or textual-inversion embeddings); an "
+                   "exported single-file checkpoint renders as --model FILE instead")
     g.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     g.add_argument("--num-images", type=positive_int, default=4, help="images per prompt")
     g.add_argument("--seed", type=int, default=0)
