@@ -270,7 +270,7 @@ def test_masked_loss_with_no_mask_in_the_folder_is_refused_in_one_line_before_an
     from nanobooth.cli import main
 
     out = tmp_path / "run"
-    assert main(["train", "toy/dreambooth-lora", *train_args(tiny_model, subject_dir, out, "masked_loss=true", "instance_prompt=a sks dog", "class_prompt=a dog")]) != 0
+    assert main(["train", "toy/dreambooth-lora", *train_args(tiny_model, subject_dir, out, "masked_loss=true", "instance_prompt=a sks dog", "class_prompt=a dog", prior=False)]) != 0
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"instance_data_dir={subject_dir}" in err and "Traceback" not in err
     assert "NAME.mask.png" in err and "alpha channel" in err and "masked_loss=false" in err

@@ -146,7 +146,7 @@ def test_8bit_adam_without_a_gpu_is_one_line_and_writes_nothing(key, tiny_model,
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine can run it")
     out = tmp_path / "r"
-    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, key)]) == 2
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, key, prior=False)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and key in err[0] and ("bitsandbytes" in err[0] or "CUDA" in err[0]) and not out.exists()
 

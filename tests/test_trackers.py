@@ -46,7 +46,7 @@ def test_no_report_to_writes_no_logs(tiny_model, subject_dir, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
 def test_wandb_without_wandb_is_one_line_and_writes_nothing(tiny_model, subject_dir, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "report_to=wandb")]) == 2
+    assert main(["train", "dreambooth-lora", *train_args(tiny_model, subject_dir, out, "report_to=wandb", prior=False)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "report_to=wandb" in err[0] and "pip install wandb" in err[0] and not out.exists()
 
