@@ -160,6 +160,29 @@ def test_training_writes_the_embeddings_and_generate_takes_the_identifier(tiny_m
     assert not (tmp_path / "out" / "x.safetensors").exists()
 
 
+def test_a_full_runs_diffusers_export_carries_its_new_tokens_inside_the_folder(tiny_model, subject_dir, tmp_path, caplog):
+    # newcomer56: the tokens went beside the exported pipeline folder, and `generate --weights FOLDER` rendered the
+    # identifier untrained without a word; inside it, the export renders as the run does
+    from nanobooth.core.train import train
+
+    cfg = load_config("dreambooth", train_args(tiny_model, subject_dir, tmp_path / "run", "train_text_encoder_ti=true",
+                                               "learning_rate=1e-2", "train_text_encoder_ti_frac=1.0"))
+    run = train(cfg)
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        out = export(run, "diffusers", tmp_path / "exp" / "full_pipe")
+    inside = out / "full_pipe_emb.safetensors"
+    assert inside.read_bytes() == (run / "run_emb.safetensors").read_bytes()
+    assert not (tmp_path / "exp" / "full_pipe_emb.safetensors").exists()
+    assert f"the run's new tokens are in {inside} (nanobooth generate --weights on the folder loads them)" in caplog.text
+    assert "token=['<s0>', '<s1>']) and write '<s0><s1>' where the run's prompts say 'sks'" in caplog.text
+    with caplog.at_level("INFO", logger="nanobooth"):
+        from_run = generate(str(tiny_model), PROMPT, weights=run, steps=2)
+        caplog.clear()
+        from_export = generate(str(tiny_model), PROMPT, weights=out, steps=2)
+    assert "'sks' in every prompt becomes <s0><s1>" in caplog.text
+    assert np.array_equal(np.asarray(from_run[0]), np.asarray(from_export[0]))
+
+
 def test_bad_pivotal_settings_are_refused_in_one_line(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="train_text_encoder_ti.*method=lora, dora or full"):
         TrainConfig(method="loha", train_text_encoder_ti=True)

@@ -11,7 +11,8 @@
 - A pivotal-tuning run (`train_text_encoder_ti`) also gets its new tokens beside --out, as
   `<out stem>_emb.safetensors`: for kohya/comfyui/single-file the embedding A1111 and ComfyUI load
   (`emb_params` for SD 1.x/2.x, `clip_l` + `clip_g` for SDXL; the prompt names it by its file name), for
-  diffusers the run's own file (diffusers' advanced-script keys, for `load_textual_inversion`).
+  diffusers the run's own file (diffusers' advanced-script keys, for `load_textual_inversion`), which a full run's
+  pipeline folder holds inside (`<out name>_emb.safetensors`, where generate and eval look for a run's).
 - A textual-inversion run (`method=textual_inversion`) is its embedding file alone: kohya/comfyui write it at --out
   in A1111's and ComfyUI's keys (as above), diffusers copies the run's own file; single-file is refused (no weight
   changed: the checkpoint would be the base model).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -231,8 +233,10 @@ def save_atomic(tensors: dict | None, out: Path, metadata: dict | None = None, c
         shutil.copyfile(copy_from, tmp) if copy_from else save_file(tensors, tmp, metadata=metadata or None)
 
 
-def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
-    """The pipeline folder alone (no logs, samples or checkpoints), built aside and renamed into place."""
+def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None, emb: Path | None = None) -> None:
+    """The pipeline folder alone (no logs, samples or checkpoints), built aside and renamed into place. `emb`, a
+    pivotal run's new tokens, goes inside as `<out name>_emb.safetensors`, where nanobooth's loaders look for a run's
+    (generate, eval and toy eval on the exported folder then rewrite the identifier as on the run)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -240,6 +244,8 @@ def _copy_pipeline(run: Path, out: Path, dtype: torch.dtype | None) -> None:
         shutil.copy2(run / MODEL_INDEX, tmp / MODEL_INDEX)
         for part in parts:
             shutil.copytree(run / part, tmp / part)
+        if emb is not None:
+            shutil.copy2(emb, tmp / (out.name + EMB_SUFFIX))
         for f in tmp.rglob("*.safetensors") if dtype is not None else []:
             tensors, meta = _load(f, dtype)
             save_atomic(tensors, f, meta)
@@ -267,14 +273,15 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
     _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full", fmt=fmt)
-    emb = embeddings.find(run)  # pivotal tuning: the new tokens go beside the LoRA or the checkpoint
-    emb_out = out.with_name(out.stem + EMB_SUFFIX)
-    if emb is not None:
+    emb = embeddings.find(run)  # pivotal tuning: the new tokens go beside the LoRA or the checkpoint, inside a pipeline folder
+    inside = fmt == "diffusers" and kind == "full"  # newcomer56: beside the folder, generate --weights FOLDER lost them
+    emb_out = out / (out.name + EMB_SUFFIX) if inside else out.with_name(out.stem + EMB_SUFFIX)
+    if emb is not None and not inside:
         _check_out(emb_out, overwrite, folder=False)
     torch_dtype = DTYPES[dtype] if dtype else None
     if fmt == "diffusers":
         if kind == "full":
-            _copy_pipeline(run, out, torch_dtype)
+            _copy_pipeline(run, out, torch_dtype, emb)
         elif torch_dtype is None:
             save_atomic(None, out, copy_from=run / LORA_FILE)  # byte for byte
         else:
@@ -332,11 +339,19 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
         bar.update()
         bar.close()
     if emb is not None:
-        # diffusers: the run's own file (clip_l/clip_g, load_textual_inversion); else A1111's and ComfyUI's keys
-        save_atomic(embeddings.webui_tensors(emb) if fmt != "diffusers" else None, emb_out, copy_from=emb if fmt == "diffusers" else None)
-        log.warning("the run's new tokens are in %s: put it in A1111's embeddings/ (or ComfyUI's models/embeddings/) and write "
-                    "'%s' (ComfyUI: 'embedding:%s') where the run's prompts say '%s'", emb_out, emb_out.stem, emb_out.stem,
-                    next(iter(embeddings.read(emb)[1]), "the identifier"))
+        identifier, tokens = next(iter(embeddings.read(emb)[1].items()), ("the identifier", "its tokens"))
+        if fmt == "diffusers":  # the run's own file (clip_l/clip_g, diffusers' advanced-script keys)
+            if not inside:
+                save_atomic(None, emb_out, copy_from=emb)
+            log.warning("the run's new tokens are in %s%s; in diffusers, pipe.load_textual_inversion(its clip_l tensor "
+                        "(SDXL: clip_g too, into text_encoder_2), token=%s) and write '%s' where the run's prompts say '%s'",
+                        emb_out, " (nanobooth generate --weights on the folder loads them)" if inside else "",
+                        re.findall(r"<s\d+>", tokens), tokens, identifier)
+        else:  # A1111's and ComfyUI's keys
+            save_atomic(embeddings.webui_tensors(emb), emb_out)
+            log.warning("the run's new tokens are in %s: put it in A1111's embeddings/ (or ComfyUI's models/embeddings/) and "
+                        "write '%s' (ComfyUI: 'embedding:%s') where the run's prompts say '%s'", emb_out, emb_out.stem,
+                        emb_out.stem, identifier)
     return out
 
 
