@@ -71,3 +71,24 @@ def test_a_heldout_folder_holding_training_photos_is_warned(subject_dir, tmp_pat
     (held / "renamed.png").unlink()
     assert warned(held, "validation_loss_steps=5") == []  # photos the run does not train on
     assert warned(subject_dir) == []  # no validation loss: the folder is not read (its own idle-key warning says so)
+
+
+def test_fewer_than_three_photos_are_warned_naming_the_folder(subject_dir, tmp_path, caplog):
+    # newcomer56: the CLI trained on one photo without a word, where the UI refuses it
+    import shutil
+
+    from nanobooth.core.data import MIN_PHOTOS
+    from nanobooth.core.prechecks import warn_few_photos
+
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted(subject_dir.glob("*.png"))[0], one / "a.png")
+    for folder, said in ((one, [f"instance_data_dir={one} holds 1 photo of the subject: DreamBooth needs 3-20 (varied poses "
+                                "and backgrounds), or the run learns the picture rather than the subject; add photos"]),
+                         (subject_dir, [])):
+        cfg = load_config("toy/dreambooth-lora", [f"instance_data_dir={folder}"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nanobooth"):
+            warn_few_photos(cfg, folder)
+        assert caplog.messages == said
+    assert MIN_PHOTOS == len(list(subject_dir.glob("*.png")))  # the fixture's three photos sit at the bound, unwarned

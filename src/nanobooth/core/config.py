@@ -49,7 +49,7 @@ class TrainConfig:
 
     # --- data --------------------------------------------------------------------------------------
     instance_data_dir: Optional[str] = "example:dog"
-    """Folder with the 3-5 subject photos. `example:dog` is the DreamBooth dataset's dog shipped with nanobooth."""
+    """Folder with the 3-20 subject photos (the paper: 3-5). `example:dog` is the DreamBooth dataset's dog shipped with nanobooth."""
     instance_prompt: Optional[str] = "a photo of sks dog"
     """Prompt for the subject photos: the rare identifier plus the class noun. Empty: read from `subject.json` in instance_data_dir. A photo with a caption file beside it (`photo.txt` next to `photo.jpg`, plain text; `{identifier}` and `{class}` stand for the identifier word and the word after it here) trains with that caption instead."""
     caption_dropout: float = 0.0

@@ -27,6 +27,10 @@ log = logging.getLogger("nanobooth")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+# photos of one subject a run is for: the DreamBooth paper used 3-5; users of its trainers bring up to about 20
+MIN_PHOTOS, MAX_PHOTOS = 3, 20
+
+
 class DataError(ValueError):
     """Unusable input data; the message names the file or folder and what to do."""
 
@@ -35,7 +39,7 @@ def resolve_data_dir(path: str | None, key: str = "instance_data_dir", must_exis
     """The folder a data key names; DataError (naming `key`) if it is missing, a file, or a mistyped
     example. must_exist=False (class_data_dir, which training creates) lets a missing folder pass."""
     if not path:
-        raise DataError(f"config key '{key}' is required: pass {key}=PATH (a folder of 3-5 photos of your subject)")
+        raise DataError(f"config key '{key}' is required: pass {key}=PATH (a folder of 3-20 photos of your subject)")
     if path.startswith("example:"):
         name = path.split(":", 1)[1]
         res = resources.files("nanobooth") / "assets" / "examples" / name

@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import check_resolution_before_loading
 from .subject_prompts import fill_prompts
 from .errors import ConfigError
-from .data import check_images, image_paths, read_subject_meta, resolve_data_dir
+from .data import MAX_PHOTOS, MIN_PHOTOS, check_images, image_paths, read_subject_meta, resolve_data_dir
 from .run_folder import check_output_dir, check_resume_request
 
 log = logging.getLogger("nanobooth")
@@ -22,6 +22,7 @@ def check_train_input(cfg) -> None:
     folder and the resume it asks for, and the resolution a local model can render."""
     instance_dir = resolve_data_dir(cfg.instance_data_dir)
     check_images(instance_dir)
+    warn_few_photos(cfg, instance_dir)
     if cfg.with_prior_preservation and cfg.class_data_dir:
         resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
     fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
@@ -45,6 +46,17 @@ def check_token_abstraction(cfg, instance_dir: Path) -> None:
     raise ConfigError(f"config key 'token_abstraction': '{word}' is not a word of instance_prompt '{cfg.instance_prompt}' "
                       "(nor of any caption file), so its new tokens would never be trained; set token_abstraction to the "
                       "identifier the prompt uses, or put it in instance_prompt")
+
+
+def warn_few_photos(cfg, instance_dir: Path) -> None:
+    """Under MIN_PHOTOS photos a run learns that picture, backdrop and pose included, rather than the subject: one
+    warning line (newcomer56: the CLI trained on one photo without a word, where the UI refuses it). Not refused: a
+    library caller may mean it."""
+    n = len(image_paths(instance_dir))
+    if n < MIN_PHOTOS:
+        log.warning("instance_data_dir=%s holds %d photo%s of the subject: DreamBooth needs %d-%d (varied poses and "
+                    "backgrounds), or the run learns the picture rather than the subject; add photos", cfg.instance_data_dir,
+                    n, "" if n == 1 else "s", MIN_PHOTOS, MAX_PHOTOS)
 
 
 def warn_heldout_is_trained_on(cfg, instance_dir: Path) -> None:
