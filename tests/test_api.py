@@ -142,7 +142,7 @@ def test_the_console_says_what_the_run_trains_with_the_saved_parameter_counts(ti
     saved = load_file(tmp_path / "te" / LORA)
     n = {m: sum(v.numel() for k, v in saved.items() if k.startswith(m + ".")) for m in ("unet", "text_encoder")}
     assert min(n.values()) > 0
-    assert lines[0].startswith(f"training unet ({n['unet']} parameters), text_encoder ({n['text_encoder']} parameters) with lora;")
+    assert lines[0].startswith(f"training unet ({n['unet']} parameters), text_encoder ({n['text_encoder']} parameters) with LoRA;")
     assert "lr unet 2.0e-03, text encoder 1.0e-03" in lines[0] and "EMA of the weights" in lines[0]
     assert "text_encoder" not in lines[1] and "EMA" not in lines[1] and "prior" not in lines[1]
 

@@ -10,11 +10,11 @@ def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
     unet = torch.nn.Linear(200, 100)  # 20100 trainable parameters
     groups = [{"lr": 2e-3}, {"lr": 1e-3}]
     plain = run_summary({"unet": unet}, groups, TrainConfig(method="lora"), denoiser_name="transformer")
-    assert plain == "training transformer (0.02M parameters) with lora; lr 2.0e-03 / 1.0e-03"
+    assert plain == "training transformer (0.02M parameters) with LoRA; lr 2.0e-03 / 1.0e-03"
     cfg = TrainConfig(method="lora", with_prior_preservation=True, prior_loss_weight=0.5, num_class_images=50,
                       use_ema=True, min_timestep=200)
     line = run_summary({"unet": unet}, groups, cfg)
-    assert line.startswith("training unet (0.02M parameters) with lora; lr 2.0e-03 / 1.0e-03; EMA of the weights")
+    assert line.startswith("training unet (0.02M parameters) with LoRA; lr 2.0e-03 / 1.0e-03; EMA of the weights")
     assert line.endswith("; prior preservation (weight 0.5, 50 class images); timesteps 200 to the last")
     assert run_summary({"unet": unet}, groups, TrainConfig(max_timestep=700)).endswith("; timesteps 0 to 699")
     later = TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=2, timestep_bias_portion=0.6)
@@ -27,11 +27,11 @@ def test_summary_names_what_trains_and_each_regulariser_the_config_sets():
     # are labelled, the denoiser by the family's name
     named = [{"lr": 2e-3, "name": "unet"}, {"lr": 1e-3, "name": "text_encoder"}, {"lr": 5e-4, "name": "text_encoder_ti"}]
     assert run_summary({"unet": unet}, named, TrainConfig(method="lora"), denoiser_name="transformer") == \
-        "training transformer (0.02M parameters) with lora; lr transformer 2.0e-03, text encoder 1.0e-03, new tokens 5.0e-04"
+        "training transformer (0.02M parameters) with LoRA; lr transformer 2.0e-03, text encoder 1.0e-03, new tokens 5.0e-04"
     pairs = [{"lr": 2e-3, "name": "unet"}, {"lr": 8e-3, "name": "unet"}]  # LoRA+'s A and B groups
     assert "; lr unet 2.0e-03 / 8.0e-03; LoRA+" in run_summary({"unet": unet}, pairs, TrainConfig(method="lora", loraplus_lr_ratio=4))
     plus = run_summary({"unet": unet}, [{"lr": 2e-3}, {"lr": 8e-3}], TrainConfig(method="lora", loraplus_lr_ratio=4))
-    assert plus == "training unet (0.02M parameters) with lora; lr 2.0e-03 / 8.0e-03; LoRA+ (B matrices at 4x)"
+    assert plus == "training unet (0.02M parameters) with LoRA; lr 2.0e-03 / 8.0e-03; LoRA+ (B matrices at 4x)"
 
 
 def test_summary_says_what_the_identifiers_new_tokens_are_and_for_how_long():
@@ -43,7 +43,7 @@ def test_summary_says_what_the_identifiers_new_tokens_are_and_for_how_long():
     words = dict(instance_prompt="a photo of a sks ball", class_prompt="a photo of a ball", train_text_encoder_ti=True,
                  num_new_tokens_per_abstraction=4, initializer_concept="yellow white striped spot")
     alone = run_summary({"unet": unet, "text_encoder": rows}, groups, TrainConfig(method="full", train_text_encoder_ti_frac=1.0, **words))
-    assert alone.startswith("training unet (0.02M parameters), text_encoder's new tokens (512 parameters) with full; lr unet 1.0e-04, new tokens 1.0e-03; ")
+    assert alone.startswith("training unet (0.02M parameters), text_encoder's new tokens (512 parameters) as a full fine-tune; lr unet 1.0e-04, new tokens 1.0e-03; ")
     assert "; 'sks' becomes <s0><s1><s2><s3> in every prompt, new tokens started from 'yellow white striped spot' and trained all the steps" in alone
     half = run_summary({"unet": unet, "text_encoder": rows}, groups, TrainConfig(method="lora", train_text_encoder=True, **words))
     assert "text_encoder (512 parameters)" in half and "trained the first 50% of the steps" in half  # the encoder trains too

@@ -56,7 +56,7 @@ def test_only_the_new_rows_train_and_the_loss_falls(fixture, request, tmp_path):
     # the console line counts the new rows alone (2 tokens x width per encoder), not the frozen vocabulary table
     rows = [f"{n}'s new tokens ({p.numel()} parameters)" for n, p in zip(c.family.text_encoder_names, embeddings.new_params(c.text_encoders))]
     assert all(p.shape[0] == 2 for p in embeddings.new_params(c.text_encoders))
-    assert run_summary(trained, groups, cfg).startswith(f"training {', '.join(rows)} with textual_inversion; lr new tokens 5.0e-02")
+    assert run_summary(trained, groups, cfg).startswith(f"training {', '.join(rows)} by textual inversion; lr new tokens 5.0e-02")
     init = [p.detach().clone() for p in embeddings.new_params(c.text_encoders)]
 
     opt = torch.optim.AdamW(groups, weight_decay=0.1)  # weight decay would shrink every row it reached

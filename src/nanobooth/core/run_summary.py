@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from .config_values import TI_GROUP, new_tokens, one_identifier
 
+# how each method trains, in words (newcomer56: "... parameters) with full")
+HOW = {"full": "as a full fine-tune", "lora": "with LoRA", "dora": "with DoRA", "lokr": "with LoKr", "loha": "with LoHa",
+       "textual_inversion": "by textual inversion"}
+
 
 def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "unet") -> str:
     """One line saying what a run trains, for the console before the first step: each trained module's trainable
@@ -21,7 +25,8 @@ def run_summary(trained: dict, groups: list[dict], cfg, denoiser_name: str = "un
     names = {"unet": denoiser_name}
     if cfg.trains_embeddings and not cfg.train_text_encoder:  # the encoders are frozen: their trained parameters are the rows
         names.update({te: f"{te}'s new tokens" for te in trained if te.startswith("text_encoder")})
-    parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} with {cfg.method}",
+    parts = [f"training {', '.join(f'{names.get(name, name)} ({count(m)} parameters)' for name, m in trained.items())} "
+             f"{HOW.get(cfg.method, 'with ' + cfg.method)}",
              "lr " + _rates(groups, {**names, "text_encoder": "text encoder", TI_GROUP: "new tokens"})]
     if cfg.trains_embeddings:  # newcomer51: what pivotal tuning does was said nowhere before the first step
         toks = "".join(new_tokens(cfg))

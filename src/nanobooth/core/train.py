@@ -430,9 +430,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             apply_tome(unet, cfg.tome_ratio, fam.tome_max_downsample)
     if not cfg.keep_best:  # keep_best rendered it before the weights were chosen
         validate(cfg.max_train_steps, final=True)
-    if main:
-        log.info("done: %s", run_dir)
-    accelerator.end_training()
+    accelerator.end_training()  # no "done" line: the CLI's "run finished: DIR" says it (newcomer56 met both)
     emit(Done(run_dir, timing))
     return run_dir
 
