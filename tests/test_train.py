@@ -251,6 +251,12 @@ def test_resume_is_bit_exact(tiny_model, subject_dir, tmp_path):
     wa, wb = load_file(full / "pytorch_lora_weights.safetensors"), load_file(part / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert resumed_losses_match(full, part)
+    # time to model counts the first session up to its checkpoint too (newcomer56: a resume reported its own part)
+    before = json.loads((part / "checkpoints" / "checkpoint-000002" / "state.json").read_text())["elapsed"]
+    after = json.loads((part / "time_to_model.json").read_text())
+    assert before["training_s"] > 0 and before["total_s"] >= before["training_s"] + before["class_images_s"]
+    assert after["total_s"] > before["total_s"] and after["training_s"] > before["training_s"]
+    assert after["class_images_s"] >= round(before["class_images_s"], 3)  # made in the first session, found in the second
 
 
 def test_refuses_to_overwrite_a_run(tiny_model, subject_dir, tmp_path, capsys):

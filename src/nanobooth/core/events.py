@@ -109,7 +109,8 @@ class TimeToModel:
     """Seconds from train() starting (photos in) to the weights written, and where they went: class-image
     generation (0 when every image was there already), the training loop (validation grids during it
     included), writing the weights, and the rest (`setup_s`: loading models, caching latents and prompt
-    embeddings, the step-0 grid). The parts add up to `total_s`. A resumed run counts its own process only."""
+    embeddings, the step-0 grid). The parts add up to `total_s`. A resumed run adds what its checkpoint recorded up to
+    that step (the steps redone after it count once; a checkpoint written before session 56 recorded none)."""
 
     total_s: float
     class_images_s: float

@@ -236,10 +236,11 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     # --- randomness: one generator per purpose, all checkpointed (generators.py) ------------------------------
     gens = Generators.seeded(sets, cfg.seed, device)
 
-    start_step = 0
+    start_step, earlier = 0, {}
     if resume:
         state, rng = ckpt.load_checkpoint(resume, trained, optimizer, lr_scheduler)
         start_step = state["step"]
+        earlier = state.get("elapsed", {})  # time to model up to the checkpoint (none in checkpoints before session 56)
         if ema:
             ema.load_checkpoint(resume, state["ema_updates"])
         gens.load(rng, state["samplers"])
@@ -277,7 +278,10 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         nonlocal saved_step, saved_path
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
-            extra = {"samplers": gens.sampler_positions(), "inputs": inputs,
+            now = time.time()  # time to model so far, which a resume adds to its own (newcomer56: it counted its part only)
+            elapsed = {"total_s": earlier.get("total_s", 0.0) + now - t_start, "class_images_s": earlier.get("class_images_s", 0.0)
+                       + t_class, "training_s": earlier.get("training_s", 0.0) + now - t0}
+            extra = {"samplers": gens.sampler_positions(), "inputs": inputs, "elapsed": elapsed,
                      **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": keeper.state()} if keeper else {})}
             files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(keeper.files() if keeper else {})}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, gens.rng_state(), extra, cfg.checkpoints_total_limit,
@@ -422,7 +426,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if main:
         save_outputs(cfg, run_dir, c, saved_unet, saved_tes)
         log.info("weights saved in %s", run_dir)
-    timing = TimeToModel.of(time.time() - t_start, t_class, t_train, time.time() - t_save)
+    timing = TimeToModel.of(earlier.get("total_s", 0.0) + time.time() - t_start, earlier.get("class_images_s", 0.0) + t_class,
+                            earlier.get("training_s", 0.0) + t_train, time.time() - t_save)
     if main:
         (run_dir / TIME_TO_MODEL).write_text(json.dumps(dataclasses.asdict(timing), indent=1) + "\n")
         log.info("%s", timing)
