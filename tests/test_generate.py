@@ -470,5 +470,11 @@ def test_an_export_folder_as_weights_is_refused_before_any_model_loads(tiny_mode
     assert f"--weights '{exports / 'dog-kohya.safetensors'}' is a file (kohya LoRA); " in capsys.readouterr().err
     assert main([*base, "--weights", str(tmp_path)]) == 2  # the folder above the runs: which one holds a result
     assert "it holds results in its sub-folders run: pass one" in capsys.readouterr().err
+    stopped = tmp_path / "stopped"  # newcomer56: a copy of an interrupted run (its checkpoint, no weights)
+    (stopped / "checkpoints" / "checkpoint-000002").mkdir(parents=True)
+    (stopped / "checkpoints" / "checkpoint-000002" / "state.json").write_text('{"step": 2}')
+    assert main([*base, "--model", str(tiny_model), "--weights", str(stopped)]) == 2
+    assert (f"it is a run stopped at step 2 (its last checkpoint): finish it with `nanobooth train {stopped / 'config.yaml'} "
+            f"output_dir={stopped} resume_from_checkpoint=latest`, then pass it here") in capsys.readouterr().err
     monkeypatch.undo()
     gen.load_run(str(tiny_model), str(run))  # the run itself still loads

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import ModelError
-from ..core.run_folder import EMB_SUFFIX, LORA_FILE, RunFolderError, result_kind
+from ..core.run_folder import CONFIG, EMB_SUFFIX, LORA_FILE, RunFolderError, list_checkpoints, result_kind
 
 KOHYA_LORA = "kohya LoRA"
 WEBUI_EMBEDDING = "A1111/ComfyUI embedding"
@@ -132,5 +132,9 @@ def check_weights(weights, look_below: bool = True) -> None:
                          f"the run folder they were exported from (nanobooth export's RUN_DIR){_advice(found)}")
     below = _results_below(path) if look_below else []
     hint = f"; it holds results in its sub-folders {', '.join(below[:4])}{' ...' if len(below) > 4 else ''}: pass one" if below else ""
+    if ckpts := list_checkpoints(path):  # newcomer56: a copy of a stopped run got no hint
+        step = int(ckpts[-1].name.split("-")[-1])
+        hint += (f"; it is a run stopped at step {step} (its last checkpoint): finish it with `nanobooth train "
+                 f"{path / CONFIG} output_dir={path} resume_from_checkpoint=latest`, then pass it here")
     raise ModelError(f"--weights '{weights}': no {LORA_FILE}, model_index.json or *{EMB_SUFFIX} there; pass a finished "
                      f"nanobooth run folder{hint}")
