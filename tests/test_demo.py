@@ -68,6 +68,7 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert demo.EVAL_STEPS == {"toy": EVAL_STEPS["dpm++"], "toy-flux": EVAL_STEPS["model"]}
     assert main(["toy", "eval", str(run), "--images-per-prompt", "2", "--no-base", "--guidance-cutoff", "1",
                  "--sampler", "dpm++", "--steps", "10"]) == 0
+    assert "sampling: dpm++ 10 steps, guidance 4, seed 1234, 2 images a prompt (guidance from the run's config)\n" in capsys.readouterr().out
     settings = json.loads((run / "toy_eval.json").read_text())["settings"]
     assert settings["guidance_cutoff"] == 1.0 and settings["sampler"] == "dpm++" and settings["steps"] == 10
 

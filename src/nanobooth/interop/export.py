@@ -392,7 +392,9 @@ def add_parser(subparsers) -> None:
                     "own LoRA file or pipeline folder. single-file: an LDM/SGM .safetensors checkpoint (LoRA runs are "
                     "fused into their base model).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished nanobooth run (output_dir)")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="kohya: a LoRA for A1111, Forge and kohya; comfyui: a LoRA for ComfyUI; diffusers; single-file: a "
+                        "checkpoint for A1111's models/Stable-diffusion or ComfyUI's Load Checkpoint")
     p.add_argument("--out", required=True, help="the .safetensors file to write (a folder for a full run as diffusers)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast weights (default: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

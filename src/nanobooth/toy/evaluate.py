@@ -133,6 +133,7 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     identifier = meta.get("identifier", "sks")
     instance = load_folder(instance_dir, 0)
     probe = load_probe()
+    guidance_arg, cutoff_arg = guidance, guidance_cutoff  # newcomer56: generate and eval say what they sample with
     guidance = guidance if guidance is not None else cfg.validation_guidance_scale
     cutoff = guidance_cutoff if guidance_cutoff is not None else cfg.validation_guidance_cutoff
     # the toy model ships in fp16; fp16 kernels are slow or missing on CPUs, so score in fp32
@@ -143,6 +144,9 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"), cutoff)
     out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "sampler": sampler,
                         "guidance": guidance, "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg.model}}
+    ran = [what for what, given in (("guidance", guidance_arg), ("guidance cutoff", cutoff_arg)) if given is None]
+    print(f"sampling: {sampler} {steps} steps, guidance {guidance:g}" + (f" on the first {cutoff:.0%} of them" if cutoff < 1 else "")
+          + f", seed {seed}, {images_per_prompt} images a prompt" + (f" ({' and '.join(ran)} from the run's config)" if ran else ""))
     tuned_pipe.set_progress_bar_config(disable=True)
     per_model = sum(len(v) for v in prompts_for(noun, identifier).values()) * images_per_prompt
     bar = tqdm(total=per_model * (2 if with_base else 1), desc="toy eval", unit="img")
