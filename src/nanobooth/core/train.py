@@ -297,6 +297,7 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
             wanted = accelerator.reduce(torch.tensor(float(wanted), device=device), "max").item() > 0
         if not wanted:
             return
+        bar.update(done - bar.n)  # iterating the bar counts a step when the next begins: show `done`, as the line below
         bar.close()
         if done > saved_step:
             save_checkpoint(done)
