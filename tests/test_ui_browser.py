@@ -168,7 +168,7 @@ def test_dog_to_kohya_lora_in_the_browser(app, shots, tmp_path):
     torch.testing.assert_close(kohya, trained, atol=1e-4, rtol=1e-4)  # ...as the run trained it
 
 
-def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app, capfd, caplog):
+def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app, capfd, caplog, tmp_path):
     """newcomer: every refused action (a config key misspelt in the advanced box) printed a traceback in the server's
     terminal; one uploaded photo read "1 photos" while the header said to train, and Start trained it; a run whose
     model could not load (a hub id, offline) stayed in the Runs tab as "incomplete, 0 steps"."""
@@ -192,6 +192,18 @@ def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app,
         page.locator("#nb-start").click()
         refused("has 1 photo: DreamBooth needs 3-20 photos of one subject")
         page.get_by_role("tab", name="1 Subject").click()
+        # a broken photo is named as it was uploaded, once, and the page removes it (newcomer: its saved copy's path,
+        # twice, and no way to remove it)
+        broken = tmp_path / "04.jpg"
+        broken.write_bytes(sorted(DOG.glob("*.jpg"))[0].read_bytes()[:4000])
+        sync_api.expect(page.locator("#nb-remove-unreadable")).to_be_hidden()
+        page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg"))[:3] + [str(broken)])
+        sync_api.expect(page.locator("#nb-warnings")).to_contain_text("04.jpg (saved as photo-03.jpg): cannot read this image")
+        sync_api.expect(page.locator("#nb-warnings")).not_to_contain_text(str(ws))
+        page.locator("#nb-remove-unreadable").click()
+        sync_api.expect(page.locator("#nb-upload-msg")).to_contain_text("removed 04.jpg (saved as photo-03.jpg)")
+        sync_api.expect(page.locator("#nb-warnings")).to_contain_text("all photos ok")
+        sync_api.expect(page.locator("#nb-remove-unreadable")).to_be_hidden()
         page.locator("#nb-dog").click()
         sync_api.expect(page.locator("#nb-header")).to_contain_text("Next: 2 Train, then Start")
         page.get_by_role("tab", name="2 Train").click()

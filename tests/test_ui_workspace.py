@@ -22,12 +22,15 @@ def test_uploads_are_checked_by_content_and_size_and_never_keep_their_names(tmp_
     monkeypatch.setattr(W, "MAX_UPLOAD_BYTES", big.stat().st_size - 1)  # every png of these sizes is over
     folder, refused = ws.save_uploads([up / "notes.jpg", big])
     assert folder is None and len(refused) == 2
-    assert "file 1: not an image" in refused[0] and "file 2:" in refused[1] and "limit" in refused[1]
+    assert "file 1 (`notes.jpg`): not an image" in refused[0] and "file 2 (`big.png`):" in refused[1] and "limit" in refused[1]
     monkeypatch.setattr(W, "MAX_UPLOAD_BYTES", 10**7)
     folder, refused = ws.save_uploads([up / "..evil name;.png", up / "photo.gif", up / "notes.jpg"])
-    assert refused == ["file 3: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped"]
+    assert refused == ["file 3 (`notes.jpg`): not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped"]
     assert folder.parent == ws.root / "subjects"
-    assert sorted(p.name for p in folder.iterdir()) == ["photo-00.png", "photo-01.png"]
+    assert sorted(p.name for p in folder.iterdir()) == [W.UPLOADED, "photo-00.png", "photo-01.png"]
+    # the names as uploaded are shown beside the saved ones, as text
+    assert W.photo_label(folder, folder / "photo-00.png") == "`..evil name;.png` (saved as photo-00.png)"
+    assert W.shown_name("a`b\n**c**.png") == "`ab**c**.png`" and len(W.shown_name("x" * 500)) == 62
 
 
 def test_the_ui_and_the_training_log_warn_a_small_photo_in_the_same_words(tmp_path, caplog):
@@ -62,8 +65,34 @@ def test_photo_warnings_name_small_rotated_cmyk_and_unreadable_photos(tmp_path):
     assert W.photo_warnings(small, 64) == ["40x90 is smaller than resolution 64: upscaled (blurry)"]
     assert W.photo_warnings(cmyk, 64) == ["CMYK: converted to RGB (colours may shift)"]
     assert W.photo_warnings(rotated, 64) == ["rotated by its EXIF orientation (trained upright, as viewers show it)"]
+    # the page names the photo itself (photo_label), once: the CLI's line gives its path, which the page left in twice
     [line] = W.photo_warnings(broken, 64)
-    assert "broken.jpg" in line and "cannot read" in line
+    assert line.startswith(W.UNREADABLE + " (") and str(tmp_path) not in line and "replace or remove" not in line
+
+
+def test_an_unreadable_upload_is_named_as_uploaded_and_the_page_can_remove_it(tmp_path):
+    """newcomer: a broken 04.png read "photo-03.png: /.../photo-03.png: cannot read this image (image file is
+    truncated); replace or remove the file", and the page had no way to remove it."""
+    ws = W.Workspace(tmp_path / "ws")
+    up = tmp_path / "up"
+    up.mkdir()
+    for i in range(1, 6):
+        Image.new("RGB", (96, 96), (40 * i, 0, 0)).save(up / f"{i:02d}.png")
+    good = (up / "01.png").read_bytes()
+    (up / "04.png").write_bytes(good[: len(good) // 2])  # PIL opens it (the header is whole), then cannot decode it
+    folder, refused = ws.save_uploads(sorted(up.iterdir()))
+    assert refused == [] and len(W.image_paths(folder)) == 5
+    items, said, _, unreadable = W.subject_view(folder, 64, "sks", "dog")
+    lines = said.splitlines()
+    assert unreadable and lines[0].startswith("- `04.png` (saved as photo-03.png): cannot read this image (")
+    assert str(tmp_path) not in said and said.count("photo-03.png") == 1
+    assert "remove unreadable photos" in lines[-1] and "upload the photos again without them" in lines[-1]
+    assert [caption for _, caption in items].count("ok") == 4
+    assert ws.remove_unreadable(folder.name) == ["`04.png` (saved as photo-03.png)"]
+    assert [p.name for p in W.image_paths(folder)] == ["photo-00.png", "photo-01.png", "photo-02.png", "photo-04.png"]
+    assert W.subject_view(folder, 64, "sks", "dog")[1:2] == ("all photos ok",) and ws.remove_unreadable(folder.name) == []
+    with pytest.raises(W.DataError, match="no such subject"):  # only a subject's folder, by its name
+        ws.remove_unreadable("..")
 
 
 def test_config_paths_must_stay_inside_the_workspace(tmp_path):
@@ -143,6 +172,21 @@ def test_a_subject_outside_3_to_20_photos_is_named_with_its_count_and_what_to_do
     said = W.header_md(ws, 0, one)
     assert "2 subjects, 0 runs" in said and "this subject has 1 photo: " in said and "then Start" not in said
     assert "**Next**: *2 Train*, then Start" in W.header_md(ws, 0, dog) == W.header_md(ws, 0)
+
+
+def test_the_header_says_to_train_a_subject_no_run_has_trained_yet(tmp_path):
+    """newcomer: a freshly uploaded subject read "Next: 3 Try it" because the workspace held another subject's run."""
+    import yaml
+
+    ws = W.Workspace(tmp_path / "ws")
+    dog, toy = ws.example_dog(), ws.toy_subject(7)
+    run = ws.runs / "dog-run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"instance_data_dir": str(dog), "method": "lora"}))
+    (ws.runs / "starting").mkdir()  # a run loading its model: no config.yaml yet, names no subject
+    assert "**Next**: *3 Try it*" in W.header_md(ws, 2, dog)
+    assert "**Next**: *2 Train*, then Start" in W.header_md(ws, 2, toy) and "Try it" not in W.header_md(ws, 2, toy)
+    assert "**Next**: *3 Try it*" in W.header_md(ws, 2)  # no subject picked: the runs there are
 
 
 def test_the_export_tab_gives_the_emb_file_and_says_how_to_use_it_in_exports_own_words(tiny_model, subject_dir, tmp_path):

@@ -15,10 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
+from ..core.data import image_paths
 from .jobs import FINAL, JobManager, one_line, progress_html
 from .runs import HEADERS, WIDTHS, newest_first, runs_rows
-from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, photo_warnings,
-                        remember_names, run_status, subject_names, subject_prompts, suggested_prompts, warnings_said)
+from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, remember_names,
+                        run_status, subject_names, subject_prompts, subject_view, suggested_prompts, warnings_said)
 
 FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
@@ -81,19 +82,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         return folder
 
     def show_subject(name, resolution, identifier, noun):
-        folder = ws.subject_folder(name)
-        from ..core.data import image_paths
-
-        photos = image_paths(folder)
-        items, lines = [], []
-        for p in photos:
-            warns = photo_warnings(p, int(resolution))
-            items.append((str(p), "; ".join(warns) or "ok"))
-            lines += [f"- {p.name}: {w}" for w in warns]
-        if problem := photo_count_problem(len(photos)):
-            lines.insert(0, f"- {problem}")
-        inst, cls = subject_prompts(folder, identifier, noun)
-        return items, "\n".join(lines) or "all photos ok", f"instance prompt: `{inst}`  \nclass prompt: `{cls}`"
+        *tab, unreadable = subject_view(ws.subject_folder(name), int(resolution), identifier, noun)
+        return *tab, gr.Button(visible=unreadable)  # the remove button, only where it has something to do
 
     with gr.Blocks(title="nanobooth") as page:
         header = gr.Markdown(f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`", elem_id="nb-header")
@@ -113,6 +103,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 upload_msg = gr.Markdown(elem_id="nb-upload-msg")
                 thumbs = gr.Gallery(label="photos (caption: warnings)", columns=6, height=220, elem_id="nb-thumbs")
                 warnings = gr.Markdown(elem_id="nb-warnings")
+                remove_btn = gr.Button("remove unreadable photos", visible=False, elem_id="nb-remove-unreadable")
                 prompts_md = gr.Markdown(elem_id="nb-prompts")
             with gr.Tab("2 Train"):
                 with gr.Row():
@@ -184,7 +175,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
                 raise gr.Error("no usable photo in the upload: " + "; ".join(refused))
             # the photos are the subject's now (its thumbnails below): the box empties, or its file chips would read as
             # waiting to be saved, and the next subject's upload would start beside them
-            n = len(list(folder.iterdir()))
+            n = len(image_paths(folder))
             saved = f"saved {n} photo{'' if n == 1 else 's'} as subject `{folder.name}`"
             return *subject_choice(folder, "\n".join([saved] + [f"- {r}" for r in refused])), None
 
@@ -199,25 +190,33 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             # the subject's own words (subject.json: a toy subject's, or those a run was started with), not the
             # form's last ones: a reloaded page keeps the subject and would otherwise train it as a "dog"
             if not name:
-                return "sks", "dog", *suggested_prompts("sks", "dog"), [], "", "", header_md(ws, len(run_names()))
+                return ("sks", "dog", *suggested_prompts("sks", "dog"), [], "", "", gr.Button(visible=False),
+                        header_md(ws, len(run_names())))
             folder = ws.subject_folder(name)
             ident, n = subject_names(folder)
             return (ident, n, *suggested_prompts(ident, n), *show_subject(name, res, ident, n),
                     header_md(ws, len(run_names()), folder))  # its next step: more photos, or Train
 
-        subject.change(on_subject, [subject, resolution], [identifier, noun, val_prompts, try_prompt, thumbs, warnings,
-                                                           prompts_md, header], show_progress_on=[thumbs, warnings])
+        view = [thumbs, warnings, prompts_md, remove_btn]
+        subject.change(on_subject, [subject, resolution], [identifier, noun, val_prompts, try_prompt, *view, header],
+                       show_progress_on=[thumbs, warnings])
         for trigger in (identifier.input, noun.input):  # typed by the user, not set by a subject
             trigger(lambda i, n: suggested_prompts(i.strip(), n.strip()), [identifier, noun], [val_prompts, try_prompt])
         for trigger in (identifier.submit, noun.submit, resolution.submit):
-            trigger(_guard(lambda *a: show_subject(*a) if a[0] else ([], "", "")), [subject, resolution, identifier, noun],
-                    [thumbs, warnings, prompts_md])
+            trigger(_guard(lambda *a: show_subject(*a) if a[0] else ([], "", "", gr.Button(visible=False))),
+                    [subject, resolution, identifier, noun], view)
+
+        @_guard
+        def on_remove(name, *form):
+            gone = ws.remove_unreadable(name)
+            msg = f"removed {', '.join(gone)} from subject `{name}`" if gone else "no unreadable photo to remove"
+            return *show_subject(name, *form), msg, header_md(ws, len(run_names()), ws.subject_folder(name))
+
+        remove_btn.click(on_remove, [subject, resolution, identifier, noun], [*view, upload_msg, header], **shown)
 
         # --- train -----------------------------------------------------------------------------------------------
         def build_cfg(sub, ident, n, fam, var, mdl, st, rate, rk, res, pri, ncls, vals, adv):
             folder = ws.subject_folder(sub)
-            from ..core.data import image_paths
-
             if problem := photo_count_problem(len(image_paths(folder))):
                 raise gr.Error(f"subject '{folder.name}' has {problem}")
             name = FAMILIES[fam] + var
@@ -325,7 +324,7 @@ def build(workspace: Workspace, manager: JobManager | None = None):
         try_btn.click(on_generate, [try_run, try_prompt, try_seed], [base_img, tuned_img])
 
         @_guard
-        def on_eval(name):
+        def on_eval(name, progress=gr.Progress(track_tqdm=True)):  # toy_eval's and evaluate's tqdm bars, with counts
             from .. import api
             from ..core.data import read_subject_meta, resolve_data_dir
             from ..core.builtin_models import is_toy

@@ -1,7 +1,8 @@
 """The UI's workspace folder: subjects, runs and exports live under one root, and nothing else is touched.
 
 Uploads are checked by size and by what PIL reads in them (not by their name or extension) and saved
-under names made here (`photo-00.jpg`): an upload's file name is never used as a path. Each photo gets
+under names made here (`photo-00.jpg`): an upload's file name is never used as a path, only shown (the
+subject's UPLOADED file keeps it, so the page names a photo as the user knows it). Each photo gets
 the warnings a user should see before training (too small for the resolution, rotated by its EXIF
 orientation, CMYK, unreadable), from the same reader the CLI trains with (core.data.load_image).
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.config import ConfigError
-from ..core.data import DataError, image_paths, load_image, read_subject_meta, upscale_warning
+from ..core.data import DataError, image_paths, load_image, mask_path, read_subject_meta, upscale_warning
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MIN_PHOTOS, MAX_PHOTOS = 3, 20
@@ -29,6 +30,9 @@ FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF":
 EXIF_ORIENTATION = 0x0112
 # path-valued config keys that must stay inside the workspace
 PATH_KEYS = ("output_dir", "instance_data_dir", "class_data_dir", "logging_dir")
+# in a subject folder: saved name -> the name it was uploaded as (hidden: image_paths and training skip it)
+UPLOADED = ".uploaded-names.json"
+UNREADABLE = "cannot read this image"  # how photo_warnings' line for a photo the CLI's reader refuses begins
 
 
 class Workspace:
@@ -68,18 +72,19 @@ class Workspace:
 
     # --- subjects ---------------------------------------------------------------------------------------------
     def save_uploads(self, uploads: list) -> tuple[Path | None, list[str]]:
-        """Copy uploaded files (paths the web server wrote) into a new subject folder; returns the folder
-        (None when no file is usable) and one line per refused file, naming it by its position."""
+        """Copy uploaded files (paths the web server wrote, named as uploaded) into a new subject folder; returns the
+        folder (None when no file is usable) and one line per refused file, naming it by its position and its name."""
         refused, keep = [], []
         for i, src in enumerate(uploads[:MAX_PHOTOS], 1):
             src = Path(src)
+            said = f"file {i} ({shown_name(src.name)})"
             try:
                 size = src.stat().st_size
             except OSError:
-                refused.append(f"file {i}: cannot be read")
+                refused.append(f"{said}: cannot be read")
                 continue
             if size > MAX_UPLOAD_BYTES:
-                refused.append(f"file {i}: {size / 2**20:.0f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB limit")
+                refused.append(f"{said}: {size / 2**20:.0f} MB, over the {MAX_UPLOAD_BYTES // 2**20} MB limit")
                 continue
             try:
                 with Image.open(src) as img:
@@ -87,7 +92,7 @@ class Workspace:
             except Exception:  # noqa: BLE001 - whatever PIL says, it is not a photo we can use
                 fmt = None
             if fmt not in FORMATS:
-                refused.append(f"file {i}: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped")
+                refused.append(f"{said}: not an image (JPEG, PNG, WebP, BMP, GIF or TIFF); skipped")
                 continue
             keep.append((src, FORMATS[fmt]))
         if len(uploads) > MAX_PHOTOS:
@@ -95,9 +100,24 @@ class Workspace:
         if not keep:
             return None, refused
         folder = self.new_folder("subjects", "photos")
+        names = {}
         for j, (src, ext) in enumerate(keep):
             shutil.copyfile(src, folder / f"photo-{j:02d}{ext}")
+            names[f"photo-{j:02d}{ext}"] = src.name
+        (folder / UPLOADED).write_text(json.dumps(names, indent=2))
         return folder, refused
+
+    def remove_unreadable(self, name: str) -> list[str]:
+        """Delete the photos of subject `name` that the CLI's reader cannot read (they would stop training); returns
+        them as photo_label names them. Only the subject's own image files are looked at: copies the page made."""
+        folder = self.subject_folder(name)
+        gone = [p for p in image_paths(folder) if any(w.startswith(UNREADABLE) for w in photo_warnings(p, 0))]
+        labels = [photo_label(folder, p) for p in gone]
+        for p in gone:
+            p.unlink()
+            if (mask := mask_path(p)) is not None:  # left alone, a mask with no photo is refused as one
+                mask.unlink()
+        return labels
 
     def example_dog(self) -> Path:
         src = Path(str(resources.files("nanobooth") / "assets" / "examples" / "dog"))
@@ -141,7 +161,7 @@ def photo_count_problem(n: int) -> str | None:
 
 def header_md(ws: Workspace, n_runs: int, subject: Path | None = None) -> str:
     """The page's title, what the workspace holds, and the next step for where the user is (a first visit: start
-    here; a subject with too few or too many photos: fix that first)."""
+    here; a subject with too few or too many photos: fix that first; a subject no run has trained yet: train it)."""
     n = len(ws.subjects())
     problem = photo_count_problem(len(image_paths(subject))) if subject is not None else None
     if n == 0:
@@ -149,7 +169,7 @@ def header_md(ws: Workspace, n_runs: int, subject: Path | None = None) -> str:
                 "example dog or a toy subject; then *2 Train*.")
     elif problem:
         step = f"**Next**: *1 Subject*: this subject has {problem}; then *2 Train*."
-    elif n_runs == 0:
+    elif n_runs == 0 or (subject is not None and not trained_on(ws, subject)):
         step = "**Next**: *2 Train*, then Start (the toy model trains on this CPU in minutes)."
     else:
         step = "**Next**: *3 Try it* shows the base model and your run side by side; *5 Export* writes files for A1111, ComfyUI or kohya."
@@ -157,16 +177,49 @@ def header_md(ws: Workspace, n_runs: int, subject: Path | None = None) -> str:
             f"{n_runs} run{'' if n_runs == 1 else 's'}\n\n{step}")
 
 
+def trained_on(ws: Workspace, subject: Path) -> bool:
+    """Whether a run in the workspace trained (or trains) `subject`: its config.yaml, written as training starts, names
+    the folder as its instance_data_dir."""
+    import yaml
+
+    from ..core.run_folder import CONFIG
+
+    for run in ws.runs.iterdir():
+        try:
+            where = (yaml.safe_load((run / CONFIG).read_text()) or {}).get("instance_data_dir")
+        except (OSError, yaml.YAMLError, AttributeError):  # no config yet, or not a mapping: names no subject
+            continue
+        if isinstance(where, str) and not where.startswith("example:") and Path(where).resolve() == subject.resolve():
+            return True
+    return False
+
+
+def shown_name(name: str) -> str:
+    """An uploaded file's name as the page shows it: a code span (Markdown in a name stays text), printable
+    characters only, at most 60."""
+    clean = "".join(c for c in name if c.isprintable() and c != "`")
+    return f"`{clean[:57] + '...' if len(clean) > 60 else clean}`"
+
+
+def photo_label(folder: Path, photo: Path) -> str:
+    """A subject's photo named as the user uploaded it ("`04.png` (saved as photo-03.png)"); else its own name."""
+    try:
+        uploaded = json.loads((folder / UPLOADED).read_text()).get(photo.name)
+    except (OSError, ValueError, AttributeError):  # not an upload (the example dog, a toy subject), or a broken file
+        uploaded = None
+    return f"{shown_name(uploaded)} (saved as {photo.name})" if isinstance(uploaded, str) else photo.name
+
+
 def photo_warnings(path: Path, resolution: int) -> list[str]:
-    """What a user should know about one photo before training on it at `resolution` pixels."""
+    """What a user should know about one photo before training on it at `resolution` pixels (the caller names it)."""
     try:
         img = load_image(path)  # the CLI's reader: DataError naming the file
         with Image.open(path) as raw:
             mode, orientation = raw.mode, raw.getexif().get(EXIF_ORIENTATION, 1)
-    except DataError as e:
-        return [str(e)]
+    except DataError as e:  # the CLI's line without the path and its advice: the page names the photo and its own fix
+        return [str(e).removeprefix(f"{path}: ").removesuffix("; replace or remove the file")]
     except Exception as e:  # noqa: BLE001 - PIL on a header load_image got past
-        return [f"{path}: cannot read this image ({e}); replace or remove the file"]
+        return [f"{UNREADABLE} ({e})"]
     out = []
     if warning := upscale_warning(img.size, resolution):
         out.append(warning)
@@ -175,6 +228,25 @@ def photo_warnings(path: Path, resolution: int) -> list[str]:
     if mode == "CMYK":
         out.append("CMYK: converted to RGB (colours may shift)")
     return out
+
+
+def subject_view(folder: Path, resolution: int, identifier: str, noun: str) -> tuple[list, str, str, bool]:
+    """The Subject tab for `folder`: (thumbnails captioned with their warnings, the warnings as lines naming each photo
+    as uploaded, the prompts, whether a photo is unreadable: the page then offers to remove them)."""
+    items, lines, unreadable = [], [], False
+    photos = image_paths(folder)
+    for p in photos:
+        warns = photo_warnings(p, resolution)
+        items.append((str(p), "; ".join(warns) or "ok"))
+        lines += [f"- {photo_label(folder, p)}: {w}" for w in warns]
+        unreadable |= any(w.startswith(UNREADABLE) for w in warns)
+    if problem := photo_count_problem(len(photos)):
+        lines.insert(0, f"- {problem}")
+    if unreadable:
+        lines.append("- training refuses a subject with an unreadable photo: *remove unreadable photos* below takes "
+                     "them out of it, or upload the photos again without them (a new subject)")
+    inst, cls = subject_prompts(folder, identifier, noun)
+    return items, "\n".join(lines) or "all photos ok", f"instance prompt: `{inst}`  \nclass prompt: `{cls}`", unreadable
 
 
 def subject_prompts(folder: Path, identifier: str, noun: str) -> tuple[str, str]:
