@@ -21,10 +21,11 @@ from pathlib import Path
 from PIL import Image
 
 from ..core.config import ConfigError
-from ..core.data import DataError, image_paths, load_image, mask_path, read_subject_meta, upscale_warning
+# MIN/MAX_PHOTOS: the bounds the CLI warns at too
+from ..core.data import (MAX_PHOTOS, MIN_PHOTOS, DataError, image_paths, load_image, mask_path, read_subject_meta,
+                         upscale_warning)
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MIN_PHOTOS, MAX_PHOTOS = 3, 20
 # PIL format -> the extension the saved copy gets (what core.data.IMAGE_EXTS reads back)
 FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif", "MPO": ".jpg"}
 EXIF_ORIENTATION = 0x0112
