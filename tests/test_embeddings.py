@@ -283,7 +283,9 @@ def test_full_fine_tune_with_pivotal_tuning_trains_exports_and_resumes_bit_exact
     assert rows == [base.text_encoder.get_input_embeddings().weight.shape[0]]
     assert torch.equal(load_file(tmp_path / "out" / "full_emb.safetensors")["emb_params"], whole["clip_l"])
     export(run_dir, "diffusers", tmp_path / "out" / "pipe")
-    assert (tmp_path / "out" / "pipe_emb.safetensors").read_bytes() == (run_dir / "a_emb.safetensors").read_bytes()
+    # inside the pipeline folder, where generate --weights looks for a run's (newcomer56)
+    assert (tmp_path / "out" / "pipe" / "pipe_emb.safetensors").read_bytes() == (run_dir / "a_emb.safetensors").read_bytes()
+    assert not (tmp_path / "out" / "pipe_emb.safetensors").exists()
 
     part = step2_resume_folder(tmp_path / "a", tmp_path / "b")
     (part / "config.yaml").write_text((part / "config.yaml").read_text().replace(str(tmp_path / "a"), str(part)))
