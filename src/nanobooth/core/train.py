@@ -247,6 +247,12 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         log.info("resumed from %s at step %d", resume, start_step)
         if keeper:  # the scores so far and keep_best's best step so far
             keeper.load(state.get("keep_best"), resume, start_step)
+    def so_far(total: float, training: float) -> dict[str, float]:
+        """Time to model so far: this process's seconds plus what the resumed checkpoint recorded up to its step
+        (newcomer56: a resume counted its own part only); what a checkpoint keeps as `elapsed`."""
+        return {"total_s": earlier.get("total_s", 0.0) + total, "class_images_s": earlier.get("class_images_s", 0.0) + t_class,
+                "training_s": earlier.get("training_s", 0.0) + training}
+
     log_path = run_dir / "train_log.jsonl"
     if main:
         redo_after(run_dir, start_step)  # the log past the checkpoint goes: the resumed run redoes those steps
@@ -278,10 +284,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
         nonlocal saved_step, saved_path
         saved_step, saved_path = done, ckpt.checkpoint_dir(run_dir, done)
         if main:
-            now = time.time()  # time to model so far, which a resume adds to its own (newcomer56: it counted its part only)
-            elapsed = {"total_s": earlier.get("total_s", 0.0) + now - t_start, "class_images_s": earlier.get("class_images_s", 0.0)
-                       + t_class, "training_s": earlier.get("training_s", 0.0) + now - t0}
-            extra = {"samplers": gens.sampler_positions(), "inputs": inputs, "elapsed": elapsed,
+            now = time.time()
+            extra = {"samplers": gens.sampler_positions(), "inputs": inputs, "elapsed": so_far(now - t_start, now - t0),
                      **({"ema_updates": ema.updates} if ema else {}), **({"keep_best": keeper.state()} if keeper else {})}
             files = {**({EMA_FILE: ema.state_dict()} if ema else {}), **(keeper.files() if keeper else {})}
             ckpt.save_checkpoint(run_dir, done, trained, optimizer, lr_scheduler, gens.rng_state(), extra, cfg.checkpoints_total_limit,
@@ -427,8 +431,8 @@ def _train(cfg: TrainConfig, stop: StopRequest, emit: Emitter) -> Path:
     if main:
         save_outputs(cfg, run_dir, c, saved_unet, saved_tes)
         log.info("weights saved in %s", run_dir)
-    timing = TimeToModel.of(earlier.get("total_s", 0.0) + time.time() - t_start, earlier.get("class_images_s", 0.0) + t_class,
-                            earlier.get("training_s", 0.0) + t_train, time.time() - t_save)
+    elapsed = so_far(time.time() - t_start, t_train)
+    timing = TimeToModel.of(elapsed["total_s"], elapsed["class_images_s"], elapsed["training_s"], time.time() - t_save)
     if main:
         (run_dir / TIME_TO_MODEL).write_text(json.dumps(dataclasses.asdict(timing), indent=1) + "\n")
         log.info("%s", timing)

@@ -272,15 +272,17 @@ def export(run_dir, fmt: str, out, dtype: str | None = None, overwrite: bool = F
     if fmt in ("kohya", "comfyui") and kind != "lora":
         raise ExportError(f"RUN_DIR '{run_dir}' is a full fine-tune; kohya's format holds LoRA weights only: "
                           "use --format single-file (an A1111/ComfyUI checkpoint) or diffusers")
-    _check_out(out, overwrite, folder=fmt == "diffusers" and kind == "full", fmt=fmt)
-    emb = embeddings.find(run)  # pivotal tuning: the new tokens go beside the LoRA or the checkpoint, inside a pipeline folder
-    inside = fmt == "diffusers" and kind == "full"  # newcomer56: beside the folder, generate --weights FOLDER lost them
+    inside = fmt == "diffusers" and kind == "full"  # --out is a pipeline folder, and the new tokens go inside it
+    _check_out(out, overwrite, folder=inside, fmt=fmt)
+    # pivotal tuning: the new tokens go beside the LoRA or the checkpoint, inside a pipeline folder (newcomer56: beside
+    # the folder, generate --weights FOLDER lost them)
+    emb = embeddings.find(run)
     emb_out = out / (out.name + EMB_SUFFIX) if inside else out.with_name(out.stem + EMB_SUFFIX)
     if emb is not None and not inside:
         _check_out(emb_out, overwrite, folder=False)
     torch_dtype = DTYPES[dtype] if dtype else None
     if fmt == "diffusers":
-        if kind == "full":
+        if inside:
             _copy_pipeline(run, out, torch_dtype, emb)
         elif torch_dtype is None:
             save_atomic(None, out, copy_from=run / LORA_FILE)  # byte for byte

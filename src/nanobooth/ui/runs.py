@@ -74,11 +74,12 @@ def _scored(values, keys: list[tuple[str, str]], labels: dict | None = None) -> 
             if isinstance(values.get(k), (int, float)) and not isinstance(values.get(k), bool)]
 
 
-def scores_label(run: Path) -> str:
+def scores_label(run: Path, toy_eval: dict | None) -> str:
     """The run's scores, compactly ("identity 0.75 · in context 0.70 · prompt 0.95"): its toy eval's (toy_eval.json,
     the tuned model's), then its eval's means (eval.json; the toy probe's own column name where it measured them);
-    "" for a run never measured, or whose files cannot be read."""
-    parts = _scored((read_json(run / "toy_eval.json") or {}).get("tuned"), TOY_SCORES)
+    "" for a run never measured, or whose files cannot be read. `toy_eval`: its toy_eval.json as run_status read it
+    (None: none, or unreadable), so the page's once-a-second refresh reads it once."""
+    parts = _scored((toy_eval or {}).get("tuned"), TOY_SCORES)
     for name in EVAL_FILES:
         res = read_json(run / name)
         if res:
@@ -97,6 +98,6 @@ def runs_rows(runs: Path, manager=None) -> list[list]:
         cfg = st["config"]
         job = manager.for_dir(run) if manager is not None else None
         rows.append([name, time.strftime("%Y-%m-%d %H:%M", time.localtime(started(run))), subject_label(cfg),
-                     shown_status(job, st["status"]), st["steps"], scores_label(run), cfg.get("method", ""),
+                     shown_status(job, st["status"]), st["steps"], scores_label(run, st["toy_eval"]), cfg.get("method", ""),
                      cfg.get("model", "")])
     return rows

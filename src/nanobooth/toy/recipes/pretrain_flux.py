@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch
 from nanobooth.toy import world
 from nanobooth.toy.recipes import denoiser
 from nanobooth.core.threads import native_bf16
+from nanobooth.families.flux import quiet_rms_norm_mismatch
 from nanobooth.toy.recipes.ckpt import stops_at_checkpoints, timings, write_json
 from nanobooth.toy.recipes.data import encode_latents, load_or_render_data
 from nanobooth.toy.recipes.pretrain import make_text_encoder, make_tokenizer, save_pipeline, vae_dir
@@ -203,8 +203,7 @@ def main(argv=None):
     check_base(Path(a.base))  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "args.json", vars(a))
-    # bf16 activations meet fp32 RMSNorm weights in the transformer: torch then takes its unfused path and says so
-    warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+    quiet_rms_norm_mismatch()  # bf16 activations meet fp32 RMSNorm weights: torch's unfused path says so (families/flux.py)
     with stops_at_checkpoints():  # a stop mid-run checkpoints that step: rerun to continue
         train(out, Path(a.base).resolve(), a.seed, a.steps, a.batch, a.ckpt_minutes * 60, a.lr,
               native_bf16() if a.bf16 is None else a.bf16)
