@@ -194,6 +194,32 @@ def test_thread_line_only_when_other_work_takes_cores(monkeypatch, caplog):
         torch.set_num_threads(old)
 
 
+def test_a_bad_input_on_a_busy_machine_is_one_line(monkeypatch, caplog, capsys, tmp_path):
+    """generate/eval/export/toy eval choose their threads before their inputs are checked; the line saying why
+    they got fewer than the cores waits for a model to load (load_pipeline), so a wrong path answers alone."""
+    import torch
+
+    from nanobooth.core import threads
+
+    old = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "measure_busy_cpus", lambda: 1.0)
+    try:
+        with caplog.at_level("INFO", logger="nanobooth"):
+            rc = cli.main(["generate", "--model", "toy", "--weights", str(tmp_path / "no-run"), "--prompt", "a dog",
+                           "--out", str(tmp_path / "gen")])
+            assert rc == 2 and "CPU threads" not in caplog.text
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "no-run" in err[0], err
+            threads.say_threads()  # what a model loading would say next, once
+            threads.say_threads()
+        assert caplog.text.count("CPU threads: 1 of 2") == 1
+    finally:
+        threads._deferred.clear()
+        torch.set_num_threads(old)
+
+
 def test_threads_flag_refuses_zero(capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["generate", "--model", "toy", "--prompt", "a dog", "--threads", "0"])

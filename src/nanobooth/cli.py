@@ -121,7 +121,9 @@ def cmd_generate(args) -> None:
 
 def cmd_config(args) -> None:
     if args.action == "list":
-        print("\n".join(variant_names()))
+        from .core.variant_table import variant_table
+
+        print(variant_table())
         return
     if not args.variant:
         print(describe())
@@ -264,7 +266,8 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("config", help="list variants or show a resolved config",
-                       description="`config list`: the packaged variants. `config show VARIANT [key=value ...]`: every key "
+                       description="`config list`: the packaged variants by model, each with what it trains, its prior "
+                       "preservation, steps and lr. `config show VARIANT [key=value ...]`: every key "
                        "of that variant as it would train, overrides applied (a YAML file works too). `config show` "
                        "alone: every key with its default and meaning.")
     c.add_argument("action", choices=["show", "list"])
@@ -356,7 +359,7 @@ def _run(args) -> None:
         if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
             from .core.threads import apply_threads
 
-            apply_threads(getattr(args, "threads", None))
+            apply_threads(getattr(args, "threads", None), say_now=False)  # said as a model loads: load_pipeline
         args.func(args)
 
 

@@ -418,6 +418,10 @@ def variant_names() -> list[str]:
     return sorted(names)
 
 
+# libyaml's parser where PyYAML was built with it: the pure-Python one took most of `config list`'s second
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(name_or_path: str) -> tuple[dict, str]:
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file():
@@ -434,7 +438,7 @@ def _read_yaml(name_or_path: str) -> tuple[dict, str]:
                               f"{len(variant_names())} packaged variants; or give a YAML path")
         text, where = res.read_text(), f"{name_or_path}.yaml"
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_SAFE_LOADER) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):

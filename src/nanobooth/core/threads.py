@@ -107,8 +107,13 @@ def choose_threads(requested: int | None, cpus: int, busy: float | None, env: st
     return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
-def apply_threads(requested: int | None = None) -> int:
-    """Choose (see choose_threads) and set torch's intra-op thread count; returns it."""
+_deferred: list[str] = []
+
+
+def apply_threads(requested: int | None = None, say_now: bool = True) -> int:
+    """Choose (see choose_threads) and set torch's intra-op thread count; returns it. On a busy machine it says why
+    it chose fewer threads than cores; with say_now=False that line waits for say_threads() (a model loading), so
+    a command whose input is wrong answers with its one error line alone."""
     cpus = usable_cpus()
     env = os.environ.get("OMP_NUM_THREADS")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
@@ -120,8 +125,18 @@ def apply_threads(requested: int | None = None) -> int:
 
     torch.set_num_threads(n)
     if busy is not None and n < cpus:  # auto on a busy machine: say why it got fewer threads than cores
-        log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N or --threads N to choose)", n, cpus, busy)
+        line = f"CPU threads: {n} of {cpus} (other processes keep {busy:.1f} busy; num_threads=N or --threads N to choose)"
+        if say_now:
+            log.info(line)
+        else:
+            _deferred.append(line)
     return n
+
+
+def say_threads() -> None:
+    """Log the line apply_threads(say_now=False) held back, once."""
+    while _deferred:
+        log.info(_deferred.pop(0))
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
