@@ -200,6 +200,13 @@ def test_refusals_are_one_line_on_the_page_and_no_traceback_in_the_terminal(app,
         page.set_input_files("#nb-upload input[type=file]", sorted(str(p) for p in DOG.glob("*.jpg"))[:3] + [str(broken)])
         sync_api.expect(page.locator("#nb-warnings")).to_contain_text("04.jpg (saved as photo-03.jpg): cannot read this image")
         sync_api.expect(page.locator("#nb-warnings")).not_to_contain_text(str(ws))
+        page.get_by_role("tab", name="2 Train").click()  # Start's refusal names it so too, and points at the button
+        page.locator("#nb-start").click()
+        toast = page.locator(".toast-body.error", has_text="04.jpg (saved as photo-03.jpg): cannot read this image")
+        sync_api.expect(toast.filter(has_text="'remove unreadable photos' button")).to_be_visible()
+        sync_api.expect(toast.filter(has_text=str(ws))).to_have_count(0)  # never the saved copy's path
+        page.locator(".toast-body.error [data-testid=toast-close]").first.click()
+        page.get_by_role("tab", name="1 Subject").click()
         page.locator("#nb-remove-unreadable").click()
         sync_api.expect(page.locator("#nb-upload-msg")).to_contain_text("removed 04.jpg (saved as photo-03.jpg)")
         sync_api.expect(page.locator("#nb-warnings")).to_contain_text("all photos ok")

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from nanobooth.core.config import ConfigError, load_config
+from nanobooth.core.data import check_images
 from nanobooth.ui import workspace as W
 
 
@@ -88,6 +89,12 @@ def test_an_unreadable_upload_is_named_as_uploaded_and_the_page_can_remove_it(tm
     assert str(tmp_path) not in said and said.count("photo-03.png") == 1
     assert "remove unreadable photos" in lines[-1] and "upload the photos again without them" in lines[-1]
     assert [caption for _, caption in items].count("ok") == 4
+    with pytest.raises(W.DataError) as refused:  # Start's refusal (check_images, as the CLI's) names it so too
+        check_images(folder)
+    said = W.as_uploaded(str(refused.value), folder)
+    assert said.startswith("04.png (saved as photo-03.png): cannot read this image") and str(tmp_path) not in said
+    assert said.endswith("the subject's 'remove unreadable photos' button does it")
+    assert W.as_uploaded("steps must be positive", folder) == "steps must be positive"
     assert ws.remove_unreadable(folder.name) == ["`04.png` (saved as photo-03.png)"]
     assert [p.name for p in W.image_paths(folder)] == ["photo-00.png", "photo-01.png", "photo-02.png", "photo-04.png"]
     assert W.subject_view(folder, 64, "sks", "dog")[1:2] == ("all photos ok",) and ws.remove_unreadable(folder.name) == []

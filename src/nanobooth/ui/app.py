@@ -15,11 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
-from ..core.data import image_paths
+from ..core.data import DataError, image_paths
 from .jobs import FINAL, JobManager, one_line, progress_html
 from .runs import HEADERS, WIDTHS, newest_first, runs_rows
-from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, export_run, header_md, photo_count_problem, remember_names,
-                        run_status, subject_names, subject_prompts, subject_view, suggested_prompts, warnings_said)
+from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, as_uploaded, export_run, header_md, photo_count_problem,
+                        remember_names, run_status, subject_names, subject_prompts, subject_view, suggested_prompts,
+                        warnings_said)
 
 FAMILIES = {"toy (embedded, CPU)": "toy/", "toy FLUX twin (CPU)": "toy-flux/", "Stable Diffusion 1.5": "", "SDXL": "sdxl/", "SD3": "sd3/", "FLUX.1": "flux/"}
 VARIANTS = ["dreambooth-lora", "dreambooth-lora-prior-pre", "dreambooth", "dreambooth-prior-pre",
@@ -242,8 +243,10 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
                 with warnings_said() as said:  # the CLI's warnings (e.g. a class the toy model never saw) go on the page too
                     check_train_input(cfg)
-            except BaseException:
+            except BaseException as e:
                 shutil.rmtree(out, ignore_errors=True)  # ours and empty: nothing is left behind by a refusal
+                if isinstance(e, DataError):  # a photo named as the user uploaded it, not by its saved path
+                    raise DataError(as_uploaded(str(e), folder)) from None
                 raise
             remember_names(folder, ident.strip(), n.strip())
             return cfg, said

@@ -211,6 +211,16 @@ def photo_label(folder: Path, photo: Path) -> str:
     return f"{shown_name(uploaded)} (saved as {photo.name})" if isinstance(uploaded, str) else photo.name
 
 
+def as_uploaded(message: str, folder: Path) -> str:
+    """A refusal that names a subject's photos by their saved paths, with each named as photo_label does and the
+    page's remove button pointed to: the user uploaded `04.png`, not `.../subjects/x/photo-03.png`."""
+    photos = sorted(image_paths(folder), key=lambda p: -len(str(p)))  # photo-10 before photo-1
+    named = [p for p in photos if str(p) in message]
+    for p in named:
+        message = message.replace(str(p), photo_label(folder, p).replace("`", ""))  # a toast shows text, not Markdown
+    return message + ("; the subject's 'remove unreadable photos' button does it" if named else "")
+
+
 def photo_warnings(path: Path, resolution: int) -> list[str]:
     """What a user should know about one photo before training on it at `resolution` pixels (the caller names it)."""
     try:
