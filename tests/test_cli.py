@@ -50,21 +50,30 @@ def test_help_config_and_input_errors_load_no_heavy_module(tmp_path):
              ["train", "toy/dreambooth", "lora_rnk=3"],
              ["train", "toy/dreambooth", "instance_data_dir=my_subjct123"],
              ["train", "toy/dreambooth", "instance_data_dir=afile"],
-             ["generate", "--model", "toy", "--prompt", "a", "--out", "x", "--guidance-cutoff", "2"]]
+             ["generate", "--model", "toy", "--prompt", "a", "--out", "x", "--guidance-cutoff", "2"],
+             # a wrong path to a command that loads models answers before torch does (4 s on a busy CPU)
+             ["generate", "--weights", "no-run", "--prompt", "a", "--out", "x"],
+             ["export", "no-run", "--format", "kohya", "--out", "x.safetensors"],
+             ["eval", "--model", "toy", "--subject-dir", "no-photos", "--out", "e"],
+             ["export", "--help"], ["eval", "--help"], ["eval-dataset", "--help"]]
     results = run_probe(argvs, tmp_path)
     for r in results:
         assert r["heavy"] == [], r
         assert r["toy"] == [], r  # the toy package loads only when a toy command runs
     rc = {" ".join(r["argv"]): r["rc"] for r in results}
     assert rc["--help"] == 0 and rc["config list"] == 0 and rc["config show toy/dreambooth"] == 0
-    assert all(r["rc"] == 2 for r in results[4:])
+    assert all(r["rc"] == 2 for r in results[4:12]) and all(r["rc"] == 0 for r in results[12:])
     assert "did you mean 'lora_rank'" in results[5]["err"][0]
     assert "did you mean `my_subject123`" in results[6]["err"][0]
+    assert "--weights 'no-run': nothing is there" in results[9]["err"][0]
+    assert "RUN_DIR 'no-run' is not a finished nanobooth run" in results[10]["err"][0]
+    assert "--subject-dir=no-photos: this folder does not exist" in results[11]["err"][0]
 
 
 def test_toy_commands_load_the_toy_package_only_when_chosen(tmp_path):
-    (toy_help,) = run_probe([["toy", "eval", "--help"]], tmp_path)
+    toy_help, no_run = run_probe([["toy", "eval", "--help"], ["toy", "eval", "no-run"]], tmp_path)
     assert toy_help["rc"] == 0 and "nanobooth.toy.cli" in toy_help["toy"] and toy_help["heavy"] == []
+    assert no_run["rc"] == 2 and no_run["heavy"] == [] and "RUN_DIR 'no-run' does not exist" in no_run["err"][0]
 
 
 def test_lazy_commands_parse_with_their_real_parsers(capsys):
@@ -195,8 +204,8 @@ def test_thread_line_only_when_other_work_takes_cores(monkeypatch, caplog):
 
 
 def test_a_bad_input_on_a_busy_machine_is_one_line(monkeypatch, caplog, capsys, tmp_path):
-    """generate/eval/export/toy eval choose their threads before their inputs are checked; the line saying why
-    they got fewer than the cores waits for a model to load (load_pipeline), so a wrong path answers alone."""
+    """generate/eval/export/toy eval hold their threads until a model loads (load_pipeline): a wrong path answers with
+    its one line, not after torch's import and a 'CPU threads' line."""
     import torch
 
     from nanobooth.core import threads
@@ -209,14 +218,14 @@ def test_a_bad_input_on_a_busy_machine_is_one_line(monkeypatch, caplog, capsys, 
         with caplog.at_level("INFO", logger="nanobooth"):
             rc = cli.main(["generate", "--model", "toy", "--weights", str(tmp_path / "no-run"), "--prompt", "a dog",
                            "--out", str(tmp_path / "gen")])
-            assert rc == 2 and "CPU threads" not in caplog.text
+            assert rc == 2 and "CPU threads" not in caplog.text and threads._held == [None]
             err = capsys.readouterr().err.strip().splitlines()
             assert len(err) == 1 and "no-run" in err[0], err
-            threads.say_threads()  # what a model loading would say next, once
-            threads.say_threads()
-        assert caplog.text.count("CPU threads: 1 of 2") == 1
+            threads.apply_held_threads()  # what the first model's loading does, once
+            threads.apply_held_threads()
+        assert caplog.text.count("CPU threads: 1 of 2") == 1 and torch.get_num_threads() == 1
     finally:
-        threads._deferred.clear()
+        threads._held.clear()
         torch.set_num_threads(old)
 
 

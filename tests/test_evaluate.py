@@ -12,6 +12,7 @@ from conftest import train_args
 from PIL import Image
 
 from nanobooth.eval import metrics as M
+from nanobooth.eval import cli as EC
 from nanobooth.eval import evaluate as E
 from nanobooth.cli import main
 from nanobooth.core.data import DataError
@@ -56,7 +57,7 @@ def lora_run(tmp_path_factory, tiny_model, subject_dir):
 
 def cli(argv):
     p = argparse.ArgumentParser()
-    E.add_parser(p.add_subparsers(dest="command", required=True))
+    EC.add_parser(p.add_subparsers(dest="command", required=True))  # the torch-free parsers
     args = p.parse_args(argv)
     return args.func(args)
 

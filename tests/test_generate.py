@@ -107,6 +107,7 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
     from PIL import Image
 
     from nanobooth.inference import generate as G
+    from nanobooth.inference import generate_cli as GC
     from nanobooth.cli import main
 
     calls = {}
@@ -120,7 +121,8 @@ def _generate_with(monkeypatch, tmp_path, run, *flags):
         calls.update(steps=steps, guidance=guidance, resolution=resolution, guidance_cutoff=guidance_cutoff)
         return [[Image.new("RGB", (8, 8))] * num_images for _ in prompts]
 
-    monkeypatch.setattr(G, "check_weights", lambda weights: None)  # the run folder holds a config.yaml alone
+    monkeypatch.setattr(GC, "check_weights", lambda weights: None)  # the run folder holds a config.yaml alone
+    monkeypatch.setattr(G, "check_weights", lambda weights: None)
     monkeypatch.setattr(G, "load_run", lambda *a, **k: Pipe())
     monkeypatch.setattr(G, "render", fake_render)
     monkeypatch.setattr(G, "with_sampler", lambda pipe, sampler: calls.update(sampler=sampler) or pipe)
@@ -354,13 +356,14 @@ def test_generate_cli_counts_one_image_in_the_singular(monkeypatch, tmp_path, ca
     from PIL import Image
 
     from nanobooth.inference import generate as gen
+    from nanobooth.inference.generate_cli import generate_cli
 
     args = SimpleNamespace(model="toy", prompt=["a sks dog"], weights=None, num_images=1, seed=0, steps=2, guidance=4.0,
                            guidance_cutoff=None, resolution=None, out=str(tmp_path), device=None, dtype=None, tome_ratio=0.0,
                            allow_pickle=False, single_file_config=None, sampler=None, overwrite=False)
     for n, said in ((1, "wrote 1 image and grid.png"), (2, "wrote 2 images and grid.png")):
         monkeypatch.setattr(gen, "generate", lambda *a, n=n, **k: [Image.new("RGB", (8, 8))] * n)
-        gen.generate_cli(args)
+        generate_cli(args)  # imports generate from its module when it runs: the replacement above
         assert capsys.readouterr().out.startswith(said + f" to {tmp_path}")
 
 
@@ -383,7 +386,7 @@ def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_ke
     traceback, --out FILE a FileExistsError, and a second run into the same --out left the first one's images beside
     its own."""
     from nanobooth import cli
-    from nanobooth.inference.generate import check_out_folder
+    from nanobooth.inference.generate_cli import check_out_folder
 
     base = ["generate", "--model", "toy", "--prompt", "a sks dog"]
     for flag, value, said in (("--num-images", "0", "pass a whole number of at least 1"), ("--steps", "-3", "of at least 1"),
@@ -411,7 +414,7 @@ def test_generate_flags_that_cannot_render_are_one_line_and_an_earlier_out_is_ke
 def test_generate_takes_the_base_model_from_the_run_when_model_is_not_given(tmp_path):
     # newcomer55: --model was required though the run's config.yaml records it
     from nanobooth.core.config import ConfigError, load_config, save_config
-    from nanobooth.inference.generate import base_model_of
+    from nanobooth.inference.generate_cli import base_model_of
 
     save_config(load_config("toy/dreambooth-lora", ["model=toy-flux"]), tmp_path / "config.yaml")
     assert base_model_of(None, str(tmp_path)) == "toy-flux"

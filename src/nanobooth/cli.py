@@ -114,7 +114,7 @@ def check_train_input(cfg) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .inference.generate import generate_cli
+    from .inference.generate_cli import generate_cli
 
     generate_cli(args)
 
@@ -312,9 +312,9 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
 # Commands whose parsers are defined by their modules; importing those loads torch (eval, export) or
 # the toy package, so `nanobooth --help` lists them from here and only a chosen one is imported.
 LAZY = {
-    "export": ("nanobooth.interop.export", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
-    "eval": ("nanobooth.eval.evaluate", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),
-    "eval-dataset": ("nanobooth.eval.evaluate", "eval over the 30-subject DreamBooth dataset: one summary table"),
+    "export": ("nanobooth.interop.export_cli", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
+    "eval": ("nanobooth.eval.cli", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),
+    "eval-dataset": ("nanobooth.eval.cli", "eval over the 30-subject DreamBooth dataset: one summary table"),
     "toy": ("nanobooth.toy.cli", "the toy world: subjects, evaluation, pretraining recipe"),
 }
 
@@ -357,9 +357,9 @@ def _run(args) -> None:
     with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
         # the commands that run models; train and demo set threads from the config key num_threads
         if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
-            from .core.threads import apply_threads
+            from .core.threads import threads_when_models_load
 
-            apply_threads(getattr(args, "threads", None), say_now=False)  # said as a model loads: load_pipeline
+            threads_when_models_load(getattr(args, "threads", None))  # set as the first model loads: load_pipeline
         args.func(args)
 
 

@@ -1,5 +1,6 @@
-"""ConfigError, ModelError and CheckpointError, defined where importing them costs no torch: the run folder's checks
-(run_folder.py) raise them before the CLI loads the training stack. config.py, models.py and checkpoint.py re-export them."""
+"""ConfigError, ModelError, CheckpointError and ExportError, defined where importing them costs no torch: the run
+folder's checks (run_folder.py) and export's (interop/export_cli.py) raise them before the CLI loads the training
+stack. config.py, models.py, checkpoint.py and interop/ldm.py re-export them."""
 
 
 class ModelError(ValueError):
@@ -12,3 +13,7 @@ class CheckpointError(ValueError):
 
 class ConfigError(ValueError):
     """A config problem a user can fix; its message is one actionable line."""
+
+
+class ExportError(ModelError):
+    """A run that cannot be exported as asked; the message says what to pass instead (interop/export.py)."""

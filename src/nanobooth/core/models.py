@@ -175,11 +175,11 @@ def load_pipeline(model: str, revision: str | None = None, single_file_config: s
                   allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """An SD or SDXL pipeline without safety checker, from any way a user names a model."""
     from ..families import family_for
-    from .threads import say_threads
+    from .threads import apply_held_threads
 
     model = resolve_model(model)
     kind = _check_path(model, allow_pickle)
-    say_threads()  # the inputs checked so far were good: now the thread count is worth a line
+    apply_held_threads()  # the inputs checked so far were good: now torch's threads (generate, eval, export, toy eval)
     files_only = kind == "hub" and hub_files_only(model, revision)
     if single_file_config:  # a built-in name ("toy") describes a checkpoint as well as a folder does
         single_file_config = resolve_model(single_file_config)

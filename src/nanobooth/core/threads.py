@@ -107,13 +107,8 @@ def choose_threads(requested: int | None, cpus: int, busy: float | None, env: st
     return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
-_deferred: list[str] = []
-
-
-def apply_threads(requested: int | None = None, say_now: bool = True) -> int:
-    """Choose (see choose_threads) and set torch's intra-op thread count; returns it. On a busy machine it says why
-    it chose fewer threads than cores; with say_now=False that line waits for say_threads() (a model loading), so
-    a command whose input is wrong answers with its one error line alone."""
+def apply_threads(requested: int | None = None) -> int:
+    """Choose (see choose_threads) and set torch's intra-op thread count; returns it."""
     cpus = usable_cpus()
     env = os.environ.get("OMP_NUM_THREADS")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
@@ -125,18 +120,24 @@ def apply_threads(requested: int | None = None, say_now: bool = True) -> int:
 
     torch.set_num_threads(n)
     if busy is not None and n < cpus:  # auto on a busy machine: say why it got fewer threads than cores
-        line = f"CPU threads: {n} of {cpus} (other processes keep {busy:.1f} busy; num_threads=N or --threads N to choose)"
-        if say_now:
-            log.info(line)
-        else:
-            _deferred.append(line)
+        log.info("CPU threads: %d of %d (other processes keep %.1f busy; num_threads=N or --threads N to choose)", n, cpus, busy)
     return n
 
 
-def say_threads() -> None:
-    """Log the line apply_threads(say_now=False) held back, once."""
-    while _deferred:
-        log.info(_deferred.pop(0))
+_held: list[int | None] = []
+
+
+def threads_when_models_load(requested: int | None) -> None:
+    """generate, eval, export and toy eval: hold their --threads until the first model loads (load_pipeline calls
+    apply_held_threads), so that a wrong input answers at once, with its one error line, before torch is imported
+    or the CPU load sampled. An export that loads no model (a LoRA's keys renamed) keeps torch's default."""
+    _held[:] = [requested]
+
+
+def apply_held_threads() -> None:
+    """apply_threads with the count threads_when_models_load held, once a process."""
+    if _held:
+        apply_threads(_held.pop())
 
 
 def native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:

@@ -42,30 +42,18 @@ from pathlib import Path
 import torch
 
 from .kohya import pattern_value, adapter_configs, kohya_metadata, kohya_name, lora_to_kohya, modelspec, sgm_unet_pairs
+from .export_cli import FORMATS, read_run  # noqa: F401 (read_run: importable from here)
 from .ldm import ExportError, pipeline_to_checkpoint
 from .lycoris_keys import delta_shapes, is_lycoris, lycoris_to_kohya
 from ..core.builtin_models import PIPELINES
-from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, load_run_config, make_readable, result_kind
+from ..core.run_folder import EMB_SUFFIX, LORA_FILE, MODEL_INDEX, atomic_file, make_readable
 from ..methods import embeddings
 
 log = logging.getLogger("nanobooth")
-FORMATS = ("kohya", "comfyui", "diffusers", "single-file")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # export_cli.DTYPE_NAMES
 
 
 # --- reading a run ---------------------------------------------------------------------------------------
-
-def read_run(run_dir) -> tuple[str, dict]:
-    """('lora' | 'full' | 'textual_inversion', resolved config as a dict) of a finished run; any diffusers SD/SDXL folder counts as
-    full ({} when it has no config.yaml). A folder holding both a LoRA and a pipeline is refused."""
-    run = Path(run_dir)
-    kind = result_kind(run)
-    if kind is None:
-        raise ExportError(f"RUN_DIR '{run_dir}' is not a finished nanobooth run (no {LORA_FILE}, model_index.json or *{EMB_SUFFIX}); "
-                          "pass the output_dir of a completed `nanobooth train`")
-    cfg = load_run_config(run)
-    return kind, ({} if cfg is None else cfg.to_dict())
-
 
 def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -380,24 +368,3 @@ def _export_embedding(run: Path, fmt: str, out: Path, dtype: str | None, overwri
 
 
 # --- command line -------------------------------------------------------------------------------------------
-
-def cmd_export(args) -> None:
-    path = export(args.run_dir, args.format, args.out, args.dtype, args.overwrite)
-    print(f"exported {args.run_dir} as {args.format}: {path}")
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file",
-        description="kohya: a LoRA file for A1111, ComfyUI, Forge, kohya and diffusers (true alpha kept; FLUX in BFL's "
-                    "layout). comfyui: the same, but an SD3 LoRA keeps diffusers' names (ComfyUI's for SD3). diffusers: the run's "
-                    "own LoRA file or pipeline folder. single-file: an LDM/SGM .safetensors checkpoint (LoRA runs are "
-                    "fused into their base model).")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a finished nanobooth run (output_dir)")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="kohya: a LoRA for A1111, Forge and kohya; comfyui: a LoRA for ComfyUI; diffusers; single-file: a "
-                        "checkpoint for A1111's models/Stable-diffusion or ComfyUI's Load Checkpoint")
-    p.add_argument("--out", required=True, help="the .safetensors file to write (a folder for a full run as diffusers)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast weights (default: as trained)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=cmd_export)

@@ -11,11 +11,7 @@ import re
 
 import torch
 
-from ..core.models import ModelError
-
-
-class ExportError(ModelError):
-    """The run cannot be exported as asked; the message names it and what to do."""
+from ..core.errors import ExportError  # noqa: F401 (importable from here)
 
 
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",

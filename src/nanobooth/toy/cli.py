@@ -14,6 +14,9 @@ def cmd_subject(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from .run_check import finished_run
+
+    finished_run(args.run_dir)  # toy_eval checks it again; here a wrong RUN_DIR answers before torch loads
     from .evaluate import toy_eval
 
     toy_eval(args.run_dir, args.images_per_prompt, args.seed, args.steps, args.guidance, with_base=not args.no_base,

@@ -34,12 +34,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.data import DataError, load_folder, read_subject_meta, resolve_data_dir
+from ..core.data import load_folder, read_subject_meta
 from ..inference.generate import grid, load_run, render, resolve_sampler, save_png, with_sampler
-from ..core.models import ModelError, load_pipeline
-from ..core.run_folder import CONFIG, TOY_EVAL, load_run_config, result_kind
+from ..core.models import load_pipeline
+from ..core.run_folder import TOY_EVAL
 from . import metrics, world
 from .probe import load_probe, vae_roundtrip
+from .run_check import finished_run
 
 
 # toy eval's default steps per sampler: on the toy model 15 DPM-Solver++ steps score within 0.02 of 25 DDIM steps on
@@ -115,19 +116,7 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     "dpm++" or "auto" (DPM++ where the model allows it: inference.generate.with_sampler), `steps` of it (default
     EVAL_STEPS of the sampler used); settings records the sampler used. Raises ModelError for a folder that is not a
     finished run."""
-    run = Path(run_dir)
-    if not run.exists():
-        raise ModelError(f"RUN_DIR '{run}' does not exist; pass the output_dir of a completed `nanobooth train`")
-    cfg = load_run_config(run)
-    if cfg is None or result_kind(run) is None:  # result_kind also refuses a folder mixing two runs
-        raise ModelError(f"RUN_DIR '{run}' is not a finished nanobooth run (no {CONFIG}, or no trained weights); "
-                         "pass the output_dir of a completed `nanobooth train`")
-    try:
-        instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    except DataError as e:  # the run remembers the path as typed: relative to the folder training ran in
-        hint = (f"; it is relative to the folder the run was trained from: run toy eval there, or set an absolute "
-                f"instance_data_dir in {run / CONFIG}") if not Path(cfg.instance_data_dir).is_absolute() else ""
-        raise DataError(f"{e} (the run's subject photos){hint}") from None
+    run, cfg, instance_dir = finished_run(run_dir)
     meta = read_subject_meta(instance_dir)
     noun = meta.get("class_noun") or cfg.class_prompt.split()[-1]
     identifier = meta.get("identifier", "sks")
