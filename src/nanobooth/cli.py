@@ -9,6 +9,7 @@ registered as placeholders (see LAZY) and parsed by their real parser only when 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -354,13 +355,13 @@ def _run(args) -> None:
     """Run the chosen command with log lines kept off the progress bars, and the CPU threads set."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
-        # the commands that run models; train and demo set threads from the config key num_threads
-        if args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval":
-            from .core.threads import threads_when_models_load
+    from .core.threads import threads_when_models_load
 
-            threads_when_models_load(getattr(args, "threads", None))  # set as the first model loads: load_pipeline
-        args.func(args)
+    # the commands that run models set torch's threads as their first model loads; train and demo from num_threads
+    models = args.command in ("generate", "eval", "eval-dataset", "export") or getattr(args, "toy_command", None) == "eval"
+    with logging_redirect_tqdm():  # the root logger's console handler; "nanobooth" propagates to it
+        with threads_when_models_load(getattr(args, "threads", None)) if models else contextlib.nullcontext():
+            args.func(args)
 
 
 # Recipes with their own argparse: everything after the two words is theirs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("nanobooth")
@@ -127,11 +128,17 @@ def apply_threads(requested: int | None = None) -> int:
 _held: list[int | None] = []
 
 
-def threads_when_models_load(requested: int | None) -> None:
-    """generate, eval, export and toy eval: hold their --threads until the first model loads (load_pipeline calls
-    apply_held_threads), so that a wrong input answers at once, with its one error line, before torch is imported
-    or the CPU load sampled. An export that loads no model (a LoRA's keys renamed) keeps torch's default."""
+@contextmanager
+def threads_when_models_load(requested: int | None):
+    """generate, eval, export and toy eval run inside this: their --threads wait for the first model to load
+    (load_pipeline calls apply_held_threads), so that a wrong input answers at once, with its one error line, before
+    torch is imported or the CPU load sampled. An export that loads no model (a LoRA's keys renamed) keeps torch's
+    default. The request ends with the command: a later load in the same process (a notebook) is not touched."""
     _held[:] = [requested]
+    try:
+        yield
+    finally:
+        _held.clear()
 
 
 def apply_held_threads() -> None:
