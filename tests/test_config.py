@@ -201,10 +201,31 @@ def test_fill_prompts_logs_each_prompt_it_fills_and_names_the_file_when_it_canno
     assert [r.getMessage() for r in caplog.records] == [  # the file's other prompt is named where the config's wins
         f"instance_prompt='a sks pup' is used, not {src}'s 'a photo of sks dog' (leave instance_prompt out to use the file's)",
         f"class_prompt from {src}: 'a photo of dog'"]
+    with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and there is no {src} to fill it; pass "
+                       "instance_prompt=\"a photo of sks dog\""):
+        fill_prompts(load_config("toy/dreambooth"), {}, src)
+    src.write_text('{"class_prompt": "a dog"}')
     with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and {src} does not set it"):
         fill_prompts(load_config("toy/dreambooth"), {"class_prompt": "a dog"}, src)
     with pytest.raises(ConfigError, match=f"'class_prompt' is empty and {src} sets it to 3"):
         fill_prompts(load_config("toy/dreambooth", ["instance_prompt=a sks dog"]), {"class_prompt": 3}, src)
+
+
+def test_the_toy_variants_train_the_example_dog_with_its_own_prompts(tmp_path, caplog):
+    """newcomer57: `nanobooth train toy/dreambooth-lora instance_data_dir=example:dog` was refused for its empty
+    instance_prompt, naming a subject.json that did not exist; the example dog ships one now."""
+    from nanobooth.core.prechecks import check_train_input
+
+    cfg = load_config("toy/dreambooth-lora", ["instance_data_dir=example:dog", f"output_dir={tmp_path / 'run'}"])
+    with caplog.at_level("INFO", logger="nanobooth"):
+        check_train_input(cfg)
+    assert (cfg.instance_prompt, cfg.class_prompt) == ("a photo of sks dog", "a photo of dog")
+    assert "instance_prompt from " in caplog.text  # a prompt nobody typed is said
+    sd = load_config("dreambooth-lora", ["instance_data_dir=example:dog", f"output_dir={tmp_path / 'sd'}"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="nanobooth"):
+        check_train_input(sd)  # the SD variants carry the same prompts: nothing to say
+    assert sd.instance_prompt == "a photo of sks dog" and "subject.json" not in caplog.text
 
 
 def test_subject_json_replaces_the_example_dogs_prompts_the_real_families_inherit(tmp_path, caplog):

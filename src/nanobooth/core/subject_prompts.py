@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .errors import ConfigError
@@ -27,8 +28,13 @@ def fill_prompts(cfg: "TrainConfig", meta: dict, source) -> None:
             _keep_or_take(cfg, key, value, source)
             continue
         if not isinstance(value, str) or not value.strip():
-            what = "does not set it" if value is None else f"sets it to {value!r}"
-            raise ConfigError(f"config key '{key}' is empty and {source} {what}; pass {key}=\"...\"")
+            example = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}[key]
+            if value is not None:
+                what = f"{source} sets it to {value!r}"
+            else:
+                what = f"{source} does not set it" if Path(source).is_file() else f"there is no {source} to fill it"
+            raise ConfigError(f"config key '{key}' is empty and {what}; pass {key}=\"{example}\" (your subject's class "
+                              "noun for dog)")
         setattr(cfg, key, value)
         log.info("%s from %s: %r", key, source, value)
     if words := subject_initializer(cfg, meta):
