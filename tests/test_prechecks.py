@@ -6,6 +6,7 @@ from conftest import train_args
 import nanobooth.core.train as train_mod
 from nanobooth.core.config import load_config
 from nanobooth.core.data import DataError
+from nanobooth.core.errors import ConfigError
 
 
 def test_a_library_train_runs_the_cli_prechecks_before_loading_a_model(tiny_model, subject_dir, tmp_path, monkeypatch):
@@ -92,3 +93,22 @@ def test_fewer_than_three_photos_are_warned_naming_the_folder(subject_dir, tmp_p
             warn_few_photos(cfg, folder)
         assert caplog.messages == said
     assert MIN_PHOTOS == len(list(subject_dir.glob("*.png")))  # the fixture's three photos sit at the bound, unwarned
+
+
+def test_checked_twice_a_config_warns_once_and_a_changed_one_again(tmp_path, caplog):
+    """The CLI (or the UI) checks the input, then train() checks it again for library callers: newcomer57 saw the
+    toy-world warning twice. The second pass still refuses what is wrong; it only says nothing new."""
+    from nanobooth.core.prechecks import check_train_input
+
+    cfg = load_config("toy/dreambooth-lora", ["instance_data_dir=example:dog", f"output_dir={tmp_path / 'run'}"])
+    with caplog.at_level("INFO", logger="nanobooth"):
+        check_train_input(cfg)
+        check_train_input(cfg)
+        assert caplog.text.count("names none of them") == 1 and caplog.text.count("instance_prompt from") == 1
+        cfg.instance_prompt = "a photo of zwx dog"  # a changed config is a new check, said again
+        check_train_input(cfg)
+    assert caplog.text.count("names none of them") == 2
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds other files and no nanobooth run"):  # a second pass still refuses
+        check_train_input(cfg)

@@ -4,7 +4,9 @@ here), and train() runs them again for library callers, before anything is writt
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from pathlib import Path
 
 from .config import check_resolution_before_loading
@@ -19,19 +21,39 @@ log = logging.getLogger("nanobooth")
 def check_train_input(cfg) -> None:
     """Refuse (ConfigError/DataError/CheckpointError, one line) what a user can get wrong before any model
     loads: the photo folders and photos, the prompts subject.json fills (filled into `cfg` here), the output
-    folder and the resume it asks for, and the resolution a local model can render."""
-    instance_dir = resolve_data_dir(cfg.instance_data_dir)
-    check_images(instance_dir)
-    warn_few_photos(cfg, instance_dir)
-    if cfg.with_prior_preservation and cfg.class_data_dir:
-        resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
-    fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
-    check_token_abstraction(cfg, instance_dir)
-    warn_heldout_is_trained_on(cfg, instance_dir)
-    warn_class_outside_toy_world(cfg)
-    check_output_dir(cfg)
-    check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
-    check_resolution_before_loading(cfg)
+    folder and the resume it asks for, and the resolution a local model can render. Run again on a config it has
+    checked (train() after the CLI or the UI), it checks again without repeating its warning and info lines."""
+    again = getattr(cfg, "_input_checked", None) == repr(cfg.to_dict())
+    with _quiet(log) if again else contextlib.nullcontext():
+        instance_dir = resolve_data_dir(cfg.instance_data_dir)
+        check_images(instance_dir)
+        warn_few_photos(cfg, instance_dir)
+        if cfg.with_prior_preservation and cfg.class_data_dir:
+            resolve_data_dir(cfg.class_data_dir, "class_data_dir", must_exist=False)
+        fill_prompts(cfg, read_subject_meta(instance_dir), instance_dir / "subject.json")
+        check_token_abstraction(cfg, instance_dir)
+        warn_heldout_is_trained_on(cfg, instance_dir)
+        warn_class_outside_toy_world(cfg)
+        check_output_dir(cfg)
+        check_resume_request(Path(cfg.output_dir), cfg.resume_from_checkpoint, cfg.max_train_steps)
+        check_resolution_before_loading(cfg)
+    cfg._input_checked = repr(cfg.to_dict())  # the prompts as filled: what a second call sees
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """This thread's lines to the logger dropped inside (its errors are raised, not logged, so nothing a user needs
+    is lost); another thread's (the UI's page while a job starts) still go through."""
+    thread = threading.get_ident()
+
+    def other_threads(record: logging.LogRecord) -> bool:
+        return record.thread != thread
+
+    logger.addFilter(other_threads)
+    try:
+        yield
+    finally:
+        logger.removeFilter(other_threads)
 
 
 def check_token_abstraction(cfg, instance_dir: Path) -> None:
