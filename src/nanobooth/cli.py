@@ -2,8 +2,8 @@
 
 Building the parser and checking a command's input import no torch/diffusers/transformers (5-30 s on
 a busy CPU): help, `config` and every input error answer at once; each command imports its stack
-when it runs. Commands whose parsers live in heavy modules (eval, export) or in the toy package are
-registered as placeholders (see LAZY) and parsed by their real parser only when chosen.
+when it runs. Commands whose parsers live in their own packages (eval, export, toy) are registered as
+placeholders (see LAZY) and parsed by their real parser only when chosen.
 """
 
 from __future__ import annotations
@@ -310,8 +310,8 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
     return p
 
 
-# Commands whose parsers are defined by their modules; importing those loads torch (eval, export) or
-# the toy package, so `nanobooth --help` lists them from here and only a chosen one is imported.
+# Commands whose parsers are defined in their own packages (torch-free modules: eval/cli.py, interop/export_cli.py,
+# toy/cli.py), so `nanobooth --help` lists them from here and only a chosen one is imported.
 LAZY = {
     "export": ("nanobooth.interop.export_cli", "convert a run for A1111/ComfyUI/kohya (LoRA) or into one checkpoint file"),
     "eval": ("nanobooth.eval.cli", "the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run"),

@@ -142,7 +142,7 @@ def threads_when_models_load(requested: int | None):
 
 
 def apply_held_threads() -> None:
-    """apply_threads with the count threads_when_models_load held, once a process."""
+    """apply_threads with the count threads_when_models_load held, once a command (the first model to load sets it)."""
     if _held:
         apply_threads(_held.pop())
 
