@@ -615,6 +615,18 @@ def test_toy_eval_of_a_run_moved_away_from_its_relative_subject_says_where_it_lo
         toy_eval(run)
 
 
+def test_toy_eval_of_a_subject_outside_the_toy_world_says_its_scores_measure_nothing(tmp_path, caplog, capsys):
+    """newcomer57: a run on the example dog scored subject fidelity 0.84 by the toy probe, with no word that the probe
+    reads only the toy world's five classes; the line comes under the table and toy_eval.json records it."""
+    run = tmp_path / "dog"
+    assert cli.main(["train", "toy/dreambooth-lora", "instance_data_dir=example:dog", f"output_dir={run}",
+                     "max_train_steps=1"]) == 0
+    with caplog.at_level("WARNING", logger="nanobooth"):
+        assert cli.main(["toy", "eval", str(run), "--images-per-prompt", "2", "--steps", "2", "--no-base"]) == 0
+    assert "toy eval: the class 'dog' is not in the toy world" in caplog.text
+    assert json.loads((run / "toy_eval.json").read_text())["settings"]["outside_toy_world"] is True
+
+
 def test_seeds_and_counts_below_their_least_are_argparse_errors(capsys):
     """newcomer54: `toy subject --seed -1` was numpy's traceback (and left an empty folder), --num-images 0 wrote a
     subject without photos; demo --seed -1 the same traceback."""

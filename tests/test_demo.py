@@ -45,6 +45,7 @@ def test_demo_writes_grids_scores_and_says_where(tmp_path, capsys):
     assert [p.name for p in samples] == ["step-000000.png", "step-000004.png"]  # before and after
     res = json.loads((run / "toy_eval.json").read_text())
     assert {"base", "tuned", "reference"} <= set(res) and "subject_fidelity" in res["tuned"]
+    assert "outside_toy_world" not in res["settings"]  # a toy subject: the probe's numbers measure it
     # 4 steps barely move the LoRA: the subject's own renders (through the VAE) are far more like it
     assert res["reference"]["subject_fidelity"] > res["tuned"]["subject_fidelity"] + 0.05
     assert (run / "pytorch_lora_weights.safetensors").is_file()

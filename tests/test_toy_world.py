@@ -216,3 +216,12 @@ def test_toy_subject_command_counts_one_image_in_the_singular(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"wrote 1 image of subject 3 to {tmp_path / 'one'}\n")
     cmd_subject(SimpleNamespace(seed=3, out=str(tmp_path / "two"), num_images=2))
     assert capsys.readouterr().out.startswith(f"wrote 2 images of subject 3 to {tmp_path / 'two'}\n")
+
+
+def test_a_class_outside_the_world_is_named_for_the_scores_reader():
+    """newcomer57: toy eval of a run on the example dog printed subject fidelity 0.84 with no word that the probe reads
+    only balls, cubes, stars, rings and cups."""
+    assert world.outside_world("star") is None and world.outside_world("cups") is None
+    said = world.outside_world("dog")
+    assert said.startswith("the class 'dog' is not in the toy world (balls, cubes, stars, rings, cups)")
+    assert "do not measure this subject" in said

@@ -255,8 +255,16 @@ def evaluate(model: str, subject_dir: str | Path, out: str | Path, *, weights: s
     proto = Protocol(images_per_prompt, seed, batch_size=batch_size, pres_prompts=pres_prompts, class_prompt=class_prompt,
                      **sampling)
     settings = _settings(model, weights, dtype, _metric_settings(backend, dino, clip, dino_revision, clip_revision, toy_probe))
+    if backend == "toy" and _outside_toy_world(noun):
+        settings["outside_toy_world"] = True  # eval_cli says it under the table
     return evaluate_subject(_pipe_loader(model, weights, dtype, device, proto.sampler), backends, subject, noun, identifier,
                             prompts, proto, out, settings, save_images=save_images)
+
+
+def _outside_toy_world(noun: str) -> str | None:
+    from ..toy.world import outside_world  # the toy layer, for its backend only
+
+    return outside_world(noun)
 
 
 def _sampling_flags(args) -> dict:
@@ -275,6 +283,8 @@ def eval_cli(args) -> dict:
     print(format_table([(f"this run ({subject.name}, {n} images)", res["mean"]),
                         (f"real images of {subject.name}, pairwise", res["real"])], res["settings"]["backend"]))
     print(sampling_line(res["settings"], args.weights, _sampling_flags(args)))
+    if res["settings"].get("outside_toy_world"):
+        log.warning("eval --backend toy: %s", _outside_toy_world(res["settings"]["class_noun"]))
     print(f"wrote {Path(args.out) / 'eval.json'} and contact_sheet.png")
     return res
 

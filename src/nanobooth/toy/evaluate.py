@@ -28,6 +28,7 @@ Everything is read by the toy world's probe (`toy/probe.py`), trained on the wor
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ from ..core.run_folder import TOY_EVAL
 from . import metrics, world
 from .probe import load_probe, vae_roundtrip
 from .run_check import finished_run
+
+log = logging.getLogger("nanobooth")
 
 
 # toy eval's default steps per sampler: on the toy model 15 DPM-Solver++ steps score within 0.02 of 25 DDIM steps on
@@ -133,6 +136,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     args = (noun, instance, probe, identifier, images_per_prompt, seed, steps, guidance, meta.get("subject"), cutoff)
     out = {"settings": {"images_per_prompt": images_per_prompt, "seed": seed, "steps": steps, "sampler": sampler,
                         "guidance": guidance, "guidance_cutoff": cutoff, "class_noun": noun, "model": cfg.model}}
+    if stranger := world.outside_world(noun):  # said under the table; toy_eval.json's readers are told here
+        out["settings"]["outside_toy_world"] = True
     ran = [what for what, given in (("guidance", guidance_arg), ("guidance cutoff", cutoff_arg)) if given is None]
     print(f"sampling: {sampler} {steps} steps, guidance {guidance:g}" + (f" on the first {cutoff:.0%} of them" if cutoff < 1 else "")
           + f", seed {seed}, {images_per_prompt} images a prompt" + (f" ({' and '.join(ran)} from the run's config)" if ran else ""))
@@ -161,6 +166,8 @@ def toy_eval(run_dir: str | Path, images_per_prompt: int = 4, seed: int = 1234, 
     save_png(grid(sheet_rows, labels, title=f"toy eval: {run.name}"), run / TOY_EVAL[1])
     (run / TOY_EVAL[0]).write_text(json.dumps(out, indent=2))
     print(format_table(out))
+    if stranger:
+        log.warning("toy eval: %s", stranger)
     print(f"wrote {run / TOY_EVAL[0]} and the before/after sheet {run / TOY_EVAL[1]} ({images_per_prompt} images a prompt; "
           "the columns: docs/evaluation.md, `nanobooth toy eval RUN_DIR`)")
     return out

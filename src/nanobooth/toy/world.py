@@ -93,6 +93,16 @@ def held_out_captions() -> list[str]:
     return [f"a photo of a {k} {c} {s}" for c, k, s in sorted(HELD_OUT)]
 
 
+def outside_world(class_noun: str) -> str | None:
+    """The line a toy-probe score of a subject of another class needs (a dog: the probe reads balls, cubes, stars, rings
+    and cups only, so its numbers would look like a result and measure nothing); None for a class of this world."""
+    if class_noun.strip().lower().removesuffix("s") in CLASSES:
+        return None
+    return (f"the class '{class_noun}' is not in the toy world ({', '.join(c + 's' for c in CLASSES)}): its probe reads "
+            "only those, so these scores do not measure this subject (the sheet shows what was drawn); score a toy "
+            "subject (`nanobooth toy subject`), or real photos with a real model and --backend real")
+
+
 def caption(spec: Spec, colour: bool = True, scene: bool = True, identifier: str | None = None,
             look: bool | None = None) -> str:
     """A patterned object's colours come with its pattern and mark ("a photo of a red and blue striped
