@@ -178,7 +178,11 @@ def test_a_subject_outside_3_to_20_photos_is_named_with_its_count_and_what_to_do
     one = ws.save_uploads(sorted(dog.glob("*.jpg"))[:1])[0]
     said = W.header_md(ws, 0, one)
     assert "2 subjects, 0 runs" in said and "this subject has 1 photo: " in said and "then Start" not in said
-    assert "**Next**: *2 Train*, then Start" in W.header_md(ws, 0, dog) == W.header_md(ws, 0)
+    assert "**Next**: *2 Train*, then Start" in W.header_md(ws, 0, dog) and "**Next**: *2 Train*" in W.header_md(ws, 0)
+    # newcomer57: the dog's photos were told "the toy model trains on this CPU in minutes", and trained into noise
+    assert "pick a real model family" in W.header_md(ws, 0, dog) and "draws only balls" in W.header_md(ws, 0, dog)
+    toy = ws.toy_subject(7)
+    assert "the toy model trains on this CPU in minutes" in W.header_md(ws, 0, toy)
 
 
 def test_the_header_says_to_train_a_subject_no_run_has_trained_yet(tmp_path):

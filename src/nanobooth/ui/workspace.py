@@ -171,7 +171,10 @@ def header_md(ws: Workspace, n_runs: int, subject: Path | None = None) -> str:
     elif problem:
         step = f"**Next**: *1 Subject*: this subject has {problem}; then *2 Train*."
     elif n_runs == 0 or (subject is not None and not trained_on(ws, subject)):
-        step = "**Next**: *2 Train*, then Start (the toy model trains on this CPU in minutes)."
+        toy = subject is None or read_subject_meta(subject).get("subject") is not None  # a toy subject (toy_subject)
+        step = ("**Next**: *2 Train*, then Start " + ("(the toy model trains on this CPU in minutes)." if toy else
+                "(for your photos pick a real model family, SD 1.5 to FLUX, on a GPU: the toy model draws only balls, "
+                "cubes, stars, rings and cups, so on a CPU it tries the pipeline, not your subject)."))
     else:
         step = "**Next**: *3 Try it* shows the base model and your run side by side; *5 Export* writes files for A1111, ComfyUI or kohya."
     return (f"# nanobooth: DreamBooth in your browser\nworkspace: `{ws.root}`: {n} subject{'' if n == 1 else 's'}, "
