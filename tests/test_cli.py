@@ -85,6 +85,20 @@ def test_lazy_commands_parse_with_their_real_parsers(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_export_takes_a1111_and_forge_as_names_for_the_kohya_file(monkeypatch, tmp_path, capsys):
+    """newcomer57: the page says "kohya / A1111 LoRA" and the README "for A1111", but --format a1111 was refused."""
+    from nanobooth.interop import export as ex
+    from nanobooth.interop import export_cli
+
+    seen = []
+    monkeypatch.setattr(export_cli, "read_run", lambda run_dir: ("lora", {}))
+    monkeypatch.setattr(ex, "export", lambda run, fmt, out, dtype, overwrite: seen.append(fmt) or tmp_path / out)
+    for name in ("a1111", "forge", "kohya"):
+        assert cli.main(["export", str(tmp_path), "--format", name, "--out", "x.safetensors"]) == 0
+        assert capsys.readouterr().out.startswith(f"exported {tmp_path} as kohya: ")
+    assert seen == ["kohya"] * 3
+
+
 @pytest.mark.parametrize("argv, usage", [(["demo", "--dry"], "usage: nanobooth demo"),
                                          (["toy", "eval", "--nope", "x"], "usage: nanobooth toy eval"),
                                          (["train", "toy/dreambooth-lora", "--dry-run"], "usage: nanobooth train")])

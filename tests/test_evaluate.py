@@ -433,3 +433,21 @@ def test_eval_samples_with_the_runs_settings_unless_flags_say_otherwise(dpm_run,
     assert seen[-1]["scheduler"] != "DPMSolverMultistepScheduler"
     assert (seen[-1]["steps"], seen[-1]["guidance"], seen[-1]["guidance_cutoff"]) == (2, 6.0, 0.5)
     assert "(--steps --guidance --guidance-cutoff --sampler as given, the rest from the run's config.yaml)" in capsys.readouterr().out
+
+
+def test_eval_takes_the_model_from_the_weights_run_as_generate_does(monkeypatch, tmp_path):
+    """newcomer57: generate --weights RUN found the run's model, eval still required --model beside it."""
+    from nanobooth.core.config import load_config, save_config
+    from nanobooth.core.errors import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config("toy/dreambooth-lora", [f"output_dir={run}"]), run / "config.yaml")
+    (run / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    seen = {}
+    monkeypatch.setattr(E, "eval_cli", lambda args: seen.setdefault("model", args.model))
+    monkeypatch.setattr(EC, "check_weights", lambda weights: None)  # the LoRA file above is a stand-in
+    assert cli(["eval", "--weights", str(run), "--subject-dir", "example:dog", "--out", str(tmp_path / "e")]) == "toy"
+    with pytest.raises(ConfigError, match="--model: pass the base model"):  # no run to name it: said, not guessed
+        cli(["eval", "--subject-dir", "example:dog", "--out", str(tmp_path / "e")])
+

@@ -20,7 +20,11 @@ import argparse
 
 from ..core.config_values import guidance_fraction
 from ..core.data import check_images, resolve_data_dir
+from ..inference.generate_cli import base_model_of
 from ..inference.weights_check import check_weights
+
+
+MODEL_HELP = "base model: a hub id, a diffusers folder, a .safetensors file or a built-in name (toy, toy-flux, tiny, ...)"
 
 
 def eval_cli(args) -> dict:
@@ -28,6 +32,7 @@ def eval_cli(args) -> dict:
     check_images(resolve_data_dir(args.subject_dir, "--subject-dir"), "--subject-dir")
     if args.weights:
         check_weights(args.weights)
+    args.model = base_model_of(args.model, args.weights)  # as generate: the run names the model it trained on
     from .evaluate import eval_cli as run
 
     return run(args)
@@ -40,7 +45,6 @@ def eval_dataset_cli(args) -> dict:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model (hub id, diffusers folder, .safetensors, toy, tiny)")
     p.add_argument("--identifier", default=None, help="the rare token the run was trained with (default: sks)")
     p.add_argument("--prompts", default=None,
                    help="object, live, or a file (one prompt per line, {0}=identifier {1}=class); default: live for "
@@ -79,6 +83,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> None:
     e = subparsers.add_parser("eval", help="the DreamBooth paper's metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) for one run",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--model", default=None, help=MODEL_HELP + "; default: the model the --weights run trained on")
     _add_common(e)
     e.add_argument("--weights", default=None, help="the nanobooth run folder (omit to score the base model)")
     e.add_argument("--subject-dir", required=True, help="the real photos of the subject")
@@ -89,6 +94,7 @@ def add_parser(subparsers) -> None:
     d = subparsers.add_parser("eval-dataset", help="eval over the 30-subject DreamBooth dataset: one summary table",
                               description="RUNS_ROOT/<subject> is the run for DATASET_ROOT/<subject>; classes come "
                                           "from prompts_and_classes.txt. Finished subjects are reused on a rerun.")
+    d.add_argument("--model", required=True, help=MODEL_HELP)
     _add_common(d)
     d.add_argument("--runs-root", required=True)
     d.add_argument("--dataset-root", required=True)

@@ -10,6 +10,7 @@ from ..core.run_folder import EMB_SUFFIX, LORA_FILE, load_run_config, result_kin
 
 FORMATS = ("kohya", "comfyui", "diffusers", "single-file")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
+ALIASES = {"a1111": "kohya", "forge": "kohya"}  # the tools a kohya-format LoRA is for, as users name them
 
 
 def read_run(run_dir) -> tuple[str, dict]:
@@ -28,8 +29,9 @@ def cmd_export(args) -> None:
     read_run(args.run_dir)  # a wrong RUN_DIR answers before torch loads
     from .export import export
 
-    path = export(args.run_dir, args.format, args.out, args.dtype, args.overwrite)
-    print(f"exported {args.run_dir} as {args.format}: {path}")
+    fmt = ALIASES.get(args.format, args.format)
+    path = export(args.run_dir, fmt, args.out, args.dtype, args.overwrite)
+    print(f"exported {args.run_dir} as {fmt}: {path}")
 
 
 def add_parser(subparsers) -> None:
@@ -40,9 +42,10 @@ def add_parser(subparsers) -> None:
                     "own LoRA file or pipeline folder. single-file: an LDM/SGM .safetensors checkpoint (LoRA runs are "
                     "fused into their base model).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished nanobooth run (output_dir)")
-    p.add_argument("--format", required=True, choices=FORMATS,
-                   help="kohya: a LoRA for A1111, Forge and kohya; comfyui: a LoRA for ComfyUI; diffusers; single-file: a "
-                        "checkpoint for A1111's models/Stable-diffusion or ComfyUI's Load Checkpoint")
+    p.add_argument("--format", required=True, choices=FORMATS + tuple(ALIASES),
+                   help="kohya (or a1111, forge: the same file): a LoRA for A1111, Forge and kohya; comfyui: a LoRA for "
+                        "ComfyUI; diffusers; single-file: a checkpoint for A1111's models/Stable-diffusion or ComfyUI's "
+                        "Load Checkpoint")
     p.add_argument("--out", required=True, help="the .safetensors file to write (a folder for a full run as diffusers)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="cast weights (default: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
