@@ -201,13 +201,13 @@ def test_fill_prompts_logs_each_prompt_it_fills_and_names_the_file_when_it_canno
     assert [r.getMessage() for r in caplog.records] == [  # the file's other prompt is named where the config's wins
         f"instance_prompt='a sks pup' is used, not {src}'s 'a photo of sks dog' (leave instance_prompt out to use the file's)",
         f"class_prompt from {src}: 'a photo of dog'"]
-    with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and there is no {src} to fill it; pass "
-                       "instance_prompt=\"a photo of sks dog\""):
-        fill_prompts(load_config("toy/dreambooth"), {}, src)
+    with pytest.raises(ConfigError, match=f"keys 'instance_prompt' and 'class_prompt' are empty and there is no {src} to "
+                       "fill them; pass instance_prompt=\"a photo of sks dog\" class_prompt=\"a photo of dog\""):
+        fill_prompts(load_config("toy/dreambooth"), {}, src)  # both in one line (newcomer57 met them one by one)
     src.write_text('{"class_prompt": "a dog"}')
     with pytest.raises(ConfigError, match=f"'instance_prompt' is empty and {src} does not set it"):
         fill_prompts(load_config("toy/dreambooth"), {"class_prompt": "a dog"}, src)
-    with pytest.raises(ConfigError, match=f"'class_prompt' is empty and {src} sets it to 3"):
+    with pytest.raises(ConfigError, match=f"key 'class_prompt' is empty and {src} sets class_prompt to 3"):
         fill_prompts(load_config("toy/dreambooth", ["instance_prompt=a sks dog"]), {"class_prompt": 3}, src)
 
 
@@ -417,3 +417,11 @@ def test_settings_that_cannot_train_as_asked_are_refused_when_the_config_is_read
     assert load_config("toy/dreambooth-lora", ["snr_gamma=5"]).snr_gamma == 5.0
     with pytest.raises(ConfigError, match="'loraplus_lr_ratio': optimizer=prodigy estimates one step size"):
         load_config("toy/dreambooth-lora", ["optimizer=prodigy", "learning_rate=1.0", "loraplus_lr_ratio=16"])
+
+
+def test_a_bare_override_is_refused_with_an_example_and_a_folder_with_its_key(tmp_path):
+    """newcomer57: `nanobooth train toy/dreambooth-lora photos/` said only "is not key=value"."""
+    with pytest.raises(ConfigError, match=r"override 'lr' is not key=value \(e.g. max_train_steps=100\)"):
+        load_config("toy/dreambooth-lora", ["lr"])
+    with pytest.raises(ConfigError, match=f"override '{tmp_path}' is not key=value \\(e.g. instance_data_dir={tmp_path}\\)"):
+        load_config("toy/dreambooth-lora", [str(tmp_path)])

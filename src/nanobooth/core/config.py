@@ -457,7 +457,8 @@ def parse_overrides(overrides: list[str]) -> dict:
     out = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not key=value (e.g. max_train_steps=100)")
+            example = f"instance_data_dir={item}" if Path(item).expanduser().is_dir() else "max_train_steps=100"
+            raise ConfigError(f"override '{item}' is not key=value (e.g. {example})")  # a bare folder: its key named
         key, raw = item.split("=", 1)
         key = key.strip().removeprefix("--").replace("-", "_")
         try:

@@ -19,27 +19,44 @@ log = logging.getLogger("nanobooth")
 
 def fill_prompts(cfg: "TrainConfig", meta: dict, source) -> None:
     """Fill an empty instance_prompt / class_prompt from the subject's `subject.json` (`meta`, read from
-    `source`), logging each one filled: a prompt nobody typed should be visible. ConfigError when the
-    file does not set one that is empty. An empty initializer_concept is filled too where new token embeddings
+    `source`), logging each one filled: a prompt nobody typed should be visible. ConfigError, one line naming every
+    empty one, when the file does not set them. An empty initializer_concept is filled too where new token embeddings
     train and the file names one (a toy subject's look in words); else it stays the class noun."""
+    missing = {}
     for key in ("instance_prompt", "class_prompt"):
         value = meta.get(key)
         if getattr(cfg, key):
             _keep_or_take(cfg, key, value, source)
-            continue
-        if not isinstance(value, str) or not value.strip():
-            example = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}[key]
-            if value is not None:
-                what = f"{source} sets it to {value!r}"
-            else:
-                what = f"{source} does not set it" if Path(source).is_file() else f"there is no {source} to fill it"
-            raise ConfigError(f"config key '{key}' is empty and {what}; pass {key}=\"{example}\" (your subject's class "
-                              "noun for dog)")
-        setattr(cfg, key, value)
-        log.info("%s from %s: %r", key, source, value)
+        elif not isinstance(value, str) or not value.strip():
+            missing[key] = value
+        else:
+            setattr(cfg, key, value)
+            log.info("%s from %s: %r", key, source, value)
+    if missing:
+        raise ConfigError(_missing_line(missing, source))
     if words := subject_initializer(cfg, meta):
         cfg.initializer_concept = words
         log.info("initializer_concept from %s: %r", source, words)
+
+
+_EXAMPLE = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
+
+
+def _missing_line(missing: dict, source) -> str:
+    """Every empty prompt subject.json could not fill, in one line with values to pass (newcomer57 met instance_prompt,
+    fixed it, then met class_prompt)."""
+    keys = list(missing)
+    named = " and ".join(f"'{k}'" for k in keys)
+    it = "it" if len(keys) == 1 else "them"
+    if not Path(source).is_file():
+        why = f"there is no {source} to fill {it}"
+    elif all(v is None for v in missing.values()):
+        why = f"{source} does not set {it}"
+    else:
+        why = f"{source} sets " + " and ".join(f"{k} to {v!r}" if v is not None else f"no {k}" for k, v in missing.items())
+    values = " ".join(f'{k}="{_EXAMPLE[k]}"' for k in keys)
+    return (f"config key{'s' if len(keys) > 1 else ''} {named} {'is' if len(keys) == 1 else 'are'} empty and {why}; "
+            f"pass {values} (your subject's class noun for dog)")
 
 
 def _keep_or_take(cfg: "TrainConfig", key: str, value, source) -> None:
