@@ -244,13 +244,17 @@ def test_toy_eval_keeps_an_earlier_eval_at_other_settings(tmp_path, capsys):
 
     def scores(n, base=True):
         st = {"images_per_prompt": n, "seed": 1234, "steps": 15, "sampler": "dpm++", "guidance": 4.0, "guidance_cutoff": 0.5}
-        return {"settings": st, "tuned": {"subject_identity": n / 10}, **({"base": {}} if base else {})}
+        return {"settings": st, "tuned": {"subject_identity": n / 10}, **({"base": {"prior_drift": 0.7}} if base else {})}
 
     full = scores(8)
     (tmp_path / "toy_eval.json").write_text(json.dumps(full))
     (tmp_path / "toy_eval.png").write_bytes(b"sheet")
     _keep_earlier(tmp_path, scores(8))  # the same settings score the same: replaced, nothing kept
     assert not list(tmp_path.glob("toy_eval-*"))
+    again = scores(8, base=False)  # --no-base at those settings (newcomer57: kept aside as "other settings")
+    _keep_earlier(tmp_path, again)
+    assert not list(tmp_path.glob("toy_eval-*")) and again["base"] == full["base"]  # the base row carried over
+    assert "the base model's row: the earlier eval's at these same settings" in capsys.readouterr().out
     _keep_earlier(tmp_path, scores(2, base=False))
     kept_json, kept_png = (tmp_path / f"toy_eval-dpm++-15-8-seed1234-g4.0-gc0.5.{ext}" for ext in ("json", "png"))
     assert json.loads(kept_json.read_text()) == full and kept_png.read_bytes() == b"sheet"

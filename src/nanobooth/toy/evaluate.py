@@ -184,13 +184,21 @@ def _settings_name(res: dict) -> str:
 def _keep_earlier(run: Path, new: dict) -> None:
     """Before `new` replaces RUN/toy_eval.json: an earlier eval at other settings (a quick `--images-per-prompt 2
     --no-base` after the demo's full one) is moved to its settings-named copy, json and sheet, so no score is lost.
-    The same settings score the same (fixed seeds), so that one is simply replaced."""
+    The same settings score the same (fixed seeds), so that one is simply replaced; a --no-base eval at them takes its
+    base row."""
     old_json, old_png = (run / name for name in TOY_EVAL)
     try:
         old = json.loads(old_json.read_text())
     except (OSError, ValueError):
         return  # none, or unreadable: nothing worth keeping
-    if not isinstance(old, dict) or _settings_name(old) == _settings_name(new):
+    if not isinstance(old, dict):
+        return
+    if "base" not in new and "base" in old and old.get("settings") == new.get("settings"):
+        # --no-base at the earlier eval's settings: the base model scores the same (fixed seeds), so its row carries
+        # over, and the eval is replaced as at the same settings (newcomer57: it was kept as "other settings")
+        new["base"] = old["base"]
+        print("the base model's row: the earlier eval's at these same settings (--no-base rendered none)")
+    if _settings_name(old) == _settings_name(new):
         return
     stem = _settings_name(old)
     old_json.replace(run / f"{stem}.json")
