@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..core.data import DataError, image_paths
-from .jobs import FINAL, JobManager, one_line, progress_html
+from .jobs import FINAL, JobManager, one_line, progress_html, settled_message
 from .runs import HEADERS, WIDTHS, newest_first, runs_rows
 from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, as_uploaded, export_run, header_md, photo_count_problem,
                         remember_names, run_status, subject_names, subject_prompts, subject_view, suggested_prompts,
@@ -298,17 +298,19 @@ def build(workspace: Workspace, manager: JobManager | None = None):
 
         resume.click(on_resume, runs_pick, train_msg)
 
-        def tick():
+        def tick(said):
             job = jm.current()
+            said = settled_message(job, said)
+            said = gr.update() if said is None else said
             pairs = job.losses if job else []
             # typed columns: an untyped (object) column makes a categorical axis
             losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
                                    "loss": pd.Series([v for _, v in pairs], dtype="float64")})
             latest = str(job.grids[-1][1]) if job and job.grids else None
             queued = [j.name for j in jm.jobs() if j.status == "queued"]
-            return progress_html(job, queued), losses, latest
+            return progress_html(job, queued), losses, latest, said
 
-        timer.tick(tick, None, [progress, loss_plot, grid])
+        timer.tick(tick, train_msg, [progress, loss_plot, grid, train_msg])
 
         # --- try it, measure, export --------------------------------------------------------------------------------
         @_guard

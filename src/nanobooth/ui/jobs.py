@@ -58,11 +58,23 @@ def progress_html(job: Job | None, queued: list[str] = ()) -> str:
         return '<div id="nb-progress" data-status="none">no training run yet</div>'
     pct = round(100 * job.fraction())
     eta = f", ETA {job.eta_s:.0f} s" if job.eta_s is not None and job.status not in FINAL else ""
-    phase = f"{job.phase}: {job.done}/{job.total}" if job.phase else "loading models"
+    loading = "loading models"
+    if job.started and job.status == RUNNING:  # the seconds say it is not stuck (newcomer57: "(0%)" for 20 s)
+        loading += f", {time.time() - job.started:.0f} s"
+    phase = f"{job.phase}: {job.done}/{job.total}" if job.phase else loading
     return (f'<div id="nb-progress" data-status="{job.status}" data-pct="{pct}">'
             f"<b>{job.name}</b>: {job.status}, {phase} ({pct}%){eta}"
             f'<div style="background:#ddd;height:12px"><div style="background:#4a7;height:12px;width:{pct}%"></div></div>'
             f'<div id="nb-message">{html.escape(job.message)}</div>{waiting}</div>')
+
+
+def settled_message(job: Job | None, said: str | None) -> str | None:
+    """What the Train tab's message line should now say, or None to leave it: Stop's and Resume's answers ("stopping:
+    ...", "resuming ...") are news only until the job ends, then its own last word replaces them (newcomer57:
+    "stopping" stayed up after the run had stopped). Start's answer, with its warnings, stays."""
+    if job is not None and job.status in FINAL and said and said.startswith(("stopping", "resuming")):
+        return job.message
+    return None
 
 
 def _drop_if_empty(job: Job) -> None:
