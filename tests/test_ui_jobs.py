@@ -9,7 +9,7 @@ from conftest import train_args
 
 from nanobooth import api
 from nanobooth.core.config import load_config
-from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, Job, JobManager, logged_losses, progress_html, settled_message
+from nanobooth.ui.jobs import CANCELLED, DONE, FAILED, QUEUED, STOPPED, Job, JobManager, logged_losses, progress_html
 
 
 def cfg_for(tiny_model, subject_dir, out, *extra):
@@ -48,15 +48,11 @@ def test_stop_checkpoints_and_resume_finishes_the_run(tiny_model, subject_dir, t
     assert job.finished.wait(300)
     assert job.status == STOPPED, job.message
     assert job.done == 2 and job.message.endswith("press Resume to continue") and "same command" not in job.message
-    # the page's "stopping: ..." line gives way to the stopped job's own once it has stopped; Start's stays
-    assert settled_message(job, "stopping: a checkpoint is written at the next step") == job.message
-    assert settled_message(job, "started run\n- warning: x") is None and settled_message(None, "stopping") is None
     assert job.checkpoint is not None and job.checkpoint.name == "checkpoint-000002" and job.checkpoint.is_dir()
     assert logged_steps(run) == [1, 2] and not (run / "pytorch_lora_weights.safetensors").exists()
     again = jm.resume(job)
     assert again.cfg.resume_from_checkpoint == "latest" and job.cfg.resume_from_checkpoint is None
     assert again.finished.wait(300) and again.status == DONE, again.message
-    assert settled_message(again, "resuming run").startswith("finished: ")
     # the plot keeps the steps before the resume (newcomer55: it began at step 3), with the losses the log holds
     assert [s for s, _ in again.losses] == [1, 2, 3, 4, 5]
     assert again.losses[:2] == logged_losses(run, before=3)

@@ -101,4 +101,4 @@ def test_a_run_the_page_is_training_shows_its_live_status_and_a_broken_subject_j
     got = dict(zip(R.HEADERS, row))
     assert got["status"] == "running" and got["steps"] == 3 and got["subject"] == got["method"] == ""
     assert R.subject_label({"instance_data_dir": str(subject)}) == subject.name
-    assert R.subject_label({"instance_data_dir": "example:dog"}) == "dog"
+    assert R.subject_label({"instance_data_dir": "example:dog"}) == "sks dog (dog)"  # its subject.json (session 57)

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..core.data import DataError, image_paths
-from .jobs import FINAL, JobManager, one_line, progress_html, settled_message
+from .jobs import FINAL, JobManager, one_line, progress_html
 from .runs import HEADERS, WIDTHS, newest_first, runs_rows
 from .workspace import (MAX_PHOTOS, MIN_PHOTOS, Workspace, as_uploaded, export_run, header_md, photo_count_problem,
                         remember_names, run_status, subject_names, subject_prompts, subject_view, suggested_prompts,
@@ -276,7 +276,8 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             if job is None or job.status in FINAL:
                 return "nothing is running"
             jm.stop(job)
-            return job.message
+            # said as the moment's news, as it stays up after the stop: the progress box carries the job's state
+            return f"Stop pressed: {job.name} writes a checkpoint at its next step and stops (the box below says when)"
 
         stop.click(on_stop, None, train_msg)
 
@@ -294,23 +295,22 @@ def build(workspace: Workspace, manager: JobManager | None = None):
             else:
                 return "no run to resume: pick one on the Runs tab"
             ws.check_paths(cfg)
-            return jm.resume(cfg).message or f"resuming {Path(cfg.output_dir).name}"
+            return jm.resume(cfg).message or f"Resume pressed: {Path(cfg.output_dir).name} continues (the box below follows it)"
 
         resume.click(on_resume, runs_pick, train_msg)
 
-        def tick(said):
+        def tick():
             job = jm.current()
-            said = settled_message(job, said)
-            said = gr.update() if said is None else said
             pairs = job.losses if job else []
             # typed columns: an untyped (object) column makes a categorical axis
             losses = pd.DataFrame({"step": pd.Series([s for s, _ in pairs], dtype="int64"),
                                    "loss": pd.Series([v for _, v in pairs], dtype="float64")})
             latest = str(job.grids[-1][1]) if job and job.grids else None
             queued = [j.name for j in jm.jobs() if j.status == "queued"]
-            return progress_html(job, queued), losses, latest, said
+            return progress_html(job, queued), losses, latest
 
-        timer.tick(tick, train_msg, [progress, loss_plot, grid, train_msg])
+        # not the message line: any output to it clears its error badge, and Start's refusal must keep it
+        timer.tick(tick, None, [progress, loss_plot, grid])
 
         # --- try it, measure, export --------------------------------------------------------------------------------
         @_guard

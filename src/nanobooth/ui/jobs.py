@@ -68,15 +68,6 @@ def progress_html(job: Job | None, queued: list[str] = ()) -> str:
             f'<div id="nb-message">{html.escape(job.message)}</div>{waiting}</div>')
 
 
-def settled_message(job: Job | None, said: str | None) -> str | None:
-    """What the Train tab's message line should now say, or None to leave it: Stop's and Resume's answers ("stopping:
-    ...", "resuming ...") are news only until the job ends, then its own last word replaces them (newcomer57:
-    "stopping" stayed up after the run had stopped). Start's answer, with its warnings, stays."""
-    if job is not None and job.status in FINAL and said and said.startswith(("stopping", "resuming")):
-        return job.message
-    return None
-
-
 def _drop_if_empty(job: Job) -> None:
     """Remove a fresh start's run folder if nothing was written in it (only an empty folder goes: os.rmdir)."""
     if not job.cfg.resume_from_checkpoint:
