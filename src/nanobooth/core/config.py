@@ -398,6 +398,12 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def field_defaults() -> dict:
+    """Every key's default, a default_factory's made fresh."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)}
+
+
 def resume_safe_keys() -> set[str]:
     """Keys a resume may change (marked `metadata=RESUME_SAFE` on their fields): a resume that changes any
     other key would continue the checkpoint's run with another recipe, and is refused."""
@@ -490,9 +496,7 @@ def load_config(name_or_path: str, overrides: list[str] | dict | None = None) ->
         if isinstance(extra.get(key), str):
             extra[key] = [extra[key]]
     cfg = TrainConfig(**{**data, **extra})
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
-    warn_idle_keys(cfg, {**defaults, **_packaged_values(name_or_path)})
+    warn_idle_keys(cfg, {**field_defaults(), **_packaged_values(name_or_path)})
     return cfg
 
 
@@ -521,8 +525,9 @@ def describe(cfg: Optional["TrainConfig"] = None) -> str:
     def show(value) -> str:
         return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix('...').strip()
 
+    defaults = field_defaults()
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = defaults[f.name]
         value = default if cfg is None else getattr(cfg, f.name)
         changed = f"   (default: {show(default)})" if value != default else ""
         safe = "   (may change on resume)" if f.metadata.get("resume_safe") else ""

@@ -5,20 +5,11 @@ quick as `--help` (46 validated configs take most of a second on a busy CPU). `c
 """
 from __future__ import annotations
 
-import dataclasses
-
 from .builtin_models import TOY  # the models that ship in the package
 
 _ADAPTERS = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 # families whose denoiser is a transformer (the folder a variant sits in names its family)
 _TRANSFORMER_FOLDERS = ("flux/", "sd3/", "toy-flux/")
-
-
-def _defaults() -> dict:
-    from .config import TrainConfig
-
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainConfig)}
 
 
 def _rate(lr: float) -> str:
@@ -44,9 +35,9 @@ def what_it_trains(name: str, values: dict) -> str:
 
 def variant_rows() -> list[tuple[str, str, str, str, str, str]]:
     """(model, variant, trains, prior preservation, steps, lr) per packaged variant, sorted by name."""
-    from .config import _read_yaml, variant_names
+    from .config import _read_yaml, field_defaults, variant_names
 
-    defaults = _defaults()
+    defaults = field_defaults()
     rows = []
     for name in variant_names():
         values = {**defaults, **_read_yaml(name)[0]}
