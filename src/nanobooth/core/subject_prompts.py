@@ -39,9 +39,6 @@ def fill_prompts(cfg: "TrainConfig", meta: dict, source) -> None:
         log.info("initializer_concept from %s: %r", source, words)
 
 
-_EXAMPLE = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
-
-
 def _missing_line(missing: dict, source) -> str:
     """Every empty prompt subject.json could not fill, in one line with values to pass (newcomer57 met instance_prompt,
     fixed it, then met class_prompt)."""
@@ -54,7 +51,7 @@ def _missing_line(missing: dict, source) -> str:
         why = f"{source} does not set {it}"
     else:
         why = f"{source} sets " + " and ".join(f"{k} to {v!r}" if v is not None else f"no {k}" for k, v in missing.items())
-    values = " ".join(f'{k}="{_EXAMPLE[k]}"' for k in keys)
+    values = " ".join(f'{k}="{_example_prompts()[k]}"' for k in keys)  # the example dog's, as the variants carry
     return (f"config key{'s' if len(keys) > 1 else ''} {named} {'is' if len(keys) == 1 else 'are'} empty and {why}; "
             f"pass {values} (your subject's class noun for dog)")
 
