@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from .core.config import describe, guidance_fraction, load_config, variant_names  # noqa: F401 (guidance_fraction: its old home)
-from .core.config_values import at_least
+from .core.config_values import SAMPLERS, at_least
 from .core.ranks import launch_rank, rank_tag
 
 # (module, class) of the errors whose message is the whole story for a user (no traceback)
@@ -253,7 +253,7 @@ def build_parser(train_variant=None) -> argparse.ArgumentParser:
                         "validation_guidance_cutoff, else 1.0: all)")
     g.add_argument("--resolution", type=resolution_px, default=None,
                    help="pixels, a multiple of 8 (default: the run's resolution, else the model's native size)")
-    g.add_argument("--sampler", choices=["auto", "model", "dpm++"], default=None,  # inference.generate.SAMPLERS
+    g.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto (DPM-Solver++ where the model "
                         "allows it); default: the run's validation_sampler, else model")
     g.add_argument("--out", required=True, help="folder for promptII-JJ.png and grid.png (created if missing)")

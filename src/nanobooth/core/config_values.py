@@ -14,6 +14,10 @@ from typing import Literal
 # the pivot finds it by this name and the run summary labels it "new tokens"
 TI_GROUP = "text_encoder_ti"
 
+# --sampler's choices (generate, eval, toy eval; inference.generate.with_sampler applies them), torch-free so that each
+# command's parser can name them before anything loads
+SAMPLERS = ("model", "dpm++", "auto")
+
 
 def _is_guidance_fraction(value: float) -> bool:
     """The one range check of a guidance cutoff (config key and --guidance-cutoff): (0, 1]."""

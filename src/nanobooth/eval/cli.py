@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.config_values import guidance_fraction
+from ..core.config_values import SAMPLERS, guidance_fraction
 from ..core.data import check_images, resolve_data_dir
 from ..inference.generate_cli import base_model_of
 from ..inference.weights_check import check_weights
@@ -57,7 +57,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale, else 7.5")
     p.add_argument("--guidance-cutoff", type=guidance_fraction, default=None,
                    help="fraction of the steps that use guidance (default: the run's validation_guidance_cutoff, else 1.0)")
-    p.add_argument("--sampler", choices=["model", "dpm++", "auto"], default=None,  # inference.generate.SAMPLERS (torch-free here)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None,
                    help="the model's own sampler, DPM-Solver++ 2M (DDPM models only) or auto; default: the run's "
                         "validation_sampler, else model")
     p.add_argument("--resolution", type=int, default=None,

@@ -15,6 +15,7 @@ from ..methods import METHODS
 from ..methods.lora import AdapterMismatch
 from ..methods.lycoris import method_of_lora_file
 from ..methods import embeddings
+from ..core.config_values import SAMPLERS
 from ..core.models import ModelError, apply_tome, load_pipeline, no_loading_bars
 from ..families import sampling_kwargs
 from ..core.run_folder import LORA_FILE, load_run_config, result_kind
@@ -140,8 +141,6 @@ def _cfg_cutoff(steps: int, fraction: float):
 
     return callback
 
-
-SAMPLERS = ("model", "dpm++", "auto")
 
 
 def _flow_matching(pipe) -> bool:

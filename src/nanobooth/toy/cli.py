@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..core.config_values import at_least
+from ..core.config_values import SAMPLERS, at_least
 
 
 def cmd_subject(args) -> None:
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     e.add_argument("--seed", type=int, default=1234)
     e.add_argument("--steps", type=int, default=None,
                    help="sampler steps per image (default: 15 for dpm++, 25 for the model's own)")
-    e.add_argument("--sampler", choices=["auto", "model", "dpm++"], default="auto",  # inference.generate.SAMPLERS (torch-free here)
+    e.add_argument("--sampler", choices=SAMPLERS, default="auto",
                    help="the model's own sampler (DDIM for the toy UNet, Euler for the FLUX twin), DPM-Solver++ 2M "
                         "(UNet models only), or auto: DPM-Solver++ where the model allows it (default)")
     e.add_argument("--guidance", type=float, default=None, help="default: the run's validation_guidance_scale")
