@@ -112,10 +112,10 @@ def warn_class_outside_toy_world(cfg) -> None:
 
     if not builtin_models.is_toy(cfg.model):
         return
-    from ..toy.world import CLASSES  # lazily: only a toy run pays for the toy world's import
+    from ..toy.world import CLASSES, in_world  # lazily: only a toy run pays for the toy world's import
 
-    words = {w.strip(".,").lower() for w in f"{cfg.class_prompt or ''} {cfg.instance_prompt or ''}".split()}
-    if words and not words & {form for c in CLASSES for form in (c, c + "s")}:
+    words = {w.strip(".,") for w in f"{cfg.class_prompt or ''} {cfg.instance_prompt or ''}".split()}
+    if words and not any(in_world(w) for w in words):
         log.warning("model=%s draws %s only; '%s' names none of them, so its class images and base model are no prior "
                     "for this subject (fine to try the pipeline; for a result use a toy subject, `nanobooth toy subject "
                     "--seed N --out DIR`, or a real model)", cfg.model, ", ".join(c + "s" for c in CLASSES),

@@ -93,10 +93,15 @@ def held_out_captions() -> list[str]:
     return [f"a photo of a {k} {c} {s}" for c, k, s in sorted(HELD_OUT)]
 
 
+def in_world(word: str) -> bool:
+    """`word` names a class of this world, singular or plural ("cup", "Cups")."""
+    return word.strip().lower().removesuffix("s") in CLASSES
+
+
 def outside_world(class_noun: str) -> str | None:
     """The line a toy-probe score of a subject of another class needs (a dog: the probe reads balls, cubes, stars, rings
     and cups only, so its numbers would look like a result and measure nothing); None for a class of this world."""
-    if class_noun.strip().lower().removesuffix("s") in CLASSES:
+    if in_world(class_noun):
         return None
     return (f"the class '{class_noun}' is not in the toy world ({', '.join(c + 's' for c in CLASSES)}): its probe reads "
             "only those, so these scores do not measure this subject (the sheet shows what was drawn); score a toy "
